@@ -1,0 +1,228 @@
+"""Shared harness for every benchmark script: arguments, timing, peak memory, table and JSON.
+
+Each ``bench_*.py`` builds its cases, then for every (case, impl) calls :func:`measure`, collects
+the rows and ends with :func:`report`. Rows are dicts with at least ``case``, ``impl``,
+``median_ms`` and, where measured, ``peak_bytes`` (extra bytes allocated while the function ran,
+above what was live before it). ``report`` prints a table with each row's ratio to the case's
+baseline (measured in the same run) and writes ``--json FILE``.
+
+Timing: warm-up calls first, then ``repeats`` timed calls; the median is reported (p20/p80 too).
+On CUDA, device events around each call; on CPU, ``time.perf_counter``.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the call. On CPU there is no
+allocator counter, so we read the kernel's own high-water mark of the process (``VmHWM``, reset
+through ``/proc/self/clear_refs``) after telling glibc to hand every large block straight back to
+the OS (a fixed mmap threshold), so a freed buffer cannot hide a later allocation. It counts every
+byte the process touched, including allocator overhead; measurements of different impls are
+therefore comparable with each other, which is what the tables need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Iterable
+
+import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # running `python benchmarks/bench_x.py` from a checkout
+    sys.path.insert(0, _ROOT)
+
+
+def _fix_glibc_mmap_threshold():
+    # M_MMAP_THRESHOLD = -3. Setting it disables glibc's dynamic threshold, so every allocation of
+    # 64 KiB or more is its own mmap and is returned to the OS on free: RSS then tracks live bytes.
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)
+        return libc
+    except OSError:
+        return None
+
+
+_LIBC = _fix_glibc_mmap_threshold()
+
+
+def parse_args(description: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (under 60 s on a 2-core CPU)")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list of objects to FILE")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per measurement")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args()
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    return args
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], *, device, warmup: int = 3, repeats: int = 10) -> dict:
+    """Median, p20 and p80 wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    if device.type == "cuda":
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    return {"median_ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "repeats": repeats}
+
+
+def _read_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def cpu_peak_supported() -> bool:
+    return platform.system() == "Linux" and os.path.exists("/proc/self/clear_refs")
+
+
+def peak_bytes(fn: Callable[[], object], *, device) -> int | None:
+    """Extra bytes at the peak of one call of ``fn()`` over what was in use just before it.
+
+    Whatever ``fn`` returns is dropped before the next measurement. Returns None where the platform
+    offers no way to measure it.
+    """
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        del out
+        return int(peak)
+    if not cpu_peak_supported():
+        return None
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+    before_kib = _read_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    out = fn()
+    peak_kib = _read_status_kib("VmHWM")
+    del out
+    return max(0, (peak_kib - before_kib) * 1024)
+
+
+def measure(case: str, impl: str, fn: Callable[[], object], *, device, warmup: int, repeats: int,
+            memory: bool = True, **extra) -> dict:
+    """One row: timing of ``fn`` and (optionally) its peak extra memory, plus any ``extra`` fields."""
+    row = {"case": case, "impl": impl, "device": str(device)}
+    row.update(time_fn(fn, device=device, warmup=warmup, repeats=repeats))
+    if memory:
+        row["peak_bytes"] = peak_bytes(fn, device=device)
+    row.update(extra)
+    return row
+
+
+def environment() -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def _fmt_bytes(n):
+    if n is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def report(rows: Iterable[dict], *, baseline: str, json_path: str | None = None, title: str = "",
+           extra_columns: Iterable[str] = ()) -> list[dict]:
+    """Print a table with ``speedup`` (baseline time / this time) and ``mem_ratio`` (this peak /
+    baseline peak) per case, against the row whose impl is ``baseline``; write JSON if asked."""
+    rows = list(rows)
+    base = {r["case"]: r for r in rows if r["impl"] == baseline}
+    for r in rows:
+        b = base.get(r["case"])
+        r["baseline"] = baseline
+        r["speedup_vs_baseline"] = (b["median_ms"] / r["median_ms"]) if b and r["median_ms"] > 0 else None
+        if b and r.get("peak_bytes") is not None and b.get("peak_bytes"):
+            r["mem_ratio_vs_baseline"] = r["peak_bytes"] / b["peak_bytes"]
+        else:
+            r["mem_ratio_vs_baseline"] = None
+    extra_columns = list(extra_columns)
+    header = ["case", "impl", "median ms", "p20-p80 ms", "peak", *extra_columns, f"x faster vs {baseline}", "mem ratio"]
+    table = []
+    for r in rows:
+        table.append([
+            r["case"], r["impl"], f"{r['median_ms']:.3f}", f"{r.get('p20_ms', 0):.3f}-{r.get('p80_ms', 0):.3f}",
+            _fmt_bytes(r.get("peak_bytes")),
+            *[_fmt_extra(r.get(c)) for c in extra_columns],
+            "-" if r["speedup_vs_baseline"] is None else f"{r['speedup_vs_baseline']:.2f}",
+            "-" if r["mem_ratio_vs_baseline"] is None else f"{r['mem_ratio_vs_baseline']:.3f}",
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
+    env = environment()
+    if title:
+        print(f"\n{title}")
+    print("  " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    print("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for line in table:
+        print("  " + "  ".join(str(x).ljust(w) for x, w in zip(line, widths)))
+    if json_path:
+        for r in rows:
+            r.setdefault("env", env)
+        tmp = json_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+        os.replace(tmp, json_path)  # atomic: a crash never leaves half a file
+        print(f"  wrote {len(rows)} rows to {json_path}")
+    return rows
+
+
+def _fmt_extra(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int) and v > 10_000:
+        return _fmt_bytes(v)
+    return "-" if v is None else str(v)
