@@ -1,0 +1,226 @@
+"""Where importance scores come from: user tensors, lazy |a - b| between two models, or gradients.
+
+Every score source is handed to the selector as a mapping ``name -> tensor or AbsDiff``. An
+:class:`AbsDiff` holds references to the two parameters and never materialises ``|a - b|`` as a whole
+tensor: the selection kernels compute it block by block (Triton) or chunk by chunk (CPU).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class AbsDiff:
+    """Lazy ``|a - b|`` of two same-shaped tensors, evaluated in float32.
+
+    float32 because a delta between two bf16 weights is exactly representable in float32 but would
+    often round in bf16, and the ranking should see the true delta.
+    """
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, *, name: str = "?"):
+        if a.shape != b.shape:
+            raise ValueError(f"weight_delta_scores: parameter {name!r} has shape {tuple(a.shape)} in the first "
+                             f"model and {tuple(b.shape)} in the second; both must hold the same architecture")
+        if a.device != b.device:
+            raise ValueError(f"weight_delta_scores: parameter {name!r} is on {a.device} in the first model and "
+                             f"{b.device} in the second; move both to one device")
+        for t, which in ((a, "first"), (b, "second")):
+            if t.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"weight_delta_scores: parameter {name!r} of the {which} model has dtype {t.dtype}; "
+                                "expected float32, bfloat16 or float16")
+        self.a = a.detach().contiguous()
+        self.b = b.detach().contiguous()
+
+    shape = property(lambda self: self.a.shape)
+    device = property(lambda self: self.a.device)
+    dtype = property(lambda self: torch.float32)
+
+    def numel(self) -> int:
+        return self.a.numel()
+
+    def flat_chunk(self, start: int, stop: int) -> torch.Tensor:
+        a = self.a.view(-1)[start:stop]
+        b = self.b.view(-1)[start:stop]
+        return (a.float() - b.float()).abs_()
+
+    def materialize(self) -> torch.Tensor:
+        """The full |a - b| (float32). For tests and small models only."""
+        return (self.a.float() - self.b.float()).abs_()
+
+
+def _compile(patterns, what):
+    if patterns is None:
+        return []
+    if isinstance(patterns, (str, re.Pattern)):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p) if isinstance(p, str) else p)
+        except re.error as e:
+            raise ValueError(f"{what} pattern {p!r} is not a valid regular expression: {e}") from None
+    return out
+
+
+def name_filter(include=None, exclude=None):
+    """A predicate on parameter names: kept when some ``include`` regex matches (``re.search``; all
+    names when ``include`` is None) and no ``exclude`` regex matches."""
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+
+    def keep(name: str) -> bool:
+        if inc and not any(p.search(name) for p in inc):
+            return False
+        return not any(p.search(name) for p in exc)
+
+    return keep
+
+
+def _named_tensors(obj, what) -> dict[str, torch.Tensor]:
+    if isinstance(obj, torch.nn.Module):
+        return dict(obj.named_parameters())
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    raise TypeError(f"weight_delta_scores: {what} is a {type(obj).__name__}; expected an nn.Module or a state dict")
+
+
+def weight_delta_scores(a, b, include=None, exclude=None) -> dict[str, AbsDiff]:
+    """Lazy ``|theta_a - theta_b|`` per parameter (the ALLO importance score after warm-up).
+
+    ``a`` and ``b`` are ``nn.Module`` s (their ``named_parameters``) or state dicts. Names present in
+    only one of them, or whose tensors are not floating point, are an error unless filtered out by
+    ``include``/``exclude`` (regexes searched in the name). Nothing is computed here.
+    """
+    keep = name_filter(include, exclude)
+    ta, tb = _named_tensors(a, "the first model"), _named_tensors(b, "the second model")
+    names = [n for n in ta if keep(n)]
+    missing = [n for n in names if n not in tb]
+    extra = [n for n in tb if keep(n) and n not in ta]
+    if missing or extra:
+        raise KeyError("weight_delta_scores: the two models' parameter names differ: "
+                       f"only in the first: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+                       f"only in the second: {extra[:5]}{'...' if len(extra) > 5 else ''}. "
+                       "Pass models of the same architecture, or exclude= those names")
+    if not names:
+        raise ValueError("weight_delta_scores: no parameter name passes include/exclude")
+    return {n: AbsDiff(ta[n], tb[n], name=n) for n in names}
+
+
+class GradientScoreAccumulator:
+    """Accumulates gradient scores while the user runs ``loss.backward()`` on N batches.
+
+    ``mode="accumulated"`` (default, the METHOD's score): ``|sum_n g_n|``, the magnitude of the
+    gradient accumulated over the batches. ``mode="sum_of_magnitudes"``: ``sum_n |g_n|``, which does
+    not let opposite gradients of different batches cancel.
+
+    Memory: one ``dtype`` (float32 by default) buffer per tracked parameter. With ``free_grads=True``
+    (default) the post-accumulate-grad hook folds each gradient into the buffer and drops ``p.grad``
+    right away, so no full gradient outlives its backward; do not step an optimizer meanwhile.
+    Call :meth:`remove` to detach the hooks.
+    """
+
+    MODES = ("accumulated", "sum_of_magnitudes")
+
+    def __init__(self, model: torch.nn.Module, include=None, exclude=None, *, mode: str = "accumulated",
+                 dtype: torch.dtype = torch.float32, free_grads: bool = True):
+        if mode not in self.MODES:
+            raise ValueError(f"GradientScoreAccumulator(mode={mode!r}): expected one of {self.MODES}")
+        keep = name_filter(include, exclude)
+        self.mode, self.dtype, self.free_grads = mode, dtype, free_grads
+        self.num_backward = 0
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._handles = []
+        self._params = {n: p for n, p in model.named_parameters() if p.requires_grad and keep(n)}
+        if not self._params:
+            raise ValueError("GradientScoreAccumulator: no trainable parameter passes include/exclude")
+        for name, p in self._params.items():
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def hook(p: torch.Tensor):
+            g = p.grad
+            if g is None:
+                return
+            buf = self._buffers.get(name)
+            if buf is None:
+                buf = self._buffers[name] = torch.zeros(p.shape, dtype=self.dtype, device=p.device)
+            if self.mode == "accumulated":
+                buf.add_(g.to(self.dtype))
+            else:
+                buf.add_(g.to(self.dtype).abs_())
+            if self.free_grads:
+                p.grad = None
+            if name == self._first:
+                self.num_backward += 1
+        return hook
+
+    @property
+    def _first(self):
+        return next(iter(self._params))
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Scores per tracked parameter (parameters that never received a gradient score 0)."""
+        out = {}
+        for name, p in self._params.items():
+            buf = self._buffers.get(name)
+            if buf is None:
+                out[name] = torch.zeros(p.shape, dtype=self.dtype, device=p.device)
+            else:
+                out[name] = buf.abs() if self.mode == "accumulated" else buf.clone()
+        return out
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def normalize_scores(scores, what="select_top") -> dict:
+    """Validate a ``name -> tensor | AbsDiff`` mapping; tensors are made contiguous (no copy if already)."""
+    if isinstance(scores, torch.Tensor) or not isinstance(scores, Mapping):
+        raise TypeError(f"{what}: scores must be a mapping from parameter name to score tensor, "
+                        f"got {type(scores).__name__}; wrap a single tensor as {{'name': tensor}}")
+    out = {}
+    device = None
+    for name, s in scores.items():
+        if isinstance(s, AbsDiff):
+            pass
+        elif isinstance(s, torch.Tensor):
+            if s.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"{what}: scores[{name!r}] has dtype {s.dtype}; expected float32, bfloat16 or float16")
+            s = s.detach().contiguous()
+        else:
+            raise TypeError(f"{what}: scores[{name!r}] is a {type(s).__name__}; expected a tensor or an AbsDiff "
+                            "(from weight_delta_scores)")
+        if device is None:
+            device = s.device
+        elif s.device != device:
+            raise ValueError(f"{what}: scores[{name!r}] is on {s.device} but earlier scores are on {device}; "
+                             "put every score on one device")
+        out[name] = s
+    return out
+
+
+def flat_chunk(s, start: int, stop: int) -> torch.Tensor:
+    """Elements [start, stop) of the flattened scores (a view for tensors, computed for AbsDiff)."""
+    if isinstance(s, AbsDiff):
+        return s.flat_chunk(start, stop)
+    return s.view(-1)[start:stop]
+
+
+def iter_chunks(s, chunk: int) -> Iterable[tuple[int, torch.Tensor]]:
+    n = s.numel()
+    for start in range(0, n, chunk):
+        yield start, flat_chunk(s, start, min(n, start + chunk))

@@ -1,0 +1,242 @@
+"""Public entry points (``select_top``, ``select``) and the :class:`Selection` they return.
+
+Granularity ``"element"`` ranks single weight elements (the paper). ``"row"`` ranks output neurons:
+a row is a slice along dim 0 (a row of a Linear weight ``[out, in]``), scored by the sum of its
+elements' scores (float32); a 1-D tensor (bias, norm) has one row per element, a 0-d tensor is one
+row. With rows, ``ratio`` is a fraction of all rows (counted as for elements) and a selected row keeps
+all its elements.
+
+A :class:`Selection` keeps sorted flat int64 indices per tensor (compact: 8 bytes per selected
+element); ``masks`` builds bool masks on demand. ``save`` writes a safetensors file with the indices
+(int32 where the tensor has fewer than 2**31 elements) and metadata; ``load`` checks it against a
+model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+from .scores import AbsDiff, normalize_scores
+from .topk import band_masks, band_count
+
+GRANULARITIES = ("element", "row")
+FORMAT = "allo.selection"
+VERSION = "1"
+_ROW_CHUNK = 1 << 20
+
+
+def _rows_view(shape) -> tuple[int, int]:
+    if len(shape) == 0:
+        return 1, 1
+    rows = shape[0]
+    per = 1
+    for d in shape[1:]:
+        per *= d
+    return rows, per
+
+
+def row_scores(sources: dict) -> dict[str, torch.Tensor]:
+    """Sum of each row's element scores, float32, computed a block of rows at a time."""
+    out = {}
+    for name, s in sources.items():
+        rows, per = _rows_view(tuple(s.shape))
+        res = torch.zeros(rows, dtype=torch.float32, device=s.device)
+        step = max(1, _ROW_CHUNK // max(per, 1))
+        for r0 in range(0, rows if per else 0, step):
+            r1 = min(rows, r0 + step)
+            if isinstance(s, AbsDiff):
+                block = s.flat_chunk(r0 * per, r1 * per)
+            else:
+                block = s.reshape(-1)[r0 * per:r1 * per].float()
+            res[r0:r1] = block.view(r1 - r0, per).sum(1)
+        out[name] = res
+    return out
+
+
+def _check_granularity(g, what):
+    if g not in GRANULARITIES:
+        raise ValueError(f"{what}(granularity={g!r}): expected one of {GRANULARITIES}")
+
+
+def _expand_rows(row_mask: torch.Tensor, shape) -> torch.Tensor:
+    rows, per = _rows_view(tuple(shape))
+    return row_mask.view(rows, 1).expand(rows, per).reshape(shape)
+
+
+def select_top(scores, ratio, *, exclude_ratio=0.0, granularity="element", backend=None, group=None):
+    """Masks of the exact global top-``ratio`` band (minus the top ``exclude_ratio``) of ``scores``.
+
+    ``scores``: mapping name -> score tensor (fp32/bf16/fp16, any shape, any sign) or lazy ``AbsDiff``
+    (from :func:`weight_delta_scores`). Returns name -> bool mask of the same shape. Exactly
+    ``round(ratio*N) - round(exclude_ratio*N)`` elements (rows) are selected, halves rounded up;
+    ties are taken in (tensor order, flat index) order. See :mod:`allo.select.topk` for details.
+    """
+    _check_granularity(granularity, "select_top")
+    sources = normalize_scores(scores, "select_top")
+    if granularity == "element":
+        return band_masks(sources, ratio, exclude_ratio, backend=backend, group=group)
+    masks = band_masks(row_scores(sources), ratio, exclude_ratio, backend=backend, group=group)
+    return {n: _expand_rows(masks[n], s.shape) for n, s in sources.items()}
+
+
+def select(scores, ratio, *, exclude_ratio=0.0, granularity="element", metadata=None, backend=None, group=None,
+           score_source=None) -> "Selection":
+    """Like :func:`select_top`, returning a :class:`Selection` (compact indices + metadata).
+
+    Masks are produced one tensor at a time and turned into indices right away, so at most one
+    tensor-sized mask exists at once.
+    """
+    _check_granularity(granularity, "select")
+    sources = normalize_scores(scores, "select")
+    indices = {}
+    if granularity == "element":
+        band_masks(sources, ratio, exclude_ratio, backend=backend, group=group, what="select",
+                   emit=lambda n, m: indices.__setitem__(n, m.view(-1).nonzero().view(-1)))
+    else:
+        rs = row_scores(sources)
+        band_masks(rs, ratio, exclude_ratio, backend=backend, group=group, what="select",
+                   emit=lambda n, m: indices.__setitem__(n, _expand_rows(m, sources[n].shape).reshape(-1).nonzero().view(-1)))
+    if score_source is None:
+        kinds = {"weight_delta" if isinstance(s, AbsDiff) else "tensor" for s in sources.values()}
+        score_source = "+".join(sorted(kinds))
+    meta = {"ratio": ratio, "exclude_ratio": exclude_ratio, "granularity": granularity, "score_source": score_source}
+    meta.update(metadata or {})
+    shapes = {n: tuple(s.shape) for n, s in sources.items()}
+    return Selection(indices, shapes, meta)
+
+
+class Selection:
+    """A selection of weight elements per parameter: sorted flat int64 ``indices`` and ``shapes``."""
+
+    def __init__(self, indices: dict, shapes: dict, metadata: dict | None = None):
+        if set(indices) != set(shapes):
+            raise ValueError("Selection: indices and shapes must have the same names")
+        self.indices = {n: indices[n] for n in shapes}
+        self.shapes = {n: tuple(shapes[n]) for n in shapes}
+        self.metadata = dict(metadata or {})
+        self._masks = None
+
+    @property
+    def names(self):
+        return list(self.shapes)
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """bool masks, built on first access and cached."""
+        if self._masks is None:
+            masks = {}
+            for n, shape in self.shapes.items():
+                idx = self.indices[n]
+                m = torch.zeros(shape, dtype=torch.bool, device=idx.device)
+                m.view(-1)[idx] = True
+                masks[n] = m
+            self._masks = masks
+        return self._masks
+
+    def num_selected(self) -> int:
+        return sum(int(i.numel()) for i in self.indices.values())
+
+    def num_total(self) -> int:
+        return sum(_numel(s) for s in self.shapes.values())
+
+    def to(self, device) -> "Selection":
+        return Selection({n: i.to(device) for n, i in self.indices.items()}, self.shapes, self.metadata)
+
+    def __repr__(self):
+        return (f"Selection({len(self.shapes)} tensors, {self.num_selected()}/{self.num_total()} elements, "
+                f"{self.metadata.get('granularity', '?')}, ratio={self.metadata.get('ratio')})")
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write a safetensors file atomically: ``indices/<name>`` tensors plus string metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for n, shape in self.shapes.items():
+            idx = self.indices[n].detach().to("cpu", torch.int64)
+            small = _numel(shape) < 2**31
+            tensors[f"indices/{n}"] = (idx.to(torch.int32) if small else idx).contiguous()
+        meta = {"format": FORMAT, "version": VERSION, "names": json.dumps(self.names),
+                "shapes": json.dumps({n: list(s) for n, s in self.shapes.items()}),
+                "metadata": json.dumps(self.metadata, default=str)}
+        d = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str, model=None, *, device="cpu") -> "Selection":
+        """Read a file written by :meth:`save`; with ``model`` (nn.Module or name->tensor mapping),
+        check that every name exists there with the same shape."""
+        from safetensors import safe_open
+
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"Selection.load: {path} does not exist")
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"Selection.load: {path} is not an allo selection file (metadata format="
+                                 f"{meta.get('format')!r}, expected {FORMAT!r})")
+            if meta.get("version") != VERSION:
+                raise ValueError(f"Selection.load: {path} has format version {meta.get('version')!r}; this allo reads "
+                                 f"version {VERSION}")
+            names = json.loads(meta["names"])
+            shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
+            keys = set(f.keys())
+            missing = [n for n in names if f"indices/{n}" not in keys]
+            if missing:
+                raise ValueError(f"Selection.load: {path} lists {missing[:3]} but holds no indices for them; "
+                                 "the file is damaged, write it again")
+            indices = {n: f.get_tensor(f"indices/{n}").to(torch.int64) for n in names}
+        for n in names:
+            idx, total = indices[n], _numel(shapes[n])
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= total):
+                raise ValueError(f"Selection.load: {path}: indices of {n!r} fall outside its {total} elements")
+        sel = cls({n: indices[n].to(device) for n in names}, shapes, json.loads(meta.get("metadata", "{}")))
+        if model is not None:
+            sel.check(model, source=path)
+        return sel
+
+    def check(self, model, *, source="Selection") -> None:
+        """Fail clearly unless every selected name is a parameter of ``model`` with the same shape."""
+        params = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else dict(model)
+        missing = [n for n in self.shapes if n not in params]
+        if missing:
+            raise ValueError(f"{source}: {len(missing)} selected parameter(s) are not in the model, e.g. "
+                             f"{missing[:3]}; the selection was made for another model (or another naming: "
+                             "compare with model.named_parameters())")
+        for n, shape in self.shapes.items():
+            if tuple(params[n].shape) != shape:
+                raise ValueError(f"{source}: parameter {n!r} has shape {tuple(params[n].shape)} in the model but "
+                                 f"{shape} in the selection; the selection was made for another model")
+
+    # -- reports -------------------------------------------------------------------------------
+    def summary(self, **kw) -> str:
+        from .summary import summary_table
+
+        return summary_table(self, **kw)
+
+    def plot(self, path: str, **kw) -> None:
+        from .summary import plot_selection
+
+        plot_selection(self, path, **kw)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+__all__ = ["select_top", "select", "Selection", "row_scores", "band_count"]

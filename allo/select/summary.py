@@ -1,0 +1,90 @@
+"""Where the selected elements are: a per-module table and a PNG chart."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections import OrderedDict
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def module_of(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def _per_group(sel, key):
+    groups = OrderedDict()
+    for n, shape in sel.shapes.items():
+        g = key(n)
+        total = 1
+        for d in shape:
+            total *= d
+        s, t = groups.get(g, (0, 0))
+        groups[g] = (s + int(sel.indices[n].numel()), t + total)
+    return groups
+
+
+def summary_table(sel, *, by: str = "module") -> str:
+    """A text table: per module (``by="module"``), per parameter (``"param"``) or per module kind with
+    layer numbers folded (``"kind"``): selected, total, share of the module, share of the selection."""
+    key = {"module": module_of, "param": lambda n: n, "kind": lambda n: _LAYER.sub(".*.", module_of(n))}.get(by)
+    if key is None:
+        raise ValueError(f"summary(by={by!r}): expected 'module', 'param' or 'kind'")
+    groups = _per_group(sel, key)
+    n_sel = max(1, sel.num_selected())
+    rows = [(g, f"{s:,}", f"{t:,}", f"{100.0 * s / t:.3f}%" if t else "-", f"{100.0 * s / n_sel:.2f}%")
+            for g, (s, t) in groups.items()]
+    tot_s, tot_t = sel.num_selected(), sel.num_total()
+    rows.append(("TOTAL", f"{tot_s:,}", f"{tot_t:,}", f"{100.0 * tot_s / tot_t:.3f}%" if tot_t else "-", "100.00%"))
+    header = (by, "selected", "elements", "selected/elements", "share of selection")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    meta = ", ".join(f"{k}={v}" for k, v in sel.metadata.items())
+    lines = [f"Selection ({meta})" if meta else "Selection"]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    lines.extend("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows)
+    return "\n".join(lines)
+
+
+def plot_selection(sel, path: str, *, title: str | None = None) -> None:
+    """PNG with the selected fraction per module kind (layer numbers folded) and, for models with
+    numbered layers, per layer. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    kinds = _per_group(sel, lambda n: _LAYER.sub(".*.", module_of(n)))
+    layers = _per_group(sel, lambda n: int(m.group(1)) if (m := _LAYER.search(n)) else -1)
+    layers.pop(-1, None)
+    ncols = 2 if layers else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(7 * ncols, max(3, 0.3 * len(kinds) + 1.5)), squeeze=False)
+    ax = axes[0][0]
+    labels = list(kinds)
+    ax.barh(range(len(labels)), [100.0 * s / t if t else 0 for s, t in kinds.values()])
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("% of the module's elements selected")
+    ax.set_title("per module kind")
+    if layers:
+        ax = axes[0][1]
+        idx = sorted(layers)
+        ax.bar(idx, [100.0 * layers[i][0] / layers[i][1] if layers[i][1] else 0 for i in idx])
+        ax.set_xlabel("layer")
+        ax.set_ylabel("% of the layer's elements selected")
+        ax.set_title("per layer")
+    meta = sel.metadata
+    fig.suptitle(title or f"selection: ratio={meta.get('ratio')} exclude={meta.get('exclude_ratio')} "
+                          f"{meta.get('granularity', '')} ({meta.get('score_source', '')})")
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,164 @@
+"""Streaming radix-histogram selection kernels (Triton) and the order-preserving key they share.
+
+Key: every score maps to a signed integer whose order is the scores' order, with -0.0 and +0.0 equal:
+
+    bits = the float's bit pattern as a signed integer (int32 for float32, int16 for bf16/fp16)
+    key  = 0                        if the score is +-0.0
+           bits                     if bits >= 0                 (positive floats order like their bits)
+           bits ^ 0x7FFF...         otherwise                    (= -magnitude - 1: negatives reversed)
+
+16-bit scores have 16-bit keys: one histogram of 65536 bins over ``key + 32768`` finds the threshold.
+float32 keys have 32 bits: a first histogram over the high half (``(key >> 16) + 32768``), then a
+second one over the low half (``key & 0xFFFF``) of only the elements whose high half equals the
+threshold bin. Every histogram is accumulated across all tensors (one launch per tensor, same
+buffer), so no scores are ever concatenated and the extra memory is the 65536 bins.
+
+``AbsDiff`` scores (``|a - b|`` of two weight tensors) are computed inside the kernels in float32.
+The plain-PyTorch definitions (:func:`keys_torch`, :func:`value_of_key`) are the reference the
+kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+BINS = 65536
+_SIGN_FLIP = {32: 0x7FFFFFFF, 16: 0x7FFF}
+
+
+def key_bits(dtype: torch.dtype) -> int:
+    return 32 if dtype == torch.float32 else 16
+
+
+def keys_torch(x: torch.Tensor, key32: bool | None = None) -> torch.Tensor:
+    """Reference order-preserving keys of float scores ``x`` (int32 tensor, same shape); ``key32``
+    (default: float32 scores only) upcasts 16-bit scores to compare with float32 ones."""
+    if key32 or x.dtype == torch.float32:
+        x = x.float()
+        bits = x.view(torch.int32)
+        flip = _SIGN_FLIP[32]
+    else:
+        bits = x.view(torch.int16).to(torch.int32)
+        flip = _SIGN_FLIP[16]
+    key = torch.where(bits >= 0, bits, bits ^ flip)
+    return key.masked_fill_(x == 0, 0)
+
+
+def value_of_key(key: int, dtype: torch.dtype) -> float:
+    """The score (as a Python float, exact in ``dtype``) whose key is ``key``."""
+    nbits = key_bits(dtype)
+    bits = key if key >= 0 else key ^ _SIGN_FLIP[nbits]
+    if nbits == 32:
+        return struct.unpack("<f", struct.pack("<i", bits))[0]
+    t = torch.tensor([bits], dtype=torch.int16).view(dtype)
+    return float(t.item())
+
+
+@triton.jit
+def _keys(x_ptr, y_ptr, offs, m, IS_DIFF: tl.constexpr, KEY32: tl.constexpr):
+    if IS_DIFF:
+        a = tl.load(x_ptr + offs, mask=m, other=0).to(tl.float32)
+        b = tl.load(y_ptr + offs, mask=m, other=0).to(tl.float32)
+        s = tl.abs(a - b)
+    else:
+        s = tl.load(x_ptr + offs, mask=m, other=0)
+    if KEY32:
+        # 16-bit scores mixed with wider ones compare by value: upcast exactly, then 32-bit keys
+        s = s.to(tl.float32)
+        bits = s.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    else:
+        bits = s.to(tl.int16, bitcast=True).to(tl.int32)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFF)
+    return tl.where(s == 0, 0, key)
+
+
+@triton.jit
+def _radix_hist_kernel(x_ptr, y_ptr, n, hist_ptr, prefix, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
+                       LOW: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    key = _keys(x_ptr, y_ptr, offs, m, IS_DIFF, KEY32)
+    if KEY32:
+        if LOW:
+            # second pass: only the candidates whose high half is the threshold bin count
+            m = m & ((key >> 16) == prefix)
+            b = key & 0xFFFF
+        else:
+            b = (key >> 16) + 32768
+    else:
+        b = key + 32768
+    tl.atomic_add(hist_ptr + b, tl.full([BLOCK], 1, tl.int64), mask=m, sem="relaxed")
+
+
+@triton.jit
+def _radix_write_kernel(x_ptr, y_ptr, n, out_ptr, key_hi, key_ex, HAS_HI: tl.constexpr, HI_TIES: tl.constexpr,
+                        HAS_EX: tl.constexpr, EX_TIES: tl.constexpr, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    key = _keys(x_ptr, y_ptr, offs, m, IS_DIFF, KEY32)
+    if HAS_HI:
+        if HI_TIES:
+            keep = key >= key_hi
+        else:
+            keep = key > key_hi
+    else:
+        keep = key != key
+    if HAS_EX:
+        if EX_TIES:
+            keep = keep & (key < key_ex)
+        else:
+            keep = keep & (key <= key_ex)
+    tl.store(out_ptr + offs, keep.to(tl.uint8), mask=m)
+
+
+_BLOCK = 1024
+
+
+def _operands(src):
+    # an AbsDiff carries .a/.b; a score tensor is read once (y_ptr unused)
+    if hasattr(src, "a"):
+        return src.a, src.b, True
+    return src, src, False
+
+
+def radix_histogram(src, hist: torch.Tensor, *, key32: bool, low_prefix: int | None = None) -> None:
+    """Add ``src``'s key histogram into ``hist`` (int64, 65536 bins, on the scores' device).
+
+    ``key32``: 32-bit keys (float32 or AbsDiff scores, or 16-bit scores mixed with other dtypes);
+    otherwise 16-bit keys. ``low_prefix=None``: the 16-bit keys, or the high halves of 32-bit keys.
+    ``low_prefix=H`` (32-bit keys only): the low halves of the keys whose high half is ``H``.
+    """
+    x, y, is_diff = _operands(src)
+    n = x.numel()
+    if n == 0:
+        return
+    if low_prefix is not None and not key32:
+        raise ValueError("radix_histogram: low_prefix is only meaningful for 32-bit keys")
+    grid = (triton.cdiv(n, _BLOCK),)
+    _radix_hist_kernel[grid](x, y, n, hist, 0 if low_prefix is None else int(low_prefix), IS_DIFF=is_diff,
+                             KEY32=key32, LOW=low_prefix is not None, BLOCK=_BLOCK)
+
+
+def radix_write(src, out: torch.Tensor, key_hi: int | None, hi_ties: bool, key_ex: int | None, ex_ties: bool, *,
+                key32: bool) -> None:
+    """Write the band mask of ``src`` into ``out`` (bool, same numel).
+
+    Kept: key > key_hi (>= when ``hi_ties``), and key < key_ex (<= when not ``ex_ties``): ``ex_ties``
+    says whether the exclusion boundary's ties are all excluded. ``key_hi=None`` keeps nothing,
+    ``key_ex=None`` excludes nothing. Partially taken ties are fixed by the caller.
+    """
+    x, y, is_diff = _operands(src)
+    n = x.numel()
+    if n == 0:
+        return
+    grid = (triton.cdiv(n, _BLOCK),)
+    _radix_write_kernel[grid](x, y, n, out.view(torch.uint8), 0 if key_hi is None else int(key_hi),
+                              0 if key_ex is None else int(key_ex), HAS_HI=key_hi is not None, HI_TIES=bool(hi_ties),
+                              HAS_EX=key_ex is not None, EX_TIES=bool(ex_ties), IS_DIFF=is_diff, KEY32=key32,
+                              BLOCK=_BLOCK)
