@@ -127,22 +127,24 @@ def _operands(src):
     return src, src, False
 
 
-def radix_histogram(src, hist: torch.Tensor, *, key32: bool, low_prefix: int | None = None) -> None:
-    """Add ``src``'s key histogram into ``hist`` (int64, 65536 bins, on the scores' device).
+def radix_histogram(sources, hist: torch.Tensor, *, key32: bool, low_prefix: int | None = None) -> None:
+    """Add the key histogram of every source in ``sources`` into ``hist`` (int64, 65536 bins, on the
+    scores' device).
 
     ``key32``: 32-bit keys (float32 or AbsDiff scores, or 16-bit scores mixed with other dtypes);
     otherwise 16-bit keys. ``low_prefix=None``: the 16-bit keys, or the high halves of 32-bit keys.
     ``low_prefix=H`` (32-bit keys only): the low halves of the keys whose high half is ``H``.
     """
-    x, y, is_diff = _operands(src)
-    n = x.numel()
-    if n == 0:
-        return
     if low_prefix is not None and not key32:
         raise ValueError("radix_histogram: low_prefix is only meaningful for 32-bit keys")
-    grid = (triton.cdiv(n, _BLOCK),)
-    _radix_hist_kernel[grid](x, y, n, hist, 0 if low_prefix is None else int(low_prefix), IS_DIFF=is_diff,
-                             KEY32=key32, LOW=low_prefix is not None, BLOCK=_BLOCK)
+    for src in sources:  # one launch per tensor, all into the same histogram
+        x, y, is_diff = _operands(src)
+        n = x.numel()
+        if n == 0:
+            continue
+        grid = (triton.cdiv(n, _BLOCK),)
+        _radix_hist_kernel[grid](x, y, n, hist, 0 if low_prefix is None else int(low_prefix), IS_DIFF=is_diff,
+                                 KEY32=key32, LOW=low_prefix is not None, BLOCK=_BLOCK)
 
 
 def radix_write(src, out: torch.Tensor, key_hi: int | None, hi_ties: bool, key_ex: int | None, ex_ties: bool, *,

@@ -26,6 +26,7 @@ import torch
 _C_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+#include <stdlib.h>
 
 /* order-preserving keys, -0.0 == +0.0 (see allo_kernels/radix_select.py) */
 static inline int32_t key32(uint32_t u) {
@@ -60,54 +61,97 @@ static inline int32_t up_key(const void* x, int64_t i, int xdt) {
 /* kind: 0 float32 scores, 1 16-bit scores with 16-bit keys, 2 |x - y|, 3 16-bit scores with 32-bit keys
    (mixed dtypes compare by value); dtypes xdt, ydt: 0 fp32, 1 bf16, 2 fp16.
    low=0: histogram of the 16-bit keys or of the high halves of 32-bit keys (bin + 32768);
-   low=1: histogram of the low halves of the 32-bit keys whose high half is `prefix`. */
-void allo_radix_hist(const void* x, const void* y, int64_t n, int kind, int xdt, int ydt,
-                     int64_t* hist, int low, int32_t prefix) {
-    if (kind == 1) {
-        const uint16_t* p = (const uint16_t*)x;
-        for (int64_t i = 0; i < n; i++) hist[key16(p[i]) + 32768]++;
-    } else if (kind == 0 && !low) {
-        const uint32_t* p = (const uint32_t*)x;
-        for (int64_t i = 0; i < n; i++) hist[(key32(p[i]) >> 16) + 32768]++;
-    } else if (kind == 0) {
-        const uint32_t* p = (const uint32_t*)x;
-        for (int64_t i = 0; i < n; i++) {
-            int32_t k = key32(p[i]);
-            if ((k >> 16) == prefix) hist[k & 0xFFFF]++;
-        }
-    } else if (kind == 2 && !low) {
-        for (int64_t i = 0; i < n; i++) hist[(diff_key(x, y, i, xdt, ydt) >> 16) + 32768]++;
-    } else if (kind == 2) {
-        for (int64_t i = 0; i < n; i++) {
-            int32_t k = diff_key(x, y, i, xdt, ydt);
-            if ((k >> 16) == prefix) hist[k & 0xFFFF]++;
-        }
-    } else if (!low) {
-        for (int64_t i = 0; i < n; i++) hist[(up_key(x, i, xdt) >> 16) + 32768]++;
-    } else {
-        for (int64_t i = 0; i < n; i++) {
-            int32_t k = up_key(x, i, xdt);
-            if ((k >> 16) == prefix) hist[k & 0xFFFF]++;
-        }
+   low=1: histogram of the low halves of the 32-bit keys whose high half is `prefix`.
+   Two interleaved per-thread sub-histograms: consecutive equal bins (common: scores bunch up in a
+   few hundred bins) would otherwise serialise on one counter. */
+#define HIST_LOOP(KEYEXPR)                                                              \
+    if (!low) {                                                                           \
+        int64_t ii = a;                                                                   \
+        for (; ii + 1 < b; ii += 2) {                                                     \
+            int32_t k0 = KEYEXPR; ii++;                                                   \
+            int32_t k1 = KEYEXPR; ii--;                                                   \
+            s0[(k0 >> shift) + 32768]++; s1[(k1 >> shift) + 32768]++;                     \
+        }                                                                                 \
+        for (; ii < b; ii++) { int32_t k0 = KEYEXPR; s0[(k0 >> shift) + 32768]++; }       \
+    } else {                                                                              \
+        for (int64_t ii = a; ii < b; ii++) {                                              \
+            int32_t k0 = KEYEXPR;                                                         \
+            if ((k0 >> 16) == prefix) s0[k0 & 0xFFFF]++;                                  \
+        }                                                                                 \
     }
+
+static void hist_range(const void* x, const void* y, int64_t a, int64_t b, int kind, int xdt, int ydt,
+                       uint32_t* s0, uint32_t* s1, int low, int32_t prefix) {
+    int shift = kind == 1 ? 0 : 16;
+    if (kind == 0) { const uint32_t* p = (const uint32_t*)x; HIST_LOOP(key32(p[ii])) }
+    else if (kind == 1) { const uint16_t* p = (const uint16_t*)x; HIST_LOOP(key16(p[ii])) }
+    else if (kind == 2) { HIST_LOOP(diff_key(x, y, ii, xdt, ydt)) }
+    else { HIST_LOOP(up_key(x, ii, xdt)) }
+}
+
+#define BLK ((int64_t)1 << 20)
+
+/* Histogram of m tensors at once, blocks of BLK elements shared among nthreads threads. */
+void allo_radix_hist_many(int64_t m, const int64_t* xs, const int64_t* ys, const int64_t* ns, const int32_t* kinds,
+                          const int32_t* xdts, const int32_t* ydts, int64_t* hist, int low, int32_t prefix,
+                          int nthreads) {
+    int64_t* first = (int64_t*)malloc((size_t)(m + 1) * sizeof(int64_t));
+    first[0] = 0;
+    for (int64_t t = 0; t < m; t++) first[t + 1] = first[t] + (ns[t] + BLK - 1) / BLK;
+    int64_t nblocks = first[m];
+    #pragma omp parallel num_threads(nthreads)
+    {
+        uint32_t* s0 = (uint32_t*)calloc(2 * 65536, sizeof(uint32_t));
+        uint32_t* s1 = s0 + 65536;
+        int64_t done = 0;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            int64_t lo = 0, hi = m;  /* tensor t with first[t] <= blk < first[t+1] */
+            while (hi - lo > 1) { int64_t mid = (lo + hi) / 2; if (first[mid] <= blk) lo = mid; else hi = mid; }
+            int64_t t = lo;
+            while (first[t + 1] <= blk) t++;
+            int64_t a = (blk - first[t]) * BLK, b = a + BLK < ns[t] ? a + BLK : ns[t];
+            hist_range((const void*)xs[t], (const void*)ys[t], a, b, kinds[t], xdts[t], ydts[t], s0, s1, low, prefix);
+            done += b - a;
+            if (done > ((int64_t)1 << 31)) {  /* keep the 32-bit counters from overflowing */
+                #pragma omp critical
+                for (int i = 0; i < 65536; i++) hist[i] += (int64_t)s0[i] + s1[i];
+                memset(s0, 0, 2 * 65536 * sizeof(uint32_t));
+                done = 0;
+            }
+        }
+        #pragma omp critical
+        for (int i = 0; i < 65536; i++) hist[i] += (int64_t)s0[i] + s1[i];
+        free(s0);
+    }
+    free(first);
 }
 
 /* out[i] = (key > khi or (hi_ties and key == khi)) and not (key > kex or (ex_ties and key == kex)),
    with has_hi=0 meaning nothing kept and has_ex=0 nothing excluded. */
 #define WRITE_LOOP(KEYEXPR)                                                          \
-    for (int64_t i = 0; i < n; i++) {                                                \
+    for (int64_t i = a; i < n; i++) {                                                \
         int32_t k = KEYEXPR;                                                         \
         int keep = hi_ties ? (k >= khi) : (k > khi);                                 \
         if (has_ex) keep &= ex_ties ? (k < kex) : (k <= kex);                        \
         out[i] = (uint8_t)keep;                                                      \
     }
-void allo_radix_write(const void* x, const void* y, int64_t n, int kind, int xdt, int ydt, uint8_t* out,
-                      int has_hi, int32_t khi, int hi_ties, int has_ex, int32_t kex, int ex_ties) {
-    if (!has_hi) { memset(out, 0, (size_t)n); return; }
+static void write_range(const void* x, const void* y, int64_t a, int64_t n, int kind, int xdt, int ydt,
+                        uint8_t* out, int32_t khi, int hi_ties, int has_ex, int32_t kex, int ex_ties) {
     if (kind == 1) { const uint16_t* p = (const uint16_t*)x; WRITE_LOOP(key16(p[i])) }
     else if (kind == 0) { const uint32_t* p = (const uint32_t*)x; WRITE_LOOP(key32(p[i])) }
     else if (kind == 2) { WRITE_LOOP(diff_key(x, y, i, xdt, ydt)) }
     else { WRITE_LOOP(up_key(x, i, xdt)) }
+}
+void allo_radix_write(const void* x, const void* y, int64_t n, int kind, int xdt, int ydt, uint8_t* out,
+                      int has_hi, int32_t khi, int hi_ties, int has_ex, int32_t kex, int ex_ties, int nthreads) {
+    if (!has_hi) { memset(out, 0, (size_t)n); return; }
+    int64_t nblocks = (n + BLK - 1) / BLK;
+    #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nblocks > 1)
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        int64_t a = blk * BLK, b = a + BLK < n ? a + BLK : n;
+        write_range(x, y, a, b, kind, xdt, ydt, out, khi, hi_ties, has_ex, kex, ex_ties);
+    }
 }
 """
 
@@ -135,7 +179,7 @@ def _compile() -> str:
         with open(src, "w") as f:
             f.write(_C_SOURCE)
         out = os.path.join(tmp, "radix_select.so")
-        proc = subprocess.run([cc, "-O3", "-fPIC", "-shared", "-o", out, src], capture_output=True, text=True)
+        proc = subprocess.run([cc, "-O3", "-fopenmp", "-fPIC", "-shared", "-o", out, src], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"allo.select: compiling the CPU selection path with {cc} failed:\n{proc.stderr}\n"
                                "set CC to a C compiler with _Float16 support (gcc >= 12, clang >= 15), or pass "
@@ -154,9 +198,9 @@ def _lib():
             if _LIB is None:
                 lib = ctypes.CDLL(_compile())
                 p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-                lib.allo_radix_hist.argtypes = [p, p, i64, i32, i32, i32, p, i32, i32]
-                lib.allo_radix_hist.restype = None
-                lib.allo_radix_write.argtypes = [p, p, i64, i32, i32, i32, p, i32, i32, i32, i32, i32, i32]
+                lib.allo_radix_hist_many.argtypes = [i64, p, p, p, p, p, p, p, i32, i32, i32]
+                lib.allo_radix_hist_many.restype = None
+                lib.allo_radix_write.argtypes = [p, p, i64, i32, i32, i32, p, i32, i32, i32, i32, i32, i32, i32]
                 lib.allo_radix_write.restype = None
                 _LIB = lib
     return _LIB
@@ -174,16 +218,23 @@ def _check_cpu(t, what):
         raise ValueError(f"allo.select backend 'cpu' got {what} on {t.device}; use backend 'triton' for CUDA tensors")
 
 
-def radix_histogram(src, hist: torch.Tensor, *, key32: bool, low_prefix: int | None = None) -> None:
-    """Same contract as :func:`allo_kernels.radix_select.radix_histogram`, on CPU tensors."""
-    x, y, kind, xdt, ydt = _operands(src, key32)
-    _check_cpu(x, "scores")
-    n = x.numel()
-    if n == 0:
+def radix_histogram(sources, hist: torch.Tensor, *, key32: bool, low_prefix: int | None = None) -> None:
+    """Same contract as :func:`allo_kernels.radix_select.radix_histogram`, on CPU tensors, for a list of
+    score sources at once (one C call; blocks of 1M elements shared among torch's threads)."""
+    ops = [_operands(s, key32) for s in sources]
+    ops = [o for o in ops if o[0].numel() > 0]
+    for o in ops:
+        _check_cpu(o[0], "scores")
+    if not ops:
         return
     assert hist.dtype == torch.int64 and hist.is_contiguous() and hist.numel() == 65536
-    _lib().allo_radix_hist(x.data_ptr(), y.data_ptr(), n, kind, xdt, ydt, hist.data_ptr(),
-                           0 if low_prefix is None else 1, 0 if low_prefix is None else int(low_prefix))
+    col = lambda i, dt: torch.tensor([o[i] if i >= 2 else o[i].data_ptr() for o in ops], dtype=dt)  # noqa: E731
+    xs, ys, kinds, xdts, ydts = col(0, torch.int64), col(1, torch.int64), col(2, torch.int32), col(3, torch.int32), \
+        col(4, torch.int32)
+    ns = torch.tensor([o[0].numel() for o in ops], dtype=torch.int64)
+    _lib().allo_radix_hist_many(len(ops), xs.data_ptr(), ys.data_ptr(), ns.data_ptr(), kinds.data_ptr(),
+                                xdts.data_ptr(), ydts.data_ptr(), hist.data_ptr(), 0 if low_prefix is None else 1,
+                                0 if low_prefix is None else int(low_prefix), torch.get_num_threads())
 
 
 def radix_write(src, out: torch.Tensor, key_hi, hi_ties, key_ex, ex_ties, *, key32: bool) -> None:
@@ -196,4 +247,5 @@ def radix_write(src, out: torch.Tensor, key_hi, hi_ties, key_ex, ex_ties, *, key
     assert out.dtype == torch.bool and out.is_contiguous() and out.numel() == n
     _lib().allo_radix_write(x.data_ptr(), y.data_ptr(), n, kind, xdt, ydt, out.data_ptr(),
                             int(key_hi is not None), 0 if key_hi is None else int(key_hi), int(bool(hi_ties)),
-                            int(key_ex is not None), 0 if key_ex is None else int(key_ex), int(bool(ex_ties)))
+                            int(key_ex is not None), 0 if key_ex is None else int(key_ex), int(bool(ex_ties)),
+                            torch.get_num_threads())

@@ -107,12 +107,11 @@ def _name_nonfinite(sources, group, what):
 
 
 def _find_bin(hist: torch.Tensor, k: int):
-    """Bin b holding the k-th largest (1-based) and the count strictly above it."""
-    rev = torch.flip(hist, [0]).cumsum(0)
-    j = int(torch.searchsorted(rev, torch.tensor([k], dtype=rev.dtype)).item())
-    b = hist.numel() - 1 - j
-    above = int(rev[j]) - int(hist[b])
-    return b, above
+    """Bin b holding the k-th largest (1 <= k <= total) and the count strictly above it."""
+    c = hist.cumsum(0)  # count(bin >= b) = total - c[b - 1]: the largest b with c[b - 1] <= total - k
+    total = int(c[-1])
+    b = int(torch.searchsorted(c, torch.tensor([total - k], dtype=c.dtype), right=True).item())
+    return b, total - int(c[b])
 
 
 def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None, what="select_top"):
@@ -127,8 +126,7 @@ def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None,
         return bounds, n
     ops = _ops(backend)
     hist = torch.zeros(BINS, dtype=torch.int64, device=device)
-    for s in sources.values():
-        ops.radix_histogram(s, hist, key32=key32)
+    ops.radix_histogram(list(sources.values()), hist, key32=key32)
     hist = _all_reduce(hist, group).cpu()
     if _nonfinite_bins(hist, key32, dtype):
         _name_nonfinite(sources, group, what)
@@ -143,8 +141,7 @@ def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None,
         prefix = b - 32768
         if prefix not in lows:
             low = torch.zeros(BINS, dtype=torch.int64, device=device)
-            for s in sources.values():
-                ops.radix_histogram(s, low, key32=True, low_prefix=prefix)
+            ops.radix_histogram(list(sources.values()), low, key32=True, low_prefix=prefix)
             lows[prefix] = _all_reduce(low, group).cpu()
         low = lows[prefix]
         lb, above_low = _find_bin(low, bd.k - above)

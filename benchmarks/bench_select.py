@@ -1,0 +1,142 @@
+"""Exact global top-k selection over many tensors: allo.select vs the usual ways.
+
+Implementations (all select the top ``--ratio`` of all elements):
+
+* ``topk-concat``  (baseline) concatenate every score tensor (fp32), ``torch.topk``, scatter into masks
+* ``kthvalue``     concatenate, ``torch.kthvalue`` for the threshold, compare into masks
+* ``authors``      the released ALLO scripts' approach: per tensor the top 2*ratio candidates,
+                   concatenate them, global ``torch.topk`` (approximate), compare into masks
+* ``allo``         ``allo.select.select_top`` (streaming radix histograms, exact), masks
+* ``allo-plan``    only the threshold search of ``allo`` (the histogram passes, no masks)
+
+``peak`` counts the outputs; the ``extra`` column is peak minus the output masks (N bytes), the
+memory the selection itself needs. CPU default: 50M fp32 scores over many tensors. CUDA default:
+953M bf16 scores in Llama-3.2-1B shapes (16 layers, hidden 2048, MLP 8192, GQA 8 KV heads, vocab
+128256).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from _harness import measure, parse_args, report  # noqa: E402
+
+
+def llama1b_shapes():
+    h, inter, kv, vocab, layers = 2048, 8192, 512, 128256, 16
+    shapes = [(vocab, h)]
+    for _ in range(layers):
+        shapes += [(h,), (h, h), (kv, h), (kv, h), (h, h), (h,), (inter, h), (inter, h), (h, inter)]
+    shapes.append((h,))
+    return shapes
+
+
+def many_tensor_shapes(total):
+    # a scaled-down transformer: blocks of matrices and vectors until `total` elements
+    shapes, h = [], 256
+    while sum(_numel(s) for s in shapes) < total:
+        shapes += [(h,), (h, h), (h // 4, h), (h // 4, h), (h, h), (h,), (4 * h, h), (4 * h, h), (h, 4 * h)]
+    return shapes
+
+
+def _numel(s):
+    n = 1
+    for d in s:
+        n *= d
+    return n
+
+
+def make_scores(shapes, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return {f"p{i}": torch.randn(s, generator=g, device=device, dtype=torch.float32).abs_().to(dtype)
+            for i, s in enumerate(shapes)}
+
+
+def topk_concat(scores, k):
+    flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
+    idx = torch.topk(flat, k, sorted=False).indices
+    del flat
+    mask = torch.zeros(sum(s.numel() for s in scores.values()), dtype=torch.bool, device=idx.device)
+    mask[idx] = True
+    return mask
+
+
+def kthvalue_concat(scores, k):
+    flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
+    t = torch.kthvalue(flat.cpu() if flat.is_cuda and flat.numel() > 2**31 else flat, flat.numel() - k + 1).values
+    return {n: s >= t.to(s.device) for n, s in scores.items()}
+
+
+def authors(scores, k, ratio):
+    # per-tensor top 2r candidates, concatenated, then a global top-k on the candidates
+    cands = [torch.topk(s.reshape(-1).float(), max(1, min(s.numel(), int(2 * ratio * s.numel()))), sorted=False).values
+             for s in scores.values() if s.numel()]
+    allc = torch.cat(cands)
+    t = torch.topk(allc, min(k, allc.numel()), sorted=False).values.min()
+    return {n: s >= t.to(s.dtype) for n, s in scores.items()}
+
+
+def main():
+    def extra(p):
+        p.add_argument("--ratio", type=float, default=0.1)
+        p.add_argument("--numel", type=int, default=None, help="total score elements (CPU default 50M)")
+        p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--skip", default="", help="comma-separated impls to skip")
+
+    args = parse_args(__doc__.splitlines()[0], extra)
+    from allo.select import select_top
+    from allo.select.topk import key_domain, plan
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    if cuda and args.numel is None and not args.quick:
+        shapes, label = llama1b_shapes(), "llama1b"
+    else:
+        total = args.numel or (5_000_000 if args.quick else 50_000_000)
+        shapes, label = many_tensor_shapes(total), "many"
+    scores = make_scores(shapes, dtype, device)
+    n = sum(s.numel() for s in scores.values())
+    k = int(args.ratio * n + 0.5)
+    backend = "triton" if cuda else "cpu"
+    case = f"{label} {n / 1e6:.0f}M {str(dtype).split('.')[-1]} x{len(shapes)} r={args.ratio}"
+    warmup = args.warmup if args.warmup is not None else 1
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
+    skip = set(filter(None, args.skip.split(",")))
+    key32, kdt = key_domain(scores)
+    impls = {
+        "topk-concat": lambda: topk_concat(scores, k),
+        "kthvalue": lambda: kthvalue_concat(scores, k),
+        "authors": lambda: authors(scores, k, args.ratio),
+        "allo": lambda: select_top(scores, args.ratio, backend=backend),
+        "allo-plan": lambda: plan(scores, (args.ratio, 0.0), key32=key32, dtype=kdt, backend=backend),
+    }
+    # exactness check, outside the timings: allo against topk-concat's selected count and threshold
+    masks = select_top(scores, args.ratio, backend=backend)
+    got = sum(int(m.sum()) for m in masks.values())
+    flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
+    thr = torch.topk(flat, k, sorted=False).values.min()
+    exact = got == k and all(bool((s.float()[m] >= thr).all()) for s, m in zip(scores.values(), masks.values()))
+    del flat, masks
+    print(f"{case}: allo selected {got} of k={k}; exact vs torch.topk threshold: {exact}")
+    rows = []
+    out_bytes = {"allo-plan": 0, "topk-concat": n, "kthvalue": n, "authors": n, "allo": n}
+    for name, fn in impls.items():
+        if name in skip:
+            continue
+        row = measure(case, name, fn, device=device, warmup=warmup, repeats=repeats)
+        if row.get("peak_bytes") is not None:
+            row["extra"] = max(0, row["peak_bytes"] - out_bytes[name])
+            row["extra_vs_scores"] = row["extra"] / sum(s.numel() * s.element_size() for s in scores.values())
+        rows.append(row)
+    report(rows, baseline="topk-concat", json_path=args.json, title=f"bench_select ({device.type})",
+           extra_columns=["extra", "extra_vs_scores"])
+
+
+if __name__ == "__main__":
+    main()
