@@ -1,0 +1,10 @@
+"""Sparse optimizers: :class:`MaskedAdamW` updates only selected elements and keeps state for those only.
+
+Implementations: ``allo_kernels.masked_adamw`` (Triton, CUDA), ``allo.optim._cpu_kernel`` (fused C
+loop, CPU) and ``allo.optim.reference`` (plain PyTorch, the yardstick in tests).
+"""
+
+from allo.optim.masked_adamw import MaskedAdamW
+from allo.optim.reference import masked_adamw_step_reference
+
+__all__ = ["MaskedAdamW", "masked_adamw_step_reference"]

@@ -1,0 +1,423 @@
+"""MaskedAdamW: AdamW on a selected subset of each parameter's elements, with state for those only."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from typing import Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from allo._backend import resolve_backend
+from allo.optim import _cpu_kernel
+from allo.optim.masks import DENSE, EMPTY, normalize_mask, same_selection
+from allo.optim.reference import masked_adamw_step_reference
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class MaskedAdamW(Optimizer):
+    r"""AdamW that updates only selected elements of each parameter and keeps state only for them.
+
+    Arguments follow :class:`torch.optim.AdamW` (``params`` may be tensors, ``(name, tensor)`` pairs
+    from ``model.named_parameters()``, or param-group dicts with their own ``lr``/``weight_decay``;
+    LR schedulers work as usual), plus:
+
+    masks: which elements each parameter trains. ``None`` (default): every element of every
+        parameter (plain AdamW). A list aligned with the parameters in the order the optimizer holds
+        them (group after group), or, when the parameters have names, a dict ``name -> mask``;
+        parameters a dict does not name are not trained. A mask is a bool tensor of the parameter's
+        shape, a 1-D int64 tensor of flat indices into ``param.reshape(-1)``, ``None`` / ``True``
+        (every element) or ``False`` (none). Can be (re)set later with :meth:`set_masks`.
+    decay_unselected: ``False`` (default): unselected elements stay bit-for-bit unchanged, weight decay
+        included. ``True``: the authors' behaviour for ablations: each parameter that takes a step is
+        decayed whole, and only selected elements get the Adam update.
+    compact_grads: when True, a post-accumulate-grad hook copies the selected gradient elements of
+        each partially selected parameter into a compact fp32 buffer (summing over backward passes,
+        so gradient accumulation works) and frees ``param.grad`` right away, so full-size gradients
+        never all exist at once. Parameters with an empty mask have their gradient freed; fully
+        selected ones keep ``param.grad``. Clip with :meth:`clip_grad_norm_` (``param.grad`` is None,
+        so ``torch.nn.utils.clip_grad_norm_`` and loss scalers cannot see these gradients) and
+        average across ranks with :meth:`all_reduce_grads`.
+    backend: ``None``/``"auto"`` (Triton on CUDA, fused C loop on CPU), ``"triton"``, ``"cpu"`` or
+        ``"reference"`` (plain PyTorch); the environment variable ``ALLO_BACKEND`` sets the default.
+
+    State per trained parameter: ``step``, fp32 ``exp_avg`` and ``exp_avg_sq`` with one entry per
+    selected element, ``indices`` (sorted flat int32/int64; absent when every element is selected)
+    and, for bf16/fp16 parameters, ``master``: an fp32 copy of the selected elements that the update
+    is applied to, so that small updates (say lr 5e-7 on bf16) accumulate instead of rounding away.
+    A parameter with an empty mask holds no state.
+
+    NaN/inf gradients are not filtered: as in ``torch.optim.AdamW``, they propagate into the moments
+    and weights of the selected elements they hit (unselected elements are never read or written).
+    Skip such steps upstream (e.g. with a loss scaler) or check the norm from :meth:`clip_grad_norm_`.
+    """
+
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, masks=None, decay_unselected: bool = False,
+                 compact_grads: bool = False, backend: str | None = None):
+        if not 0.0 <= float(lr):
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_unselected=decay_unselected)
+        self._selection: dict[torch.Tensor, object] = {}
+        self._compact: dict[torch.Tensor, torch.Tensor] = {}
+        self._hooks: list = []
+        self._stepped_without_state: set = set()
+        self.compact_grads = compact_grads
+        self.backend = backend
+        super().__init__(params, defaults)
+        self.set_masks(masks)
+
+    # ------------------------------------------------------------------ parameters and masks
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _names(self) -> list[str | None]:
+        names = []
+        for g in self.param_groups:
+            names.extend(g.get("param_names", [None] * len(g["params"])))
+        return names
+
+    def _label(self, i: int, name: str | None) -> str:
+        return repr(name) if name is not None else f"params[{i}]"
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_selection") and "params" in param_group:  # after __init__: new params train densely
+            for p in self.param_groups[-1]["params"]:
+                if p not in self._selection:
+                    self._select(p, DENSE)
+            self._register_hooks()
+
+    def set_masks(self, masks) -> None:
+        """Set which elements train (forms as in the class docstring). A parameter whose selection
+        changes starts from fresh state (zero moments, step 0); an unchanged one keeps its state."""
+        params, names = self._params(), self._names()
+        if masks is None:
+            chosen = [None] * len(params)
+        elif isinstance(masks, dict):
+            if any(n is None for n in names):
+                raise ValueError(
+                    "masks is a dict of names, but the optimizer's parameters have no names; construct it "
+                    "with model.named_parameters() (or pass masks as a list aligned with the parameters)"
+                )
+            position = {n: i for i, n in enumerate(names)}
+            unknown = [k for k in masks if k not in position]
+            if unknown:
+                known = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+                raise KeyError(
+                    f"masks names {unknown[:5]!r}, which {'is' if len(unknown) == 1 else 'are'} not a parameter of "
+                    f"this optimizer (its parameters: {known}); use the names of model.named_parameters()"
+                )
+            chosen = [masks.get(n, False) for n in names]
+        elif isinstance(masks, (list, tuple)):
+            if len(masks) != len(params):
+                raise ValueError(
+                    f"masks is a list of {len(masks)} masks, but the optimizer holds {len(params)} parameters; "
+                    "give one mask per parameter, in the optimizer's order (group after group)"
+                )
+            chosen = list(masks)
+        else:
+            raise TypeError(f"masks must be None, a list or a dict name -> mask, not {type(masks).__name__}")
+        selections = [normalize_mask(m, p, self._label(i, n)) for i, (m, p, n) in enumerate(zip(chosen, params, names))]
+        for p, sel in zip(params, selections):
+            self._select(p, sel)
+        self._register_hooks()
+
+    def _select(self, p: torch.Tensor, sel) -> None:
+        old = self._selection.get(p)
+        self._selection[p] = sel
+        self._compact.pop(p, None)
+        if old is not None and same_selection(old, sel) and (sel == EMPTY or p in self.state):
+            return
+        self.state.pop(p, None)
+        if sel == EMPTY:
+            return
+        if p.dtype not in (torch.float32, *_LOW_PRECISION):
+            raise TypeError(f"MaskedAdamW trains fp32, bf16 and fp16 parameters; one parameter is {p.dtype}")
+        k = p.numel() if sel == DENSE else sel.numel()
+        state = {"step": torch.tensor(0.0, dtype=torch.float32),
+                 "exp_avg": torch.zeros(k, dtype=torch.float32, device=p.device),
+                 "exp_avg_sq": torch.zeros(k, dtype=torch.float32, device=p.device)}
+        if sel == DENSE:
+            state["exp_avg"] = state["exp_avg"].view(p.shape)
+            state["exp_avg_sq"] = state["exp_avg_sq"].view(p.shape)
+        else:
+            state["indices"] = sel
+        if p.dtype in _LOW_PRECISION:
+            flat = p.detach().reshape(-1)
+            state["master"] = (flat if sel == DENSE else flat.index_select(0, sel.long())).float().view(
+                p.shape if sel == DENSE else (-1,)).clone()
+        self.state[p] = state
+
+    def selected_count(self) -> int:
+        """Number of elements that train, over all parameters."""
+        return sum(p.numel() if s == DENSE else (0 if s == EMPTY else s.numel()) for p, s in self._selection.items())
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state (moments, indices, master copies)."""
+        return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
+                   if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+    # ------------------------------------------------------------------ compact gradients
+    def _register_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if not self.compact_grads:
+            return
+        for p in self._params():
+            if p.requires_grad and self._selection.get(p) != DENSE:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._compact_hook))
+
+    def _compact_hook(self, p: torch.Tensor) -> None:
+        grad = p.grad
+        if grad is None:
+            return
+        _check_grad(grad, p, self)
+        sel = self._selection.get(p)
+        if sel == EMPTY:
+            self._stepped_without_state.add(p)
+        elif isinstance(sel, torch.Tensor):
+            selected = grad.reshape(-1).index_select(0, sel.long() if sel.device.type == "cpu" else sel).float()
+            held = self._compact.get(p)
+            if held is None:
+                self._compact[p] = selected
+            else:
+                held.add_(selected)
+        p.grad = None  # the point of compact mode: the full gradient dies as soon as it is read
+
+    def compact_grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The accumulated compact gradient of ``p`` (compact-grad mode), or None."""
+        return self._compact.get(p)
+
+    def _grad_tensors(self) -> list[torch.Tensor]:
+        grads = []
+        for p in self._params():
+            if p in self._compact:
+                grads.append(self._compact[p])
+            elif p.grad is not None:
+                grads.append(p.grad)
+        return grads
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None) -> torch.Tensor:
+        """Clip the gradients the next step will use to total norm ``max_norm``; return the norm.
+
+        In compact-grad mode these are the compact gradients (selected elements) plus the full
+        gradients of fully selected parameters; otherwise every ``param.grad`` (as
+        ``torch.nn.utils.clip_grad_norm_`` over the optimizer's parameters would).
+        """
+        grads = self._grad_tensors()
+        if not grads:
+            return torch.tensor(0.0)
+        total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
+        coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+        by_device = defaultdict(list)
+        for g in grads:
+            by_device[g.device].append(g)
+        for device, gs in by_device.items():
+            torch._foreach_mul_(gs, coef.to(device))
+        return total
+
+    @torch.no_grad()
+    def all_reduce_grads(self, group=None) -> None:
+        """Average the gradients the next step will use across the ranks of ``group`` (one flat
+        all-reduce per device and dtype). Use instead of DDP's gradient sync in compact-grad mode."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("all_reduce_grads needs torch.distributed to be initialized (init_process_group)")
+        world = dist.get_world_size(group)
+        buckets = defaultdict(list)
+        for g in self._grad_tensors():
+            buckets[(g.device, g.dtype)].append(g)
+        for gs in buckets.values():
+            flat = torch.cat([g.reshape(-1) for g in gs])
+            dist.all_reduce(flat, group=group)
+            flat.div_(world)
+            offset = 0
+            for g in gs:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if set_to_none:
+            self._compact.clear()
+        else:
+            for g in self._compact.values():
+                g.zero_()
+        self._stepped_without_state.clear()
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict) -> None:
+        lr = float(group["lr"])
+        beta1, beta2 = group["betas"]
+        eps, wd = group["eps"], group["weight_decay"]
+        decay_unselected = group.get("decay_unselected", False)
+        decay = 1.0 - lr * wd
+        rows_by_backend = defaultdict(list)
+        dense_rows = defaultdict(list)
+        for p in group["params"]:
+            state = self.state.get(p)
+            compact = p in self._compact
+            grad = self._compact[p] if compact else p.grad
+            if state is None:
+                if decay_unselected and wd != 0 and (grad is not None or p in self._stepped_without_state):
+                    p.mul_(decay)  # authors' behaviour: decay even where nothing is selected
+                continue
+            if grad is None:
+                continue
+            _check_grad(grad, p, self)
+            state["step"] += 1
+            step = int(state["step"].item())
+            indices = state.get("indices")
+            master = state.get("master")
+            backend = resolve_backend(self.backend, p.device, what="MaskedAdamW")
+            if indices is None and backend == "cpu" and not compact:
+                dense_rows[p.device].append((p, grad, state, step))
+                continue
+            if backend == "cpu" and _cpu_kernel.load() is None:
+                _warn_no_cpu_kernel()
+                backend = "reference"
+            bc2_sqrt = math.sqrt(1.0 - beta2**step)
+            step_size = lr / (1.0 - beta1**step)
+            kernel_decay = decay
+            if decay_unselected and indices is not None:
+                p.mul_(decay)  # unselected elements; selected ones are rewritten from the update below
+                if master is None:
+                    kernel_decay = 1.0  # the kernel reads the weight, which is already decayed
+            if backend == "reference":
+                masked_adamw_step_reference(p.detach(), grad, indices, state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
+                                            None if master is None else master.view(-1), step=step, lr=lr, beta1=beta1,
+                                            beta2=beta2, eps=eps, weight_decay=wd if kernel_decay != 1.0 else 0.0,
+                                            compact_grad=compact)
+                continue
+            grad = grad if compact or grad.is_contiguous() else grad.contiguous()
+            rows_by_backend[backend].append((p, grad, indices, state["exp_avg"], state["exp_avg_sq"], master, compact,
+                                             (beta1, beta2, step_size, bc2_sqrt, kernel_decay, eps)))
+        for device, rows in dense_rows.items():
+            _fused_dense_cpu(rows, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
+        if rows_by_backend.get("cpu"):
+            addr, scal = _cpu_kernel.pack(rows_by_backend["cpu"])
+            _cpu_kernel.masked_adamw_cpu(addr, scal)
+        if rows_by_backend.get("triton"):
+            from allo_kernels.masked_adamw import masked_adamw_triton
+
+            masked_adamw_triton(rows_by_backend["triton"])
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """torch's layout (``state`` by parameter id, ``param_groups``); each trained parameter's
+        state carries its index set, so the masks travel with the checkpoint."""
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a :meth:`state_dict`: masks, compact state and hyper-parameters. Tensors keep their
+        saved dtypes (torch's loader would cast fp32 moments to a bf16 parameter's dtype, which would
+        break bit-for-bit resume), and move to each parameter's device."""
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = self._params()
+        names = self._names()
+        self.state = defaultdict(dict)
+        self._compact.clear()
+        for i, (pid, p) in enumerate(zip(ids, params)):
+            label = self._label(i, names[i])
+            saved = saved_state.get(pid)
+            if not saved:
+                self._selection[p] = EMPTY
+                continue
+            state = {}
+            for key, value in saved.items():
+                if isinstance(value, torch.Tensor):
+                    value = value.detach().to("cpu" if key == "step" else p.device, copy=True)
+                state[key] = value
+            indices = state.get("indices")
+            k = p.numel() if indices is None else indices.numel()
+            for key in ("exp_avg", "exp_avg_sq") + (("master",) if p.dtype in _LOW_PRECISION else ()):
+                if key not in state or state[key].numel() != k or state[key].dtype != torch.float32:
+                    raise ValueError(
+                        f"state_dict state for parameter {label} has no fp32 {key!r} with {k} entries; the "
+                        "checkpoint does not match this model/optimizer (was it saved by MaskedAdamW for this model?)"
+                    )
+            if indices is not None:
+                if indices.dim() != 1 or (k and (int(indices.min()) < 0 or int(indices.max()) >= p.numel())):
+                    raise ValueError(f"state_dict 'indices' for parameter {label} do not index a tensor of "
+                                     f"{p.numel()} elements; the checkpoint does not match this model")
+                self._selection[p] = indices
+            else:
+                self._selection[p] = DENSE
+                for key in ("exp_avg", "exp_avg_sq", "master"):
+                    if key in state:
+                        state[key] = state[key].view(p.shape)
+            self.state[p] = state
+        self._register_hooks()
+
+
+def _check_grad(grad: torch.Tensor, p: torch.Tensor, opt: MaskedAdamW) -> None:
+    if grad.is_sparse:
+        names = opt._names()
+        params = opt._params()
+        i = next((j for j, q in enumerate(params) if q is p), -1)
+        raise RuntimeError(
+            f"parameter {opt._label(i, names[i] if i >= 0 else None)} has a sparse gradient; MaskedAdamW needs dense "
+            "gradients (e.g. nn.Embedding(sparse=False)); for sparse embedding updates use torch.optim.SparseAdam"
+        )
+
+
+def _fused_dense_cpu(rows: list, *, lr, beta1, beta2, eps, weight_decay) -> None:
+    """Fully selected parameters on the CPU: torch's fused AdamW kernel (one vectorised pass)."""
+    params, grads, avgs, sqs, steps = [], [], [], [], []
+    masters = []
+    for p, grad, state, _ in rows:
+        master = state.get("master")
+        if master is not None:
+            params.append(master)
+            grads.append(grad.float())
+            masters.append((p, master))
+        else:
+            params.append(p)
+            grads.append(grad if grad.dtype == p.dtype else grad.to(p.dtype))
+        avgs.append(state["exp_avg"])
+        sqs.append(state["exp_avg_sq"])
+        steps.append(state["step"])
+    torch._fused_adamw_(params, grads, avgs, sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                        weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+    for p, master in masters:
+        p.copy_(master)
+
+
+_warned = False
+
+
+def _warn_no_cpu_kernel() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"allo: the fused CPU kernel of MaskedAdamW could not be built ({_cpu_kernel.build_error()}); using the "
+            "slower plain-PyTorch path. Install a C compiler (gcc) to get the fast path, or pass backend='reference' "
+            "to silence this.", RuntimeWarning, stacklevel=3)

@@ -1,0 +1,145 @@
+"""Triton kernel for MaskedAdamW: one launch updates the selected elements of many tensors.
+
+Layout. Every tensor keeps its own compact state (exp_avg, exp_avg_sq, optional fp32 master: one
+entry per selected element) and its own index set (int32/int64 flat indices into the weight). The
+launch gets a small table with one row per tensor (addresses of weight, gradient, indices, state;
+number of selected elements k; per-tensor scalars), and a block table that maps each program to
+(tensor, first element): a tensor's k elements are cut into blocks of BLOCK, so no block spans two
+tensors and no program searches. A program loads its row, turns the addresses into typed pointers,
+and does the AdamW update for BLOCK selected elements in fp32:
+
+    read  idx[j], grad[idx[j]] (or the compact grad[j]), exp_avg[j], exp_avg_sq[j],
+          master[j] (bf16/fp16 weights) or weight[idx[j]]
+    write exp_avg[j], exp_avg_sq[j], master[j], weight[idx[j]]
+
+Why one launch with an address table: a Llama-1B-sized model has ~150 weight tensors; a launch per
+tensor costs more than the update of a small one, and the table lets a single grid keep all SMs
+busy whatever the tensor sizes (the same reason torch's fused AdamW uses multi-tensor apply).
+
+All tensors in one launch share weight dtype, gradient kind and index dtype (they are constexpr);
+the wrapper groups tensors into such buckets, usually one.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+              torch.int32: tl.int32, torch.int64: tl.int64}
+
+# table columns (int64): weight, grad, indices, exp_avg, exp_avg_sq, master, k, unused
+N_ADDR = 8
+# scalar columns (float32): beta1, beta2, step_size (lr / bias_correction1), bias_correction2_sqrt,
+# decay (1 - lr * weight_decay), eps
+N_SCAL = 6
+
+
+@triton.jit
+def masked_adamw_kernel(addr_ptr, scal_ptr, block_tensor_ptr, block_start_ptr,
+                        PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, INDEX_T: tl.constexpr,
+                        DENSE: tl.constexpr, COMPACT_GRAD: tl.constexpr, HAS_MASTER: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    t = tl.load(block_tensor_ptr + b).to(tl.int64)
+    start = tl.load(block_start_ptr + b)  # int64: first selected element of this block
+    row = addr_ptr + t * 8
+    weight = tl.load(row + 0).to(tl.pointer_type(PARAM_T))
+    grad = tl.load(row + 1).to(tl.pointer_type(GRAD_T))
+    exp_avg = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    exp_avg_sq = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    k = tl.load(row + 6)
+
+    srow = scal_ptr + t * 6
+    beta1 = tl.load(srow + 0)
+    beta2 = tl.load(srow + 1)
+    step_size = tl.load(srow + 2)
+    bc2_sqrt = tl.load(srow + 3)
+    decay = tl.load(srow + 4)
+    eps = tl.load(srow + 5)
+
+    j = start + tl.arange(0, BLOCK)
+    live = j < k
+    if DENSE:
+        e = j
+    else:
+        indices = tl.load(row + 2).to(tl.pointer_type(INDEX_T))
+        e = tl.load(indices + j, mask=live, other=0).to(tl.int64)
+
+    if COMPACT_GRAD:
+        g = tl.load(grad + j, mask=live, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(grad + e, mask=live, other=0.0).to(tl.float32)
+    m = tl.load(exp_avg + j, mask=live, other=0.0)
+    v = tl.load(exp_avg_sq + j, mask=live, other=0.0)
+    if HAS_MASTER:
+        master = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+        p = tl.load(master + j, mask=live, other=0.0)
+    else:
+        p = tl.load(weight + e, mask=live, other=0.0).to(tl.float32)
+
+    m = m + (1.0 - beta1) * (g - m)
+    v = beta2 * v + (1.0 - beta2) * g * g
+    p = p * decay
+    p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+
+    tl.store(exp_avg + j, m, mask=live)
+    tl.store(exp_avg_sq + j, v, mask=live)
+    if HAS_MASTER:
+        tl.store(master + j, p, mask=live)
+    tl.store(weight + e, p.to(PARAM_T), mask=live)
+
+
+BLOCK = 1024
+_block_tables: dict = {}
+
+
+def _block_table(ks: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tensor id, first element) per program; depends only on the selection sizes, so cached."""
+    key = (ks, str(device))
+    hit = _block_tables.get(key)
+    if hit is None:
+        counts = torch.tensor([(k + BLOCK - 1) // BLOCK for k in ks], dtype=torch.int64)
+        tensor_of_block = torch.repeat_interleave(torch.arange(len(ks), dtype=torch.int32), counts)
+        first_block = torch.cumsum(counts, 0) - counts
+        start = (torch.arange(len(tensor_of_block), dtype=torch.int64) - first_block[tensor_of_block.long()]) * BLOCK
+        hit = (tensor_of_block.to(device), start.to(device))
+        if len(_block_tables) > 64:  # selections change rarely; keep the cache small anyway
+            _block_tables.clear()
+        _block_tables[key] = hit
+    return hit
+
+
+def masked_adamw_triton(rows: list[tuple]) -> None:
+    """Update many tensors, one launch per bucket of tensors that share dtypes.
+
+    ``rows``: (weight, grad, indices|None, exp_avg, exp_avg_sq, master|None, compact_grad,
+    (beta1, beta2, step_size, bias_correction2_sqrt, decay, eps)). Callers keep the tensors alive
+    until the kernels have run (the optimizer holds them).
+    """
+    buckets: dict = {}
+    for r in rows:
+        weight, grad, indices, _, _, master, compact, _ = r
+        key = (weight.device, weight.dtype, grad.dtype, None if indices is None else indices.dtype,
+               bool(compact), master is not None)
+        buckets.setdefault(key, []).append(r)
+    for (device, wdt, gdt, idt, compact, has_master), bucket in buckets.items():
+        addr = torch.empty(len(bucket), N_ADDR, dtype=torch.int64)
+        scal = torch.empty(len(bucket), N_SCAL, dtype=torch.float32)
+        a, s = addr.numpy(), scal.numpy()
+        for t, (weight, grad, indices, exp_avg, exp_avg_sq, master, _, scalars) in enumerate(bucket):
+            a[t] = (weight.data_ptr(), grad.data_ptr(), 0 if indices is None else indices.data_ptr(),
+                    exp_avg.data_ptr(), exp_avg_sq.data_ptr(), 0 if master is None else master.data_ptr(),
+                    exp_avg.numel(), 0)
+            s[t] = scalars
+        tensor_of_block, start = _block_table(tuple(r[3].numel() for r in bucket), device)
+        if device.type == "cuda":
+            addr = addr.pin_memory().to(device, non_blocking=True)
+            scal = scal.pin_memory().to(device, non_blocking=True)
+        masked_adamw_kernel[(tensor_of_block.numel(),)](
+            addr, scal, tensor_of_block, start,
+            PARAM_T=_TL_DTYPES[wdt], GRAD_T=_TL_DTYPES[gdt if not compact else torch.float32],
+            INDEX_T=_TL_DTYPES[idt] if idt is not None else tl.int32,
+            DENSE=idt is None, COMPACT_GRAD=compact, HAS_MASTER=has_master, BLOCK=BLOCK, num_warps=4,
+        )

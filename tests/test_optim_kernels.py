@@ -1,0 +1,86 @@
+"""The raw MaskedAdamW kernels (Triton under the interpreter, and the fused C loop) against the
+float64 reference, on several odd-sized tensors in one launch, with poisoned memory around them."""
+
+import math
+
+import pytest
+import torch
+
+from allo.optim import _cpu_kernel, masked_adamw_step_reference
+from allo_kernels.masked_adamw import BLOCK, masked_adamw_triton
+
+# selection sizes around the Triton block size, and a tiny one; tensor sizes odd
+CASES = [(3001, 1025), (1777, BLOCK), (97, 1), (2049, 1023)]
+
+
+def _run(impl, rows):
+    if impl == "triton":
+        masked_adamw_triton(rows)
+    else:
+        if _cpu_kernel.load() is None:
+            pytest.fail(f"the CPU kernel did not build: {_cpu_kernel.build_error()}")
+        _cpu_kernel.masked_adamw_cpu(*_cpu_kernel.pack(rows))
+
+
+def _poisoned_state(k, tail=37):
+    buf = torch.full((k + tail,), math.nan)
+    return buf, buf[:k]
+
+
+@pytest.mark.parametrize("impl", ["triton", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# (index dtype, compact grads); None = every element selected (dense), which never uses compact grads
+@pytest.mark.parametrize("index_dtype,compact", [(torch.int32, False), (torch.int64, False), (None, False),
+                                                 (torch.int32, True), (torch.int64, True)])
+def test_kernel_matches_float64_reference_and_touches_nothing_else(impl, dtype, index_dtype, compact):
+    rows, expected, checks = [], [], []
+    step, lr, b1, b2, eps, wd = 3, 1e-2, 0.9, 0.99, 1e-8, 0.1
+    for n, k in CASES:
+        if index_dtype is None:
+            n = k
+        idx = torch.randperm(n)[:k].sort().values
+        sel = torch.zeros(n, dtype=torch.bool)
+        sel[idx] = True
+        weight = torch.randn(n).to(dtype)
+        weight[~sel] = math.nan  # unselected: must never be read into a result, nor written
+        full_grad = torch.randn(n) * torch.rand(n) * 2
+        full_grad[~sel] = math.nan
+        grad = full_grad.to(dtype)[idx].float() if compact else full_grad.to(dtype)
+        m0, v0 = torch.randn(k) * 0.1, torch.rand(k) * 0.01
+        m_buf, m = _poisoned_state(k)
+        v_buf, v = _poisoned_state(k)
+        m.copy_(m0), v.copy_(v0)
+        master = None
+        if dtype != torch.float32:
+            master_buf, master = _poisoned_state(k)
+            master.copy_(weight[idx].float() + torch.randn(k) * 1e-3)  # master differs from the weight: it is the source
+        # float64 reference on the same inputs
+        ref_w = torch.zeros(k, dtype=torch.float64)
+        ref_m, ref_v = m0.double().clone(), v0.double().clone()
+        ref_master = None if master is None else master.double().clone()
+        if master is None:
+            ref_w.copy_(weight[idx].double())
+        masked_adamw_step_reference(ref_w, full_grad[idx].to(dtype).double(), None, ref_m, ref_v, ref_master, step=step,
+                                    lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd)
+        bc2_sqrt = math.sqrt(1 - b2**step)
+        indices = None if index_dtype is None else idx.to(index_dtype)
+        rows.append((weight, grad, indices, m, v, master, compact, (b1, b2, lr / (1 - b1**step), bc2_sqrt, 1 - lr * wd, eps)))
+        expected.append((ref_w if master is None else ref_master, ref_m, ref_v))
+        checks.append((sel, idx, m_buf, v_buf, None if master is None else master_buf, weight.clone()))
+    _run(impl, rows)
+    for row, (ref_p, ref_m, ref_v), (sel, idx, m_buf, v_buf, master_buf, _) in zip(rows, expected, checks):
+        weight, _, _, m, v, master, _, _ = row
+        k = idx.numel()
+        # absolute tolerances: a few fp32 ulps of the operands (cancellation makes relative error meaningless near 0)
+        torch.testing.assert_close(m, ref_m.float(), rtol=5e-6, atol=3e-7)
+        torch.testing.assert_close(v, ref_v.float(), rtol=5e-6, atol=5e-9)
+        for buf in (m_buf, v_buf, master_buf):
+            if buf is not None:
+                assert torch.isnan(buf[k:]).all()  # nothing written past the selection
+        assert torch.isnan(weight[~sel].float()).all()  # unselected untouched
+        if master is not None:
+            torch.testing.assert_close(master, ref_p.float(), rtol=5e-6, atol=3e-7)
+            ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
+            torch.testing.assert_close(weight[idx].float(), master, rtol=ulp, atol=0)
+        else:
+            torch.testing.assert_close(weight[idx], ref_p.float(), rtol=5e-6, atol=3e-7)
