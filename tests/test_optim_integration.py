@@ -1,0 +1,100 @@
+"""MaskedAdamW as the optimizer of transformers.Trainer and through accelerate.Accelerator.prepare."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+accelerate = pytest.importorskip("accelerate")
+
+from allo.optim import MaskedAdamW  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _tiny_llama():
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _masks(model, density=0.2):
+    # train a random subset of the MLP and attention matrices; everything else stays frozen
+    return {n: torch.rand(p.shape) < density for n, p in model.named_parameters() if n.endswith("proj.weight")}
+
+
+def _check_sparse_update(before, model, masks):
+    changed = 0
+    for name, p in model.named_parameters():
+        old = before[name]
+        mask = masks.get(name)
+        if mask is None:
+            assert torch.equal(p.detach(), old), f"{name} is not selected but changed"
+            continue
+        assert torch.equal(p.detach()[~mask], old[~mask]), f"{name}: an unselected element changed"
+        changed += int((p.detach()[mask] != old[mask]).sum())
+    assert changed > 0
+
+
+def test_trainer_with_masked_adamw_and_scheduler(tmp_path):
+    model = _tiny_llama()
+    masks = _masks(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.01, masks=masks)
+    sched = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=1, num_training_steps=4)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 12))]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,
+                                          gradient_accumulation_steps=2, use_cpu=True, report_to=[],
+                                          save_strategy="no", logging_steps=1, disable_tqdm=True, max_grad_norm=1.0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched))
+    result = trainer.train()
+    assert result.global_step == 4
+    _check_sparse_update(before, model, masks)
+    # the scheduler drove the optimizer's lr to the end of its schedule
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert opt.selected_count() == sum(int(m.sum()) for m in masks.values())
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_accelerate_prepare_with_gradient_accumulation(compact):
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    base = _tiny_llama()
+    masks = _masks(base)
+    batches = [torch.randint(0, 64, (2, 10)) for _ in range(4)]
+
+    # plain loop: accumulate two micro-batches per step by hand
+    manual = copy.deepcopy(base)
+    manual_opt = MaskedAdamW(manual.named_parameters(), lr=1e-2, masks=masks)
+    for i in range(0, 4, 2):
+        for ids in batches[i:i + 2]:
+            (manual(input_ids=ids, labels=ids).loss / 2).backward()
+        manual_opt.step()
+        manual_opt.zero_grad()
+
+    model = copy.deepcopy(base)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, masks=masks, compact_grads=compact)
+    model, prepared = accelerator.prepare(model, opt)
+    for ids in batches:
+        with accelerator.accumulate(model):
+            accelerator.backward(model(input_ids=ids, labels=ids).loss)
+            if compact and accelerator.sync_gradients:
+                opt.clip_grad_norm_(1e9)  # the compact-mode clipping entry point (no-op threshold)
+            prepared.step()
+            prepared.zero_grad()
+    _check_sparse_update(before, model, masks)
+    for (name, a), b in zip(model.named_parameters(), manual.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
