@@ -59,30 +59,41 @@ def value_of_key(key: int, dtype: torch.dtype) -> float:
 
 
 @triton.jit
-def _keys(x_ptr, y_ptr, offs, m, IS_DIFF: tl.constexpr, KEY32: tl.constexpr):
+def _f32(v, IS_BF16: tl.constexpr):
+    # bf16 -> fp32 by moving the bits: exact for subnormals too (a float conversion may flush them)
+    if IS_BF16:
+        return (v.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _keys(x_ptr, y_ptr, offs, m, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr,
+          Y_BF16: tl.constexpr):
     if IS_DIFF:
-        a = tl.load(x_ptr + offs, mask=m, other=0).to(tl.float32)
-        b = tl.load(y_ptr + offs, mask=m, other=0).to(tl.float32)
+        a = _f32(tl.load(x_ptr + offs, mask=m, other=0), X_BF16)
+        b = _f32(tl.load(y_ptr + offs, mask=m, other=0), Y_BF16)
         s = tl.abs(a - b)
     else:
         s = tl.load(x_ptr + offs, mask=m, other=0)
     if KEY32:
         # 16-bit scores mixed with wider ones compare by value: upcast exactly, then 32-bit keys
-        s = s.to(tl.float32)
-        bits = s.to(tl.int32, bitcast=True)
+        bits = _f32(s, X_BF16 and not IS_DIFF).to(tl.int32, bitcast=True)
         key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        zero = (bits & 0x7FFFFFFF) == 0
     else:
         bits = s.to(tl.int16, bitcast=True).to(tl.int32)
         key = tl.where(bits >= 0, bits, bits ^ 0x7FFF)
-    return tl.where(s == 0, 0, key)
+        zero = (bits & 0x7FFF) == 0
+    # zero tested on the bits, not as s == 0, which may flush subnormals
+    return tl.where(zero, 0, key)
 
 
 @triton.jit
 def _radix_hist_kernel(x_ptr, y_ptr, n, hist_ptr, prefix, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
-                       LOW: tl.constexpr, BLOCK: tl.constexpr):
+                       X_BF16: tl.constexpr, Y_BF16: tl.constexpr, LOW: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    key = _keys(x_ptr, y_ptr, offs, m, IS_DIFF, KEY32)
+    key = _keys(x_ptr, y_ptr, offs, m, IS_DIFF, KEY32, X_BF16, Y_BF16)
     if KEY32:
         if LOW:
             # second pass: only the candidates whose high half is the threshold bin count
@@ -98,10 +109,10 @@ def _radix_hist_kernel(x_ptr, y_ptr, n, hist_ptr, prefix, IS_DIFF: tl.constexpr,
 @triton.jit
 def _radix_write_kernel(x_ptr, y_ptr, n, out_ptr, key_hi, key_ex, HAS_HI: tl.constexpr, HI_TIES: tl.constexpr,
                         HAS_EX: tl.constexpr, EX_TIES: tl.constexpr, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        X_BF16: tl.constexpr, Y_BF16: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    key = _keys(x_ptr, y_ptr, offs, m, IS_DIFF, KEY32)
+    key = _keys(x_ptr, y_ptr, offs, m, IS_DIFF, KEY32, X_BF16, Y_BF16)
     if HAS_HI:
         if HI_TIES:
             keep = key >= key_hi
@@ -144,7 +155,8 @@ def radix_histogram(sources, hist: torch.Tensor, *, key32: bool, low_prefix: int
             continue
         grid = (triton.cdiv(n, _BLOCK),)
         _radix_hist_kernel[grid](x, y, n, hist, 0 if low_prefix is None else int(low_prefix), IS_DIFF=is_diff,
-                                 KEY32=key32, LOW=low_prefix is not None, BLOCK=_BLOCK)
+                                 KEY32=key32, X_BF16=x.dtype == torch.bfloat16, Y_BF16=y.dtype == torch.bfloat16,
+                                 LOW=low_prefix is not None, BLOCK=_BLOCK)
 
 
 def radix_write(src, out: torch.Tensor, key_hi: int | None, hi_ties: bool, key_ex: int | None, ex_ties: bool, *,
@@ -163,4 +175,4 @@ def radix_write(src, out: torch.Tensor, key_hi: int | None, hi_ties: bool, key_e
     _radix_write_kernel[grid](x, y, n, out.view(torch.uint8), 0 if key_hi is None else int(key_hi),
                               0 if key_ex is None else int(key_ex), HAS_HI=key_hi is not None, HI_TIES=bool(hi_ties),
                               HAS_EX=key_ex is not None, EX_TIES=bool(ex_ties), IS_DIFF=is_diff, KEY32=key32,
-                              BLOCK=_BLOCK)
+                              X_BF16=x.dtype == torch.bfloat16, Y_BF16=y.dtype == torch.bfloat16, BLOCK=_BLOCK)

@@ -64,7 +64,7 @@ def _check_granularity(g, what):
 
 def _expand_rows(row_mask: torch.Tensor, shape) -> torch.Tensor:
     rows, per = _rows_view(tuple(shape))
-    return row_mask.view(rows, 1).expand(rows, per).reshape(shape)
+    return row_mask.view(rows, 1).expand(rows, per).reshape(shape).contiguous()
 
 
 def select_top(scores, ratio, *, exclude_ratio=0.0, granularity="element", backend=None, group=None):

@@ -8,6 +8,12 @@ import tempfile
 from collections import OrderedDict
 
 _LAYER = re.compile(r"\.(\d+)\.")
+_NUMBER = re.compile(r"(?:(?<=\.)|^)\d+(?=\.|$)")
+
+
+def kind_of(name: str) -> str:
+    """The module with layer numbers folded: model.layers.3.mlp.up_proj.weight -> model.layers.*.mlp.up_proj"""
+    return module_of(_NUMBER.sub("*", name))
 
 
 def module_of(name: str) -> str:
@@ -29,7 +35,7 @@ def _per_group(sel, key):
 def summary_table(sel, *, by: str = "module") -> str:
     """A text table: per module (``by="module"``), per parameter (``"param"``) or per module kind with
     layer numbers folded (``"kind"``): selected, total, share of the module, share of the selection."""
-    key = {"module": module_of, "param": lambda n: n, "kind": lambda n: _LAYER.sub(".*.", module_of(n))}.get(by)
+    key = {"module": module_of, "param": lambda n: n, "kind": kind_of}.get(by)
     if key is None:
         raise ValueError(f"summary(by={by!r}): expected 'module', 'param' or 'kind'")
     groups = _per_group(sel, key)
@@ -55,7 +61,7 @@ def plot_selection(sel, path: str, *, title: str | None = None) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    kinds = _per_group(sel, lambda n: _LAYER.sub(".*.", module_of(n)))
+    kinds = _per_group(sel, kind_of)
     layers = _per_group(sel, lambda n: int(m.group(1)) if (m := _LAYER.search(n)) else -1)
     layers.pop(-1, None)
     ncols = 2 if layers else 1

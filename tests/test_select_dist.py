@@ -1,0 +1,69 @@
+"""Under torch.distributed (2 CPU processes, gloo) the ranks' masks together equal the single-process
+masks, whether the ranks hold different tensors or dim-0 shards of every tensor."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from allo.select import select_top
+
+WORLD = 2
+
+
+def _scores():
+    g = torch.Generator().manual_seed(1234)
+    out = {}
+    for i in range(9):
+        rows = int(torch.randint(2, 40, (), generator=g))
+        # few distinct values: the thresholds cut through ties, which must be ordered across ranks
+        out[f"layers.{i}.weight"] = (torch.randint(0, 12, (rows, 3), generator=g).float() * 0.5)
+    out["lm_head.weight"] = torch.rand(17, 3, generator=g)
+    return out
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shard(t, rank):
+    # dim-0 shards in rank order, like FSDP2's local shards
+    return t.tensor_split(WORLD, dim=0)[rank].contiguous()
+
+
+def _worker(rank, port, mode, ratio, exclude, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        scores = _scores()
+        names = list(scores)
+        if mode == "partition":
+            local = {n: scores[n] for n in names[rank * len(names) // WORLD:(rank + 1) * len(names) // WORLD]}
+        else:
+            local = {n: _shard(s, rank) for n, s in scores.items()}
+        masks = select_top(local, ratio, exclude_ratio=exclude, backend="cpu")
+        torch.save(masks, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["partition", "shards"])
+def test_ranks_together_equal_single_process(mode, tmp_path):
+    ratio, exclude = 0.3, 0.05
+    mp.start_processes(_worker, args=(_free_port(), mode, ratio, exclude, str(tmp_path)), nprocs=WORLD,
+                       start_method="spawn")
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    expect = select_top(_scores(), ratio, exclude_ratio=exclude, backend="cpu")
+    for name, mask in expect.items():
+        if mode == "partition":
+            got = next(p[name] for p in parts if name in p)
+        else:
+            got = torch.cat([p[name] for p in parts], dim=0)
+        assert torch.equal(got, mask), name
+    total = sum(int(m.sum()) for p in parts for m in p.values())
+    assert total == sum(int(m.sum()) for m in expect.values())

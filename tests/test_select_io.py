@@ -1,0 +1,121 @@
+"""Selection objects: indices, save/load round trip and mismatch errors, summary table, PNG chart;
+and the gradient score accumulator."""
+
+import json
+
+import pytest
+import torch
+
+from allo.select import GradientScoreAccumulator, Selection, select, select_top, weight_delta_scores
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, h=8):
+        super().__init__()
+        self.embed = torch.nn.Embedding(11, h)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(h, h) for _ in range(3))
+        self.norm = torch.nn.LayerNorm(h)
+        self.head = torch.nn.Linear(h, 5)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.head(self.norm(x))
+
+
+def test_select_indices_equal_masks():
+    scores = {"a": torch.randint(0, 4, (7, 9)).float(), "b": torch.rand(13), "c": torch.zeros(0)}
+    for gran in ("element", "row"):
+        sel = select(scores, 0.4, exclude_ratio=0.1, granularity=gran, backend="cpu")
+        masks = select_top(scores, 0.4, exclude_ratio=0.1, granularity=gran, backend="cpu")
+        for n, m in masks.items():
+            assert torch.equal(sel.masks[n], m)
+            assert torch.equal(sel.indices[n], m.view(-1).nonzero().view(-1))
+            assert sel.indices[n].dtype == torch.int64
+        assert sel.metadata["granularity"] == gran and sel.metadata["ratio"] == 0.4
+
+
+def test_save_load_round_trip(tmp_path):
+    m0, m1 = Tiny(), Tiny()
+    sel = select(weight_delta_scores(m0, m1, exclude="embed"), 0.2, metadata={"stage": "forget"}, backend="cpu")
+    path = tmp_path / "sel.safetensors"
+    sel.save(str(path))
+    back = Selection.load(str(path), model=m0)
+    assert back.names == sel.names and back.shapes == sel.shapes
+    for n in sel.names:
+        assert torch.equal(back.indices[n], sel.indices[n]) and back.indices[n].dtype == torch.int64
+        assert torch.equal(back.masks[n], sel.masks[n])
+    assert back.metadata == {"ratio": 0.2, "exclude_ratio": 0.0, "granularity": "element",
+                             "score_source": "weight_delta", "stage": "forget"}
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+
+
+def test_load_mismatch_errors(tmp_path):
+    m = Tiny()
+    sel = select({n: p.detach().abs() for n, p in m.named_parameters()}, 0.1, backend="cpu")
+    path = str(tmp_path / "sel.safetensors")
+    sel.save(path)
+    with pytest.raises(ValueError, match=r"'head.weight' has shape \(3, 8\) in the model but \(5, 8\)"):
+        other = Tiny()
+        other.head = torch.nn.Linear(8, 3)
+        Selection.load(path, model=other)
+    with pytest.raises(ValueError, match="not in the model"):
+        Selection.load(path, model=torch.nn.Linear(8, 8))
+    with pytest.raises(FileNotFoundError):
+        Selection.load(str(tmp_path / "missing.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"), metadata={"format": "something"})
+    with pytest.raises(ValueError, match="not an allo selection file"):
+        Selection.load(str(tmp_path / "other.safetensors"))
+    # indices that cannot belong to the recorded shape
+    save_file({"indices/w": torch.tensor([0, 9], dtype=torch.int32)}, str(tmp_path / "bad.safetensors"),
+              metadata={"format": "allo.selection", "version": "1", "names": json.dumps(["w"]),
+                        "shapes": json.dumps({"w": [3, 3]}), "metadata": "{}"})
+    with pytest.raises(ValueError, match="outside its 9 elements"):
+        Selection.load(str(tmp_path / "bad.safetensors"))
+
+
+def test_summary_and_plot(tmp_path):
+    m = Tiny()
+    sel = select({n: p.detach().abs() for n, p in m.named_parameters()}, 0.25, backend="cpu")
+    text = sel.summary()
+    assert "layers.1" in text and "TOTAL" in text
+    total_line = [line for line in text.splitlines() if line.startswith("TOTAL")][0]
+    assert f"{sel.num_selected():,}" in total_line and f"{sel.num_total():,}" in total_line
+    assert "layers.*" in sel.summary(by="kind")
+    png = tmp_path / "sel.png"
+    sel.plot(str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("mode", ["accumulated", "sum_of_magnitudes"])
+def test_gradient_score_accumulator(mode):
+    model = Tiny()
+    batches = [torch.randint(0, 11, (3, 4)) for _ in range(3)]
+    # expected: per-batch gradients computed independently
+    grads = []
+    for ids in batches:
+        model.zero_grad()
+        model(ids).pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if "norm" not in n})
+    model.zero_grad(set_to_none=True)
+    acc = GradientScoreAccumulator(model, exclude="norm", mode=mode)
+    for ids in batches:
+        model(ids).pow(2).mean().backward()
+        assert model.head.weight.grad is None  # folded into the buffer and freed by the hook
+    scores = acc.scores()
+    acc.remove()
+    assert set(scores) == set(grads[0]) and acc.num_backward == 3
+    for n in scores:
+        if mode == "accumulated":
+            expect = sum(g[n] for g in grads).abs()
+        else:
+            expect = sum(g[n].abs() for g in grads)
+        torch.testing.assert_close(scores[n], expect, rtol=1e-5, atol=1e-7)
+    # grads of tracked parameters were freed as they were folded in; untracked ones kept theirs
+    assert model.layers[0].weight.grad is None and model.norm.weight.grad is not None
+    model(batches[0]).sum().backward()  # hooks removed: grads accumulate normally again
+    assert model.layers[0].weight.grad is not None
+    assert select_top(scores, 0.1, backend="cpu")["head.weight"].shape == (5, 8)
