@@ -343,3 +343,16 @@ def test_nan_gradients_stay_in_selected_elements():
     opt.step()
     assert torch.isnan(p.detach()[0, 0]) and torch.isfinite(p.detach()[0, 1:3]).all()
     assert torch.equal(p.detach()[~mask], start[~mask])
+
+
+def test_discarded_compact_optimizer_does_not_keep_taking_gradients():
+    model = _named_model()
+    masks = _named_masks(model)
+    old = MaskedAdamW(model.named_parameters(), masks=masks, compact_grads=True)
+    del old
+    opt = MaskedAdamW(model.named_parameters(), masks=masks, compact_grads=True)
+    model(torch.randn(2, 13)).sum().backward()
+    assert opt.compact_grad(dict(model.named_parameters())["0.weight"]) is not None
+    opt.remove_hooks()
+    model(torch.randn(2, 13)).sum().backward()
+    assert dict(model.named_parameters())["0.weight"].grad is not None

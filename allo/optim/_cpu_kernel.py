@@ -7,7 +7,7 @@ scattered back (another pass): about 38 ms for a random 10% of 50M fp32 weights 
 loop touches each gradient and weight cache line once, with no temporaries: the reads and writes that
 must happen, and nothing else.
 
-The source is compiled on first use with the system C compiler (gcc/cc, OpenMP) into a per-user cache
+The source is compiled on first use with the system C compiler (gcc/cc) into a per-user cache
 (``$ALLO_CACHE_DIR`` or ``~/.cache/allo``), keyed by a hash of the source, the flags and the CPU, and
 loaded with ctypes; later processes reuse the library. When no compiler is available the optimizer
 says so once (a warning) and uses the vectorised torch path (``reference`` backend) instead.
@@ -40,6 +40,7 @@ N_SCAL = 6
 _SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
+#include <pthread.h>
 
 static inline float bf16_to_f32(uint16_t h) {
     union { uint32_t u; float f; } x; x.u = ((uint32_t)h) << 16; return x.f;
@@ -103,27 +104,42 @@ static void chunk(const int64_t *a, const float *s, int64_t lo, int64_t hi) {
 }
 
 #define CHUNK 32768
-/* All tensors in one call: work is cut into chunks of CHUNK selected elements, which the threads
-   share, so one big tensor and many small ones both keep every core busy. */
-void allo_masked_adamw(int64_t n, const int64_t *addr, const float *scal, int nthreads) {
-    int64_t total = 0;
-    for (int64_t t = 0; t < n; ++t) total += (addr[t * 8 + 6] + CHUNK - 1) / CHUNK;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (total > 1)
-    for (int64_t c = 0; c < total; ++c) {
+/* All tensors in one call: work is cut into chunks of CHUNK selected elements, which the threads take
+   from a shared counter, so one big tensor and many small ones both keep every core busy. Plain
+   pthreads, not OpenMP: a second OpenMP runtime next to torch's would spin-wait against it. */
+typedef struct { int64_t n; const int64_t *addr; const float *scal; int64_t total; int64_t next; } job_t;
+
+static void *worker(void *arg) {
+    job_t *job = (job_t *)arg;
+    for (;;) {
+        int64_t c = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
+        if (c >= job->total) return 0;
         int64_t t = 0, first = 0;
         for (;;) {  /* tensors are few; a linear walk costs nothing next to a chunk */
-            int64_t nc = (addr[t * 8 + 6] + CHUNK - 1) / CHUNK;
+            int64_t nc = (job->addr[t * 8 + 6] + CHUNK - 1) / CHUNK;
             if (c < first + nc) break;
             first += nc; ++t;
         }
-        int64_t lo = (c - first) * CHUNK, hi = lo + CHUNK;
-        if (hi > addr[t * 8 + 6]) hi = addr[t * 8 + 6];
-        chunk(addr + t * 8, scal + t * 6, lo, hi);
+        int64_t k = job->addr[t * 8 + 6], lo = (c - first) * CHUNK, hi = lo + CHUNK;
+        chunk(job->addr + t * 8, job->scal + t * 6, lo, hi < k ? hi : k);
     }
+}
+
+void allo_masked_adamw(int64_t n, const int64_t *addr, const float *scal, int nthreads) {
+    job_t job = {n, addr, scal, 0, 0};
+    for (int64_t t = 0; t < n; ++t) job.total += (addr[t * 8 + 6] + CHUNK - 1) / CHUNK;
+    if (nthreads > job.total) nthreads = (int)job.total;
+    if (nthreads > 64) nthreads = 64;
+    pthread_t threads[64];
+    int started = 0;
+    for (int i = 1; i < nthreads; ++i)
+        if (pthread_create(&threads[started], 0, worker, &job) == 0) ++started;
+    worker(&job);  /* the calling thread works too; if a thread failed to start, the others do its share */
+    for (int i = 0; i < started; ++i) pthread_join(threads[i], 0);
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11"]
 
 _lock = threading.Lock()
 _lib = None
@@ -192,7 +208,7 @@ def masked_adamw_cpu(addr: torch.Tensor, scal: torch.Tensor) -> None:
     if lib is None:
         raise RuntimeError(f"the fused CPU kernel is unavailable: {_error}")
     assert addr.is_contiguous() and scal.is_contiguous() and addr.shape[0] == scal.shape[0]
-    # ctypes releases the GIL for the call; the loop runs on torch's thread count.
+    # ctypes releases the GIL for the call; the loop uses as many threads as torch does.
     lib.allo_masked_adamw(addr.shape[0], addr.data_ptr(), scal.data_ptr(), torch.get_num_threads())
 
 

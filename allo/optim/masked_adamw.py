@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections import defaultdict
 from typing import Iterable
 
@@ -170,14 +171,22 @@ class MaskedAdamW(Optimizer):
 
     # ------------------------------------------------------------------ compact gradients
     def _register_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self.remove_hooks()
         if not self.compact_grads:
             return
         for p in self._params():
             if p.requires_grad and self._selection.get(p) != DENSE:
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._compact_hook))
+                self._hooks.append(p.register_post_accumulate_grad_hook(_CompactHook(self)))
+
+    def remove_hooks(self) -> None:
+        """Detach the compact-grad hooks from the parameters (also done when the optimizer is freed)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def __del__(self):
+        if getattr(self, "_hooks", None):
+            self.remove_hooks()
 
     def _compact_hook(self, p: torch.Tensor) -> None:
         grad = p.grad
@@ -375,6 +384,19 @@ class MaskedAdamW(Optimizer):
                         state[key] = state[key].view(p.shape)
             self.state[p] = state
         self._register_hooks()
+
+
+class _CompactHook:
+    """Holds the optimizer weakly: a parameter's hook must not keep a discarded optimizer alive (its
+    hooks would go on taking the gradients away from the next one)."""
+
+    def __init__(self, opt: MaskedAdamW):
+        self.opt = weakref.ref(opt)
+
+    def __call__(self, p: torch.Tensor) -> None:
+        opt = self.opt()
+        if opt is not None:
+            opt._compact_hook(p)
 
 
 def _check_grad(grad: torch.Tensor, p: torch.Tensor, opt: MaskedAdamW) -> None:

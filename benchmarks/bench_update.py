@@ -1,0 +1,221 @@
+"""Optimizer step time and state size of MaskedAdamW against dense AdamW and the authors' masked AdamW.
+
+Cases: random element masks and whole-row masks at densities 1, 5, 10, 25 and 100% (100% is one case:
+every element). Implementations per case:
+
+* ``torch AdamW foreach`` (and ``fused`` on CUDA): dense AdamW; the baseline of the ratios (fused on
+  CUDA, foreach on CPU). Its work does not depend on the mask, so it is timed once and its row is
+  repeated in every case.
+* ``authors``: the released code's optimizer: dense moments, the update multiplied by the mask,
+  weight decay on every element, a Python loop over parameters; also mask-independent, timed once.
+* ``MaskedAdamW``: ours, automatic backend (Triton on CUDA, fused C loop on CPU), dense gradients.
+* ``MaskedAdamW compact-grads``: ours with the selected gradient already compact (compact-grad mode:
+  the gather happened in the backward hooks, so the step reads 4 bytes per selected element).
+* ``MaskedAdamW reference``: the plain-PyTorch path (index_select / math / index_copy).
+* ``bandwidth floor``: not a measurement: bytes the masked step must move (index, moments, and every
+  cache line / sector of gradient and weight that holds a selected element: read gradient, read and
+  write weight) divided by the copy bandwidth measured in the same run. For 100% it is dense
+  AdamW's 28 bytes per parameter.
+
+``state`` is optimizer-state bytes (moments, indices, master copies, masks for the authors' version);
+``peak`` is the extra memory while one step runs (harness).
+
+Default sizes: CPU, 3 x (4096 x 4096) fp32 = 50.3M parameters. CUDA, the 16 decoder layers of
+Llama-3.2-1B (hidden 2048, intermediate 8192, 32 query / 8 key-value heads of 64: q,o 2048x2048,
+k,v 512x2048, gate,up 8192x2048, down 2048x8192, two RMSNorm weights) = 973.1M fp32 parameters,
+the nearest whole-model shapes to the 953M of the issue (2% more; embedding left out).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+
+import _harness as H  # noqa: I001  (puts the repo root on sys.path)
+import torch
+
+from allo.optim import MaskedAdamW
+
+DENSITIES = (1, 5, 10, 25, 100)
+
+
+def _shapes(device: str, quick: bool) -> list[tuple[int, ...]]:
+    if device == "cpu":
+        return [(1024, 1536)] * 3 if quick else [(4096, 4096)] * 3
+    layer = [(2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192),
+             (2048,), (2048,)]
+    return layer * (2 if quick else 16)
+
+
+def _make_masks(shapes, density: int, kind: str, device) -> list[torch.Tensor]:
+    masks = []
+    for s in shapes:
+        if density == 100:
+            masks.append(torch.ones(s, dtype=torch.bool, device=device))
+        elif kind == "rows" and len(s) == 2:
+            rows = torch.rand(s[0], device=device).argsort()[: max(1, round(s[0] * density / 100))]
+            m = torch.zeros(s, dtype=torch.bool, device=device)
+            m[rows] = True
+            masks.append(m)
+        else:  # exact count of random elements (vectors in row cases: random elements too)
+            n = math.prod(s)
+            flat = torch.zeros(n, dtype=torch.bool, device=device)
+            flat[torch.randperm(n, device=device)[: max(1, round(n * density / 100))]] = True
+            masks.append(flat.view(s))
+    return masks
+
+
+class AuthorsMaskedAdamW:
+    """The released code's update: dense AdamW moments, update multiplied by the mask, unmasked weight
+    decay, one parameter at a time."""
+
+    def __init__(self, params, masks, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        self.params, self.masks = params, [m.to(p.dtype) for p, m in zip(params, masks)]
+        self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        b1, b2 = self.betas
+        bc1, bc2 = 1 - b1**self.t, 1 - b2**self.t
+        for p, mask, m, v in zip(self.params, self.masks, self.m, self.v):
+            g = p.grad
+            p.mul_(1 - self.lr * self.wd)
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            update = (m / bc1) / ((v / bc2).sqrt() + self.eps)
+            p.add_(update * mask, alpha=-self.lr)
+
+    def state_bytes(self):
+        return sum(t.numel() * t.element_size() for t in self.m + self.v + self.masks)
+
+
+def _state_bytes_torch(opt) -> int:
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def _copy_bandwidth(device) -> float:
+    """Bytes per second of a large device copy (read + write), the yardstick of the floor."""
+    n = 64 * 2**20  # 256 MB of fp32
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = H.time_fn(lambda: dst.copy_(src), device=device, warmup=2, repeats=5)["median_ms"]
+    del src, dst
+    return 2 * n * 4 / (t / 1e3)
+
+
+def _floor_bytes(params, masks, device) -> int:
+    """Bytes a masked step must move: see the module docstring."""
+    line = 64 if torch.device(device).type == "cpu" else 32  # CPU cache line / GPU sector
+    per_line = line // 4
+    total = 0
+    for p, m in zip(params, masks):
+        idx = m.reshape(-1).nonzero().squeeze(1)
+        k = idx.numel()
+        if k == p.numel():
+            total += 28 * k
+            continue
+        lines = torch.unique_consecutive(idx // per_line).numel()
+        total += k * (4 + 16) + 3 * lines * line
+    return total
+
+
+def _arguments(parser):
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch and the C kernel (default: torch's). On a shared, "
+                             "oversubscribed CPU, multi-threaded torch ops stall on descheduled threads; "
+                             "--threads 1 gives steadier comparisons")
+
+
+def main():
+    args = H.parse_args(__doc__.splitlines()[0], _arguments)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 10)
+    shapes = _shapes(device.type, args.quick)
+    n_params = sum(math.prod(s) for s in shapes)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
+    grads = [torch.randn(s, device=device) * torch.rand(s, device=device) for s in shapes]
+
+    def attach():
+        for p, g in zip(params, grads):
+            p.grad = g
+
+    bandwidth = _copy_bandwidth(device)
+    print(f"{n_params / 1e6:.1f}M fp32 parameters in {len(shapes)} tensors on {device}; "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {torch.get_num_threads()} threads; "
+          f"load average at start {os.getloadavg()[0]:.2f}")
+    cases = [(kind, d) for d in DENSITIES if d != 100 for kind in ("random", "rows")] + [("all", 100)]
+    rows = []
+    measure = dict(device=device, warmup=warmup, repeats=repeats)
+
+    # mask-independent implementations: timed once, reported in every case
+    shared = []
+    baselines = [("torch AdamW foreach", dict(foreach=True))]
+    if device.type == "cuda":
+        baselines.insert(0, ("torch AdamW fused", dict(fused=True)))
+    for impl, kw in baselines:
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, **kw)
+        attach()
+        row = H.measure("-", impl, opt.step, **measure)
+        row["state"] = _state_bytes_torch(opt)
+        shared.append(row)
+        del opt
+        gc.collect()
+    adamw_state = shared[0]["state"]
+    authors = AuthorsMaskedAdamW(params, _make_masks(shapes, 10, "random", device))
+    attach()
+    row = H.measure("-", "authors (dense, update x mask)", authors.step, **measure)
+    row["state"] = authors.state_bytes()
+    shared.append(row)
+    del authors
+    gc.collect()
+
+    for kind, density in cases:
+        case = f"{kind} {density}%"
+        masks = _make_masks(shapes, density, kind, device)
+        for r in shared:
+            rows.append({**r, "case": case})
+        variants = [("MaskedAdamW", dict(), False), ("MaskedAdamW compact-grads", dict(compact_grads=True), True),
+                    ("MaskedAdamW reference", dict(backend="reference"), False)]
+        if density == 100:
+            variants = variants[:1] + variants[2:]  # every element: dense path, no compact grads
+        for impl, kw, compact in variants:
+            opt = MaskedAdamW(params, lr=1e-3, weight_decay=0.0, masks=masks, **kw)
+            if compact:
+                for p in params:
+                    p.grad = None
+                (sum((p * g).sum() for p, g in zip(params, grads))).backward()  # the hooks fill compact grads
+            else:
+                attach()
+            row = H.measure(case, impl, opt.step, **measure)
+            row["state"] = opt.state_bytes()
+            rows.append(row)
+            del opt
+            gc.collect()
+        floor_ms = _floor_bytes(params, masks, device) / bandwidth * 1e3
+        rows.append({"case": case, "impl": "bandwidth floor", "device": str(device), "median_ms": floor_ms,
+                     "p20_ms": floor_ms, "p80_ms": floor_ms, "peak_bytes": None, "state": None})
+        del masks
+        gc.collect()
+    for r in rows:
+        r["state_ratio"] = None if r.get("state") is None else r["state"] / adamw_state
+        r["n_params"] = n_params
+        r["threads"] = torch.get_num_threads()
+    baseline = "torch AdamW fused" if device.type == "cuda" else "torch AdamW foreach"
+    print(f"load average at end {os.getloadavg()[0]:.2f} (other processes sharing the CPU skew timings)")
+    H.report(rows, baseline=baseline, json_path=args.json, extra_columns=["state", "state_ratio"],
+             title=f"bench_update: optimizer step, {n_params / 1e6:.1f}M fp32 params on {device}"
+                   f" (baseline rows timed once per run, repeated per case)")
+
+
+if __name__ == "__main__":
+    main()
