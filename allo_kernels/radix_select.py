@@ -176,3 +176,24 @@ def radix_write(src, out: torch.Tensor, key_hi: int | None, hi_ties: bool, key_e
                               0 if key_ex is None else int(key_ex), HAS_HI=key_hi is not None, HI_TIES=bool(hi_ties),
                               HAS_EX=key_ex is not None, EX_TIES=bool(ex_ties), IS_DIFF=is_diff, KEY32=key32,
                               X_BF16=x.dtype == torch.bfloat16, Y_BF16=y.dtype == torch.bfloat16, BLOCK=_BLOCK)
+
+
+def _flat_chunks(src, chunk=1 << 22):
+    n = src.numel()
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        yield start, (src.flat_chunk(start, stop) if hasattr(src, "a") else src.reshape(-1)[start:stop])
+
+
+def count_equal(sources, key: int, *, key32: bool) -> list[int]:
+    """Number of elements whose key is ``key``, per source (torch ops: only runs when a threshold cuts
+    through a group of equal scores)."""
+    return [sum(int((keys_torch(c, key32) == key).sum()) for _, c in _flat_chunks(s)) for s in sources]
+
+
+def equal_positions(src, key: int, count: int, *, key32: bool) -> torch.Tensor:
+    """Flat positions (ascending, int64) of the ``count`` elements of ``src`` whose key is ``key``."""
+    pos = [start + (keys_torch(c, key32) == key).nonzero().view(-1) for start, c in _flat_chunks(src)]
+    out = torch.cat(pos) if pos else torch.zeros(0, dtype=torch.int64, device=src.device)
+    assert out.numel() == count, (out.numel(), count)
+    return out

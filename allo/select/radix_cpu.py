@@ -91,13 +91,24 @@ static void hist_range(const void* x, const void* y, int64_t a, int64_t b, int k
 
 #define BLK ((int64_t)1 << 20)
 
+static int64_t* block_starts(int64_t m, const int64_t* ns) {
+    int64_t* first = (int64_t*)malloc((size_t)(m + 1) * sizeof(int64_t));
+    first[0] = 0;
+    for (int64_t t = 0; t < m; t++) first[t + 1] = first[t] + (ns[t] + BLK - 1) / BLK;
+    return first;
+}
+static int64_t tensor_of_block(const int64_t* first, int64_t m, int64_t blk) {
+    int64_t lo = 0, hi = m;  /* the tensor t with first[t] <= blk < first[t+1] */
+    while (hi - lo > 1) { int64_t mid = (lo + hi) / 2; if (first[mid] <= blk) lo = mid; else hi = mid; }
+    while (first[lo + 1] <= blk) lo++;
+    return lo;
+}
+
 /* Histogram of m tensors at once, blocks of BLK elements shared among nthreads threads. */
 void allo_radix_hist_many(int64_t m, const int64_t* xs, const int64_t* ys, const int64_t* ns, const int32_t* kinds,
                           const int32_t* xdts, const int32_t* ydts, int64_t* hist, int low, int32_t prefix,
                           int nthreads) {
-    int64_t* first = (int64_t*)malloc((size_t)(m + 1) * sizeof(int64_t));
-    first[0] = 0;
-    for (int64_t t = 0; t < m; t++) first[t + 1] = first[t] + (ns[t] + BLK - 1) / BLK;
+    int64_t* first = block_starts(m, ns);
     int64_t nblocks = first[m];
     #pragma omp parallel num_threads(nthreads)
     {
@@ -106,10 +117,7 @@ void allo_radix_hist_many(int64_t m, const int64_t* xs, const int64_t* ys, const
         int64_t done = 0;
         #pragma omp for schedule(dynamic, 1)
         for (int64_t blk = 0; blk < nblocks; blk++) {
-            int64_t lo = 0, hi = m;  /* tensor t with first[t] <= blk < first[t+1] */
-            while (hi - lo > 1) { int64_t mid = (lo + hi) / 2; if (first[mid] <= blk) lo = mid; else hi = mid; }
-            int64_t t = lo;
-            while (first[t + 1] <= blk) t++;
+            int64_t t = tensor_of_block(first, m, blk);
             int64_t a = (blk - first[t]) * BLK, b = a + BLK < ns[t] ? a + BLK : ns[t];
             hist_range((const void*)xs[t], (const void*)ys[t], a, b, kinds[t], xdts[t], ydts[t], s0, s1, low, prefix);
             done += b - a;
@@ -125,6 +133,42 @@ void allo_radix_hist_many(int64_t m, const int64_t* xs, const int64_t* ys, const
         free(s0);
     }
     free(first);
+}
+
+/* Ties: how many elements of each tensor have key `key`, and where they are. */
+#define EQ_LOOP(KEYEXPR, BODY) \
+    for (int64_t ii = a; ii < b; ii++) { int32_t k0 = KEYEXPR; if (k0 == key) { BODY; } }
+#define EQ_DISPATCH(BODY)                                                                      \
+    if (kind == 0) { const uint32_t* p = (const uint32_t*)x; EQ_LOOP(key32(p[ii]), BODY) }     \
+    else if (kind == 1) { const uint16_t* p = (const uint16_t*)x; EQ_LOOP(key16(p[ii]), BODY) } \
+    else if (kind == 2) { EQ_LOOP(diff_key(x, y, ii, xdt, ydt), BODY) }                        \
+    else { EQ_LOOP(up_key(x, ii, xdt), BODY) }
+
+void allo_radix_count_eq_many(int64_t m, const int64_t* xs, const int64_t* ys, const int64_t* ns,
+                              const int32_t* kinds, const int32_t* xdts, const int32_t* ydts, int32_t key,
+                              int64_t* counts, int nthreads) {
+    int64_t* first = block_starts(m, ns);
+    int64_t nblocks = first[m];
+    #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        int64_t t = tensor_of_block(first, m, blk);
+        int64_t a = (blk - first[t]) * BLK, b = a + BLK < ns[t] ? a + BLK : ns[t];
+        const void* x = (const void*)xs[t]; const void* y = (const void*)ys[t];
+        int kind = kinds[t], xdt = xdts[t], ydt = ydts[t];
+        int64_t c = 0;
+        EQ_DISPATCH(c++)
+        #pragma omp atomic
+        counts[t] += c;
+    }
+    free(first);
+}
+
+/* positions (ascending) of the first `max_out` elements with key `key`; returns how many were written */
+int64_t allo_radix_find_eq(const void* x, const void* y, int64_t n, int kind, int xdt, int ydt, int32_t key,
+                           int64_t* out, int64_t max_out) {
+    int64_t c = 0, a = 0, b = n;
+    EQ_DISPATCH(if (c < max_out) out[c++] = ii; else return c)
+    return c;
 }
 
 /* out[i] = (key > khi or (hi_ties and key == khi)) and not (key > kex or (ex_ties and key == kex)),
@@ -202,6 +246,10 @@ def _lib():
                 lib.allo_radix_hist_many.restype = None
                 lib.allo_radix_write.argtypes = [p, p, i64, i32, i32, i32, p, i32, i32, i32, i32, i32, i32, i32]
                 lib.allo_radix_write.restype = None
+                lib.allo_radix_count_eq_many.argtypes = [i64, p, p, p, p, p, p, i32, p, i32]
+                lib.allo_radix_count_eq_many.restype = None
+                lib.allo_radix_find_eq.argtypes = [p, p, i64, i32, i32, i32, i32, p, i64]
+                lib.allo_radix_find_eq.restype = i64
                 _LIB = lib
     return _LIB
 
@@ -218,23 +266,49 @@ def _check_cpu(t, what):
         raise ValueError(f"allo.select backend 'cpu' got {what} on {t.device}; use backend 'triton' for CUDA tensors")
 
 
+def _columns(sources, key32):
+    ops = [_operands(s, key32) for s in sources]
+    for o in ops:
+        _check_cpu(o[0], "scores")
+    ptrs = lambda i: torch.tensor([o[i].data_ptr() for o in ops], dtype=torch.int64)  # noqa: E731
+    ints = lambda i: torch.tensor([o[i] for o in ops], dtype=torch.int32)  # noqa: E731
+    ns = torch.tensor([o[0].numel() for o in ops], dtype=torch.int64)
+    # the tensors are returned too: they keep the pointed-to arrays alive during the call
+    return ops, (ptrs(0), ptrs(1), ns, ints(2), ints(3), ints(4))
+
+
 def radix_histogram(sources, hist: torch.Tensor, *, key32: bool, low_prefix: int | None = None) -> None:
     """Same contract as :func:`allo_kernels.radix_select.radix_histogram`, on CPU tensors, for a list of
     score sources at once (one C call; blocks of 1M elements shared among torch's threads)."""
-    ops = [_operands(s, key32) for s in sources]
-    ops = [o for o in ops if o[0].numel() > 0]
-    for o in ops:
-        _check_cpu(o[0], "scores")
-    if not ops:
+    sources = [s for s in sources if s.numel() > 0]
+    if not sources:
         return
     assert hist.dtype == torch.int64 and hist.is_contiguous() and hist.numel() == 65536
-    col = lambda i, dt: torch.tensor([o[i] if i >= 2 else o[i].data_ptr() for o in ops], dtype=dt)  # noqa: E731
-    xs, ys, kinds, xdts, ydts = col(0, torch.int64), col(1, torch.int64), col(2, torch.int32), col(3, torch.int32), \
-        col(4, torch.int32)
-    ns = torch.tensor([o[0].numel() for o in ops], dtype=torch.int64)
-    _lib().allo_radix_hist_many(len(ops), xs.data_ptr(), ys.data_ptr(), ns.data_ptr(), kinds.data_ptr(),
-                                xdts.data_ptr(), ydts.data_ptr(), hist.data_ptr(), 0 if low_prefix is None else 1,
-                                0 if low_prefix is None else int(low_prefix), torch.get_num_threads())
+    _, cols = _columns(sources, key32)
+    _lib().allo_radix_hist_many(len(sources), *(c.data_ptr() for c in cols), hist.data_ptr(),
+                                0 if low_prefix is None else 1, 0 if low_prefix is None else int(low_prefix),
+                                torch.get_num_threads())
+
+
+def count_equal(sources, key: int, *, key32: bool) -> list[int]:
+    """Number of elements whose key is ``key``, per source."""
+    counts = torch.zeros(len(sources), dtype=torch.int64)
+    if sources:
+        _, cols = _columns(sources, key32)
+        _lib().allo_radix_count_eq_many(len(sources), *(c.data_ptr() for c in cols), int(key), counts.data_ptr(),
+                                        torch.get_num_threads())
+    return counts.tolist()
+
+
+def equal_positions(src, key: int, count: int, *, key32: bool) -> torch.Tensor:
+    """Flat positions (ascending, int64) of the ``count`` elements of ``src`` whose key is ``key``."""
+    x, y, kind, xdt, ydt = _operands(src, key32)
+    _check_cpu(x, "scores")
+    out = torch.empty(count, dtype=torch.int64)
+    got = _lib().allo_radix_find_eq(x.data_ptr(), y.data_ptr(), x.numel(), kind, xdt, ydt, int(key), out.data_ptr(),
+                                    count)
+    assert got == count, (got, count)
+    return out
 
 
 def radix_write(src, out: torch.Tensor, key_hi, hi_ties, key_ex, ex_ties, *, key32: bool) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from allo._backend import resolve_backend
 from allo_kernels import radix_select as _kernels
-from allo_kernels.radix_select import BINS, keys_torch, value_of_key
+from allo_kernels.radix_select import BINS, value_of_key
 
 from . import radix_cpu
 from .scores import AbsDiff, iter_chunks, normalize_scores
@@ -149,11 +149,6 @@ def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None,
     return bounds, n
 
 
-def _tie_positions(s, key, key32):
-    pos = [start + (keys_torch(c, key32) == key).nonzero().view(-1) for start, c in iter_chunks(s, _TIE_CHUNK)]
-    return torch.cat(pos) if pos else torch.zeros(0, dtype=torch.int64)
-
-
 def _tie_starts(counts: dict, group):
     """Global rank of each local tensor's first tied element, in the documented tie order."""
     entries = [list(counts.items())]
@@ -190,22 +185,19 @@ def write_masks(sources: dict, hi: Boundary, ex: Boundary, *, key32: bool, backe
     ops = _ops(backend)
     ex_key = ex.key if ex.k > 0 else None
     partial = sorted({bd.key for bd in (hi, ex) if bd.k > 0 and bd.partial})
-    starts = {}
-    if partial:
+    starts, counts = {}, {}
+    for key in partial:
         # only when a threshold cuts through a group of equal scores: count them per tensor
-        for key in partial:
-            counts = {}
-            for name, s in sources.items():
-                counts[name] = sum(int((keys_torch(c, key32) == key).sum()) for _, c in iter_chunks(s, _TIE_CHUNK))
-            starts[key] = _tie_starts(counts, group)
+        counts[key] = dict(zip(sources, ops.count_equal(list(sources.values()), key, key32=key32)))
+        starts[key] = _tie_starts(counts[key], group)
     out = {} if emit is None else None
     for name, s in sources.items():
         mask = torch.empty(s.shape, dtype=torch.bool, device=s.device)
         ops.radix_write(s, mask.view(-1), hi.key if hi.k > 0 else None, hi.all_ties, ex_key, ex.all_ties, key32=key32)
         for key in partial:
-            pos = _tie_positions(s, key, key32).to(s.device)
-            if pos.numel() == 0:
+            if counts[key][name] == 0:
                 continue
+            pos = ops.equal_positions(s, key, counts[key][name], key32=key32)
             # r: each tied element's rank among all elements equal to `key`, in the tie order
             r = starts[key][name] + torch.arange(pos.numel(), device=s.device)
             keep = _taken(hi, key, r)
