@@ -46,16 +46,18 @@ def _check_sparse_update(before, model, masks):
     assert changed > 0
 
 
-def test_trainer_with_masked_adamw_and_scheduler(tmp_path):
+@pytest.mark.parametrize("compact", [False, True])
+def test_trainer_with_masked_adamw_and_scheduler(tmp_path, compact):
     model = _tiny_llama()
     masks = _masks(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.01, masks=masks)
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.01, masks=masks, compact_grads=compact)
     sched = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=1, num_training_steps=4)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 12))]
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,
                                           gradient_accumulation_steps=2, use_cpu=True, report_to=[],
-                                          save_strategy="no", logging_steps=1, disable_tqdm=True, max_grad_norm=1.0)
+                                          save_strategy="no", logging_steps=1, disable_tqdm=True,
+                                          max_grad_norm=0.0 if compact else 1.0)  # compact: clip via opt.clip_grad_norm_
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched))
     result = trainer.train()
     assert result.global_step == 4
@@ -63,6 +65,8 @@ def test_trainer_with_masked_adamw_and_scheduler(tmp_path):
     # the scheduler drove the optimizer's lr to the end of its schedule
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert opt.selected_count() == sum(int(m.sum()) for m in masks.values())
+    # compact mode: Trainer only calls model.zero_grad(); the step itself consumed the compact grads
+    assert all(opt.compact_grad(p) is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("compact", [False, True])

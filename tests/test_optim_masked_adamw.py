@@ -356,3 +356,19 @@ def test_discarded_compact_optimizer_does_not_keep_taking_gradients():
     opt.remove_hooks()
     model(torch.randn(2, 13)).sum().backward()
     assert dict(model.named_parameters())["0.weight"].grad is not None
+
+
+def test_step_consumes_compact_grads_so_model_zero_grad_is_enough():
+    model = _named_model()
+    masks = _named_masks(model)
+    twin = copy.deepcopy(model)
+    opt = MaskedAdamW(model.named_parameters(), masks=masks, compact_grads=True)
+    ref = MaskedAdamW(twin.named_parameters(), masks=masks)
+    for _ in range(3):
+        x = torch.randn(3, 13)
+        model(x).sum().backward()
+        twin(x).sum().backward()
+        opt.step(), ref.step()
+        model.zero_grad(), twin.zero_grad()  # what transformers.Trainer does
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)

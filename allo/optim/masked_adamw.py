@@ -38,7 +38,8 @@ class MaskedAdamW(Optimizer):
     compact_grads: when True, a post-accumulate-grad hook copies the selected gradient elements of
         each partially selected parameter into a compact fp32 buffer (summing over backward passes,
         so gradient accumulation works) and frees ``param.grad`` right away, so full-size gradients
-        never all exist at once. Parameters with an empty mask have their gradient freed; fully
+        never all exist at once. :meth:`step` consumes the compact gradients (``model.zero_grad()``
+        cannot reach them). Parameters with an empty mask have their gradient freed; fully
         selected ones keep ``param.grad``. Clip with :meth:`clip_grad_norm_` (``param.grad`` is None,
         so ``torch.nn.utils.clip_grad_norm_`` and loss scalers cannot see these gradients) and
         average across ranks with :meth:`all_reduce_grads`.
@@ -143,6 +144,9 @@ class MaskedAdamW(Optimizer):
         self.state.pop(p, None)
         if sel == EMPTY:
             return
+        if not p.is_contiguous():
+            raise ValueError("MaskedAdamW needs contiguous parameters (flat indices address param.reshape(-1)); "
+                             "make the parameter contiguous before building the optimizer")
         if p.dtype not in (torch.float32, *_LOW_PRECISION):
             raise TypeError(f"MaskedAdamW trains fp32, bf16 and fp16 parameters; one parameter is {p.dtype}")
         k = p.numel() if sel == DENSE else sel.numel()
@@ -278,6 +282,10 @@ class MaskedAdamW(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             self._step_group(group)
+        # The step consumes the compact gradients: model.zero_grad() (what transformers.Trainer calls)
+        # cannot reach them, and they must not leak into the next step.
+        self._compact.clear()
+        self._stepped_without_state.clear()
         return loss
 
     def _step_group(self, group: dict) -> None:
