@@ -128,6 +128,15 @@ def _radix_write_kernel(x_ptr, y_ptr, n, out_ptr, key_hi, key_ex, HAS_HI: tl.con
     tl.store(out_ptr + offs, keep.to(tl.uint8), mask=m)
 
 
+@triton.jit
+def _radix_count_eq_kernel(x_ptr, y_ptr, n, key_eq, count_ptr, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
+                           X_BF16: tl.constexpr, Y_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    key = _keys(x_ptr, y_ptr, offs, m, IS_DIFF, KEY32, X_BF16, Y_BF16)
+    tl.atomic_add(count_ptr, tl.sum(((key == key_eq) & m).to(tl.int64), axis=0), sem="relaxed")
+
+
 _BLOCK = 1024
 
 
@@ -186,9 +195,19 @@ def _flat_chunks(src, chunk=1 << 22):
 
 
 def count_equal(sources, key: int, *, key32: bool) -> list[int]:
-    """Number of elements whose key is ``key``, per source (torch ops: only runs when a threshold cuts
-    through a group of equal scores)."""
-    return [sum(int((keys_torch(c, key32) == key).sum()) for _, c in _flat_chunks(s)) for s in sources]
+    """Number of elements whose key is ``key``, per source (one launch per source, one sync)."""
+    if not sources:
+        return []
+    counts = torch.zeros(len(sources), dtype=torch.int64, device=sources[0].device)
+    for i, src in enumerate(sources):
+        x, y, is_diff = _operands(src)
+        n = x.numel()
+        if n == 0:
+            continue
+        _radix_count_eq_kernel[(triton.cdiv(n, _BLOCK),)](x, y, n, int(key), counts[i:], IS_DIFF=is_diff, KEY32=key32,
+                                                           X_BF16=x.dtype == torch.bfloat16,
+                                                           Y_BF16=y.dtype == torch.bfloat16, BLOCK=_BLOCK)
+    return counts.tolist()
 
 
 def equal_positions(src, key: int, count: int, *, key32: bool) -> torch.Tensor:

@@ -87,3 +87,20 @@ def test_triton_lazy_weight_delta(device):
         ref = reference_band_masks(dense, ratio)
         for n in a:
             assert torch.equal(got[n].cpu(), ref[n]), n
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_tie_counting_and_positions(impl, device):
+    if impl == "cpu" and device.type != "cpu":
+        pytest.skip("the C path runs on CPU tensors")
+    for dtype in DTYPES:
+        scores = _scores(dtype, device)
+        for key32 in sorted({dtype == torch.float32, True}):
+            for value in (0.0, 1.5, -2.0):
+                key = int(keys_torch(torch.tensor([value], dtype=dtype), key32))
+                counts = IMPLS[impl].count_equal(list(scores.values()), key, key32=key32)
+                for c, s in zip(counts, scores.values()):
+                    expect = (keys_torch(s.reshape(-1).cpu(), key32) == key).nonzero().view(-1)
+                    assert c == expect.numel()
+                    pos = IMPLS[impl].equal_positions(s, key, c, key32=key32)
+                    assert torch.equal(pos.cpu(), expect)

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 
 import torch
 
@@ -224,6 +225,13 @@ def _compile() -> str:
             f.write(_C_SOURCE)
         out = os.path.join(tmp, "radix_select.so")
         proc = subprocess.run([cc, "-O3", "-fopenmp", "-fPIC", "-shared", "-o", out, src], capture_output=True, text=True)
+        if proc.returncode != 0:
+            # e.g. Apple clang has no OpenMP: same results, one thread
+            first_err = proc.stderr
+            proc = subprocess.run([cc, "-O3", "-fPIC", "-shared", "-o", out, src], capture_output=True, text=True)
+            if proc.returncode == 0:
+                warnings.warn(f"allo.select: {cc} could not compile with -fopenmp, so the CPU selection path runs on "
+                              f"one thread:\n{first_err[-500:]}", RuntimeWarning, stacklevel=3)
         if proc.returncode != 0:
             raise RuntimeError(f"allo.select: compiling the CPU selection path with {cc} failed:\n{proc.stderr}\n"
                                "set CC to a C compiler with _Float16 support (gcc >= 12, clang >= 15), or pass "

@@ -192,11 +192,21 @@ def write_masks(sources: dict, hi: Boundary, ex: Boundary, *, key32: bool, backe
         starts[key] = _tie_starts(counts[key], group)
     out = {} if emit is None else None
     for name, s in sources.items():
-        mask = torch.empty(s.shape, dtype=torch.bool, device=s.device)
-        ops.radix_write(s, mask.view(-1), hi.key if hi.k > 0 else None, hi.all_ties, ex_key, ex.all_ties, key32=key32)
+        # per tensor, a boundary's ties are all in, all out, or cut (then fixed below by position)
+        hi_ties, ex_ties, cut = hi.all_ties, ex.all_ties, []
         for key in partial:
-            if counts[key][name] == 0:
+            first, c = starts[key][name], counts[key][name]
+            if c == 0:
                 continue
+            for bd in (hi, ex):
+                if bd.k > 0 and bd.key == key and not bd.all_ties:
+                    if first + c <= bd.take:
+                        hi_ties, ex_ties = (True, ex_ties) if bd is hi else (hi_ties, True)
+                    elif first < bd.take:
+                        cut.append(key)
+        mask = torch.empty(s.shape, dtype=torch.bool, device=s.device)
+        ops.radix_write(s, mask.view(-1), hi.key if hi.k > 0 else None, hi_ties, ex_key, ex_ties, key32=key32)
+        for key in sorted(set(cut)):
             pos = ops.equal_positions(s, key, counts[key][name], key32=key32)
             # r: each tied element's rank among all elements equal to `key`, in the tie order
             r = starts[key][name] + torch.arange(pos.numel(), device=s.device)
