@@ -4,8 +4,9 @@ Layout. Every tensor keeps its own compact state (exp_avg, exp_avg_sq, optional 
 entry per selected element) and its own index set (int32/int64 flat indices into the weight). The
 launch gets a small table with one row per tensor (addresses of weight, gradient, indices, state;
 number of selected elements k; per-tensor scalars), and a block table that maps each program to
-(tensor, first element): a tensor's k elements are cut into blocks of BLOCK, so no block spans two
-tensors and no program searches. A program loads its row, turns the addresses into typed pointers,
+(tensor, first element, first weight address if the block is one contiguous run): a tensor's k
+elements are cut into blocks of BLOCK, so no block spans two tensors and no program searches; a block
+inside whole selected rows skips the index reads and accesses weight and gradient coalesced. A program loads its row, turns the addresses into typed pointers,
 and does the AdamW update for BLOCK selected elements in fp32:
 
     read  idx[j], grad[idx[j]] (or the compact grad[j]), exp_avg[j], exp_avg_sq[j],
@@ -22,6 +23,8 @@ the wrapper groups tensors into such buckets, usually one.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -37,7 +40,7 @@ N_SCAL = 6
 
 
 @triton.jit
-def masked_adamw_kernel(addr_ptr, scal_ptr, block_tensor_ptr, block_start_ptr,
+def masked_adamw_kernel(addr_ptr, scal_ptr, block_tensor_ptr, block_start_ptr, block_element_ptr,
                         PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, INDEX_T: tl.constexpr,
                         DENSE: tl.constexpr, COMPACT_GRAD: tl.constexpr, HAS_MASTER: tl.constexpr,
                         BLOCK: tl.constexpr):
@@ -64,8 +67,14 @@ def masked_adamw_kernel(addr_ptr, scal_ptr, block_tensor_ptr, block_start_ptr,
     if DENSE:
         e = j
     else:
-        indices = tl.load(row + 2).to(tl.pointer_type(INDEX_T))
-        e = tl.load(indices + j, mask=live, other=0).to(tl.int64)
+        # A block whose selected elements are one contiguous run (whole selected rows, say) has its
+        # first element address in the table: no index reads, coalesced weight/grad accesses.
+        first = tl.load(block_element_ptr + b)
+        if first >= 0:
+            e = first + tl.arange(0, BLOCK).to(tl.int64)
+        else:
+            indices = tl.load(row + 2).to(tl.pointer_type(INDEX_T))
+            e = tl.load(indices + j, mask=live, other=0).to(tl.int64)
 
     if COMPACT_GRAD:
         g = tl.load(grad + j, mask=live, other=0.0).to(tl.float32)
@@ -92,23 +101,42 @@ def masked_adamw_kernel(addr_ptr, scal_ptr, block_tensor_ptr, block_start_ptr,
 
 
 BLOCK = 1024
-_block_tables: dict = {}
+_tables: dict = {}
 
 
-def _block_table(ks: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tensor id, first element) per program; depends only on the selection sizes, so cached."""
-    key = (ks, str(device))
-    hit = _block_tables.get(key)
-    if hit is None:
-        counts = torch.tensor([(k + BLOCK - 1) // BLOCK for k in ks], dtype=torch.int64)
-        tensor_of_block = torch.repeat_interleave(torch.arange(len(ks), dtype=torch.int32), counts)
-        first_block = torch.cumsum(counts, 0) - counts
-        start = (torch.arange(len(tensor_of_block), dtype=torch.int64) - first_block[tensor_of_block.long()]) * BLOCK
-        hit = (tensor_of_block.to(device), start.to(device))
-        if len(_block_tables) > 64:  # selections change rarely; keep the cache small anyway
-            _block_tables.clear()
-        _block_tables[key] = hit
-    return hit
+def contiguous_block_starts(indices: torch.Tensor) -> torch.Tensor:
+    """Per block of BLOCK selected elements: the flat index of its first element when the block's
+    elements are one contiguous run, else -1. ``indices`` sorted and unique."""
+    k = indices.numel()
+    blocks = (k + BLOCK - 1) // BLOCK
+    pos = torch.arange(blocks, device=indices.device, dtype=torch.int64) * BLOCK
+    last = torch.clamp(pos + BLOCK - 1, max=k - 1)
+    idx = indices.long()
+    first = idx[pos]
+    return torch.where(idx[last] - first == last - pos, first, torch.full_like(first, -1))
+
+
+def _block_table(bucket: list, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tensor id, first selected element, first weight element or -1) per program. Depends only on
+    the selections, so it is cached, keyed by the index tensors (held weakly: a new selection is a
+    new tensor, and a dead one never matches)."""
+    key = tuple((id(r[2]), r[3].numel()) for r in bucket)
+    hit = _tables.get(key)
+    if hit is not None and all(ref is None or ref() is r[2] for ref, r in zip(hit[0], bucket)):
+        return hit[1]
+    tensor_of_block, starts, elements = [], [], []
+    for t, (_, _, indices, exp_avg, *_rest) in enumerate(bucket):
+        k = exp_avg.numel()
+        n = (k + BLOCK - 1) // BLOCK
+        start = torch.arange(n, dtype=torch.int64, device=device) * BLOCK
+        tensor_of_block.append(torch.full((n,), t, dtype=torch.int32, device=device))
+        starts.append(start)
+        elements.append(start if indices is None else contiguous_block_starts(indices))
+    table = (torch.cat(tensor_of_block), torch.cat(starts), torch.cat(elements))
+    if len(_tables) > 64:  # selections change rarely; keep the cache small anyway
+        _tables.clear()
+    _tables[key] = ([None if r[2] is None else weakref.ref(r[2]) for r in bucket], table)
+    return table
 
 
 def masked_adamw_triton(rows: list[tuple]) -> None:
@@ -133,12 +161,12 @@ def masked_adamw_triton(rows: list[tuple]) -> None:
                     exp_avg.data_ptr(), exp_avg_sq.data_ptr(), 0 if master is None else master.data_ptr(),
                     exp_avg.numel(), 0)
             s[t] = scalars
-        tensor_of_block, start = _block_table(tuple(r[3].numel() for r in bucket), device)
+        tensor_of_block, start, element = _block_table(bucket, device)
         if device.type == "cuda":
             addr = addr.pin_memory().to(device, non_blocking=True)
             scal = scal.pin_memory().to(device, non_blocking=True)
         masked_adamw_kernel[(tensor_of_block.numel(),)](
-            addr, scal, tensor_of_block, start,
+            addr, scal, tensor_of_block, start, element,
             PARAM_T=_TL_DTYPES[wdt], GRAD_T=_TL_DTYPES[gdt if not compact else torch.float32],
             INDEX_T=_TL_DTYPES[idt] if idt is not None else tl.int32,
             DENSE=idt is None, COMPACT_GRAD=compact, HAS_MASTER=has_master, BLOCK=BLOCK, num_warps=4,

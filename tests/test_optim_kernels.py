@@ -7,10 +7,21 @@ import pytest
 import torch
 
 from allo.optim import _cpu_kernel, masked_adamw_step_reference
-from allo_kernels.masked_adamw import BLOCK, masked_adamw_triton
+from allo_kernels.masked_adamw import BLOCK, contiguous_block_starts, masked_adamw_triton
 
 # selection sizes around the Triton block size, and a tiny one; tensor sizes odd
-CASES = [(3001, 1025), (1777, BLOCK), (97, 1), (2049, 1023)]
+CASES = [(3001, 1025), (1777, BLOCK), (97, 1), (2049, 1023), (9 * BLOCK + 5, None)]
+
+
+def _indices(n, k):
+    if k is not None:
+        return torch.randperm(n)[:k].sort().values
+    # whole rows of BLOCK elements (blocks the Triton kernel addresses without index reads), then
+    # scattered elements and a partial run: blocks of every kind
+    rows = torch.cat([torch.arange(r * BLOCK, (r + 1) * BLOCK) for r in (1, 4)])
+    scattered = 6 * BLOCK + torch.randperm(2 * BLOCK)[:BLOCK]
+    tail = torch.arange(9 * BLOCK - 200, 9 * BLOCK + 3)
+    return torch.cat([rows, scattered.sort().values, tail])
 
 
 def _run(impl, rows):
@@ -27,6 +38,12 @@ def _poisoned_state(k, tail=37):
     return buf, buf[:k]
 
 
+def test_contiguous_block_starts():
+    idx = _indices(9 * BLOCK + 5, None)
+    starts = contiguous_block_starts(idx)
+    assert starts.tolist() == [BLOCK, 4 * BLOCK, -1, 9 * BLOCK - 200]  # rows, rows, scattered, partial run
+
+
 @pytest.mark.parametrize("impl", ["triton", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 # (index dtype, compact grads); None = every element selected (dense), which never uses compact grads
@@ -36,9 +53,11 @@ def test_kernel_matches_float64_reference_and_touches_nothing_else(impl, dtype, 
     rows, expected, checks = [], [], []
     step, lr, b1, b2, eps, wd = 3, 1e-2, 0.9, 0.99, 1e-8, 0.1
     for n, k in CASES:
+        idx = _indices(n, k)
         if index_dtype is None:
-            n = k
-        idx = torch.randperm(n)[:k].sort().values
+            n = idx.numel()
+            idx = torch.arange(n)
+        k = idx.numel()
         sel = torch.zeros(n, dtype=torch.bool)
         sel[idx] = True
         weight = torch.randn(n).to(dtype)
@@ -81,6 +100,7 @@ def test_kernel_matches_float64_reference_and_touches_nothing_else(impl, dtype, 
         if master is not None:
             torch.testing.assert_close(master, ref_p.float(), rtol=5e-6, atol=3e-7)
             ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
-            torch.testing.assert_close(weight[idx].float(), master, rtol=ulp, atol=0)
+            tiny = 0.0 if dtype == torch.bfloat16 else 2.0**-24  # fp16 subnormals have absolute, not relative, steps
+            torch.testing.assert_close(weight[idx].float(), master, rtol=ulp, atol=tiny)
         else:
             torch.testing.assert_close(weight[idx], ref_p.float(), rtol=5e-6, atol=3e-7)
