@@ -372,3 +372,38 @@ def test_step_consumes_compact_grads_so_model_zero_grad_is_enough():
         model.zero_grad(), twin.zero_grad()  # what transformers.Trainer does
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+def _all_reduce_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # same model and masks on every rank
+    model = _named_model()
+    masks = _named_masks(model)
+    opt = MaskedAdamW(model.named_parameters(), masks=masks, compact_grads=True)
+    torch.manual_seed(100 + rank)  # different data per rank
+    model(torch.randn(3, 13)).pow(2).sum().backward()
+    opt.all_reduce_grads()
+    torch.save([g.clone() for g in opt._grad_tensors()], f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_all_reduce_grads_averages_compact_grads_across_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "grads")
+    mp.spawn(_all_reduce_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    reduced = [torch.load(f"{out}.{r}") for r in range(2)]
+    # the same average on both ranks, equal to the mean of the per-rank compact grads computed here
+    expected = []
+    for rank in range(2):
+        torch.manual_seed(0)
+        model = _named_model()
+        opt = MaskedAdamW(model.named_parameters(), masks=_named_masks(model), compact_grads=True)
+        torch.manual_seed(100 + rank)
+        model(torch.randn(3, 13)).pow(2).sum().backward()
+        expected.append([g.clone() for g in opt._grad_tensors()])
+    for a, b, e0, e1 in zip(*reduced, *expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, (e0 + e1) / 2)
