@@ -173,30 +173,37 @@ int64_t allo_radix_find_eq(const void* x, const void* y, int64_t n, int kind, in
 }
 
 /* out[i] = (key > khi or (hi_ties and key == khi)) and not (key > kex or (ex_ties and key == kex)),
-   with has_hi=0 meaning nothing kept and has_ex=0 nothing excluded. */
+   with has_hi=0 meaning nothing kept and has_ex=0 nothing excluded. Returns how many keys equal ckey
+   (the caller learns a tensor's tie count in the same pass). */
 #define WRITE_LOOP(KEYEXPR)                                                          \
     for (int64_t i = a; i < n; i++) {                                                \
         int32_t k = KEYEXPR;                                                         \
         int keep = hi_ties ? (k >= khi) : (k > khi);                                 \
         if (has_ex) keep &= ex_ties ? (k < kex) : (k <= kex);                        \
         out[i] = (uint8_t)keep;                                                      \
+        cnt += k == ckey;                                                            \
     }
-static void write_range(const void* x, const void* y, int64_t a, int64_t n, int kind, int xdt, int ydt,
-                        uint8_t* out, int32_t khi, int hi_ties, int has_ex, int32_t kex, int ex_ties) {
+static int64_t write_range(const void* x, const void* y, int64_t a, int64_t n, int kind, int xdt, int ydt,
+                           uint8_t* out, int32_t khi, int hi_ties, int has_ex, int32_t kex, int ex_ties,
+                           int32_t ckey) {
+    int64_t cnt = 0;
     if (kind == 1) { const uint16_t* p = (const uint16_t*)x; WRITE_LOOP(key16(p[i])) }
     else if (kind == 0) { const uint32_t* p = (const uint32_t*)x; WRITE_LOOP(key32(p[i])) }
     else if (kind == 2) { WRITE_LOOP(diff_key(x, y, i, xdt, ydt)) }
     else { WRITE_LOOP(up_key(x, i, xdt)) }
+    return cnt;
 }
-void allo_radix_write(const void* x, const void* y, int64_t n, int kind, int xdt, int ydt, uint8_t* out,
-                      int has_hi, int32_t khi, int hi_ties, int has_ex, int32_t kex, int ex_ties, int nthreads) {
-    if (!has_hi) { memset(out, 0, (size_t)n); return; }
-    int64_t nblocks = (n + BLK - 1) / BLK;
-    #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nblocks > 1)
+int64_t allo_radix_write(const void* x, const void* y, int64_t n, int kind, int xdt, int ydt, uint8_t* out,
+                         int has_hi, int32_t khi, int hi_ties, int has_ex, int32_t kex, int ex_ties, int32_t ckey,
+                         int nthreads) {
+    if (!has_hi) { memset(out, 0, (size_t)n); return 0; }
+    int64_t nblocks = (n + BLK - 1) / BLK, total = 0;
+    #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nblocks > 1) reduction(+:total)
     for (int64_t blk = 0; blk < nblocks; blk++) {
         int64_t a = blk * BLK, b = a + BLK < n ? a + BLK : n;
-        write_range(x, y, a, b, kind, xdt, ydt, out, khi, hi_ties, has_ex, kex, ex_ties);
+        total += write_range(x, y, a, b, kind, xdt, ydt, out, khi, hi_ties, has_ex, kex, ex_ties, ckey);
     }
+    return total;
 }
 """
 
@@ -252,8 +259,8 @@ def _lib():
                 p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
                 lib.allo_radix_hist_many.argtypes = [i64, p, p, p, p, p, p, p, i32, i32, i32]
                 lib.allo_radix_hist_many.restype = None
-                lib.allo_radix_write.argtypes = [p, p, i64, i32, i32, i32, p, i32, i32, i32, i32, i32, i32, i32]
-                lib.allo_radix_write.restype = None
+                lib.allo_radix_write.argtypes = [p, p, i64, i32, i32, i32, p, i32, i32, i32, i32, i32, i32, i32, i32]
+                lib.allo_radix_write.restype = i64
                 lib.allo_radix_count_eq_many.argtypes = [i64, p, p, p, p, p, p, i32, p, i32]
                 lib.allo_radix_count_eq_many.restype = None
                 lib.allo_radix_find_eq.argtypes = [p, p, i64, i32, i32, i32, i32, p, i64]
@@ -319,15 +326,19 @@ def equal_positions(src, key: int, count: int, *, key32: bool) -> torch.Tensor:
     return out
 
 
-def radix_write(src, out: torch.Tensor, key_hi, hi_ties, key_ex, ex_ties, *, key32: bool) -> None:
-    """Same contract as :func:`allo_kernels.radix_select.radix_write`, on CPU tensors."""
+def radix_write(src, out: torch.Tensor, key_hi, hi_ties, key_ex, ex_ties, *, key32: bool,
+                count_key: int | None = None) -> int | None:
+    """Same contract as :func:`allo_kernels.radix_select.radix_write`, on CPU tensors; with
+    ``count_key`` also returns how many elements have that key (counted in the same pass)."""
     x, y, kind, xdt, ydt = _operands(src, key32)
     _check_cpu(x, "scores")
     n = x.numel()
     if n == 0:
-        return
+        return 0
     assert out.dtype == torch.bool and out.is_contiguous() and out.numel() == n
-    _lib().allo_radix_write(x.data_ptr(), y.data_ptr(), n, kind, xdt, ydt, out.data_ptr(),
-                            int(key_hi is not None), 0 if key_hi is None else int(key_hi), int(bool(hi_ties)),
-                            int(key_ex is not None), 0 if key_ex is None else int(key_ex), int(bool(ex_ties)),
-                            torch.get_num_threads())
+    # 2**31 - 1 never occurs as a key (it would be a NaN), so "no count" counts nothing
+    cnt = _lib().allo_radix_write(x.data_ptr(), y.data_ptr(), n, kind, xdt, ydt, out.data_ptr(),
+                                  int(key_hi is not None), 0 if key_hi is None else int(key_hi), int(bool(hi_ties)),
+                                  int(key_ex is not None), 0 if key_ex is None else int(key_ex), int(bool(ex_ties)),
+                                  0x7FFFFFFF if count_key is None else int(count_key), torch.get_num_threads())
+    return cnt if count_key is not None else None

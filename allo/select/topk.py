@@ -95,12 +95,12 @@ def _nonfinite_bins(hist, key32, dtype):
 
 def _name_nonfinite(sources, group, what):
     for name, s in sources.items():
-        for _, c in iter_chunks(s, _TIE_CHUNK):
+        for start, c in iter_chunks(s, _TIE_CHUNK):
             bad = ~torch.isfinite(c)
             if bad.any():
                 i = int(bad.nonzero()[0, 0])
                 raise ValueError(f"{what}: scores[{name!r}] holds a non-finite value ({c[i].item()}) at flat index "
-                                 f"{_ + i}; scores must be finite (check the model or the gradients for NaN/inf, "
+                                 f"{start + i}; scores must be finite (check the model or the gradients for NaN/inf, "
                                  "or exclude= that parameter)")
     rank = torch.distributed.get_rank(group) if group is not None else 0
     raise ValueError(f"{what}: some scores are NaN or infinite on another rank than rank {rank}; scores must be finite")
@@ -130,14 +130,14 @@ def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None,
     hist = _all_reduce(hist, group).cpu()
     if _nonfinite_bins(hist, key32, dtype):
         _name_nonfinite(sources, group, what)
-    lows = {}
-    for bd in bounds:
-        if bd.k == 0:
-            continue
-        b, above = _find_bin(hist, bd.k)
-        if not key32:
+    highs = [(bd, *_find_bin(hist, bd.k)) for bd in bounds if bd.k > 0]
+    if not key32:
+        for bd, b, above in highs:
             bd.key, bd.n_eq, bd.take = b - 32768, int(hist[b]), bd.k - above
-            continue
+        return bounds, n
+    del hist  # the low pass needs only each boundary's bin and count above it: keep the peak at one histogram
+    lows = {}
+    for bd, b, above in highs:
         prefix = b - 32768
         if prefix not in lows:
             low = torch.zeros(BINS, dtype=torch.int64, device=device)
@@ -185,6 +185,8 @@ def write_masks(sources: dict, hi: Boundary, ex: Boundary, *, key32: bool, backe
     ops = _ops(backend)
     ex_key = ex.key if ex.k > 0 else None
     partial = sorted({bd.key for bd in (hi, ex) if bd.k > 0 and bd.partial})
+    if backend == "cpu" and group is None and len(partial) == 1:
+        return _write_masks_sequential(sources, hi, ex, partial[0], key32=key32, emit=emit)
     starts, counts = {}, {}
     for key in partial:
         # only when a threshold cuts through a group of equal scores: count them per tensor
@@ -214,6 +216,33 @@ def write_masks(sources: dict, hi: Boundary, ex: Boundary, *, key32: bool, backe
             if ex.k > 0:
                 keep &= ~_taken(ex, key, r)
             mask.view(-1)[pos] = keep
+        if emit is None:
+            out[name] = mask
+        else:
+            emit(name, mask)
+    return out
+
+
+def _write_masks_sequential(sources, hi, ex, key, *, key32, emit):
+    """Single-process CPU path when one key's ties are cut: the write pass also counts each tensor's
+    ties, so tensors are written assuming the tie state at their start (``seen`` ties so far) and only
+    the tensor where a boundary falls is fixed by position; no separate counting pass."""
+    out = {} if emit is None else None
+    seen = 0
+    for name, s in sources.items():
+        hi_ties = hi.all_ties or (hi.key == key and seen < hi.take)
+        ex_ties = ex.all_ties or (ex.k > 0 and ex.key == key and seen < ex.take)
+        mask = torch.empty(s.shape, dtype=torch.bool, device=s.device)
+        c = radix_cpu.radix_write(s, mask.view(-1), hi.key, hi_ties, ex.key if ex.k > 0 else None, ex_ties,
+                                  key32=key32, count_key=key)
+        if any(bd.k > 0 and bd.key == key and seen < bd.take < seen + c for bd in (hi, ex)):
+            pos = radix_cpu.equal_positions(s, key, c, key32=key32)
+            r = seen + torch.arange(c)
+            keep = _taken(hi, key, r)
+            if ex.k > 0:
+                keep &= ~_taken(ex, key, r)
+            mask.view(-1)[pos] = keep
+        seen += c
         if emit is None:
             out[name] = mask
         else:
