@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from allo.optim import MaskedAdamW, masked_adamw_step_reference
+from conftest import requires_cuda
 
 BACKENDS = ["cpu", "reference", "triton"]  # triton runs in the interpreter on CPU (conftest)
 
@@ -407,3 +408,28 @@ def test_all_reduce_grads_averages_compact_grads_across_ranks(tmp_path):
     for a, b, e0, e1 in zip(*reduced, *expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(a, (e0 + e1) / 2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_triton_and_fused_dense_paths_match_reference(dtype):
+    shapes = [(1000, 2048), (4097,), (512, 2048), (3, 5)]
+    base = [torch.randn(s, device="cuda").to(dtype) for s in shapes]
+    rows = torch.zeros(1000, 2048, dtype=torch.bool, device="cuda")
+    rows[torch.randperm(1000, device="cuda")[:100]] = True
+    masks = [rows, torch.rand(4097, device="cuda") < 0.1, None, torch.zeros(3, 5, dtype=torch.bool, device="cuda")]
+    results = {}
+    for backend in ("triton", "reference"):
+        params = [torch.nn.Parameter(b.clone()) for b in base]
+        opt = MaskedAdamW(params, lr=1e-2, weight_decay=0.1, masks=masks, backend=backend)
+        torch.manual_seed(5)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, device="cuda").to(dtype)
+            opt.step()
+        results[backend] = params
+    for b, t, r, m in zip(base, results["triton"], results["reference"], masks):
+        sel = torch.ones_like(b, dtype=torch.bool) if m is None else m
+        assert torch.equal(t.detach()[~sel], b[~sel])
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=0)
+        torch.testing.assert_close(t.detach(), r.detach(), **tol)

@@ -201,7 +201,7 @@ class MaskedAdamW(Optimizer):
         if sel == EMPTY:
             self._stepped_without_state.add(p)
         elif isinstance(sel, torch.Tensor):
-            selected = grad.reshape(-1).index_select(0, sel.long() if sel.device.type == "cpu" else sel).float()
+            selected = grad.reshape(-1).index_select(0, sel).float()  # int32 indices are fine for index_select
             held = self._compact.get(p)
             if held is None:
                 self._compact[p] = selected
@@ -312,7 +312,10 @@ class MaskedAdamW(Optimizer):
             indices = state.get("indices")
             master = state.get("master")
             backend = resolve_backend(self.backend, p.device, what="MaskedAdamW")
-            if indices is None and backend == "cpu" and not compact:
+            if indices is None and not compact and (backend == "cpu" or (
+                    backend == "triton" and p.device.type == "cuda" and master is None)):
+                # every element selected: torch's own fused AdamW kernel (one multi-tensor pass), so a
+                # 100% mask costs what torch.optim.AdamW(fused=True) costs
                 dense_rows[p.device].append((p, grad, state, step))
                 continue
             if backend == "cpu" and _cpu_kernel.load() is None:
@@ -321,7 +324,7 @@ class MaskedAdamW(Optimizer):
             bc2_sqrt = math.sqrt(1.0 - beta2**step)
             step_size = lr / (1.0 - beta1**step)
             kernel_decay = decay
-            if decay_unselected and indices is not None:
+            if decay_unselected and indices is not None and wd != 0:
                 p.mul_(decay)  # unselected elements; selected ones are rewritten from the update below
                 if master is None:
                     kernel_decay = 1.0  # the kernel reads the weight, which is already decayed
@@ -335,7 +338,7 @@ class MaskedAdamW(Optimizer):
             rows_by_backend[backend].append((p, grad, indices, state["exp_avg"], state["exp_avg_sq"], master, compact,
                                              (beta1, beta2, step_size, bc2_sqrt, kernel_decay, eps)))
         for device, rows in dense_rows.items():
-            _fused_dense_cpu(rows, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
+            _fused_dense(rows, device, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
         if rows_by_backend.get("cpu"):
             addr, scal = _cpu_kernel.pack(rows_by_backend["cpu"])
             _cpu_kernel.masked_adamw_cpu(addr, scal)
@@ -418,8 +421,8 @@ def _check_grad(grad: torch.Tensor, p: torch.Tensor, opt: MaskedAdamW) -> None:
         )
 
 
-def _fused_dense_cpu(rows: list, *, lr, beta1, beta2, eps, weight_decay) -> None:
-    """Fully selected parameters on the CPU: torch's fused AdamW kernel (one vectorised pass)."""
+def _fused_dense(rows: list, device: torch.device, *, lr, beta1, beta2, eps, weight_decay) -> None:
+    """Fully selected parameters: torch's fused AdamW kernel (one vectorised / multi-tensor pass)."""
     params, grads, avgs, sqs, steps = [], [], [], [], []
     masters = []
     for p, grad, state, _ in rows:
@@ -434,6 +437,8 @@ def _fused_dense_cpu(rows: list, *, lr, beta1, beta2, eps, weight_decay) -> None
         avgs.append(state["exp_avg"])
         sqs.append(state["exp_avg_sq"])
         steps.append(state["step"])
+    if device.type != "cpu":  # the CUDA kernel reads the step counts on the device; ours stay on the CPU
+        steps = list(torch.tensor([float(s) for s in steps], dtype=torch.float32).to(device).unbind())
     torch._fused_adamw_(params, grads, avgs, sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
                         weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
     for p, master in masters:
