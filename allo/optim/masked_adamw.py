@@ -296,6 +296,7 @@ class MaskedAdamW(Optimizer):
         decay = 1.0 - lr * wd
         rows_by_backend = defaultdict(list)
         dense_rows = defaultdict(list)
+        stepping = []
         for p in group["params"]:
             state = self.state.get(p)
             compact = p in self._compact
@@ -307,11 +308,20 @@ class MaskedAdamW(Optimizer):
             if grad is None:
                 continue
             _check_grad(grad, p, self)
-            state["step"] += 1
-            step = int(state["step"].item())
+            stepping.append((p, state, grad, compact))
+        if not stepping:
+            return
+        # per-parameter host work is what a step of many small tensors costs: batch what can be batched
+        step_counts = [state["step"] for _, state, _, _ in stepping]
+        torch._foreach_add_(step_counts, 1.0)
+        backends = {}
+        for (p, state, grad, compact), step_count in zip(stepping, step_counts):
+            step = int(step_count.item())
             indices = state.get("indices")
             master = state.get("master")
-            backend = resolve_backend(self.backend, p.device, what="MaskedAdamW")
+            backend = backends.get(p.device)
+            if backend is None:
+                backend = backends[p.device] = resolve_backend(self.backend, p.device, what="MaskedAdamW")
             if indices is None and not compact and (backend == "cpu" or (
                     backend == "triton" and p.device.type == "cuda" and master is None)):
                 # every element selected: torch's own fused AdamW kernel (one multi-tensor pass), so a
