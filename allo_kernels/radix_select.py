@@ -90,7 +90,8 @@ def _keys(x_ptr, y_ptr, offs, m, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_B
 
 @triton.jit
 def _radix_hist_kernel(x_ptr, y_ptr, n, hist_ptr, prefix, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
-                       X_BF16: tl.constexpr, Y_BF16: tl.constexpr, LOW: tl.constexpr, BLOCK: tl.constexpr):
+                       X_BF16: tl.constexpr, Y_BF16: tl.constexpr, LOW: tl.constexpr, REPLICAS: tl.constexpr,
+                       BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     key = _keys(x_ptr, y_ptr, offs, m, IS_DIFF, KEY32, X_BF16, Y_BF16)
@@ -103,6 +104,9 @@ def _radix_hist_kernel(x_ptr, y_ptr, n, hist_ptr, prefix, IS_DIFF: tl.constexpr,
             b = (key >> 16) + 32768
     else:
         b = key + 32768
+    # programs spread over REPLICAS copies of the histogram: scores bunch up in few bins, and one copy
+    # would serialise the atomics of every program on those few addresses
+    b += (tl.program_id(0) % REPLICAS) * 65536
     tl.atomic_add(hist_ptr + b, tl.full([BLOCK], 1, tl.int64), mask=m, sem="relaxed")
 
 
@@ -138,6 +142,7 @@ def _radix_count_eq_kernel(x_ptr, y_ptr, n, key_eq, count_ptr, IS_DIFF: tl.const
 
 
 _BLOCK = 1024
+_REPLICAS = 16
 
 
 def _operands(src):
@@ -157,15 +162,17 @@ def radix_histogram(sources, hist: torch.Tensor, *, key32: bool, low_prefix: int
     """
     if low_prefix is not None and not key32:
         raise ValueError("radix_histogram: low_prefix is only meaningful for 32-bit keys")
+    copies = torch.zeros(_REPLICAS, BINS, dtype=torch.int64, device=hist.device)  # 8 MB
     for src in sources:  # one launch per tensor, all into the same histogram
         x, y, is_diff = _operands(src)
         n = x.numel()
         if n == 0:
             continue
         grid = (triton.cdiv(n, _BLOCK),)
-        _radix_hist_kernel[grid](x, y, n, hist, 0 if low_prefix is None else int(low_prefix), IS_DIFF=is_diff,
+        _radix_hist_kernel[grid](x, y, n, copies, 0 if low_prefix is None else int(low_prefix), IS_DIFF=is_diff,
                                  KEY32=key32, X_BF16=x.dtype == torch.bfloat16, Y_BF16=y.dtype == torch.bfloat16,
-                                 LOW=low_prefix is not None, BLOCK=_BLOCK)
+                                 LOW=low_prefix is not None, REPLICAS=_REPLICAS, BLOCK=_BLOCK)
+    hist += copies.sum(0)
 
 
 def radix_write(src, out: torch.Tensor, key_hi: int | None, hi_ties: bool, key_ex: int | None, ex_ties: bool, *,
