@@ -6,7 +6,6 @@ import math
 import warnings
 import weakref
 from collections import defaultdict
-from typing import Iterable
 
 import torch
 from torch.optim import Optimizer
