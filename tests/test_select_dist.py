@@ -36,34 +36,42 @@ def _shard(t, rank):
     return t.tensor_split(WORLD, dim=0)[rank].contiguous()
 
 
-def _worker(rank, port, mode, ratio, exclude, out_dir):
+MODES = ("partition", "shards")
+CASES = ((0.3, 0.05), (0.1, 0.0), (1.0, 0.5))
+
+
+def _worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         scores = _scores()
         names = list(scores)
-        if mode == "partition":
-            local = {n: scores[n] for n in names[rank * len(names) // WORLD:(rank + 1) * len(names) // WORLD]}
-        else:
-            local = {n: _shard(s, rank) for n, s in scores.items()}
-        masks = select_top(local, ratio, exclude_ratio=exclude, backend="cpu")
-        torch.save(masks, os.path.join(out_dir, f"rank{rank}.pt"))
+        results = {}
+        for mode in MODES:
+            if mode == "partition":
+                local = {n: scores[n] for n in names[rank * len(names) // WORLD:(rank + 1) * len(names) // WORLD]}
+            else:
+                local = {n: _shard(s, rank) for n, s in scores.items()}
+            for ratio, exclude in CASES:
+                results[mode, ratio, exclude] = select_top(local, ratio, exclude_ratio=exclude, backend="cpu")
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["partition", "shards"])
-def test_ranks_together_equal_single_process(mode, tmp_path):
-    ratio, exclude = 0.3, 0.05
-    mp.start_processes(_worker, args=(_free_port(), mode, ratio, exclude, str(tmp_path)), nprocs=WORLD,
-                       start_method="spawn")
+def test_ranks_together_equal_single_process(tmp_path):
+    # one spawn for every case: starting processes is the slow part
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    expect = select_top(_scores(), ratio, exclude_ratio=exclude, backend="cpu")
-    for name, mask in expect.items():
-        if mode == "partition":
-            got = next(p[name] for p in parts if name in p)
-        else:
-            got = torch.cat([p[name] for p in parts], dim=0)
-        assert torch.equal(got, mask), name
-    total = sum(int(m.sum()) for p in parts for m in p.values())
-    assert total == sum(int(m.sum()) for m in expect.values())
+    for mode in MODES:
+        for ratio, exclude in CASES:
+            expect = select_top(_scores(), ratio, exclude_ratio=exclude, backend="cpu")
+            got_parts = [p[mode, ratio, exclude] for p in parts]
+            for name, mask in expect.items():
+                if mode == "partition":
+                    got = next(p[name] for p in got_parts if name in p)
+                else:
+                    got = torch.cat([p[name] for p in got_parts], dim=0)
+                assert torch.equal(got, mask), (mode, ratio, exclude, name)
+            total = sum(int(m.sum()) for p in got_parts for m in p.values())
+            assert total == sum(int(m.sum()) for m in expect.values())
