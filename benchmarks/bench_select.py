@@ -70,7 +70,7 @@ def topk_concat(scores, k):
 
 def kthvalue_concat(scores, k):
     flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
-    t = torch.kthvalue(flat.cpu() if flat.is_cuda and flat.numel() > 2**31 else flat, flat.numel() - k + 1).values
+    t = torch.kthvalue(flat, flat.numel() - k + 1).values
     return {n: s >= t.to(s.device) for n, s in scores.items()}
 
 

@@ -9,9 +9,9 @@
 See :mod:`allo.select.topk` for the exact semantics (counts, band, tie order, distributed).
 """
 
-from .scores import AbsDiff, GradientScoreAccumulator, weight_delta_scores
+from .scores import AbsDiff, GradientScoreAccumulator, name_filter, weight_delta_scores
 from .selection import Selection, row_scores, select, select_top
 from .topk import band_count
 
 __all__ = ["select_top", "select", "Selection", "weight_delta_scores", "GradientScoreAccumulator", "AbsDiff",
-           "row_scores", "band_count"]
+           "row_scores", "band_count", "name_filter"]

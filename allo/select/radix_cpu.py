@@ -92,6 +92,14 @@ static void hist_range(const void* x, const void* y, int64_t a, int64_t b, int k
 
 #define BLK ((int64_t)1 << 20)
 
+/* Each thread's two 65536-bin counter arrays (512 KB) live as long as the thread and are left zeroed
+   after every call: page faults on fresh buffers cost more than the counting on small inputs. */
+static __thread uint32_t* tls_counters = NULL;
+static uint32_t* thread_counters(void) {
+    if (!tls_counters) tls_counters = (uint32_t*)calloc(2 * 65536, sizeof(uint32_t));
+    return tls_counters;
+}
+
 static int64_t* block_starts(int64_t m, const int64_t* ns) {
     int64_t* first = (int64_t*)malloc((size_t)(m + 1) * sizeof(int64_t));
     first[0] = 0;
@@ -113,7 +121,7 @@ void allo_radix_hist_many(int64_t m, const int64_t* xs, const int64_t* ys, const
     int64_t nblocks = first[m];
     #pragma omp parallel num_threads(nthreads)
     {
-        uint32_t* s0 = (uint32_t*)calloc(2 * 65536, sizeof(uint32_t));
+        uint32_t* s0 = thread_counters();
         uint32_t* s1 = s0 + 65536;
         int64_t done = 0;
         #pragma omp for schedule(dynamic, 1)
@@ -131,7 +139,7 @@ void allo_radix_hist_many(int64_t m, const int64_t* xs, const int64_t* ys, const
         }
         #pragma omp critical
         for (int i = 0; i < 65536; i++) hist[i] += (int64_t)s0[i] + s1[i];
-        free(s0);
+        memset(s0, 0, 2 * 65536 * sizeof(uint32_t));
     }
     free(first);
 }
@@ -210,6 +218,15 @@ int64_t allo_radix_write(const void* x, const void* y, int64_t n, int kind, int 
 _LIB = None
 _LOCK = threading.Lock()
 _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+# Waking a second thread costs milliseconds when the cores are shared (the OpenMP barrier waits for
+# the scheduler); below this many elements per thread one thread is faster.
+_MIN_PER_THREAD = 1 << 24
+
+
+def _threads(n: int) -> int:
+    return max(1, min(torch.get_num_threads(), n // _MIN_PER_THREAD))
 
 
 def _cache_dir() -> str:
@@ -302,7 +319,7 @@ def radix_histogram(sources, hist: torch.Tensor, *, key32: bool, low_prefix: int
     _, cols = _columns(sources, key32)
     _lib().allo_radix_hist_many(len(sources), *(c.data_ptr() for c in cols), hist.data_ptr(),
                                 0 if low_prefix is None else 1, 0 if low_prefix is None else int(low_prefix),
-                                torch.get_num_threads())
+                                _threads(int(cols[2].sum())))
 
 
 def count_equal(sources, key: int, *, key32: bool) -> list[int]:
@@ -311,7 +328,7 @@ def count_equal(sources, key: int, *, key32: bool) -> list[int]:
     if sources:
         _, cols = _columns(sources, key32)
         _lib().allo_radix_count_eq_many(len(sources), *(c.data_ptr() for c in cols), int(key), counts.data_ptr(),
-                                        torch.get_num_threads())
+                                        _threads(int(cols[2].sum())))
     return counts.tolist()
 
 
@@ -340,5 +357,5 @@ def radix_write(src, out: torch.Tensor, key_hi, hi_ties, key_ex, ex_ties, *, key
     cnt = _lib().allo_radix_write(x.data_ptr(), y.data_ptr(), n, kind, xdt, ydt, out.data_ptr(),
                                   int(key_hi is not None), 0 if key_hi is None else int(key_hi), int(bool(hi_ties)),
                                   int(key_ex is not None), 0 if key_ex is None else int(key_ex), int(bool(ex_ties)),
-                                  0x7FFFFFFF if count_key is None else int(count_key), torch.get_num_threads())
+                                  0x7FFFFFFF if count_key is None else int(count_key), _threads(n))
     return cnt if count_key is not None else None

@@ -125,9 +125,9 @@ def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None,
     if n == 0:
         return bounds, n
     ops = _ops(backend)
-    hist = torch.zeros(BINS, dtype=torch.int64, device=device)
-    ops.radix_histogram(list(sources.values()), hist, key32=key32)
-    hist = _all_reduce(hist, group).cpu()
+    buf = torch.zeros(BINS, dtype=torch.int64, device=device)
+    ops.radix_histogram(list(sources.values()), buf, key32=key32)
+    hist = _all_reduce(buf, group).cpu()
     if _nonfinite_bins(hist, key32, dtype):
         _name_nonfinite(sources, group, what)
     highs = [(bd, *_find_bin(hist, bd.k)) for bd in bounds if bd.k > 0]
@@ -135,17 +135,15 @@ def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None,
         for bd, b, above in highs:
             bd.key, bd.n_eq, bd.take = b - 32768, int(hist[b]), bd.k - above
         return bounds, n
-    del hist  # the low pass needs only each boundary's bin and count above it: keep the peak at one histogram
-    lows = {}
-    for bd, b, above in highs:
-        prefix = b - 32768
-        if prefix not in lows:
-            low = torch.zeros(BINS, dtype=torch.int64, device=device)
-            ops.radix_histogram(list(sources.values()), low, key32=True, low_prefix=prefix)
-            lows[prefix] = _all_reduce(low, group).cpu()
-        low = lows[prefix]
-        lb, above_low = _find_bin(low, bd.k - above)
-        bd.key, bd.n_eq, bd.take = prefix * 65536 + lb, int(low[lb]), bd.k - above - above_low
+    # the low passes reuse the one buffer (on CPU `hist` is that buffer): one histogram alive at a time
+    for prefix in sorted({b - 32768 for _, b, _ in highs}):
+        buf.zero_()
+        ops.radix_histogram(list(sources.values()), buf, key32=True, low_prefix=prefix)
+        low = _all_reduce(buf, group).cpu()
+        for bd, b, above in highs:
+            if b - 32768 == prefix:
+                lb, above_low = _find_bin(low, bd.k - above)
+                bd.key, bd.n_eq, bd.take = prefix * 65536 + lb, int(low[lb]), bd.k - above - above_low
     return bounds, n
 
 
