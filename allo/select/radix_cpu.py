@@ -63,15 +63,14 @@ static inline int32_t up_key(const void* x, int64_t i, int xdt) {
    (mixed dtypes compare by value); dtypes xdt, ydt: 0 fp32, 1 bf16, 2 fp16.
    low=0: histogram of the 16-bit keys or of the high halves of 32-bit keys (bin + 32768);
    low=1: histogram of the low halves of the 32-bit keys whose high half is `prefix`.
-   Two interleaved per-thread sub-histograms: consecutive equal bins (common: scores bunch up in a
-   few hundred bins) would otherwise serialise on one counter. */
+   Each thread counts into its own 32-bit counters (256 KB), added to `hist` at the end. */
 #define HIST_LOOP(KEYEXPR)                                                              \
     if (!low) {                                                                           \
         int64_t ii = a;                                                                   \
         for (; ii + 1 < b; ii += 2) {                                                     \
             int32_t k0 = KEYEXPR; ii++;                                                   \
             int32_t k1 = KEYEXPR; ii--;                                                   \
-            s0[(k0 >> shift) + 32768]++; s1[(k1 >> shift) + 32768]++;                     \
+            s0[(k0 >> shift) + 32768]++; s0[(k1 >> shift) + 32768]++;                     \
         }                                                                                 \
         for (; ii < b; ii++) { int32_t k0 = KEYEXPR; s0[(k0 >> shift) + 32768]++; }       \
     } else {                                                                              \
@@ -82,7 +81,7 @@ static inline int32_t up_key(const void* x, int64_t i, int xdt) {
     }
 
 static void hist_range(const void* x, const void* y, int64_t a, int64_t b, int kind, int xdt, int ydt,
-                       uint32_t* s0, uint32_t* s1, int low, int32_t prefix) {
+                       uint32_t* s0, int low, int32_t prefix) {
     int shift = kind == 1 ? 0 : 16;
     if (kind == 0) { const uint32_t* p = (const uint32_t*)x; HIST_LOOP(key32(p[ii])) }
     else if (kind == 1) { const uint16_t* p = (const uint16_t*)x; HIST_LOOP(key16(p[ii])) }
@@ -91,14 +90,6 @@ static void hist_range(const void* x, const void* y, int64_t a, int64_t b, int k
 }
 
 #define BLK ((int64_t)1 << 20)
-
-/* Each thread's two 65536-bin counter arrays (512 KB) live as long as the thread and are left zeroed
-   after every call: page faults on fresh buffers cost more than the counting on small inputs. */
-static __thread uint32_t* tls_counters = NULL;
-static uint32_t* thread_counters(void) {
-    if (!tls_counters) tls_counters = (uint32_t*)calloc(2 * 65536, sizeof(uint32_t));
-    return tls_counters;
-}
 
 static int64_t* block_starts(int64_t m, const int64_t* ns) {
     int64_t* first = (int64_t*)malloc((size_t)(m + 1) * sizeof(int64_t));
@@ -121,25 +112,24 @@ void allo_radix_hist_many(int64_t m, const int64_t* xs, const int64_t* ys, const
     int64_t nblocks = first[m];
     #pragma omp parallel num_threads(nthreads)
     {
-        uint32_t* s0 = thread_counters();
-        uint32_t* s1 = s0 + 65536;
+        uint32_t* s0 = (uint32_t*)calloc(65536, sizeof(uint32_t));
         int64_t done = 0;
         #pragma omp for schedule(dynamic, 1)
         for (int64_t blk = 0; blk < nblocks; blk++) {
             int64_t t = tensor_of_block(first, m, blk);
             int64_t a = (blk - first[t]) * BLK, b = a + BLK < ns[t] ? a + BLK : ns[t];
-            hist_range((const void*)xs[t], (const void*)ys[t], a, b, kinds[t], xdts[t], ydts[t], s0, s1, low, prefix);
+            hist_range((const void*)xs[t], (const void*)ys[t], a, b, kinds[t], xdts[t], ydts[t], s0, low, prefix);
             done += b - a;
             if (done > ((int64_t)1 << 31)) {  /* keep the 32-bit counters from overflowing */
                 #pragma omp critical
-                for (int i = 0; i < 65536; i++) hist[i] += (int64_t)s0[i] + s1[i];
-                memset(s0, 0, 2 * 65536 * sizeof(uint32_t));
+                for (int i = 0; i < 65536; i++) hist[i] += (int64_t)s0[i];
+                memset(s0, 0, 65536 * sizeof(uint32_t));
                 done = 0;
             }
         }
         #pragma omp critical
-        for (int i = 0; i < 65536; i++) hist[i] += (int64_t)s0[i] + s1[i];
-        memset(s0, 0, 2 * 65536 * sizeof(uint32_t));
+        for (int i = 0; i < 65536; i++) hist[i] += (int64_t)s0[i];
+        free(s0);
     }
     free(first);
 }

@@ -106,12 +106,19 @@ def _name_nonfinite(sources, group, what):
     raise ValueError(f"{what}: some scores are NaN or infinite on another rank than rank {rank}; scores must be finite")
 
 
-def _find_bin(hist: torch.Tensor, k: int):
-    """Bin b holding the k-th largest (1 <= k <= total) and the count strictly above it."""
+def _find_bin_flat(hist: torch.Tensor, k: int):
     c = hist.cumsum(0)  # count(bin >= b) = total - c[b - 1]: the largest b with c[b - 1] <= total - k
     total = int(c[-1])
     b = int(torch.searchsorted(c, torch.tensor([total - k], dtype=c.dtype), right=True).item())
     return b, total - int(c[b])
+
+
+def _find_bin(hist: torch.Tensor, k: int):
+    """Bin b holding the k-th largest (1 <= k <= total) and the count strictly above it; in two
+    levels of 256 so that no 65536-long temporary is made."""
+    row, above = _find_bin_flat(hist.view(256, 256).sum(1), k)
+    b, above_in_row = _find_bin_flat(hist[row * 256:(row + 1) * 256], k - above)
+    return row * 256 + b, above + above_in_row
 
 
 def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None, what="select_top"):
