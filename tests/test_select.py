@@ -111,7 +111,8 @@ def test_empty_and_single_element_tensors():
 def test_thousands_of_small_tensors():
     scores = {f"t{i}": torch.randint(0, 50, (int(torch.randint(0, 9, ())),)).float() for i in range(3000)}
     for ratio, ex in ((0.1, 0.0), (0.4, 0.05)):
-        _assert_same(select_top(scores, ratio, exclude_ratio=ex, backend="cpu"), reference_band_masks(scores, ratio, ex))
+        _assert_same(select_top(scores, ratio, exclude_ratio=ex, backend="cpu"),
+                     reference_band_masks(scores, ratio, ex))
 
 
 def test_mixed_dtypes_compare_by_value():

@@ -14,7 +14,8 @@ IMPLS = {"triton": radix_select, "cpu": radix_cpu}
 
 
 def _scores(dtype, device):
-    vals = torch.cat([torch.randint(-4, 5, (300,)).float() * 0.5, torch.randn(200), torch.tensor([0.0, -0.0, 1e-40, 3e-6, -3e-6, 1e-7])])
+    special = torch.tensor([0.0, -0.0, 1e-40, 3e-6, -3e-6, 1e-7])  # zeros, subnormals of fp32/bf16 and fp16
+    vals = torch.cat([torch.randint(-4, 5, (300,)).float() * 0.5, torch.randn(200), special])
     vals = vals[torch.randperm(vals.numel())].to(dtype)
     return {"a": vals[:137].reshape(-1, 1).to(device), "b": vals[137:138].to(device), "c": vals[138:138].to(device),
             "d": vals[138:].reshape(-1, 23).to(device)}

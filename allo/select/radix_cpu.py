@@ -238,7 +238,8 @@ def _compile() -> str:
         with open(src, "w") as f:
             f.write(_C_SOURCE)
         out = os.path.join(tmp, "radix_select.so")
-        proc = subprocess.run([cc, "-O3", "-fopenmp", "-fPIC", "-shared", "-o", out, src], capture_output=True, text=True)
+        proc = subprocess.run([cc, "-O3", "-fopenmp", "-fPIC", "-shared", "-o", out, src], capture_output=True,
+                              text=True)
         if proc.returncode != 0:
             # e.g. Apple clang has no OpenMP: same results, one thread
             first_err = proc.stderr

@@ -93,13 +93,15 @@ def select(scores, ratio, *, exclude_ratio=0.0, granularity="element", metadata=
     _check_granularity(granularity, "select")
     sources = normalize_scores(scores, "select")
     indices = {}
-    if granularity == "element":
-        band_masks(sources, ratio, exclude_ratio, backend=backend, group=group, what="select",
-                   emit=lambda n, m: indices.__setitem__(n, m.view(-1).nonzero().view(-1)))
-    else:
-        rs = row_scores(sources)
-        band_masks(rs, ratio, exclude_ratio, backend=backend, group=group, what="select",
-                   emit=lambda n, m: indices.__setitem__(n, _expand_rows(m, sources[n].shape).reshape(-1).nonzero().view(-1)))
+    rows = granularity == "row"
+
+    def keep(name, mask):
+        if rows:
+            mask = _expand_rows(mask, sources[name].shape)
+        indices[name] = mask.reshape(-1).nonzero().view(-1)
+
+    band_masks(row_scores(sources) if rows else sources, ratio, exclude_ratio, backend=backend, group=group,
+               what="select", emit=keep)
     if score_source is None:
         kinds = {"weight_delta" if isinstance(s, AbsDiff) else "tensor" for s in sources.values()}
         score_source = "+".join(sorted(kinds))
