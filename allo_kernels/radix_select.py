@@ -72,19 +72,21 @@ def _keys(x_ptr, y_ptr, offs, m, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_B
     if IS_DIFF:
         a = _f32(tl.load(x_ptr + offs, mask=m, other=0), X_BF16)
         b = _f32(tl.load(y_ptr + offs, mask=m, other=0), Y_BF16)
-        s = tl.abs(a - b)
+        bits = tl.abs(a - b).to(tl.int32, bitcast=True)
     else:
         s = tl.load(x_ptr + offs, mask=m, other=0)
+        if KEY32:
+            # 16-bit scores mixed with wider ones compare by value: upcast exactly, then 32-bit keys
+            bits = _f32(s, X_BF16).to(tl.int32, bitcast=True)
+        else:
+            bits = s.to(tl.int16, bitcast=True).to(tl.int32)
+    # zero is tested on the bits, not as s == 0, which may flush subnormals
     if KEY32:
-        # 16-bit scores mixed with wider ones compare by value: upcast exactly, then 32-bit keys
-        bits = _f32(s, X_BF16 and not IS_DIFF).to(tl.int32, bitcast=True)
         key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
         zero = (bits & 0x7FFFFFFF) == 0
     else:
-        bits = s.to(tl.int16, bitcast=True).to(tl.int32)
         key = tl.where(bits >= 0, bits, bits ^ 0x7FFF)
         zero = (bits & 0x7FFF) == 0
-    # zero tested on the bits, not as s == 0, which may flush subnormals
     return tl.where(zero, 0, key)
 
 
