@@ -7,6 +7,10 @@ is ~1 ns and needs no temporary at all. The file is tiny and has no torch header
 about a second with the system C compiler on first use and is cached (``$ALLO_CACHE_DIR`` or
 ``~/.cache/allo``); it is called through ``ctypes`` on the tensors' data pointers.
 
+Memory: each pass uses one 256 KB array of 32-bit counters per thread, freed at its end; the threads
+(torch's intra-op count) are used only from 16M elements per thread, as waking a second thread costs
+milliseconds on shared cores.
+
 Keys are defined in :mod:`allo_kernels.radix_select` (the C ``key32``/``key16`` below implement the
 same mapping; the tests check both against ``keys_torch``).
 """
