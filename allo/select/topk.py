@@ -28,13 +28,12 @@ from dataclasses import dataclass
 import torch
 
 from allo._backend import resolve_backend
-from allo_kernels import radix_select as _kernels
-from allo_kernels.radix_select import BINS, value_of_key
 
 from . import radix_cpu
 from .scores import AbsDiff, iter_chunks, normalize_scores
 
 _TIE_CHUNK = 1 << 20
+BINS = 65536  # 16 bits of key per pass
 
 
 def band_count(ratio: float, n: int) -> int:
@@ -83,7 +82,12 @@ def _all_reduce(t, group):
 
 
 def _ops(backend):
-    return _kernels if backend == "triton" else radix_cpu
+    if backend == "triton":
+        # imported here: CPU-only installs of allo need not have triton
+        from allo_kernels import radix_select
+
+        return radix_select
+    return radix_cpu
 
 
 def _nonfinite_bins(hist, key32, dtype):
@@ -290,4 +294,6 @@ def band_masks(scores, ratio, exclude_ratio=0.0, *, backend=None, group=None, em
 
 def value_of_boundary(bd: Boundary, key32: bool, dtype) -> float | None:
     """The threshold score of a boundary (for reports), or None when it keeps nothing."""
+    from allo_kernels.radix_select import value_of_key
+
     return None if bd.key is None else value_of_key(bd.key, torch.float32 if key32 else dtype)
