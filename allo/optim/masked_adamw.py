@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
 from collections import defaultdict
 
@@ -327,9 +326,6 @@ class MaskedAdamW(Optimizer):
                 # 100% mask costs what torch.optim.AdamW(fused=True) costs
                 dense_rows[p.device].append((p, grad, state, step))
                 continue
-            if backend == "cpu" and _cpu_kernel.load() is None:
-                _warn_no_cpu_kernel()
-                backend = "reference"
             bc2_sqrt = math.sqrt(1.0 - beta2**step)
             step_size = lr / (1.0 - beta1**step)
             kernel_decay = decay
@@ -453,15 +449,3 @@ def _fused_dense(rows: list, device: torch.device, *, lr, beta1, beta2, eps, wei
     for p, master in masters:
         p.copy_(master)
 
-
-_warned = False
-
-
-def _warn_no_cpu_kernel() -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(
-            f"allo: the fused CPU kernel of MaskedAdamW could not be built ({_cpu_kernel.build_error()}); using the "
-            "slower plain-PyTorch path. Install a C compiler (gcc) to get the fast path, or pass backend='reference' "
-            "to silence this.", RuntimeWarning, stacklevel=3)
