@@ -66,14 +66,14 @@ def _extensions():
     if mode == "auto" and problem is not None:
         print(f"allo setup: building the C++ CPU kernels only: {problem}", file=sys.stderr)
 
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]  # torch >= 2.10 headers need C++20
     if build_cuda:
         print(f"allo setup: building C++ and CUDA kernels (CUDA_HOME={cpp_extension.CUDA_HOME})", file=sys.stderr)
         ext = cpp_extension.CUDAExtension(
             "allo._C",
             CPP_SOURCES + CUDA_SOURCES,
             define_macros=[("ALLO_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]},
         )
     else:
         ext = cpp_extension.CppExtension("allo._C", CPP_SOURCES, extra_compile_args={"cxx": cxx_flags})

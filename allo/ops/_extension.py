@@ -1,0 +1,86 @@
+"""Loads allo's compiled kernels (``csrc/``): the prebuilt ``allo._C``, else a just-in-time build.
+
+``pip install --no-build-isolation -e .`` compiles ``allo._C`` (see setup.py). When it is missing
+(for example after an install with build isolation, which cannot see torch), the sources in
+``csrc/`` are compiled with ninja on first use through ``torch.utils.cpp_extension.load`` and cached
+in torch's extension folder (``TORCH_EXTENSIONS_DIR``). Importing the extension registers the ops
+``torch.ops.allo.*`` with their CPU (and, when built with CUDA, CUDA) kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+import torch
+
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+_lock = threading.Lock()
+_module = None
+_how = None  # "prebuilt" or "jit"
+
+
+def _jit_build():
+    from torch.utils import cpp_extension
+
+    cpp = os.path.join(_CSRC, "logprob.cpp")
+    cu = os.path.join(_CSRC, "logprob_cuda.cu")
+    if not os.path.exists(cpp):
+        raise RuntimeError(
+            f"allo's compiled extension allo._C is not installed and its sources are not at {_CSRC} to build it "
+            "just in time; reinstall from a checkout with `pip install --no-build-isolation -e .`"
+        )
+    with_cuda = bool(torch.cuda.is_available() and torch.version.cuda and cpp_extension.CUDA_HOME and os.path.exists(cu))
+    cflags = ["-O3", "-std=c++20"] + (["-DALLO_WITH_CUDA=1"] if with_cuda else [])
+    return cpp_extension.load(
+        name="allo_C_jit" + ("_cuda" if with_cuda else ""),
+        sources=[cpp] + ([cu] if with_cuda else []),
+        extra_cflags=cflags,
+        extra_cuda_cflags=["-O3", "-std=c++20", "--use_fast_math"],
+        with_cuda=with_cuda,
+        verbose=os.environ.get("ALLO_VERBOSE_BUILD", "0") == "1",
+    )
+
+
+def load_extension():
+    """Import (or build) the extension once; return the module. Raises RuntimeError saying why not."""
+    global _module, _how
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is not None:
+            return _module
+        try:
+            from allo import _C as module  # noqa: N814
+
+            how = "prebuilt"
+        except ModuleNotFoundError:
+            module, how = None, None
+        except ImportError as exc:  # present but unloadable: built against another torch, most often
+            warnings.warn(
+                f"allo._C exists but cannot be loaded ({exc}); building csrc/ just in time instead. "
+                "Rebuild it with `pip install --no-build-isolation -e .` to avoid this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            module, how = None, None
+        if module is None:
+            try:
+                module, how = _jit_build(), "jit"
+            except Exception as exc:
+                raise RuntimeError(
+                    "allo's kernels are unavailable: allo._C is not built and compiling csrc/ just in time failed "
+                    f"({type(exc).__name__}: {exc}). Install a C++ compiler and ninja, then run "
+                    "`pip install --no-build-isolation -e .` in the allo checkout (set ALLO_VERBOSE_BUILD=1 to see "
+                    "the compiler output)."
+                ) from exc
+        _module, _how = module, how
+        return module
+
+
+def extension_info() -> str:
+    """One line saying how the kernels were obtained and which devices they cover."""
+    module = load_extension()
+    kernels = "CPU + CUDA kernels" if getattr(module, "with_cuda", False) else "CPU kernels only"
+    return f"{_how} ({module.__name__}: {kernels})"

@@ -1,0 +1,151 @@
+"""Per-token log-probabilities of labels, as a differentiable torch custom op.
+
+The kernels (``csrc/``) are registered as ``torch.ops.allo.token_logprob_fwd`` /
+``token_logprob_bwd`` / ``token_logprob_bwd_inplace``; this module adds what torch needs around
+them: autograd (``torch.library.register_autograd``) and fake kernels (``register_fake``), so the op
+runs under ``torch.compile`` without a graph break.
+
+Forward keeps only the log-sum-exp of each row (plus the labels and a reference to the logits) for
+backward, which recomputes softmax: grad_logits = g * (onehot(label) - softmax(logits)) for any
+per-token upstream gradient g.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from allo._backend import resolve_backend
+
+from . import reference
+from ._extension import load_extension as _load_module
+
+_registered = False
+_register_lock = threading.Lock()
+
+
+def _accumulate_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, ignore_index, inplace_backward = inputs
+    _, lse = output
+    ctx.save_for_backward(logits, labels, lse)
+    ctx.ignore_index = ignore_index
+    ctx.inplace_backward = inplace_backward
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_logp, _grad_lse):
+    logits, labels, lse = ctx.saved_tensors
+    grad = grad_logp.to(lse.dtype).contiguous()
+    if ctx.inplace_backward:
+        # The caller promised nothing else reads these logits after backward: reuse their buffer.
+        torch.ops.allo.token_logprob_bwd_inplace(grad, logits, labels, lse, ctx.ignore_index)
+        grad_logits = logits
+    else:
+        grad_logits = torch.ops.allo.token_logprob_bwd(grad, logits, labels, lse, ctx.ignore_index)
+    return grad_logits, None, None, None
+
+
+def _register():
+    global _registered
+    if _registered:
+        return
+    with _register_lock:
+        if _registered:
+            return
+        _load_module()
+
+        @torch.library.register_fake("allo::token_logprob_fwd")
+        def _fwd_fake(logits, labels, ignore_index=-100, inplace_backward=False):
+            acc = _accumulate_dtype(logits.dtype)
+            return logits.new_empty(labels.shape, dtype=acc), logits.new_empty(labels.shape, dtype=acc)
+
+        @torch.library.register_fake("allo::token_logprob_bwd")
+        def _bwd_fake(grad_logp, logits, labels, lse, ignore_index=-100):
+            return logits.new_empty(logits.shape)
+
+        @torch.library.register_fake("allo::token_logprob_bwd_inplace")
+        def _bwd_inplace_fake(grad_logp, logits, labels, lse, ignore_index=-100):
+            return None
+
+        torch.library.register_autograd("allo::token_logprob_fwd", _backward, setup_context=_setup_context)
+        _registered = True
+
+
+def ops():
+    """``torch.ops.allo`` with the kernels loaded and autograd/fake kernels registered."""
+    if not _registered:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "allo's kernels are not loaded yet and cannot be loaded while torch.compile traces; call "
+                "allo.ops.load_extension() once before compiling"
+            )
+        _register()
+    return torch.ops.allo
+
+
+def load_extension():
+    """Load (or build) the kernels and register their autograd and fake kernels; returns the module."""
+    _register()
+    return _load_module()
+
+
+def _prebuilt_available():
+    import importlib.util
+
+    return importlib.util.find_spec("allo._C") is not None
+
+
+if _prebuilt_available():  # cheap: register now, so torch.compile never meets an unloaded op
+    try:
+        _register()
+    except RuntimeError:
+        pass  # an unloadable allo._C: the first call reports it (or builds csrc/ just in time)
+
+
+def prepare_labels(logits: torch.Tensor, labels: torch.Tensor, what: str) -> torch.Tensor:
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"{what}: labels have shape {tuple(labels.shape)} but logits have shape {tuple(logits.shape)}; "
+            "labels must be logits.shape[:-1] (one label per token)"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"{what}: labels must be an integer tensor, got {labels.dtype}")
+    if labels.device != logits.device:
+        raise ValueError(f"{what}: labels are on {labels.device} but logits on {logits.device}")
+    return labels.to(torch.long).contiguous()
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                   inplace_backward: bool = False, backend: str | None = None) -> torch.Tensor:
+    """``log_softmax(logits, -1).gather(-1, labels)`` per token, without materialising log-softmax.
+
+    Args:
+        logits: ``[..., V]`` fp32, bf16, fp16 (or fp64). Only the last dimension must be contiguous;
+            views such as ``logits[:, :-1]`` are read in place, without a copy.
+        labels: integer ``logits.shape[:-1]``; tokens equal to ``ignore_index`` get log-prob 0 and
+            zero gradient.
+        inplace_backward: backward writes the gradient of the logits into the logits' own buffer
+            (saves one logits-sized allocation). Only when nothing else reads these logits after
+            this op's backward; autograd raises if a saved copy of them is used afterwards.
+        backend: ``None``/``"auto"`` (the compiled kernels for the tensors' device; ``"cpu"`` and
+            ``"triton"`` select them too, as this op has no Triton version) or ``"reference"``
+            (plain PyTorch). ``ALLO_BACKEND`` applies as everywhere in allo.
+
+    Returns:
+        fp32 log-probs of shape ``labels.shape`` (fp64 for fp64 logits), 0 where ignored.
+    """
+    labels = prepare_labels(logits, labels, "token_logprobs")
+    if resolve_backend(backend, logits.device, what="token_logprobs") == "reference":
+        return reference.token_logprobs(logits, labels, ignore_index)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if logits.dim() > 9:  # the kernels index at most 8 leading dimensions
+        return token_logprobs(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index,
+                              inplace_backward, backend).reshape(labels.shape)
+    logp, _ = ops().token_logprob_fwd(logits, labels, ignore_index, inplace_backward)
+    return logp

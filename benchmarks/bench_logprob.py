@@ -1,0 +1,153 @@
+"""Per-token log-probs: allo's kernels against the usual PyTorch ways (and Liger-Kernel if installed).
+
+Token-level cases time forward, backward and forward+backward of ``logits [N, V] -> logp [N]``
+(upstream gradient: random per-token weights, as DPO's):
+
+* ``torch``           log_softmax in fp32, then gather (the baseline of every ratio);
+* ``torch-ce``        ``-cross_entropy(logits, labels, reduction="none")``;
+* ``allo``            ``allo.ops.token_logprobs``; ``allo-inplace`` with ``inplace_backward=True``;
+* ``liger``           Liger-Kernel's cross entropy (CUDA only, when installed).
+
+Fused-linear cases time forward+backward from hidden states and the LM-head weight (gradients for
+both): ``torch`` (linear, then cross_entropy), ``allo-fused`` (``fused_linear_token_logprobs``)
+and ``liger-fused`` (Liger's fused linear cross entropy, when installed).
+
+Peak memory is the extra memory over what was live before the call (inputs excluded).
+
+    python benchmarks/bench_logprob.py [--quick] [--json FILE] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from _harness import measure, parse_args, report
+
+from allo.ops import extension_info, fused_linear_token_logprobs, token_logprobs
+
+SIZES = {
+    # (tokens, vocab, dtype) for token-level cases; (tokens, hidden, vocab, dtype) for fused-linear
+    ("cpu", False): dict(token=(2048, 32000, torch.float32), fused=(1024, 256, 32000, torch.float32)),
+    ("cpu", True): dict(token=(512, 8000, torch.float32), fused=(256, 128, 8000, torch.float32)),
+    ("cuda", False): dict(token=(8192, 128256, torch.bfloat16), fused=(8192, 4096, 128256, torch.bfloat16)),
+    ("cuda", True): dict(token=(2048, 32000, torch.bfloat16), fused=(2048, 1024, 32000, torch.bfloat16)),
+}
+
+
+def _add_arguments(parser):
+    parser.add_argument("--tokens", type=int, help="override the number of tokens")
+    parser.add_argument("--vocab", type=int, help="override the vocabulary size")
+    parser.add_argument("--skip-fused", action="store_true", help="only the token-level cases")
+
+
+def _liger():
+    if importlib.util.find_spec("liger_kernel") is None:
+        print("note: Liger-Kernel is not installed (pip install liger-kernel); its rows are skipped")
+        return None
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+    except Exception as exc:  # an incompatible version: say so, measure the rest
+        print(f"note: Liger-Kernel is installed but could not be imported ({exc}); its rows are skipped")
+        return None
+    return LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+
+
+def token_impls(device, liger):
+    impls = {
+        "torch": lambda x, y: torch.log_softmax(x.float(), -1).gather(-1, y.unsqueeze(-1)).squeeze(-1),
+        "torch-ce": lambda x, y: -F.cross_entropy(x, y, reduction="none"),
+        "allo": lambda x, y: token_logprobs(x, y),
+        "allo-inplace": lambda x, y: token_logprobs(x, y, inplace_backward=True),
+    }
+    if liger is not None and device.type == "cuda":
+        ce = liger[0](reduction="none")
+        impls["liger"] = lambda x, y: -ce(x, y)
+    return impls
+
+
+def fused_impls(device, liger):
+    impls = {
+        "torch": lambda h, w, y: -F.cross_entropy(h @ w.t(), y, reduction="none"),
+        "allo-fused": lambda h, w, y: fused_linear_token_logprobs(h, w, y),
+    }
+    if liger is not None and device.type == "cuda":
+        flce = liger[1](reduction="none")
+        impls["liger-fused"] = lambda h, w, y: -flce(w, h, y)
+    return impls
+
+
+def _note_failure(case, impl, exc):
+    print(f"note: {impl} failed on '{case}' ({type(exc).__name__}: {exc}); row skipped")
+
+
+def bench_tokens(args, device, liger, warmup, repeats):
+    n, v, dtype = SIZES[(device.type, args.quick)]["token"]
+    n, v = args.tokens or n, args.vocab or v
+    dtype_name = str(dtype).replace("torch.", "")
+    logits = (torch.randn(n, v, device=device) * 2).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, v, (n,), device=device)
+    upstream = torch.rand(n, device=device)  # per-token weights: non-uniform
+    rows = []
+    for name, fn in token_impls(device, liger).items():
+        def fwd():
+            return fn(logits, labels)
+
+        def fwd_bwd():
+            return torch.autograd.grad(fn(logits, labels), logits, upstream.to(torch.float32))
+
+        try:
+            out = fn(logits, labels)
+
+            def bwd():
+                return torch.autograd.grad(out, logits, upstream, retain_graph=True)
+
+            for mode, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
+                case = f"{mode} {n}x{v} {dtype_name}"
+                rows.append(measure(case, name, f, device=device, warmup=warmup, repeats=repeats))
+            del out
+        except Exception as exc:  # noqa: BLE001 - one broken impl must not hide the others
+            _note_failure(f"{n}x{v}", name, exc)
+    return rows
+
+
+def bench_fused(args, device, liger, warmup, repeats):
+    n, hsize, v, dtype = SIZES[(device.type, args.quick)]["fused"]
+    n = args.tokens or n
+    v = args.vocab or v
+    dtype_name = str(dtype).replace("torch.", "")
+    hidden = (torch.randn(n, hsize, device=device)).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, hsize, device=device) / hsize**0.5).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, v, (n,), device=device)
+    upstream = torch.rand(n, device=device)
+    rows = []
+    case = f"fused fwd+bwd {n}x{hsize}->{v} {dtype_name}"
+    for name, fn in fused_impls(device, liger).items():
+        def fwd_bwd():
+            return torch.autograd.grad(fn(hidden, weight, labels), (hidden, weight), upstream.to(torch.float32))
+
+        try:
+            rows.append(measure(case, name, fwd_bwd, device=device, warmup=warmup, repeats=repeats))
+        except Exception as exc:  # noqa: BLE001
+            _note_failure(case, name, exc)
+    return rows
+
+
+def main():
+    args = parse_args(__doc__.splitlines()[0], _add_arguments)
+    device = torch.device(args.device)
+    warmup = args.warmup if args.warmup is not None else 1
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else (5 if device.type == "cpu" else 20))
+    print(f"allo extension: {extension_info()}; threads: {torch.get_num_threads()}")
+    liger = _liger()
+    rows = bench_tokens(args, device, liger, warmup, repeats)
+    if not args.skip_fused:
+        rows += bench_fused(args, device, liger, warmup, repeats)
+    report(rows, baseline="torch", json_path=args.json,
+           title="per-token log-probs (torch = log_softmax+gather in fp32; fused: linear + cross_entropy)")
+
+
+if __name__ == "__main__":
+    main()

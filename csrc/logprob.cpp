@@ -1,0 +1,370 @@
+// Per-token log-probabilities of labels under logits, and their gradient: C++ CPU kernels, the
+// torch custom-op schema (namespace ``allo``) and the Python module ``allo._C``.
+//
+//   allo::token_logprob_fwd(logits, labels, ignore_index, inplace_backward) -> (logp, lse)
+//       logp[r] = logits[r, y_r] - logsumexp(logits[r, :]);  0 (and lse 0) where y_r == ignore_index.
+//       ``inplace_backward`` is not used by the kernels: autograd (allo/ops/logprob.py) reads it to
+//       decide whether backward may overwrite the logits with their gradient.
+//   allo::token_logprob_bwd(grad_logp, logits, labels, lse, ignore_index) -> grad_logits
+//       grad_logits[r, :] = g_r * (onehot(y_r) - softmax(logits[r, :])), 0 on ignored rows.
+//   allo::token_logprob_bwd_inplace(grad_logp, logits!, labels, lse, ignore_index) -> ()
+//       the same, written into the logits' own buffer.
+//
+// Forward reads each row once: blocks of kBlock elements are converted to fp32 (bf16/fp16), their
+// maximum found, and the running sum of exponentials rescaled only when the maximum grows (online
+// log-sum-exp with one exp per element). Backward recomputes softmax from the saved lse, so only
+// lse (4 bytes per token) is kept between the two.
+//
+// Vectorisation: the hot loops work on 16-float vectors (GCC vector extensions) and are compiled
+// three times (AVX-512, AVX2, baseline; chosen by CPU feature, not model) with GCC's target_clones; the loader picks the best one
+// for the running CPU. The exponential is a branch-free polynomial (relative error about 1e-7, below
+// fp32 rounding of the sums) because libm's expf does not vectorise without -ffast-math.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "logprob.h"
+
+// The 16-float vector type is passed between always-inlined helpers only, so the ABI note GCC
+// prints for it (vector returns differ with and without AVX-512) does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace allo {
+
+at::ScalarType accumulate_type(at::ScalarType logits_dtype) {
+  return logits_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+int64_t check_inputs(const at::Tensor& logits, const at::Tensor& labels, const char* op) {
+  TORCH_CHECK(logits.dim() >= 1, op, ": logits must have at least one dimension (the vocabulary), got a scalar");
+  TORCH_CHECK(logits.dim() - 1 <= kMaxLeadingDims, op, ": logits may have at most ", kMaxLeadingDims,
+              " leading dimensions, got shape ", logits.sizes(), "; flatten them first");
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble, op,
+              ": logits must be float32, bfloat16, float16 or float64, got ", dt);
+  TORCH_CHECK(logits.size(-1) >= 1, op, ": logits' last dimension (the vocabulary) is empty");
+  TORCH_CHECK(logits.stride(-1) == 1 || logits.size(-1) == 1, op,
+              ": logits' last dimension must be contiguous (stride 1), got strides ", logits.strides(),
+              "; call .contiguous() on the logits");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK(labels.sizes() == logits.sizes().slice(0, logits.dim() - 1), op, ": labels have shape ",
+              labels.sizes(), " but logits have shape ", logits.sizes(), "; labels must be logits.shape[:-1]");
+  TORCH_CHECK(labels.is_contiguous(), op, ": labels must be contiguous");
+  TORCH_CHECK(labels.device() == logits.device(), op, ": labels are on ", labels.device(), " but logits on ",
+              logits.device());
+  return labels.numel();
+}
+
+void check_backward_inputs(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,
+                           const at::Tensor& lse, const char* op) {
+  const auto acc = accumulate_type(logits.scalar_type());
+  TORCH_CHECK(grad.scalar_type() == acc && lse.scalar_type() == acc, op, ": grad_logp and lse must be ", acc,
+              " for ", logits.scalar_type(), " logits, got ", grad.scalar_type(), " and ", lse.scalar_type());
+  TORCH_CHECK(grad.sizes() == labels.sizes() && lse.sizes() == labels.sizes(), op,
+              ": grad_logp ", grad.sizes(), " and lse ", lse.sizes(), " must have the labels' shape ", labels.sizes());
+  TORCH_CHECK(grad.is_contiguous() && lse.is_contiguous(), op, ": grad_logp and lse must be contiguous");
+  TORCH_CHECK(grad.device() == logits.device() && lse.device() == logits.device(), op,
+              ": grad_logp, lse and logits must be on one device");
+}
+
+RowIndexer make_row_indexer(const at::Tensor& logits) {
+  RowIndexer idx{};
+  idx.ndim = static_cast<int32_t>(logits.dim() - 1);
+  for (int32_t d = 0; d < idx.ndim; ++d) {
+    idx.sizes[d] = logits.size(d);
+    idx.strides[d] = logits.stride(d);
+  }
+  return idx;
+}
+
+namespace {
+
+constexpr int64_t kBlock = 2048;  // 8 KiB of fp32: converted blocks stay in L1
+constexpr int kLanes = 16;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define ALLO_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define ALLO_SIMD_CLONES
+#endif
+
+// The hot loops use GCC/Clang vector extensions: a 16-float vector is one AVX-512 register, two AVX2
+// registers or four SSE registers, depending on the clone being compiled. Plain scalar loops do not
+// vectorise here: without -ffast-math the compiler keeps the branches of clamps and maxima.
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+typedef uint32_t vuint __attribute__((vector_size(64)));
+typedef uint16_t vhalfbits __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+__attribute__((always_inline)) inline void store(float* p, const vfloat& v) { std::memcpy(p, &v, sizeof(v)); }
+__attribute__((always_inline)) inline vfloat splat(float x) { return vfloat{} + x; }
+
+// exp(x) for the arguments softmax produces (x <= 0, or slightly above from rounding); 0 below -87.
+// Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6 Taylor polynomial.
+__attribute__((always_inline)) inline vfloat exp_v(vfloat x) {
+  const vfloat big = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vint underflow = x < -87.0f;
+  vfloat xc = underflow ? splat(-87.0f) : x;
+  xc = xc > 88.0f ? splat(88.0f) : xc;
+  const vfloat n = (xc * 1.44269504088896341f + big) - big;
+  vfloat r = xc - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  vfloat p = splat(1.3888889e-3f);
+  p = p * r + 8.3333333e-3f;
+  p = p * r + 4.1666667e-2f;
+  p = p * r + 1.6666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vint e = (__builtin_convertvector(n, vint) + 127) << 23;
+  const vfloat y = p * (vfloat)e;
+  return underflow ? splat(0.0f) : y;
+}
+
+ALLO_SIMD_CLONES float block_max(const float* x, int64_t n) {
+  vfloat acc = splat(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vfloat v = load(x + i);
+    acc = acc > v ? acc : v;
+  }
+  float m = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < kLanes; ++j) m = m > acc[j] ? m : acc[j];
+  for (; i < n; ++i) m = m > x[i] ? m : x[i];
+  return m;
+}
+
+ALLO_SIMD_CLONES float block_sum_exp(const float* x, int64_t n, float shift) {
+  vfloat acc = splat(0.0f);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc += exp_v(load(x + i) - shift);
+  float s = 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  for (; i < n; ++i) s += exp_v(splat(x[i] - shift))[0];
+  return s;
+}
+
+// out[i] = -g * exp(x[i] - lse); out may be x itself (each element is read before it is written).
+ALLO_SIMD_CLONES void block_grad(const float* x, float* out, int64_t n, float lse, float g) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(out + i, exp_v(load(x + i) - lse) * -g);
+  for (; i < n; ++i) out[i] = -g * exp_v(splat(x[i] - lse))[0];
+}
+
+ALLO_SIMD_CLONES void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vhalfbits h;
+    std::memcpy(&h, src + i, sizeof(h));
+    const vuint bits = __builtin_convertvector(h, vuint) << 16;
+    store(dst + i, (vfloat)bits);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+ALLO_SIMD_CLONES void from_float(const float* src, c10::BFloat16* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vfloat v = load(src + i);
+    const vuint u = (vuint)v;
+    // round to nearest even, as c10::BFloat16 does; NaN stays a (quiet) NaN
+    vuint r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    r = (v != v) ? vuint{} + 0x7FC0u : r;
+    const vhalfbits h = __builtin_convertvector(r, vhalfbits);
+    std::memcpy(dst + i, &h, sizeof(h));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
+}
+// fp16 logits are rare on CPUs: c10's scalar conversions are enough.
+void to_float(const c10::Half* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+void from_float(const float* src, c10::Half* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+
+inline int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, (int64_t{1} << 16) / vocab); }
+
+[[noreturn]] void bad_label(const char* op, int64_t row, int64_t label, int64_t vocab, int64_t ignore_index) {
+  TORCH_CHECK(false, op, ": labels[", row, "] = ", label, " is outside the vocabulary [0, ", vocab,
+              ") and is not ignore_index (", ignore_index, ")");
+}
+
+// float64 logits (gradcheck, references): plain loops in double, same interface as the fp32 blocks.
+double block_max(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = m > x[i] ? m : x[i];
+  return m;
+}
+double block_sum_exp(const double* x, int64_t n, double shift) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] - shift);
+  return s;
+}
+void block_grad(const double* x, double* out, int64_t n, double lse, double g) {
+  for (int64_t i = 0; i < n; ++i) out[i] = -g * std::exp(x[i] - lse);
+}
+
+// scalar_t: the logits' dtype; acc_t: float (fp32/bf16/fp16 logits) or double (fp64 logits).
+// bf16/fp16 blocks are converted into a small fp32 buffer; fp32 and fp64 rows are used in place.
+template <typename scalar_t, typename acc_t>
+void forward_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignore_index, acc_t* logp, acc_t* lse,
+                  int64_t rows) {
+  constexpr bool kConvert = !std::is_same<scalar_t, acc_t>::value;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t V = logits.size(-1);
+  const scalar_t* base = logits.const_data_ptr<scalar_t>();
+  const RowIndexer idx = make_row_indexer(logits);
+  at::parallel_for(0, rows, row_grain(V), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(kConvert ? kBlock : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t y = labels[r];
+      if (y == ignore_index) {
+        logp[r] = acc_t(0);
+        lse[r] = acc_t(0);
+        continue;
+      }
+      if (y < 0 || y >= V) bad_label("token_logprob_fwd", r, y, V, ignore_index);
+      const scalar_t* row = base + idx.offset(r);
+      acc_t m = kNegInf;
+      acc_t s = acc_t(0);
+      for (int64_t b = 0; b < V; b += kBlock) {
+        const int64_t n = std::min(kBlock, V - b);
+        const acc_t* xb;
+        if constexpr (kConvert) {
+          to_float(row + b, buf.data(), n);
+          xb = buf.data();
+        } else {
+          xb = row + b;
+        }
+        const acc_t bm = block_max(xb, n);
+        if (bm > m) {  // the running sum was taken relative to the old maximum: rescale it
+          s = (s == acc_t(0)) ? acc_t(0) : s * std::exp(m - bm);
+          m = bm;
+        }
+        if (m != kNegInf) s += block_sum_exp(xb, n, m);
+      }
+      const acc_t l = m + std::log(s);
+      lse[r] = l;
+      logp[r] = static_cast<acc_t>(row[y]) - l;
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_rows(const at::Tensor& logits, scalar_t* out_base, bool inplace, const acc_t* grad,
+                   const int64_t* labels, const acc_t* lse, int64_t ignore_index, int64_t rows) {
+  constexpr bool kConvert = !std::is_same<scalar_t, acc_t>::value;
+  const int64_t V = logits.size(-1);
+  const scalar_t* base = logits.const_data_ptr<scalar_t>();
+  const RowIndexer idx = make_row_indexer(logits);
+  at::parallel_for(0, rows, row_grain(V), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(kConvert ? kBlock : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t off = idx.offset(r);
+      const scalar_t* row = base + off;
+      scalar_t* out = inplace ? out_base + off : out_base + r * V;
+      const int64_t y = labels[r];
+      if (y == ignore_index) {
+        std::fill(out, out + V, scalar_t(0));
+        continue;
+      }
+      if (y < 0 || y >= V) bad_label("token_logprob_bwd", r, y, V, ignore_index);
+      const acc_t g = grad[r];
+      const acc_t l = lse[r];
+      const acc_t p_label = std::exp(static_cast<acc_t>(row[y]) - l);  // read before an in-place write
+      for (int64_t b = 0; b < V; b += kBlock) {
+        const int64_t n = std::min(kBlock, V - b);
+        if constexpr (kConvert) {
+          to_float(row + b, buf.data(), n);
+          block_grad(buf.data(), buf.data(), n, l, g);
+          from_float(buf.data(), out + b, n);
+        } else {
+          block_grad(inplace ? out + b : row + b, out + b, n, l, g);
+        }
+      }
+      out[y] = static_cast<scalar_t>(g - g * p_label);
+    }
+  });
+}
+
+// ---- op entry points --------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> token_logprob_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                         int64_t ignore_index, bool /*inplace_backward*/) {
+  const int64_t rows = check_inputs(logits, labels, "token_logprob_fwd");
+  const auto acc = accumulate_type(logits.scalar_type());
+  auto logp = at::empty(labels.sizes(), logits.options().dtype(acc));
+  auto lse = at::empty(labels.sizes(), logits.options().dtype(acc));
+  dispatch_floating(logits.scalar_type(), [&](auto s, auto a) {
+    using scalar_t = decltype(s);
+    using acc_t = decltype(a);
+    forward_rows<scalar_t, acc_t>(logits, labels.const_data_ptr<int64_t>(), ignore_index, logp.data_ptr<acc_t>(),
+                                  lse.data_ptr<acc_t>(), rows);
+  });
+  return {logp, lse};
+}
+
+void run_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,
+                      const at::Tensor& lse, int64_t ignore_index, at::Tensor& out, bool inplace) {
+  dispatch_floating(logits.scalar_type(), [&](auto s, auto a) {
+    using scalar_t = decltype(s);
+    using acc_t = decltype(a);
+    backward_rows<scalar_t, acc_t>(logits, reinterpret_cast<scalar_t*>(out.data_ptr()), inplace,
+                                   grad.const_data_ptr<acc_t>(), labels.const_data_ptr<int64_t>(),
+                                   lse.const_data_ptr<acc_t>(), ignore_index, labels.numel());
+  });
+}
+
+at::Tensor token_logprob_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,
+                                 const at::Tensor& lse, int64_t ignore_index) {
+  check_inputs(logits, labels, "token_logprob_bwd");
+  check_backward_inputs(grad, logits, labels, lse, "token_logprob_bwd");
+  auto out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  run_backward_cpu(grad, logits, labels, lse, ignore_index, out, /*inplace=*/false);
+  return out;
+}
+
+void token_logprob_bwd_inplace_cpu(const at::Tensor& grad, at::Tensor& logits, const at::Tensor& labels,
+                                   const at::Tensor& lse, int64_t ignore_index) {
+  check_inputs(logits, labels, "token_logprob_bwd_inplace");
+  check_backward_inputs(grad, logits, labels, lse, "token_logprob_bwd_inplace");
+  run_backward_cpu(grad, logits, labels, lse, ignore_index, logits, /*inplace=*/true);
+}
+
+}  // namespace
+}  // namespace allo
+
+TORCH_LIBRARY(allo, m) {
+  m.def("token_logprob_fwd(Tensor logits, Tensor labels, int ignore_index=-100, bool inplace_backward=False)"
+        " -> (Tensor logp, Tensor lse)");
+  m.def("token_logprob_bwd(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index=-100)"
+        " -> Tensor");
+  m.def("token_logprob_bwd_inplace(Tensor grad_logp, Tensor(a!) logits, Tensor labels, Tensor lse,"
+        " int ignore_index=-100) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(allo, CPU, m) {
+  m.impl("token_logprob_fwd", &allo::token_logprob_fwd_cpu);
+  m.impl("token_logprob_bwd", &allo::token_logprob_bwd_cpu);
+  m.impl("token_logprob_bwd_inplace", &allo::token_logprob_bwd_inplace_cpu);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "allo's compiled kernels; the ops are registered as torch.ops.allo.*";
+#ifdef ALLO_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,165 @@
+"""allo.ops.token_logprobs (csrc/ kernels) against a float64 reference."""
+
+import pytest
+import torch
+
+from allo.ops import token_logprobs
+from allo.ops.logprob import ops
+
+from _logprob_reference import reference_logprobs_and_grad, tolerances
+from conftest import requires_cuda
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# 1, tiny, odd, just under / over the CPU block of 2048, and not a multiple of any vector width
+VOCABS = [1, 7, 2047, 2049, 5003]
+
+
+def _inputs(shape, vocab, dtype, device, ignore_index=-100, ignore_fraction=0.25):
+    logits = (torch.randn(*shape, vocab, device=device) * 4).to(dtype)
+    labels = torch.randint(0, vocab, shape, device=device)
+    labels[torch.rand(shape, device=device) < ignore_fraction] = ignore_index
+    upstream = torch.randn(shape, device=device) * torch.rand(shape, device=device) * 3  # non-uniform
+    return logits, labels, upstream
+
+
+def _check(logits, labels, upstream, ignore_index=-100, inplace=False):
+    expected_logp, expected_grad = reference_logprobs_and_grad(logits, labels, upstream, ignore_index)
+    x = logits.clone().requires_grad_(True)
+    work = x * 1 if inplace else x  # a non-leaf whose buffer backward may overwrite
+    logp = token_logprobs(work, labels, ignore_index=ignore_index, inplace_backward=inplace)
+    assert logp.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(logp.double(), expected_logp, rtol=1e-5, atol=5e-5)
+    assert torch.all(logp[labels == ignore_index] == 0)
+    logp.backward(upstream)
+    torch.testing.assert_close(x.grad.double(), expected_grad, **tolerances(logits.dtype))
+    assert torch.all(x.grad[labels == ignore_index] == 0)
+    return x, work
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_forward_backward_matches_float64_reference(dtype, vocab):
+    _check(*_inputs((3, 5), vocab, dtype, "cpu"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_backward_writes_gradient_into_logits_buffer(dtype):
+    logits, labels, upstream = _inputs((4, 6), 2053, dtype, "cpu")
+    x, work = _check(logits, labels, upstream, inplace=True)
+    # the gradient now lives in the intermediate's buffer: every element, ignored rows included, was rewritten
+    torch.testing.assert_close(work.detach(), x.grad, rtol=0, atol=0)
+
+
+def test_custom_ignore_index_and_all_ignored():
+    logits, labels, upstream = _inputs((2, 9), 33, torch.float32, "cpu", ignore_index=-1)
+    _check(logits, labels, upstream, ignore_index=-1)
+    labels[:] = -1
+    x = logits.clone().requires_grad_(True)
+    logp = token_logprobs(x, labels, ignore_index=-1)
+    logp.backward(upstream)
+    assert torch.all(logp == 0) and torch.all(x.grad == 0)
+
+
+def test_vocab_of_one_gives_zero_logprob_and_gradient():
+    logits = torch.randn(5, 1, requires_grad=True)
+    logp = token_logprobs(logits, torch.zeros(5, dtype=torch.long))
+    logp.backward(torch.randn(5))
+    assert torch.all(logp == 0) and torch.all(logits.grad == 0)
+
+
+def test_shifted_view_is_read_without_copy_and_extreme_logits():
+    full = torch.randn(2, 8, 300) * 30  # large range: exercises the online max rescaling
+    full[0, 1, 5] = 1e4
+    full[1, 2] = -float("inf")
+    full[1, 2, 7] = 0.0
+    labels = torch.randint(0, 300, (2, 7))
+    labels[1, 1] = 7  # row (1, 1) of the view is row (1, 2) of full: one finite logit
+    view = full[:, :-1]  # not viewable as [14, 300]
+    assert not view.is_contiguous()
+    _check(view, labels, torch.randn(2, 7))
+
+
+def test_gradcheck_float64():
+    logits = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[0, 5, -100], [2, -100, 1]])
+    assert torch.autograd.gradcheck(lambda t: token_logprobs(t, labels), (logits,))
+
+
+def test_fp64_kernel_matches_reference_tightly():
+    _check(*_inputs((3, 4), 513, torch.float64, "cpu"))
+
+
+def test_reference_backend_agrees():
+    logits, labels, upstream = _inputs((3, 4), 99, torch.float32, "cpu")
+    torch.testing.assert_close(token_logprobs(logits, labels, backend="reference"), token_logprobs(logits, labels))
+
+
+def test_bad_inputs_raise_with_names():
+    logits = torch.randn(3, 10)
+    with pytest.raises(RuntimeError, match=r"labels\[1\] = 10 is outside the vocabulary"):
+        token_logprobs(logits, torch.tensor([0, 10, 2]))
+    with pytest.raises(ValueError, match="labels must be logits.shape"):
+        token_logprobs(logits, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="integer"):
+        token_logprobs(logits, torch.zeros(3))
+
+
+def test_custom_op_registration_passes_opcheck():
+    logits, labels, _ = _inputs((3, 4), 37, torch.float32, "cpu")
+    logits.requires_grad_(True)
+    op = ops()
+    torch.library.opcheck(op.token_logprob_fwd, (logits, labels, -100, False))
+    _, lse = op.token_logprob_fwd(logits.detach(), labels, -100, False)
+    grad = torch.randn(3, 4)
+    torch.library.opcheck(op.token_logprob_bwd, (grad, logits.detach(), labels, lse, -100))
+    torch.library.opcheck(op.token_logprob_bwd_inplace, (grad, logits.detach().clone(), labels, lse, -100))
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    logits, labels, upstream = _inputs((2, 5), 41, torch.float32, "cpu")
+
+    def f(x, y, g):
+        return (token_logprobs(x, y) * g).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    x1 = logits.clone().requires_grad_(True)
+    x2 = logits.clone().requires_grad_(True)
+    compiled(x1, labels, upstream).backward()
+    f(x2, labels, upstream).backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+# ---- CUDA kernels (a GPU session runs these; CI has no GPU) -------------------------------------
+
+
+def _poison_cuda_allocator(nbytes):
+    # Fill, then free, a block of the size the op will allocate: the caching allocator hands the
+    # same NaN-filled memory to the op, so any element it forgets to write stays NaN.
+    junk = torch.full((nbytes // 4 + 1024,), float("nan"), device="cuda")
+    del junk
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("vocab", VOCABS + [32000, 128256 + 3])
+def test_cuda_kernels_match_float64_reference(dtype, vocab):
+    logits, labels, upstream = _inputs((3, 7), vocab, dtype, "cuda")
+    _poison_cuda_allocator(logits.numel() * logits.element_size())
+    _check(logits, labels, upstream)
+    _check(logits, labels, upstream, inplace=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_misaligned_rows_and_shifted_views(dtype):
+    full = (torch.randn(2, 9, 1001, device="cuda") * 3).to(dtype)
+    view = full[:, :-1, 1:]  # rows start off any 16-byte boundary, leading dims not flattenable
+    labels = torch.randint(0, 1000, (2, 8), device="cuda")
+    labels[0, 3] = -100
+    _check(view, labels, torch.randn(2, 8, device="cuda"))
+
+
+@requires_cuda
+def test_cuda_many_rows_large_vocab_bf16():
+    logits, labels, upstream = _inputs((257,), 128256, torch.bfloat16, "cuda")
+    _check(logits, labels, upstream)

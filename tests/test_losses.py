@@ -1,0 +1,161 @@
+"""allo.losses against values computed by hand (math module, not the code under test)."""
+
+import math
+
+import pytest
+import torch
+
+from allo.losses import (dpo_loss, forget_loss, improve_loss, token_logprobs, token_weights_from_implicit_reward,
+                         token_weights_from_probs, top_fraction_mask)
+
+TRL_METRICS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected"}
+NEG_INF = float("-inf")
+
+
+def logsigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+def _pair():
+    # Padding holds -inf log-probs: the masks, not multiplication, must keep them out.
+    policy_chosen = torch.tensor([[-1.0, -2.0, NEG_INF]], requires_grad=True)
+    ref_chosen = torch.tensor([[-1.5, -2.0, NEG_INF]])
+    chosen_mask = torch.tensor([[True, True, False]])
+    policy_rejected = torch.tensor([[-3.0, -1.0, NEG_INF]], requires_grad=True)
+    ref_rejected = torch.tensor([[-2.0, -1.0, NEG_INF]])
+    rejected_mask = torch.tensor([[True, True, False]])
+    return policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_mask, rejected_mask
+
+
+def test_dpo_sigmoid_by_hand():
+    args = _pair()
+    loss, metrics = dpo_loss(*args, beta=0.1)
+    # chosen log-ratio (-3) - (-3.5) = 0.5; rejected (-4) - (-3) = -1; h = 1.5
+    assert loss.item() == pytest.approx(-logsigmoid(0.15), rel=1e-6)
+    assert set(metrics) == TRL_METRICS
+    expected = {"rewards/chosen": 0.05, "rewards/rejected": -0.1, "rewards/accuracies": 1.0, "rewards/margins": 0.15,
+                "logps/chosen": -3.0, "logps/rejected": -4.0}
+    for name, value in expected.items():
+        assert metrics[name].item() == pytest.approx(value, abs=1e-6), name
+        assert not metrics[name].requires_grad
+    loss.backward()
+    s = 1 - 1 / (1 + math.exp(-0.15))  # d(-log sigma(x))/dx = -(1 - sigma(x))
+    torch.testing.assert_close(args[0].grad, torch.tensor([[-0.1 * s, -0.1 * s, 0.0]]))
+    torch.testing.assert_close(args[1].grad, torch.tensor([[0.1 * s, 0.1 * s, 0.0]]))
+
+
+def test_dpo_hinge_and_ipo_by_hand():
+    loss, _ = dpo_loss(*_pair(), beta=0.1, loss_type="hinge")
+    assert loss.item() == pytest.approx(0.85, rel=1e-6)
+    loss, metrics = dpo_loss(*_pair(), beta=0.1, loss_type="ipo")
+    # per-token means: chosen -1.5 vs -1.75 -> 0.25; rejected -2 vs -1.5 -> -0.5; h = 0.75
+    assert loss.item() == pytest.approx((0.75 - 5.0) ** 2, rel=1e-6)
+    assert metrics["rewards/margins"].item() == pytest.approx(0.075, abs=1e-6)
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(*_pair(), loss_type="kto")
+
+
+def test_forget_loss_normalises_by_number_of_nonzero_weights():
+    policy = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, NEG_INF]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-1.0, -2.0, NEG_INF]])
+    weights = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.5, 0.0]])
+    loss, metrics = forget_loss(policy, ref, weights, beta=0.1)
+    # d = [[0.5, 0, -1], [0, 1, -]]: three non-zero weights (not six tokens, not a weight sum of 2.5)
+    total = logsigmoid(-0.05) + logsigmoid(0.1) + 0.5 * logsigmoid(-0.1)
+    assert loss.item() == pytest.approx(-total / 3, rel=1e-6)
+    assert metrics["forget/weighted_tokens"].item() == pytest.approx(1.5)
+    assert metrics["forget/log_ratio"].item() == pytest.approx((0.5 - 1 + 1) / 3, rel=1e-6)
+    assert metrics["rewards/rejected"].item() == pytest.approx(0.1 * (-0.5 + 1) / 2, rel=1e-6)
+    loss.backward()
+    # d/dd [-w log sigma(-beta d)] / 3 = w * beta * sigma(beta d) / 3
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = torch.tensor([[0.1 * sig(0.05) / 3, 0.0, 0.1 * sig(-0.1) / 3], [0.0, 0.5 * 0.1 * sig(0.1) / 3, 0.0]])
+    torch.testing.assert_close(policy.grad, expected)
+
+    loss_seq, _ = forget_loss(policy, ref, weights, beta=0.1, normalize="sequence")
+    per_row = [-(logsigmoid(-0.05) + logsigmoid(0.1)) / 2, -(0.5 * logsigmoid(-0.1)) / 1]
+    assert loss_seq.item() == pytest.approx(sum(per_row) / 2, rel=1e-6)
+
+
+def test_forget_loss_without_weighted_tokens_is_zero_with_zero_gradient():
+    policy = torch.randn(2, 4, requires_grad=True)
+    loss, _ = forget_loss(policy, torch.randn(2, 4), torch.zeros(2, 4))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(policy.grad == 0)
+
+
+def _improve_batch():
+    T = 30
+    lengths = [10, 25]  # own lengths; the padded length is 30
+    policy_rejected = torch.full((2, T), -1.0)
+    ref_rejected = torch.full((2, T), -1.0)
+    rejected_mask = torch.zeros(2, T, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        rejected_mask[b, :n] = True
+    # row 0: the most negative d is at token 4; row 1: at tokens 20 and 3
+    policy_rejected[0, 4] = -3.0
+    policy_rejected[0, 6] = -2.0
+    policy_rejected[1, 20] = -5.0
+    policy_rejected[1, 3] = -4.0
+    policy_rejected[1, 9] = -2.5
+    policy_rejected[1, 27] = -9.0  # padding: must never be a key token
+    policy_chosen = torch.tensor([[-1.0, -1.0, 0.0], [-2.0, 0.0, 0.0]])
+    ref_chosen = torch.tensor([[-1.2, -1.1, 0.0], [-2.5, 0.0, 0.0]])
+    chosen_mask = torch.tensor([[True, True, False], [True, False, False]])
+    return policy_chosen, policy_rejected.requires_grad_(True), ref_chosen, ref_rejected, chosen_mask, rejected_mask
+
+
+def test_improve_loss_key_tokens_are_a_fraction_of_the_own_length():
+    pc, pr, rc, rr, cm, rm = _improve_batch()
+    loss, metrics = improve_loss(pc, pr, rc, rr, cm, rm, beta=0.1, eps=0.1)
+    # k = max(1, floor(0.1 * n)): 1 of 10 (token 4), 2 of 25 (tokens 20 and 3); 3 each if it were the padded 30
+    h0 = (0.2 + 0.1) - (-2.0)
+    h1 = 0.5 - (-4.0 - 3.0)
+    assert loss.item() == pytest.approx(-(logsigmoid(0.1 * h0) + logsigmoid(0.1 * h1)) / 2, rel=1e-6)
+    assert metrics["improve/key_tokens"].item() == pytest.approx(1.5)
+    assert TRL_METRICS <= set(metrics)
+    assert metrics["rewards/rejected"].item() == pytest.approx(0.1 * (-2.0 - 7.0) / 2, rel=1e-6)
+    loss.backward()
+    # gradient reaches the key tokens only; the choice itself has none
+    assert {tuple(i) for i in pr.grad.nonzero().tolist()} == {(0, 4), (1, 20), (1, 3)}
+
+
+def test_improve_loss_ties_pick_earliest_tokens_and_eps_is_validated():
+    scores = torch.zeros(1, 12)
+    mask = torch.zeros(1, 12, dtype=torch.bool)
+    mask[0, 2:12] = True  # 10 tokens, all tied (first improving step: d = 0)
+    assert top_fraction_mask(scores, mask, 0.3).nonzero()[:, 1].tolist() == [2, 3, 4]
+    assert top_fraction_mask(scores, mask, 0.01).sum() == 1  # at least one token
+    assert top_fraction_mask(scores, torch.zeros_like(mask), 0.5).sum() == 0  # empty response: none
+    with pytest.raises(ValueError, match="eps"):
+        improve_loss(*_improve_batch(), eps=0.0)
+
+
+def test_token_weights_from_probs():
+    p = torch.tensor([[0.2, 0.5, 0.7, 0.49]])
+    mask = torch.tensor([[True, True, True, False]])
+    assert token_weights_from_probs(p, mask).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    torch.testing.assert_close(token_weights_from_probs(p, mask, mode="raw"), torch.tensor([[0.2, 0.5, 0.7, 0.0]]))
+    with pytest.raises(ValueError, match="mode"):
+        token_weights_from_probs(p, mode="soft")
+
+
+def test_token_weights_from_implicit_reward():
+    warm = torch.tensor([[-4.0, -2.0, -1.5, -3.0, -1.1, -1.0, -1.0, -1.0, -1.0, -1.0],
+                         [-1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0]])
+    sft = torch.full((2, 10), -1.0)
+    sft[1] = -2.0  # warm-up raised every token of row 1: nothing to forget there
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    w = token_weights_from_implicit_reward(warm, sft, mask, fraction=0.2)
+    assert w[0].nonzero()[:, 0].tolist() == [0, 3]  # log-ratios -3 and -2, the two most negative
+    assert torch.all(w[1] == 0)
+
+
+def test_token_logprobs_is_reexported_and_differentiable():
+    logits = torch.randn(2, 3, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 3))
+    lp = token_logprobs(logits, labels)
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0])
+    lp.sum().backward()
+    assert logits.grad is not None
