@@ -15,6 +15,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "logprob.h"
@@ -170,7 +171,9 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(const acc_t* __restrict__ 
 // Calls f(std::integral_constant<int, THREADS>): wide rows get more threads; rows of a few thousand
 // elements do not need them.
 template <typename F>
-void with_block_size(int64_t V, int64_t elem_size, F&& f) {
+void with_block_size(int64_t rows, int64_t V, int64_t elem_size, F&& f) {
+  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "allo token_logprob: ", rows,
+              " rows exceed the CUDA grid limit of 2^31 - 1; split the batch");
   if (V * elem_size >= 16 * 1024)
     f(std::integral_constant<int, 512>{});
   else
@@ -192,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> token_logprob_fwd_cuda(const at::Tensor& logi
     using scalar_t = decltype(s);
     using acc_t = decltype(a);
     const auto* x = reinterpret_cast<const scalar_t*>(logits.const_data_ptr());
-    with_block_size(V, sizeof(scalar_t), [&](auto threads) {
+    with_block_size(rows, V, sizeof(scalar_t), [&](auto threads) {
       fwd_kernel<scalar_t, acc_t, threads.value><<<rows, threads.value, 0, stream>>>(
           x, idx, labels.const_data_ptr<int64_t>(), V, ignore_index, logp.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -213,7 +216,7 @@ void launch_bwd(const at::Tensor& grad, const at::Tensor& logits, const at::Tens
     using acc_t = decltype(a);
     const auto* x = reinterpret_cast<const scalar_t*>(logits.const_data_ptr());
     auto* o = reinterpret_cast<scalar_t*>(out.data_ptr());
-    with_block_size(V, sizeof(scalar_t), [&](auto threads) {
+    with_block_size(rows, V, sizeof(scalar_t), [&](auto threads) {
       bwd_kernel<scalar_t, acc_t, threads.value><<<rows, threads.value, 0, stream>>>(
           grad.const_data_ptr<acc_t>(), x, idx, o, inplace, labels.const_data_ptr<int64_t>(),
           lse.const_data_ptr<acc_t>(), V, ignore_index);
