@@ -25,9 +25,14 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "logprob.h"
 
@@ -193,6 +198,23 @@ void from_float(const float* src, c10::Half* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }
 
+// A fresh logits-sized gradient is mostly page faults on Linux (4 KiB pages: ~130 ms for 262 MB on a
+// 2-core VM, against ~20 ms to compute it). Asking for transparent huge pages on the buffer before
+// it is first written cuts that ~4x when THP is in "madvise" mode (torch does the same for all its
+// allocations with THP_MEM_ALLOC_ENABLE=1). Only a hint: if refused, nothing changes but speed.
+void advise_huge_pages(void* data, size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (nbytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + nbytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)nbytes;
+#endif
+}
+
 inline int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, (int64_t{1} << 16) / vocab); }
 
 [[noreturn]] void bad_label(const char* op, int64_t row, int64_t label, int64_t vocab, int64_t ignore_index) {
@@ -331,6 +353,7 @@ at::Tensor token_logprob_bwd_cpu(const at::Tensor& grad, const at::Tensor& logit
   check_inputs(logits, labels, "token_logprob_bwd");
   check_backward_inputs(grad, logits, labels, lse, "token_logprob_bwd");
   auto out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  advise_huge_pages(out.data_ptr(), out.nbytes());
   run_backward_cpu(grad, logits, labels, lse, ignore_index, out, /*inplace=*/false);
   return out;
 }
