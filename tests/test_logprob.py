@@ -50,6 +50,16 @@ def test_inplace_backward_writes_gradient_into_logits_buffer(dtype):
     torch.testing.assert_close(work.detach(), x.grad, rtol=0, atol=0)
 
 
+def test_inplace_backward_is_detected_when_logits_are_needed_again():
+    x = torch.randn(4, 9, requires_grad=True)
+    logits = x * 2
+    labels = torch.randint(0, 9, (4,))
+    squares = (logits * logits).sum()  # mul saves logits for its own backward
+    loss = token_logprobs(logits, labels, inplace_backward=True).sum() + squares
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_custom_ignore_index_and_all_ignored():
     logits, labels, upstream = _inputs((2, 9), 33, torch.float32, "cpu", ignore_index=-1)
     _check(logits, labels, upstream, ignore_index=-1)

@@ -44,6 +44,9 @@ def _backward(ctx, grad_logp, _grad_lse):
     if ctx.inplace_backward:
         # The caller promised nothing else reads these logits after backward: reuse their buffer.
         torch.ops.allo.token_logprob_bwd_inplace(grad, logits, labels, lse, ctx.ignore_index)
+        # Custom ops do not bump the version counter themselves; bumping it makes autograd raise if
+        # another node saved these logits and unpacks them after this backward.
+        torch.autograd.graph.increment_version(logits)
         grad_logits = logits
     else:
         grad_logits = torch.ops.allo.token_logprob_bwd(grad, logits, labels, lse, ctx.ignore_index)
