@@ -1,0 +1,95 @@
+"""``allo-train [STAGE] [--flags] [--config FILE.yaml]``: the command line, generated from TrainConfig.
+
+With no arguments it runs every stage on the built-in task. Precedence: flags > YAML > defaults.
+Multi-process: ``accelerate launch [--num_processes N] -m allo.train.cli run ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from .config import STAGES, TrainConfig
+
+COMMANDS = ("run",) + STAGES
+
+
+def _bool(v):
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def _base_type(tp):
+    if isinstance(tp, str):
+        tp = eval(tp, {"typing": typing})  # annotations are strings (from __future__ import annotations)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="allo-train",
+        description="ALLO alignment: warm-up DPO, key-neuron selection, token-level forgetting, key-token DPO. "
+                    "Every stage writes to --output_dir/<stage>/ and is skipped by `run` once complete.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("command", nargs="?", default="run", choices=COMMANDS,
+                   help="stage to run; `run` = every stage of --stages in order, skipping completed ones")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys are these flag names (flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        tp = _base_type(f.type)
+        kw = {"help": f.metadata["help"], "default": f.default}
+        if tp is bool:
+            kw.update(type=_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kw.update(type=tp)
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+        p.add_argument(f"--{f.name}", **kw)
+    return p
+
+
+def parse(argv=None) -> tuple[str, TrainConfig]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        import yaml
+
+        with open(args.config) as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            parser.error(f"{args.config}: expected a mapping of flag names to values")
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            parser.error(f"{args.config}: unknown key(s) {unknown}; keys are the flag names of `allo-train --help`")
+        parser.set_defaults(**data)
+        args = parser.parse_args(argv)  # flags given on the command line still win
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    try:
+        cfg = TrainConfig(**values).validate()
+    except ValueError as e:
+        parser.error(str(e))
+    return args.command, cfg
+
+
+def main(argv=None) -> int:
+    command, cfg = parse(argv)
+    from . import pipeline
+
+    if command == "run":
+        pipeline.run(cfg)
+    else:
+        pipeline.run_stage(command, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Every option of allo-train, with TRL's names where TRL has one. The CLI is generated from this
+dataclass (flag = field name, help = the field's ``help``), and a YAML ``--config`` uses the same keys.
+
+Learning rates: the released ALLO scripts train 7B models with warm-up 1e-6, forgetting 5e-7 and
+improving 5e-6. The built-in 0.2M-parameter model needs far larger steps; the defaults keep the
+released ratios between stages (forget = warm-up / 2, improve = warm-up x 5) at a scale the tiny
+model learns at. Set all three for real models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+STAGES = ("prepare", "warmup", "select", "forget", "improve", "eval")
+TRAINED_STAGES = ("warmup", "forget", "improve")
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- model and data (TRL names)
+    model_name_or_path: str | None = _f(None, "starting (SFT) model: a local folder or hub name. Default: the built-in "
+                                        "tiny Llama, SFT-trained on the built-in task during `prepare`")
+    task: str = _f("arithmetic", "built-in task with checkable answers (arithmetic | compare), used when no data is given")
+    dataset_name: str | None = _f(None, "a `datasets` name with prompt/chosen/rejected columns (instead of --train_file)")
+    dataset_train_split: str = _f("train", "split of --dataset_name to train on")
+    dataset_test_split: str = _f("test", "split of --dataset_name to evaluate on")
+    train_file: str | None = _f(None, "preference pairs (.jsonl/.json/.parquet): prompt, chosen, rejected")
+    eval_file: str | None = _f(None, "held-out preference pairs, same format")
+    negatives_file: str | None = _f(None, "wrong responses to forget (prompt, response [, token_weights | keep_probs]). "
+                                    "Default: every distinct rejected response of the training pairs")
+    problems_file: str | None = _f(None, "problems with checkable answers (prompt, answer) for `prepare` on your own model")
+    eval_problems_file: str | None = _f(None, "held-out problems (prompt, answer) for answer accuracy in `eval`")
+    output_dir: str = _f("allo_output", "every stage writes its own folder under this one")
+    max_length: int = _f(256, "longest prompt + response in tokens; the response loses its end (see allo.train.data)")
+    max_prompt_length: int | None = _f(None, "the prompt keeps its last this-many tokens (default: all)")
+    skip_bad_rows: bool = _f(False, "skip malformed data rows and count them, instead of stopping at the first")
+
+    # --- training (TRL names)
+    learning_rate: float = _f(2e-4, "warm-up (full-parameter DPO) learning rate")
+    forget_learning_rate: float = _f(1e-4, "forgetting-stage learning rate (released script: warm-up / 2)")
+    improve_learning_rate: float = _f(1e-3, "improving-stage learning rate (released script: warm-up x 5)")
+    per_device_train_batch_size: int = _f(16, "pairs (or wrong responses) per device per micro-batch")
+    per_device_eval_batch_size: int = _f(64, "sequences per device per evaluation batch")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    num_train_epochs: float = _f(1.0, "epochs per training stage (released scripts: 1)")
+    max_steps: int = _f(-1, "if > 0: optimizer steps per training stage, overriding --num_train_epochs")
+    warmup_ratio: float = _f(0.1, "fraction of steps of linear learning-rate warm-up before the cosine decay")
+    lr_scheduler_type: str = _f("cosine", "cosine | linear | constant (transformers' schedulers, with warm-up)")
+    weight_decay: float = _f(0.0, "AdamW weight decay (released scripts: 0)")
+    adam_epsilon: float = _f(1e-6, "AdamW epsilon (released scripts: 1e-6)")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    beta: float = _f(0.1, "DPO / NPO temperature beta (released scripts: 0.1)")
+    bf16: bool = _f(False, "bf16 autocast (fp32 master weights)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    seed: int = _f(42, "seed for data order, sampling and initialisation")
+    logging_steps: int = _f(5, "log metrics every this many optimizer steps")
+    save_steps: int = _f(0, "checkpoint every this many optimizer steps (0: only the final model)")
+    save_total_limit: int = _f(2, "checkpoints kept per stage (older ones are deleted)")
+    report_to: str = _f("all", "metrics sinks: all (JSONL + TensorBoard when installed) | jsonl | tensorboard | none "
+                        "(metrics.jsonl is always written: the plots read it)")
+    resume_from_checkpoint: str | None = _f(None, "continue an interrupted stage: 'true' for its latest checkpoint, "
+                                            "or a checkpoint folder")
+    disable_tqdm: bool = _f(False, "no progress bars")
+
+    # --- ALLO
+    score_source: str = _f("weight_delta", "neuron importance: weight_delta (|theta_warmup - theta_0|, the paper) | "
+                           "gradient (|accumulated DPO gradient at theta_0|, no warm-up needed)", choices=("weight_delta", "gradient"))
+    score_batches: int = _f(8, "batches the gradient score accumulates over")
+    selection: str = _f("top", "which elements the masks keep: top (ALLO) | bottom | random | none (every element: "
+                        "no neuron selection)", choices=("top", "bottom", "random", "none"))
+    forget_ratio: float = _f(0.03, "fraction of all elements trained while forgetting (fewer than improving, as in the paper)")
+    improve_ratio: float = _f(0.1, "fraction of all elements trained while improving (released script: 0.05)")
+    exclude_ratio: float = _f(0.0, "leave out the top this-fraction of elements from both masks (the band's upper edge)")
+    skip_forget: bool = _f(False, "ablation: no forgetting stage (improve starts from the SFT model)")
+    key_tokens: bool = _f(True, "improve on the key tokens of rejected responses (False: plain DPO on every token)")
+    eps: float = _f(0.1, "fraction of each rejected response's tokens that are key tokens (at least one)")
+    token_weight_source: str = _f("auto", "forgetting token weights: data (token_weights in the negatives) | "
+                                  "reward_model_probs (keep_probs: weight 1 where p < 0.5) | implicit_reward (the "
+                                  "warm-up model's most negative log-ratios) | auto (data if the negatives carry "
+                                  "token_weights, else implicit_reward)",
+                                  choices=("auto", "data", "reward_model_probs", "implicit_reward"))
+    raw_reward_probs: bool = _f(False, "with reward_model_probs: use the raw keep probabilities as weights, like the "
+                                "released code, instead of 1[p < 0.5]")
+    implicit_token_fraction: float = _f(0.1, "with implicit_reward: fraction of each wrong response's tokens weighted 1 "
+                                        "(those the warm-up model pushed down most; only where it pushed them down)")
+
+    # --- pipeline
+    stages: str = _f("all", "comma-separated stages `run` goes through (default all: prepare,warmup,select,forget,improve,eval)")
+    reuse_from: str | None = _f(None, "another run's output_dir: its completed --reuse_stages are linked, not redone "
+                                "(same SFT model and data for every method of a comparison)")
+    reuse_stages: str = _f("prepare,warmup", "stages linked from --reuse_from")
+
+    # --- built-in task and model
+    sft_steps: int = _f(300, "built-in model: SFT optimizer steps")
+    sft_learning_rate: float = _f(3e-3, "built-in model: SFT learning rate")
+    model_hidden_size: int = _f(96, "built-in model: hidden size")
+    model_num_layers: int = _f(2, "built-in model: decoder layers")
+    num_sft_problems: int = _f(3000, "built-in task: problems with gold solutions for SFT")
+    num_train_problems: int = _f(300, "built-in task: problems sampled for preference pairs")
+    num_eval_problems: int = _f(200, "built-in task: held-out problems (eval pairs and answer accuracy)")
+    num_samples: int = _f(8, "responses sampled per problem in `prepare` (released: about 10)")
+    max_pairs_per_problem: int = _f(5, "preference pairs kept per problem (released: 5)")
+    temperature: float = _f(0.7, "sampling temperature in `prepare`")
+    top_p: float = _f(0.95, "nucleus sampling in `prepare`")
+    max_new_tokens: int = _f(40, "longest sampled / generated response")
+
+    def validate(self) -> "TrainConfig":
+        for name in ("forget_ratio", "improve_ratio", "exclude_ratio", "eps", "implicit_token_fraction", "warmup_ratio"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"--{name} is {v}; expected a fraction in [0, 1]")
+        if self.exclude_ratio > min(self.forget_ratio, self.improve_ratio) and self.selection != "none":
+            raise ValueError(f"--exclude_ratio ({self.exclude_ratio}) must not exceed --forget_ratio and --improve_ratio")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"--{f.name} is {getattr(self, f.name)!r}; expected one of {', '.join(choices)}")
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
+        bad = [s for s in self.stage_list() if s not in STAGES]
+        if bad:
+            raise ValueError(f"--stages names unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
+        if self.report_to not in ("all", "jsonl", "tensorboard", "none"):
+            raise ValueError(f"--report_to is {self.report_to!r}; expected all, jsonl, tensorboard or none")
+        return self
+
+    def stage_list(self) -> list[str]:
+        return list(STAGES) if self.stages == "all" else [s.strip() for s in self.stages.split(",") if s.strip()]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

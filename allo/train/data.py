@@ -1,0 +1,264 @@
+"""Reading and tokenizing preference data, negatives and problems; batching.
+
+Files: ``.jsonl`` (one object a line), ``.json`` (a list of objects, or ``{"data": [...]}``),
+``.parquet``; anything else is taken as a ``datasets`` name (``datasets`` is imported only then).
+
+Rows:
+* pairs:     ``prompt``, ``chosen``, ``rejected``: strings, or chat messages (lists of
+             ``{"role", "content"}``) rendered with the tokenizer's chat template (TRL's
+             conversational format; ``prompt`` may be left out when ``chosen``/``rejected`` hold
+             the whole conversation);
+* negatives: ``prompt`` and ``response`` (or ``rejected``), optionally ``token_weights`` (one number
+             per response token, as the model's tokenizer splits it, without the end-of-sequence
+             token) or ``keep_probs`` (a token-level reward model's probability of keeping each token);
+* problems:  ``prompt`` and ``answer`` (for ``prepare`` on your own model).
+
+Truncation policy: the prompt keeps its LAST ``max_prompt_length`` tokens (the question usually sits
+at its end); then prompt + response keeps its FIRST ``max_length`` tokens (the response loses its
+end). A row with no response token left is malformed.
+
+A malformed row raises :class:`BadRowError` naming the file, line and field; with
+``skip_bad_rows=True`` it is skipped and counted instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class BadRowError(ValueError):
+    pass
+
+
+@dataclass
+class LoadReport:
+    source: str
+    rows: int = 0
+    skipped: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def __str__(self):
+        s = f"{self.source}: {self.rows} rows"
+        if self.skipped:
+            s += f", {self.skipped} skipped (--skip_bad_rows); first: {self.reasons[0]}"
+        return s
+
+
+def read_rows(source: str, *, split: str = "train") -> list[tuple[str, dict]]:
+    """``[(where, row)]`` with ``where`` like ``file.jsonl:12`` (1-based line) for error messages."""
+    if os.path.isfile(source):
+        low = source.lower()
+        if low.endswith(".jsonl"):
+            rows = []
+            with open(source, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append((f"{source}:{n}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        rows.append((f"{source}:{n}", _Unparsable(str(e))))
+            return rows
+        if low.endswith(".json"):
+            with open(source, encoding="utf-8") as f:
+                obj = json.load(f)
+            if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+                obj = obj["data"]
+            if not isinstance(obj, list):
+                raise BadRowError(f"{source}: expected a JSON list of objects (or {{\"data\": [...]}}), got {type(obj).__name__}")
+            return [(f"{source}: row {i}", r) for i, r in enumerate(obj)]
+        if low.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return [(f"{source}: row {i}", r) for i, r in enumerate(pq.read_table(source).to_pylist())]
+        raise BadRowError(f"{source}: unknown file type; use .jsonl, .json or .parquet")
+    try:
+        import datasets  # lazily: optional, and absent on some training machines
+    except ImportError as e:
+        raise BadRowError(f"{source!r} is not a file, and reading it as a hub dataset needs `pip install datasets`") from e
+    ds = datasets.load_dataset(source, split=split)
+    return [(f"{source}[{split}] row {i}", r) for i, r in enumerate(ds)]
+
+
+class _Unparsable:
+    def __init__(self, why):
+        self.why = why
+
+
+def _bad(where, fld, why):
+    return BadRowError(f"{where}: field '{fld}': {why}")
+
+
+def _is_messages(v):
+    return isinstance(v, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in v)
+
+
+def _text_field(row, where, fld, *, messages_ok=True):
+    if fld not in row or row[fld] is None:
+        raise _bad(where, fld, "missing")
+    v = row[fld]
+    if isinstance(v, str):
+        if not v:
+            raise _bad(where, fld, "empty string")
+        return v
+    if messages_ok and _is_messages(v) and v:
+        return v
+    raise _bad(where, fld, f"expected a string{' or a list of {role, content} messages' if messages_ok else ''}, got {type(v).__name__}")
+
+
+def _render(tokenizer, prompt, response, where, fld):
+    """(prompt text, response text) with chat messages put through the chat template."""
+    if isinstance(prompt, str) and isinstance(response, str):
+        return prompt, response
+    if isinstance(prompt, str) or isinstance(response, str):
+        raise _bad(where, fld, "prompt and response must both be strings or both be chat messages")
+    if not getattr(tokenizer, "chat_template", None):
+        raise _bad(where, fld, "chat messages need a tokenizer with a chat template")
+    p = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    if not full.startswith(p):
+        raise _bad(where, fld, "the chat template renders the prompt differently inside the whole conversation")
+    return p, full[len(p):]
+
+
+def encode_text_pair(tokenizer, prompt: str, response: str, *, max_length: int | None = None,
+                     max_prompt_length: int | None = None, weights=None, where="", fld="response"):
+    """Token ids of prompt and response (+ end-of-sequence unless the text already ends with it),
+    truncated by the module's policy; per-token ``weights`` follow the response's truncation."""
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if weights is not None and len(weights) != len(r_ids):
+        raise _bad(where, "token_weights" if fld != "keep_probs" else fld,
+                   f"has {len(weights)} values but the response has {len(r_ids)} tokens (one value per token, "
+                   "end-of-sequence excluded)")
+    eos = tokenizer.eos_token_id
+    if not r_ids or r_ids[-1] != eos:
+        r_ids = r_ids + [eos]
+        if weights is not None:
+            weights = list(weights) + [0.0]  # the end-of-sequence token is never forgotten
+    if max_prompt_length is not None and len(p_ids) > max_prompt_length:
+        p_ids = p_ids[len(p_ids) - max_prompt_length:]
+    if max_length is not None and len(p_ids) + len(r_ids) > max_length:
+        keep = max_length - len(p_ids)
+        if keep <= 0:
+            raise _bad(where, fld, f"nothing of the response is left after truncating to max_length={max_length} "
+                       f"(the prompt alone has {len(p_ids)} tokens); raise --max_length or set --max_prompt_length")
+        r_ids = r_ids[:keep]
+        weights = None if weights is None else weights[:keep]
+    ex = {"prompt_ids": p_ids, "response_ids": r_ids}
+    if weights is not None:
+        ex["weights"] = [float(w) for w in weights]
+    return ex
+
+
+def _load(source, parse, *, skip_bad_rows, split="train"):
+    rep, out = LoadReport(source), []
+    for where, row in read_rows(source, split=split):
+        try:
+            if isinstance(row, _Unparsable):
+                raise BadRowError(f"{where}: not valid JSON ({row.why})")
+            if not isinstance(row, dict):
+                raise BadRowError(f"{where}: expected an object with named fields, got {type(row).__name__}")
+            out.append(parse(row, where))
+            rep.rows += 1
+        except BadRowError as e:
+            if not skip_bad_rows:
+                raise BadRowError(f"{e}. Fix the row, or pass --skip_bad_rows to skip and count such rows") from None
+            rep.skipped += 1
+            rep.reasons.append(str(e))
+    if not out:
+        raise BadRowError(f"{source}: no usable rows ({rep})")
+    return out, rep
+
+
+def load_pairs(source, tokenizer, *, max_length=None, max_prompt_length=None, skip_bad_rows=False, split="train"):
+    """Tokenized preference pairs: dicts with prompt_ids, chosen_ids, rejected_ids."""
+    def parse(row, where):
+        chosen = _text_field(row, where, "chosen")
+        rejected = _text_field(row, where, "rejected")
+        if "prompt" in row and row["prompt"] is not None:
+            prompt = _text_field(row, where, "prompt")
+        elif _is_messages(chosen) and _is_messages(rejected) and len(chosen) > 1:
+            prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]  # implicit prompt (TRL)
+        else:
+            raise _bad(where, "prompt", "missing")
+        kw = dict(max_length=max_length, max_prompt_length=max_prompt_length, where=where)
+        c = encode_text_pair(tokenizer, *_render(tokenizer, prompt, chosen, where, "chosen"), fld="chosen", **kw)
+        r = encode_text_pair(tokenizer, *_render(tokenizer, prompt, rejected, where, "rejected"), fld="rejected", **kw)
+        return {"prompt_ids": c["prompt_ids"], "chosen_ids": c["response_ids"], "rejected_ids": r["response_ids"]}
+    return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split)
+
+
+def load_negatives(source, tokenizer, *, max_length=None, max_prompt_length=None, skip_bad_rows=False,
+                   weight_field=None, split="train"):
+    """Tokenized wrong responses: dicts with prompt_ids, response_ids and, when ``weight_field``
+    ("token_weights" or "keep_probs") is given, that field's per-token values as ``weights``."""
+    def parse(row, where):
+        prompt = _text_field(row, where, "prompt")
+        fld = "response" if "response" in row else "rejected"
+        response = _text_field(row, where, fld)
+        weights = None
+        if weight_field is not None:
+            weights = row.get(weight_field)
+            if not isinstance(weights, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+                raise _bad(where, weight_field, "expected a list of numbers, one per response token")
+        p, r = _render(tokenizer, prompt, response, where, fld)
+        return encode_text_pair(tokenizer, p, r, max_length=max_length, max_prompt_length=max_prompt_length,
+                                weights=weights, where=where, fld=weight_field or fld)
+    return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split)
+
+
+def load_problems(source, *, skip_bad_rows=False, split="train"):
+    """Problems with checkable answers: dicts with prompt (str) and answer (int)."""
+    def parse(row, where):
+        prompt = _text_field(row, where, "prompt", messages_ok=False)
+        ans = row.get("answer")
+        try:
+            ans = int(str(ans).strip())
+        except (TypeError, ValueError):
+            raise _bad(where, "answer", f"expected an integer, got {ans!r}") from None
+        return {"prompt": prompt, "answer": ans}
+    return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split)
+
+
+def write_jsonl(path: str, rows) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def collate(examples, pad_id: int) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (IGNORE_INDEX outside responses)
+    and, when the examples carry per-token weights, ``weights`` aligned with ``labels[:, 1:]``."""
+    length = max(len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples)
+    b = len(examples)
+    ids = torch.full((b, length), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, length), dtype=torch.long)
+    labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+    weights = torch.zeros((b, length - 1)) if any("weights" in e for e in examples) else None
+    for i, e in enumerate(examples):
+        p, r = e["prompt_ids"], e["response_ids"]
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r)
+        attn[i, :n] = 1
+        labels[i, len(p):n] = torch.tensor(r)
+        if weights is not None and "weights" in e:
+            weights[i, len(p) - 1:n - 1] = torch.tensor(e["weights"])  # label t+1 is predicted at position t
+    out = {"input_ids": ids, "attention_mask": attn, "labels": labels}
+    if weights is not None:
+        out["weights"] = weights
+    return out
+
+
+def pair_examples(pairs):
+    """Chosen responses first, then rejected ones: one forward pass scores both (TRL's concatenated forward)."""
+    return ([{"prompt_ids": p["prompt_ids"], "response_ids": p["chosen_ids"]} for p in pairs]
+            + [{"prompt_ids": p["prompt_ids"], "response_ids": p["rejected_ids"]} for p in pairs])

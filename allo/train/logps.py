@@ -1,0 +1,99 @@
+"""Per-token log-probs of response tokens through the fused path, and the on-disk reference cache.
+
+The policy's log-probs come from ``allo.ops.fused_linear_token_logprobs(hidden, lm_head.weight,
+labels)``: the [B, T, vocab] logits are never materialised. A reference model's log-probs are the
+same numbers computed once, before a stage trains, with the stage's starting weights (every ALLO
+stage's reference is the model it starts from), and cached on disk: no second model is resident.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .data import IGNORE_INDEX, collate
+
+
+class TokenLogprobs(nn.Module):
+    """Wraps a causal LM; ``forward(input_ids, attention_mask, labels)`` returns fp32 log-probs
+    [B, T-1] of ``labels[:, 1:]`` (0 where ignored). Wrapped whole by DDP so gradient sync sees it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        head = model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("allo-train's fused log-prob path needs an output layer without bias "
+                             f"({type(model).__name__} has one)")
+
+    def forward(self, input_ids, attention_mask, labels):
+        from allo.ops import fused_linear_token_logprobs
+
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weight = self.model.get_output_embeddings().weight
+        if weight.dtype != hidden.dtype:  # bf16 autocast: the head runs in the activations' dtype, as nn.Linear would
+            weight = weight.to(hidden.dtype)
+        return fused_linear_token_logprobs(hidden[:, :-1], weight, labels[:, 1:], ignore_index=IGNORE_INDEX)
+
+
+def response_mask(batch) -> torch.Tensor:
+    return batch["labels"][:, 1:] != IGNORE_INDEX
+
+
+def batch_order(examples, batch_size):
+    """Batches of similar length (less padding); returns lists of indices."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["prompt_ids"]) + len(examples[i]["response_ids"]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def compute_logps(scorer: TokenLogprobs, examples, *, pad_id, batch_size, device, autocast, progress=None) -> list[torch.Tensor]:
+    """Response-token log-probs of every example (1-D fp32 tensors on CPU, in example order)."""
+    was_training = scorer.training
+    scorer.eval()
+    out: list[torch.Tensor | None] = [None] * len(examples)
+    for idx in batch_order(examples, batch_size):
+        batch = collate([examples[i] for i in idx], pad_id)
+        with autocast():
+            lp = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
+        mask = response_mask(batch).to(device)
+        for row, i in enumerate(idx):
+            out[i] = lp[row][mask[row]].float().cpu()
+        if progress is not None:
+            progress.update(len(idx))
+    scorer.train(was_training)
+    return out
+
+
+def pad_like(values: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Scatter per-example 1-D values into a [B, T] tensor at the True positions of ``mask``."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    out[mask] = torch.cat(values).to(mask.device)
+    return out
+
+
+def save_cache(path: str, named: dict[str, list[torch.Tensor]]) -> None:
+    """Ragged lists of 1-D tensors as flat tensors + offsets in one safetensors file (atomic)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, vals in named.items():
+        tensors[f"{name}.values"] = torch.cat(vals).contiguous() if vals else torch.zeros(0)
+        tensors[f"{name}.lengths"] = torch.tensor([v.numel() for v in vals], dtype=torch.int64)
+    tmp = path + ".tmp"
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+
+
+def load_cache(path: str) -> dict[str, list[torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    raw = load_file(path)
+    out = {}
+    for key in raw:
+        if key.endswith(".values"):
+            name = key[: -len(".values")]
+            out[name] = list(torch.split(raw[key], raw[f"{name}.lengths"].tolist()))
+    return out

@@ -1,0 +1,330 @@
+"""The training loop every trained stage (warm-up, forget, improve) runs: accelerate underneath.
+
+One optimizer step sees a global batch of ``per_device_train_batch_size x gradient_accumulation_steps
+x world_size`` examples: step ``s`` of epoch ``e`` takes slice ``s`` of a permutation drawn from
+``seed + e`` (the last incomplete global batch of an epoch is dropped), and rank ``r`` takes the
+``r``-th contiguous part of it. The data position is therefore just the step number, and a resumed
+run sees exactly the batches an uninterrupted one would.
+
+Losses are normalised over the GLOBAL batch (pairs for DPO, weighted tokens for forgetting), so
+2 processes x batch B give the same update as 1 process x batch 2B.
+
+Gradient synchronisation:
+* dense stage (warm-up, full-parameter DPO, ``torch.optim.AdamW``): the model is prepared by
+  accelerate (DDP / FSDP / DeepSpeed per ``accelerate config``), with ``no_sync`` on all but the
+  last micro-batch of a step;
+* masked stages (forget, improve, ``MaskedAdamW`` in compact-gradient mode): the model is NOT
+  wrapped; each backward leaves only the selected gradient elements (the full gradient is freed by
+  the optimizer's hook), and ``opt.all_reduce_grads()`` averages those compact gradients once per
+  step: the all-reduce moves ``ratio`` of the bytes DDP would. FSDP and DeepSpeed shard parameters,
+  which the element masks do not support; masked stages refuse them with an error.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .data import collate, pair_examples
+from .logps import TokenLogprobs, pad_like, response_mask
+
+
+@dataclass
+class StageData:
+    """What a stage trains on. ``kind``: "dpo" | "improve" (pairs) or "forget" (single responses);
+    ``reference``: cached reference log-probs per example ({"chosen", "rejected"} or {"response"});
+    ``weights``: per-example token weights for forgetting."""
+
+    kind: str
+    examples: list
+    reference: dict
+    weights: list | None = None
+
+
+class MetricsSink:
+    """metrics.jsonl (always: the plots read it) and TensorBoard when asked for and installed."""
+
+    def __init__(self, stage_dir, report_to, *, enabled, resume_step=None):
+        self.path = os.path.join(stage_dir, "metrics.jsonl")
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and os.path.exists(self.path):
+            # drop what was logged after the checkpoint: those steps run again
+            keep = [l for l in open(self.path) if json.loads(l).get("step", 0) <= resume_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(self.path + ".tmp", self.path)
+        elif os.path.exists(self.path):
+            os.remove(self.path)
+        if report_to in ("all", "tensorboard"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(stage_dir, "runs"))
+            except ImportError:
+                if report_to == "tensorboard":
+                    raise ImportError("--report_to tensorboard needs `pip install tensorboard`") from None
+
+    def log(self, row: dict):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _loss_units(kind, examples, weights, idx):
+    """What the stage's loss averages over, for these examples: pairs, or weighted tokens."""
+    if kind == "forget":
+        return sum(int((weights[i] != 0).sum()) for i in idx)
+    return len(idx)
+
+
+def _forward_loss(kind, scorer, examples, data: StageData, idx, cfg, device, pad_id):
+    from allo.losses import dpo_loss, forget_loss, improve_loss
+
+    if kind == "forget":
+        batch = collate([examples[i] for i in idx], pad_id)
+        mask = response_mask(batch).to(device)
+        lp = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
+        ref = pad_like([data.reference["response"][i] for i in idx], mask)
+        w = pad_like([data.weights[i] for i in idx], mask)
+        return forget_loss(lp, ref, w, beta=cfg.beta)
+    pairs = [examples[i] for i in idx]
+    batch = collate(pair_examples(pairs), pad_id)
+    mask = response_mask(batch).to(device)
+    lp = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
+    n = len(idx)
+    ref = pad_like([data.reference["chosen"][i] for i in idx] + [data.reference["rejected"][i] for i in idx], mask)
+    args = (lp[:n], lp[n:], ref[:n], ref[n:], mask[:n], mask[n:])
+    if kind == "improve":
+        return improve_loss(*args, beta=cfg.beta, eps=cfg.eps)
+    return dpo_loss(*args, beta=cfg.beta)
+
+
+def _rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def latest_checkpoint(stage_dir) -> str | None:
+    found = sorted(glob.glob(os.path.join(stage_dir, "checkpoints", "checkpoint-*")),
+                   key=lambda p: int(p.rsplit("-", 1)[1]) if p.rsplit("-", 1)[1].isdigit() else -1)
+    found = [p for p in found if p.rsplit("-", 1)[1].isdigit() and os.path.exists(os.path.join(p, "trainer_state.json"))]
+    return found[-1] if found else None
+
+
+def _save_checkpoint(accelerator, stage_dir, step, model, tokenizer, opt, sched, masks_file, total_limit):
+    """checkpoint-<step>/: HF model (safetensors), optimizer (compact state), scheduler, masks, RNG
+    of every rank, trainer_state.json (data position = step). Built under a temporary name and
+    renamed, so a kill mid-save never leaves a half checkpoint."""
+    root = os.path.join(stage_dir, "checkpoints")
+    final = os.path.join(root, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pth"))
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).model.save_pretrained(tmp, safe_serialization=True)
+        torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(sched.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        if masks_file:
+            shutil.copy(masks_file, os.path.join(tmp, "masks.safetensors"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"global_step": step, "world_size": accelerator.num_processes}, f)
+        os.replace(tmp, final)
+        old = sorted(glob.glob(os.path.join(root, "checkpoint-*[0-9]")), key=lambda p: int(p.rsplit("-", 1)[1]))
+        for p in old[:-total_limit] if total_limit > 0 else []:
+            shutil.rmtree(p, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(accelerator, ckpt, model, opt, sched):
+    from safetensors.torch import load_file
+
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        state = json.load(f)
+    if state["world_size"] != accelerator.num_processes:
+        raise ValueError(f"{ckpt} was written by {state['world_size']} processes; resume with the same number "
+                         f"(now {accelerator.num_processes}) so the data order is the same")
+    weights = load_file(os.path.join(ckpt, "model.safetensors"))
+    target = accelerator.unwrap_model(model).model
+    missing, unexpected = target.load_state_dict(weights, strict=False)
+    # tied weights are saved once (under the other name); anything else missing is the wrong checkpoint
+    loaded = {t.data_ptr() for n, t in target.state_dict().items() if n in weights}
+    missing = [m for m in missing if target.state_dict()[m].data_ptr() not in loaded]
+    if unexpected or missing:
+        raise ValueError(f"{ckpt}/model.safetensors does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    opt.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=False))
+    sched.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=False))
+    _set_rng_state(torch.load(os.path.join(ckpt, f"rng_state_{accelerator.process_index}.pth"), weights_only=False))
+    return state["global_step"]
+
+
+def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: StageData, lr: float,
+                masks: dict | None, dense: bool, masks_file: str | None = None, desc: str = "train",
+                on_step_end: Callable[[int], None] | None = None) -> dict:
+    """Train ``model`` in place; returns the last logged metrics. ``dense``: full-parameter torch
+    AdamW; else MaskedAdamW with ``masks`` (None: every element) in compact-gradient mode.
+    ``on_step_end(step)`` is called after each optimizer step (tests use it to interrupt a run)."""
+    from accelerate.utils import DistributedType
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    global_bs = bs * accum * world
+    n = len(data.examples)
+    steps_per_epoch = n // global_bs
+    if steps_per_epoch == 0:
+        raise ValueError(f"{desc}: {n} examples are fewer than one global batch ({bs} per device x {accum} "
+                         f"accumulation x {world} processes); lower --per_device_train_batch_size")
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+
+    device = accelerator.device
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    scorer = TokenLogprobs(model)
+    if dense:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+        scorer, opt = accelerator.prepare(scorer, opt)
+    else:
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ValueError(f"{desc}: masked stages train element masks over whole parameters; "
+                             f"{accelerator.distributed_type} shards them. Use DDP (accelerate's MULTI_GPU) or one process")
+        from allo.optim import MaskedAdamW
+
+        named = list(model.named_parameters())
+        if masks is not None:
+            # parameters with no selected element get no gradient at all: less backward work
+            for name, p in named:
+                m = masks.get(name)
+                p.requires_grad_(m is not None and bool(m.any()))
+            named = [(nm, p) for nm, p in named if p.requires_grad]
+            masks = {nm: masks[nm].to(device) for nm, _ in named}
+        opt = MaskedAdamW(named, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon, masks=masks,
+                          compact_grads=True)
+    sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=int(cfg.warmup_ratio * total),
+                          num_training_steps=total)
+
+    start = 0
+    resume = cfg.resume_from_checkpoint
+    ckpt = None
+    if resume and str(resume).lower() not in ("false", "0", "none"):
+        ckpt = latest_checkpoint(stage_dir) if str(resume).lower() in ("true", "1", "yes") else resume
+        if ckpt is not None:
+            start = _load_checkpoint(accelerator, ckpt, scorer, opt, sched)
+    sink = MetricsSink(stage_dir, cfg.report_to, enabled=accelerator.is_main_process,
+                       resume_step=start if ckpt is not None else None)
+
+    bar = tqdm(total=total, initial=start, desc=desc, disable=cfg.disable_tqdm or not accelerator.is_local_main_process,
+               dynamic_ncols=True)
+    last, t0, acc_metrics = {}, time.time(), {}
+    try:
+        for step in range(start, total):
+            epoch, k = divmod(step, steps_per_epoch)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            gidx = perm[k * global_bs:(k + 1) * global_bs].tolist()
+            units_total = _loss_units(data.kind, data.examples, data.weights, gidx)
+            mine = gidx[rank * bs * accum:(rank + 1) * bs * accum]
+            sums: dict[str, float] = {}
+            for micro in range(accum):
+                idx = mine[micro * bs:(micro + 1) * bs]
+                units = _loss_units(data.kind, data.examples, data.weights, idx)
+                # mean over the global batch: this micro-batch's share, times world (ranks get averaged)
+                scale = units / max(units_total, 1) * world
+                sync_ctx = accelerator.no_sync(scorer) if dense and micro < accum - 1 else _null()
+                with sync_ctx, accelerator.autocast():
+                    loss, metrics = _forward_loss(data.kind, scorer, data.examples, data, idx, cfg, device,
+                                                  tokenizer.pad_token_id)
+                    if units == 0:  # nothing to forget here: keep the graph, add nothing
+                        loss = loss.nan_to_num(0.0) * 0.0
+                    (loss * scale).backward()
+                frac = units / max(units_total, 1) * world
+                for key, v in {"loss": loss.detach(), **metrics}.items():
+                    sums[key] = sums.get(key, 0.0) + float(v) * frac
+            if dense:
+                grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            else:
+                if world > 1:
+                    opt.all_reduce_grads()
+                grad_norm = opt.clip_grad_norm_(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            for key, v in sums.items():
+                acc_metrics[key] = acc_metrics.get(key, 0.0) + v
+            acc_metrics["_n"] = acc_metrics.get("_n", 0) + 1
+            if grad_norm is not None:
+                acc_metrics["grad_norm"] = acc_metrics.get("grad_norm", 0.0) + float(grad_norm)
+            done = step + 1
+            if done % cfg.logging_steps == 0 or done == total:
+                cnt = acc_metrics.pop("_n")
+                row = {k: v / cnt for k, v in acc_metrics.items()}
+                if world > 1:
+                    vals = torch.tensor(list(row.values()), dtype=torch.float64, device=device)
+                    vals = accelerator.reduce(vals, reduction="mean")
+                    row = dict(zip(row, vals.tolist()))
+                row.update(step=done, epoch=round(done / steps_per_epoch, 4), learning_rate=sched.get_last_lr()[0],
+                           elapsed_s=round(time.time() - t0, 2))
+                sink.log(row)
+                last = row
+                acc_metrics = {}
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            bar.update(1)
+            if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done < total:
+                _save_checkpoint(accelerator, stage_dir, done, scorer, tokenizer, opt, sched, masks_file,
+                                 cfg.save_total_limit)
+            if on_step_end is not None:
+                on_step_end(done)
+    finally:
+        bar.close()
+        sink.close()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return last
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

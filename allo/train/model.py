@@ -1,0 +1,124 @@
+"""Models: the built-in tiny Llama, loading and saving in Hugging Face format, SFT and sampling."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import torch
+
+
+def tiny_llama_config(vocab_size: int, *, hidden_size: int = 96, num_layers: int = 2, max_len: int = 128):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 3,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=max_len, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, rms_norm_eps=1e-5,
+    )
+
+
+def build_tiny_model(tokenizer, *, hidden_size: int, num_layers: int, seed: int):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), hidden_size=hidden_size, num_layers=num_layers))
+    return model.float()
+
+
+def load_model(path: str, *, dtype=torch.float32):
+    """A causal LM from a local folder or hub name (fp32 master weights by default: bf16 runs autocast)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def load_tokenizer(path: str | None):
+    """The tokenizer saved with ``path`` (or the built-in one for the built-in tiny model)."""
+    if path is None:
+        from .tokenizer import load_builtin_tokenizer
+
+        return load_builtin_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:  # Llama-style tokenizers ship without one; padding is masked anyway
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def save_model(model, tokenizer, path: str) -> None:
+    """HF folder (config.json, model.safetensors, tokenizer) written to a temporary folder then
+    renamed into place, so a crash leaves either the old folder or the new one."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def sft_train(model, tokenizer, problems, *, steps: int, lr: float, batch_size: int, seed: int, progress=True):
+    """Supervised fine-tuning on the problems' gold solutions (loss on response tokens only)."""
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from .data import encode_text_pair, collate
+
+    examples = [encode_text_pair(tokenizer, p.prompt, p.solution) for p in problems]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, max(1, steps // 20), steps)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    bar = tqdm(range(steps), desc="sft", disable=not progress, leave=False)
+    order, pos = torch.randperm(len(examples), generator=gen), 0
+    for _ in bar:
+        if pos + batch_size > len(order):
+            order, pos = torch.randperm(len(examples), generator=gen), 0
+        batch = collate([examples[i] for i in order[pos:pos + batch_size].tolist()], tokenizer.pad_token_id)
+        pos += batch_size
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{out.loss.item():.3f}")
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, num_return_sequences: int = 1, do_sample: bool = False,
+             temperature: float = 0.7, top_p: float = 0.95, max_new_tokens: int = 32, batch_size: int = 64,
+             seed: int = 0, progress: bool = True, desc: str = "generate") -> list[list[str]]:
+    """Responses for every prompt (``num_return_sequences`` each), decoded without special tokens."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right
+    device = next(model.parameters()).device
+    out: list[list[str]] = []
+    per_batch = max(1, batch_size // num_return_sequences)
+    try:
+        for start in tqdm(range(0, len(prompts), per_batch), desc=desc, disable=not progress, leave=False,
+                          total=math.ceil(len(prompts) / per_batch)):
+            chunk = prompts[start:start + per_batch]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
+            seqs = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
+            texts = tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i in range(len(chunk)):
+                out.append(texts[i * num_return_sequences:(i + 1) * num_return_sequences])
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out

@@ -1,0 +1,102 @@
+"""Python API: the pipeline without the CLI (benchmarks and ablations call this).
+
+    from allo.train import TrainConfig, pipeline
+    metrics = pipeline.run(TrainConfig(output_dir="runs/allo", seed=1))
+    # {"sft": {"eval_answer_accuracy": ..., "eval_rewards/accuracies": ...}, "warmup": {...}, "forget": ..., "improve": ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+from .config import STAGES, TrainConfig
+from .stages import STAGE_FUNCS, Context, is_done
+
+
+def _config(config) -> TrainConfig:
+    if isinstance(config, dict):
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; see `allo-train --help`")
+        config = TrainConfig(**config)
+    return config.validate()
+
+
+def _set_cpu_threads() -> None:
+    # Tiny models gain little from intra-op threads, and on a shared CPU torch's default (one per
+    # core) oversubscribes it: OpenMP threads spin-wait on each other and a step gets many times
+    # slower. Use half the cores unless the user chose (OMP_NUM_THREADS) or a GPU does the work.
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+
+
+def make_context(config, accelerator=None) -> Context:
+    from accelerate import Accelerator
+
+    from .model import load_tokenizer
+
+    cfg = _config(config)
+    _set_cpu_threads()
+    if accelerator is None:
+        accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    return Context(cfg, accelerator, load_tokenizer(cfg.model_name_or_path))
+
+
+def _link_reused(ctx: Context) -> None:
+    cfg = ctx.cfg
+    if not cfg.reuse_from or not ctx.main:
+        return
+    for stage in [s.strip() for s in cfg.reuse_stages.split(",") if s.strip()]:
+        src, dst = os.path.join(cfg.reuse_from, stage), ctx.dir(stage)
+        if not is_done(src):
+            raise FileNotFoundError(f"--reuse_from {cfg.reuse_from}: stage {stage} is not complete there")
+        if not os.path.lexists(dst):
+            os.symlink(os.path.abspath(src), dst)
+
+
+def run_stage(stage: str, config, *, accelerator=None, on_step_end=None, context: Context | None = None):
+    """Run one stage (even if it was completed before; its folder is reused). Returns its output."""
+    if stage not in STAGE_FUNCS:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    ctx = context or make_context(config, accelerator)
+    fn = STAGE_FUNCS[stage]
+    t = time.time()
+    if stage in ("warmup", "forget", "improve"):
+        out = fn(ctx, on_step_end=None if on_step_end is None else (lambda step: on_step_end(stage, step)))
+    else:
+        out = fn(ctx)
+    ctx.log(f"{stage}: done in {time.time() - t:.1f} s")
+    return out
+
+
+def run(config, *, accelerator=None, on_step_end=None) -> dict:
+    """Every stage of ``config.stages`` in order, skipping those already complete (their folder has
+    DONE); returns the eval stage's metrics per evaluated model: {"sft"|"warmup"|"forget"|"improve": {...}}.
+    ``on_step_end(stage, step)`` is called after every optimizer step."""
+    ctx = make_context(config, accelerator)
+    _link_reused(ctx)
+    ctx.accelerator.wait_for_everyone()
+    cfg = ctx.cfg
+    from .stages import uses_builtin_data, _done_info
+
+    t0 = time.time()
+    results = {}
+    for stage in cfg.stage_list():
+        if stage == "prepare" and not uses_builtin_data(cfg) and not cfg.problems_file:
+            continue  # preference pairs are given: nothing to prepare
+        if is_done(ctx.dir(stage)):
+            ctx.log(f"{stage}: already complete, skipped")
+            if stage == "eval":
+                results = _done_info(ctx.dir(stage)).get("results", {})
+            continue
+        out = run_stage(stage, cfg, context=ctx, on_step_end=on_step_end)
+        if stage == "eval":
+            results = out
+    ctx.log(f"finished in {time.time() - t0:.1f} s; outputs in {cfg.output_dir}")
+    return results

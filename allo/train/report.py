@@ -1,0 +1,96 @@
+"""End-of-run report: the table of held-out metrics after each stage, and PNG training curves."""
+
+from __future__ import annotations
+
+import json
+import os
+
+COLUMNS = [("eval_answer_accuracy", "answer acc"), ("eval_rewards/accuracies", "reward acc"),
+           ("eval_rewards/margins", "reward margin"), ("eval_rewards/chosen", "reward chosen"),
+           ("eval_rewards/rejected", "reward rejected"), ("eval_loss", "DPO loss")]
+CURVES = [("loss", "loss"), ("rewards/margins", "reward margin"), ("rewards/accuracies", "reward accuracy"),
+          ("grad_norm", "grad norm")]
+
+
+def format_table(results: dict) -> str:
+    """Markdown table, one row per evaluated stage (sft = the starting model)."""
+    cols = [(k, h) for k, h in COLUMNS if any(k in r for r in results.values())]
+    lines = ["| stage | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
+    for stage, r in results.items():
+        lines.append(f"| {stage} | " + " | ".join(f"{r[k]:.4f}" if k in r else "-" for k, _ in cols) + " |")
+    return "\n".join(lines)
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(output_dir: str, stages=("warmup", "forget", "improve")) -> str | None:
+    """training_curves.png: one column per trained stage, one row per metric it logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = {s: read_metrics(os.path.join(output_dir, s, "metrics.jsonl")) for s in stages}
+    logs = {s: rows for s, rows in logs.items() if rows}
+    if not logs:
+        return None
+    rows = [(k, lbl) for k, lbl in CURVES if any(k in r for rs in logs.values() for r in rs)]
+    fig, axes = plt.subplots(len(rows), len(logs), figsize=(4 * len(logs), 2.6 * len(rows)), squeeze=False)
+    for j, (stage, log) in enumerate(logs.items()):
+        for i, (key, label) in enumerate(rows):
+            ax = axes[i][j]
+            pts = [(r["step"], r[key]) for r in log if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker=".")
+            ax.set_title(f"{stage}: {label}", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(output_dir, "training_curves.png")
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
+
+
+def plot_eval(output_dir: str, results: dict) -> str | None:
+    """eval_metrics.png: answer accuracy and reward accuracy after each stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [(k, h) for k, h in COLUMNS[:3] if any(k in r for r in results.values())]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, (k, h) in zip(axes[0], keys):
+        names = [s for s in results if k in results[s]]
+        ax.bar(names, [results[s][k] for s in names], color="tab:blue")
+        ax.set_title(h, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(output_dir, "eval_metrics.png")
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
+
+
+def write_report(output_dir: str, results: dict) -> str:
+    table = format_table(results)
+    curves = plot_curves(output_dir)
+    bars = plot_eval(output_dir, results)
+    text = "# allo-train results (held-out)\n\n" + table + "\n"
+    tmp = os.path.join(output_dir, "report.md.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(output_dir, "report.md"))
+    print("\n" + table)
+    print(f"\nreport: {os.path.join(output_dir, 'report.md')}; plots: {curves}, {bars}", flush=True)
+    return table

@@ -1,0 +1,534 @@
+"""The ALLO stages. Each writes into ``<output_dir>/<stage>/`` and finishes by writing ``DONE``
+(atomically, last), so ``run`` can skip completed stages and a killed run resumes where it stopped.
+
+    prepare  built-in task: SFT the tiny model; sample responses, judge them by the final answer,
+             pair every correct with every wrong one (<= max_pairs_per_problem), negatives
+    warmup   full-parameter DPO from the SFT model (reference: the SFT model)
+    select   importance scores (|theta_warmup - theta_0| or gradient) -> forget and improve masks
+    forget   token-weighted NPO on the negatives, forget mask only (reference: the SFT model)
+    improve  DPO on key tokens, improve mask only, from the forget model (reference: itself)
+    eval     held-out reward accuracy / margins (reference: the SFT model) and answer accuracy
+             after every stage; the report table and plots
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import data as D
+from .config import TrainConfig
+from .logps import TokenLogprobs, compute_logps, load_cache, save_cache
+from .loop import StageData, train_stage
+from .model import build_tiny_model, generate, load_model, load_tokenizer, save_model, sft_train
+
+DONE = "DONE"
+EVALUATED = ("sft", "warmup", "forget", "improve")  # models the eval stage scores, in pipeline order
+
+
+@dataclass
+class Context:
+    cfg: TrainConfig
+    accelerator: object
+    tokenizer: object
+
+    def dir(self, stage: str) -> str:
+        return os.path.join(self.cfg.output_dir, stage)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def progress(self) -> bool:
+        return not self.cfg.disable_tqdm and self.accelerator.is_local_main_process
+
+    def log(self, msg: str):
+        if self.main:
+            print(f"[allo-train] {msg}", flush=True)
+
+
+def is_done(stage_dir: str) -> bool:
+    return os.path.exists(os.path.join(stage_dir, DONE))
+
+
+def mark_done(ctx: Context, stage_dir: str, info: dict) -> None:
+    ctx.accelerator.wait_for_everyone()
+    if ctx.main:
+        tmp = os.path.join(stage_dir, DONE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}, f, indent=1, default=str)
+        os.replace(tmp, os.path.join(stage_dir, DONE))
+    ctx.accelerator.wait_for_everyone()
+
+
+def _done_info(stage_dir: str) -> dict:
+    with open(os.path.join(stage_dir, DONE)) as f:
+        return json.load(f)
+
+
+# -------------------------------------------------------------------------------- inputs of stages
+def uses_builtin_data(cfg: TrainConfig) -> bool:
+    return not (cfg.train_file or cfg.dataset_name)
+
+
+def sft_model_path(ctx: Context) -> str:
+    """The starting model theta_0: the built-in model after `prepare`'s SFT, or --model_name_or_path."""
+    if ctx.cfg.model_name_or_path is None:
+        return _require(ctx, "prepare", "model")
+    return ctx.cfg.model_name_or_path
+
+
+def _pairs_source(ctx: Context, split: str) -> str | None:
+    cfg = ctx.cfg
+    if split == "train":
+        if cfg.train_file:
+            return cfg.train_file
+        if cfg.dataset_name:
+            return cfg.dataset_name
+        return _require(ctx, "prepare", "train_pairs.jsonl")
+    if cfg.eval_file:
+        return cfg.eval_file
+    if cfg.dataset_name:
+        return cfg.dataset_name
+    if uses_builtin_data(cfg):
+        return _require(ctx, "prepare", "eval_pairs.jsonl")
+    return None
+
+
+def _require(ctx: Context, stage: str, name: str) -> str:
+    path = os.path.join(ctx.dir(stage), name)
+    if not is_done(ctx.dir(stage)):
+        raise FileNotFoundError(f"{path} is missing: run the `{stage}` stage first (allo-train {stage} "
+                                f"--output_dir {ctx.cfg.output_dir}), or `allo-train run`")
+    return path
+
+
+def load_pairs(ctx: Context, split: str):
+    src = _pairs_source(ctx, split)
+    if src is None:
+        return None
+    ds_split = ctx.cfg.dataset_train_split if split == "train" else ctx.cfg.dataset_test_split
+    pairs, rep = D.load_pairs(src, ctx.tokenizer, max_length=ctx.cfg.max_length, max_prompt_length=ctx.cfg.max_prompt_length,
+                              skip_bad_rows=ctx.cfg.skip_bad_rows, split=ds_split)
+    ctx.log(str(rep))
+    return pairs
+
+
+def _load_negatives(ctx: Context, weight_field):
+    cfg = ctx.cfg
+    src = cfg.negatives_file
+    if src is None and uses_builtin_data(cfg):
+        src = _require(ctx, "prepare", "negatives.jsonl")
+    if src is None:
+        # every distinct rejected response of the training pairs
+        pairs = load_pairs(ctx, "train")
+        seen, out = set(), []
+        for p in pairs:
+            key = (tuple(p["prompt_ids"]), tuple(p["rejected_ids"]))
+            if key not in seen:
+                seen.add(key)
+                out.append({"prompt_ids": p["prompt_ids"], "response_ids": p["rejected_ids"]})
+        if weight_field is not None:
+            raise ValueError(f"--token_weight_source needs {weight_field} in a --negatives_file")
+        return out
+    negs, rep = D.load_negatives(src, ctx.tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                                 skip_bad_rows=cfg.skip_bad_rows, weight_field=weight_field)
+    ctx.log(str(rep))
+    return negs
+
+
+def _negatives_have(ctx: Context, field: str) -> bool:
+    src = ctx.cfg.negatives_file
+    if src is None:
+        return False
+    rows = D.read_rows(src)
+    return bool(rows) and isinstance(rows[0][1], dict) and field in rows[0][1]
+
+
+def _scorer_batch(ctx):
+    return max(1, ctx.cfg.per_device_eval_batch_size)
+
+
+def cached_reference(ctx: Context, stage_dir: str, model, named_examples: dict, name="reference_logps", *,
+                     sync: bool = True) -> dict:
+    """Reference log-probs of the stage's starting ``model`` on every example, computed once (by the
+    main process) and cached in ``stage_dir``; a resumed stage reads the cache."""
+    path = os.path.join(stage_dir, f"{name}.safetensors")
+    if not os.path.exists(path):
+        if ctx.main:
+            from tqdm.auto import tqdm
+
+            scorer = TokenLogprobs(model.to(ctx.accelerator.device))
+            total = sum(len(v) for v in named_examples.values())
+            with tqdm(total=total, desc=f"{os.path.basename(stage_dir)}: {name}", disable=not ctx.progress, leave=False) as bar:
+                out = {k: compute_logps(scorer, v, pad_id=ctx.tokenizer.pad_token_id, batch_size=_scorer_batch(ctx),
+                                        device=ctx.accelerator.device, autocast=ctx.accelerator.autocast, progress=bar)
+                       for k, v in named_examples.items()}
+            save_cache(path, out)
+        if sync:
+            ctx.accelerator.wait_for_everyone()
+    return load_cache(path)
+
+
+def _pair_views(pairs):
+    return {"chosen": [{"prompt_ids": p["prompt_ids"], "response_ids": p["chosen_ids"]} for p in pairs],
+            "rejected": [{"prompt_ids": p["prompt_ids"], "response_ids": p["rejected_ids"]} for p in pairs]}
+
+
+def _seed_all(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -------------------------------------------------------------------------------- prepare
+def build_pairs(problems: list[dict], samples: list[list[str]], *, max_pairs: int, seed: int):
+    """Judge samples by their final answer; pair every correct with every wrong response (distinct
+    ones), keep at most ``max_pairs`` per problem (a seeded random choice); negatives are the
+    distinct wrong responses. Returns (pairs, negatives, stats)."""
+    from .tasks import is_correct
+
+    rng = random.Random(seed)
+    pairs, negatives, n_correct, n_total = [], [], 0, 0
+    for prob, outs in zip(problems, samples):
+        right = list(dict.fromkeys(o for o in outs if is_correct(o, prob["answer"])))
+        wrong = list(dict.fromkeys(o for o in outs if not is_correct(o, prob["answer"])))
+        n_correct += sum(is_correct(o, prob["answer"]) for o in outs)
+        n_total += len(outs)
+        combos = [(c, w) for c in right for w in wrong]
+        rng.shuffle(combos)
+        pairs += [{"prompt": prob["prompt"], "chosen": c, "rejected": w} for c, w in combos[:max_pairs]]
+        negatives += [{"prompt": prob["prompt"], "response": w} for w in wrong]
+    stats = {"sample_accuracy": n_correct / max(n_total, 1), "pairs": len(pairs), "negatives": len(negatives),
+             "problems_with_pairs": len({p["prompt"] for p in pairs}), "problems": len(problems)}
+    return pairs, negatives, stats
+
+
+def stage_prepare(ctx: Context) -> dict:
+    from .tasks import make_problems
+
+    cfg, sdir = ctx.cfg, ctx.dir("prepare")
+    info = {}
+    if ctx.main:
+        os.makedirs(sdir, exist_ok=True)
+        _seed_all(cfg.seed)
+        if cfg.model_name_or_path is None:
+            evalp = make_problems(cfg.task, cfg.num_eval_problems, cfg.seed + 1)
+            held = {p.prompt for p in evalp}
+            trainp = make_problems(cfg.task, cfg.num_train_problems, cfg.seed + 2, exclude=held)
+            sftp = make_problems(cfg.task, cfg.num_sft_problems, cfg.seed + 3, exclude=held)
+            model = build_tiny_model(ctx.tokenizer, hidden_size=cfg.model_hidden_size, num_layers=cfg.model_num_layers,
+                                     seed=cfg.seed).to(ctx.accelerator.device)
+            t = time.time()
+            sft_train(model, ctx.tokenizer, sftp, steps=cfg.sft_steps, lr=cfg.sft_learning_rate,
+                      batch_size=32, seed=cfg.seed, progress=ctx.progress)
+            info["sft_seconds"] = round(time.time() - t, 1)
+            save_model(model, ctx.tokenizer, os.path.join(sdir, "model"))
+            train_rows = [{"prompt": p.prompt, "answer": p.answer} for p in trainp]
+            eval_rows = [{"prompt": p.prompt, "answer": p.answer} for p in evalp]
+        else:
+            if not cfg.problems_file:
+                raise ValueError("`prepare` with --model_name_or_path needs --problems_file (prompt, answer rows), "
+                                 "or give preference pairs directly with --train_file")
+            model = load_model(cfg.model_name_or_path).to(ctx.accelerator.device)
+            train_rows, rep = D.load_problems(cfg.problems_file, skip_bad_rows=cfg.skip_bad_rows)
+            ctx.log(str(rep))
+            if cfg.eval_problems_file:
+                eval_rows, rep = D.load_problems(cfg.eval_problems_file, skip_bad_rows=cfg.skip_bad_rows)
+            else:
+                cut = max(1, len(train_rows) // 10)
+                train_rows, eval_rows = train_rows[cut:], train_rows[:cut]
+        outputs = {}
+        for split, rows in (("train", train_rows), ("eval", eval_rows)):
+            samples = generate(model, ctx.tokenizer, [r["prompt"] for r in rows], num_return_sequences=cfg.num_samples,
+                               do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+                               max_new_tokens=cfg.max_new_tokens, batch_size=256, seed=cfg.seed + (split == "eval"),
+                               progress=ctx.progress, desc=f"prepare: sampling {split}")
+            pairs, negs, stats = build_pairs(rows, samples, max_pairs=cfg.max_pairs_per_problem, seed=cfg.seed)
+            outputs[split] = (pairs, negs)
+            info[split] = stats
+        D.write_jsonl(os.path.join(sdir, "train_pairs.jsonl"), outputs["train"][0])
+        D.write_jsonl(os.path.join(sdir, "negatives.jsonl"), outputs["train"][1])
+        D.write_jsonl(os.path.join(sdir, "eval_pairs.jsonl"), outputs["eval"][0])
+        D.write_jsonl(os.path.join(sdir, "eval_problems.jsonl"), eval_rows)
+        if not outputs["train"][0]:
+            raise ValueError("prepare: no problem had both a correct and a wrong sample, so there are no pairs; "
+                             "sample more (--num_samples) or start from a better / worse model")
+        ctx.log(f"prepare: {info}")
+    mark_done(ctx, sdir, info)
+    return info
+
+
+# -------------------------------------------------------------------------------- warm-up
+def stage_warmup(ctx: Context, *, on_step_end=None) -> dict:
+    cfg, sdir = ctx.cfg, ctx.dir("warmup")
+    os.makedirs(sdir, exist_ok=True)
+    _seed_all(cfg.seed)
+    pairs = load_pairs(ctx, "train")
+    model = load_model(sft_model_path(ctx))
+    ref = cached_reference(ctx, sdir, model, _pair_views(pairs))
+    last = train_stage(accelerator=ctx.accelerator, cfg=cfg, stage_dir=sdir, model=model, tokenizer=ctx.tokenizer,
+                       data=StageData("dpo", pairs, ref), lr=cfg.learning_rate, masks=None, dense=True,
+                       desc="warmup (DPO, all parameters)", on_step_end=on_step_end)
+    if ctx.main:
+        save_model(model, ctx.tokenizer, os.path.join(sdir, "model"))
+    mark_done(ctx, sdir, {"last_metrics": last})
+    return last
+
+
+# -------------------------------------------------------------------------------- select
+def _scores(ctx: Context, base):
+    from allo.losses import dpo_loss
+    from allo.select import GradientScoreAccumulator, weight_delta_scores
+
+    cfg = ctx.cfg
+    if cfg.score_source == "weight_delta":
+        warm = load_model(os.path.join(_require(ctx, "warmup", "model")))
+        return weight_delta_scores(warm, base)
+    pairs = load_pairs(ctx, "train")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(pairs), generator=gen).tolist()
+    bs = cfg.per_device_train_batch_size
+    scorer = TokenLogprobs(base.to(ctx.accelerator.device))
+    base.train()
+    with GradientScoreAccumulator(base) as acc:
+        for b in range(cfg.score_batches):
+            idx = order[(b * bs) % len(pairs):][:bs]
+            batch = D.collate(D.pair_examples([pairs[i] for i in idx]), ctx.tokenizer.pad_token_id)
+            mask = batch["labels"][:, 1:] != D.IGNORE_INDEX
+            with ctx.accelerator.autocast():
+                lp = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            n = len(idx)
+            # at theta_0 the reference is the policy itself: d_t = 0, the gradient is not
+            loss, _ = dpo_loss(lp[:n], lp[n:], lp[:n].detach(), lp[n:].detach(), mask[:n], mask[n:], beta=cfg.beta)
+            loss.backward()
+        scores = acc.scores()
+    base.zero_grad(set_to_none=True)
+    return scores
+
+
+def stage_select(ctx: Context) -> dict:
+    from allo.select import select
+
+    cfg, sdir = ctx.cfg, ctx.dir("select")
+    os.makedirs(sdir, exist_ok=True)
+    info = {"selection": cfg.selection, "score_source": cfg.score_source}
+    if ctx.main and cfg.selection != "none":
+        base = load_model(sft_model_path(ctx))
+        scores = _scores(ctx, base)
+        if cfg.selection == "bottom":
+            scores = {n: -(s.materialize() if hasattr(s, "materialize") else s).float() for n, s in scores.items()}
+        elif cfg.selection == "random":
+            g = torch.Generator().manual_seed(cfg.seed)
+            scores = {n: torch.rand(p.shape, generator=g) for n, p in base.named_parameters()}
+        for stage, ratio in (("forget", cfg.forget_ratio), ("improve", cfg.improve_ratio)):
+            sel = select(scores, ratio, exclude_ratio=cfg.exclude_ratio,
+                         metadata={"stage": stage, "selection": cfg.selection}, score_source=cfg.score_source)
+            sel.save(os.path.join(sdir, f"{stage}_mask.safetensors"))
+            with open(os.path.join(sdir, f"{stage}_mask_summary.txt"), "w") as f:
+                f.write(sel.summary())
+            try:
+                sel.plot(os.path.join(sdir, f"{stage}_mask.png"))
+            except Exception as e:  # a plot is a nicety; the masks are what matter
+                ctx.log(f"select: could not plot the {stage} mask ({e})")
+            info[f"{stage}_selected"] = sel.num_selected()
+            info["total_elements"] = sel.num_total()
+        ctx.log(f"select: {info}")
+    mark_done(ctx, sdir, info)
+    return info
+
+
+def _masks(ctx: Context, stage: str, model):
+    if ctx.cfg.selection == "none":
+        return None, None
+    from allo.select import Selection
+
+    path = _require(ctx, "select", f"{stage}_mask.safetensors")
+    info = _done_info(ctx.dir("select"))
+    if info.get("selection") != ctx.cfg.selection:
+        raise ValueError(f"{ctx.dir('select')} holds a '{info.get('selection')}' selection but --selection is "
+                         f"'{ctx.cfg.selection}'; use another --output_dir or delete that folder")
+    return Selection.load(path, model).masks, path
+
+
+# -------------------------------------------------------------------------------- forget
+def _eos_free_mask(ctx: Context, examples, lengths) -> torch.Tensor:
+    """[B, T] mask of response tokens, the final end-of-sequence token left out (never forgotten)."""
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.bool)
+    for i, (e, n) in enumerate(zip(examples, lengths)):
+        mask[i, :n] = True
+        if n > 1 and e["response_ids"][-1] == ctx.tokenizer.eos_token_id:
+            mask[i, n - 1] = False
+    return mask
+
+
+def _token_weights(ctx: Context, sdir: str, negs, ref) -> list[torch.Tensor]:
+    """Per-token forgetting weights of every negative (see --token_weight_source)."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    from allo.losses.token_weights import token_weights_from_implicit_reward, token_weights_from_probs
+
+    cfg = ctx.cfg
+    source = cfg.token_weight_source
+    if source == "auto":
+        source = "data" if negs and "weights" in negs[0] else "implicit_reward"
+    lengths = [len(e["response_ids"]) for e in negs]
+    mask = _eos_free_mask(ctx, negs, lengths)
+    if source in ("data", "reward_model_probs"):
+        w = pad_sequence([torch.tensor(e["weights"], dtype=torch.float32) for e in negs], batch_first=True)
+        if source == "reward_model_probs":
+            w = token_weights_from_probs(w, mask, mode="raw" if cfg.raw_reward_probs else "threshold")
+        w = w.masked_fill(~mask, 0.0)
+        return [w[i, :n] for i, n in enumerate(lengths)]
+    # the warm-up model's implicit token reward; computed once and cached, like the reference
+    path = os.path.join(sdir, "token_weights.safetensors")
+    if not os.path.exists(path):
+        if ctx.main:
+            warm = load_model(_require(ctx, "warmup", "model")).to(ctx.accelerator.device)
+            lp_warm = compute_logps(TokenLogprobs(warm), negs, pad_id=ctx.tokenizer.pad_token_id,
+                                    batch_size=_scorer_batch(ctx), device=ctx.accelerator.device,
+                                    autocast=ctx.accelerator.autocast)
+            w = token_weights_from_implicit_reward(pad_sequence(lp_warm, batch_first=True),
+                                                   pad_sequence(ref["response"], batch_first=True), mask,
+                                                   fraction=cfg.implicit_token_fraction)
+            save_cache(path, {"weights": [w[i, :n].contiguous() for i, n in enumerate(lengths)]})
+        ctx.accelerator.wait_for_everyone()
+    return load_cache(path)["weights"]
+
+
+def stage_forget(ctx: Context, *, on_step_end=None) -> dict:
+    cfg, sdir = ctx.cfg, ctx.dir("forget")
+    os.makedirs(sdir, exist_ok=True)
+    if cfg.skip_forget:
+        mark_done(ctx, sdir, {"skipped": True})
+        return {}
+    _seed_all(cfg.seed)
+    field = None
+    if cfg.token_weight_source == "data" or (cfg.token_weight_source == "auto" and _negatives_have(ctx, "token_weights")):
+        field = "token_weights"
+    elif cfg.token_weight_source == "reward_model_probs":
+        field = "keep_probs"
+    negs = _load_negatives(ctx, field)
+    model = load_model(sft_model_path(ctx))
+    ref = cached_reference(ctx, sdir, model, {"response": negs})
+    weights = _token_weights(ctx, sdir, negs, ref)
+    masks, mask_file = _masks(ctx, "forget", model)
+    last = train_stage(accelerator=ctx.accelerator, cfg=cfg, stage_dir=sdir, model=model, tokenizer=ctx.tokenizer,
+                       data=StageData("forget", negs, ref, weights), lr=cfg.forget_learning_rate, masks=masks,
+                       dense=False, masks_file=mask_file, desc="forget (token-weighted NPO)", on_step_end=on_step_end)
+    if ctx.main:
+        save_model(model, ctx.tokenizer, os.path.join(sdir, "model"))
+    mark_done(ctx, sdir, {"last_metrics": last})
+    return last
+
+
+# -------------------------------------------------------------------------------- improve
+def stage_improve(ctx: Context, *, on_step_end=None) -> dict:
+    cfg, sdir = ctx.cfg, ctx.dir("improve")
+    os.makedirs(sdir, exist_ok=True)
+    _seed_all(cfg.seed)
+    pairs = load_pairs(ctx, "train")
+    fdir = ctx.dir("forget")
+    if cfg.skip_forget:
+        start = sft_model_path(ctx)
+    else:
+        start = _require(ctx, "forget", "model")
+        if _done_info(fdir).get("skipped"):
+            raise ValueError(f"{fdir} was skipped (--skip_forget) but --skip_forget is not set now; use another "
+                             "--output_dir or delete that folder")
+    model = load_model(start)
+    ref = cached_reference(ctx, sdir, model, _pair_views(pairs))
+    masks, mask_file = _masks(ctx, "improve", model)
+    kind = "improve" if cfg.key_tokens else "dpo"
+    last = train_stage(accelerator=ctx.accelerator, cfg=cfg, stage_dir=sdir, model=model, tokenizer=ctx.tokenizer,
+                       data=StageData(kind, pairs, ref), lr=cfg.improve_learning_rate, masks=masks, dense=False,
+                       masks_file=mask_file, desc=f"improve ({'key tokens' if cfg.key_tokens else 'DPO'})",
+                       on_step_end=on_step_end)
+    if ctx.main:
+        save_model(model, ctx.tokenizer, os.path.join(sdir, "model"))
+    mark_done(ctx, sdir, {"last_metrics": last, "started_from": start})
+    return last
+
+
+# -------------------------------------------------------------------------------- eval
+def _model_of(ctx: Context, name: str) -> str | None:
+    if name == "sft":
+        return sft_model_path(ctx)
+    d = ctx.dir(name)
+    if is_done(d) and os.path.isdir(os.path.join(d, "model")):
+        return os.path.join(d, "model")
+    return None
+
+
+@torch.no_grad()
+def evaluate_model(ctx: Context, model, pairs, ref, problems) -> dict:
+    """Held-out reward metrics against the SFT model (TRL's eval_ names) and answer accuracy."""
+    from allo.losses import dpo_loss
+
+    from .tasks import is_correct
+
+    out = {}
+    if pairs:
+        views = _pair_views(pairs)
+        scorer = TokenLogprobs(model)
+        kw = dict(pad_id=ctx.tokenizer.pad_token_id, batch_size=_scorer_batch(ctx), device=ctx.accelerator.device,
+                  autocast=ctx.accelerator.autocast)
+        pol = {k: compute_logps(scorer, v, **kw) for k, v in views.items()}
+        pc, pr = torch.nn.utils.rnn.pad_sequence(pol["chosen"], True), torch.nn.utils.rnn.pad_sequence(pol["rejected"], True)
+        rc, rr = torch.nn.utils.rnn.pad_sequence(ref["chosen"], True), torch.nn.utils.rnn.pad_sequence(ref["rejected"], True)
+        cm = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in pol["chosen"]], True)
+        rm = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in pol["rejected"]], True)
+        loss, metrics = dpo_loss(pc, pr, rc, rr, cm, rm, beta=ctx.cfg.beta)
+        out["eval_loss"] = float(loss)
+        out.update({f"eval_{k}": float(v) for k, v in metrics.items()})
+    if problems:
+        texts = generate(model, ctx.tokenizer, [p["prompt"] for p in problems], max_new_tokens=ctx.cfg.max_new_tokens,
+                         batch_size=256, progress=ctx.progress, desc="eval: greedy answers")
+        out["eval_answer_accuracy"] = sum(is_correct(t[0], p["answer"]) for t, p in zip(texts, problems)) / len(problems)
+    return out
+
+
+def stage_eval(ctx: Context) -> dict:
+    from .report import write_report
+
+    cfg, sdir = ctx.cfg, ctx.dir("eval")
+    os.makedirs(sdir, exist_ok=True)
+    results = {}
+    if ctx.main:
+        pairs = load_pairs(ctx, "eval")
+        problems = None
+        prob_src = cfg.eval_problems_file or (os.path.join(ctx.dir("prepare"), "eval_problems.jsonl")
+                                              if uses_builtin_data(cfg) or cfg.problems_file else None)
+        if prob_src and os.path.exists(prob_src):
+            problems, _ = D.load_problems(prob_src, skip_bad_rows=cfg.skip_bad_rows)
+        ref = None
+        for name in EVALUATED:
+            path = _model_of(ctx, name)
+            if path is None:
+                continue
+            out_path = os.path.join(sdir, f"{name}.json")
+            if os.path.exists(out_path):
+                with open(out_path) as f:
+                    results[name] = json.load(f)
+                continue
+            model = load_model(path).to(ctx.accelerator.device).eval()
+            if ref is None and pairs:
+                sft = model if name == "sft" else load_model(sft_model_path(ctx)).to(ctx.accelerator.device)
+                ref = cached_reference(ctx, sdir, sft, _pair_views(pairs), name="sft_reference_logps", sync=False)
+            results[name] = evaluate_model(ctx, model, pairs, ref, problems)
+            tmp = out_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(results[name], f, indent=1)
+            os.replace(tmp, out_path)
+        write_report(ctx.cfg.output_dir, results)
+    mark_done(ctx, sdir, {"results": results})
+    return results
+
+
+STAGE_FUNCS = {"prepare": stage_prepare, "warmup": stage_warmup, "select": stage_select, "forget": stage_forget,
+               "improve": stage_improve, "eval": stage_eval}

@@ -1,0 +1,278 @@
+"""allo-train: data, CLI, every stage on tiny models, resume equality, 2 processes == 1 process.
+
+Everything runs on the CPU with a ~30k-parameter Llama; the expensive fixture (a tiny model and
+preference files) is built once per module.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from allo.train import TrainConfig, pipeline
+from allo.train import data as D
+from allo.train.cli import build_parser, parse
+from allo.train.config import STAGES
+from allo.train.stages import build_pairs
+from allo.train.tasks import ANSWER_PREFIX, extract_answer, is_correct, make_problems
+from allo.train.tokenizer import ASSET, build_tokenizer, load_builtin_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _weights(run_dir, stage):
+    return load_file(os.path.join(run_dir, stage, "model", "model.safetensors"))
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+def _wrong(p, rng):
+    bad = p.answer + rng.choice([-3, -2, -1, 1, 2, 10])
+    return p.solution.replace(f"{ANSWER_PREFIX} {p.answer}.", f"{ANSWER_PREFIX} {bad}.")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random tiny Llama saved in HF format, plus pair / negatives / problem files from the
+    arithmetic task (chosen: the gold solution, rejected: a wrong final answer)."""
+    from allo.train.model import build_tiny_model, save_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = load_builtin_tokenizer()
+    model = build_tiny_model(tok, hidden_size=32, num_layers=1, seed=0)
+    save_model(model, tok, str(root / "sft"))
+    rng = random.Random(0)
+    train = make_problems("arithmetic", 24, 0)
+    held = make_problems("arithmetic", 8, 1, exclude={p.prompt for p in train})
+    _write_jsonl(root / "train.jsonl", [{"prompt": p.prompt, "chosen": p.solution, "rejected": _wrong(p, rng)} for p in train])
+    _write_jsonl(root / "eval.jsonl", [{"prompt": p.prompt, "chosen": p.solution, "rejected": _wrong(p, rng)} for p in held])
+    _write_jsonl(root / "eval_problems.jsonl", [{"prompt": p.prompt, "answer": p.answer} for p in held])
+    return root
+
+
+def _cfg(tiny, out, **kw):
+    base = dict(model_name_or_path=str(tiny / "sft"), train_file=str(tiny / "train.jsonl"),
+                eval_file=str(tiny / "eval.jsonl"), eval_problems_file=str(tiny / "eval_problems.jsonl"),
+                output_dir=str(out), per_device_train_batch_size=4, max_steps=4, logging_steps=1,
+                learning_rate=1e-2, forget_learning_rate=1e-2, improve_learning_rate=1e-2, max_new_tokens=8,
+                disable_tqdm=True, report_to="jsonl", seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------ pieces
+def test_tokenizer_asset_is_what_build_tokenizer_makes():
+    with open(ASSET) as f:
+        shipped = json.load(f)
+    assert shipped == json.loads(build_tokenizer().to_str())
+    tok = load_builtin_tokenizer()
+    text = "Q: Ann has 12 pens.\nA: 12+7=19. The answer is 19."
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) == "Q: hi\nA: "
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "compare"])
+def test_tasks_have_checkable_answers(task):
+    probs = make_problems(task, 50, 7)
+    assert len({p.prompt for p in probs}) == 50
+    for p in probs:
+        assert is_correct(p.solution, p.answer)
+        assert not is_correct(p.solution.replace(str(p.answer) + ".", str(p.answer + 1) + "."), p.answer)
+    assert extract_answer("no answer here") is None
+    assert extract_answer("The answer is 3. The answer is -12.") == -12
+    held = make_problems(task, 10, 8, exclude={p.prompt for p in probs})
+    assert not {p.prompt for p in held} & {p.prompt for p in probs}
+
+
+def test_build_pairs_pairs_correct_with_wrong_capped_per_problem():
+    probs = [{"prompt": "a", "answer": 1}, {"prompt": "b", "answer": 2}, {"prompt": "c", "answer": 3}]
+    ok = lambda n: f"x. The answer is {n}."  # noqa: E731
+    samples = [[ok(1), ok(1) + " ", ok(5), ok(6), ok(7), ok(7)],   # 2 right x 3 distinct wrong = 6 -> 5
+               [ok(2), ok(9)],                                     # 1 pair
+               [ok(3), ok(3)]]                                     # no wrong: no pair
+    pairs, negs, stats = build_pairs(probs, samples, max_pairs=5, seed=0)
+    assert [p["prompt"] for p in pairs].count("a") == 5 and [p["prompt"] for p in pairs].count("b") == 1
+    assert all(is_correct(p["chosen"], {"a": 1, "b": 2}[p["prompt"]]) for p in pairs)
+    assert all(not is_correct(p["rejected"], {"a": 1, "b": 2}[p["prompt"]]) for p in pairs)
+    assert sorted(n["response"] for n in negs if n["prompt"] == "a") == [ok(5), ok(6), ok(7)]
+    assert stats["pairs"] == 6 and stats["negatives"] == 4 and stats["problems_with_pairs"] == 2
+
+
+def test_bad_rows_name_file_line_and_field_or_are_counted(tmp_path):
+    tok = load_builtin_tokenizer()
+    good = {"prompt": "Q: 1?\nA: ", "chosen": "The answer is 1.", "rejected": "The answer is 2."}
+    path = tmp_path / "pairs.jsonl"
+    _write_jsonl(path, [good, {"prompt": "Q: 2?\nA: ", "chosen": "x"}, good, "{not json", {**good, "chosen": 5}])
+    with pytest.raises(D.BadRowError) as e:
+        D.load_pairs(str(path), tok)
+    msg = str(e.value)
+    assert f"{path}:2" in msg and "'rejected'" in msg and "missing" in msg and "--skip_bad_rows" in msg
+    pairs, rep = D.load_pairs(str(path), tok, skip_bad_rows=True)
+    assert len(pairs) == 2 and rep.skipped == 3 and rep.rows == 2
+    assert any(f"{path}:4" in r and "not valid JSON" in r for r in rep.reasons)
+    assert any(f"{path}:5" in r and "'chosen'" in r for r in rep.reasons)
+    # per-token weights must have one value per response token
+    negs = tmp_path / "negs.jsonl"
+    _write_jsonl(negs, [{"prompt": "Q: 1?\nA: ", "response": "ab", "token_weights": [1, 0, 1]}])
+    with pytest.raises(D.BadRowError, match=r"negs.jsonl:1: field 'token_weights': has 3 values .* 2 tokens"):
+        D.load_negatives(str(negs), tok, weight_field="token_weights")
+    # truncation: the prompt keeps its end, the response its start
+    ex = D.encode_text_pair(tok, "Q: 12345\nA: ", "The answer is 1.", max_length=20, max_prompt_length=6)
+    assert tok.decode(ex["prompt_ids"]) == "45\nA: " and len(ex["prompt_ids"]) + len(ex["response_ids"]) == 20
+    with pytest.raises(D.BadRowError, match="max_length"):
+        D.encode_text_pair(tok, "Q: 12345\nA: ", "x", max_length=5, where="f.jsonl:1")
+
+
+def test_chat_messages_use_the_chat_template(tmp_path):
+    tok = load_builtin_tokenizer()
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps([{"chosen": [{"role": "user", "content": "1?"}, {"role": "assistant", "content": "1."}],
+                                 "rejected": [{"role": "user", "content": "1?"}, {"role": "assistant", "content": "2."}]}]))
+    (p,), _ = D.load_pairs(str(path), tok)
+    assert tok.decode(p["prompt_ids"]) == "Q: 1?\nA: "
+    assert p["chosen_ids"] == tok("1.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_cli_help_documents_every_flag_and_yaml_config(tmp_path):
+    text = build_parser().format_help()
+    for f in TrainConfig.__dataclass_fields__:
+        assert f"--{f}" in text, f
+    for stage in ("run",) + STAGES:
+        assert stage in text
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("beta: 0.3\nlearning_rate: 0.5\nbf16: true\n")
+    cmd, cfg = parse(["warmup", "--config", str(cfg_file), "--learning_rate", "0.25"])
+    assert cmd == "warmup" and cfg.beta == 0.3 and cfg.learning_rate == 0.25 and cfg.bf16 is True
+    assert parse([])[0] == "run"
+    cfg_file.write_text("betta: 1\n")
+    with pytest.raises(SystemExit):
+        parse(["--config", str(cfg_file)])
+
+
+# ------------------------------------------------------------------------------------------ stages
+def test_every_stage_on_a_tiny_model(tiny, tmp_path):
+    res = pipeline.run(_cfg(tiny, tmp_path / "run"))
+    out = tmp_path / "run"
+    for stage in ("warmup", "select", "forget", "improve", "eval"):
+        assert (out / stage / "DONE").exists(), stage
+    assert set(res) == {"sft", "warmup", "forget", "improve"}
+    assert res["sft"]["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # the reference itself
+    for stage in ("warmup", "forget", "improve"):
+        assert 0.0 <= res[stage]["eval_answer_accuracy"] <= 1.0
+        rows = [json.loads(l) for l in open(out / stage / "metrics.jsonl")]
+        assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("learning_rate" in r for r in rows)
+    assert "rewards/accuracies" in rows[0] and "loss" in rows[0]
+    assert (out / "training_curves.png").exists() and (out / "report.md").exists()
+
+    # masked stages change exactly the selected elements (and something changed)
+    from allo.select import Selection
+
+    sft = load_file(str(tiny / "sft" / "model.safetensors"))
+    for stage, start in (("forget", sft), ("improve", _weights(out, "forget"))):
+        masks = Selection.load(str(out / "select" / f"{stage}_mask.safetensors")).masks
+        after = _weights(out, stage)
+        changed = 0
+        for name, w in after.items():
+            diff = w != start[name]
+            assert not (diff & ~masks[name]).any(), (stage, name)
+            changed += int(diff.sum())
+        assert changed > 0, stage
+    # forget and improve masks hold the configured fractions
+    sel = json.load(open(out / "select" / "DONE"))
+    assert sel["improve_selected"] == round(0.1 * sel["total_elements"])
+    assert sel["forget_selected"] == round(0.03 * sel["total_elements"])
+
+    # run again: every stage is complete and skipped, same results
+    assert pipeline.run(_cfg(tiny, out)) == res
+
+
+def test_ablation_switches_and_gradient_scores(tiny, tmp_path):
+    base = tmp_path / "base"
+    pipeline.run(_cfg(tiny, base, stages="warmup"))
+    res = pipeline.run(_cfg(tiny, tmp_path / "abl", selection="random", skip_forget=True, key_tokens=False,
+                            score_source="gradient", score_batches=2, reuse_from=str(base), reuse_stages="warmup"))
+    assert set(res) == {"sft", "warmup", "improve"}
+    assert json.load(open(tmp_path / "abl" / "forget" / "DONE"))["skipped"] is True
+    assert os.path.islink(tmp_path / "abl" / "warmup")
+    res = pipeline.run(_cfg(tiny, tmp_path / "none", selection="none", stages="warmup,select,forget,improve"))
+    assert res == {}  # no eval stage asked for
+
+
+def test_gradient_checkpointing_and_bf16_run(tiny, tmp_path):
+    pipeline.run(_cfg(tiny, tmp_path / "gc", gradient_checkpointing=True, stages="warmup"))
+    plain = pipeline.run(_cfg(tiny, tmp_path / "plain", stages="warmup"))
+    a, b = _weights(tmp_path / "gc", "warmup"), _weights(tmp_path / "plain", "warmup")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage", ["warmup", "forget", "improve"])
+def test_resume_after_interruption_matches_uninterrupted_run(tiny, tmp_path, stage):
+    prior = {"warmup": "", "forget": "warmup,select", "improve": "warmup,select,forget"}[stage]
+    shared = tmp_path / "shared"
+    if prior:
+        pipeline.run(_cfg(tiny, shared, stages=prior, max_steps=2))
+    kw = dict(stages=stage, max_steps=6, save_steps=2, reuse_from=str(shared) if prior else None,
+              reuse_stages=prior or "prepare,warmup")
+    pipeline.run(_cfg(tiny, tmp_path / "full", **kw))
+
+    def boom(st, step):
+        if step == 5:  # after the checkpoint at step 4
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        pipeline.run(_cfg(tiny, tmp_path / "cut", **kw), on_step_end=boom)
+    assert not (tmp_path / "cut" / stage / "DONE").exists()
+    assert (tmp_path / "cut" / stage / "checkpoints" / "checkpoint-4" / "model.safetensors").exists()
+    pipeline.run(_cfg(tiny, tmp_path / "cut", resume_from_checkpoint="true", **kw))
+    a, b = _weights(tmp_path / "full", stage), _weights(tmp_path / "cut", stage)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=lambda m: f"{stage}/{k}: {m}")
+    full = [json.loads(l) for l in open(tmp_path / "full" / stage / "metrics.jsonl")]
+    cut = [json.loads(l) for l in open(tmp_path / "cut" / stage / "metrics.jsonl")]
+    assert [r["step"] for r in cut] == [r["step"] for r in full]
+    assert cut[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-6)
+
+
+def test_two_processes_match_one_process_with_double_batch(tiny, tmp_path):
+    """2 CPU processes (gloo; Accelerator in MULTI_CPU mode), batch 2 per process == 1 process, batch 4.
+    Covers the dense stage (DDP) and both masked stages (compact grads + all_reduce_grads).
+    Launched with torchrun: `accelerate launch --cpu` starts a single process unless MPI is set up."""
+    import socket
+    shared = tmp_path / "shared"
+    pipeline.run(_cfg(tiny, shared, stages="warmup,select", max_steps=2))
+    common = ["--model_name_or_path", str(tiny / "sft"), "--train_file", str(tiny / "train.jsonl"),
+              "--learning_rate", "1e-2", "--forget_learning_rate", "1e-2", "--improve_learning_rate", "1e-2",
+              "--max_steps", "3", "--disable_tqdm", "--report_to", "jsonl", "--seed", "3",
+              "--reuse_from", str(shared), "--reuse_stages", "select", "--stages", "warmup,forget,improve"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1"}
+    # forget's implicit token weights need a warm-up model: both runs train their own, identically
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "allo.train.cli", "run", "--output_dir", str(tmp_path / "two"),
+                          "--per_device_train_batch_size", "2", *common],
+                         env=env, capture_output=True, text=True, timeout=400)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert '"epoch": 0.5' in open(tmp_path / "two" / "warmup" / "metrics.jsonl").read()  # 2 x 2 of 24 rows per step
+    pipeline.run(_cfg(tiny, tmp_path / "one", stages="warmup,forget,improve", max_steps=3,
+                      per_device_train_batch_size=4, reuse_from=str(shared), reuse_stages="select"))
+    for stage in ("warmup", "forget", "improve"):
+        a, b = _weights(tmp_path / "one", stage), _weights(tmp_path / "two", stage)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{stage}/{k}: {m}")
