@@ -275,4 +275,6 @@ def test_two_processes_match_one_process_with_double_batch(tiny, tmp_path):
     for stage in ("warmup", "forget", "improve"):
         a, b = _weights(tmp_path / "one", stage), _weights(tmp_path / "two", stage)
         for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{stage}/{k}: {m}")
+            # Adam divides by sqrt(v): a near-zero gradient summed in another order can move an element by
+            # up to lr x (tiny); 1e-4 is 1% of one lr=1e-2 step
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=lambda m: f"{stage}/{k}: {m}")

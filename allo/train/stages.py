@@ -160,19 +160,19 @@ def cached_reference(ctx: Context, stage_dir: str, model, named_examples: dict, 
     """Reference log-probs of the stage's starting ``model`` on every example, computed once (by the
     main process) and cached in ``stage_dir``; a resumed stage reads the cache."""
     path = os.path.join(stage_dir, f"{name}.safetensors")
-    if not os.path.exists(path):
-        if ctx.main:
-            from tqdm.auto import tqdm
+    # only the main process looks at the file: another rank could see it appear and skip the barrier
+    if ctx.main and not os.path.exists(path):
+        from tqdm.auto import tqdm
 
-            scorer = TokenLogprobs(model.to(ctx.accelerator.device))
-            total = sum(len(v) for v in named_examples.values())
-            with tqdm(total=total, desc=f"{os.path.basename(stage_dir)}: {name}", disable=not ctx.progress, leave=False) as bar:
-                out = {k: compute_logps(scorer, v, pad_id=ctx.tokenizer.pad_token_id, batch_size=_scorer_batch(ctx),
-                                        device=ctx.accelerator.device, autocast=ctx.accelerator.autocast, progress=bar)
-                       for k, v in named_examples.items()}
-            save_cache(path, out)
-        if sync:
-            ctx.accelerator.wait_for_everyone()
+        scorer = TokenLogprobs(model.to(ctx.accelerator.device))
+        total = sum(len(v) for v in named_examples.values())
+        with tqdm(total=total, desc=f"{os.path.basename(stage_dir)}: {name}", disable=not ctx.progress, leave=False) as bar:
+            out = {k: compute_logps(scorer, v, pad_id=ctx.tokenizer.pad_token_id, batch_size=_scorer_batch(ctx),
+                                    device=ctx.accelerator.device, autocast=ctx.accelerator.autocast, progress=bar)
+                   for k, v in named_examples.items()}
+        save_cache(path, out)
+    if sync:
+        ctx.accelerator.wait_for_everyone()
     return load_cache(path)
 
 
@@ -387,17 +387,16 @@ def _token_weights(ctx: Context, sdir: str, negs, ref) -> list[torch.Tensor]:
         return [w[i, :n] for i, n in enumerate(lengths)]
     # the warm-up model's implicit token reward; computed once and cached, like the reference
     path = os.path.join(sdir, "token_weights.safetensors")
-    if not os.path.exists(path):
-        if ctx.main:
-            warm = load_model(_require(ctx, "warmup", "model")).to(ctx.accelerator.device)
-            lp_warm = compute_logps(TokenLogprobs(warm), negs, pad_id=ctx.tokenizer.pad_token_id,
-                                    batch_size=_scorer_batch(ctx), device=ctx.accelerator.device,
-                                    autocast=ctx.accelerator.autocast)
-            w = token_weights_from_implicit_reward(pad_sequence(lp_warm, batch_first=True),
-                                                   pad_sequence(ref["response"], batch_first=True), mask,
-                                                   fraction=cfg.implicit_token_fraction)
-            save_cache(path, {"weights": [w[i, :n].contiguous() for i, n in enumerate(lengths)]})
-        ctx.accelerator.wait_for_everyone()
+    if ctx.main and not os.path.exists(path):  # main only: see cached_reference
+        warm = load_model(_require(ctx, "warmup", "model")).to(ctx.accelerator.device)
+        lp_warm = compute_logps(TokenLogprobs(warm), negs, pad_id=ctx.tokenizer.pad_token_id,
+                                batch_size=_scorer_batch(ctx), device=ctx.accelerator.device,
+                                autocast=ctx.accelerator.autocast)
+        w = token_weights_from_implicit_reward(pad_sequence(lp_warm, batch_first=True),
+                                               pad_sequence(ref["response"], batch_first=True), mask,
+                                               fraction=cfg.implicit_token_fraction)
+        save_cache(path, {"weights": [w[i, :n].contiguous() for i, n in enumerate(lengths)]})
+    ctx.accelerator.wait_for_everyone()
     return load_cache(path)["weights"]
 
 
