@@ -207,12 +207,23 @@ def test_ablation_switches_and_gradient_scores(tiny, tmp_path):
     assert res == {}  # no eval stage asked for
 
 
-def test_gradient_checkpointing_and_bf16_run(tiny, tmp_path):
+def test_gradient_checkpointing_matches_and_bf16_runs(tiny, tmp_path):
     pipeline.run(_cfg(tiny, tmp_path / "gc", gradient_checkpointing=True, stages="warmup"))
-    plain = pipeline.run(_cfg(tiny, tmp_path / "plain", stages="warmup"))
+    pipeline.run(_cfg(tiny, tmp_path / "plain", stages="warmup"))
     a, b = _weights(tmp_path / "gc", "warmup"), _weights(tmp_path / "plain", "warmup")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # bf16 autocast (fp32 master weights) through every trained stage, in a fresh process
+    # (accelerate keeps one mixed-precision setting per process)
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = tmp_path / "bf16"
+    r = subprocess.run([sys.executable, "-m", "allo.train.cli", "run", "--bf16", "--output_dir", str(out),
+                        "--model_name_or_path", str(tiny / "sft"), "--train_file", str(tiny / "train.jsonl"),
+                        "--per_device_train_batch_size", "4", "--max_steps", "2", "--disable_tqdm",
+                        "--stages", "warmup,select,forget,improve"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    w = _weights(out, "improve")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in w.values())
 
 
 class _Interrupt(Exception):

@@ -42,6 +42,10 @@ def make_context(config, accelerator=None) -> Context:
 
     cfg = _config(config)
     _set_cpu_threads()
+    if cfg.disable_tqdm:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars
     if accelerator is None:
         accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
     os.makedirs(cfg.output_dir, exist_ok=True)
