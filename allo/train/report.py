@@ -9,7 +9,7 @@ COLUMNS = [("eval_answer_accuracy", "answer acc"), ("eval_rewards/accuracies", "
            ("eval_rewards/margins", "reward margin"), ("eval_rewards/chosen", "reward chosen"),
            ("eval_rewards/rejected", "reward rejected"), ("eval_loss", "DPO loss")]
 CURVES = [("loss", "loss"), ("rewards/margins", "reward margin"), ("rewards/accuracies", "reward accuracy"),
-          ("grad_norm", "grad norm")]
+          ("forget/log_ratio", "forget: mean log-ratio on weighted tokens"), ("grad_norm", "grad norm")]
 
 
 def format_table(results: dict) -> str:
@@ -45,8 +45,10 @@ def plot_curves(output_dir: str, stages=("warmup", "forget", "improve")) -> str 
         for i, (key, label) in enumerate(rows):
             ax = axes[i][j]
             pts = [(r["step"], r[key]) for r in log if key in r]
-            if pts:
-                ax.plot(*zip(*pts), marker=".")
+            if not pts:  # this stage does not log this metric
+                ax.axis("off")
+                continue
+            ax.plot(*zip(*pts), marker=".")
             ax.set_title(f"{stage}: {label}", fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.grid(alpha=0.3)
