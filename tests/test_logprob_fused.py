@@ -70,3 +70,26 @@ def test_bad_shapes_raise():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_linear_cuda(dtype):
     _run((4, 33), 64, 5003, dtype, "cuda", 48)
+
+
+@pytest.mark.parametrize("backward_in_autocast", [True, False])
+def test_fused_linear_under_bf16_autocast_with_fp32_weights(backward_in_autocast):
+    # fp32 master weights with bf16 autocast: the op runs in bf16, as nn.Linear would, and its
+    # backward works whether or not autocast is still on when backward runs.
+    hidden = torch.randn(3, 37, 24, requires_grad=True)
+    weight = (torch.randn(101, 24) / 24**0.5).requires_grad_(True)
+    labels = torch.randint(0, 101, (3, 37))
+    labels[0, :5] = -100
+    upstream = torch.rand(3, 37) * 2 - 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = fused_linear_token_logprobs(hidden, weight, labels, chunk_size=16)
+        if backward_in_autocast:
+            logp.backward(upstream)
+    if not backward_in_autocast:
+        logp.backward(upstream)
+    assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    expected = _reference(hidden.to(torch.bfloat16), weight.to(torch.bfloat16), labels, upstream)
+    tol = dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(logp.double(), expected[0], **tol)
+    torch.testing.assert_close(hidden.grad.double(), expected[1], **tol)
+    torch.testing.assert_close(weight.grad.double(), expected[2], **tol)

@@ -27,8 +27,20 @@ def default_chunk_size(num_tokens: int, vocab_size: int, dtype: torch.dtype) -> 
     return int(max(1, min(num_tokens, rows)))
 
 
+def _autocast_off(fn):
+    def wrapper(ctx, *args):
+        with torch.autocast(args[0].device.type, enabled=False):  # args[0]: hidden, or grad in backward
+            return fn(ctx, *args)
+
+    return wrapper
+
+
 class FusedLinearTokenLogprobs(torch.autograd.Function):
+    # Autocast is handled once, in the wrapper (inputs cast to the autocast dtype, as nn.Linear's
+    # would be); inside, it is off in forward and backward alike, so autocast never re-casts the
+    # chunk matmuls and their out= buffers keep the inputs' dtype whatever context backward runs in.
     @staticmethod
+    @_autocast_off
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_size):
         n = hidden.shape[0]
         acc = _accumulate_dtype(hidden.dtype)
@@ -44,6 +56,7 @@ class FusedLinearTokenLogprobs(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_logp):
         hidden, weight, labels, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -79,7 +92,13 @@ def fused_linear_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tens
 
     Returns:
         fp32 log-probs of shape ``labels.shape``. Gradients flow to ``hidden`` and ``lm_head_weight``.
+
+    Under autocast, ``hidden`` and ``lm_head_weight`` are first cast to the autocast dtype, as
+    ``nn.Linear``'s inputs would be (so fp32 master weights with bf16 autocast work).
     """
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, lm_head_weight = hidden.to(dtype), lm_head_weight.to(dtype)
     if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"fused_linear_token_logprobs: lm_head_weight must be [V, H] with H = hidden.shape[-1] = "

@@ -33,15 +33,7 @@ class TokenLogprobs(nn.Module):
 
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         weight = self.model.get_output_embeddings().weight
-        dev = hidden.device.type
-        if torch.is_autocast_enabled(dev):
-            # run the head in the autocast dtype, as nn.Linear would, but with autocast off inside the
-            # fused op: autocast re-casting its internal matmuls breaks its backward's dtypes
-            dtype = torch.get_autocast_dtype(dev)
-            with torch.autocast(dev, enabled=False):
-                return fused_linear_token_logprobs(hidden[:, :-1].to(dtype), weight.to(dtype), labels[:, 1:],
-                                                   ignore_index=IGNORE_INDEX)
-        if weight.dtype != hidden.dtype:
+        if weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
             weight = weight.to(hidden.dtype)
         return fused_linear_token_logprobs(hidden[:, :-1], weight, labels[:, 1:], ignore_index=IGNORE_INDEX)
 
