@@ -2,12 +2,9 @@
 interpreter tests check what it computes (the interpreter accepts more than the compiler), this checks
 that the compiler accepts every variant the wrapper launches."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
+from _sm90_compile import compile_in_subprocess
 
 SCRIPT = textwrap.dedent('''
     import itertools
@@ -37,9 +34,5 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_masked_adamw_kernel_compiles_for_sm90():
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JIT functions, not interpreted
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=300)
+    proc = compile_in_subprocess(SCRIPT)
     assert proc.returncode == 0 and "compiled 18" in proc.stdout, proc.stderr[-3000:]
