@@ -83,11 +83,17 @@ def parse(argv=None) -> tuple[str, TrainConfig]:
 def main(argv=None) -> int:
     command, cfg = parse(argv)
     from . import pipeline
+    from .data import BadRowError
 
-    if command == "run":
-        pipeline.run(cfg)
-    else:
-        pipeline.run_stage(command, cfg)
+    try:
+        if command == "run":
+            pipeline.run(cfg)
+        else:
+            pipeline.run_stage(command, cfg)
+    except (BadRowError, FileNotFoundError) as e:
+        # the user's input is at fault and the message says how to fix it: no traceback
+        print(f"allo-train: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
