@@ -207,6 +207,22 @@ def test_ablation_switches_and_gradient_scores(tiny, tmp_path):
     assert res == {}  # no eval stage asked for
 
 
+def test_eval_models_scores_only_the_models_asked_for(tiny, tmp_path):
+    base = tmp_path / "base"
+    pipeline.run(_cfg(tiny, base, stages="warmup"))
+    out = tmp_path / "run"
+    res = pipeline.run(_cfg(tiny, out, selection="none", skip_forget=True, key_tokens=False, eval_models="improve",
+                            reuse_from=str(base), reuse_stages="warmup"))
+    assert set(res) == {"improve"} and 0.0 <= res["improve"]["eval_answer_accuracy"] <= 1.0
+    assert sorted(p.name for p in (out / "eval").glob("*.json")) == ["improve.json"]
+    # the same models, scored in one run with every model, give the same numbers
+    full = pipeline.run(_cfg(tiny, tmp_path / "full", selection="none", skip_forget=True, key_tokens=False,
+                             reuse_from=str(base), reuse_stages="warmup"))
+    assert set(full) == {"sft", "warmup", "improve"} and full["improve"] == res["improve"]
+    with pytest.raises(ValueError, match="--eval_models names unknown model"):
+        TrainConfig(eval_models="sft,final").validate()
+
+
 def test_gradient_checkpointing_matches_and_bf16_runs(tiny, tmp_path):
     pipeline.run(_cfg(tiny, tmp_path / "gc", gradient_checkpointing=True, stages="warmup"))
     pipeline.run(_cfg(tiny, tmp_path / "plain", stages="warmup"))

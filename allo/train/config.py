@@ -2,10 +2,14 @@
 dataclass (flag = field name, help = the field's ``help``), and a YAML ``--config`` uses the same keys.
 
 Learning rates: the released ALLO scripts train 7B models with warm-up 1e-6, forgetting 5e-7 and
-improving 5e-6. The built-in 0.26M-parameter model needs larger steps; the defaults keep the
-released ratios between stages (forget = warm-up / 2, improve = warm-up x 5) at 50x the released
-scale. They are a starting point, not tuned: on the built-in task they still lower greedy answer
-accuracy (see the report table). Set all three for real models.
+improving 5e-6. The built-in 0.26M-parameter model needs larger steps: warm-up 5e-5 and forgetting
+2.5e-5 keep the released ratio (forget = warm-up / 2) at 50x the released scale, but improving is
+5e-5, not the released warm-up x 5: on the built-in tasks any DPO-style stage much above 5e-5 lowers
+greedy answer accuracy (full-parameter DPO, arithmetic, seed 0: SFT 0.31; lr 1e-5 0.28, 5e-5 0.23,
+2.5e-4 0.07; ALLO's improve at 2.5e-4 0.155, at 1e-4 0.26, at 5e-5 0.305), because the preference
+pairs differ in one or two digits and DPO lowers the chosen digit along with the rejected one
+(likelihood displacement; benchmarks/bench_alignment.py and the README's results section). Set all
+three for real models.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 
 STAGES = ("prepare", "warmup", "select", "forget", "improve", "eval")
 TRAINED_STAGES = ("warmup", "forget", "improve")
+EVAL_MODELS = ("sft", "warmup", "forget", "improve")  # models the eval stage can score, in pipeline order
 
 
 def _f(default, help, **kw):
@@ -44,7 +49,8 @@ class TrainConfig:
     # --- training (TRL names)
     learning_rate: float = _f(5e-5, "warm-up (full-parameter DPO) learning rate")
     forget_learning_rate: float = _f(2.5e-5, "forgetting-stage learning rate (released script: warm-up / 2)")
-    improve_learning_rate: float = _f(2.5e-4, "improving-stage learning rate (released script: warm-up x 5)")
+    improve_learning_rate: float = _f(5e-5, "improving-stage learning rate (released script: warm-up x 5; the built-in "
+                                      "task's default is warm-up x 1: larger rates lower its answer accuracy)")
     per_device_train_batch_size: int = _f(16, "pairs (or wrong responses) per device per micro-batch")
     per_device_eval_batch_size: int = _f(64, "sequences per device per evaluation batch")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
@@ -95,6 +101,8 @@ class TrainConfig:
     reuse_from: str | None = _f(None, "another run's output_dir: its completed --reuse_stages are linked, not redone "
                                 "(same SFT model and data for every method of a comparison)")
     reuse_stages: str = _f("prepare,warmup", "stages linked from --reuse_from")
+    eval_models: str = _f("all", "comma-separated models the eval stage scores: sft, warmup, forget, improve "
+                          "(default all: every one that exists; a comparison scores only the model it needs)")
 
     # --- built-in task and model
     sft_steps: int = _f(600, "built-in model: SFT optimizer steps")
@@ -123,6 +131,9 @@ class TrainConfig:
                 raise ValueError(f"--{f.name} is {getattr(self, f.name)!r}; expected one of {', '.join(choices)}")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
+        bad = [m for m in self.eval_model_list() if m not in EVAL_MODELS]
+        if bad:
+            raise ValueError(f"--eval_models names unknown model(s) {bad}; models: {', '.join(EVAL_MODELS)}")
         bad = [s for s in self.stage_list() if s not in STAGES]
         if bad:
             raise ValueError(f"--stages names unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
@@ -132,6 +143,11 @@ class TrainConfig:
 
     def stage_list(self) -> list[str]:
         return list(STAGES) if self.stages == "all" else [s.strip() for s in self.stages.split(",") if s.strip()]
+
+    def eval_model_list(self) -> list[str]:
+        if self.eval_models == "all":
+            return list(EVAL_MODELS)
+        return [m.strip() for m in self.eval_models.split(",") if m.strip()]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

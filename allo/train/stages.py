@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from . import data as D
-from .config import TrainConfig
+from .config import EVAL_MODELS, TrainConfig
 from .logps import TokenLogprobs, compute_logps, load_cache, save_cache
 from .loop import StageData, train_stage
 from .model import build_tiny_model, generate, load_model, load_tokenizer, save_model, sft_train
 
 DONE = "DONE"
-EVALUATED = ("sft", "warmup", "forget", "improve")  # models the eval stage scores, in pipeline order
+EVALUATED = EVAL_MODELS  # models the eval stage scores, in pipeline order
 
 
 @dataclass
@@ -506,7 +506,10 @@ def stage_eval(ctx: Context) -> dict:
         if prob_src and os.path.exists(prob_src):
             problems, _ = D.load_problems(prob_src, skip_bad_rows=cfg.skip_bad_rows)
         ref = None
+        wanted = cfg.eval_model_list()
         for name in EVALUATED:
+            if name not in wanted:
+                continue
             path = _model_of(ctx, name)
             if path is None:
                 continue
