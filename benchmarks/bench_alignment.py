@@ -80,6 +80,7 @@ def _add_arguments(parser):
                         help="where the table and chart go")
     parser.add_argument("--runs_dir", default=None, help="where the runs go (default: a temporary folder, deleted at the end)")
     parser.add_argument("--keep_runs", action="store_true", help="keep every run's output folder")
+    parser.add_argument("--jobs", type=int, default=None, help="tasks run in parallel processes (default: one per task)")
 
 
 def _run(config: dict) -> tuple[dict, float]:
@@ -119,9 +120,38 @@ def main():
     runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="allo_alignment_")
     common = dict(disable_tqdm=True, report_to="jsonl", **(QUICK if args.quick else {}))
 
+    t_start = time.time()
+    jobs = max(1, min(args.jobs or len(tasks), len(tasks)))
+    try:
+        if jobs == 1:
+            per_task = [run_task(task, seeds, methods, common, runs_dir, args.lr, args.forget_lr, t_start) for task in tasks]
+        else:
+            # one process per task: the runs are single-threaded (allo.train uses half the cores), so
+            # two tasks on two cores take the time of one
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                per_task = list(pool.map(run_task, tasks, [seeds] * len(tasks), [methods] * len(tasks),
+                                         [common] * len(tasks), [runs_dir] * len(tasks), [args.lr] * len(tasks),
+                                         [args.forget_lr] * len(tasks), [t_start] * len(tasks)))
+    finally:
+        if not args.keep_runs:
+            shutil.rmtree(runs_dir, ignore_errors=True)
+    stats = {k: v for d in per_task for k, v in d.items()}
+
+    rows = [summary_row(task, method, s, seeds) for (task, method), s in stats.items()]
+    _harness.report(rows, baseline="DPO all", json_path=args.json,
+                    title="held-out answer accuracy (median_ms: wall time of the method's own stages; SFT: prepare + "
+                          "warm-up)", extra_columns=["accuracy_mean", "accuracy_std", "reward_accuracy_mean"])
+    write_table_and_chart(rows, tasks, ["SFT", *methods], args, time.time() - t_start)
+
+
+def run_task(task, seeds, methods, common, runs_dir, lr, forget_lr, t_start) -> dict:
+    """Every seed and method of one task; returns {(task, method): {metric: [one value per seed]}}."""
     stats: dict[tuple[str, str], dict[str, list[float]]] = {}
 
-    def record(task, method, res, seconds):
+    def record(method, res, seconds):
         s = stats.setdefault((task, method), {"answer": [], "reward_acc": [], "margin": [], "chosen": [], "secs": []})
         s["answer"].append(res["eval_answer_accuracy"])
         s["reward_acc"].append(res.get("eval_rewards/accuracies", float("nan")))
@@ -129,38 +159,27 @@ def main():
         s["chosen"].append(res.get("eval_rewards/chosen", float("nan")))
         s["secs"].append(seconds)
 
-    t_start = time.time()
-    try:
-        for task in tasks:
-            for seed in seeds:
-                base = os.path.join(runs_dir, task, f"seed{seed}", "base")
-                res, t = _run(dict(common, task=task, seed=seed, output_dir=base, learning_rate=args.lr,
-                                   stages="prepare,warmup,eval", eval_models="sft"))
-                # the SFT model is the reward reference itself: its reward accuracy is not a measurement
-                record(task, "SFT", {"eval_answer_accuracy": res["sft"]["eval_answer_accuracy"]}, t)
-                print(f"[{time.time() - t_start:6.0f} s] {task} seed {seed} SFT: accuracy "
-                      f"{res['sft']['eval_answer_accuracy']:.3f} (prepare + warm-up {t:.0f} s)", flush=True)
-                allo_dir = None
-                for method in methods:
-                    out = os.path.join(runs_dir, task, f"seed{seed}", _dirname(method))
-                    cfg = method_config(method, common=common, task=task, seed=seed, base=base, out=out,
-                                        allo_dir=allo_dir, lr=args.lr, forget_lr=args.forget_lr)
-                    res, t = _run(cfg)
-                    if method == "ALLO":
-                        allo_dir = out
-                    record(task, method, res["improve"], t)
-                    print(f"[{time.time() - t_start:6.0f} s] {task} seed {seed} {method}: accuracy "
-                          f"{res['improve']['eval_answer_accuracy']:.3f}, reward accuracy "
-                          f"{res['improve'].get('eval_rewards/accuracies', float('nan')):.3f} ({t:.0f} s)", flush=True)
-    finally:
-        if not args.keep_runs:
-            shutil.rmtree(runs_dir, ignore_errors=True)
-
-    rows = [summary_row(task, method, s, seeds) for (task, method), s in stats.items()]
-    _harness.report(rows, baseline="DPO all", json_path=args.json,
-                    title="held-out answer accuracy (median_ms: wall time of the method's own stages; SFT: prepare + "
-                          "warm-up)", extra_columns=["accuracy_mean", "accuracy_std", "reward_accuracy_mean"])
-    write_table_and_chart(rows, tasks, ["SFT", *methods], args, time.time() - t_start)
+    for seed in seeds:
+        base = os.path.join(runs_dir, task, f"seed{seed}", "base")
+        res, t = _run(dict(common, task=task, seed=seed, output_dir=base, learning_rate=lr,
+                           stages="prepare,warmup,eval", eval_models="sft"))
+        # the SFT model is the reward reference itself: its reward accuracy is not a measurement
+        record("SFT", {"eval_answer_accuracy": res["sft"]["eval_answer_accuracy"]}, t)
+        print(f"[{time.time() - t_start:6.0f} s] {task} seed {seed} SFT: accuracy "
+              f"{res['sft']['eval_answer_accuracy']:.3f} (prepare + warm-up {t:.0f} s)", flush=True)
+        allo_dir = None
+        for method in methods:
+            out = os.path.join(runs_dir, task, f"seed{seed}", _dirname(method))
+            cfg = method_config(method, common=common, task=task, seed=seed, base=base, out=out,
+                                allo_dir=allo_dir, lr=lr, forget_lr=forget_lr)
+            res, t = _run(cfg)
+            if method == "ALLO":
+                allo_dir = out
+            record(method, res["improve"], t)
+            print(f"[{time.time() - t_start:6.0f} s] {task} seed {seed} {method}: accuracy "
+                  f"{res['improve']['eval_answer_accuracy']:.3f}, reward accuracy "
+                  f"{res['improve'].get('eval_rewards/accuracies', float('nan')):.3f} ({t:.0f} s)", flush=True)
+    return stats
 
 
 def _mean_std(values):
