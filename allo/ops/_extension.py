@@ -9,6 +9,7 @@ in torch's extension folder (``TORCH_EXTENSIONS_DIR``). Importing the extension 
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import warnings
@@ -52,10 +53,12 @@ def load_extension():
         if _module is not None:
             return _module
         try:
-            from allo import _C as module  # noqa: N814
-
-            how = "prebuilt"
-        except ModuleNotFoundError:
+            # import_module, not `from allo import _C`: only it tells "not built" (ModuleNotFoundError
+            # naming allo._C) apart from "built but unloadable" (any other ImportError)
+            module, how = importlib.import_module("allo._C"), "prebuilt"
+        except ModuleNotFoundError as exc:
+            if exc.name != "allo._C":
+                raise
             module, how = None, None
         except ImportError as exc:  # present but unloadable: built against another torch, most often
             warnings.warn(
