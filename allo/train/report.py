@@ -52,8 +52,14 @@ def plot_curves(output_dir: str, stages=("warmup", "forget", "improve")) -> str 
             ax.set_title(f"{stage}: {label}", fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.grid(alpha=0.3)
+    return _save_figure(fig, os.path.join(output_dir, "training_curves.png"))
+
+
+def _save_figure(fig, path: str) -> str:
+    """Write ``fig`` to ``path`` atomically (a crash never leaves half a PNG) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = os.path.join(output_dir, "training_curves.png")
     fig.savefig(path + ".tmp.png", dpi=100)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
@@ -76,12 +82,7 @@ def plot_eval(output_dir: str, results: dict) -> str | None:
         ax.bar(names, [results[s][k] for s in names], color="tab:blue")
         ax.set_title(h, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(output_dir, "eval_metrics.png")
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    return path
+    return _save_figure(fig, os.path.join(output_dir, "eval_metrics.png"))
 
 
 def write_report(output_dir: str, results: dict) -> str:
