@@ -274,6 +274,51 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny, tmp_path, sta
     assert cut[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-6)
 
 
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny, tmp_path):
+    """The real thing: `allo-train` killed with SIGKILL (no cleanup, possibly mid-save) as soon as its
+    first checkpoint exists, then resumed, ends bit-for-bit where an uninterrupted run ends."""
+    import signal
+    import time
+
+    shared = tmp_path / "shared"
+    pipeline.run(_cfg(tiny, shared, stages="warmup,select,forget", max_steps=2))
+    kw = dict(stages="improve", max_steps=16, save_steps=2, reuse_from=str(shared),
+              reuse_stages="warmup,select,forget")
+    pipeline.run(_cfg(tiny, tmp_path / "full", **kw))
+
+    cut = tmp_path / "cut"
+    argv = [sys.executable, "-m", "allo.train.cli", "run", "--output_dir", str(cut),
+            "--model_name_or_path", str(tiny / "sft"), "--train_file", str(tiny / "train.jsonl"),
+            "--eval_file", str(tiny / "eval.jsonl"), "--eval_problems_file", str(tiny / "eval_problems.jsonl"),
+            "--per_device_train_batch_size", "4", "--max_steps", "16", "--save_steps", "2", "--logging_steps", "1",
+            "--improve_learning_rate", "1e-2", "--seed", "3", "--disable_tqdm", "--report_to", "jsonl",
+            "--stages", "improve", "--reuse_from", str(shared), "--reuse_stages", "warmup,select,forget"]
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    ckpts = cut / "improve" / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckpts.exists() and any(p.name[len("checkpoint-"):].isdigit() for p in ckpts.iterdir())):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("allo-train ended or stalled before its first checkpoint:\n"
+                        + proc.stdout.read().decode(errors="replace")[-3000:])
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (cut / "improve" / "DONE").exists(), "the run finished before it could be killed"
+
+    pipeline.run(_cfg(tiny, cut, resume_from_checkpoint="true", **kw))
+    a, b = _weights(tmp_path / "full", "improve"), _weights(cut, "improve")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=lambda m: f"improve/{k}: {m}")
+    full = [json.loads(l) for l in open(tmp_path / "full" / "improve" / "metrics.jsonl")]
+    resumed = [json.loads(l) for l in open(cut / "improve" / "metrics.jsonl")]
+    assert [r["step"] for r in resumed] == [r["step"] for r in full]
+    assert resumed[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-6)
+
+
 def test_two_processes_match_one_process_with_double_batch(tiny, tmp_path):
     """2 CPU processes (gloo; Accelerator in MULTI_CPU mode), batch 2 per process == 1 process, batch 4.
     Covers the dense stage (DDP) and both masked stages (compact grads + all_reduce_grads).
