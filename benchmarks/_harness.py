@@ -23,6 +23,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -212,12 +213,29 @@ def report(rows: Iterable[dict], *, baseline: str, json_path: str | None = None,
     if json_path:
         for r in rows:
             r.setdefault("env", env)
-        tmp = json_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=1, default=str)
-        os.replace(tmp, json_path)  # atomic: a crash never leaves half a file
+        write_json(json_path, rows)
         print(f"  wrote {len(rows)} rows to {json_path}")
     return rows
+
+
+def _strict(v):
+    # NaN/inf are not JSON (json.dump would write bare NaN that strict parsers reject): a metric that does
+    # not apply, or could not be measured, is null
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _strict(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_strict(x) for x in v]
+    return v
+
+
+def write_json(path: str, obj) -> None:
+    """Strict JSON (non-finite floats -> null), written atomically: a crash never leaves half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_strict(obj), f, indent=1, default=str, allow_nan=False)
+    os.replace(tmp, path)
 
 
 def _fmt_extra(v):

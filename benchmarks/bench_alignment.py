@@ -30,7 +30,6 @@ benchmarks/results/ (``--json FILE`` for the rows). Everything is reproducible f
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -228,7 +227,7 @@ def write_table_and_chart(rows, tasks, methods, args, seconds):
              f"{seconds / 60:.1f} min in all. Command: `python benchmarks/bench_alignment.py"
              f"{' --quick' if args.quick else ''}`.", "", *format_table(rows, tasks, methods)]
     _atomic_write(stem + ".md", "\n".join(lines) + "\n")
-    _atomic_write(stem + ".json", json.dumps(rows, indent=1, default=str))
+    _harness.write_json(stem + ".json", rows)
 
     import matplotlib
 
