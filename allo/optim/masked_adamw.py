@@ -10,7 +10,7 @@ import torch
 from torch.optim import Optimizer
 
 from allo._backend import resolve_backend
-from allo.optim import _cpu_kernel
+from allo.optim import _cpu_kernel, sharding
 from allo.optim.masks import DENSE, EMPTY, normalize_mask, same_selection
 from allo.optim.reference import masked_adamw_step_reference
 
@@ -74,6 +74,7 @@ class MaskedAdamW(Optimizer):
         self._stepped_without_state: set = set()
         self.compact_grads = compact_grads
         self.backend = backend
+        self._group = None  # process group of the FSDP2 mesh when parameters are sharded
         super().__init__(params, defaults)
         self.set_masks(masks)
 
@@ -93,9 +94,13 @@ class MaskedAdamW(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "_selection") and "params" in param_group:  # after __init__: new params train densely
-            for p in self.param_groups[-1]["params"]:
+            names = self._names()
+            for i, p in enumerate(self._params()):
                 if p not in self._selection:
-                    self._select(p, DENSE)
+                    if sharding.is_sharded(p):
+                        sharding.check_placement(p, self._label(i, names[i]))
+                    self._select(p, sharding.localize(DENSE, p) if sharding.is_sharded(p) else DENSE)
+            self._group = sharding.mesh_group(self._params())
             self._register_hooks()
 
     def set_masks(self, masks) -> None:
@@ -128,12 +133,21 @@ class MaskedAdamW(Optimizer):
             chosen = list(masks)
         else:
             raise TypeError(f"masks must be None, a list or a dict name -> mask, not {type(masks).__name__}")
-        selections = [normalize_mask(m, p, self._label(i, n)) for i, (m, p, n) in enumerate(zip(chosen, params, names))]
+        selections = []
+        for i, (m, p, n) in enumerate(zip(chosen, params, names)):
+            label = self._label(i, n)
+            if sharding.is_sharded(p):
+                sharding.check_placement(p, label)
+            sel = normalize_mask(m, p, label)  # over the global shape: what allo.select writes
+            selections.append(sharding.localize(sel, p) if sharding.is_sharded(p) else sel)
+        self._group = sharding.mesh_group(params)
         for p, sel in zip(params, selections):
             self._select(p, sel)
         self._register_hooks()
 
     def _select(self, p: torch.Tensor, sel) -> None:
+        """``sel`` is over ``p``'s local block when ``p`` is sharded (see :mod:`allo.optim.sharding`)."""
+        param = p
         old = self._selection.get(p)
         self._selection[p] = sel
         self._compact.pop(p, None)
@@ -142,6 +156,7 @@ class MaskedAdamW(Optimizer):
         self.state.pop(p, None)
         if sel == EMPTY:
             return
+        p = sharding.local(p)  # state, indices and master copy cover this rank's block only
         if not p.is_contiguous():
             raise ValueError("MaskedAdamW needs contiguous parameters (flat indices address param.reshape(-1)); "
                              "make the parameter contiguous before building the optimizer")
@@ -151,6 +166,8 @@ class MaskedAdamW(Optimizer):
         state = {"step": torch.tensor(0.0, dtype=torch.float32),
                  "exp_avg": torch.zeros(k, dtype=torch.float32, device=p.device),
                  "exp_avg_sq": torch.zeros(k, dtype=torch.float32, device=p.device)}
+        if sharding.is_sharded(param):  # which block the state covers: resuming on another rank fails clearly
+            state["shard_rows"] = sharding.row_block(param)
         if sel == DENSE:
             state["exp_avg"] = state["exp_avg"].view(p.shape)
             state["exp_avg_sq"] = state["exp_avg_sq"].view(p.shape)
@@ -160,11 +177,12 @@ class MaskedAdamW(Optimizer):
             flat = p.detach().reshape(-1)
             state["master"] = (flat if sel == DENSE else flat.index_select(0, sel.long())).float().view(
                 p.shape if sel == DENSE else (-1,)).clone()
-        self.state[p] = state
+        self.state[param] = state
 
     def selected_count(self) -> int:
-        """Number of elements that train, over all parameters."""
-        return sum(p.numel() if s == DENSE else (0 if s == EMPTY else s.numel()) for p, s in self._selection.items())
+        """Number of elements that train, over all parameters (this rank's blocks of sharded ones)."""
+        return sum(sharding.local(p).numel() if s == DENSE else (0 if s == EMPTY else s.numel())
+                   for p, s in self._selection.items())
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state (moments, indices, master copies)."""
@@ -194,6 +212,7 @@ class MaskedAdamW(Optimizer):
         grad = p.grad
         if grad is None:
             return
+        grad = sharding.local(grad)  # FSDP2: this rank's block of the reduce-scattered gradient
         _check_grad(grad, p, self)
         sel = self._selection.get(p)
         if sel == EMPTY:
@@ -211,13 +230,17 @@ class MaskedAdamW(Optimizer):
         """The accumulated compact gradient of ``p`` (compact-grad mode), or None."""
         return self._compact.get(p)
 
-    def _grad_tensors(self) -> list[torch.Tensor]:
+    def _grad_tensors(self, sharded: bool | None = None) -> list[torch.Tensor]:
+        """The gradients the next step uses (local blocks of sharded parameters); ``sharded``: only
+        those of sharded (True) or of plain (False) parameters."""
         grads = []
         for p in self._params():
+            if sharded is not None and sharding.is_sharded(p) != sharded:
+                continue
             if p in self._compact:
                 grads.append(self._compact[p])
             elif p.grad is not None:
-                grads.append(p.grad)
+                grads.append(sharding.local(p.grad))
         return grads
 
     @torch.no_grad()
@@ -228,11 +251,22 @@ class MaskedAdamW(Optimizer):
         In compact-grad mode these are the compact gradients (selected elements) plus the full
         gradients of fully selected parameters; otherwise every ``param.grad`` (as
         ``torch.nn.utils.clip_grad_norm_`` over the optimizer's parameters would).
+
+        FSDP2 (sharded parameters): each rank holds disjoint blocks of the gradients, so the norms of
+        the blocks are combined across the mesh (one all-reduce, which every rank must call), and the
+        result is the norm a single process would compute over the whole gradients. Gradients of
+        plain (replicated) parameters are counted once.
         """
-        grads = self._grad_tensors()
-        if not grads:
-            return torch.tensor(0.0)
-        total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
+        if self._group is None:
+            grads = self._grad_tensors()
+            if not grads:
+                return torch.tensor(0.0)
+            total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
+        else:
+            grads = self._grad_tensors()
+            total = self._sharded_total_norm(float(norm_type), error_if_nonfinite, foreach)
+            if not grads:
+                return total
         coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
         by_device = defaultdict(list)
         for g in grads:
@@ -241,17 +275,53 @@ class MaskedAdamW(Optimizer):
             torch._foreach_mul_(gs, coef.to(device))
         return total
 
+    def _sharded_total_norm(self, norm_type: float, error_if_nonfinite: bool, foreach) -> torch.Tensor:
+        import torch.distributed as dist
+
+        sharded, plain = self._grad_tensors(sharded=True), self._grad_tensors(sharded=False)
+        device = (sharded or plain or [None])[0]
+        device = device.device if device is not None else torch.device(self._mesh_device_type())
+
+        def norm(gs):
+            if not gs:
+                return torch.zeros((), dtype=torch.float32, device=device)
+            return torch.nn.utils.get_total_norm(gs, norm_type, False, foreach).float().to(device)
+
+        if math.isinf(norm_type):
+            part = norm(sharded)
+            dist.all_reduce(part, op=dist.ReduceOp.MAX, group=self._group)
+            total = torch.maximum(part, norm(plain))
+        else:
+            part = norm(sharded) ** norm_type  # disjoint blocks: the p-th powers add up
+            dist.all_reduce(part, group=self._group)
+            total = (part + norm(plain) ** norm_type) ** (1.0 / norm_type)
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(f"The total norm of order {norm_type} for gradients is non-finite, so it cannot be "
+                               "clipped. To disable this error and scale the gradients by the non-finite norm "
+                               "anyway, set `error_if_nonfinite=False`")
+        return total
+
+    def _mesh_device_type(self) -> str:
+        for p in self._params():
+            if sharding.is_sharded(p):
+                return p.device_mesh.device_type
+        return "cpu"
+
     @torch.no_grad()
     def all_reduce_grads(self, group=None) -> None:
         """Average the gradients the next step will use across the ranks of ``group`` (one flat
-        all-reduce per device and dtype). Use instead of DDP's gradient sync in compact-grad mode."""
+        all-reduce per device and dtype). Use instead of DDP's gradient sync in compact-grad mode.
+
+        Sharded (FSDP2) parameters are left out: FSDP2 already reduce-scattered (averaged) their
+        gradients in backward, and each rank holds a different block, so for a fully sharded model
+        this is a no-op. Only plain parameters next to them (e.g. ones FSDP ignores) are averaged."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("all_reduce_grads needs torch.distributed to be initialized (init_process_group)")
         world = dist.get_world_size(group)
         buckets = defaultdict(list)
-        for g in self._grad_tensors():
+        for g in self._grad_tensors(sharded=False):
             buckets[(g.device, g.dtype)].append(g)
         for gs in buckets.values():
             flat = torch.cat([g.reshape(-1) for g in gs])
@@ -299,13 +369,18 @@ class MaskedAdamW(Optimizer):
             state = self.state.get(p)
             compact = p in self._compact
             grad = self._compact[p] if compact else p.grad
+            # FSDP2: the rank's block of the weight and of the (reduce-scattered) gradient; the
+            # selection and state were made for that block
+            stepped_without_state = p in self._stepped_without_state
+            param, p = p, sharding.local(p)
+            grad = None if grad is None else sharding.local(grad)
             if state is None:
-                if decay_unselected and wd != 0 and (grad is not None or p in self._stepped_without_state):
+                if decay_unselected and wd != 0 and (grad is not None or stepped_without_state):
                     p.mul_(decay)  # authors' behaviour: decay even where nothing is selected
                 continue
             if grad is None:
                 continue
-            _check_grad(grad, p, self)
+            _check_grad(grad, param, self)
             stepping.append((p, state, grad, compact))
         if not stepping:
             return
@@ -369,12 +444,19 @@ class MaskedAdamW(Optimizer):
         names = self._names()
         self.state = defaultdict(dict)
         self._compact.clear()
-        for i, (pid, p) in enumerate(zip(ids, params)):
+        for i, (pid, param) in enumerate(zip(ids, params)):
             label = self._label(i, names[i])
             saved = saved_state.get(pid)
             if not saved:
-                self._selection[p] = EMPTY
+                self._selection[param] = EMPTY
                 continue
+            p = sharding.local(param)  # sharded: the state is this rank's block's
+            if sharding.is_sharded(param) and tuple(saved.get("shard_rows", ())) != sharding.row_block(param):
+                raise ValueError(
+                    f"state_dict state for parameter {label} was saved for rows {saved.get('shard_rows')} of the "
+                    f"parameter (first row, count) but this rank holds rows {sharding.row_block(param)}; load each "
+                    "rank's own optimizer state, saved with the same number of processes"
+                )
             state = {}
             for key, value in saved.items():
                 if isinstance(value, torch.Tensor):
@@ -392,13 +474,13 @@ class MaskedAdamW(Optimizer):
                 if indices.dim() != 1 or (k and (int(indices.min()) < 0 or int(indices.max()) >= p.numel())):
                     raise ValueError(f"state_dict 'indices' for parameter {label} do not index a tensor of "
                                      f"{p.numel()} elements; the checkpoint does not match this model")
-                self._selection[p] = indices
+                self._selection[param] = indices
             else:
-                self._selection[p] = DENSE
+                self._selection[param] = DENSE
                 for key in ("exp_avg", "exp_avg_sq", "master"):
                     if key in state:
                         state[key] = state[key].view(p.shape)
-            self.state[p] = state
+            self.state[param] = state
         self._register_hooks()
 
 

@@ -1,0 +1,93 @@
+"""FSDP2 shards for MaskedAdamW: a parameter that is a ``DTensor`` sharded along rows.
+
+``torch.distributed.fsdp.fully_shard`` turns every parameter into a DTensor with placement
+``Shard(0)`` on a 1-D device mesh: rank ``r`` holds a contiguous block of rows (uneven: the first
+ranks get ``ceil(rows / world)``). Masks are given over the GLOBAL parameter (what ``allo.select``
+writes); here they are cut down to the rank's block. Everything else in the optimizer then works on
+the local block as if it were a plain tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from allo.optim.masks import DENSE, EMPTY, index_dtype
+
+
+def dtensor_type():
+    """``torch.distributed.tensor.DTensor``, or None when this torch has no distributed package."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded(p) -> bool:
+    cls = dtensor_type()
+    return cls is not None and isinstance(p, cls)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The rank's own block of a DTensor (a view sharing its storage), or ``t`` itself."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def check_placement(p, name: str) -> None:
+    """Only FSDP2's layout is understood: ``Shard(0)`` on a 1-D mesh."""
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(p.placements)
+    if p.device_mesh.ndim != 1 or len(placements) != 1 or type(placements[0]) is not Shard or placements[0].dim != 0:
+        raise ValueError(
+            f"parameter {name} is a DTensor with placements {placements} on a {p.device_mesh.ndim}-D mesh; "
+            "MaskedAdamW supports FSDP2's layout only: Shard(0) on a 1-D mesh (fully_shard without "
+            "tensor parallelism or HSDP). Shard the model with fully_shard(module, mesh=1-D mesh)"
+        )
+
+
+def row_block(p) -> tuple[int, int]:
+    """(first global row, number of rows) of this rank's block of a ``Shard(0)`` DTensor."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return offset[0], shape[0]
+
+
+def localize(sel, p) -> object:
+    """A selection over the global parameter (``DENSE``, ``EMPTY`` or sorted global flat indices)
+    turned into one over this rank's block (flat indices into ``p.to_local().reshape(-1)``)."""
+    n_local = local(p).numel()
+    if n_local == 0 or sel == EMPTY:
+        return EMPTY
+    if sel == DENSE:
+        return DENSE
+    first_row, rows = row_block(p)
+    per_row = math.prod(p.shape[1:])  # from the global shape: indexing a DTensor could communicate
+    lo, hi = first_row * per_row, (first_row + rows) * per_row
+    # the indices are sorted: the rank's block is one contiguous run of them
+    g = sel.to(torch.int64)
+    start, stop = torch.searchsorted(g, torch.tensor([lo, hi], device=g.device)).tolist()
+    mine = g[start:stop] - lo
+    if mine.numel() == 0:
+        return EMPTY
+    if mine.numel() == n_local:
+        return DENSE
+    return mine.to(index_dtype(n_local))
+
+
+def mesh_group(params) -> object | None:
+    """The process group of the (single) mesh the sharded parameters live on, or None."""
+    groups = {}
+    for p in params:
+        if is_sharded(p):
+            groups[id(p.device_mesh)] = p.device_mesh
+    if not groups:
+        return None
+    meshes = list(groups.values())
+    if any(m != meshes[0] for m in meshes[1:]):
+        raise ValueError("MaskedAdamW's parameters are sharded over different device meshes; shard the whole model "
+                         "over one mesh (one fully_shard mesh for every module)")
+    return meshes[0].get_group()
