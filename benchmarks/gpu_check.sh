@@ -1,65 +1,115 @@
 #!/usr/bin/env bash
-# One-shot GPU session check (no network needed): build the extension with its CUDA kernels in
-# place, run the test suite on the GPU, run every benchmarks/bench_*.py at full size with --json,
-# then print a summary. Each step's failure is reported and the script goes on to the next one.
+# One-shot GPU session check, sized for a 15-minute lease (no network needed): build the extension
+# with its CUDA kernels in place, run the GPU tests, run bench_update/select/logprob/step at full size,
+# then the rest of the test suite if time is left, and print a short table last.
 #
-#   OUT=/some/dir benchmarks/gpu_check.sh     # results in $OUT (default: ./gpu_results)
+#   OUT=/some/dir benchmarks/gpu_check.sh
 #
-# Environment: python3 with a CUDA build of torch; TORCH_CUDA_ARCH_LIST defaults to 9.0 (Hopper).
+# Everything stays inside a wall-clock budget (GPU_CHECK_BUDGET_S, default 480 s): each step runs
+# under `timeout` with what is left, and steps that no longer fit are skipped and listed, so the
+# summary always prints. Results: $OUT/summary.txt and $OUT/gpu_check.tar.gz (every log and every
+# bench JSON), both refreshed after each step, so a killed run still returns what it finished.
+#
+# Environment: PYTHON (default python3, a CUDA build of torch), TORCH_CUDA_ARCH_LIST (default 9.0),
+# ALLO_BUILD_CUDA (default 1: fail unless the CUDA kernels build), QUICK=1 (benches with --quick: a
+# plumbing check of this script on a CPU machine), GPU_CHECK_BUDGET_S.
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-./gpu_results}
+work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 mkdir -p "$out"
 py=${PYTHON:-python3}
-export ALLO_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-8}
+budget=${GPU_CHECK_BUDGET_S:-480}
+quick=()
+[ "${QUICK:-0}" = 1 ] && quick=(--quick)
+export ALLO_BUILD_CUDA=${ALLO_BUILD_CUDA:-1} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-8} PYTHONUNBUFFERED=1
 declare -a summary=()
 
-step() {  # step NAME LOGFILE COMMAND...: run, log, record ok/FAILED with the time taken
-  local name=$1 log=$2; shift 2
-  local start=$SECONDS
-  echo "=== $name"
-  "$@" >"$log" 2>&1
+pack() {  # refresh what comes back: the summary so far and one archive of every log and JSON
+  printf '%s\n' "${summary[@]}" >"$out/summary.txt"
+  tar -czf "$out/gpu_check.tar.gz.tmp" -C "$work" . && mv "$out/gpu_check.tar.gz.tmp" "$out/gpu_check.tar.gz"
+}
+
+step() {  # step NAME LIMIT_S COMMAND...: run under the budget, log to $work/NAME.log, record the outcome
+  local name=$1 limit=$2; shift 2
+  local left=$((budget - SECONDS))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then
+    summary+=("SKIPPED        $name (budget of ${budget}s spent)")
+    pack
+    return 1
+  fi
+  local log="$work/${name// /_}.log" start=$SECONDS
+  echo "=== $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
   local rc=$?
-  tail -n 25 "$log"
+  tail -n 15 "$log"
   if [ $rc -eq 0 ]; then
     summary+=("ok      $(printf '%4ds' $((SECONDS - start)))  $name")
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    summary+=("TIMEOUT $(printf '%4ds' $((SECONDS - start)))  $name (limit ${limit}s)")
   else
-    summary+=("FAILED  $(printf '%4ds' $((SECONDS - start)))  $name (exit $rc, log: $log)")
+    summary+=("FAILED  $(printf '%4ds' $((SECONDS - start)))  $name (exit $rc)")
   fi
+  pack
   return $rc
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$out/gpu.txt" 2>&1 || true
-"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
-  >>"$out/gpu.txt" 2>&1 || true
-cat "$out/gpu.txt"
-
-step "build allo._C with CUDA kernels" "$out/build.log" "$py" setup.py build_ext --inplace
-step "extension loads" "$out/extension.log" "$py" -c "import allo.ops; print(allo.ops.extension_info())"
-step "pytest (GPU tests included)" "$out/pytest.log" "$py" -m pytest -x -q -rs tests
-
-for bench in benchmarks/bench_*.py; do
-  [ -e "$bench" ] || continue
-  name=$(basename "$bench" .py)
-  # the alignment study trains tiny models on the CPU for half an hour: nothing for the GPU lease
-  [ "$name" = bench_alignment ] && continue
-  step "$name (full size)" "$out/$name.log" "$py" "$bench" --json "$out/$name.json"
-done
-
-echo
-echo "=== summary (results in $out)"
-printf '  %s\n' "${summary[@]}"
-for bench in "$out"/bench_*.json; do
-  [ -e "$bench" ] || continue
-  "$py" - "$bench" <<'PY' || true
-import json, sys
-rows = json.load(open(sys.argv[1]))
-print(f"  {sys.argv[1]}")
-for r in rows:
-    speed = r.get("speedup_vs_baseline")
-    mem = r.get("peak_bytes")
-    print(f"    {r['case'][:48]:48s} {r['impl'][:18]:18s} {r['median_ms']:10.3f} ms"
-          f"  {'-' if mem is None else f'{mem / 1e6:10.1f} MB'}"
-          f"  x{'-' if speed is None else f'{speed:.2f}'}")
+{
+  date -u +%Y-%m-%dT%H:%MZ
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1
+  "$py" - <<'PY' 2>&1
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU VISIBLE")
+for name in ("triton", "transformers", "accelerate"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except ImportError:
+        print(name, "not installed")
 PY
-done
+  nvcc --version 2>&1 | tail -n 2
+} >"$work/environment.txt"
+cat "$work/environment.txt"
+pack
+
+pytest_args=(-q -rs -p no:cacheprovider)
+"$py" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=240)
+# the tests that exercise GPU code: the CUDA extension, every Triton kernel natively, the optimizer
+gpu_tests=(tests/test_logprob.py tests/test_logprob_fused.py tests/test_optim_kernels.py
+           tests/test_optim_masked_adamw.py tests/test_select_triton.py tests/test_select.py)
+
+if step "build allo._C with CUDA kernels" 300 "$py" setup.py build_ext --inplace &&
+   step "extension loads" 60 "$py" -c "import allo.ops; print(allo.ops.extension_info())"; then
+  step "pytest GPU tests" 200 "$py" -m pytest "${pytest_args[@]}" "${gpu_tests[@]}"
+  # the alignment study trains tiny models on the CPU for half an hour: nothing for the GPU lease
+  for name in bench_update bench_select bench_logprob bench_step; do
+    step "$name" 150 "$py" "benchmarks/$name.py" "${quick[@]}" --json "$work/$name.json"
+  done
+  deselect=()
+  for t in "${gpu_tests[@]}"; do deselect+=(--ignore "$t"); done
+  step "pytest rest of the suite" 300 "$py" -m pytest "${pytest_args[@]}" "${deselect[@]}" tests
+fi
+
+{
+  echo "=== environment"
+  cat "$work/environment.txt"
+  echo "=== steps (budget ${budget}s, used ${SECONDS}s; logs and JSON in $out/gpu_check.tar.gz)"
+  printf '  %s\n' "${summary[@]}"
+  for bench in "$work"/bench_*.json; do
+    [ -e "$bench" ] || continue
+    "$py" - "$bench" <<'PY' || true
+import json, os, sys
+rows = json.load(open(sys.argv[1]))
+print(f"=== {os.path.basename(sys.argv[1])}")
+for r in rows:
+    speed, mem = r.get("speedup_vs_baseline"), r.get("peak_bytes")
+    print(f"  {r['case'][:40]:40s} {r['impl'][:22]:22s} {r['median_ms']:9.3f} ms"
+          f" {'-' if mem is None else f'{mem / 1e6:9.1f} MB'} x{'-' if speed is None else f'{speed:.2f}'}")
+PY
+  done
+} >"$work/summary.txt" 2>&1
+cp "$work/summary.txt" "$out/summary.txt"
+tar -czf "$out/gpu_check.tar.gz" -C "$work" .
+cat "$out/summary.txt"
