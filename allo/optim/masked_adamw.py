@@ -50,6 +50,14 @@ class MaskedAdamW(Optimizer):
     is applied to, so that small updates (say lr 5e-7 on bf16) accumulate instead of rounding away.
     A parameter with an empty mask holds no state.
 
+    FSDP2: parameters may be ``DTensor`` shards from ``torch.distributed.fsdp.fully_shard``
+    (``Shard(0)`` on a 1-D mesh; other layouts are refused). Masks are still given over the GLOBAL
+    parameter (as ``allo.select`` writes them); each rank keeps the part that falls in its rows, and
+    its state, compact gradients and :meth:`state_dict` cover those rows only (save and load one
+    state dict per rank, with the same number of ranks). :meth:`clip_grad_norm_` combines the ranks'
+    norms (every rank must call it); :meth:`all_reduce_grads` leaves shards alone (FSDP2 already
+    averaged their gradients). :meth:`selected_count` and :meth:`state_bytes` count this rank's part.
+
     NaN/inf gradients are not filtered: as in ``torch.optim.AdamW``, they propagate into the moments
     and weights of the selected elements they hit (unselected elements are never read or written).
     Skip such steps upstream (e.g. with a loss scaler) or check the norm from :meth:`clip_grad_norm_`.

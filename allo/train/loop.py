@@ -13,11 +13,18 @@ Gradient synchronisation:
 * dense stage (warm-up, full-parameter DPO, ``torch.optim.AdamW``): the model is prepared by
   accelerate (DDP / FSDP / DeepSpeed per ``accelerate config``), with ``no_sync`` on all but the
   last micro-batch of a step;
-* masked stages (forget, improve, ``MaskedAdamW`` in compact-gradient mode): the model is NOT
-  wrapped; each backward leaves only the selected gradient elements (the full gradient is freed by
-  the optimizer's hook), and ``opt.all_reduce_grads()`` averages those compact gradients once per
-  step: the all-reduce moves ``ratio`` of the bytes DDP would. FSDP and DeepSpeed shard parameters,
-  which the element masks do not support; masked stages refuse them with an error.
+* masked stages (forget, improve, ``MaskedAdamW`` in compact-gradient mode), one process or DDP:
+  the model is NOT wrapped; each backward leaves only the selected gradient elements (the full
+  gradient is freed by the optimizer's hook), and ``opt.all_reduce_grads()`` averages those compact
+  gradients once per step: the all-reduce moves ``ratio`` of the bytes DDP would;
+* masked stages under FSDP2 (accelerate configured with ``fsdp_version: 2``, several processes):
+  a copy of the model is sharded with ``fully_shard`` (one unit per decoder layer, the root holding
+  embeddings, final norm and output layer; see :mod:`allo.train.fsdp`). FSDP2 reduce-scatters (averages)
+  the gradients in every backward; the optimizer's hooks keep the selected elements of each rank's
+  rows, ``MaskedAdamW`` updates those rows with the global masks cut to them, and clipping combines
+  the ranks' norms. Checkpoints hold the full HF model (gathered on the main process) and one
+  optimizer file per rank; at the end the trained weights are gathered into the main process's
+  ``model``. FSDP version 1 and DeepSpeed are refused with an error saying how to switch to FSDP2.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import numpy as np
 import torch
 
 from .data import collate, pair_examples
+from .fsdp import gather_into, masked_stage_shards, sharded_scorer
 from .logps import TokenLogprobs, pad_like, response_mask
 
 
@@ -141,21 +149,37 @@ def latest_checkpoint(stage_dir) -> str | None:
     return found[-1] if found else None
 
 
-def _save_checkpoint(accelerator, stage_dir, step, model, tokenizer, opt, sched, masks_file, total_limit):
+def _optimizer_file(accelerator, sharded: bool) -> str:
+    # FSDP2: each rank's optimizer state covers its own rows of every parameter
+    return f"optimizer_{accelerator.process_index}.pt" if sharded else "optimizer.pt"
+
+
+def _save_checkpoint(accelerator, stage_dir, step, model, tokenizer, opt, sched, masks_file, total_limit,
+                     whole_model=None):
     """checkpoint-<step>/: HF model (safetensors), optimizer (compact state), scheduler, masks, RNG
     of every rank, trainer_state.json (data position = step). Built under a temporary name and
-    renamed, so a kill mid-save never leaves a half checkpoint."""
+    renamed, so a kill mid-save never leaves a half checkpoint. ``whole_model``: FSDP2, the unsharded
+    HF model whose config is saved with the gathered full weights (optimizer state: one file per rank)."""
     root = os.path.join(stage_dir, "checkpoints")
     final = os.path.join(root, f"checkpoint-{step}")
     tmp = final + ".tmp"
+    sharded = whole_model is not None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pth"))
+    if sharded:
+        from .fsdp import full_state_dict
+
+        full = full_state_dict(model.model)  # every rank takes part; the main process gets the weights
+        torch.save(opt.state_dict(), os.path.join(tmp, _optimizer_file(accelerator, sharded)))
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).model.save_pretrained(tmp, safe_serialization=True)
-        torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        if sharded:
+            whole_model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+        else:
+            accelerator.unwrap_model(model).model.save_pretrained(tmp, safe_serialization=True)
+            torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(sched.state_dict(), os.path.join(tmp, "scheduler.pt"))
         if masks_file:
             shutil.copy(masks_file, os.path.join(tmp, "masks.safetensors"))
@@ -170,26 +194,30 @@ def _save_checkpoint(accelerator, stage_dir, step, model, tokenizer, opt, sched,
     accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(accelerator, ckpt, model, opt, sched):
+def _load_checkpoint_weights(accelerator, ckpt, model) -> int:
+    """Load the checkpoint's weights into the plain HF ``model`` (before it is wrapped or sharded);
+    returns the step to resume from."""
     from safetensors.torch import load_file
+
+    from .fsdp import load_full_weights
 
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         state = json.load(f)
     if state["world_size"] != accelerator.num_processes:
         raise ValueError(f"{ckpt} was written by {state['world_size']} processes; resume with the same number "
                          f"(now {accelerator.num_processes}) so the data order is the same")
-    weights = load_file(os.path.join(ckpt, "model.safetensors"))
-    target = accelerator.unwrap_model(model).model
-    missing, unexpected = target.load_state_dict(weights, strict=False)
-    # tied weights are saved once (under the other name); anything else missing is the wrong checkpoint
-    loaded = {t.data_ptr() for n, t in target.state_dict().items() if n in weights}
-    missing = [m for m in missing if target.state_dict()[m].data_ptr() not in loaded]
-    if unexpected or missing:
-        raise ValueError(f"{ckpt}/model.safetensors does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    opt.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=False))
+    load_full_weights(model, load_file(os.path.join(ckpt, "model.safetensors")), source=f"{ckpt}/model.safetensors")
+    return state["global_step"]
+
+
+def _load_checkpoint_state(accelerator, ckpt, opt, sched, sharded: bool) -> None:
+    path = os.path.join(ckpt, _optimizer_file(accelerator, sharded))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: {ckpt} was written {'without' if sharded else 'with'} FSDP2 "
+                                "sharding; resume with the distributed setup that wrote it")
+    opt.load_state_dict(torch.load(path, weights_only=False))
     sched.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=False))
     _set_rng_state(torch.load(os.path.join(ckpt, f"rng_state_{accelerator.process_index}.pth"), weights_only=False))
-    return state["global_step"]
 
 
 def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: StageData, lr: float,
@@ -198,7 +226,6 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
     """Train ``model`` in place; returns the last logged metrics. ``dense``: full-parameter torch
     AdamW; else MaskedAdamW with ``masks`` (None: every element) in compact-gradient mode.
     ``on_step_end(step)`` is called after each optimizer step (tests use it to interrupt a run)."""
-    from accelerate.utils import DistributedType
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -213,41 +240,44 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
     device = accelerator.device
-    model.to(device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    model.train()
-    scorer = TokenLogprobs(model)
-    if dense:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
-        scorer, opt = accelerator.prepare(scorer, opt)
-    else:
-        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise ValueError(f"{desc}: masked stages train element masks over whole parameters; "
-                             f"{accelerator.distributed_type} shards them. Use DDP (accelerate's MULTI_GPU) or one process")
-        from allo.optim import MaskedAdamW
-
-        named = list(model.named_parameters())
-        if masks is not None:
-            # parameters with no selected element get no gradient at all: less backward work
-            for name, p in named:
-                m = masks.get(name)
-                p.requires_grad_(m is not None and bool(m.any()))
-            named = [(nm, p) for nm, p in named if p.requires_grad]
-            masks = {nm: masks[nm].to(device) for nm, _ in named}
-        opt = MaskedAdamW(named, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon, masks=masks,
-                          compact_grads=True)
-    sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=int(cfg.warmup_ratio * total),
-                          num_training_steps=total)
-
+    sharded = not dense and masked_stage_shards(accelerator, desc)
     start = 0
     resume = cfg.resume_from_checkpoint
     ckpt = None
     if resume and str(resume).lower() not in ("false", "0", "none"):
         ckpt = latest_checkpoint(stage_dir) if str(resume).lower() in ("true", "1", "yes") else resume
-        if ckpt is not None:
-            start = _load_checkpoint(accelerator, ckpt, scorer, opt, sched)
+        if ckpt is not None:  # weights first: into the plain model, before DDP or FSDP2 take it over
+            start = _load_checkpoint_weights(accelerator, ckpt, model)
+    # FSDP2: the whole model stays on the CPU (the stage saves it); only each rank's shards of the
+    # sharded copy go to the device
+    model.to("cpu" if sharded else device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    if dense:
+        scorer = TokenLogprobs(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+        scorer, opt = accelerator.prepare(scorer, opt)
+    else:
+        from allo.optim import MaskedAdamW
+
+        if masks is not None:
+            # parameters with no selected element get no gradient at all: less backward work
+            for name, p in model.named_parameters():
+                m = masks.get(name)
+                p.requires_grad_(m is not None and bool(m.any()))
+        # FSDP2: a sharded copy trains (masks stay global: the optimizer cuts them to each rank's rows)
+        scorer = sharded_scorer(accelerator, model) if sharded else TokenLogprobs(model)
+        named = [(nm, p) for nm, p in scorer.model.named_parameters() if p.requires_grad]
+        if masks is not None:  # sharded: kept where they are; the optimizer moves one at a time to cut it
+            masks = {nm: masks[nm] if sharded else masks[nm].to(device) for nm, _ in named}
+        opt = MaskedAdamW(named, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon, masks=masks,
+                          compact_grads=True)
+    sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=int(cfg.warmup_ratio * total),
+                          num_training_steps=total)
+    if ckpt is not None:
+        _load_checkpoint_state(accelerator, ckpt, opt, sched, sharded)
     sink = MetricsSink(stage_dir, cfg.report_to, enabled=accelerator.is_main_process,
                        resume_step=start if ckpt is not None else None)
 
@@ -308,12 +338,15 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
             bar.update(1)
             if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done < total:
                 _save_checkpoint(accelerator, stage_dir, done, scorer, tokenizer, opt, sched, masks_file,
-                                 cfg.save_total_limit)
+                                 cfg.save_total_limit, whole_model=model if sharded else None)
             if on_step_end is not None:
                 on_step_end(done)
     finally:
         bar.close()
         sink.close()
+    if sharded:
+        opt.remove_hooks()
+        gather_into(model, scorer)  # the trained weights, whole, in the main process's model
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     for p in model.parameters():

@@ -293,7 +293,8 @@ def _scores(ctx: Context, base):
     pairs = load_pairs(ctx, "train")
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(pairs), generator=gen).tolist()
-    bs = cfg.per_device_train_batch_size
+    # the global batch: the main process scores alone, and 2 processes x B must select what 1 x 2B does
+    bs = cfg.per_device_train_batch_size * ctx.accelerator.num_processes
     scorer = TokenLogprobs(base.to(ctx.accelerator.device))
     base.train()
     with GradientScoreAccumulator(base) as acc:
@@ -312,12 +313,25 @@ def _scores(ctx: Context, base):
     return scores
 
 
+def _main_process_group(ctx: Context):
+    """A process group of the main process alone, under torch.distributed (else None). ``select``
+    combines its counts over the default group, taking each rank's scores as a part of the model;
+    here the main process scores the whole model and selects alone, and every rank then loads the
+    same saved masks. Every rank must call this (creating a group is collective)."""
+    import torch.distributed as dist
+
+    if ctx.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
+        return dist.new_group([0])
+    return None
+
+
 def stage_select(ctx: Context) -> dict:
     from allo.select import select
 
     cfg, sdir = ctx.cfg, ctx.dir("select")
     os.makedirs(sdir, exist_ok=True)
     info = {"selection": cfg.selection, "score_source": cfg.score_source}
+    group = _main_process_group(ctx)
     if ctx.main and cfg.selection != "none":
         base = load_model(sft_model_path(ctx))
         scores = _scores(ctx, base)
@@ -327,7 +341,7 @@ def stage_select(ctx: Context) -> dict:
             g = torch.Generator().manual_seed(cfg.seed)
             scores = {n: torch.rand(p.shape, generator=g) for n, p in base.named_parameters()}
         for stage, ratio in (("forget", cfg.forget_ratio), ("improve", cfg.improve_ratio)):
-            sel = select(scores, ratio, exclude_ratio=cfg.exclude_ratio,
+            sel = select(scores, ratio, exclude_ratio=cfg.exclude_ratio, group=group,
                          metadata={"stage": stage, "selection": cfg.selection}, score_source=cfg.score_source)
             sel.save(os.path.join(sdir, f"{stage}_mask.safetensors"))
             with open(os.path.join(sdir, f"{stage}_mask_summary.txt"), "w") as f:
