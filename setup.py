@@ -21,6 +21,7 @@ import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 CPP_SOURCES = ["csrc/logprob.cpp"]
 CUDA_SOURCES = ["csrc/logprob_cuda.cu"]
@@ -80,5 +81,23 @@ def _extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+class _BuildPyWithSources(build_py):
+    """Wheels carry csrc/ as allo/_csrc/: allo compiles its small C loops (csrc/cpu) on first use, and
+    the extension just in time when allo._C is missing, so an installed allo needs the sources too.
+    Editable installs read them from the checkout (allo/_sources.py)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = os.path.join(self.build_lib, "allo", "_csrc")
+        for folder, _, files in os.walk("csrc"):
+            for name in files:
+                if name.endswith((".c", ".cpp", ".cu", ".h")):
+                    dest = os.path.join(target, os.path.relpath(folder, "csrc"))
+                    self.mkpath(dest)
+                    self.copy_file(os.path.join(folder, name), os.path.join(dest, name))
+
+
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={"build_py": _BuildPyWithSources, **cmdclass})

@@ -25,7 +25,8 @@ import tempfile
 import threading
 import warnings
 
-CSRC_CPU = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cpu")
+from ._sources import csrc_dir
+
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL] = {}
@@ -69,10 +70,10 @@ def load_c_library(name: str, *, flags: list[str], optional_flags: list[str] = (
     with _lock:
         if name in _loaded:
             return _loaded[name]
-        source_path = os.path.join(CSRC_CPU, name + ".c")
+        source_path = os.path.join(csrc_dir(), "cpu", name + ".c")
         if not os.path.exists(source_path):
-            raise RuntimeError(f"{what}: its C source {source_path} is missing; allo must be installed from a "
-                               "checkout (`pip install --no-build-isolation -e .`)")
+            raise RuntimeError(f"{what}: its C source {source_path} is missing: the installation is incomplete; "
+                               "reinstall allo (`pip install --no-build-isolation -e .` from a checkout)")
         with open(source_path) as f:
             source = f.read()
         cc = _compiler(what)

@@ -16,7 +16,8 @@ import warnings
 
 import torch
 
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+from .._sources import csrc_dir
+
 _lock = threading.Lock()
 _module = None
 _how = None  # "prebuilt" or "jit"
@@ -25,11 +26,12 @@ _how = None  # "prebuilt" or "jit"
 def _jit_build():
     from torch.utils import cpp_extension
 
-    cpp = os.path.join(_CSRC, "logprob.cpp")
-    cu = os.path.join(_CSRC, "logprob_cuda.cu")
+    csrc = csrc_dir()
+    cpp = os.path.join(csrc, "logprob.cpp")
+    cu = os.path.join(csrc, "logprob_cuda.cu")
     if not os.path.exists(cpp):
         raise RuntimeError(
-            f"allo's compiled extension allo._C is not installed and its sources are not at {_CSRC} to build it "
+            f"allo's compiled extension allo._C is not installed and its sources are not at {csrc} to build it "
             "just in time; reinstall from a checkout with `pip install --no-build-isolation -e .`"
         )
     with_cuda = bool(torch.cuda.is_available() and torch.version.cuda and cpp_extension.CUDA_HOME and os.path.exists(cu))
