@@ -73,6 +73,11 @@ def fused_impls(device, liger):
         "torch": lambda h, w, y: -F.cross_entropy(h @ w.t(), y, reduction="none"),
         "allo-fused": lambda h, w, y: fused_linear_token_logprobs(h, w, y),
     }
+    if device.type == "cuda":
+        # the chunk length decides whether the chunk matmuls are bound by re-reading the [V, H] weight
+        # (see allo/ops/fused_linear.py): the default and its neighbours, for a GPU session to compare
+        for c in (256, 2048):
+            impls[f"allo-fused-c{c}"] = lambda h, w, y, c=c: fused_linear_token_logprobs(h, w, y, chunk_size=c)
     if liger is not None and device.type == "cuda":
         flce = liger[1](reduction="none")
         impls["liger-fused"] = lambda h, w, y: -flce(w, h, y)

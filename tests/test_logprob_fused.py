@@ -55,6 +55,9 @@ def test_only_needed_gradients_are_computed():
 def test_default_chunk_is_bounded_and_tensor_core_friendly():
     assert default_chunk_size(8192, 128256, torch.bfloat16) % 64 == 0
     assert default_chunk_size(8192, 128256, torch.bfloat16) * 128256 * 2 <= 64 * 2**20
+    # GPUs: chunks long enough that the weight-gradient addmm is not bound by re-reading [V, H]
+    assert default_chunk_size(8192, 128256, torch.bfloat16, "cuda") == 1024
+    assert default_chunk_size(8192, 128256, torch.bfloat16, "cuda") * 128256 * 2 <= 256 * 2**20
     assert default_chunk_size(10, 50, torch.float32) == 10
     assert default_chunk_size(10, 10**9, torch.float32) == 1
 

@@ -17,11 +17,21 @@ from allo._backend import resolve_backend
 from . import reference
 from .logprob import _accumulate_dtype, ops, prepare_labels
 
-_CHUNK_BYTES = 64 * 2**20  # logits bytes per chunk: large enough to keep the matmuls efficient
+# Logits bytes per chunk. Each chunk's matmuls stream the whole [V, H] weight (the logits in forward,
+# their recomputation and the grad_hidden product in backward read it; the grad_weight addmm reads AND
+# writes its [V, H] gradient), so a chunk
+# of c tokens does about 2c flops per weight element moved: on an H100 (~800 TFLOP/s bf16, ~3 TB/s)
+# that is compute-bound only from c ~ 550 tokens. 64 MiB gives 256 tokens at V = 128256 in bf16 (the
+# weight-gradient traffic alone would then be ~2 GB per chunk, ~20 ms over 8192 tokens), so GPUs get
+# 256 MiB (1024 bf16 tokens at that vocabulary). CPUs are compute-bound at any c that fits a cache
+# sensibly; 64 MiB measured well there. A prediction for the GPU, to be checked by bench_logprob.py.
+_CHUNK_BYTES = {"cuda": 256 * 2**20}
+_CHUNK_BYTES_DEFAULT = 64 * 2**20
 
 
-def default_chunk_size(num_tokens: int, vocab_size: int, dtype: torch.dtype) -> int:
-    rows = _CHUNK_BYTES // max(1, vocab_size * torch.empty((), dtype=dtype).element_size())
+def default_chunk_size(num_tokens: int, vocab_size: int, dtype: torch.dtype, device_type: str = "cpu") -> int:
+    budget = _CHUNK_BYTES.get(device_type, _CHUNK_BYTES_DEFAULT)
+    rows = budget // max(1, vocab_size * torch.empty((), dtype=dtype).element_size())
     if rows >= 64:
         rows -= rows % 64  # tensor-core friendly
     return int(max(1, min(num_tokens, rows)))
@@ -87,7 +97,8 @@ def fused_linear_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tens
         hidden: ``[..., H]`` hidden states (fp32/bf16/fp16), the LM head's input.
         lm_head_weight: ``[V, H]`` (``model.lm_head.weight``), same dtype and device as ``hidden``.
         labels: integer ``hidden.shape[:-1]``; ``ignore_index`` tokens get 0 and no gradient.
-        chunk_size: tokens per chunk; default: as many as fit 64 MiB of logits (a multiple of 64).
+        chunk_size: tokens per chunk; default: as many as fit 256 MiB of logits on a GPU, 64 MiB on
+            a CPU (a multiple of 64; see ``_CHUNK_BYTES``).
         backend: ``"reference"`` for the plain-PyTorch version; anything else runs the kernels.
 
     Returns:
@@ -119,7 +130,8 @@ def fused_linear_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tens
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     flat_labels = prepare_labels(flat_hidden[:, :1], labels.reshape(-1, 1)[:, 0], "fused_linear_token_logprobs")
     if chunk_size is None:
-        chunk_size = default_chunk_size(flat_hidden.shape[0], lm_head_weight.shape[0], hidden.dtype)
+        chunk_size = default_chunk_size(flat_hidden.shape[0], lm_head_weight.shape[0], hidden.dtype,
+                                        hidden.device.type)
     if int(chunk_size) < 1:
         raise ValueError(f"fused_linear_token_logprobs: chunk_size must be >= 1, got {chunk_size}")
     logp = FusedLinearTokenLogprobs.apply(flat_hidden, lm_head_weight, flat_labels, ignore_index, int(chunk_size))
