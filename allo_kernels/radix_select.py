@@ -1,5 +1,10 @@
 """Streaming radix-histogram selection kernels (Triton) and the order-preserving key they share.
 
+This module is the ``atomic`` Triton variant (``ALLO_SELECT_HISTOGRAM=atomic``): one global atomic per
+element, one launch per tensor per pass. The default on GPU is the ``blocked`` variant,
+:mod:`allo_kernels.radix_blocked` (block-local histograms over 8-11-bit digits, one launch per pass over
+all tensors), whose docstring has the predicted H100 byte/atomic budget. Both use the keys below.
+
 Key: every score maps to a signed integer whose order is the scores' order, with -0.0 and +0.0 equal:
 
     bits = the float's bit pattern as a signed integer (int32 for float32, int16 for bf16/fp16)

@@ -6,8 +6,15 @@ Implementations (all select the top ``--ratio`` of all elements):
 * ``kthvalue``     concatenate, ``torch.kthvalue`` for the threshold, compare into masks
 * ``authors``      the released ALLO scripts' approach: per tensor the top 2*ratio candidates,
                    concatenate them, global ``torch.topk`` (approximate), compare into masks
-* ``allo``         ``allo.select.select_top`` (streaming radix histograms, exact), masks
+* ``allo``         ``allo.select.select_top`` (streaming radix histograms, exact), masks (CPU: the C path)
 * ``allo-plan``    only the threshold search of ``allo`` (the histogram passes, no masks)
+
+On CUDA both Triton variants are timed in the same run (``ALLO_SELECT_HISTOGRAM``), each whole
+(``allo-blocked``, ``allo-atomic``), threshold search only (``-plan``) and mask writing only
+(``-write``, given the threshold), so a GPU session sees which part costs what:
+
+* ``blocked`` (default) block-local histograms over 8-11-bit digits, one launch per pass over all tensors
+* ``atomic``  one global atomic per element into a 65536-bin histogram, one launch per tensor per pass
 
 ``peak`` counts the outputs; the ``extra`` column is peak minus the output masks (N bytes), the
 memory the selection itself needs. CPU default: 50M fp32 scores over many (477) tensors. CUDA
@@ -92,7 +99,7 @@ def main():
 
     args = parse_args(__doc__.splitlines()[0], extra)
     from allo.select import select_top
-    from allo.select.topk import key_domain, plan
+    from allo.select.topk import band_masks, key_domain, plan, write_masks
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -115,19 +122,31 @@ def main():
         "topk-concat": lambda: topk_concat(scores, k),
         "kthvalue": lambda: kthvalue_concat(scores, k),
         "authors": lambda: authors(scores, k, args.ratio),
-        "allo": lambda: select_top(scores, args.ratio, backend=backend),
-        "allo-plan": lambda: plan(scores, (args.ratio, 0.0), key32=key32, dtype=kdt, backend=backend),
     }
-    # exactness check, outside the timings: allo against topk-concat's selected count and threshold
-    masks = select_top(scores, args.ratio, backend=backend)
-    got = sum(int(m.sum()) for m in masks.values())
+    out_bytes = {"topk-concat": n, "kthvalue": n, "authors": n}
+    variants = {"allo": None} if not cuda else {"allo-blocked": "blocked", "allo-atomic": "atomic"}
     flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
     thr = torch.topk(flat, k, sorted=False).values.min()
-    exact = got == k and all(bool((s.float()[m] >= thr).all()) for s, m in zip(scores.values(), masks.values()))
-    del flat, masks
-    print(f"{case}: allo selected {got} of k={k}; exact vs torch.topk threshold: {exact}")
+    del flat
+    for label, variant in variants.items():
+        def run_plan(v=variant):
+            return plan(scores, (args.ratio, 0.0), key32=key32, dtype=kdt, backend=backend, histogram=v)[0]
+
+        impls[label] = lambda v=variant: band_masks(scores, args.ratio, backend=backend, histogram=v)
+        impls[f"{label}-plan"] = run_plan
+        out_bytes[label], out_bytes[f"{label}-plan"] = n, 0
+        if cuda:
+            hi, ex = run_plan()
+            impls[f"{label}-write"] = lambda v=variant, hi=hi, ex=ex: write_masks(scores, hi, ex, key32=key32,
+                                                                                backend=backend, histogram=v)
+            out_bytes[f"{label}-write"] = n
+        # exactness check, outside the timings: against torch.topk's selected count and threshold
+        masks = select_top(scores, args.ratio, backend=backend) if variant is None else impls[label]()
+        got = sum(int(m.sum()) for m in masks.values())
+        exact = got == k and all(bool((s.float()[m] >= thr).all()) for s, m in zip(scores.values(), masks.values()))
+        del masks
+        print(f"{case}: {label} selected {got} of k={k}; exact vs torch.topk threshold: {exact}")
     rows = []
-    out_bytes = {"allo-plan": 0, "topk-concat": n, "kthvalue": n, "authors": n, "allo": n}
     for name, fn in impls.items():
         if name in skip:
             continue

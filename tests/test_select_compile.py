@@ -28,10 +28,49 @@ SCRIPT = textwrap.dedent('''
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs={**flags, **extra}),
                                target=GPUTarget("cuda", 90, 32))
             assert "atom" in k.asm["ptx"] or fn is R._radix_write_kernel, fn.__name__
-    print("compiled")
+
+    # the blocked variant: every (digit width, pass kind) the wrappers launch, per dtype group
+    import itertools
+    import triton.language as tl
+    from allo_kernels import radix_blocked as B
+
+    tab = {"table_ptr": "*i64", "tile_tensor_ptr": "*i32"}
+    n = 0
+    for key32, dt, ydt, diff in ((True, tl.float32, tl.float32, False), (False, tl.bfloat16, tl.bfloat16, False),
+                                 (False, tl.float16, tl.float16, False), (True, tl.bfloat16, tl.float32, True),
+                                 (True, tl.float16, tl.float16, False)):
+        flags = {"X_T": dt, "Y_T": ydt, "IS_DIFF": diff, "KEY32": key32, "X_BF16": dt == tl.bfloat16,
+                 "Y_BF16": ydt == tl.bfloat16, "TILE": B.TILE, "BLOCK": B.BLOCK, "ALIGNED": True}
+        bits = B.digits(key32)
+        hist_sig = {**tab, "hist_ptr": "*i64", "bad_ptr": "*i64", "prefix0": "i32", "prefix1": "i32", "edge": "i32",
+                    **{c: C for c in list(flags) + ["SHIFT", "BITS", "FIRST", "TWO", "PER_TENSOR"]}}
+        variants = [(B._blocked_hist_kernel, hist_sig,
+                     {"SHIFT": sum(bits[lv + 1:]), "BITS": bits[lv], "FIRST": lv == 0, "TWO": two, "PER_TENSOR": per})
+                    for lv in range(len(bits)) for two, per in ((False, False), (True, lv == len(bits) - 1))]
+        variants.append((B._blocked_count_kernel, {**tab, "counts_ptr": "*i64", "key0": "i32", "key1": "i32",
+                                                   **{c: C for c in flags}}, {}))
+        write_sig = {**tab, "prefix_ptr": "*i64", "key_hi": "i32", "key_ex": "i32",
+                     **{c: C for c in list(flags) + ["HAS_HI", "HAS_EX", "CUT"]}}
+        variants += [(B._blocked_write_kernel, write_sig, {"HAS_HI": True, "HAS_EX": ex, "CUT": cut})
+                     for ex in (False, True) for cut in (False, True)]
+        # unaligned launches (views into larger tensors) only for one dtype group: the code is the same
+        alignments = (True, False) if dt == tl.bfloat16 and not diff else (True,)
+        for (fn, sig, extra), aligned in itertools.product(variants, alignments):
+            k = triton.compile(ASTSource(fn=fn, signature={**sig, "ALIGNED": C},
+                                         constexprs={**flags, **extra, "ALIGNED": aligned}),
+                               target=GPUTarget("cuda", 90, 32))
+            ptx = k.asm["ptx"]
+            if fn is B._blocked_hist_kernel:
+                # block-local: shared-memory atomics per element, global atomics only per bin
+                assert "atom.relaxed.sys.shared" in ptx or "atom.shared" in ptx, extra
+                assert "atom.global" in ptx, extra
+            # aligned launches read the scores with 16-byte vector loads (else 2- or 4-byte ones)
+            assert ("ld.global.v4" in ptx) == aligned, (fn.__name__, extra, aligned)
+            n += 1
+    print("compiled", n)
 ''')
 
 
 def test_kernels_compile_for_sm90():
     proc = compile_in_subprocess(SCRIPT)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "compiled 60" in proc.stdout, proc.stderr[-3000:] + proc.stdout[-500:]

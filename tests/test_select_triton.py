@@ -1,6 +1,8 @@
 """The Triton radix-selection kernels (under TRITON_INTERPRET=1 on CPU: small sizes) and the C path's
 raw passes, against the plain-PyTorch key definition and the sort-based reference."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -105,3 +107,179 @@ def test_tie_counting_and_positions(impl, device):
                     assert c == expect.numel()
                     pos = IMPLS[impl].equal_positions(s, key, c, key32=key32)
                     assert torch.equal(pos.cpu(), expect)
+
+
+# ---- the blocked variant (allo_kernels.radix_blocked): block-local histograms, one launch per pass ----
+
+from allo.select.topk import band_masks, histogram_variant  # noqa: E402
+from allo_kernels import radix_blocked as RB  # noqa: E402
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    # tiny tiles and steps: tensors of a few hundred elements span several tiles, tiles several steps
+    monkeypatch.setattr(RB, "TILE", 128)
+    monkeypatch.setattr(RB, "BLOCK", 32)
+
+
+def _hard_scores(dtype, device, n_tensors=6):
+    """Many ties, +-0, subnormals, the dtype's extremes; 0- and 1-element tensors included."""
+    info = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, info.tiny / 4, -info.tiny / 4, info.max, -info.max, info.max / 2,
+                            info.smallest_normal, 3e-6, -3e-6], dtype=torch.float32).to(dtype)
+    out = {}
+    for i in range(n_tensors):
+        n = (0, 1, 300, 41, 257, 130)[i % 6]
+        v = (torch.randint(-5, 6, (n,)).float() * 0.5).to(dtype)
+        if n > 20:
+            v[torch.randperm(n)[:special.numel()]] = special
+        out[f"t{i}"] = v.reshape(-1, 1) if n == 300 else v
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _check_band(scores, cases, **kw):
+    cpu = {n: (s if hasattr(s, "a") else s.cpu()) for n, s in scores.items()}
+    for ratio, ex in cases:
+        ref = reference_band_masks(cpu, ratio, ex)
+        got = band_masks(scores, ratio, ex, backend="triton", **kw)
+        assert list(got) == list(ref)
+        for n in ref:
+            assert got[n].dtype == torch.bool and torch.equal(got[n].cpu(), ref[n]), (ratio, ex, n)
+
+
+CASES = ((0.1, 0.0), (0.5, 0.25), (1.0, 0.0), (0.37, 0.11), (0.0, 0.0), (0.6, 0.6))
+
+
+@pytest.mark.parametrize("variant", ["blocked", "atomic"])
+@pytest.mark.parametrize("dtype", DTYPES + ["mixed"])
+def test_variants_match_reference(variant, dtype, device, small_tiles):
+    if dtype == "mixed":  # 32-bit keys over fp32, bf16 and fp16 tensors (one launch per dtype group)
+        scores = {f"{n}.{i}": s for i, d in enumerate(DTYPES) for n, s in _hard_scores(d, device, 3).items()}
+    else:
+        scores = _hard_scores(dtype, device)
+    _check_band(scores, CASES, histogram=variant)
+
+
+def test_blocked_many_small_tensors_and_counting_fallback(device, small_tiles, monkeypatch):
+    scores = {f"w{i}": (torch.randint(0, 4, (int(torch.randint(0, 9, ())),)).float() * 0.25).bfloat16().to(device)
+              for i in range(60)}
+    _check_band(scores, ((0.3, 0.05), (0.9, 0.5)), histogram="blocked")
+    # too many tensors for per-tensor histogram rows: the tie counts come from a counting pass
+    monkeypatch.setattr(RB, "PER_TENSOR_BYTES", 0)
+    _check_band(scores, ((0.3, 0.05), (0.9, 0.5)), histogram="blocked")
+
+
+def test_blocked_weight_delta_and_rows(device, small_tiles, monkeypatch):
+    a = {"w": torch.randn(37, 9, device=device), "v": torch.randn(300, device=device).bfloat16(),
+         "h": torch.randn(4, 3, device=device).half(), "e": torch.zeros(0, device=device)}
+    b = {"w": a["w"].clone(), "v": a["v"].clone(), "h": torch.randn(4, 3, device=device).half(),
+         "e": torch.zeros(0, device=device)}
+    b["w"][::3] += 0.25  # |a - b| computed in the kernel: ties at 0 and near 0.25
+    b["v"][::2] = torch.randn(150, device=device).bfloat16()
+    _check_band(weight_delta_scores(a, b), ((0.2, 0.0), (0.8, 0.1)), histogram="blocked")
+    # row granularity through the public API, the variant picked by the environment variable
+    monkeypatch.setenv("ALLO_SELECT_HISTOGRAM", "blocked")
+    scores = {"w": torch.randint(0, 3, (40, 7), device=device).float(), "v": torch.randint(0, 3, (33,)).half()}
+    got = select_top(scores, 0.3, exclude_ratio=0.05, granularity="row", backend="triton")
+    ref = select_top({n: s.cpu() for n, s in scores.items()}, 0.3, exclude_ratio=0.05, granularity="row",
+                     backend="reference")
+    for n in scores:
+        assert torch.equal(got[n].cpu(), ref[n]), n
+
+
+def test_variant_choice_and_nonfinite(device, monkeypatch, small_tiles):
+    monkeypatch.setenv("ALLO_SELECT_HISTOGRAM", "sorted")
+    with pytest.raises(ValueError, match="ALLO_SELECT_HISTOGRAM='sorted'"):
+        select_top({"a": torch.ones(3, device=device)}, 0.5, backend="triton")
+    monkeypatch.delenv("ALLO_SELECT_HISTOGRAM")
+    assert histogram_variant() == "blocked" and histogram_variant("atomic") == "atomic"
+    for dtype in DTYPES:
+        x = torch.randn(200, device=device).to(dtype)
+        x[123] = float("-inf") if dtype == torch.float16 else float("nan")
+        with pytest.raises(ValueError, match=r"scores\['b'\].*flat index 123"):
+            band_masks({"a": torch.ones(5, device=device), "b": x}, 0.1, backend="triton", histogram="blocked")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blocked_histogram_levels(dtype, device, small_tiles):
+    scores = list(_hard_scores(dtype, device).values())
+    for key32 in sorted({dtype == torch.float32, True}):
+        keys = [keys_torch(s.reshape(-1).cpu(), key32).long() for s in scores]
+        bits = RB.digits(key32)
+        assert sum(bits) == (32 if key32 else 16)
+        prefixes = [None]
+        for level, b in enumerate(bits):
+            shift = sum(bits[level + 1:])
+            hist, per, bad = RB.histogram(scores, level, prefixes, key32=key32, edge=RB.nonfinite_edge(key32, dtype),
+                                          per_tensor=True)
+            for row, prefix in enumerate(prefixes):
+                expect = []
+                for k in keys:
+                    if level == 0:
+                        d = (k >> shift) + (1 << b) // 2
+                    else:
+                        d = (k[(k >> (shift + b)) == prefix] >> shift) & ((1 << b) - 1)
+                    expect.append(torch.bincount(d, minlength=1 << b))
+                assert torch.equal(per[:, row].cpu(), torch.stack(expect)), (key32, level, prefix)
+                assert torch.equal(hist[row].cpu(), sum(expect))
+            assert (bad is not None) == (level == 0) and (bad is None or int(bad) == 0)
+            # next level: the prefixes of the two most frequent keys (two prefixes in one pass)
+            allk = torch.cat(keys)
+            top = allk.unique(return_counts=True)
+            common = top[0][top[1].argsort(descending=True)[:2]]
+            prefixes = sorted({int(c) >> sum(bits[level + 1:]) for c in common})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blocked_write_band_ranks_ties(dtype, device, small_tiles):
+    scores = [s for s in _hard_scores(dtype, device).values()]
+    key32 = dtype == torch.float32
+    keys = [keys_torch(s.reshape(-1).cpu(), key32).long() for s in scores]
+    k_hi, k_ex = 0, int(keys_torch(torch.tensor([1.0]).to(dtype), key32))  # both thresholds on ties
+    counts = [[int((k == key).sum()) for k in keys] for key in (k_hi, k_ex)]
+    # tensor 2 (300 elements, ~3 tiles) cut by both boundaries, 4 cut by one, others all or nothing
+    lim_hi = [RB.NO_LIMIT, 0, counts[0][2] - 5, 0, counts[0][4] // 2, RB.NO_LIMIT]
+    lim_ex = [0, 0, 3, RB.NO_LIMIT, 0, 0]
+    cut = [False, False, True, False, True, False]
+    outs = [torch.full((s.numel(),), 7, dtype=torch.uint8, device=device) for s in scores]  # poison
+    RB.write_band(scores, outs, k_hi, lim_hi, k_ex, lim_ex, cut, key32=key32)
+    for i, (k, o) in enumerate(zip(keys, outs)):
+        raw = o.cpu()
+        assert ((raw == 0) | (raw == 1)).all(), "unwritten or malformed mask bytes"
+
+        def taken(key, lim):
+            rank = torch.cumsum((k == key).long(), 0) - 1
+            return (k > key) | ((k == key) & (rank < lim))
+
+        expect = taken(k_hi, lim_hi[i]) & ~taken(k_ex, lim_ex[i])
+        assert torch.equal(raw.bool(), expect), i
+    assert 0 < lim_hi[2] < counts[0][2] and 0 < lim_ex[2] < counts[1][2]  # the cut case is exercised
+
+
+def _blocked_dist_worker(rank, port, out_dir):
+    # test_select_dist's worker, with mixed-dtype scores and the blocked Triton variant in place of the C path
+    import test_select_dist
+
+    RB.TILE, RB.BLOCK = 128, 32
+    orig_scores = test_select_dist._scores
+    test_select_dist._scores = lambda: {n: s.bfloat16() if i % 3 == 0 else s
+                                        for i, (n, s) in enumerate(orig_scores().items())}
+    test_select_dist.select_top = lambda local, ratio, exclude_ratio, backend: band_masks(
+        local, ratio, exclude_ratio, backend="triton", histogram="blocked")
+    test_select_dist._worker(rank, port, out_dir)
+
+
+def test_blocked_under_torch_distributed(tmp_path):
+    # histograms (and the non-finite count) all-reduced per pass, ties ordered across ranks
+    import torch.multiprocessing as mp
+    from test_select_dist import CASES, MODES, WORLD, _free_port, _scores
+
+    mp.start_processes(_blocked_dist_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    scores = {n: s.bfloat16() if i % 3 == 0 else s for i, (n, s) in enumerate(_scores().items())}
+    for mode, (ratio, exclude) in itertools.product(MODES, CASES):
+        ref = reference_band_masks(scores, ratio, exclude)
+        for name in scores:
+            # the tensor from the rank that holds it, or its dim-0 shards in rank order
+            got = torch.cat([p[mode, ratio, exclude][name] for p in parts if name in p[mode, ratio, exclude]])
+            assert torch.equal(got, ref[name]), (mode, ratio, exclude, name)

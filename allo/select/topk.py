@@ -12,18 +12,25 @@ Semantics (the contract the tests check against :mod:`allo.select.reference`):
   order, or a partition of the tensors in rank order, reproduce the single-process selection.
 * NaN or infinite scores are an error naming the tensor.
 
-Algorithm: one 65536-bin histogram of the keys' high 16 bits accumulated over every tensor (all
-reduced across ranks), which fixes the threshold's bin; for float32 keys a second pass histograms
-the low 16 bits of the elements in that bin only. That yields the exact threshold key and how many
-of the elements equal to it are taken. A last pass writes the masks; when only some of the tied
-elements are taken, their positions are found tensor by tensor and the first ones in the order above
-are kept.
+Algorithm: radix passes over the keys (order-preserving integers, see
+:mod:`allo_kernels.radix_select`), most significant digit first. Each pass histograms one digit of the
+keys whose higher digits equal the threshold's prefix found so far (all reduced across ranks), which
+narrows the threshold down; after the last digit the exact threshold key is known, and how many of
+the elements equal to it are taken. A last pass writes the masks; when only some of the tied
+elements are taken, the first ones in the order above are kept.
+
+Digits: the ``cpu`` backend (C) and the ``atomic`` Triton variant use 16-bit digits (one 65536-bin
+histogram pass for 16-bit keys, two for float32 keys). The ``blocked`` Triton variant (the default
+on GPU) uses 8-11-bit digits with block-local histograms and one launch per pass over all tensors
+(:mod:`allo_kernels.radix_blocked`). ``ALLO_SELECT_HISTOGRAM=atomic|blocked`` (or ``histogram=`` of
+:func:`band_masks`) picks the Triton variant; results are identical.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,7 +40,22 @@ from . import radix_cpu
 from .scores import AbsDiff, iter_chunks, normalize_scores
 
 _TIE_CHUNK = 1 << 20
-BINS = 65536  # 16 bits of key per pass
+BINS = 65536  # 16 bits of key per pass (cpu backend and the atomic Triton variant)
+HISTOGRAM_VARIANTS = ("blocked", "atomic")
+HISTOGRAM_ENV = "ALLO_SELECT_HISTOGRAM"
+_WRITE_WAVE = 1 << 26  # elements of masks written per launch when they are streamed out one by one
+
+
+def histogram_variant(histogram=None) -> str:
+    """The Triton selection variant: ``histogram`` if given, else ``$ALLO_SELECT_HISTOGRAM``, else
+    ``"blocked"`` (block-local histograms: a few global atomics per tile instead of one per element,
+    and one launch per pass instead of one per tensor)."""
+    v = histogram if histogram is not None else (os.environ.get(HISTOGRAM_ENV) or "blocked")
+    if v not in HISTOGRAM_VARIANTS:
+        src = f"histogram={v!r}" if histogram is not None else f"{HISTOGRAM_ENV}={v!r}"
+        raise ValueError(f"allo.select: {src} is not a Triton selection variant; expected one of "
+                         f"{HISTOGRAM_VARIANTS} ('blocked' is the default)")
+    return v
 
 
 def band_count(ratio: float, n: int) -> int:
@@ -59,6 +81,7 @@ class Boundary:
     key: int | None = None
     take: int = 0
     n_eq: int = 0
+    counts: list | None = field(default=None, repr=False)  # per local tensor: elements equal to key
 
     @property
     def all_ties(self) -> bool:
@@ -81,13 +104,57 @@ def _all_reduce(t, group):
     return t
 
 
-def _ops(backend):
+def _ops(backend, histogram=None):
     if backend == "triton":
         # imported here: CPU-only installs of allo need not have triton
+        if histogram_variant(histogram) == "blocked":
+            from allo_kernels import radix_blocked
+
+            return radix_blocked
         from allo_kernels import radix_select
 
         return radix_select
     return radix_cpu
+
+
+class _Search16:
+    """Histogram passes of the cpu backend and the atomic Triton variant: 16-bit digits."""
+
+    def __init__(self, ops, sources, key32, dtype):
+        self.ops, self.sources, self.key32, self.dtype = ops, sources, key32, dtype
+        self.digits = (16, 16) if key32 else (16,)
+
+    def histogram(self, level, prefixes, per_tensor):
+        device = self.sources[0].device if self.sources else torch.device("cpu")
+        if level == 0:
+            buf = torch.zeros(1, BINS, dtype=torch.int64, device=device)
+            self.ops.radix_histogram(self.sources, buf[0], key32=self.key32)
+            return buf, None, None
+        buf = torch.zeros(len(prefixes), BINS, dtype=torch.int64, device=device)
+        for row, prefix in zip(buf, prefixes):
+            self.ops.radix_histogram(self.sources, row, key32=True, low_prefix=prefix)
+        return buf, None, None
+
+    def nonfinite(self, hist0, bad):
+        return _nonfinite_bins(hist0, self.key32, self.dtype)
+
+
+class _SearchBlocked:
+    """Histogram passes of the blocked Triton variant: small digits, block-local histograms."""
+
+    def __init__(self, ops, sources, key32, dtype):
+        self.ops, self.sources, self.key32 = ops, sources, key32
+        self.digits = ops.digits(key32)
+        self.edge = ops.nonfinite_edge(key32, dtype)
+        # per-tensor rows in the last pass give each tensor's tie count without a counting pass
+        self.per_tensor_ok = ops.per_tensor_fits(len(sources), self.digits[-1])
+
+    def histogram(self, level, prefixes, per_tensor):
+        return self.ops.histogram(self.sources, level, prefixes, key32=self.key32, edge=self.edge,
+                                  per_tensor=per_tensor and self.per_tensor_ok)
+
+    def nonfinite(self, hist0, bad):
+        return int(bad[0])
 
 
 def _nonfinite_bins(hist, key32, dtype):
@@ -118,14 +185,16 @@ def _find_bin_flat(hist: torch.Tensor, k: int):
 
 
 def _find_bin(hist: torch.Tensor, k: int):
-    """Bin b holding the k-th largest (1 <= k <= total) and the count strictly above it; in two
-    levels of 256 so that no 65536-long temporary is made."""
+    """Bin b holding the k-th largest (1 <= k <= total) and the count strictly above it; a 65536-bin
+    histogram in two levels of 256, so that no 65536-long temporary is made."""
+    if hist.numel() != BINS:
+        return _find_bin_flat(hist, k)
     row, above = _find_bin_flat(hist.view(256, 256).sum(1), k)
     b, above_in_row = _find_bin_flat(hist[row * 256:(row + 1) * 256], k - above)
     return row * 256 + b, above + above_in_row
 
 
-def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None, what="select_top"):
+def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None, what="select_top", histogram=None):
     """Exact boundaries (one per count in ``ratios``) over ``sources``; also returns N."""
     n = torch.tensor([sum(s.numel() for s in sources.values())], dtype=torch.int64)
     device = next(iter(sources.values())).device if sources else torch.device("cpu")
@@ -135,29 +204,36 @@ def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None,
     bounds = [Boundary(band_count(r, n)) for r in ratios]
     if n == 0:
         return bounds, n
-    ops = _ops(backend)
-    buf = torch.zeros(BINS, dtype=torch.int64, device=device)
-    ops.radix_histogram(list(sources.values()), buf, key32=key32)
-    hist = _all_reduce(buf, group).cpu()
-    if _nonfinite_bins(hist, key32, dtype):
-        _name_nonfinite(sources, group, what)
-    highs = [(bd, *_find_bin(hist, bd.k)) for bd in bounds if bd.k > 0]
-    if not key32:
-        for bd, b, above in highs:
-            bd.key, bd.n_eq, bd.take = b - 32768, int(hist[b]), bd.k - above
-        return bounds, n
-    # the low passes reuse the one buffer (on CPU `hist` is that buffer): one histogram alive at a time
-    for prefix in sorted({b - 32768 for _, b, _ in highs}):
-        buf.zero_()
-        ops.radix_histogram(list(sources.values()), buf, key32=True, low_prefix=prefix)
-        low = _all_reduce(buf, group).cpu()
-        for bd, b, above in highs:
-            if b - 32768 == prefix:
-                lb, above_low = _find_bin(low, bd.k - above)
-                bd.key, bd.n_eq, bd.take = prefix * 65536 + lb, int(low[lb]), bd.k - above - above_low
+    ops = _ops(backend, histogram)
+    srcs = list(sources.values())
+    search = (_SearchBlocked if hasattr(ops, "digits") else _Search16)(ops, srcs, key32, dtype)
+    # per boundary: [prefix (the key's digits found so far), k left to place below that prefix]
+    state = {id(bd): [None, bd.k] for bd in bounds if bd.k > 0}
+    for level, bits in enumerate(search.digits):
+        if level > 0 and not state:
+            break
+        last = level == len(search.digits) - 1
+        prefixes = sorted({p for p, _ in state.values()}) if level > 0 else [None]
+        hist, per, bad = search.histogram(level, prefixes, last)
+        if group is not None:
+            packed = _all_reduce(torch.cat([hist.reshape(-1)] + ([] if bad is None else [bad])), group)
+            hist, bad = packed[:hist.numel()].view(hist.shape), (None if bad is None else packed[hist.numel():])
+        hist = hist.cpu()
+        if level == 0 and search.nonfinite(hist[0], bad):
+            _name_nonfinite(sources, group, what)
+        for bd in bounds:
+            st = state.get(id(bd))
+            if st is None:
+                continue
+            row = prefixes.index(st[0])
+            b, above = _find_bin(hist[row], st[1])
+            st[0] = b - (1 << bits) // 2 if level == 0 else (st[0] << bits) | b  # the top digit is signed
+            st[1] -= above
+            if last:
+                bd.key, bd.n_eq, bd.take = st[0], int(hist[row, b]), st[1]
+                if per is not None:
+                    bd.counts = per[:, row, b].tolist()
     return bounds, n
-
-
 def _tie_starts(counts: dict, group):
     """Global rank of each local tensor's first tied element, in the documented tie order."""
     entries = [list(counts.items())]
@@ -189,9 +265,12 @@ def _taken(bd: Boundary, key: int, r: torch.Tensor) -> torch.Tensor:
     return r < bd.take
 
 
-def write_masks(sources: dict, hi: Boundary, ex: Boundary, *, key32: bool, backend: str, group=None, emit=None):
+def write_masks(sources: dict, hi: Boundary, ex: Boundary, *, key32: bool, backend: str, group=None, emit=None,
+                histogram=None):
     """Band masks per tensor, handed one at a time to ``emit(name, mask)`` (or collected in a dict)."""
-    ops = _ops(backend)
+    ops = _ops(backend, histogram)
+    if hasattr(ops, "write_band"):
+        return _write_masks_blocked(ops, sources, hi, ex, key32=key32, group=group, emit=emit)
     ex_key = ex.key if ex.k > 0 else None
     partial = sorted({bd.key for bd in (hi, ex) if bd.k > 0 and bd.partial})
     if backend == "cpu" and group is None and len(partial) == 1:
@@ -232,6 +311,46 @@ def write_masks(sources: dict, hi: Boundary, ex: Boundary, *, key32: bool, backe
     return out
 
 
+def _write_masks_blocked(ops, sources, hi, ex, *, key32, group, emit):
+    """Blocked Triton variant: one launch writes the masks of many tensors (of all of them unless the
+    masks are streamed out through ``emit``: then waves of about ``_WRITE_WAVE`` elements, so that
+    few masks exist at once). A tensor where a boundary cuts through ties gets the number of its
+    ties taken (``limit``); the kernel ranks its ties in flat order."""
+    names, srcs = list(sources), list(sources.values())
+    limits, cut = {}, [False] * len(srcs)
+    for bd in (hi, ex):
+        if bd.k == 0 or not bd.partial:
+            limits[id(bd)] = [ops.NO_LIMIT] * len(srcs)  # all ties in (or, k == 0, unused)
+            continue
+        counts = bd.counts
+        if counts is None:  # too many tensors for per-tensor rows in the last pass: count now
+            counts = ops.count_equal(srcs, bd.key, key32=key32)
+        starts = _tie_starts(dict(zip(names, counts)), group)
+        lim = [min(max(bd.take - starts[nm], 0), c) for nm, c in zip(names, counts)]
+        cut = [cu or 0 < li < c for cu, li, c in zip(cut, lim, counts)]
+        limits[id(bd)] = lim
+    key_hi = hi.key if hi.k > 0 else None
+    key_ex = ex.key if ex.k > 0 else None
+    out = {} if emit is None else None
+    wave_cap = max([_WRITE_WAVE] + [s.numel() for s in srcs]) if emit is not None else None
+    i = 0
+    while i < len(srcs):
+        j, size = i, 0
+        while j < len(srcs) and (wave_cap is None or j == i or size + srcs[j].numel() <= wave_cap):
+            size += srcs[j].numel()
+            j += 1
+        masks = [torch.empty(s.shape, dtype=torch.bool, device=s.device) for s in srcs[i:j]]
+        ops.write_band(srcs[i:j], [m.view(-1) for m in masks], key_hi, limits[id(hi)][i:j], key_ex,
+                       limits[id(ex)][i:j], cut[i:j], key32=key32)
+        for name, mask in zip(names[i:j], masks):
+            if emit is None:
+                out[name] = mask
+            else:
+                emit(name, mask)
+        i = j
+    return out
+
+
 def _write_masks_sequential(sources, hi, ex, key, *, key32, emit):
     """Single-process CPU path when one key's ties are cut: the write pass also counts each tensor's
     ties, so tensors are written assuming the tie state at their start (``seen`` ties so far) and only
@@ -267,8 +386,10 @@ def key_domain(sources: dict):
     return True, torch.float32
 
 
-def band_masks(scores, ratio, exclude_ratio=0.0, *, backend=None, group=None, emit=None, what="select_top"):
-    """Element-granularity band masks (see the module docstring). ``emit`` streams them out."""
+def band_masks(scores, ratio, exclude_ratio=0.0, *, backend=None, group=None, emit=None, what="select_top",
+               histogram=None):
+    """Element-granularity band masks (see the module docstring). ``emit`` streams them out.
+    ``histogram``: the Triton variant (``"blocked"`` or ``"atomic"``, see :func:`histogram_variant`)."""
     check_ratios(ratio, exclude_ratio, what)
     sources = normalize_scores(scores, what)
     device = next(iter(sources.values())).device if sources else torch.device("cpu")
@@ -287,9 +408,11 @@ def band_masks(scores, ratio, exclude_ratio=0.0, *, backend=None, group=None, em
             emit(name, m)
         return None
     key32, dtype = key_domain(sources)
+    if backend == "triton":
+        histogram = histogram_variant(histogram)  # a bad value fails before any pass
     (hi, ex), _ = plan(sources, (ratio, exclude_ratio), key32=key32, dtype=dtype, backend=backend, group=group,
-                       what=what)
-    return write_masks(sources, hi, ex, key32=key32, backend=backend, group=group, emit=emit)
+                       what=what, histogram=histogram)
+    return write_masks(sources, hi, ex, key32=key32, backend=backend, group=group, emit=emit, histogram=histogram)
 
 
 def value_of_boundary(bd: Boundary, key32: bool, dtype) -> float | None:

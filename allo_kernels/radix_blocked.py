@@ -1,0 +1,355 @@
+"""Radix selection with block-local histograms and one launch per pass over all tensors (Triton).
+
+The ``blocked`` variant of :mod:`allo_kernels.radix_select` (same keys, same results). It replaces
+the two costs of the ``atomic`` variant on a GPU:
+
+* one global atomic per element into a 65536-bin histogram: here the key is split into small digits
+  (16-bit keys: 8 + 8 bits; 32-bit keys: 11 + 11 + 10 bits), each program builds the histogram of
+  its tile in shared memory (``tl.histogram``: shared-memory atomics) and then adds it to the global
+  histogram with one atomic per non-empty bin. Pass ``i > 0`` counts only the elements whose higher
+  digits equal the prefix found so far (two prefixes at once when an exclusion band needs them);
+* one launch per tensor per pass: a launch covers every tensor of a dtype group (usually all of
+  them), through an address table and a tile table (:mod:`allo_kernels.multi_tensor`).
+
+Ties. The last pass can keep one histogram row per tensor (``tensors x bins`` counters, capped by
+``PER_TENSOR_BYTES``): the threshold key's count per tensor then comes for free, so no counting pass
+is needed to order ties across tensors. The (at most two) tensors where a threshold cuts through
+equal scores are then read once more to count the ties per tile; the write pass ranks the ties of a
+tile with a prefix sum (``tl.cumsum``) from the tile's offset.
+
+Extra memory: ``O(bins x prefixes + tiles + tensors)`` and the per-tensor rows of the last pass
+(<= ``PER_TENSOR_BYTES``); scores are never concatenated.
+
+Budget on an H100 for 973M bf16 scores (Llama-3.2-1B's blocks, 1.95 GB), ratio 0.1: PREDICTION,
+NOT MEASURED (no GPU in the session that wrote this; the GPU session must check it with
+``benchmarks/bench_select.py``):
+
+* threshold search: 2 histogram passes x 1.95 GB read at ~3 TB/s ~= 2 x 0.65 ms = 1.3 ms, plus a
+  device-to-host copy and a launch per pass (~0.05 ms);
+* global atomics per pass: <= tiles x non-empty bins: 973M / 32768 = 29.7k tiles x <= 256 bins
+  <= 7.6M (pass 1: ~20 exponent bins per tile -> ~0.6M; pass 2: up to 256 per tile) -> <= 0.08 ms at
+  ~1e11 atomics/s, against ~973M (~10 ms) for the ``atomic`` variant;
+* shared-memory atomics: one per element and pass; the high digit of bf16 scores has few distinct
+  values per warp, so lanes collide on a bin. If the passes come out slower than the 0.65 ms read,
+  this is the first suspect (the fix would be a wider tile per warp before the atomics);
+* masks: read 1.95 GB + write 0.97 GB ~= 0.95 ms; the tensor cut by the threshold's ties is read
+  once more (<= 0.03 ms for a 16.8M-element MLP matrix);
+* so ~2.3 ms for ``select_top`` (masks included) and ~1.35 ms for the threshold alone; extra memory
+  ~0.3 MB (2 x 256 x 8 B global, 145 tensors x 2 x 256 x 8 B per-tensor rows, 30k tiles x 4 B).
+* float32 scores: 3 passes (11/11/10 bits) x 3.9 GB; up to 2048 atomics per tile in the middle pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .multi_tensor import tile_layout, upload_table
+from .radix_select import _keys, _operands
+
+DIGITS = {False: (8, 8), True: (11, 11, 10)}  # bits per pass, most significant first; sum = key bits
+TILE = 32768  # elements per program: global atomics per pass <= (elements / TILE) x bins
+BLOCK = 1024  # elements per step inside a tile
+PER_TENSOR_BYTES = 8 << 20  # largest per-tensor histogram of the last pass; beyond it, a counting pass
+_NCOL = 8  # table columns: x, y, numel, first tile, source index, out, ties limit (hi), ties limit (ex)
+NO_LIMIT = 1 << 62  # "every tied element of this tensor is taken"
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def digits(key32: bool) -> tuple:
+    return DIGITS[key32]
+
+
+def nonfinite_edge(key32: bool, dtype: torch.dtype) -> int:
+    """The smallest key magnitude of +-inf/NaN: keys >= edge or < -edge are not finite."""
+    if key32:
+        return 0x7F800000
+    return 0x7F80 if dtype == torch.bfloat16 else 0x7C00
+
+
+@triton.jit
+def _row(table_ptr, tile_tensor_ptr, X_T: tl.constexpr, Y_T: tl.constexpr, ALIGNED: tl.constexpr,
+         TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's table row, typed pointers, numel, first element, and how many elements of its
+    tile are in whole steps of BLOCK (``full``) or in the tail (``count - full``)."""
+    p = tl.program_id(0)
+    row = table_ptr + tl.load(tile_tensor_ptr + p).to(tl.int64) * 8
+    x = tl.load(row + 0).to(tl.pointer_type(X_T))
+    y = tl.load(row + 1).to(tl.pointer_type(Y_T))
+    if ALIGNED:
+        # addresses from a table carry no alignment: without this hint every load is a 2-byte one
+        x = tl.multiple_of(x, 16)
+        y = tl.multiple_of(y, 16)
+    n = tl.load(row + 2)
+    start = tl.multiple_of((p - tl.load(row + 3)) * TILE, TILE)
+    count = tl.minimum(n - start, TILE)
+    return row, x, y, n, start, count, count // BLOCK * BLOCK
+
+
+@triton.jit
+def _step_keys(x, y, base, n, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr,
+               Y_BF16: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    offs = base + tl.arange(0, BLOCK)
+    if MASKED:
+        m = offs < n
+    else:
+        # whole steps have a constant mask, so the loads can be vectorized
+        m = tl.full([BLOCK], 1, tl.int1)
+    return offs, m, _keys(x, y, offs, m, IS_DIFF, KEY32, X_BF16, Y_BF16)
+
+
+@triton.jit
+def _hist_step(x, y, base, n, h0, h1, bad, prefix0, prefix1, edge, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
+               X_BF16: tl.constexpr, Y_BF16: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr,
+               FIRST: tl.constexpr, TWO: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    offs, m, key = _step_keys(x, y, base, n, IS_DIFF, KEY32, X_BF16, Y_BF16, MASKED, BLOCK)
+    BINS: tl.constexpr = 1 << BITS
+    if FIRST:
+        # the top digit is signed (the key's order is the signed order): shift it to [0, BINS)
+        h0 += tl.histogram((key >> SHIFT) + (BINS // 2), BINS, mask=m)
+        bad += (m & ((key >= edge) | (key < -edge))).to(tl.int32)
+    else:
+        digit = (key >> SHIFT) & (BINS - 1)
+        high = key >> (SHIFT + BITS)
+        h0 += tl.histogram(digit, BINS, mask=m & (high == prefix0))
+        if TWO:
+            h1 += tl.histogram(digit, BINS, mask=m & (high == prefix1))
+    return h0, h1, bad
+
+
+@triton.jit
+def _blocked_hist_kernel(table_ptr, tile_tensor_ptr, hist_ptr, bad_ptr, prefix0, prefix1, edge,
+                         X_T: tl.constexpr, Y_T: tl.constexpr, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
+                         X_BF16: tl.constexpr, Y_BF16: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr,
+                         FIRST: tl.constexpr, TWO: tl.constexpr, PER_TENSOR: tl.constexpr, ALIGNED: tl.constexpr,
+                         TILE: tl.constexpr, BLOCK: tl.constexpr):
+    row, x, y, n, start, count, full = _row(table_ptr, tile_tensor_ptr, X_T, Y_T, ALIGNED, TILE, BLOCK)
+    BINS: tl.constexpr = 1 << BITS
+    h0 = tl.zeros([BINS], dtype=tl.int32)
+    h1 = tl.zeros([BINS], dtype=tl.int32)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for off in range(0, full, BLOCK):
+        h0, h1, bad = _hist_step(x, y, start + off, n, h0, h1, bad, prefix0, prefix1, edge, IS_DIFF, KEY32, X_BF16,
+                                 Y_BF16, SHIFT, BITS, FIRST, TWO, False, BLOCK)
+    if full < count:
+        h0, h1, bad = _hist_step(x, y, start + full, n, h0, h1, bad, prefix0, prefix1, edge, IS_DIFF, KEY32, X_BF16,
+                                 Y_BF16, SHIFT, BITS, FIRST, TWO, True, BLOCK)
+    bins = tl.arange(0, BINS)
+    if PER_TENSOR:
+        out = hist_ptr + tl.load(row + 4) * (2 * BINS)
+    else:
+        out = hist_ptr
+    # one global atomic per non-empty bin of the tile
+    tl.atomic_add(out + bins, h0.to(tl.int64), mask=h0 > 0, sem="relaxed")
+    if TWO:
+        tl.atomic_add(out + BINS + bins, h1.to(tl.int64), mask=h1 > 0, sem="relaxed")
+    if FIRST:
+        nbad = tl.sum(bad, axis=0).to(tl.int64)
+        tl.atomic_add(bad_ptr, nbad, mask=nbad > 0, sem="relaxed")
+
+
+@triton.jit
+def _count_step(x, y, base, n, c0, c1, key0, key1, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr,
+                Y_BF16: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    offs, m, key = _step_keys(x, y, base, n, IS_DIFF, KEY32, X_BF16, Y_BF16, MASKED, BLOCK)
+    return c0 + (m & (key == key0)).to(tl.int32), c1 + (m & (key == key1)).to(tl.int32)
+
+
+@triton.jit
+def _blocked_count_kernel(table_ptr, tile_tensor_ptr, counts_ptr, key0, key1, X_T: tl.constexpr, Y_T: tl.constexpr,
+                          IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr, Y_BF16: tl.constexpr,
+                          ALIGNED: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
+    # per tile: how many elements have key0 and key1 (every tile writes its own slots: no atomics)
+    row, x, y, n, start, count, full = _row(table_ptr, tile_tensor_ptr, X_T, Y_T, ALIGNED, TILE, BLOCK)
+    c0 = tl.zeros([BLOCK], dtype=tl.int32)
+    c1 = tl.zeros([BLOCK], dtype=tl.int32)
+    for off in range(0, full, BLOCK):
+        c0, c1 = _count_step(x, y, start + off, n, c0, c1, key0, key1, IS_DIFF, KEY32, X_BF16, Y_BF16, False, BLOCK)
+    if full < count:
+        c0, c1 = _count_step(x, y, start + full, n, c0, c1, key0, key1, IS_DIFF, KEY32, X_BF16, Y_BF16, True, BLOCK)
+    p = tl.program_id(0).to(tl.int64)
+    tl.store(counts_ptr + 2 * p, tl.sum(c0, axis=0).to(tl.int64))
+    tl.store(counts_ptr + 2 * p + 1, tl.sum(c1, axis=0).to(tl.int64))
+
+
+@triton.jit
+def _taken(key, m, bkey, limit, run, CUT: tl.constexpr):
+    # in the top k of a boundary: above its key, or tied with it and ranked below this tensor's limit
+    eq = m & (key == bkey)
+    if CUT:
+        e = eq.to(tl.int64)
+        rank = run + tl.cumsum(e, axis=0) - e
+        tie = eq & (rank < limit)
+        run += tl.sum(e, axis=0)
+    else:
+        tie = eq & (limit > 0)
+    return (key > bkey) | tie, run
+
+
+@triton.jit
+def _write_step(x, y, out, base, n, run_hi, run_ex, key_hi, key_ex, lim_hi, lim_ex, IS_DIFF: tl.constexpr,
+                KEY32: tl.constexpr, X_BF16: tl.constexpr, Y_BF16: tl.constexpr, HAS_HI: tl.constexpr,
+                HAS_EX: tl.constexpr, CUT: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    offs, m, key = _step_keys(x, y, base, n, IS_DIFF, KEY32, X_BF16, Y_BF16, MASKED, BLOCK)
+    if HAS_HI:
+        keep, run_hi = _taken(key, m, key_hi, lim_hi, run_hi, CUT)
+    else:
+        keep = key != key
+    if HAS_EX:
+        excluded, run_ex = _taken(key, m, key_ex, lim_ex, run_ex, CUT)
+        keep = keep & ~excluded
+    tl.store(out + offs, keep.to(tl.uint8), mask=m)
+    return run_hi, run_ex
+
+
+@triton.jit
+def _blocked_write_kernel(table_ptr, tile_tensor_ptr, prefix_ptr, key_hi, key_ex, X_T: tl.constexpr,
+                          Y_T: tl.constexpr, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr,
+                          Y_BF16: tl.constexpr, HAS_HI: tl.constexpr, HAS_EX: tl.constexpr, CUT: tl.constexpr,
+                          ALIGNED: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
+    row, x, y, n, start, count, full = _row(table_ptr, tile_tensor_ptr, X_T, Y_T, ALIGNED, TILE, BLOCK)
+    out = tl.load(row + 5).to(tl.pointer_type(tl.uint8))
+    if ALIGNED:
+        out = tl.multiple_of(out, 16)
+    lim_hi = tl.load(row + 6)
+    lim_ex = tl.load(row + 7)
+    p = tl.program_id(0).to(tl.int64)
+    run_hi = tl.zeros([], dtype=tl.int64)
+    run_ex = tl.zeros([], dtype=tl.int64)
+    if CUT:
+        # ties of this tensor before this tile (for the tie rank inside a cut tensor)
+        run_hi += tl.load(prefix_ptr + 2 * p)
+        run_ex += tl.load(prefix_ptr + 2 * p + 1)
+    for off in range(0, full, BLOCK):
+        run_hi, run_ex = _write_step(x, y, out, start + off, n, run_hi, run_ex, key_hi, key_ex, lim_hi, lim_ex,
+                                     IS_DIFF, KEY32, X_BF16, Y_BF16, HAS_HI, HAS_EX, CUT, False, BLOCK)
+    if full < count:
+        run_hi, run_ex = _write_step(x, y, out, start + full, n, run_hi, run_ex, key_hi, key_ex, lim_hi, lim_ex,
+                                     IS_DIFF, KEY32, X_BF16, Y_BF16, HAS_HI, HAS_EX, CUT, True, BLOCK)
+
+
+def _groups(sources, members=None):
+    """Source indices per (x dtype, y dtype, AbsDiff) group: one launch each. Empty tensors left out."""
+    groups = {}
+    for i in range(len(sources)) if members is None else members:
+        x, y, diff = _operands(sources[i])
+        if x.numel():
+            groups.setdefault((x.dtype, y.dtype, diff), []).append(i)
+    return groups
+
+
+def _launch(kernel, sources, group_key, members, grid_args, *, extra=None, **constexprs):
+    """One launch of ``kernel`` over the tiles of ``members``; returns the number of tiles."""
+    xdt, ydt, diff = group_key
+    device = sources[members[0]].device
+    tile_rows, first = tile_layout([sources[i].numel() for i in members], TILE, device)
+    rows = []
+    for j, i in enumerate(members):
+        x, y, _ = _operands(sources[i])
+        rows.append([x.data_ptr(), y.data_ptr(), x.numel(), first[j], i, *(extra[j] if extra else (0, 0, 0))])
+    table = upload_table(rows, device)
+    # the vectorization hint holds only if every address of the launch is 16-byte aligned (a view
+    # into a larger tensor may not be: then the launch is correct but slower)
+    aligned = all(a % 16 == 0 for r in rows for a in (r[0], r[1], r[5]))
+    ntiles = tile_rows.numel()
+    if ntiles:
+        kernel[(ntiles,)](table, tile_rows, *grid_args, X_T=_TL[xdt], Y_T=_TL[ydt], IS_DIFF=diff,
+                          X_BF16=xdt == torch.bfloat16, Y_BF16=ydt == torch.bfloat16, ALIGNED=aligned, TILE=TILE,
+                          BLOCK=BLOCK, **constexprs)
+    return ntiles, tile_rows, first
+
+
+def per_tensor_fits(num_sources: int, bits: int) -> bool:
+    return num_sources * 2 * (1 << bits) * 8 <= PER_TENSOR_BYTES
+
+
+def histogram(sources, level: int, prefixes, *, key32: bool, edge: int = 0, per_tensor: bool = False):
+    """Histogram of pass ``level`` (digit ``digits(key32)[level]``) over every source.
+
+    ``level == 0``: the top digit of every key (``prefixes`` ignored); also counts non-finite scores
+    (keys beyond ``edge``). ``level > 0``: for each of the one or two ``prefixes``, the digit of the
+    keys whose higher bits (``key >> (shift + bits)``) equal the prefix.
+
+    Returns ``(hist [len(prefixes), bins] int64, per [sources, len(prefixes), bins] or None,
+    nonfinite int64 [1] or None)`` on the scores' device; ``per`` (the same counts per source) when
+    ``per_tensor``.
+    """
+    bits_list = digits(key32)
+    bits = bits_list[level]
+    shift = sum(bits_list[level + 1:])
+    bins = 1 << bits
+    first = level == 0
+    prefixes = [0] if first else list(prefixes)
+    if not 1 <= len(prefixes) <= 2:
+        raise ValueError(f"radix_blocked.histogram: {len(prefixes)} prefixes; expected 1 or 2")
+    device = sources[0].device
+    rows = len(sources) if per_tensor else 1
+    buf = torch.zeros(rows, 2, bins, dtype=torch.int64, device=device)
+    bad = torch.zeros(1, dtype=torch.int64, device=device)
+    p0 = int(prefixes[0])
+    p1 = int(prefixes[-1])
+    for key, members in _groups(sources).items():
+        _launch(_blocked_hist_kernel, sources, key, members, (buf, bad, p0, p1, int(edge)), KEY32=key32,
+                SHIFT=shift, BITS=bits, FIRST=first, TWO=len(prefixes) == 2, PER_TENSOR=per_tensor)
+    per = buf[:, :len(prefixes)]
+    hist = per.sum(0) if per_tensor else per[0]
+    return hist, (per if per_tensor else None), (bad if first else None)
+
+
+def tile_counts(sources, members, keys, *, key32: bool):
+    """Per tile of ``members`` (in launch order, per dtype group): counts of ``keys[0]`` and
+    ``keys[1]``; returns a list of (group members, counts [tiles, 2], tile rows, first tiles)."""
+    k0, k1 = int(keys[0]), int(keys[-1])
+    out = []
+    for gkey, group in _groups(sources, members).items():
+        ntiles = sum(triton.cdiv(sources[i].numel(), TILE) for i in group)
+        counts = torch.empty(ntiles, 2, dtype=torch.int64, device=sources[group[0]].device)
+        _, tile_rows, first = _launch(_blocked_count_kernel, sources, gkey, group, (counts, k0, k1), KEY32=key32)
+        out.append((group, counts, tile_rows, first))
+    return out
+
+
+def count_equal(sources, key: int, *, key32: bool) -> list[int]:
+    """Number of elements whose key is ``key``, per source (one launch per dtype group, one sync)."""
+    if not sources:
+        return []
+    totals = torch.zeros(len(sources), dtype=torch.int64, device=sources[0].device)
+    for group, counts, tile_rows, _ in tile_counts(sources, None, (key, key), key32=key32):
+        idx = torch.tensor(group, dtype=torch.int64, device=counts.device)[tile_rows.long()]
+        totals.index_add_(0, idx, counts[:, 0])
+    return totals.tolist()
+
+
+def write_band(sources, outs, key_hi, limits_hi, key_ex, limits_ex, cut, *, key32: bool) -> None:
+    """Band masks of ``sources`` into ``outs`` (flat bool/uint8 tensors of the same numel).
+
+    An element is kept when it is in the top ``k_hi`` and not in the top ``k_ex``: for a boundary
+    with key ``K`` and this tensor's ``limit``, an element is in its top k when ``key > K``, or
+    ``key == K`` and its rank among this tensor's elements equal to ``K`` (flat order) is below
+    ``limit``. ``key_hi=None`` keeps nothing, ``key_ex=None`` excludes nothing. ``cut[i]``: some
+    limit of source ``i`` is strictly between 0 and its tie count (the ties are then ranked;
+    otherwise ``limit`` only needs to be 0 or ``>=`` the count).
+    """
+    lim = [(min(int(limits_hi[i]), NO_LIMIT), min(int(limits_ex[i]), NO_LIMIT)) for i in range(len(sources))]
+    for cut_launch in (False, True):
+        members = [i for i in range(len(sources)) if bool(cut[i]) == cut_launch]
+        if not members:
+            continue
+        if cut_launch:
+            per_group = tile_counts(sources, members, (key_hi or 0, key_ex or 0), key32=key32)
+        else:
+            per_group = [(g, None, None, None) for g in _groups(sources, members).values()]
+        for group, counts, tile_rows, first in per_group:
+            if counts is None:
+                prefix = torch.zeros(2, dtype=torch.int64, device=sources[group[0]].device)
+            else:
+                # exclusive prefix sum of the tile counts, restarted at each tensor's first tile
+                excl = counts.cumsum(0) - counts
+                starts = torch.tensor(first, dtype=torch.int64, device=counts.device)[tile_rows.long()]
+                prefix = (excl - excl[starts]).contiguous()
+            gkey = next(iter(_groups(sources, group[:1])))
+            extra = [(outs[i].data_ptr(), *lim[i]) for i in group]
+            _launch(_blocked_write_kernel, sources, gkey, group, (prefix, int(key_hi or 0), int(key_ex or 0)),
+                    extra=extra, KEY32=key32, HAS_HI=key_hi is not None, HAS_EX=key_ex is not None, CUT=cut_launch)
