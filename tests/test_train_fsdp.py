@@ -3,7 +3,9 @@
 The 2-process runs are this file run as a script under torchrun, with the environment `accelerate
 launch` sets for an FSDP2 config (ACCELERATE_USE_FSDP=true, FSDP_VERSION=2; on CPU accelerate itself
 runs MULTI_CPU and the masked stages shard the model themselves). One launch runs select + improve,
-then improve again interrupted after its checkpoint and resumed.
+then improve again interrupted after its checkpoint and resumed, recording which models each rank
+loaded; then it shards a bigger model (tied embeddings) alone and records each rank's host-memory
+peak: only the main process may hold the model whole, and only once.
 """
 
 import json
@@ -36,10 +38,82 @@ class _Interrupt(Exception):
     pass
 
 
+def _record_model_loads() -> list:
+    """Wrap the stages' load_model; the list it returns gets (empty?, every parameter on meta?) per call."""
+    from allo.train import stages
+
+    calls, load = [], stages.load_model
+
+    def recording(path, **kw):
+        model = load(path, **kw)
+        calls.append((bool(kw.get("empty")), all(p.is_meta for p in model.parameters())))
+        return model
+
+    stages.load_model = recording
+    return calls
+
+
+def _write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def _rss_peak(reset=False) -> int:
+    """This process's peak resident set (bytes); ``reset``: restart the peak at the current RSS."""
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+
+
+def _sharding_memory(big, out):
+    """Shard the big model alone and record this rank's host-memory growth: loading it (the other
+    ranks: on the meta device), then sharding + broadcast + gathering the weights back."""
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    from allo.train.data import collate, encode_text_pair
+    from allo.train.fsdp import gather_into, sharded_scorer
+    from allo.train.model import load_model
+    from allo.train.tokenizer import load_builtin_tokenizer
+
+    acc = Accelerator()
+    main, rank = acc.is_main_process, dist.get_rank()
+    base = _rss_peak(reset=True)
+    model = load_model(big, empty=not main)
+    loaded = _rss_peak() - base
+    on_meta = all(p.is_meta for p in model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
+    base = _rss_peak(reset=True)
+    scorer = sharded_scorer(acc, model)
+    gather_into(model, scorer)
+    sharding = _rss_peak() - base
+    shadow = scorer.model
+    tied = shadow.lm_head.weight is shadow.model.embed_tokens.weight
+    shard_bytes = sum(p.to_local().numel() * p.element_size() for p in shadow.parameters())
+    tok = load_builtin_tokenizer()
+    batch = collate([encode_text_pair(tok, "What is 2 + 3?", "It is 5."), encode_text_pair(tok, "1 + 1?", "2.")],
+                    tok.pad_token_id)
+    with torch.no_grad():
+        lp = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        if main:  # what the whole model (after the gather) says: every rank's sharded forward must agree
+            from allo.train.logps import TokenLogprobs
+
+            torch.save(TokenLogprobs(model)(batch["input_ids"], batch["attention_mask"], batch["labels"]),
+                       os.path.join(out, "whole_logps.pt"))
+    torch.save(lp, os.path.join(out, f"sharded_logps_{rank}.pt"))
+    _write_json(os.path.join(out, f"memory_{rank}.json"), {
+        "main": main, "on_meta": on_meta, "loaded": loaded, "sharding": sharding, "model_bytes": model_bytes,
+        "tied": tied, "shard_bytes": shard_bytes})
+
+
 def _two_process_runs(tiny, out):
     """Under torchrun: select + improve; then improve cut after step 3 (checkpoint at 2) and resumed."""
     from allo.train import pipeline
 
+    loads = _record_model_loads()
     pipeline.run(_cfg(tiny, os.path.join(out, "two"), stages="select,improve", per_device_train_batch_size=2))
     kw = dict(stages="improve", per_device_train_batch_size=2, reuse_from=os.path.join(out, "two"),
               reuse_stages="select")
@@ -54,6 +128,8 @@ def _two_process_runs(tiny, out):
     except _Interrupt:
         pass
     pipeline.run(_cfg(tiny, os.path.join(out, "cut"), resume_from_checkpoint="true", **kw))
+    _write_json(os.path.join(out, f"loads_{os.environ['RANK']}.json"), loads)
+    _sharding_memory(os.path.join(tiny, "big"), out)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +141,15 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_fsdp")
     tok = load_builtin_tokenizer()
     save_model(build_tiny_model(tok, hidden_size=32, num_layers=2, seed=0), tok, str(root / "sft"))
+    # big enough for its size to stand out of a process's RSS noise (~110 MB), with tied embeddings
+    from transformers import LlamaForCausalLM
+
+    from allo.train.model import tiny_llama_config
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(len(tok), hidden_size=512, num_layers=8)
+    config.tie_word_embeddings = True
+    save_model(LlamaForCausalLM(config), None, str(root / "big"))
     rng = random.Random(0)
     with open(root / "train.jsonl", "w") as f:
         for p in make_problems("arithmetic", 16, 0):
@@ -73,31 +158,39 @@ def tiny(tmp_path_factory):
     return str(root)
 
 
-def test_fsdp2_improve_matches_one_process_and_resumes_exactly(tiny, tmp_path):
-    from allo.select import Selection
-    from allo.train import pipeline
-
+@pytest.fixture(scope="module")
+def two(tiny, tmp_path_factory):
+    """The output folder of the 2-process launch (see the module docstring)."""
+    out = tmp_path_factory.mktemp("fsdp_two")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
            "ACCELERATE_USE_CPU": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(port), os.path.abspath(__file__), tiny, str(tmp_path)],
+                          "127.0.0.1", "--master_port", str(port), os.path.abspath(__file__), tiny, str(out)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-5000:]
+    return out
+
+
+def test_fsdp2_improve_matches_one_process_and_resumes_exactly(tiny, two, tmp_path):
+    from allo.select import Selection
+    from allo.train import pipeline
+
+    two_dir = two
     pipeline.run(_cfg(tiny, tmp_path / "one", stages="select,improve"))
 
     # select with 2 processes: the main process alone selects; the same masks as 1 process
     for stage in ("forget", "improve"):
         a = Selection.load(str(tmp_path / "one" / "select" / f"{stage}_mask.safetensors"))
-        b = Selection.load(str(tmp_path / "two" / "select" / f"{stage}_mask.safetensors"))
+        b = Selection.load(str(two_dir / "two" / "select" / f"{stage}_mask.safetensors"))
         assert all(torch.equal(a.indices[n], b.indices[n]) for n in a.names)
 
     sft = load_file(os.path.join(tiny, "sft", "model.safetensors"))
     masks = Selection.load(str(tmp_path / "one" / "select" / "improve_mask.safetensors")).masks
     one = load_file(str(tmp_path / "one" / "improve" / "model" / "model.safetensors"))
-    two_w = load_file(str(tmp_path / "two" / "improve" / "model" / "model.safetensors"))
+    two_w = load_file(str(two_dir / "two" / "improve" / "model" / "model.safetensors"))
     assert set(two_w) == set(sft)
     changed = 0
     for k in one:
@@ -109,7 +202,7 @@ def test_fsdp2_improve_matches_one_process_and_resumes_exactly(tiny, tmp_path):
     assert changed > 0.5 * sum(int(m.sum()) for m in masks.values())
 
     # the checkpoint holds the whole HF model (gathered), scheduler and one optimizer file per rank
-    ckpt = tmp_path / "two" / "improve" / "checkpoints" / "checkpoint-2"
+    ckpt = two_dir / "two" / "improve" / "checkpoints" / "checkpoint-2"
     saved, ref = load_file(str(ckpt / "model.safetensors")), load_file(
         str(tmp_path / "one" / "improve" / "checkpoints" / "checkpoint-2" / "model.safetensors"))
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in sft.items()}
@@ -119,11 +212,35 @@ def test_fsdp2_improve_matches_one_process_and_resumes_exactly(tiny, tmp_path):
     assert not (ckpt / "optimizer.pt").exists()
 
     # interrupted after step 3 and resumed from checkpoint-2: bit for bit the uninterrupted run
-    cut = load_file(str(tmp_path / "cut" / "improve" / "model" / "model.safetensors"))
+    cut = load_file(str(two_dir / "cut" / "improve" / "model" / "model.safetensors"))
     for k in two_w:
         assert torch.equal(cut[k], two_w[k]), f"resumed improve differs at {k}"
-    rows = [json.loads(l) for l in open(tmp_path / "cut" / "improve" / "metrics.jsonl")]
+    rows = [json.loads(l) for l in open(two_dir / "cut" / "improve" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+
+
+def test_fsdp2_only_the_main_process_holds_the_model_whole_and_once(two):
+    # the stages: rank 1 built every model it got on the meta device (no weights read), rank 0 loaded them
+    loads = {r: json.load(open(two / f"loads_{r}.json")) for r in (0, 1)}
+    assert len(loads[1]) == 3 and all(empty and meta for empty, meta in loads[1]), loads[1]  # improve x 3 runs
+    assert loads[0] and not any(empty or meta for empty, meta in loads[0]), loads[0]
+
+    mem = {r: json.load(open(two / f"memory_{r}.json")) for r in (0, 1)}
+    size = mem[0]["model_bytes"]
+    assert mem[1]["model_bytes"] == size > 100e6 and mem[1]["on_meta"] and not mem[0]["on_meta"]
+    assert mem[0]["tied"] and mem[1]["tied"]  # one shared parameter, as in the model
+    for r in (0, 1):  # each rank allocated its half of the parameters, no more
+        assert 0.45 * size < mem[r]["shard_bytes"] < 0.55 * size, mem[r]
+    # host memory (peak RSS growth from before the load to after the gather): rank 1 never materialised
+    # the model (its shards, ~0.5x, plus a tensor or two in flight); rank 0 holds one whole copy and its
+    # shards (~1.5x; transformers may map the weights lazily, so the load alone can look free). A second
+    # whole copy beside it (copy.deepcopy before fully_shard, a full state dict gathered) is >= 2.5x
+    assert mem[1]["loaded"] + mem[1]["sharding"] < 0.9 * size, mem[1]
+    assert 1.0 * size < mem[0]["loaded"] + mem[0]["sharding"] < 2.0 * size, mem[0]
+    # and the shards are the model: each rank's sharded forward == the whole model's (weights, buffers)
+    whole = torch.load(two / "whole_logps.pt")
+    for r in (0, 1):
+        torch.testing.assert_close(torch.load(two / f"sharded_logps_{r}.pt"), whole, rtol=1e-5, atol=1e-5)
 
 
 def test_fsdp1_and_deepspeed_are_refused_with_how_to_switch(monkeypatch):

@@ -1,11 +1,17 @@
 """FSDP2 for the masked stages (forget, improve): shard the model, gather it back whole.
 
-When accelerate is configured for FSDP version 2 and several processes run, a masked stage trains a
-copy of the model sharded with ``torch.distributed.fsdp.fully_shard``: one FSDP unit per decoder
+When accelerate is configured for FSDP version 2 and several processes run, a masked stage trains the
+model sharded with ``torch.distributed.fsdp.fully_shard``: one FSDP unit per decoder
 layer (the classes of ``model._no_split_modules``, or the plugin's ``transformer_cls_names_to_wrap``)
 and the ``TokenLogprobs`` wrapper as the root unit, which holds the embeddings, the final norm and
 the output layer (the fused log-prob path reads ``lm_head.weight`` inside the root's forward, where
 FSDP2 has it gathered). ``MaskedAdamW`` then trains each rank's rows of every parameter.
+
+Host memory: only the main process (rank 0) reads the weights; the others build the model on the
+meta device from its config. Every rank builds the sharded module on the meta device too, allocates
+only its own shards and receives them from rank 0 one tensor at a time. Rank 0's whole model is the
+only whole copy anywhere: it is the broadcast's source, and the trained weights are gathered back
+into it one parameter at a time (checkpoints, end of stage), never as a second full state dict.
 
 The sharding is applied here, not by ``accelerator.prepare``: accelerate's FSDP2 wrapping puts the
 output layer in a unit of its own, and on CPU accelerate ignores an FSDP configuration altogether
@@ -14,8 +20,8 @@ output layer in a unit of its own, and on CPU accelerate ignores an FSDP configu
 
 from __future__ import annotations
 
-import copy
 import os
+from typing import Callable
 
 import torch
 
@@ -78,16 +84,33 @@ def _layer_classes(accelerator, model) -> set[str]:
     return set(names)
 
 
-def sharded_scorer(accelerator, model):
-    """A ``TokenLogprobs`` over a copy of ``model`` sharded with FSDP2 (``model`` stays whole and
-    untouched; the copy's parameters become ``Shard(0)`` DTensors on the accelerator's device)."""
+def _shard_device(accelerator, kwargs) -> torch.device:
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return torch.device("cpu") if isinstance(kwargs.get("offload_policy"), CPUOffloadPolicy) else accelerator.device
+
+
+def sharded_scorer(accelerator, model, *, prepare: Callable | None = None):
+    """A ``TokenLogprobs`` over ``model``'s architecture sharded with FSDP2, holding ``model``'s weights.
+
+    ``model`` is whole on the main process (rank 0) and may be on the meta device elsewhere (see
+    ``load_model(..., empty=True)``); it is left untouched. Every rank builds the same architecture
+    on the meta device, shards it, allocates only its own shards and receives them from rank 0, one
+    tensor at a time (``set_model_state_dict`` with ``broadcast_from_rank0``): no rank ever holds a
+    second whole copy. ``prepare(module)`` runs on that module before sharding (requires_grad,
+    gradient checkpointing)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from .model import empty_model
+
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
     kwargs = _fully_shard_kwargs(accelerator, mesh)
-    # the copy is what gets sharded: FSDP2 cannot be undone in place, and the stage saves `model`
-    shadow = copy.deepcopy(model)
+    # FSDP2 cannot be undone in place, and the main process saves `model` whole: a new module is sharded
+    shadow = empty_model(model.config, dtype=next(model.parameters()).dtype)
+    if prepare is not None:
+        prepare(shadow)
     classes = _layer_classes(accelerator, shadow)
     layers = [m for m in shadow.modules() if type(m).__name__ in classes]
     if not layers:
@@ -98,14 +121,18 @@ def sharded_scorer(accelerator, model):
         fully_shard(layer, **kwargs)
     scorer = ShardedTokenLogprobs(shadow)
     fully_shard(scorer, **kwargs)
+    # only now is memory allocated, for this rank's shards. to_empty also empties the buffers, which
+    # the model's __init__ computed (non-persistent ones are not broadcast): put them back. Loading
+    # into allocated shards (not meta ones, with assign=True) keeps tied weights tied and the device ours
+    buffers = {name: b.clone() for name, b in shadow.named_buffers()}
+    shadow.to_empty(device=_shard_device(accelerator, kwargs))
+    with torch.no_grad():
+        for name, b in buffers.items():
+            shadow.get_buffer(name).copy_(b)
+    main = torch.distributed.get_rank() == 0
+    set_model_state_dict(shadow, model.state_dict() if main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return scorer
-
-
-def full_state_dict(model) -> dict:
-    """The whole model's state dict on the main process's CPU ({} elsewhere); every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_weights(model, weights: dict, *, source: str) -> None:
@@ -119,12 +146,24 @@ def load_full_weights(model, weights: dict, *, source: str) -> None:
         raise ValueError(f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+@torch.no_grad()
 def gather_into(model, scorer) -> None:
-    """Copy the trained shards of ``scorer.model`` into the whole ``model`` on the main process."""
-    full = full_state_dict(scorer.model)
-    if full:
-        load_full_weights(model, full, source="the gathered FSDP2 state dict")
+    """Copy the trained shards of ``scorer.model`` into the whole ``model`` of the main process (rank 0),
+    one parameter at a time: every rank takes part in each all-gather, and a gathered tensor lives only
+    until it is copied, so the main process never holds a second whole copy (a full state dict would
+    be one). Parameters that do not require grad were never trained and are skipped."""
+    whole = dict(model.named_parameters()) if torch.distributed.get_rank() == 0 else None
+    for name, p in scorer.model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shard = p.detach()
+        if shard.device.type != shard.device_mesh.device_type:  # CPU-offloaded shards: gather on the mesh's device
+            shard = shard.to(shard.device_mesh.device_type)
+        full = shard.full_tensor()
+        if whole is not None:
+            whole[name].copy_(full)
+        del full
 
 
-__all__ = ["masked_stage_shards", "sharded_scorer", "full_state_dict", "load_full_weights", "gather_into",
+__all__ = ["masked_stage_shards", "sharded_scorer", "load_full_weights", "gather_into",
            "SUPPORTED"]

@@ -18,13 +18,16 @@ Gradient synchronisation:
   gradient is freed by the optimizer's hook), and ``opt.all_reduce_grads()`` averages those compact
   gradients once per step: the all-reduce moves ``ratio`` of the bytes DDP would;
 * masked stages under FSDP2 (accelerate configured with ``fsdp_version: 2``, several processes):
-  a copy of the model is sharded with ``fully_shard`` (one unit per decoder layer, the root holding
-  embeddings, final norm and output layer; see :mod:`allo.train.fsdp`). FSDP2 reduce-scatters (averages)
+  the model is sharded with ``fully_shard`` (one unit per decoder layer, the root holding embeddings,
+  final norm and output layer; see :mod:`allo.train.fsdp`). Only the main process holds ``model``
+  whole (on the CPU); the other processes get it on the meta device and receive their shards from
+  the main process. FSDP2 reduce-scatters (averages)
   the gradients in every backward; the optimizer's hooks keep the selected elements of each rank's
   rows, ``MaskedAdamW`` updates those rows with the global masks cut to them, and clipping combines
-  the ranks' norms. Checkpoints hold the full HF model (gathered on the main process) and one
-  optimizer file per rank; at the end the trained weights are gathered into the main process's
-  ``model``. FSDP version 1 and DeepSpeed are refused with an error saying how to switch to FSDP2.
+  the ranks' norms. Checkpoints hold the full HF model (the trained weights gathered into the main
+  process's ``model``, one parameter at a time) and one optimizer file per rank; at the end the
+  trained weights are gathered into it the same way. FSDP version 1 and DeepSpeed are refused with
+  an error saying how to switch to FSDP2.
 """
 
 from __future__ import annotations
@@ -158,8 +161,9 @@ def _save_checkpoint(accelerator, stage_dir, step, model, tokenizer, opt, sched,
                      whole_model=None):
     """checkpoint-<step>/: HF model (safetensors), optimizer (compact state), scheduler, masks, RNG
     of every rank, trainer_state.json (data position = step). Built under a temporary name and
-    renamed, so a kill mid-save never leaves a half checkpoint. ``whole_model``: FSDP2, the unsharded
-    HF model whose config is saved with the gathered full weights (optimizer state: one file per rank)."""
+    renamed, so a kill mid-save never leaves a half checkpoint. ``whole_model``: FSDP2, the main
+    process's whole HF model, into which the trained shards are gathered and which is saved (the other
+    ranks pass their meta-device model); optimizer state: one file per rank."""
     root = os.path.join(stage_dir, "checkpoints")
     final = os.path.join(root, f"checkpoint-{step}")
     tmp = final + ".tmp"
@@ -170,13 +174,11 @@ def _save_checkpoint(accelerator, stage_dir, step, model, tokenizer, opt, sched,
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pth"))
     if sharded:
-        from .fsdp import full_state_dict
-
-        full = full_state_dict(model.model)  # every rank takes part; the main process gets the weights
+        gather_into(whole_model, model)  # every rank takes part; the main process's model gets the weights
         torch.save(opt.state_dict(), os.path.join(tmp, _optimizer_file(accelerator, sharded)))
     if accelerator.is_main_process:
         if sharded:
-            whole_model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+            whole_model.save_pretrained(tmp, safe_serialization=True)
         else:
             accelerator.unwrap_model(model).model.save_pretrained(tmp, safe_serialization=True)
             torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
@@ -194,9 +196,10 @@ def _save_checkpoint(accelerator, stage_dir, step, model, tokenizer, opt, sched,
     accelerator.wait_for_everyone()
 
 
-def _load_checkpoint_weights(accelerator, ckpt, model) -> int:
+def _load_checkpoint_weights(accelerator, ckpt, model, *, load: bool = True) -> int:
     """Load the checkpoint's weights into the plain HF ``model`` (before it is wrapped or sharded);
-    returns the step to resume from."""
+    returns the step to resume from. ``load=False``: only the step (FSDP2, not the main process:
+    its shards come from the main process's model)."""
     from safetensors.torch import load_file
 
     from .fsdp import load_full_weights
@@ -206,7 +209,8 @@ def _load_checkpoint_weights(accelerator, ckpt, model) -> int:
     if state["world_size"] != accelerator.num_processes:
         raise ValueError(f"{ckpt} was written by {state['world_size']} processes; resume with the same number "
                          f"(now {accelerator.num_processes}) so the data order is the same")
-    load_full_weights(model, load_file(os.path.join(ckpt, "model.safetensors")), source=f"{ckpt}/model.safetensors")
+    if load:
+        load_full_weights(model, load_file(os.path.join(ckpt, "model.safetensors")), source=f"{ckpt}/model.safetensors")
     return state["global_step"]
 
 
@@ -247,14 +251,15 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
     if resume and str(resume).lower() not in ("false", "0", "none"):
         ckpt = latest_checkpoint(stage_dir) if str(resume).lower() in ("true", "1", "yes") else resume
         if ckpt is not None:  # weights first: into the plain model, before DDP or FSDP2 take it over
-            start = _load_checkpoint_weights(accelerator, ckpt, model)
-    # FSDP2: the whole model stays on the CPU (the stage saves it); only each rank's shards of the
-    # sharded copy go to the device
-    model.to("cpu" if sharded else device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    model.train()
+            start = _load_checkpoint_weights(accelerator, ckpt, model,
+                                             load=not sharded or accelerator.is_main_process)
+    if not sharded:
+        model.to(device)
+        _prepare_trainable(model, None if dense else masks, cfg)
+    elif accelerator.is_main_process:
+        # FSDP2: the whole model stays on the CPU (the stage saves it); only each rank's shards of the
+        # sharded module go to the device. Elsewhere `model` is on the meta device
+        model.to("cpu")
     if dense:
         scorer = TokenLogprobs(model)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
@@ -262,13 +267,9 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
     else:
         from allo.optim import MaskedAdamW
 
-        if masks is not None:
-            # parameters with no selected element get no gradient at all: less backward work
-            for name, p in model.named_parameters():
-                m = masks.get(name)
-                p.requires_grad_(m is not None and bool(m.any()))
-        # FSDP2: a sharded copy trains (masks stay global: the optimizer cuts them to each rank's rows)
-        scorer = sharded_scorer(accelerator, model) if sharded else TokenLogprobs(model)
+        # FSDP2: a sharded module trains (masks stay global: the optimizer cuts them to each rank's rows)
+        scorer = (sharded_scorer(accelerator, model, prepare=lambda m: _prepare_trainable(m, masks, cfg)) if sharded
+                  else TokenLogprobs(model))
         named = [(nm, p) for nm, p in scorer.model.named_parameters() if p.requires_grad]
         if masks is not None:  # sharded: kept where they are; the optimizer moves one at a time to cut it
             masks = {nm: masks[nm] if sharded else masks[nm].to(device) for nm, _ in named}
@@ -347,12 +348,25 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
     if sharded:
         opt.remove_hooks()
         gather_into(model, scorer)  # the trained weights, whole, in the main process's model
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing and not sharded:
         model.gradient_checkpointing_disable()
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
     return last
+
+
+def _prepare_trainable(model, masks: dict | None, cfg) -> None:
+    """Gradient checkpointing, train mode and, for a masked stage, ``requires_grad`` from the masks:
+    parameters with no selected element get no gradient at all (less backward work)."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    if masks is not None:
+        for name, p in model.named_parameters():
+            m = masks.get(name)
+            p.requires_grad_(m is not None and bool(m.any()))
 
 
 class _null:

@@ -1,4 +1,5 @@
-"""Models: the built-in tiny Llama, loading and saving in Hugging Face format, SFT and sampling."""
+"""Models: the built-in tiny Llama, loading and saving in Hugging Face format (or only the
+architecture, on the meta device, for the processes that receive FSDP2 shards), SFT and sampling."""
 
 from __future__ import annotations
 
@@ -28,11 +29,27 @@ def build_tiny_model(tokenizer, *, hidden_size: int, num_layers: int, seed: int)
     return model.float()
 
 
-def load_model(path: str, *, dtype=torch.float32):
-    """A causal LM from a local folder or hub name (fp32 master weights by default: bf16 runs autocast)."""
+def load_model(path: str, *, dtype=torch.float32, empty: bool = False):
+    """A causal LM from a local folder or hub name (fp32 master weights by default: bf16 runs autocast).
+    ``empty``: read only the config and build the model with :func:`empty_model` (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if empty:
+        return empty_model(AutoConfig.from_pretrained(path), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def empty_model(config, *, dtype=torch.float32):
+    """The causal LM of ``config`` with every parameter on the meta device: no memory, no init.
+    Buffers are built for real by the model's own ``__init__``: non-persistent ones (rotary
+    ``inv_freq``) are in no state dict, so no weight broadcast would ever fill them in."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # init_empty_weights gives every module its own meta parameter, untying them
+    return model
 
 
 def load_tokenizer(path: str | None):

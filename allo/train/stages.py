@@ -7,6 +7,7 @@
     select   importance scores (|theta_warmup - theta_0| or gradient) -> forget and improve masks
     forget   token-weighted NPO on the negatives, forget mask only (reference: the SFT model)
     improve  DPO on key tokens, improve mask only, from the forget model (reference: itself)
+             (forget and improve under FSDP2: only the main process loads the model whole)
     eval     held-out reward accuracy / margins (reference: the SFT model) and answer accuracy
              after every stage; the report table and plots
 """
@@ -24,6 +25,7 @@ import torch
 from . import data as D
 from .config import EVAL_MODELS, TrainConfig
 from .logps import TokenLogprobs, compute_logps, load_cache, save_cache
+from .fsdp import masked_stage_shards
 from .loop import StageData, train_stage
 from .model import build_tiny_model, generate, load_model, load_tokenizer, save_model, sft_train
 
@@ -370,6 +372,15 @@ def _masks(ctx: Context, stage: str, model):
     return Selection.load(path, model).masks, path
 
 
+def _masked_stage_model(ctx: Context, path: str, desc: str):
+    """The starting model of a masked stage. Under FSDP2 only the main process reads the weights;
+    the others build the model on the meta device from its config (names and shapes, no memory):
+    they receive their shards from the main process and never use the whole model."""
+    # asked on every rank: FSDP1 / DeepSpeed stop all of them here with the same error
+    empty = masked_stage_shards(ctx.accelerator, desc) and not ctx.main
+    return load_model(path, empty=empty)
+
+
 # -------------------------------------------------------------------------------- forget
 def _eos_free_mask(ctx: Context, examples, lengths) -> torch.Tensor:
     """[B, T] mask of response tokens, the final end-of-sequence token left out (never forgotten)."""
@@ -427,13 +438,14 @@ def stage_forget(ctx: Context, *, on_step_end=None) -> dict:
     elif cfg.token_weight_source == "reward_model_probs":
         field = "keep_probs"
     negs = _load_negatives(ctx, field)
-    model = load_model(sft_model_path(ctx))
+    desc = "forget (token-weighted NPO)"
+    model = _masked_stage_model(ctx, sft_model_path(ctx), desc)
     ref = cached_reference(ctx, sdir, model, {"response": negs})
     weights = _token_weights(ctx, sdir, negs, ref)
     masks, mask_file = _masks(ctx, "forget", model)
     last = train_stage(accelerator=ctx.accelerator, cfg=cfg, stage_dir=sdir, model=model, tokenizer=ctx.tokenizer,
                        data=StageData("forget", negs, ref, weights), lr=cfg.forget_learning_rate, masks=masks,
-                       dense=False, masks_file=mask_file, desc="forget (token-weighted NPO)", on_step_end=on_step_end)
+                       dense=False, masks_file=mask_file, desc=desc, on_step_end=on_step_end)
     if ctx.main:
         save_model(model, ctx.tokenizer, os.path.join(sdir, "model"))
     mark_done(ctx, sdir, {"last_metrics": last})
@@ -454,14 +466,14 @@ def stage_improve(ctx: Context, *, on_step_end=None) -> dict:
         if _done_info(fdir).get("skipped"):
             raise ValueError(f"{fdir} was skipped (--skip_forget) but --skip_forget is not set now; use another "
                              "--output_dir or delete that folder")
-    model = load_model(start)
+    desc = f"improve ({'key tokens' if cfg.key_tokens else 'DPO'})"
+    model = _masked_stage_model(ctx, start, desc)
     ref = cached_reference(ctx, sdir, model, _pair_views(pairs))
     masks, mask_file = _masks(ctx, "improve", model)
     kind = "improve" if cfg.key_tokens else "dpo"
     last = train_stage(accelerator=ctx.accelerator, cfg=cfg, stage_dir=sdir, model=model, tokenizer=ctx.tokenizer,
                        data=StageData(kind, pairs, ref), lr=cfg.improve_learning_rate, masks=masks, dense=False,
-                       masks_file=mask_file, desc=f"improve ({'key tokens' if cfg.key_tokens else 'DPO'})",
-                       on_step_end=on_step_end)
+                       masks_file=mask_file, desc=desc, on_step_end=on_step_end)
     if ctx.main:
         save_model(model, ctx.tokenizer, os.path.join(sdir, "model"))
     mark_done(ctx, sdir, {"last_metrics": last, "started_from": start})
