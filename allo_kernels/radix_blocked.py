@@ -34,8 +34,13 @@ NOT MEASURED (no GPU in the session that wrote this; the GPU session must check 
   this is the first suspect (the fix would be a wider tile per warp before the atomics);
 * masks: read 1.95 GB + write 0.97 GB ~= 0.95 ms; the tensor cut by the threshold's ties is read
   once more (<= 0.03 ms for a 16.8M-element MLP matrix);
-* so ~2.3 ms for ``select_top`` (masks included) and ~1.35 ms for the threshold alone; extra memory
-  ~0.3 MB (2 x 256 x 8 B global, 145 tensors x 2 x 256 x 8 B per-tensor rows, 30k tiles x 4 B).
+* so ~2.3 ms for ``select_top`` (masks included) and ~1.35 ms for the threshold alone: the 2 ms
+  target is expected to be met by the threshold search, and missed by ~15% with the masks, whose
+  bytes (one more read of the scores, one write of N bytes) no histogram scheme avoids;
+* extra memory ~0.7 MB (2 x 256 x 8 B global, 145 tensors x 2 x 256 x 8 B per-tensor rows, 30k tiles
+  x 4 B tile table), against 8 MB of histogram replicas for the ``atomic`` variant;
+* the loads are 16-byte vectors only when every tensor of a launch is 16-byte aligned (checked; a
+  misaligned view makes its launch use 2-byte loads, correct but likely slower than the memory).
 * float32 scores: 3 passes (11/11/10 bits) x 3.9 GB; up to 2048 atomics per tile in the middle pass.
 """
 
@@ -240,25 +245,51 @@ def _groups(sources, members=None):
     return groups
 
 
-def _launch(kernel, sources, group_key, members, grid_args, *, extra=None, **constexprs):
-    """One launch of ``kernel`` over the tiles of ``members``; returns the number of tiles."""
-    xdt, ydt, diff = group_key
-    device = sources[members[0]].device
-    tile_rows, first = tile_layout([sources[i].numel() for i in members], TILE, device)
-    rows = []
-    for j, i in enumerate(members):
-        x, y, _ = _operands(sources[i])
-        rows.append([x.data_ptr(), y.data_ptr(), x.numel(), first[j], i, *(extra[j] if extra else (0, 0, 0))])
-    table = upload_table(rows, device)
+_tables: dict = {}
+
+
+def _tables_for(sources, members, extra, device):
+    """(address table, tile rows, first tiles) of a launch. Cached by the table's own content (addresses,
+    sizes, columns), so it is always valid: the passes of one selection reuse one upload and one
+    tile layout instead of rebuilding them per pass."""
+    numels = [sources[i].numel() for i in members]
+    ops = [_operands(sources[i]) for i in members]
+    key = (str(device), TILE, tuple((x.data_ptr(), y.data_ptr(), n, i) for (x, y, _), n, i in zip(ops, numels, members)),
+           tuple(map(tuple, extra)) if extra else None)
+    hit = _tables.get(key)
+    if hit is not None:
+        return hit
+    tile_rows, first = tile_layout(numels, TILE, device)
+    rows = [[x.data_ptr(), y.data_ptr(), n, f, i, *(extra[j] if extra else (0, 0, 0))]
+            for j, ((x, y, _), n, f, i) in enumerate(zip(ops, numels, first, members))]
     # the vectorization hint holds only if every address of the launch is 16-byte aligned (a view
     # into a larger tensor may not be: then the launch is correct but slower)
     aligned = all(a % 16 == 0 for r in rows for a in (r[0], r[1], r[5]))
+    if len(_tables) >= 16:  # a few selections' worth; entries are small
+        _tables.clear()
+    _tables[key] = hit = (upload_table(rows, device), tile_rows, first, aligned)
+    return hit
+
+
+def _launch(kernel, sources, group_key, members, grid_args, *, extra=None, block=None, **constexprs):
+    """One launch of ``kernel`` over the tiles of ``members``; returns (tiles, tile rows, first tiles)."""
+    xdt, ydt, diff = group_key
+    table, tile_rows, first, aligned = _tables_for(sources, members, extra, sources[members[0]].device)
+    block = block or BLOCK
+    assert TILE % block == 0, (TILE, block)  # the masked tail step must stay inside its tile
     ntiles = tile_rows.numel()
     if ntiles:
         kernel[(ntiles,)](table, tile_rows, *grid_args, X_T=_TL[xdt], Y_T=_TL[ydt], IS_DIFF=diff,
                           X_BF16=xdt == torch.bfloat16, Y_BF16=ydt == torch.bfloat16, ALIGNED=aligned, TILE=TILE,
-                          BLOCK=BLOCK, **constexprs)
+                          BLOCK=block, **constexprs)
     return ntiles, tile_rows, first
+
+
+def hist_block(bits: int) -> int:
+    """Elements per histogram step: each ``tl.histogram`` call zeroes and reads back its bins in
+    shared memory, so a step has at least two elements per bin to keep that overhead below the
+    per-element work (16-bit keys: 1024; 10- and 11-bit digits: 2048 and 4096)."""
+    return min(TILE, max(BLOCK, 2 << bits))
 
 
 def per_tensor_fits(num_sources: int, bits: int) -> bool:
@@ -291,8 +322,8 @@ def histogram(sources, level: int, prefixes, *, key32: bool, edge: int = 0, per_
     p0 = int(prefixes[0])
     p1 = int(prefixes[-1])
     for key, members in _groups(sources).items():
-        _launch(_blocked_hist_kernel, sources, key, members, (buf, bad, p0, p1, int(edge)), KEY32=key32,
-                SHIFT=shift, BITS=bits, FIRST=first, TWO=len(prefixes) == 2, PER_TENSOR=per_tensor)
+        _launch(_blocked_hist_kernel, sources, key, members, (buf, bad, p0, p1, int(edge)), block=hist_block(bits),
+                KEY32=key32, SHIFT=shift, BITS=bits, FIRST=first, TWO=len(prefixes) == 2, PER_TENSOR=per_tensor)
     per = buf[:, :len(prefixes)]
     hist = per.sum(0) if per_tensor else per[0]
     return hist, (per if per_tensor else None), (bad if first else None)

@@ -56,8 +56,9 @@ SCRIPT = textwrap.dedent('''
         # unaligned launches (views into larger tensors) only for one dtype group: the code is the same
         alignments = (True, False) if dt == tl.bfloat16 and not diff else (True,)
         for (fn, sig, extra), aligned in itertools.product(variants, alignments):
+            block = B.hist_block(extra["BITS"]) if fn is B._blocked_hist_kernel else B.BLOCK
             k = triton.compile(ASTSource(fn=fn, signature={**sig, "ALIGNED": C},
-                                         constexprs={**flags, **extra, "ALIGNED": aligned}),
+                                         constexprs={**flags, **extra, "ALIGNED": aligned, "BLOCK": block}),
                                target=GPUTarget("cuda", 90, 32))
             ptx = k.asm["ptx"]
             if fn is B._blocked_hist_kernel:

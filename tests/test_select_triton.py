@@ -120,6 +120,7 @@ def small_tiles(monkeypatch):
     # tiny tiles and steps: tensors of a few hundred elements span several tiles, tiles several steps
     monkeypatch.setattr(RB, "TILE", 128)
     monkeypatch.setattr(RB, "BLOCK", 32)
+    monkeypatch.setattr(RB, "hist_block", lambda bits: 64)
 
 
 def _hard_scores(dtype, device, n_tensors=6):
@@ -260,7 +261,7 @@ def _blocked_dist_worker(rank, port, out_dir):
     # test_select_dist's worker, with mixed-dtype scores and the blocked Triton variant in place of the C path
     import test_select_dist
 
-    RB.TILE, RB.BLOCK = 128, 32
+    RB.TILE, RB.BLOCK, RB.hist_block = 128, 32, lambda bits: 64
     orig_scores = test_select_dist._scores
     test_select_dist._scores = lambda: {n: s.bfloat16() if i % 3 == 0 else s
                                         for i, (n, s) in enumerate(orig_scores().items())}
