@@ -8,7 +8,6 @@ state-dict round trip all run on the shards.
 
 import io
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -67,12 +66,6 @@ def _train(model, opt, rows, steps, *, sharded):
     return norms
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _shard(model, mesh):
     from torch.distributed.fsdp import fully_shard
 
@@ -82,9 +75,9 @@ def _shard(model, mesh):
     return model
 
 
-def _worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank, out_dir):
+    # a file rendezvous: a free TCP port picked beforehand can be taken by another process meanwhile
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
@@ -161,4 +154,4 @@ def _worker(rank, port, out_dir):
 
 
 def test_sharded_masked_adamw_equals_single_process(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD, start_method="spawn")

@@ -2,7 +2,6 @@
 masks, whether the ranks hold different tensors or dim-0 shards of every tensor."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -25,12 +24,6 @@ def _scores():
     return out
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _shard(t, rank):
     # dim-0 shards in rank order, like FSDP2's local shards
     return t.tensor_split(WORLD, dim=0)[rank].contiguous()
@@ -40,9 +33,9 @@ MODES = ("partition", "shards")
 CASES = ((0.3, 0.05), (0.1, 0.0), (1.0, 0.5))
 
 
-def _worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank, out_dir):
+    # a file rendezvous: a free TCP port picked beforehand can be taken by another process meanwhile
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
     try:
         scores = _scores()
         names = list(scores)
@@ -61,7 +54,7 @@ def _worker(rank, port, out_dir):
 
 def test_ranks_together_equal_single_process(tmp_path):
     # one spawn for every case: starting processes is the slow part
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD, start_method="spawn")
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for mode in MODES:
         for ratio, exclude in CASES:
