@@ -254,7 +254,8 @@ def _tables_for(sources, members, extra, device):
     tile layout instead of rebuilding them per pass."""
     numels = [sources[i].numel() for i in members]
     ops = [_operands(sources[i]) for i in members]
-    key = (str(device), TILE, tuple((x.data_ptr(), y.data_ptr(), n, i) for (x, y, _), n, i in zip(ops, numels, members)),
+    key = (str(device), TILE,
+           tuple((x.data_ptr(), y.data_ptr(), n, i) for (x, y, _), n, i in zip(ops, numels, members)),
            tuple(map(tuple, extra)) if extra else None)
     hit = _tables.get(key)
     if hit is not None:

@@ -180,7 +180,8 @@ def test_blocked_weight_delta_and_rows(device, small_tiles, monkeypatch):
     _check_band(weight_delta_scores(a, b), ((0.2, 0.0), (0.8, 0.1)), histogram="blocked")
     # row granularity through the public API, the variant picked by the environment variable
     monkeypatch.setenv("ALLO_SELECT_HISTOGRAM", "blocked")
-    scores = {"w": torch.randint(0, 3, (40, 7), device=device).float(), "v": torch.randint(0, 3, (33,), device=device).half()}
+    scores = {"w": torch.randint(0, 3, (40, 7), device=device).float(),
+              "v": torch.randint(0, 3, (33,), device=device).half()}
     got = select_top(scores, 0.3, exclude_ratio=0.05, granularity="row", backend="triton")
     ref = select_top({n: s.cpu() for n, s in scores.items()}, 0.3, exclude_ratio=0.05, granularity="row",
                      backend="reference")
