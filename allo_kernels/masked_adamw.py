@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .multi_tensor import tile_layout, upload_table
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
               torch.int32: tl.int32, torch.int64: tl.int64}
 
@@ -126,15 +128,13 @@ def _block_table(bucket: list, device) -> tuple[torch.Tensor, torch.Tensor, torc
     hit = _tables.get(key)
     if hit is not None and all(ref is None or ref() is r[2] for ref, r in zip(hit[0], bucket)):
         return hit[1]
-    tensor_of_block, starts, elements = [], [], []
-    for t, (_, _, indices, exp_avg, *_rest) in enumerate(bucket):
-        k = exp_avg.numel()
-        n = (k + BLOCK - 1) // BLOCK
-        start = torch.arange(n, dtype=torch.int64, device=device) * BLOCK
-        tensor_of_block.append(torch.full((n,), t, dtype=torch.int32, device=device))
-        starts.append(start)
-        elements.append(start if indices is None else contiguous_block_starts(indices))
-    table = (torch.cat(tensor_of_block), torch.cat(starts), torch.cat(elements))
+    tensor_of_block, first = tile_layout([r[3].numel() for r in bucket], BLOCK, device)
+    # first selected element of each block: its rank inside its tensor, times BLOCK
+    start = (torch.arange(tensor_of_block.numel(), dtype=torch.int64, device=device)
+             - torch.tensor(first, dtype=torch.int64, device=device)[tensor_of_block.long()]) * BLOCK
+    elements = [start[f:f + (r[3].numel() + BLOCK - 1) // BLOCK] if r[2] is None else contiguous_block_starts(r[2])
+                for f, r in zip(first, bucket)]
+    table = (tensor_of_block, start, torch.cat(elements) if elements else start)
     if len(_tables) > 64:  # selections change rarely; keep the cache small anyway
         _tables.clear()
     _tables[key] = ([None if r[2] is None else weakref.ref(r[2]) for r in bucket], table)
@@ -164,8 +164,8 @@ def masked_adamw_triton(rows: list[tuple]) -> None:
                     exp_avg.numel(), 0)
             s[t] = scalars
         tensor_of_block, start, element = _block_table(bucket, device)
+        addr = upload_table(addr, device)
         if device.type == "cuda":
-            addr = addr.pin_memory().to(device, non_blocking=True)
             scal = scal.pin_memory().to(device, non_blocking=True)
         masked_adamw_kernel[(tensor_of_block.numel(),)](
             addr, scal, tensor_of_block, start, element,

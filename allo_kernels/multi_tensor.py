@@ -34,10 +34,11 @@ def tile_layout(numels, tile: int, device) -> tuple[torch.Tensor, list[int]]:
     return rows, first
 
 
-def upload_table(rows: list, device) -> torch.Tensor:
-    """An int64 [len(rows), columns] table on ``device`` (pinned, asynchronous copy on CUDA). The
-    caller keeps every tensor whose address is in it alive until the kernels that read it have run."""
-    table = torch.tensor(rows, dtype=torch.int64)
+def upload_table(rows, device) -> torch.Tensor:
+    """An int64 [len(rows), columns] table (a list of rows, or a CPU int64 tensor) on ``device``
+    (pinned, asynchronous copy on CUDA). The caller keeps every tensor whose address is in it alive
+    until the kernels that read it have run."""
+    table = rows if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.int64)
     if torch.device(device).type == "cuda":
         return table.pin_memory().to(device, non_blocking=True)
     return table
