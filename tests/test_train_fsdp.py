@@ -2,10 +2,11 @@
 
 The 2-process runs are this file run as a script under torchrun, with the environment `accelerate
 launch` sets for an FSDP2 config (ACCELERATE_USE_FSDP=true, FSDP_VERSION=2; on CPU accelerate itself
-runs MULTI_CPU and the masked stages shard the model themselves). One launch runs select + improve,
-then improve again interrupted after its checkpoint and resumed, recording which models each rank
-loaded; then it shards a bigger model (tied embeddings) alone and records each rank's host-memory
-peak: only the main process may hold the model whole, and only once.
+runs MULTI_CPU and the masked stages shard the model themselves). One launch runs select + forget
+(token weights from a stand-in warm-up model) + improve, then improve again interrupted after its
+checkpoint and resumed, recording which models each rank loaded and whether they ran, and each
+rank's part of the masks; then it shards a bigger model (tied embeddings) alone and records each
+rank's host-memory peak: only the main process may hold the model whole, and only once.
 """
 
 import json
@@ -39,17 +40,52 @@ class _Interrupt(Exception):
 
 
 def _record_model_loads() -> list:
-    """Wrap the stages' load_model; the list it returns gets (empty?, every parameter on meta?) per call."""
+    """Wrap the stages' load_model; the list it returns gets, per call, [stage, empty?, every parameter
+    on meta?, forwards run] (the last counted until the end: any use of the model runs its embedding)."""
     from allo.train import stages
 
-    calls, load = [], stages.load_model
+    calls, load, current = [], stages.load_model, [None]
 
     def recording(path, **kw):
         model = load(path, **kw)
-        calls.append((bool(kw.get("empty")), all(p.is_meta for p in model.parameters())))
+        call = [current[0], bool(kw.get("empty")), all(p.is_meta for p in model.parameters()), 0]
+        calls.append(call)
+        model.get_input_embeddings().register_forward_pre_hook(lambda *_: call.__setitem__(3, call[3] + 1))
         return model
 
+    def in_stage(name, fn):
+        def run(*a, **kw):
+            current[0] = name
+            return fn(*a, **kw)
+        return run
+
     stages.load_model = recording
+    for name, fn in list(stages.STAGE_FUNCS.items()):
+        stages.STAGE_FUNCS[name] = in_stage(name, fn)
+    return calls
+
+
+def _record_masks() -> list:
+    """Wrap the stages' train_stage and MaskedAdamW; the list gets, per masked stage, what this rank
+    was given: {name: [count, dtype, start, stop of its rows]} and the optimizer's selected count."""
+    import allo.optim
+    from allo.optim.sharding import flat_range
+    from allo.train import stages
+
+    calls, train, adamw = [], stages.train_stage, allo.optim.MaskedAdamW
+
+    class Recording(adamw):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            calls[-1]["selected"] = self.selected_count()
+
+    def recording(**kw):
+        params = dict(kw["scorer"].model.named_parameters()) if kw.get("scorer") is not None else {}
+        calls.append({"desc": kw["desc"], "masks": {n: [m.numel(), str(m.dtype), *flat_range(params[n])]
+                                                     for n, m in (kw["masks"] or {}).items()}})
+        return train(**kw)
+
+    stages.train_stage, allo.optim.MaskedAdamW = recording, Recording
     return calls
 
 
@@ -110,13 +146,15 @@ def _sharding_memory(big, out):
 
 
 def _two_process_runs(tiny, out):
-    """Under torchrun: select + improve; then improve cut after step 3 (checkpoint at 2) and resumed."""
+    """Under torchrun: select + forget + improve; then improve cut after step 3 (checkpoint at 2) and resumed."""
     from allo.train import pipeline
 
-    loads = _record_model_loads()
-    pipeline.run(_cfg(tiny, os.path.join(out, "two"), stages="select,improve", per_device_train_batch_size=2))
+    loads, masks = _record_model_loads(), _record_masks()
+    pipeline.run(_cfg(tiny, os.path.join(out, "two"), stages="select,forget,improve", per_device_train_batch_size=2,
+                      skip_forget=False))
+    _write_json(os.path.join(out, f"masks_{os.environ['RANK']}.json"), masks)
     kw = dict(stages="improve", per_device_train_batch_size=2, reuse_from=os.path.join(out, "two"),
-              reuse_stages="select")
+              reuse_stages="select,forget", skip_forget=False)
 
     def boom(stage, step):
         if step == 3:
@@ -140,7 +178,12 @@ def tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_fsdp")
     tok = load_builtin_tokenizer()
-    save_model(build_tiny_model(tok, hidden_size=32, num_layers=2, seed=0), tok, str(root / "sft"))
+    sft = build_tiny_model(tok, hidden_size=32, num_layers=2, seed=0)
+    save_model(sft, tok, str(root / "sft"))
+    with torch.no_grad():  # a stand-in for the warm-up stage's model: the forget stage's token weights
+        for p in sft.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_model(sft, tok, str(root / "warm"))
     # big enough for its size to stand out of a process's RSS noise (~110 MB), with tied embeddings
     from transformers import LlamaForCausalLM
 
@@ -158,10 +201,18 @@ def tiny(tmp_path_factory):
     return str(root)
 
 
+def _fake_warmup(tiny, out_dir):
+    """<out_dir>/warmup as a finished warm-up stage whose model is the stand-in (see `tiny`)."""
+    os.makedirs(os.path.join(out_dir, "warmup"))
+    os.symlink(os.path.join(tiny, "warm"), os.path.join(out_dir, "warmup", "model"))
+    _write_json(os.path.join(out_dir, "warmup", "DONE"), {})
+
+
 @pytest.fixture(scope="module")
 def two(tiny, tmp_path_factory):
     """The output folder of the 2-process launch (see the module docstring)."""
     out = tmp_path_factory.mktemp("fsdp_two")
+    _fake_warmup(tiny, out / "two")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -179,7 +230,8 @@ def test_fsdp2_improve_matches_one_process_and_resumes_exactly(tiny, two, tmp_pa
     from allo.train import pipeline
 
     two_dir = two
-    pipeline.run(_cfg(tiny, tmp_path / "one", stages="select,improve"))
+    _fake_warmup(tiny, tmp_path / "one")
+    pipeline.run(_cfg(tiny, tmp_path / "one", stages="select,forget,improve", skip_forget=False))
 
     # select with 2 processes: the main process alone selects; the same masks as 1 process
     for stage in ("forget", "improve"):
@@ -187,25 +239,39 @@ def test_fsdp2_improve_matches_one_process_and_resumes_exactly(tiny, two, tmp_pa
         b = Selection.load(str(two_dir / "two" / "select" / f"{stage}_mask.safetensors"))
         assert all(torch.equal(a.indices[n], b.indices[n]) for n in a.names)
 
-    sft = load_file(os.path.join(tiny, "sft", "model.safetensors"))
-    masks = Selection.load(str(tmp_path / "one" / "select" / "improve_mask.safetensors")).masks
-    one = load_file(str(tmp_path / "one" / "improve" / "model" / "model.safetensors"))
-    two_w = load_file(str(two_dir / "two" / "improve" / "model" / "model.safetensors"))
-    assert set(two_w) == set(sft)
-    changed = 0
-    for k in one:
-        # sums of the batch in another order (2 ranks): Adam's sqrt(v) can amplify fp32 rounding a little
-        torch.testing.assert_close(two_w[k], one[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"improve/{k}: {m}")
-        diff = two_w[k] != sft[k]
-        assert not (diff & ~masks[k]).any(), f"{k}: an unselected element changed"
-        changed += int(diff.sum())
-    assert changed > 0.5 * sum(int(m.sum()) for m in masks.values())
+    # the caches the sharded model wrote (every rank scoring its share) == the whole model's, up to
+    # summation order: the forget stage's reference (the SFT model) and token weights (the warm-up
+    # model's log-probs against it); the improve stage's reference is the forget stage's model, which
+    # 2 ranks trained with other sums
+    for name, tol in (("forget/reference_logps", 1e-6), ("forget/token_weights", 0), ("improve/reference_logps", 1e-4)):
+        a = load_file(str(tmp_path / "one" / f"{name}.safetensors"))
+        b = load_file(str(two_dir / "two" / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and a
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=tol, atol=tol, msg=lambda m: f"{name}/{k}: {m}")
+    assert load_file(str(tmp_path / "one" / "forget" / "token_weights.safetensors"))["weights.values"].sum() > 0
+
+    start = load_file(os.path.join(tiny, "sft", "model.safetensors"))
+    for stage in ("forget", "improve"):  # improve starts from the forget stage's model
+        masks = Selection.load(str(tmp_path / "one" / "select" / f"{stage}_mask.safetensors")).masks
+        one = load_file(str(tmp_path / "one" / stage / "model" / "model.safetensors"))
+        two_w = load_file(str(two_dir / "two" / stage / "model" / "model.safetensors"))
+        assert set(two_w) == set(start)
+        changed = 0
+        for k in one:
+            # sums of the batch in another order (2 ranks): Adam's sqrt(v) can amplify fp32 rounding a little
+            torch.testing.assert_close(two_w[k], one[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{stage}/{k}: {m}")
+            diff = two_w[k] != start[k]
+            assert not (diff & ~masks[k]).any(), f"{stage}/{k}: an unselected element changed"
+            changed += int(diff.sum())
+        assert changed > 0.5 * sum(int(m.sum()) for m in masks.values()), stage
+        start = two_w
 
     # the checkpoint holds the whole HF model (gathered), scheduler and one optimizer file per rank
     ckpt = two_dir / "two" / "improve" / "checkpoints" / "checkpoint-2"
     saved, ref = load_file(str(ckpt / "model.safetensors")), load_file(
         str(tmp_path / "one" / "improve" / "checkpoints" / "checkpoint-2" / "model.safetensors"))
-    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in sft.items()}
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in start.items()}
     for k in ref:
         torch.testing.assert_close(saved[k], ref[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"checkpoint-2/{k}: {m}")
     assert (ckpt / "config.json").exists() and (ckpt / "optimizer_0.pt").exists() and (ckpt / "optimizer_1.pt").exists()
@@ -222,8 +288,14 @@ def test_fsdp2_improve_matches_one_process_and_resumes_exactly(tiny, two, tmp_pa
 def test_fsdp2_only_the_main_process_holds_the_model_whole_and_once(two):
     # the stages: rank 1 built every model it got on the meta device (no weights read), rank 0 loaded them
     loads = {r: json.load(open(two / f"loads_{r}.json")) for r in (0, 1)}
-    assert len(loads[1]) == 3 and all(empty and meta for empty, meta in loads[1]), loads[1]  # improve x 3 runs
-    assert loads[0] and not any(empty or meta for empty, meta in loads[0]), loads[0]
+    masked = {r: [l for l in loads[r] if l[0] in ("forget", "improve")] for r in (0, 1)}
+    # forget, improve x 3 runs; rank 1 never loads the warm-up model (rank 0 broadcasts it into the shards)
+    assert len(masked[1]) == len(loads[1]) == 4 and all(empty and meta for _, empty, meta, _ in masked[1]), loads[1]
+    assert len(masked[0]) == 5 and not any(empty or meta for _, empty, meta, _ in masked[0]), loads[0]  # + warm-up
+    # rank 0's whole models never ran (so they never need the accelerator): the reference log-probs and
+    # the token weights came from the sharded model. The select stage's model did run (the count counts)
+    assert all(forwards == 0 for *_, forwards in masked[0]), masked[0]
+    assert [forwards > 0 for stage, *_, forwards in loads[0] if stage == "select"] == [True], loads[0]
 
     mem = {r: json.load(open(two / f"memory_{r}.json")) for r in (0, 1)}
     size = mem[0]["model_bytes"]
@@ -241,6 +313,51 @@ def test_fsdp2_only_the_main_process_holds_the_model_whole_and_once(two):
     whole = torch.load(two / "whole_logps.pt")
     for r in (0, 1):
         torch.testing.assert_close(torch.load(two / f"sharded_logps_{r}.pt"), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp2_each_rank_holds_only_the_selected_indices_in_its_rows(two):
+    from allo.select import Selection
+
+    calls = {r: json.load(open(two / f"masks_{r}.json")) for r in (0, 1)}
+    for i, stage in enumerate(("forget", "improve")):
+        sel = Selection.load(str(two / "two" / "select" / f"{stage}_mask.safetensors"))
+        parts = {r: calls[r][i] for r in (0, 1)}
+        for r, part in parts.items():
+            assert part["desc"].startswith(stage), part["desc"]
+            # every parameter with a selected element trains, on every rank (FSDP2's collectives), and gets
+            # flat indices (no mask), exactly those selected inside the rank's rows
+            assert set(part["masks"]) == {n for n, idx in sel.indices.items() if idx.numel()}
+            for n, (count, dtype, start, stop) in part["masks"].items():
+                idx = sel.indices[n]
+                assert dtype == "torch.int64" and count == int(((idx >= start) & (idx < stop)).sum()), (r, n)
+            assert part["selected"] == sum(m[0] for m in part["masks"].values())  # the optimizer's state, no more
+        for n, (_, _, start0, stop0) in parts[0]["masks"].items():  # the two ranks' rows cover the tensor once
+            _, _, start1, stop1 = parts[1]["masks"][n]
+            assert start0 == 0 and stop0 == start1 and stop1 == torch.Size(sel.shapes[n]).numel(), n
+            assert 0 < parts[0]["masks"][n][0] + parts[1]["masks"][n][0] == sel.indices[n].numel()
+        assert parts[0]["selected"] < sel.num_selected() and parts[1]["selected"] < sel.num_selected()
+
+
+def test_selection_load_indices_reads_only_the_part_asked_for(tmp_path):
+    from allo.select import Selection, select
+
+    gen = torch.Generator().manual_seed(0)
+    scores = {"w": torch.rand(37, 11, generator=gen), "b": torch.rand(13, generator=gen), "none": torch.zeros(5)}
+    sel = select(scores, 0.3)
+    path = str(tmp_path / "sel.safetensors")
+    sel.save(path)
+    assert Selection.load_counts(path) == {n: i.numel() for n, i in sel.indices.items()}
+    for n, idx in sel.indices.items():
+        total = scores[n].numel()
+        for start, stop in ((0, total), (0, 0), (total, total), (3, 4), (3, total - 2), (total // 2, total)):
+            got = Selection.load_indices(path, {n: (start, stop)})[n]
+            assert got.dtype == torch.int64 and torch.equal(got, idx[(idx >= start) & (idx < stop)]), (n, start, stop)
+    with pytest.raises(ValueError, match=r"range \[0, 408\) of 'w' is not inside its 407 elements"):
+        Selection.load_indices(path, {"w": (0, 408)})
+    with pytest.raises(ValueError, match=r"holds no selection for \['x'\]"):
+        Selection.load_indices(path, {"x": (0, 1)})
+    with pytest.raises(ValueError, match=r"shape \(3,\) in the model"):
+        Selection.load_counts(path, {"w": torch.zeros(37, 11), "b": torch.zeros(3), "none": torch.zeros(5)})
 
 
 def test_fsdp1_and_deepspeed_are_refused_with_how_to_switch(monkeypatch):

@@ -3,8 +3,10 @@
 ``torch.distributed.fsdp.fully_shard`` turns every parameter into a DTensor with placement
 ``Shard(0)`` on a 1-D device mesh: rank ``r`` holds a contiguous block of rows (uneven: the first
 ranks get ``ceil(rows / world)``). Masks are given over the GLOBAL parameter (what ``allo.select``
-writes); here they are cut down to the rank's block. Everything else in the optimizer then works on
-the local block as if it were a plain tensor.
+writes), or as only the part of them inside the rank's rows (the global flat indices in
+``flat_range(p)``: what ``Selection.load_indices`` reads, so a rank never holds the rest); here they
+are cut down to the rank's block. Everything else in the optimizer then works on the local block as
+if it were a plain tensor.
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ def row_block(p) -> tuple[int, int]:
     return offset[0], shape[0]
 
 
+def flat_range(p) -> tuple[int, int]:
+    """``[start, stop)``: the global flat indices (into the global ``p.reshape(-1)``) of this rank's
+    rows of a ``Shard(0)`` DTensor. A selection cut to this range is all the rank needs of it."""
+    first_row, rows = row_block(p)
+    per_row = math.prod(p.shape[1:])  # from the global shape: indexing a DTensor could communicate
+    return first_row * per_row, (first_row + rows) * per_row
+
+
 def localize(sel, p) -> object:
     """A selection over the global parameter (``DENSE``, ``EMPTY`` or sorted global flat indices)
     turned into one over this rank's block (flat indices into ``p.to_local().reshape(-1)``)."""
@@ -64,9 +74,7 @@ def localize(sel, p) -> object:
         return EMPTY
     if sel == DENSE:
         return DENSE
-    first_row, rows = row_block(p)
-    per_row = math.prod(p.shape[1:])  # from the global shape: indexing a DTensor could communicate
-    lo, hi = first_row * per_row, (first_row + rows) * per_row
+    lo, hi = flat_range(p)
     # the indices are sorted: the rank's block is one contiguous run of them
     g = sel.to(torch.int64)
     start, stop = torch.searchsorted(g, torch.tensor([lo, hi], device=g.device)).tolist()

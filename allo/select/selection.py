@@ -14,6 +14,7 @@ model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -180,25 +181,7 @@ class Selection:
     def load(cls, path: str, model=None, *, device="cpu") -> "Selection":
         """Read a file written by :meth:`save`; with ``model`` (nn.Module or name->tensor mapping),
         check that every name exists there with the same shape."""
-        from safetensors import safe_open
-
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"Selection.load: {path} does not exist")
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"Selection.load: {path} is not an allo selection file (metadata format="
-                                 f"{meta.get('format')!r}, expected {FORMAT!r})")
-            if meta.get("version") != VERSION:
-                raise ValueError(f"Selection.load: {path} has format version {meta.get('version')!r}; this allo reads "
-                                 f"version {VERSION}")
-            names = json.loads(meta["names"])
-            shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
-            keys = set(f.keys())
-            missing = [n for n in names if f"indices/{n}" not in keys]
-            if missing:
-                raise ValueError(f"Selection.load: {path} lists {missing[:3]} but holds no indices for them; "
-                                 "the file is damaged, write it again")
+        with _open(path, "Selection.load") as (f, names, shapes, meta):
             indices = {n: f.get_tensor(f"indices/{n}").to(torch.int64) for n in names}
         for n in names:
             idx, total = indices[n], _numel(shapes[n])
@@ -209,18 +192,47 @@ class Selection:
             sel.check(model, source=path)
         return sel
 
+    @staticmethod
+    def load_counts(path: str, model=None) -> dict[str, int]:
+        """The number of selected elements of every tensor in a file written by :meth:`save`, read
+        from its header alone (no index is read); ``model`` as in :meth:`load`."""
+        with _open(path, "Selection.load_counts") as (f, names, shapes, _):
+            counts = {n: int(f.get_slice(f"indices/{n}").get_shape()[0]) for n in names}
+        if model is not None:
+            _check_shapes(shapes, model, path)
+        return counts
+
+    @staticmethod
+    def load_indices(path: str, flat_ranges: dict, model=None, *, device="cpu") -> dict[str, torch.Tensor]:
+        """Only part of a file written by :meth:`save`: for each ``name -> (start, stop)`` of
+        ``flat_ranges``, the sorted int64 flat indices (into the whole tensor's ``reshape(-1)``) of
+        its selected elements in ``[start, stop)``. The stored indices are sorted, so the part is one
+        run of them, found by binary search and read alone: a process that trains some rows of every
+        tensor (an FSDP2 rank: ``allo.optim.sharding.flat_range``) never holds the rest of the
+        selection nor a mask. ``model`` as in :meth:`load`."""
+        out = {}
+        with _open(path, "Selection.load_indices") as (f, names, shapes, _):
+            unknown = [n for n in flat_ranges if n not in shapes]
+            if unknown:
+                raise ValueError(f"Selection.load_indices: {path} holds no selection for {unknown[:3]} (it has "
+                                 f"{names[:3]}{', ...' if len(names) > 3 else ''}); ask only for its tensors")
+            for n, (start, stop) in flat_ranges.items():
+                total = _numel(shapes[n])
+                if not 0 <= start <= stop <= total:
+                    raise ValueError(f"Selection.load_indices: range [{start}, {stop}) of {n!r} is not inside its "
+                                     f"{total} elements")
+                part = f.get_slice(f"indices/{n}")
+                size = part.get_shape()[0]
+                lo, hi = _lower_bound(part, size, start), _lower_bound(part, size, stop)
+                idx = part[lo:hi] if hi > lo else torch.zeros(0)
+                out[n] = idx.to(device=device, dtype=torch.int64)
+        if model is not None:
+            _check_shapes(shapes, model, path)
+        return out
+
     def check(self, model, *, source="Selection") -> None:
         """Fail clearly unless every selected name is a parameter of ``model`` with the same shape."""
-        params = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else dict(model)
-        missing = [n for n in self.shapes if n not in params]
-        if missing:
-            raise ValueError(f"{source}: {len(missing)} selected parameter(s) are not in the model, e.g. "
-                             f"{missing[:3]}; the selection was made for another model (or another naming: "
-                             "compare with model.named_parameters())")
-        for n, shape in self.shapes.items():
-            if tuple(params[n].shape) != shape:
-                raise ValueError(f"{source}: parameter {n!r} has shape {tuple(params[n].shape)} in the model but "
-                                 f"{shape} in the selection; the selection was made for another model")
+        _check_shapes(self.shapes, model, source)
 
     # -- reports -------------------------------------------------------------------------------
     def summary(self, **kw) -> str:
@@ -232,6 +244,57 @@ class Selection:
         from .summary import plot_selection
 
         plot_selection(self, path, **kw)
+
+
+@contextlib.contextmanager
+def _open(path: str, what: str):
+    """The open safetensors file of a selection, checked, with its names, shapes and metadata."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    with safe_open(path, framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{what}: {path} is not an allo selection file (metadata format="
+                             f"{meta.get('format')!r}, expected {FORMAT!r})")
+        if meta.get("version") != VERSION:
+            raise ValueError(f"{what}: {path} has format version {meta.get('version')!r}; this allo reads "
+                             f"version {VERSION}")
+        names = json.loads(meta["names"])
+        shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
+        keys = set(f.keys())
+        missing = [n for n in names if f"indices/{n}" not in keys]
+        if missing:
+            raise ValueError(f"{what}: {path} lists {missing[:3]} but holds no indices for them; "
+                             "the file is damaged, write it again")
+        yield f, names, shapes, meta
+
+
+def _lower_bound(part, size: int, value: int) -> int:
+    """First position of the sorted stored indices ``part`` (a safetensors slice) holding >= ``value``;
+    reads one element per halving."""
+    lo, hi = 0, size
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if int(part[mid:mid + 1][0]) < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _check_shapes(shapes: dict, model, source: str) -> None:
+    params = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else dict(model)
+    missing = [n for n in shapes if n not in params]
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} selected parameter(s) are not in the model, e.g. "
+                         f"{missing[:3]}; the selection was made for another model (or another naming: "
+                         "compare with model.named_parameters())")
+    for n, shape in shapes.items():
+        if tuple(params[n].shape) != shape:
+            raise ValueError(f"{source}: parameter {n!r} has shape {tuple(params[n].shape)} in the model but "
+                             f"{shape} in the selection; the selection was made for another model")
 
 
 def _numel(shape) -> int:

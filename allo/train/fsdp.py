@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .logps import TokenLogprobs
+from .logps import TokenLogprobs, batch_order, score_batch
 
 SUPPORTED = ("supported in the masked stages (forget, improve): FSDP2, DDP (accelerate's MULTI_GPU / MULTI_CPU) "
              "or one process")
@@ -129,10 +129,68 @@ def sharded_scorer(accelerator, model, *, prepare: Callable | None = None):
     with torch.no_grad():
         for name, b in buffers.items():
             shadow.get_buffer(name).copy_(b)
-    main = torch.distributed.get_rank() == 0
-    set_model_state_dict(shadow, model.state_dict() if main else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    load_weights(scorer, model)
     return scorer
+
+
+def reshard(scorer) -> None:
+    """Free every unsharded parameter of the FSDP2 module ``scorer``. A forward without backward
+    may leave some gathered (the root's, or all with ``reshard_after_forward=False``): memory of
+    the whole model on every rank, and a stale copy the next forward would use instead of the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in scorer.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def load_weights(scorer, model) -> None:
+    """Put the weights of the main process's whole ``model`` into every rank's shards of the FSDP2
+    module ``scorer``: rank 0 broadcasts them one tensor at a time (``set_model_state_dict`` with
+    ``broadcast_from_rank0``) into the shards' memory. Every rank calls it; ``model`` is read on
+    rank 0 only (elsewhere it may be None or on the meta device)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    reshard(scorer)
+    main = torch.distributed.get_rank() == 0
+    set_model_state_dict(scorer.model, model.state_dict() if main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+@torch.no_grad()
+def sharded_logps(scorer, examples, *, pad_id, batch_size, device, autocast, progress=None) -> list | None:
+    """``compute_logps`` through the FSDP2 module ``scorer``, the work split over the ranks: the
+    batches are those one process scores (same order, same padding, so the values differ from its
+    only by summation order), rank ``r`` scores batches ``r, r + world, ...``, and the main process
+    (rank 0) gets every example's log-probs; the other ranks get None. Each forward all-gathers
+    every layer from all ranks, so every rank runs as many as the busiest: one short of a batch
+    scores the first (shortest) batch again and drops the result."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    batches = batch_order(examples, batch_size)
+    was_training = scorer.training
+    scorer.eval()
+    mine = {}
+    for first in range(0, len(batches), world):
+        b = first + rank
+        idx = batches[b] if b < len(batches) else batches[0]
+        lps = score_batch(scorer, examples, idx, pad_id=pad_id, device=device, autocast=autocast)
+        if b < len(batches):
+            mine.update(zip(idx, lps))
+        if progress is not None:
+            progress.update(sum(len(x) for x in batches[first:first + world]))
+    scorer.train(was_training)
+    reshard(scorer)
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    if rank != 0:
+        return None
+    out: list[torch.Tensor | None] = [None] * len(examples)
+    for part in parts:
+        for i, lp in part.items():
+            out[i] = lp
+    return out
 
 
 def load_full_weights(model, weights: dict, *, source: str) -> None:
@@ -165,5 +223,5 @@ def gather_into(model, scorer) -> None:
         del full
 
 
-__all__ = ["masked_stage_shards", "sharded_scorer", "load_full_weights", "gather_into",
-           "SUPPORTED"]
+__all__ = ["masked_stage_shards", "sharded_scorer", "load_weights", "reshard", "sharded_logps", "load_full_weights",
+           "gather_into", "SUPPORTED"]

@@ -55,16 +55,21 @@ def compute_logps(scorer: TokenLogprobs, examples, *, pad_id, batch_size, device
     scorer.eval()
     out: list[torch.Tensor | None] = [None] * len(examples)
     for idx in batch_order(examples, batch_size):
-        batch = collate([examples[i] for i in idx], pad_id)
-        with autocast():
-            lp = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
-        mask = response_mask(batch).to(device)
-        for row, i in enumerate(idx):
-            out[i] = lp[row][mask[row]].float().cpu()
+        for i, lp in zip(idx, score_batch(scorer, examples, idx, pad_id=pad_id, device=device, autocast=autocast)):
+            out[i] = lp
         if progress is not None:
             progress.update(len(idx))
     scorer.train(was_training)
     return out
+
+
+def score_batch(scorer, examples, idx, *, pad_id, device, autocast) -> list[torch.Tensor]:
+    """Response-token log-probs (1-D fp32 on CPU) of ``examples[i]`` for ``i`` in ``idx``, one batch."""
+    batch = collate([examples[i] for i in idx], pad_id)
+    with autocast():
+        lp = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
+    mask = response_mask(batch).to(device)
+    return [lp[row][mask[row]].float().cpu() for row in range(len(idx))]
 
 
 def pad_like(values: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:

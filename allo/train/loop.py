@@ -19,12 +19,13 @@ Gradient synchronisation:
   gradients once per step: the all-reduce moves ``ratio`` of the bytes DDP would;
 * masked stages under FSDP2 (accelerate configured with ``fsdp_version: 2``, several processes):
   the model is sharded with ``fully_shard`` (one unit per decoder layer, the root holding embeddings,
-  final norm and output layer; see :mod:`allo.train.fsdp`). Only the main process holds ``model``
-  whole (on the CPU); the other processes get it on the meta device and receive their shards from
-  the main process. FSDP2 reduce-scatters (averages)
-  the gradients in every backward; the optimizer's hooks keep the selected elements of each rank's
-  rows, ``MaskedAdamW`` updates those rows with the global masks cut to them, and clipping combines
-  the ranks' norms. Checkpoints hold the full HF model (the trained weights gathered into the main
+  final norm and output layer; see :mod:`allo.train.fsdp`), by the stage before its reference pass
+  (every rank scores its share of the examples through it). Only the main process holds ``model``
+  whole (on the CPU, never on the accelerator); the other processes get it on the meta device and
+  receive their shards from the main process. FSDP2 reduce-scatters (averages) the gradients in
+  every backward; the optimizer's hooks keep the selected elements of each rank's rows, and
+  ``MaskedAdamW`` updates those rows: each rank holds only the selected indices inside its rows
+  (read from the selection file, no mask), and clipping combines the ranks' norms. Checkpoints hold the full HF model (the trained weights gathered into the main
   process's ``model``, one parameter at a time) and one optimizer file per rank; at the end the
   trained weights are gathered into it the same way. FSDP version 1 and DeepSpeed are refused with
   an error saying how to switch to FSDP2.
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 
 from .data import collate, pair_examples
-from .fsdp import gather_into, masked_stage_shards, sharded_scorer
+from .fsdp import gather_into, load_weights, masked_stage_shards
 from .logps import TokenLogprobs, pad_like, response_mask
 
 
@@ -226,10 +227,15 @@ def _load_checkpoint_state(accelerator, ckpt, opt, sched, sharded: bool) -> None
 
 def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: StageData, lr: float,
                 masks: dict | None, dense: bool, masks_file: str | None = None, desc: str = "train",
-                on_step_end: Callable[[int], None] | None = None) -> dict:
+                scorer=None, on_step_end: Callable[[int], None] | None = None) -> dict:
     """Train ``model`` in place; returns the last logged metrics. ``dense``: full-parameter torch
     AdamW; else MaskedAdamW with ``masks`` (None: every element) in compact-gradient mode.
-    ``on_step_end(step)`` is called after each optimizer step (tests use it to interrupt a run)."""
+    ``scorer``: under FSDP2 (``masked_stage_shards``), and only there, the stage's sharded module
+    (``sharded_scorer(accelerator, model, prepare=...)`` with ``prepare_trainable``), holding
+    ``model``'s weights; ``masks`` may then be each rank's part of the selection (the global flat
+    indices of the selected elements in its rows, ``Selection.load_indices``), for every parameter
+    that requires grad. ``on_step_end(step)`` is called after each optimizer step (tests use it to
+    interrupt a run)."""
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -245,6 +251,10 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
 
     device = accelerator.device
     sharded = not dense and masked_stage_shards(accelerator, desc)
+    if sharded != (scorer is not None):
+        raise ValueError(f"{desc}: under FSDP2 train_stage needs the stage's sharded module, scorer=sharded_scorer("
+                         "accelerator, model, prepare=...)" if sharded else
+                         f"{desc}: scorer= is the FSDP2 sharded module; other setups train `model` itself")
     start = 0
     resume = cfg.resume_from_checkpoint
     ckpt = None
@@ -255,11 +265,15 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
                                              load=not sharded or accelerator.is_main_process)
     if not sharded:
         model.to(device)
-        _prepare_trainable(model, None if dense else masks, cfg)
-    elif accelerator.is_main_process:
-        # FSDP2: the whole model stays on the CPU (the stage saves it); only each rank's shards of the
-        # sharded module go to the device. Elsewhere `model` is on the meta device
-        model.to("cpu")
+        prepare_trainable(model, None if dense or masks is None else {nm: _any_selected(m) for nm, m in masks.items()},
+                          cfg)
+    else:
+        if accelerator.is_main_process:
+            # FSDP2: the whole model stays on the CPU (the stage saves it); only each rank's shards of
+            # the sharded module are on the device. Elsewhere `model` is on the meta device
+            model.to("cpu")
+        if ckpt is not None:  # the shards hold the stage's starting weights: the checkpoint's replace them
+            load_weights(scorer, model)
     if dense:
         scorer = TokenLogprobs(model)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
@@ -267,9 +281,9 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
     else:
         from allo.optim import MaskedAdamW
 
-        # FSDP2: a sharded module trains (masks stay global: the optimizer cuts them to each rank's rows)
-        scorer = (sharded_scorer(accelerator, model, prepare=lambda m: _prepare_trainable(m, masks, cfg)) if sharded
-                  else TokenLogprobs(model))
+        # FSDP2: the sharded module trains; the optimizer cuts the masks to each rank's rows
+        if not sharded:
+            scorer = TokenLogprobs(model)
         named = [(nm, p) for nm, p in scorer.model.named_parameters() if p.requires_grad]
         if masks is not None:  # sharded: kept where they are; the optimizer moves one at a time to cut it
             masks = {nm: masks[nm] if sharded else masks[nm].to(device) for nm, _ in named}
@@ -356,17 +370,22 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
     return last
 
 
-def _prepare_trainable(model, masks: dict | None, cfg) -> None:
-    """Gradient checkpointing, train mode and, for a masked stage, ``requires_grad`` from the masks:
-    parameters with no selected element get no gradient at all (less backward work)."""
+def prepare_trainable(model, trainable: dict[str, bool] | None, cfg) -> None:
+    """Gradient checkpointing, train mode and, for a masked stage, ``requires_grad``: ``trainable``
+    says which parameters have a selected element (None: all); the others get no gradient at all
+    (less backward work). Under FSDP2 this must be the same on every rank (the whole selection's
+    counts, not a rank's part of it) and set before sharding."""
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.train()
-    if masks is not None:
+    if trainable is not None:
         for name, p in model.named_parameters():
-            m = masks.get(name)
-            p.requires_grad_(m is not None and bool(m.any()))
+            p.requires_grad_(bool(trainable.get(name, False)))
+
+
+def _any_selected(mask: torch.Tensor) -> bool:
+    return bool(mask.any()) if mask.dtype == torch.bool else mask.numel() > 0  # flat indices: any at all
 
 
 class _null:

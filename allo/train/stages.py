@@ -7,7 +7,9 @@
     select   importance scores (|theta_warmup - theta_0| or gradient) -> forget and improve masks
     forget   token-weighted NPO on the negatives, forget mask only (reference: the SFT model)
     improve  DPO on key tokens, improve mask only, from the forget model (reference: itself)
-             (forget and improve under FSDP2: only the main process loads the model whole)
+             (forget and improve under FSDP2: only the main process loads the model whole, on its
+             CPU; every rank computes the reference on its share of the examples with the sharded
+             model and holds only the selected indices in its own rows)
     eval     held-out reward accuracy / margins (reference: the SFT model) and answer accuracy
              after every stage; the report table and plots
 """
@@ -22,11 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
+from allo.optim.sharding import flat_range
+
 from . import data as D
 from .config import EVAL_MODELS, TrainConfig
 from .logps import TokenLogprobs, compute_logps, load_cache, save_cache
-from .fsdp import masked_stage_shards
-from .loop import StageData, train_stage
+from .fsdp import load_weights, masked_stage_shards, sharded_logps, sharded_scorer
+from .loop import StageData, prepare_trainable, train_stage
 from .model import build_tiny_model, generate, load_model, load_tokenizer, save_model, sft_train
 
 DONE = "DONE"
@@ -158,24 +162,43 @@ def _scorer_batch(ctx):
 
 
 def cached_reference(ctx: Context, stage_dir: str, model, named_examples: dict, name="reference_logps", *,
-                     sync: bool = True) -> dict:
-    """Reference log-probs of the stage's starting ``model`` on every example, computed once (by the
-    main process) and cached in ``stage_dir``; a resumed stage reads the cache."""
+                     sync: bool = True, scorer=None) -> dict:
+    """Reference log-probs of the stage's starting ``model`` on every example, computed once and
+    cached in ``stage_dir`` (written by the main process); a resumed stage reads the cache. One
+    process or DDP: the main process computes them with ``model``. ``scorer``: FSDP2, the stage's
+    sharded module holding ``model``'s weights: every rank scores its share of the examples through
+    it (``model`` is not used) and the main process gathers them and writes the same cache."""
     path = os.path.join(stage_dir, f"{name}.safetensors")
     # only the main process looks at the file: another rank could see it appear and skip the barrier
-    if ctx.main and not os.path.exists(path):
+    todo = ctx.main and not os.path.exists(path)
+    if scorer is not None:  # FSDP2: every rank takes part in every forward, as the main process decides
+        todo = _main_decides(todo)
+    if todo:
         from tqdm.auto import tqdm
 
-        scorer = TokenLogprobs(model.to(ctx.accelerator.device))
+        if scorer is None:
+            scorer, score = TokenLogprobs(model.to(ctx.accelerator.device)), compute_logps
+        else:
+            score = sharded_logps
         total = sum(len(v) for v in named_examples.values())
         with tqdm(total=total, desc=f"{os.path.basename(stage_dir)}: {name}", disable=not ctx.progress, leave=False) as bar:
-            out = {k: compute_logps(scorer, v, pad_id=ctx.tokenizer.pad_token_id, batch_size=_scorer_batch(ctx),
-                                    device=ctx.accelerator.device, autocast=ctx.accelerator.autocast, progress=bar)
+            out = {k: score(scorer, v, pad_id=ctx.tokenizer.pad_token_id, batch_size=_scorer_batch(ctx),
+                            device=ctx.accelerator.device, autocast=ctx.accelerator.autocast, progress=bar)
                    for k, v in named_examples.items()}
-        save_cache(path, out)
-    if sync:
+        if ctx.main:
+            save_cache(path, out)
+    if sync or scorer is not None:
         ctx.accelerator.wait_for_everyone()
     return load_cache(path)
+
+
+def _main_decides(flag: bool) -> bool:
+    """The main process's ``flag``, on every rank (collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _pair_views(pairs):
@@ -359,26 +382,44 @@ def stage_select(ctx: Context) -> dict:
     return info
 
 
-def _masks(ctx: Context, stage: str, model):
+def _mask_file(ctx: Context, stage: str) -> str | None:
     if ctx.cfg.selection == "none":
-        return None, None
-    from allo.select import Selection
-
+        return None
     path = _require(ctx, "select", f"{stage}_mask.safetensors")
     info = _done_info(ctx.dir("select"))
     if info.get("selection") != ctx.cfg.selection:
         raise ValueError(f"{ctx.dir('select')} holds a '{info.get('selection')}' selection but --selection is "
                          f"'{ctx.cfg.selection}'; use another --output_dir or delete that folder")
-    return Selection.load(path, model).masks, path
+    return path
 
 
-def _masked_stage_model(ctx: Context, path: str, desc: str):
-    """The starting model of a masked stage. Under FSDP2 only the main process reads the weights;
-    the others build the model on the meta device from its config (names and shapes, no memory):
-    they receive their shards from the main process and never use the whole model."""
+def _masked_stage_start(ctx: Context, stage: str, path: str, desc: str):
+    """The starting point of a masked stage: (model, scorer, masks, mask file).
+
+    One process or DDP: the model loaded whole, no scorer (``train_stage`` wraps the model), the
+    selection's bool masks. FSDP2: only the main process reads the weights (its model stays on the
+    CPU, for saving); the others build the model on the meta device from its config (names and
+    shapes, no memory) and never use it. The scorer is the stage's sharded module (holding the
+    weights, every rank its shards; the reference pass and the training run through it) and
+    ``masks`` this rank's part of the selection: the global flat indices of the selected elements in
+    its own rows of each trained parameter, read from the file without building a mask."""
+    from allo.select import Selection
+
     # asked on every rank: FSDP1 / DeepSpeed stop all of them here with the same error
-    empty = masked_stage_shards(ctx.accelerator, desc) and not ctx.main
-    return load_model(path, empty=empty)
+    sharded = masked_stage_shards(ctx.accelerator, desc)
+    model = load_model(path, empty=sharded and not ctx.main)
+    mask_file = _mask_file(ctx, stage)
+    if not sharded:
+        return model, None, None if mask_file is None else Selection.load(mask_file, model).masks, mask_file
+    # which parameters train must agree on every rank (FSDP2's collectives): the whole selection's counts
+    counts = None if mask_file is None else Selection.load_counts(mask_file, model)
+    trainable = None if counts is None else {n: c > 0 for n, c in counts.items()}
+    scorer = sharded_scorer(ctx.accelerator, model, prepare=lambda m: prepare_trainable(m, trainable, ctx.cfg))
+    masks = None
+    if mask_file is not None:
+        rows = {n: flat_range(p) for n, p in scorer.model.named_parameters() if p.requires_grad}
+        masks = Selection.load_indices(mask_file, rows)
+    return model, scorer, masks, mask_file
 
 
 # -------------------------------------------------------------------------------- forget
@@ -392,8 +433,9 @@ def _eos_free_mask(ctx: Context, examples, lengths) -> torch.Tensor:
     return mask
 
 
-def _token_weights(ctx: Context, sdir: str, negs, ref) -> list[torch.Tensor]:
-    """Per-token forgetting weights of every negative (see --token_weight_source)."""
+def _token_weights(ctx: Context, sdir: str, negs, ref, model=None, scorer=None) -> list[torch.Tensor]:
+    """Per-token forgetting weights of every negative (see --token_weight_source). ``scorer``: FSDP2,
+    the stage's sharded module holding the weights of ``model`` (the main process's whole model)."""
     from torch.nn.utils.rnn import pad_sequence
 
     from allo.losses.token_weights import token_weights_from_implicit_reward, token_weights_from_probs
@@ -412,15 +454,27 @@ def _token_weights(ctx: Context, sdir: str, negs, ref) -> list[torch.Tensor]:
         return [w[i, :n] for i, n in enumerate(lengths)]
     # the warm-up model's implicit token reward; computed once and cached, like the reference
     path = os.path.join(sdir, "token_weights.safetensors")
-    if ctx.main and not os.path.exists(path):  # main only: see cached_reference
-        warm = load_model(_require(ctx, "warmup", "model")).to(ctx.accelerator.device)
-        lp_warm = compute_logps(TokenLogprobs(warm), negs, pad_id=ctx.tokenizer.pad_token_id,
-                                batch_size=_scorer_batch(ctx), device=ctx.accelerator.device,
-                                autocast=ctx.accelerator.autocast)
-        w = token_weights_from_implicit_reward(pad_sequence(lp_warm, batch_first=True),
-                                               pad_sequence(ref["response"], batch_first=True), mask,
-                                               fraction=cfg.implicit_token_fraction)
-        save_cache(path, {"weights": [w[i, :n].contiguous() for i, n in enumerate(lengths)]})
+    todo = ctx.main and not os.path.exists(path)  # main only: see cached_reference
+    if scorer is not None:
+        todo = _main_decides(todo)
+    if todo:
+        kw = dict(pad_id=ctx.tokenizer.pad_token_id, batch_size=_scorer_batch(ctx), device=ctx.accelerator.device,
+                  autocast=ctx.accelerator.autocast)
+        if scorer is None:
+            warm = load_model(_require(ctx, "warmup", "model")).to(ctx.accelerator.device)
+            lp_warm = compute_logps(TokenLogprobs(warm), negs, **kw)
+        else:
+            # FSDP2: the stage's sharded module scores with the warm-up weights (the main process loads
+            # them whole, on its CPU only), then gets the stage's own back: no second model anywhere
+            warm_path = _require(ctx, "warmup", "model")  # on every rank: all fail alike, none waits
+            load_weights(scorer, load_model(warm_path) if ctx.main else None)
+            lp_warm = sharded_logps(scorer, negs, **kw)
+            load_weights(scorer, model)
+        if ctx.main:
+            w = token_weights_from_implicit_reward(pad_sequence(lp_warm, batch_first=True),
+                                                   pad_sequence(ref["response"], batch_first=True), mask,
+                                                   fraction=cfg.implicit_token_fraction)
+            save_cache(path, {"weights": [w[i, :n].contiguous() for i, n in enumerate(lengths)]})
     ctx.accelerator.wait_for_everyone()
     return load_cache(path)["weights"]
 
@@ -439,13 +493,12 @@ def stage_forget(ctx: Context, *, on_step_end=None) -> dict:
         field = "keep_probs"
     negs = _load_negatives(ctx, field)
     desc = "forget (token-weighted NPO)"
-    model = _masked_stage_model(ctx, sft_model_path(ctx), desc)
-    ref = cached_reference(ctx, sdir, model, {"response": negs})
-    weights = _token_weights(ctx, sdir, negs, ref)
-    masks, mask_file = _masks(ctx, "forget", model)
+    model, scorer, masks, mask_file = _masked_stage_start(ctx, "forget", sft_model_path(ctx), desc)
+    ref = cached_reference(ctx, sdir, model, {"response": negs}, scorer=scorer)
+    weights = _token_weights(ctx, sdir, negs, ref, model=model, scorer=scorer)
     last = train_stage(accelerator=ctx.accelerator, cfg=cfg, stage_dir=sdir, model=model, tokenizer=ctx.tokenizer,
                        data=StageData("forget", negs, ref, weights), lr=cfg.forget_learning_rate, masks=masks,
-                       dense=False, masks_file=mask_file, desc=desc, on_step_end=on_step_end)
+                       dense=False, masks_file=mask_file, desc=desc, scorer=scorer, on_step_end=on_step_end)
     if ctx.main:
         save_model(model, ctx.tokenizer, os.path.join(sdir, "model"))
     mark_done(ctx, sdir, {"last_metrics": last})
@@ -467,13 +520,12 @@ def stage_improve(ctx: Context, *, on_step_end=None) -> dict:
             raise ValueError(f"{fdir} was skipped (--skip_forget) but --skip_forget is not set now; use another "
                              "--output_dir or delete that folder")
     desc = f"improve ({'key tokens' if cfg.key_tokens else 'DPO'})"
-    model = _masked_stage_model(ctx, start, desc)
-    ref = cached_reference(ctx, sdir, model, _pair_views(pairs))
-    masks, mask_file = _masks(ctx, "improve", model)
+    model, scorer, masks, mask_file = _masked_stage_start(ctx, "improve", start, desc)
+    ref = cached_reference(ctx, sdir, model, _pair_views(pairs), scorer=scorer)
     kind = "improve" if cfg.key_tokens else "dpo"
     last = train_stage(accelerator=ctx.accelerator, cfg=cfg, stage_dir=sdir, model=model, tokenizer=ctx.tokenizer,
                        data=StageData(kind, pairs, ref), lr=cfg.improve_learning_rate, masks=masks, dense=False,
-                       masks_file=mask_file, desc=desc, on_step_end=on_step_end)
+                       masks_file=mask_file, desc=desc, scorer=scorer, on_step_end=on_step_end)
     if ctx.main:
         save_model(model, ctx.tokenizer, os.path.join(sdir, "model"))
     mark_done(ctx, sdir, {"last_metrics": last, "started_from": start})
