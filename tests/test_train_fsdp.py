@@ -12,7 +12,6 @@ rank's host-memory peak: only the main process may hold the model whole, and onl
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 
@@ -213,13 +212,12 @@ def two(tiny, tmp_path_factory):
     """The output folder of the 2-process launch (see the module docstring)."""
     out = tmp_path_factory.mktemp("fsdp_two")
     _fake_warmup(tiny, out / "two")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
            "ACCELERATE_USE_CPU": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(port), os.path.abspath(__file__), tiny, str(out)],
+    # --standalone: torchrun's own store binds a port the OS picks and holds it (a port picked here
+    # beforehand could be taken by another process meanwhile)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.abspath(__file__), tiny, str(out)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-5000:]
     return out
