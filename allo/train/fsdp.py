@@ -10,8 +10,11 @@ FSDP2 has it gathered). ``MaskedAdamW`` then trains each rank's rows of every pa
 Host memory: only the main process (rank 0) reads the weights; the others build the model on the
 meta device from its config. Every rank builds the sharded module on the meta device too, allocates
 only its own shards and receives them from rank 0 one tensor at a time. Rank 0's whole model is the
-only whole copy anywhere: it is the broadcast's source, and the trained weights are gathered back
-into it one parameter at a time (checkpoints, end of stage), never as a second full state dict.
+only whole copy anywhere, on its CPU, and never runs: it is the broadcast's source, and the trained
+weights are gathered back into it one parameter at a time (checkpoints, end of stage), never as a
+second full state dict. The stage's reference log-probs (and the forget stage's warm-up log-probs,
+with the warm-up weights broadcast into the same shards and the stage's own put back after) come
+from the sharded module too, every rank scoring its share of the batches (``sharded_logps``).
 
 The sharding is applied here, not by ``accelerator.prepare``: accelerate's FSDP2 wrapping puts the
 output layer in a unit of its own, and on CPU accelerate ignores an FSDP configuration altogether
