@@ -5,7 +5,7 @@
 #
 #   OUT=/some/dir benchmarks/gpu_check.sh
 #
-# Everything stays inside a wall-clock budget (GPU_CHECK_BUDGET_S, default 480 s): each step runs
+# Everything stays inside a wall-clock budget (GPU_CHECK_BUDGET_S, default 450 s): each step runs
 # under `timeout` with what is left, and steps that no longer fit are skipped and listed, so the
 # summary always prints. Results: $OUT/summary.txt and $OUT/gpu_check.tar.gz (every log and every
 # bench JSON), both refreshed after each step, so a killed run still returns what it finished.
@@ -19,7 +19,7 @@ out=${OUT:-./gpu_results}
 work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 mkdir -p "$out"
 py=${PYTHON:-python3}
-budget=${GPU_CHECK_BUDGET_S:-480}
+budget=${GPU_CHECK_BUDGET_S:-450}
 quick=()
 [ "${QUICK:-0}" = 1 ] && quick=(--quick)
 export ALLO_BUILD_CUDA=${ALLO_BUILD_CUDA:-1} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -76,13 +76,17 @@ pack
 
 pytest_args=(-q -rs -p no:cacheprovider)
 "$py" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=240)
+gpu_pytest_args=("${pytest_args[@]}")
+# compiling the Triton kernels (~100 variants) is the slow part of the GPU tests and is single-threaded
+# per kernel: spread the test files over processes when pytest-xdist is there (the device image has it)
+"$py" -c "import xdist" 2>/dev/null && gpu_pytest_args+=(-n 6 --dist loadfile)
 # the tests that exercise GPU code: the CUDA extension, every Triton kernel natively, the optimizer
 gpu_tests=(tests/test_logprob.py tests/test_logprob_fused.py tests/test_optim_kernels.py
            tests/test_optim_masked_adamw.py tests/test_select_triton.py tests/test_select.py)
 
 if step "build allo._C with CUDA kernels" 300 "$py" setup.py build_ext --inplace &&
    step "extension loads" 60 "$py" -c "import allo.ops; print(allo.ops.extension_info())"; then
-  step "pytest GPU tests" 200 "$py" -m pytest "${pytest_args[@]}" "${gpu_tests[@]}"
+  step "pytest GPU tests" 200 "$py" -m pytest "${gpu_pytest_args[@]}" "${gpu_tests[@]}"
   # the alignment study trains tiny models on the CPU for half an hour: nothing for the GPU lease
   for name in bench_update bench_select bench_logprob bench_step; do
     step "$name" 150 "$py" "benchmarks/$name.py" "${quick[@]}" --json "$work/$name.json"
