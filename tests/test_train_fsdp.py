@@ -1,12 +1,15 @@
-"""allo-train's masked stages under FSDP2: 2 CPU processes (gloo) == 1 process with the doubled batch.
+"""allo-train's warm-up, select and masked stages under FSDP2: 2 CPU processes (gloo) == 1 process
+with the doubled batch.
 
 The 2-process runs are this file run as a script under torchrun, with the environment `accelerate
 launch` sets for an FSDP2 config (ACCELERATE_USE_FSDP=true, FSDP_VERSION=2; on CPU accelerate itself
-runs MULTI_CPU and the masked stages shard the model themselves). One launch runs select + forget
-(token weights from a stand-in warm-up model) + improve, then improve again interrupted after its
-checkpoint and resumed, recording which models each rank loaded and whether they ran, and each
-rank's part of the masks; then it shards a bigger model (tied embeddings) alone and records each
-rank's host-memory peak: only the main process may hold the model whole, and only once.
+runs MULTI_CPU and allo-train shards the model itself). One launch runs select (gradient scores) +
+forget (token weights from a stand-in warm-up model) + improve, then improve again interrupted after
+its checkpoint and resumed; select with weight-delta scores (against the stand-in); the warm-up, and
+the warm-up interrupted and resumed; `select_shards` on dim-0 shards of made-up scores (elements and
+rows); recording which models each rank loaded and whether they ran, what each rank selected from
+and each rank's part of the masks; then it shards a bigger model (tied embeddings) alone and records
+each rank's host-memory peak: only the main process may hold the model whole, and only once.
 """
 
 import json
@@ -21,6 +24,7 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
+WARMUP = dict(learning_rate=1e-3, max_grad_norm=0.1)  # clipping at work in every step
 
 
 def _cfg(tiny, out, **kw):
@@ -88,6 +92,45 @@ def _record_masks() -> list:
     return calls
 
 
+def _record_selects() -> list:
+    """Wrap select_shards; the list gets, per call, [elements of the scores this rank passed, elements
+    of the whole tensors]: a rank scores its rows only."""
+    from allo.select import selection
+
+    calls, inner = [], selection.select_shards
+
+    def recording(scores, ratio, *, shapes, **kw):
+        calls.append([sum(s.numel() for s in scores.values()), sum(torch.Size(v).numel() for v in shapes.values())])
+        return inner(scores, ratio, shapes=shapes, **kw)
+
+    selection.select_shards = recording
+    return calls
+
+
+def _made_up_scores():
+    """Scores with few distinct values (the thresholds cut through ties) and an odd row count."""
+    g = torch.Generator().manual_seed(7)
+    return {"a": torch.randint(0, 6, (9, 4), generator=g).float(), "b": torch.rand(5, generator=g),
+            "c": torch.randint(0, 3, (3, 2, 2), generator=g).float() * 0.5}
+
+
+def _select_made_up_shards(out):
+    """select_shards of each rank's dim-0 block (FSDP2's split: the first ranks get ceil(rows / world))."""
+    import torch.distributed as dist
+
+    from allo.select.selection import select_shards
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    scores = _made_up_scores()
+    mine = {n: s.chunk(world)[rank] if rank < len(s.chunk(world)) else s[:0] for n, s in scores.items()}
+    for granularity in ("element", "row"):
+        sel = select_shards(mine, 0.3, exclude_ratio=0.05, granularity=granularity,
+                            shapes={n: s.shape for n, s in scores.items()}, metadata={"made_up": 1})
+        assert (sel is None) == (rank != 0)
+        if sel is not None:
+            sel.save(os.path.join(out, f"made_up_{granularity}.safetensors"))
+
+
 def _write_json(path, obj):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f)
@@ -144,28 +187,42 @@ def _sharding_memory(big, out):
         "tied": tied, "shard_bytes": shard_bytes})
 
 
-def _two_process_runs(tiny, out):
-    """Under torchrun: select + forget + improve; then improve cut after step 3 (checkpoint at 2) and resumed."""
+def _cut_and_resume(tiny, out_dir, **kw):
+    """The run of ``kw`` interrupted after step 3 (its checkpoint is at step 2), then resumed."""
     from allo.train import pipeline
-
-    loads, masks = _record_model_loads(), _record_masks()
-    pipeline.run(_cfg(tiny, os.path.join(out, "two"), stages="select,forget,improve", per_device_train_batch_size=2,
-                      skip_forget=False))
-    _write_json(os.path.join(out, f"masks_{os.environ['RANK']}.json"), masks)
-    kw = dict(stages="improve", per_device_train_batch_size=2, reuse_from=os.path.join(out, "two"),
-              reuse_stages="select,forget", skip_forget=False)
 
     def boom(stage, step):
         if step == 3:
             raise _Interrupt
 
     try:
-        pipeline.run(_cfg(tiny, os.path.join(out, "cut"), **kw), on_step_end=boom)
-        raise AssertionError("the interrupted run was not interrupted")
+        pipeline.run(_cfg(tiny, out_dir, **kw), on_step_end=boom)
+        raise AssertionError(f"the interrupted run {out_dir} was not interrupted")
     except _Interrupt:
         pass
-    pipeline.run(_cfg(tiny, os.path.join(out, "cut"), resume_from_checkpoint="true", **kw))
+    pipeline.run(_cfg(tiny, out_dir, resume_from_checkpoint="true", **kw))
+
+
+def _two_process_runs(tiny, out):
+    """Under torchrun: select + forget + improve; then improve cut after step 3 (checkpoint at 2) and resumed;
+    select with weight-delta scores; the warm-up, then the warm-up cut after step 3 and resumed."""
+    from allo.train import pipeline
+
+    loads, masks, selects = _record_model_loads(), _record_masks(), _record_selects()
+    pipeline.run(_cfg(tiny, os.path.join(out, "two"), stages="select,forget,improve", per_device_train_batch_size=2,
+                      skip_forget=False))
+    _write_json(os.path.join(out, f"masks_{os.environ['RANK']}.json"), masks)
+    kw = dict(stages="improve", per_device_train_batch_size=2, reuse_from=os.path.join(out, "two"),
+              reuse_stages="select,forget", skip_forget=False)
+    _cut_and_resume(tiny, os.path.join(out, "cut"), **kw)
+    pipeline.run(_cfg(tiny, os.path.join(out, "wd"), stages="select", per_device_train_batch_size=2,
+                      score_source="weight_delta"))
+    kw = dict(stages="warmup", per_device_train_batch_size=2, **WARMUP)
+    pipeline.run(_cfg(tiny, os.path.join(out, "warm"), **kw))
+    _cut_and_resume(tiny, os.path.join(out, "warmcut"), **kw)
+    _select_made_up_shards(out)
     _write_json(os.path.join(out, f"loads_{os.environ['RANK']}.json"), loads)
+    _write_json(os.path.join(out, f"selects_{os.environ['RANK']}.json"), selects)
     _sharding_memory(os.path.join(tiny, "big"), out)
 
 
@@ -212,6 +269,7 @@ def two(tiny, tmp_path_factory):
     """The output folder of the 2-process launch (see the module docstring)."""
     out = tmp_path_factory.mktemp("fsdp_two")
     _fake_warmup(tiny, out / "two")
+    _fake_warmup(tiny, out / "wd")
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
            "ACCELERATE_USE_CPU": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     # --standalone: torchrun's own store binds a port the OS picks and holds it (a port picked here
@@ -231,11 +289,9 @@ def test_fsdp2_improve_matches_one_process_and_resumes_exactly(tiny, two, tmp_pa
     _fake_warmup(tiny, tmp_path / "one")
     pipeline.run(_cfg(tiny, tmp_path / "one", stages="select,forget,improve", skip_forget=False))
 
-    # select with 2 processes: the main process alone selects; the same masks as 1 process
-    for stage in ("forget", "improve"):
-        a = Selection.load(str(tmp_path / "one" / "select" / f"{stage}_mask.safetensors"))
-        b = Selection.load(str(two_dir / "two" / "select" / f"{stage}_mask.safetensors"))
-        assert all(torch.equal(a.indices[n], b.indices[n]) for n in a.names)
+    # select (gradient scores) with 2 processes, each scoring its part of every batch and selecting in its
+    # rows: the same file as 1 process
+    _assert_same_selection_files(tmp_path / "one", two_dir / "two")
 
     # the caches the sharded model wrote (every rank scoring its share) == the whole model's, up to
     # summation order: the forget stage's reference (the SFT model) and token weights (the warm-up
@@ -266,34 +322,110 @@ def test_fsdp2_improve_matches_one_process_and_resumes_exactly(tiny, two, tmp_pa
         start = two_w
 
     # the checkpoint holds the whole HF model (gathered), scheduler and one optimizer file per rank
-    ckpt = two_dir / "two" / "improve" / "checkpoints" / "checkpoint-2"
-    saved, ref = load_file(str(ckpt / "model.safetensors")), load_file(
-        str(tmp_path / "one" / "improve" / "checkpoints" / "checkpoint-2" / "model.safetensors"))
-    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in start.items()}
-    for k in ref:
-        torch.testing.assert_close(saved[k], ref[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"checkpoint-2/{k}: {m}")
-    assert (ckpt / "config.json").exists() and (ckpt / "optimizer_0.pt").exists() and (ckpt / "optimizer_1.pt").exists()
-    assert not (ckpt / "optimizer.pt").exists()
+    _assert_checkpoint_and_resume(tmp_path / "one", two_dir / "two", two_dir / "cut", "improve", two_w)
 
-    # interrupted after step 3 and resumed from checkpoint-2: bit for bit the uninterrupted run
-    cut = load_file(str(two_dir / "cut" / "improve" / "model" / "model.safetensors"))
-    for k in two_w:
-        assert torch.equal(cut[k], two_w[k]), f"resumed improve differs at {k}"
-    rows = [json.loads(l) for l in open(two_dir / "cut" / "improve" / "metrics.jsonl")]
+
+def _assert_checkpoint_and_resume(one, two, cut, stage, final):
+    """checkpoint-2 of the 2-process run of ``stage`` holds the whole HF model (gathered; == 1 process's
+    up to summation order), the scheduler and one optimizer file per rank; the run interrupted after
+    step 3 and resumed from it ended bit for bit at the uninterrupted run's weights ``final``."""
+    ckpt = two / stage / "checkpoints" / "checkpoint-2"
+    saved = load_file(str(ckpt / "model.safetensors"))
+    ref = load_file(str(one / stage / "checkpoints" / "checkpoint-2" / "model.safetensors"))
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in final.items()}
+    for k in ref:
+        torch.testing.assert_close(saved[k], ref[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{stage}/{k}: {m}")
+    for name in ("config.json", "scheduler.pt", "optimizer_0.pt", "optimizer_1.pt"):
+        assert (ckpt / name).exists(), name
+    assert not (ckpt / "optimizer.pt").exists()
+    resumed = load_file(str(cut / stage / "model" / "model.safetensors"))
+    for k in final:
+        assert torch.equal(resumed[k], final[k]), f"resumed {stage} differs at {k}"
+    rows = [json.loads(l) for l in open(cut / stage / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
 
 
+def _assert_same_selection_files(one, two):
+    """The forget and improve selection files of two output folders hold the same: stored tensors (names,
+    dtypes, values) and metadata (not compared as bytes: safetensors writes its metadata map in an
+    arbitrary order), a selection of some but not all elements."""
+    from safetensors import safe_open
+
+    from allo.select import Selection
+
+    for stage in ("forget", "improve"):
+        a, b = (os.path.join(d, "select", f"{stage}_mask.safetensors") for d in (one, two))
+        ta, tb = load_file(a), load_file(b)
+        assert ta.keys() == tb.keys(), stage
+        assert all(ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]) for k in ta), stage
+        with safe_open(a, "pt") as fa, safe_open(b, "pt") as fb:
+            assert fa.metadata() == fb.metadata(), stage
+        sel = Selection.load(a)
+        assert 0 < sel.num_selected() < sel.num_total(), stage
+
+
+def test_fsdp2_weight_delta_selection_equals_one_process(tiny, two, tmp_path):
+    from allo.train import pipeline
+
+    _fake_warmup(tiny, tmp_path / "one")
+    pipeline.run(_cfg(tiny, tmp_path / "one", stages="select", score_source="weight_delta"))
+    _assert_same_selection_files(tmp_path / "one", two / "wd")
+
+
+def test_select_shards_of_dim0_blocks_equals_select(two):
+    from allo.select import Selection, select
+
+    for granularity in ("element", "row"):
+        got = Selection.load(str(two / f"made_up_{granularity}.safetensors"))
+        want = select(_made_up_scores(), 0.3, exclude_ratio=0.05, granularity=granularity, metadata={"made_up": 1})
+        assert got.shapes == want.shapes and got.metadata == want.metadata, granularity
+        assert all(torch.equal(got.indices[n], want.indices[n]) for n in want.names), granularity
+        assert 0 < want.num_selected() < want.num_total()
+
+
+def test_fsdp2_warmup_matches_one_process_and_resumes_exactly(tiny, two, tmp_path):
+    from allo.train import pipeline
+
+    pipeline.run(_cfg(tiny, tmp_path / "one", stages="warmup", **WARMUP))
+    start = load_file(os.path.join(tiny, "sft", "model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "warmup" / "model" / "model.safetensors"))
+    two_w = load_file(str(two / "warm" / "warmup" / "model" / "model.safetensors"))
+    assert set(two_w) == set(one) == set(start)
+    for k in one:  # every parameter trains; the ranks' sums come in another order than one process's
+        torch.testing.assert_close(two_w[k], one[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"warmup/{k}: {m}")
+        assert not torch.equal(two_w[k], start[k]), k
+    # the reference pass on the shards wrote the one-process cache, up to summation order
+    a = load_file(str(tmp_path / "one" / "warmup" / "reference_logps.safetensors"))
+    b = load_file(str(two / "warm" / "warmup" / "reference_logps.safetensors"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-6)
+    rows = {d: [json.loads(l) for l in open(d / "warmup" / "metrics.jsonl")] for d in (tmp_path / "one", two / "warm")}
+    for r1, r2 in zip(*rows.values()):  # the global gradient norm, clipped alike
+        assert abs(r1["grad_norm"] - r2["grad_norm"]) < 1e-4 * r1["grad_norm"], (r1, r2)
+        assert r1["grad_norm"] > WARMUP["max_grad_norm"], r1
+    _assert_checkpoint_and_resume(tmp_path / "one", two / "warm", two / "warmcut", "warmup", two_w)
+
+
 def test_fsdp2_only_the_main_process_holds_the_model_whole_and_once(two):
-    # the stages: rank 1 built every model it got on the meta device (no weights read), rank 0 loaded them
+    # every stage: rank 1 built every model it got on the meta device (no weights read), rank 0 loaded them
     loads = {r: json.load(open(two / f"loads_{r}.json")) for r in (0, 1)}
-    masked = {r: [l for l in loads[r] if l[0] in ("forget", "improve")] for r in (0, 1)}
-    # forget, improve x 3 runs; rank 1 never loads the warm-up model (rank 0 broadcasts it into the shards)
-    assert len(masked[1]) == len(loads[1]) == 4 and all(empty and meta for _, empty, meta, _ in masked[1]), loads[1]
-    assert len(masked[0]) == 5 and not any(empty or meta for _, empty, meta, _ in masked[0]), loads[0]  # + warm-up
-    # rank 0's whole models never ran (so they never need the accelerator): the reference log-probs and
-    # the token weights came from the sharded model. The select stage's model did run (the count counts)
-    assert all(forwards == 0 for *_, forwards in masked[0]), masked[0]
-    assert [forwards > 0 for stage, *_, forwards in loads[0] if stage == "select"] == [True], loads[0]
+    # select (gradient), forget, improve; improve x 2 (cut, resumed); select (weight delta: SFT, warm-up);
+    # warm-up x 3 (whole, cut, resumed). Rank 1 never loads the forget stage's warm-up model (for the
+    # token weights rank 0 broadcasts it into the shards)
+    stages = ["select", "forget", "improve", "improve", "improve", "select", "select", "warmup", "warmup", "warmup"]
+    assert [l[0] for l in loads[1]] == stages, loads[1]
+    assert all(empty and meta for _, empty, meta, _ in loads[1]), loads[1]
+    assert [l[0] for l in loads[0]] == stages[:2] + ["forget"] + stages[2:], loads[0]
+    assert not any(empty or meta for _, empty, meta, _ in loads[0]), loads[0]
+    # rank 0's whole models never ran (so they never need the accelerator): the reference log-probs, the
+    # token weights, the gradient scores and the warm-up training came from the sharded models
+    assert all(forwards == 0 for *_, forwards in loads[0]), loads[0]
+    # every select_shards call (2 per select run) was given this rank's rows only: about half the model
+    selects = {r: json.load(open(two / f"selects_{r}.json")) for r in (0, 1)}
+    assert len(selects[0]) == len(selects[1]) == 4 + 2  # + the made-up scores, elements and rows
+    for (n0, total0), (n1, total1) in zip(selects[0][:4], selects[1][:4]):
+        assert total0 == total1 and n0 + n1 == total0 and 0.4 * total0 < n1 < 0.6 * total0, selects
 
     mem = {r: json.load(open(two / f"memory_{r}.json")) for r in (0, 1)}
     size = mem[0]["model_bytes"]

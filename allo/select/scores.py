@@ -3,6 +3,10 @@
 Every score source is handed to the selector as a mapping ``name -> tensor or AbsDiff``. An
 :class:`AbsDiff` holds references to the two parameters and never materialises ``|a - b|`` as a whole
 tensor: the selection kernels compute it block by block (Triton) or chunk by chunk (CPU).
+
+Sharded models (FSDP2: parameters and gradients are ``DTensor`` s): both score sources work on the
+rank's own block of every tensor (``to_local()``), so each rank's scores are its rows of the model;
+``allo.select.selection.select_shards`` then selects over all ranks' rows together.
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """The rank's own block of a ``DTensor`` (FSDP2's parameters and gradients), or ``t`` itself."""
+    to_local = getattr(t, "to_local", None)  # only DTensor has it: no import of torch.distributed here
+    return to_local() if callable(to_local) else t
+
+
 class AbsDiff:
     """Lazy ``|a - b|`` of two same-shaped tensors, evaluated in float32.
 
@@ -25,6 +35,7 @@ class AbsDiff:
     __slots__ = ("a", "b")
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, *, name: str = "?"):
+        a, b = local_part(a), local_part(b)  # sharded (FSDP2) models: this rank's rows
         if a.shape != b.shape:
             raise ValueError(f"weight_delta_scores: parameter {name!r} has shape {tuple(a.shape)} in the first "
                              f"model and {tuple(b.shape)} in the second; both must hold the same architecture")
@@ -93,7 +104,8 @@ def _named_tensors(obj, what) -> dict[str, torch.Tensor]:
 def weight_delta_scores(a, b, include=None, exclude=None) -> dict[str, AbsDiff]:
     """Lazy ``|theta_a - theta_b|`` per parameter (the ALLO importance score after warm-up).
 
-    ``a`` and ``b`` are ``nn.Module`` s (their ``named_parameters``) or state dicts. Names present in
+    ``a`` and ``b`` are ``nn.Module`` s (their ``named_parameters``) or state dicts; for two models
+    sharded alike (FSDP2) each ``AbsDiff`` covers this rank's rows (the local shards). Names present in
     only one of them, or whose tensors are not floating point, are an error unless filtered out by
     ``include``/``exclude`` (regexes searched in the name). Nothing is computed here.
     """
@@ -123,6 +135,9 @@ class GradientScoreAccumulator:
     (default) the post-accumulate-grad hook folds each gradient into the buffer and drops ``p.grad``
     right away, so no full gradient outlives its backward; do not step an optimizer meanwhile.
     Call :meth:`remove` to detach the hooks.
+
+    On a sharded model (FSDP2: the hook sees the reduced ``DTensor`` gradient of the rank's rows),
+    the buffers and the scores are this rank's rows only.
     """
 
     MODES = ("accumulated", "sum_of_magnitudes")
@@ -147,9 +162,10 @@ class GradientScoreAccumulator:
             g = p.grad
             if g is None:
                 return
+            g = local_part(g)
             buf = self._buffers.get(name)
             if buf is None:
-                buf = self._buffers[name] = torch.zeros(p.shape, dtype=self.dtype, device=p.device)
+                buf = self._buffers[name] = torch.zeros(g.shape, dtype=self.dtype, device=g.device)
             if self.mode == "accumulated":
                 buf.add_(g.to(self.dtype))
             else:
@@ -170,7 +186,8 @@ class GradientScoreAccumulator:
         for name, p in self._params.items():
             buf = self._buffers.get(name)
             if buf is None:
-                out[name] = torch.zeros(p.shape, dtype=self.dtype, device=p.device)
+                shard = local_part(p)
+                out[name] = torch.zeros(shard.shape, dtype=self.dtype, device=shard.device)
             else:
                 out[name] = buf.abs() if self.mode == "accumulated" else buf.clone()
         return out

@@ -112,6 +112,67 @@ def select(scores, ratio, *, exclude_ratio=0.0, granularity="element", metadata=
     return Selection(indices, shapes, meta)
 
 
+def select_shards(scores, ratio, *, shapes: dict, exclude_ratio=0.0, granularity="element", metadata=None,
+                  backend=None, score_source=None, dst: int = 0) -> "Selection | None":
+    """:func:`select` over a model sharded along dim 0 across the ranks of torch.distributed's
+    default group (FSDP2's ``Shard(0)``: rank ``r`` holds a contiguous block of rows of every
+    tensor, the blocks in rank order). Every rank calls it with ``scores`` of its own rows (the same
+    names, in the same order, on every rank; a rank may hold 0 rows of a tensor) and ``shapes``, the
+    whole tensors' shapes. The selection is exactly the one :func:`select` makes of the whole
+    tensors (the counts are all-reduced, ties ordered by rank, see :mod:`allo.select.topk`); with
+    ``granularity="row"`` a row lives on one rank and is scored there whole. Each rank turns its
+    part into global flat indices; rank ``dst`` gathers them (one tensor at a time) and gets the
+    :class:`Selection` (global shapes, same metadata as :func:`select`); the other ranks get None."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("select_shards: torch.distributed is not initialised; for scores of whole tensors "
+                           "in one process use select()")
+    sources = normalize_scores(scores, "select_shards")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = [(n, tuple(s.shape)) for n, s in sources.items()]
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    first_row = {}
+    for n, shape in mine:
+        if n not in shapes:
+            raise ValueError(f"select_shards: scores[{n!r}] has no entry in shapes=; give every tensor's whole shape")
+        whole = tuple(shapes[n])
+        if not whole:
+            raise ValueError(f"select_shards: {n!r} is 0-dimensional; a sharded tensor has rows (dim 0)")
+        first_row[n] = 0
+    for r, part in enumerate(every):
+        if [n for n, _ in part] != [n for n, _ in mine]:
+            raise ValueError(f"select_shards: rank {r} passed scores for other names, or in another order, than "
+                             f"rank {rank}; every rank must pass its rows of the same tensors in the same order")
+        for n, shape in part:
+            whole = tuple(shapes[n])
+            if shape[1:] != whole[1:]:
+                raise ValueError(f"select_shards: rank {r}'s scores[{n!r}] have shape {shape}; rows of {whole} "
+                                 "(a dim-0 shard) were expected")
+            if r < rank:
+                first_row[n] += shape[0]
+    for n, whole in ((n, tuple(shapes[n])) for n, _ in mine):
+        rows = sum(dict(part)[n][0] for part in every)
+        if rows != whole[0]:
+            raise ValueError(f"select_shards: the ranks' scores of {n!r} hold {rows} rows together, the tensor "
+                             f"{whole[0]}; every row must be on exactly one rank")
+    local = select(sources, ratio, exclude_ratio=exclude_ratio, granularity=granularity, metadata=metadata,
+                   backend=backend, group=dist.group.WORLD, score_source=score_source)
+    indices = {}
+    for n, _ in mine:
+        per_row = _numel(tuple(shapes[n])[1:])
+        part = (local.indices.pop(n) + first_row[n] * per_row).cpu()
+        parts = [None] * world if rank == dst else None
+        dist.gather_object(part, parts, dst=dst)
+        del part
+        if rank == dst:
+            indices[n] = torch.cat(parts)  # blocks of rows in rank order: still sorted
+    if rank != dst:
+        return None
+    return Selection(indices, {n: tuple(shapes[n]) for n, _ in mine}, local.metadata)
+
+
 class Selection:
     """A selection of weight elements per parameter: sorted flat int64 ``indices`` and ``shapes``."""
 
@@ -304,4 +365,4 @@ def _numel(shape) -> int:
     return n
 
 
-__all__ = ["select_top", "select", "Selection", "row_scores", "band_count"]
+__all__ = ["select_top", "select", "select_shards", "Selection", "row_scores", "band_count"]

@@ -1,11 +1,14 @@
-"""FSDP2 for the masked stages (forget, improve): shard the model, gather it back whole.
+"""FSDP2 for allo-train: shard the model, gather it back whole.
 
-When accelerate is configured for FSDP version 2 and several processes run, a masked stage trains the
-model sharded with ``torch.distributed.fsdp.fully_shard``: one FSDP unit per decoder
-layer (the classes of ``model._no_split_modules``, or the plugin's ``transformer_cls_names_to_wrap``)
-and the ``TokenLogprobs`` wrapper as the root unit, which holds the embeddings, the final norm and
-the output layer (the fused log-prob path reads ``lm_head.weight`` inside the root's forward, where
-FSDP2 has it gathered). ``MaskedAdamW`` then trains each rank's rows of every parameter.
+When accelerate is configured for FSDP version 2 and several processes run, the warm-up stage
+(full-parameter DPO, ``torch.optim.AdamW``), the select stage (importance scores and the exact
+selection) and the masked stages (forget, improve, ``MaskedAdamW``) use the model sharded with
+``torch.distributed.fsdp.fully_shard``: one FSDP unit per decoder layer (the classes of
+``model._no_split_modules``, or the plugin's ``transformer_cls_names_to_wrap``) and the
+``TokenLogprobs`` wrapper as the root unit, which holds the embeddings, the final norm and the
+output layer (the fused log-prob path reads ``lm_head.weight`` inside the root's forward, where
+FSDP2 has it gathered). Each rank then holds, trains and scores its rows of every parameter
+(``Shard(0)``). The eval stage (and ``prepare``) still run on the main process with the whole model.
 
 Host memory: only the main process (rank 0) reads the weights; the others build the model on the
 meta device from its config. Every rank builds the sharded module on the meta device too, allocates
@@ -18,7 +21,7 @@ from the sharded module too, every rank scoring its share of the batches (``shar
 
 The sharding is applied here, not by ``accelerator.prepare``: accelerate's FSDP2 wrapping puts the
 output layer in a unit of its own, and on CPU accelerate ignores an FSDP configuration altogether
-(it runs MULTI_CPU), while the masked stages shard the same way on CPU (gloo) and GPU (NCCL).
+(it runs MULTI_CPU), while allo-train shards the same way on CPU (gloo) and GPU (NCCL).
 """
 
 from __future__ import annotations
@@ -42,22 +45,37 @@ class ShardedTokenLogprobs(TokenLogprobs):
         return super().forward(input_ids, attention_mask, labels).clone()
 
 
+def _fsdp_version(accelerator) -> int | None:
+    """The FSDP version accelerate is configured for, or None without FSDP."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # `accelerate launch` with an FSDP config on CPU: accelerate itself falls back to MULTI_CPU;
+        # allo-train still shards
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
+
+
+def fsdp2_shards(accelerator) -> bool:
+    """True when accelerate is configured for FSDP2 and several processes run: the warm-up and
+    select stages then shard the model (``sharded_scorer``). Any other setup keeps their other
+    path (DDP / FSDP1 / DeepSpeed through ``accelerator.prepare`` for the warm-up, the main process
+    alone for select); the masked stages ask :func:`masked_stage_shards`, which refuses the rest."""
+    return _fsdp_version(accelerator) == 2 and accelerator.num_processes > 1
+
+
 def masked_stage_shards(accelerator, desc: str) -> bool:
     """True when the masked stage should shard the model (accelerate configured for FSDP2 with
     several processes); a clear error for the layouts the element masks cannot follow."""
     from accelerate.utils import DistributedType
 
-    kind = accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ValueError(f"{desc}: DeepSpeed is not {SUPPORTED}. For sharding, use FSDP2: `distributed_type: FSDP` "
                          "with `fsdp_config: {fsdp_version: 2}` in the accelerate config")
-    if kind == DistributedType.FSDP:
-        version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
-    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        # `accelerate launch` with an FSDP config on CPU: accelerate itself falls back to MULTI_CPU
-        # (the dense warm-up stage then runs DDP); the masked stages still shard
-        version = int(os.environ.get("FSDP_VERSION", "1"))
-    else:
+    version = _fsdp_version(accelerator)
+    if version is None:
         return False
     if version != 2:
         raise ValueError(f"{desc}: FSDP version {version} is not {SUPPORTED}; switch to FSDP2 with "
@@ -226,5 +244,5 @@ def gather_into(model, scorer) -> None:
         del full
 
 
-__all__ = ["masked_stage_shards", "sharded_scorer", "load_weights", "reshard", "sharded_logps", "load_full_weights",
-           "gather_into", "SUPPORTED"]
+__all__ = ["fsdp2_shards", "masked_stage_shards", "sharded_scorer", "load_weights", "reshard", "sharded_logps",
+           "load_full_weights", "gather_into", "SUPPORTED"]

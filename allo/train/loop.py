@@ -10,24 +10,30 @@ Losses are normalised over the GLOBAL batch (pairs for DPO, weighted tokens for 
 2 processes x batch B give the same update as 1 process x batch 2B.
 
 Gradient synchronisation:
-* dense stage (warm-up, full-parameter DPO, ``torch.optim.AdamW``): the model is prepared by
-  accelerate (DDP / FSDP / DeepSpeed per ``accelerate config``), with ``no_sync`` on all but the
-  last micro-batch of a step;
+* dense stage (warm-up, full-parameter DPO, ``torch.optim.AdamW``), one process, DDP, FSDP1 or
+  DeepSpeed: the model is prepared by accelerate (per ``accelerate config``), with ``no_sync`` on
+  all but the last micro-batch of a step;
+* dense stage under FSDP2 (accelerate configured with ``fsdp_version: 2``, several processes): the
+  stage's sharded module (see below and :mod:`allo.train.fsdp`) trains with ``torch.optim.AdamW``
+  on its DTensor parameters (each rank the state of its rows); FSDP2 reduce-scatters (averages) the
+  gradients in every backward, clipping uses the global norm (``clip_grad_norm_`` on DTensors);
 * masked stages (forget, improve, ``MaskedAdamW`` in compact-gradient mode), one process or DDP:
   the model is NOT wrapped; each backward leaves only the selected gradient elements (the full
   gradient is freed by the optimizer's hook), and ``opt.all_reduce_grads()`` averages those compact
   gradients once per step: the all-reduce moves ``ratio`` of the bytes DDP would;
-* masked stages under FSDP2 (accelerate configured with ``fsdp_version: 2``, several processes):
-  the model is sharded with ``fully_shard`` (one unit per decoder layer, the root holding embeddings,
-  final norm and output layer; see :mod:`allo.train.fsdp`), by the stage before its reference pass
+* masked stages under FSDP2 (accelerate configured with ``fsdp_version: 2``, several processes)
+  (and the dense stage, with every parameter trained): the model is sharded with ``fully_shard``
+  (one unit per decoder layer, the root holding embeddings, final norm and output layer; see
+  :mod:`allo.train.fsdp`), by the stage before its reference pass
   (every rank scores its share of the examples through it). Only the main process holds ``model``
   whole (on the CPU, never on the accelerator); the other processes get it on the meta device and
   receive their shards from the main process. FSDP2 reduce-scatters (averages) the gradients in
   every backward; the optimizer's hooks keep the selected elements of each rank's rows, and
   ``MaskedAdamW`` updates those rows: each rank holds only the selected indices inside its rows
-  (read from the selection file, no mask), and clipping combines the ranks' norms. Checkpoints hold the full HF model (the trained weights gathered into the main
-  process's ``model``, one parameter at a time) and one optimizer file per rank; at the end the
-  trained weights are gathered into it the same way. FSDP version 1 and DeepSpeed are refused with
+  (read from the selection file, no mask), and clipping combines the ranks' norms. Checkpoints
+  hold the full HF model (the trained weights gathered into the main process's ``model``, one
+  parameter at a time) and one optimizer file per rank; at the end the trained weights are
+  gathered into it the same way. In the masked stages FSDP version 1 and DeepSpeed are refused with
   an error saying how to switch to FSDP2.
 """
 
@@ -47,7 +53,7 @@ import numpy as np
 import torch
 
 from .data import collate, pair_examples
-from .fsdp import gather_into, load_weights, masked_stage_shards
+from .fsdp import fsdp2_shards, gather_into, load_weights, masked_stage_shards
 from .logps import TokenLogprobs, pad_like, response_mask
 
 
@@ -230,12 +236,14 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
                 scorer=None, on_step_end: Callable[[int], None] | None = None) -> dict:
     """Train ``model`` in place; returns the last logged metrics. ``dense``: full-parameter torch
     AdamW; else MaskedAdamW with ``masks`` (None: every element) in compact-gradient mode.
-    ``scorer``: under FSDP2 (``masked_stage_shards``), and only there, the stage's sharded module
-    (``sharded_scorer(accelerator, model, prepare=...)`` with ``prepare_trainable``), holding
-    ``model``'s weights; ``masks`` may then be each rank's part of the selection (the global flat
-    indices of the selected elements in its rows, ``Selection.load_indices``), for every parameter
-    that requires grad. ``on_step_end(step)`` is called after each optimizer step (tests use it to
-    interrupt a run)."""
+    ``scorer``: under FSDP2 (``fsdp2_shards`` for the dense stage, ``masked_stage_shards`` for the
+    masked ones), and only there, the stage's sharded module (``sharded_scorer(accelerator, model,
+    prepare=...)`` with ``prepare_trainable``), holding ``model``'s weights (``model`` itself is
+    whole on the main process, on its CPU, and on the meta device elsewhere); ``masks`` may then be
+    each rank's part of the selection (the global flat indices of the selected elements in its
+    rows, ``Selection.load_indices``), for every parameter that requires grad.
+    ``on_step_end(step)`` is called after each optimizer step (tests use it to interrupt a run).
+    """
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -250,7 +258,7 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
     device = accelerator.device
-    sharded = not dense and masked_stage_shards(accelerator, desc)
+    sharded = fsdp2_shards(accelerator) if dense else masked_stage_shards(accelerator, desc)
     if sharded != (scorer is not None):
         raise ValueError(f"{desc}: under FSDP2 train_stage needs the stage's sharded module, scorer=sharded_scorer("
                          "accelerator, model, prepare=...)" if sharded else
@@ -274,7 +282,9 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
             model.to("cpu")
         if ckpt is not None:  # the shards hold the stage's starting weights: the checkpoint's replace them
             load_weights(scorer, model)
-    if dense:
+    if dense and sharded:  # FSDP2: torch's AdamW on the DTensor parameters, the state of this rank's rows
+        opt = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+    elif dense:
         scorer = TokenLogprobs(model)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
         scorer, opt = accelerator.prepare(scorer, opt)
@@ -312,7 +322,8 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
                 units = _loss_units(data.kind, data.examples, data.weights, idx)
                 # mean over the global batch: this micro-batch's share, times world (ranks get averaged)
                 scale = units / max(units_total, 1) * world
-                sync_ctx = accelerator.no_sync(scorer) if dense and micro < accum - 1 else _null()
+                # FSDP2 reduce-scatters every micro-batch (the sharded gradients accumulate)
+                sync_ctx = accelerator.no_sync(scorer) if dense and not sharded and micro < accum - 1 else _null()
                 with sync_ctx, accelerator.autocast():
                     loss, metrics = _forward_loss(data.kind, scorer, data.examples, data, idx, cfg, device,
                                                   tokenizer.pad_token_id)
@@ -322,7 +333,10 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
                 frac = units / max(units_total, 1) * world
                 for key, v in {"loss": loss.detach(), **metrics}.items():
                     sums[key] = sums.get(key, 0.0) + float(v) * frac
-            if dense:
+            if dense and sharded:  # the global norm: clip_grad_norm_ combines the DTensor shards' norms
+                grad_norm = _full(torch.nn.utils.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)) \
+                    if cfg.max_grad_norm > 0 else None
+            elif dense:
                 grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
             else:
                 if world > 1:
@@ -360,7 +374,8 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
         bar.close()
         sink.close()
     if sharded:
-        opt.remove_hooks()
+        if not dense:
+            opt.remove_hooks()
         gather_into(model, scorer)  # the trained weights, whole, in the main process's model
     if cfg.gradient_checkpointing and not sharded:
         model.gradient_checkpointing_disable()
@@ -382,6 +397,11 @@ def prepare_trainable(model, trainable: dict[str, bool] | None, cfg) -> None:
     if trainable is not None:
         for name, p in model.named_parameters():
             p.requires_grad_(bool(trainable.get(name, False)))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a replicated norm), or ``t`` itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _any_selected(mask: torch.Tensor) -> bool:
