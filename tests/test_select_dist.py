@@ -68,3 +68,24 @@ def test_ranks_together_equal_single_process(tmp_path):
                 assert torch.equal(got, mask), (mode, ratio, exclude, name)
             total = sum(int(m.sum()) for p in got_parts for m in p.values())
             assert total == sum(int(m.sum()) for m in expect.values())
+
+
+def test_histograms_of_cpu_scores_reduce_through_the_gpu_under_nccl(monkeypatch):
+    # FSDP2 with CPU offload keeps scores (so histograms) on the CPU; NCCL reduces only CUDA tensors.
+    # No NCCL here: the backend and the reduction are stand-ins, the routing is what is checked.
+    import allo.select.topk as topk
+
+    seen = []
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, group=None: seen.append(t.device) or t.mul_(2))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    hist = torch.arange(4)
+    assert topk._reduce_device(hist, group="g") == torch.device("cuda", 0)
+    monkeypatch.setattr(topk, "_reduce_device", lambda t, group: torch.device("meta"))
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, group=None: seen.append(t.device))
+    with pytest.raises(NotImplementedError):  # meta -> cpu cannot copy data: proves the detour was taken
+        topk._all_reduce(hist, "g")
+    assert seen == [torch.device("meta")]
+    monkeypatch.setattr(topk, "_reduce_device", lambda t, group: t.device)  # gloo: reduced in place
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, group=None: t.mul_(2))
+    assert topk._all_reduce(hist, "g") is hist and hist.tolist() == [0, 2, 4, 6]

@@ -10,8 +10,8 @@ See :mod:`allo.select.topk` for the exact semantics (counts, band, tie order, di
 """
 
 from .scores import AbsDiff, GradientScoreAccumulator, name_filter, weight_delta_scores
-from .selection import Selection, row_scores, select, select_top
+from .selection import Selection, row_scores, select, select_shards, select_top
 from .topk import band_count
 
-__all__ = ["select_top", "select", "Selection", "weight_delta_scores", "GradientScoreAccumulator", "AbsDiff",
-           "row_scores", "band_count", "name_filter"]
+__all__ = ["select_top", "select", "select_shards", "Selection", "weight_delta_scores", "GradientScoreAccumulator",
+           "AbsDiff", "row_scores", "band_count", "name_filter"]

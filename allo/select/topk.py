@@ -98,9 +98,23 @@ def _dist_group(group):
     return None
 
 
+def _reduce_device(t, group) -> torch.device:
+    # NCCL reduces only CUDA tensors; histograms of scores kept on the CPU (FSDP2 with CPU offload)
+    # go through the rank's current GPU there. gloo, and mixed "cpu:gloo,cuda:nccl" groups, take them as they are
+    if t.device.type == "cpu" and torch.distributed.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
 def _all_reduce(t, group):
-    if group is not None:
-        torch.distributed.all_reduce(t, group=group)
+    if group is None:
+        return t
+    device = _reduce_device(t, group)
+    if device != t.device:
+        moved = t.to(device)
+        torch.distributed.all_reduce(moved, group=group)
+        return moved.to(t.device)
+    torch.distributed.all_reduce(t, group=group)
     return t
 
 
