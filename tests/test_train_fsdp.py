@@ -45,9 +45,10 @@ class _Interrupt(Exception):
 def _record_model_loads() -> list:
     """Wrap the stages' load_model; the list it returns gets, per call, [stage, empty?, every parameter
     on meta?, forwards run] (the last counted until the end: any use of the model runs its embedding)."""
+    from allo.train import model as models
     from allo.train import stages
 
-    calls, load, current = [], stages.load_model, [None]
+    calls, load, current = [], models.load_model, [None]
 
     def recording(path, **kw):
         model = load(path, **kw)
@@ -62,7 +63,7 @@ def _record_model_loads() -> list:
             return fn(*a, **kw)
         return run
 
-    stages.load_model = recording
+    models.load_model = recording  # the stages call it as models.load_model
     for name, fn in list(stages.STAGE_FUNCS.items()):
         stages.STAGE_FUNCS[name] = in_stage(name, fn)
     return calls
@@ -73,9 +74,9 @@ def _record_masks() -> list:
     was given: {name: [count, dtype, start, stop of its rows]} and the optimizer's selected count."""
     import allo.optim
     from allo.optim.sharding import flat_range
-    from allo.train import stages
+    from allo.train import loop
 
-    calls, train, adamw = [], stages.train_stage, allo.optim.MaskedAdamW
+    calls, train, adamw = [], loop.train_stage, allo.optim.MaskedAdamW
 
     class Recording(adamw):
         def __init__(self, *a, **kw):
@@ -88,7 +89,7 @@ def _record_masks() -> list:
                                                      for n, m in (kw["masks"] or {}).items()}})
         return train(**kw)
 
-    stages.train_stage, allo.optim.MaskedAdamW = recording, Recording
+    loop.train_stage, allo.optim.MaskedAdamW = recording, Recording  # the stages call loop.train_stage
     return calls
 
 

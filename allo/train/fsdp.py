@@ -120,7 +120,6 @@ def sharded_scorer(accelerator, model, *, prepare: Callable | None = None):
     tensor at a time (``set_model_state_dict`` with ``broadcast_from_rank0``): no rank ever holds a
     second whole copy. ``prepare(module)`` runs on that module before sharding (requires_grad,
     gradient checkpointing)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -87,7 +87,7 @@ def run(config, *, accelerator=None, on_step_end=None) -> dict:
     _link_reused(ctx)
     ctx.accelerator.wait_for_everyone()
     cfg = ctx.cfg
-    from .stages import uses_builtin_data, _done_info
+    from .stages import done_info, uses_builtin_data
 
     t0 = time.time()
     results = {}
@@ -97,7 +97,7 @@ def run(config, *, accelerator=None, on_step_end=None) -> dict:
         if is_done(ctx.dir(stage)):
             ctx.log(f"{stage}: already complete, skipped")
             if stage == "eval":
-                results = _done_info(ctx.dir(stage)).get("results", {})
+                results = done_info(ctx.dir(stage)).get("results", {})
             continue
         out = run_stage(stage, cfg, context=ctx, on_step_end=on_step_end)
         if stage == "eval":

@@ -1,0 +1,195 @@
+"""What every stage shares: the run context, DONE markers, the stages' inputs (pairs, negatives,
+the SFT model's path) and the on-disk cache of reference log-probs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import data as D
+from ..config import EVAL_MODELS, TrainConfig
+from ..fsdp import sharded_logps
+from ..logps import TokenLogprobs, compute_logps, load_cache, save_cache
+
+
+DONE = "DONE"
+EVALUATED = EVAL_MODELS  # models the eval stage scores, in pipeline order
+
+
+@dataclass
+class Context:
+    cfg: TrainConfig
+    accelerator: object
+    tokenizer: object
+
+    def dir(self, stage: str) -> str:
+        return os.path.join(self.cfg.output_dir, stage)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def progress(self) -> bool:
+        return not self.cfg.disable_tqdm and self.accelerator.is_local_main_process
+
+    def log(self, msg: str):
+        if self.main:
+            print(f"[allo-train] {msg}", flush=True)
+
+
+def is_done(stage_dir: str) -> bool:
+    return os.path.exists(os.path.join(stage_dir, DONE))
+
+
+def mark_done(ctx: Context, stage_dir: str, info: dict) -> None:
+    ctx.accelerator.wait_for_everyone()
+    if ctx.main:
+        tmp = os.path.join(stage_dir, DONE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}, f, indent=1, default=str)
+        os.replace(tmp, os.path.join(stage_dir, DONE))
+    ctx.accelerator.wait_for_everyone()
+
+
+def done_info(stage_dir: str) -> dict:
+    with open(os.path.join(stage_dir, DONE)) as f:
+        return json.load(f)
+
+
+# -------------------------------------------------------------------------------- inputs of stages
+def uses_builtin_data(cfg: TrainConfig) -> bool:
+    return not (cfg.train_file or cfg.dataset_name)
+
+
+def sft_model_path(ctx: Context) -> str:
+    """The starting model theta_0: the built-in model after `prepare`'s SFT, or --model_name_or_path."""
+    if ctx.cfg.model_name_or_path is None:
+        return require(ctx, "prepare", "model")
+    return ctx.cfg.model_name_or_path
+
+
+def _pairs_source(ctx: Context, split: str) -> str | None:
+    cfg = ctx.cfg
+    if split == "train":
+        if cfg.train_file:
+            return cfg.train_file
+        if cfg.dataset_name:
+            return cfg.dataset_name
+        return require(ctx, "prepare", "train_pairs.jsonl")
+    if cfg.eval_file:
+        return cfg.eval_file
+    if cfg.dataset_name:
+        return cfg.dataset_name
+    if uses_builtin_data(cfg):
+        return require(ctx, "prepare", "eval_pairs.jsonl")
+    return None
+
+
+def require(ctx: Context, stage: str, name: str) -> str:
+    path = os.path.join(ctx.dir(stage), name)
+    if not is_done(ctx.dir(stage)):
+        raise FileNotFoundError(f"{path} is missing: run the `{stage}` stage first (allo-train {stage} "
+                                f"--output_dir {ctx.cfg.output_dir}), or `allo-train run`")
+    return path
+
+
+def load_pairs(ctx: Context, split: str):
+    src = _pairs_source(ctx, split)
+    if src is None:
+        return None
+    ds_split = ctx.cfg.dataset_train_split if split == "train" else ctx.cfg.dataset_test_split
+    pairs, rep = D.load_pairs(src, ctx.tokenizer, max_length=ctx.cfg.max_length, max_prompt_length=ctx.cfg.max_prompt_length,
+                              skip_bad_rows=ctx.cfg.skip_bad_rows, split=ds_split)
+    ctx.log(str(rep))
+    return pairs
+
+
+def load_negatives(ctx: Context, weight_field):
+    cfg = ctx.cfg
+    src = cfg.negatives_file
+    if src is None and uses_builtin_data(cfg):
+        src = require(ctx, "prepare", "negatives.jsonl")
+    if src is None:
+        # every distinct rejected response of the training pairs
+        pairs = load_pairs(ctx, "train")
+        seen, out = set(), []
+        for p in pairs:
+            key = (tuple(p["prompt_ids"]), tuple(p["rejected_ids"]))
+            if key not in seen:
+                seen.add(key)
+                out.append({"prompt_ids": p["prompt_ids"], "response_ids": p["rejected_ids"]})
+        if weight_field is not None:
+            raise ValueError(f"--token_weight_source needs {weight_field} in a --negatives_file")
+        return out
+    negs, rep = D.load_negatives(src, ctx.tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                                 skip_bad_rows=cfg.skip_bad_rows, weight_field=weight_field)
+    ctx.log(str(rep))
+    return negs
+
+
+def negatives_have(ctx: Context, field: str) -> bool:
+    src = ctx.cfg.negatives_file
+    if src is None:
+        return False
+    rows = D.read_rows(src)
+    return bool(rows) and isinstance(rows[0][1], dict) and field in rows[0][1]
+
+
+def scorer_batch(ctx):
+    return max(1, ctx.cfg.per_device_eval_batch_size)
+
+
+def cached_reference(ctx: Context, stage_dir: str, model, named_examples: dict, name="reference_logps", *,
+                     sync: bool = True, scorer=None) -> dict:
+    """Reference log-probs of the stage's starting ``model`` on every example, computed once and
+    cached in ``stage_dir`` (written by the main process); a resumed stage reads the cache. One
+    process or DDP: the main process computes them with ``model``. ``scorer``: FSDP2, the stage's
+    sharded module holding ``model``'s weights: every rank scores its share of the examples through
+    it (``model`` is not used) and the main process gathers them and writes the same cache."""
+    path = os.path.join(stage_dir, f"{name}.safetensors")
+    # only the main process looks at the file: another rank could see it appear and skip the barrier
+    todo = ctx.main and not os.path.exists(path)
+    if scorer is not None:  # FSDP2: every rank takes part in every forward, as the main process decides
+        todo = main_decides(todo)
+    if todo:
+        from tqdm.auto import tqdm
+
+        if scorer is None:
+            scorer, score = TokenLogprobs(model.to(ctx.accelerator.device)), compute_logps
+        else:
+            score = sharded_logps
+        total = sum(len(v) for v in named_examples.values())
+        with tqdm(total=total, desc=f"{os.path.basename(stage_dir)}: {name}", disable=not ctx.progress, leave=False) as bar:
+            out = {k: score(scorer, v, pad_id=ctx.tokenizer.pad_token_id, batch_size=scorer_batch(ctx),
+                            device=ctx.accelerator.device, autocast=ctx.accelerator.autocast, progress=bar)
+                   for k, v in named_examples.items()}
+        if ctx.main:
+            save_cache(path, out)
+    if sync or scorer is not None:
+        ctx.accelerator.wait_for_everyone()
+    return load_cache(path)
+
+
+def main_decides(flag: bool) -> bool:
+    """The main process's ``flag``, on every rank (collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def pair_views(pairs):
+    return {"chosen": [{"prompt_ids": p["prompt_ids"], "response_ids": p["chosen_ids"]} for p in pairs],
+            "rejected": [{"prompt_ids": p["prompt_ids"], "response_ids": p["rejected_ids"]} for p in pairs]}
+
+
+def seed_all(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)

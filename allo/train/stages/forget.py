@@ -1,0 +1,99 @@
+"""forget: token-weighted NPO on the negatives with the forget mask only (reference: the SFT model)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import loop
+from .. import model as models
+from ..fsdp import load_weights, sharded_logps
+from ..logps import TokenLogprobs, compute_logps, load_cache, save_cache
+from ..loop import StageData
+from ..model import save_model
+from .common import (Context, cached_reference, load_negatives, main_decides, mark_done, negatives_have, require,
+                     scorer_batch, seed_all, sft_model_path)
+from .masked import masked_stage_start
+
+
+def _eos_free_mask(ctx: Context, examples, lengths) -> torch.Tensor:
+    """[B, T] mask of response tokens, the final end-of-sequence token left out (never forgotten)."""
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.bool)
+    for i, (e, n) in enumerate(zip(examples, lengths)):
+        mask[i, :n] = True
+        if n > 1 and e["response_ids"][-1] == ctx.tokenizer.eos_token_id:
+            mask[i, n - 1] = False
+    return mask
+
+
+def _token_weights(ctx: Context, sdir: str, negs, ref, model=None, scorer=None) -> list[torch.Tensor]:
+    """Per-token forgetting weights of every negative (see --token_weight_source). ``scorer``: FSDP2,
+    the stage's sharded module holding the weights of ``model`` (the main process's whole model)."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    from allo.losses.token_weights import token_weights_from_implicit_reward, token_weights_from_probs
+
+    cfg = ctx.cfg
+    source = cfg.token_weight_source
+    if source == "auto":
+        source = "data" if negs and "weights" in negs[0] else "implicit_reward"
+    lengths = [len(e["response_ids"]) for e in negs]
+    mask = _eos_free_mask(ctx, negs, lengths)
+    if source in ("data", "reward_model_probs"):
+        w = pad_sequence([torch.tensor(e["weights"], dtype=torch.float32) for e in negs], batch_first=True)
+        if source == "reward_model_probs":
+            w = token_weights_from_probs(w, mask, mode="raw" if cfg.raw_reward_probs else "threshold")
+        w = w.masked_fill(~mask, 0.0)
+        return [w[i, :n] for i, n in enumerate(lengths)]
+    # the warm-up model's implicit token reward; computed once and cached, like the reference
+    path = os.path.join(sdir, "token_weights.safetensors")
+    todo = ctx.main and not os.path.exists(path)  # main only: see cached_reference
+    if scorer is not None:
+        todo = main_decides(todo)
+    if todo:
+        kw = dict(pad_id=ctx.tokenizer.pad_token_id, batch_size=scorer_batch(ctx), device=ctx.accelerator.device,
+                  autocast=ctx.accelerator.autocast)
+        if scorer is None:
+            warm = models.load_model(require(ctx, "warmup", "model")).to(ctx.accelerator.device)
+            lp_warm = compute_logps(TokenLogprobs(warm), negs, **kw)
+        else:
+            # FSDP2: the stage's sharded module scores with the warm-up weights (the main process loads
+            # them whole, on its CPU only), then gets the stage's own back: no second model anywhere
+            warm_path = require(ctx, "warmup", "model")  # on every rank: all fail alike, none waits
+            load_weights(scorer, models.load_model(warm_path) if ctx.main else None)
+            lp_warm = sharded_logps(scorer, negs, **kw)
+            load_weights(scorer, model)
+        if ctx.main:
+            w = token_weights_from_implicit_reward(pad_sequence(lp_warm, batch_first=True),
+                                                   pad_sequence(ref["response"], batch_first=True), mask,
+                                                   fraction=cfg.implicit_token_fraction)
+            save_cache(path, {"weights": [w[i, :n].contiguous() for i, n in enumerate(lengths)]})
+    ctx.accelerator.wait_for_everyone()
+    return load_cache(path)["weights"]
+
+
+def stage_forget(ctx: Context, *, on_step_end=None) -> dict:
+    cfg, sdir = ctx.cfg, ctx.dir("forget")
+    os.makedirs(sdir, exist_ok=True)
+    if cfg.skip_forget:
+        mark_done(ctx, sdir, {"skipped": True})
+        return {}
+    seed_all(cfg.seed)
+    field = None
+    if cfg.token_weight_source == "data" or (cfg.token_weight_source == "auto" and negatives_have(ctx, "token_weights")):
+        field = "token_weights"
+    elif cfg.token_weight_source == "reward_model_probs":
+        field = "keep_probs"
+    negs = load_negatives(ctx, field)
+    desc = "forget (token-weighted NPO)"
+    model, scorer, masks, mask_file = masked_stage_start(ctx, "forget", sft_model_path(ctx), desc)
+    ref = cached_reference(ctx, sdir, model, {"response": negs}, scorer=scorer)
+    weights = _token_weights(ctx, sdir, negs, ref, model=model, scorer=scorer)
+    last = loop.train_stage(accelerator=ctx.accelerator, cfg=cfg, stage_dir=sdir, model=model, tokenizer=ctx.tokenizer,
+                       data=StageData("forget", negs, ref, weights), lr=cfg.forget_learning_rate, masks=masks,
+                       dense=False, masks_file=mask_file, desc=desc, scorer=scorer, on_step_end=on_step_end)
+    if ctx.main:
+        save_model(model, ctx.tokenizer, os.path.join(sdir, "model"))
+    mark_done(ctx, sdir, {"last_metrics": last})
+    return last

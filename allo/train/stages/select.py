@@ -1,0 +1,164 @@
+"""select: importance scores (|theta_warmup - theta_0|, or gradient magnitudes) and, from them, the
+exact forget and improve masks (allo.select), written as selection files."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from allo.optim.sharding import row_block
+
+from .. import data as D
+from .. import model as models
+from ..config import TrainConfig
+from ..fsdp import fsdp2_shards, sharded_scorer
+from ..logps import TokenLogprobs
+from .common import Context, load_pairs, mark_done, require, sft_model_path
+
+
+def _scores(ctx: Context, base):
+    from allo.select import weight_delta_scores
+
+    if ctx.cfg.score_source == "weight_delta":
+        warm = models.load_model(os.path.join(require(ctx, "warmup", "model")))
+        return weight_delta_scores(warm, base)
+    return _gradient_scores(ctx, TokenLogprobs(base.to(ctx.accelerator.device)), base, sharded=False)
+
+
+def _gradient_scores(ctx: Context, scorer, model, *, sharded: bool) -> dict:
+    """|accumulated DPO gradient| at theta_0 over ``score_batches`` global batches of the training
+    pairs. One process: ``scorer`` wraps the whole ``model``. FSDP2 (``sharded``): ``scorer`` is the
+    sharded module (``model`` its ``.model``); each rank runs its part of every global batch, FSDP2
+    averages the parts' gradients into each rank's rows, whose scores this rank gets."""
+    from allo.losses import dpo_loss
+    from allo.select import GradientScoreAccumulator
+
+    cfg = ctx.cfg
+    pairs = load_pairs(ctx, "train")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(pairs), generator=gen).tolist()
+    # the global batch: 2 processes x B must select what 1 x 2B does
+    per, world = cfg.per_device_train_batch_size, ctx.accelerator.num_processes
+    bs = per * world
+    model.train()
+    with GradientScoreAccumulator(model) as acc:
+        for b in range(cfg.score_batches):
+            idx = order[(b * bs) % len(pairs):][:bs]
+            scale = 1.0
+            if sharded:
+                mine = idx[ctx.accelerator.process_index * per:][:per]
+                # the mean over the global batch, after FSDP2 averages the ranks: 1.0 for equal parts.
+                # A rank with no part (a short last batch) still runs a backward (collectives), worth 0
+                scale = len(mine) * world / len(idx)
+                idx = mine or idx[:1]
+            batch = D.collate(D.pair_examples([pairs[i] for i in idx]), ctx.tokenizer.pad_token_id)
+            mask = batch["labels"][:, 1:] != D.IGNORE_INDEX
+            with ctx.accelerator.autocast():
+                lp = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            n = len(idx)
+            # at theta_0 the reference is the policy itself: d_t = 0, the gradient is not
+            loss, _ = dpo_loss(lp[:n], lp[n:], lp[:n].detach(), lp[n:].detach(), mask[:n], mask[n:], beta=cfg.beta)
+            (loss * scale if sharded else loss).backward()
+        scores = acc.scores()
+    model.zero_grad(set_to_none=True)
+    return scores
+
+
+def _sharded_scores(ctx: Context):
+    """FSDP2: (this rank's scores, of its rows of every parameter; the whole parameters' shapes;
+    each parameter's (first row, rows) here). Only the main process reads weights, one model at a
+    time, and broadcasts them into the shards (``sharded_scorer``), then drops its whole copy: for
+    weight_delta, |warm-up shard - SFT shard| of two sharded modules; for gradient, backward passes
+    through the sharded SFT model."""
+    from allo.select import weight_delta_scores
+
+    acc = ctx.accelerator
+    if ctx.cfg.score_source == "weight_delta":
+        warm_path = require(ctx, "warmup", "model")  # on every rank: all fail alike, none waits
+        model = models.load_model(sft_model_path(ctx), empty=not ctx.main)
+        base = sharded_scorer(acc, model)
+        del model
+        model = models.load_model(warm_path, empty=not ctx.main)
+        warm = sharded_scorer(acc, model)
+        del model
+        scores = weight_delta_scores(warm.model, base.model)
+    else:
+        model = models.load_model(sft_model_path(ctx), empty=not ctx.main)
+        base = sharded_scorer(acc, model)
+        del model
+        scores = _gradient_scores(ctx, base, base.model, sharded=True)
+    params = dict(base.model.named_parameters())
+    return scores, {n: tuple(p.shape) for n, p in params.items()}, {n: row_block(p) for n, p in params.items()}
+
+
+def _main_process_group(ctx: Context):
+    """A process group of the main process alone, under torch.distributed (else None). ``select``
+    combines its counts over the default group, taking each rank's scores as a part of the model;
+    here the main process scores the whole model and selects alone, and every rank then loads the
+    same saved masks. Every rank must call this (creating a group is collective)."""
+    import torch.distributed as dist
+
+    if ctx.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
+        return dist.new_group([0])
+    return None
+
+
+def _ranked(cfg: TrainConfig, scores: dict, shapes: dict, blocks: dict | None) -> dict:
+    """The scores --selection ranks: top (as they are), bottom (negated) or random (seeded uniform;
+    ``blocks``: FSDP2, each parameter's (first row, rows) on this rank, cut from the same draws)."""
+    if cfg.selection == "bottom":
+        return {n: -(s.materialize() if hasattr(s, "materialize") else s).float() for n, s in scores.items()}
+    if cfg.selection == "random":
+        g = torch.Generator().manual_seed(cfg.seed)
+        if blocks is None:
+            return {n: torch.rand(shape, generator=g) for n, shape in shapes.items()}
+        # one tensor drawn whole at a time (the same stream as one process), its rows kept
+        return {n: torch.rand(shape, generator=g).narrow(0, *blocks[n]).clone() for n, shape in shapes.items()}
+    return scores
+
+
+def stage_select(ctx: Context) -> dict:
+    """Scores -> the forget and improve selections. One process or DDP: the main process alone, with
+    the whole model(s). FSDP2: every rank, with its shards, scores and selects its rows
+    (``select_shards``: exactly the one-process selection); the main process writes the files."""
+    from allo.select import select
+    from allo.select.selection import select_shards
+
+    cfg, sdir = ctx.cfg, ctx.dir("select")
+    os.makedirs(sdir, exist_ok=True)
+    info = {"selection": cfg.selection, "score_source": cfg.score_source}
+    sharded = cfg.selection != "none" and fsdp2_shards(ctx.accelerator)
+    group = None if sharded else _main_process_group(ctx)
+    if cfg.selection != "none" and (sharded or ctx.main):
+        if sharded:
+            scores, shapes, blocks = _sharded_scores(ctx)
+        else:
+            base = models.load_model(sft_model_path(ctx))
+            scores, blocks = _scores(ctx, base), None
+            shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+        scores = _ranked(cfg, scores, shapes, blocks)
+        for stage, ratio in (("forget", cfg.forget_ratio), ("improve", cfg.improve_ratio)):
+            kw = dict(exclude_ratio=cfg.exclude_ratio, metadata={"stage": stage, "selection": cfg.selection},
+                      score_source=cfg.score_source)
+            if sharded:
+                sel = select_shards(scores, ratio, shapes=shapes, **kw)
+            else:
+                sel = select(scores, ratio, group=group, **kw)
+            if ctx.main:
+                _write_selection(ctx, sdir, stage, sel, info)
+        ctx.log(f"select: {info}")
+    mark_done(ctx, sdir, info)
+    return info
+
+
+def _write_selection(ctx: Context, sdir: str, stage: str, sel, info: dict) -> None:
+    sel.save(os.path.join(sdir, f"{stage}_mask.safetensors"))
+    with open(os.path.join(sdir, f"{stage}_mask_summary.txt"), "w") as f:
+        f.write(sel.summary())
+    try:
+        sel.plot(os.path.join(sdir, f"{stage}_mask.png"))
+    except Exception as e:  # a plot is a nicety; the masks are what matter
+        ctx.log(f"select: could not plot the {stage} mask ({e})")
+    info[f"{stage}_selected"] = sel.num_selected()
+    info["total_elements"] = sel.num_total()
