@@ -4,7 +4,8 @@ with the doubled batch.
 The 2-process runs are this file run as a script under torchrun, with the environment `accelerate
 launch` sets for an FSDP2 config (ACCELERATE_USE_FSDP=true, FSDP_VERSION=2; on CPU accelerate itself
 runs MULTI_CPU and allo-train shards the model itself). One launch runs select (gradient scores) +
-forget (token weights from a stand-in warm-up model) + improve, then improve again interrupted after
+forget (token weights from a stand-in warm-up model) + improve, then eval (held-out reward metrics and
+greedy answers of the SFT, stand-in warm-up, forget and improve models), then improve again interrupted after
 its checkpoint and resumed; select with weight-delta scores (against the stand-in); the warm-up, and
 the warm-up interrupted and resumed; `select_shards` on dim-0 shards of made-up scores (elements and
 rows); recording which models each rank loaded and whether they ran, what each rank selected from
@@ -25,6 +26,14 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 WARMUP = dict(learning_rate=1e-3, max_grad_norm=0.1)  # clipping at work in every step
+EVALUATED = ("sft", "warmup", "forget", "improve")
+
+
+def _eval_kw(tiny):
+    """The eval stage on 7 held-out pairs in batches of 2 (4 batches: 2 ranks score 2 each) and greedy
+    answers to 5 problems (2 ranks: 3 + 2 prompts)."""
+    return dict(stages="eval", eval_file=os.path.join(tiny, "eval.jsonl"), per_device_eval_batch_size=2,
+                eval_problems_file=os.path.join(tiny, "eval_problems.jsonl"), max_new_tokens=12)
 
 
 def _cfg(tiny, out, **kw):
@@ -113,6 +122,21 @@ def _made_up_scores():
     g = torch.Generator().manual_seed(7)
     return {"a": torch.randint(0, 6, (9, 4), generator=g).float(), "b": torch.rand(5, generator=g),
             "c": torch.randint(0, 3, (3, 2, 2), generator=g).float() * 0.5}
+
+
+def _record_judged(patch=setattr) -> list:
+    """Wrap the eval stage's answer judge (with ``patch``: setattr, or pytest's monkeypatch.setattr);
+    the list gets, per judged response, [response, answer]."""
+    from allo.train import tasks
+
+    calls, judge = [], tasks.is_correct
+
+    def recording(response, answer):
+        calls.append([response, answer])
+        return judge(response, answer)
+
+    patch(tasks, "is_correct", recording)  # the eval stage imports it from allo.train.tasks when it judges
+    return calls
 
 
 def _select_made_up_shards(out):
@@ -209,10 +233,12 @@ def _two_process_runs(tiny, out):
     select with weight-delta scores; the warm-up, then the warm-up cut after step 3 and resumed."""
     from allo.train import pipeline
 
-    loads, masks, selects = _record_model_loads(), _record_masks(), _record_selects()
+    loads, masks, selects, judged = _record_model_loads(), _record_masks(), _record_selects(), _record_judged()
     pipeline.run(_cfg(tiny, os.path.join(out, "two"), stages="select,forget,improve", per_device_train_batch_size=2,
                       skip_forget=False))
     _write_json(os.path.join(out, f"masks_{os.environ['RANK']}.json"), masks)
+    pipeline.run(_cfg(tiny, os.path.join(out, "two"), **_eval_kw(tiny)))
+    _write_json(os.path.join(out, f"judged_{os.environ['RANK']}.json"), judged)
     kw = dict(stages="improve", per_device_train_batch_size=2, reuse_from=os.path.join(out, "two"),
               reuse_stages="select,forget", skip_forget=False)
     _cut_and_resume(tiny, os.path.join(out, "cut"), **kw)
@@ -255,6 +281,14 @@ def tiny(tmp_path_factory):
         for p in make_problems("arithmetic", 16, 0):
             bad = p.solution.replace(f"{ANSWER_PREFIX} {p.answer}.", f"{ANSWER_PREFIX} {p.answer + rng.choice([-2, 1, 3])}.")
             f.write(json.dumps({"prompt": p.prompt, "chosen": p.solution, "rejected": bad}) + "\n")
+    held_out = make_problems("arithmetic", 12, 1)
+    with open(root / "eval.jsonl", "w") as f:
+        for p in held_out[:7]:
+            bad = p.solution.replace(f"{ANSWER_PREFIX} {p.answer}.", f"{ANSWER_PREFIX} {p.answer + 1}.")
+            f.write(json.dumps({"prompt": p.prompt, "chosen": p.solution, "rejected": bad}) + "\n")
+    with open(root / "eval_problems.jsonl", "w") as f:
+        for p in held_out[7:]:
+            f.write(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n")
     return str(root)
 
 
@@ -365,6 +399,32 @@ def _assert_same_selection_files(one, two):
         assert 0 < sel.num_selected() < sel.num_total(), stage
 
 
+def test_fsdp2_eval_matches_one_process(tiny, two, tmp_path, monkeypatch):
+    from allo.train import pipeline
+
+    # the same model files (the 2-process run's) evaluated by one process
+    judged = _record_judged(monkeypatch.setattr)
+    pipeline.run(_cfg(tiny, tmp_path / "one", reuse_from=str(two / "two"), reuse_stages="warmup,forget,improve",
+                      **_eval_kw(tiny)))
+    one, two_eval = tmp_path / "one" / "eval", two / "two" / "eval"
+    # the SFT reference cache from the shards == one process's, up to summation order
+    a, b = (load_file(str(d / "sft_reference_logps.safetensors")) for d in (one, two_eval))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-6)
+    for name in EVALUATED:
+        r1, r2 = (json.load(open(d / f"{name}.json")) for d in (one, two_eval))
+        assert r1.keys() == r2.keys() and "eval_rewards/margins" in r1 and "eval_answer_accuracy" in r1, name
+        assert r2["eval_answer_accuracy"] == r1["eval_answer_accuracy"], name
+        for k in r1:
+            assert abs(r2[k] - r1[k]) <= 1e-5 * (1 + abs(r1[k])), (name, k, r1[k], r2[k])
+    assert json.load(open(one / f"{EVALUATED[-1]}.json"))["eval_rewards/margins"] != 0  # the models differ
+    # the main process judged the same greedy responses, in the problems' order (5 per model); rank 1 none
+    assert json.load(open(two / "judged_1.json")) == []
+    assert json.load(open(two / "judged_0.json")) == judged and len(judged) == 5 * len(EVALUATED)
+    assert len({text for text, _ in judged}) > 5, judged  # responses that differ between problems / models
+
+
 def test_fsdp2_weight_delta_selection_equals_one_process(tiny, two, tmp_path):
     from allo.train import pipeline
 
@@ -411,16 +471,19 @@ def test_fsdp2_warmup_matches_one_process_and_resumes_exactly(tiny, two, tmp_pat
 def test_fsdp2_only_the_main_process_holds_the_model_whole_and_once(two):
     # every stage: rank 1 built every model it got on the meta device (no weights read), rank 0 loaded them
     loads = {r: json.load(open(two / f"loads_{r}.json")) for r in (0, 1)}
-    # select (gradient), forget, improve; improve x 2 (cut, resumed); select (weight delta: SFT, warm-up);
-    # warm-up x 3 (whole, cut, resumed). Rank 1 never loads the forget stage's warm-up model (for the
-    # token weights rank 0 broadcasts it into the shards)
-    stages = ["select", "forget", "improve", "improve", "improve", "select", "select", "warmup", "warmup", "warmup"]
+    # select (gradient), forget, improve; eval (the SFT model for the reference, evaluated with the weights
+    # it left in the shards, then the warm-up, forget and improve models); improve x 2 (cut, resumed);
+    # select (weight delta: SFT, warm-up); warm-up x 3 (whole, cut, resumed). Rank 1 never loads the forget
+    # stage's warm-up model (for the token weights rank 0 broadcasts it into the shards)
+    stages = ["select", "forget", "improve", "eval", "eval", "eval", "eval", "improve", "improve", "select", "select",
+              "warmup", "warmup", "warmup"]
     assert [l[0] for l in loads[1]] == stages, loads[1]
     assert all(empty and meta for _, empty, meta, _ in loads[1]), loads[1]
     assert [l[0] for l in loads[0]] == stages[:2] + ["forget"] + stages[2:], loads[0]
     assert not any(empty or meta for _, empty, meta, _ in loads[0]), loads[0]
     # rank 0's whole models never ran (so they never need the accelerator): the reference log-probs, the
-    # token weights, the gradient scores and the warm-up training came from the sharded models
+    # token weights, the gradient scores, the warm-up training and the eval's log-probs and greedy answers
+    # came from the sharded models
     assert all(forwards == 0 for *_, forwards in loads[0]), loads[0]
     # every select_shards call (2 per select run) was given this rank's rows only: about half the model
     selects = {r: json.load(open(two / f"selects_{r}.json")) for r in (0, 1)}

@@ -8,7 +8,8 @@ selection) and the masked stages (forget, improve, ``MaskedAdamW``) use the mode
 ``TokenLogprobs`` wrapper as the root unit, which holds the embeddings, the final norm and the
 output layer (the fused log-prob path reads ``lm_head.weight`` inside the root's forward, where
 FSDP2 has it gathered). Each rank then holds, trains and scores its rows of every parameter
-(``Shard(0)``). The eval stage (and ``prepare``) still run on the main process with the whole model.
+(``Shard(0)``); the eval stage scores and generates with the sharded model too. ``prepare`` still runs on the main
+process with the whole model.
 
 Host memory: only the main process (rank 0) reads the weights; the others build the model on the
 meta device from its config. Every rank builds the sharded module on the meta device too, allocates
@@ -18,6 +19,8 @@ weights are gathered back into it one parameter at a time (checkpoints, end of s
 second full state dict. The stage's reference log-probs (and the forget stage's warm-up log-probs,
 with the warm-up weights broadcast into the same shards and the stage's own put back after) come
 from the sharded module too, every rank scoring its share of the batches (``sharded_logps``).
+The eval stage scores and generates with one sharded module into which each evaluated model is
+broadcast in turn (``sharded_logps``, ``sharded_generate``).
 
 The sharding is applied here, not by ``accelerator.prepare``: accelerate's FSDP2 wrapping puts the
 output layer in a unit of its own, and on CPU accelerate ignores an FSDP configuration altogether
@@ -43,6 +46,14 @@ class ShardedTokenLogprobs(TokenLogprobs):
 
     def forward(self, input_ids, attention_mask, labels):
         return super().forward(input_ids, attention_mask, labels).clone()
+
+    def generate(self, *args, **kwargs):
+        """The model's ``generate`` run as a forward of this root (``sharded_scorer`` registers it with
+        ``register_fsdp_forward_method``): FSDP2 gathers the root's own parameters (embeddings, final
+        norm, output layer) for the whole generation, and each decoder layer's hooks gather that layer
+        at every step. ``self.model.generate`` called directly would skip the root's hooks and read the
+        root's parameters as shards."""
+        return self.model.generate(*args, **kwargs)
 
 
 def _fsdp_version(accelerator) -> int | None:
@@ -121,7 +132,7 @@ def sharded_scorer(accelerator, model, *, prepare: Callable | None = None):
     second whole copy. ``prepare(module)`` runs on that module before sharding (requires_grad,
     gradient checkpointing)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     from .model import empty_model
 
@@ -141,6 +152,7 @@ def sharded_scorer(accelerator, model, *, prepare: Callable | None = None):
         fully_shard(layer, **kwargs)
     scorer = ShardedTokenLogprobs(shadow)
     fully_shard(scorer, **kwargs)
+    register_fsdp_forward_method(scorer, "generate")
     # only now is memory allocated, for this rank's shards. to_empty also empties the buffers, which
     # the model's __init__ computed (non-persistent ones are not broadcast): put them back. Loading
     # into allocated shards (not meta ones, with assign=True) keeps tied weights tied and the device ours
@@ -213,6 +225,35 @@ def sharded_logps(scorer, examples, *, pad_id, batch_size, device, autocast, pro
     return out
 
 
+def sharded_generate(scorer, tokenizer, prompts: list[str], *, batch_size: int, **kwargs) -> list | None:
+    """Greedy (or sampled) responses of the FSDP2 module ``scorer`` for every prompt, the work split
+    over the ranks: rank ``r`` generates for the ``r``-th contiguous share of ``prompts`` in batches of
+    at most ``batch_size``; the main process (rank 0) gets every prompt's responses in order (as
+    :func:`allo.train.model.generate` returns them), the other ranks None. Each forward all-gathers
+    every layer from all ranks, so every rank runs as many ``generate`` calls (a rank short of a batch
+    generates for the first prompts again and drops the result) and each call runs as many forwards
+    (``synced_gpus``: a rank whose sequences all ended keeps stepping until every rank's have).
+    ``kwargs`` go to ``generate`` (max_new_tokens, do_sample, progress, desc, ...)."""
+    import torch.distributed as dist
+
+    from .model import generate
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    share = -(-len(prompts) // world)
+    mine = prompts[rank * share:(rank + 1) * share]
+    size = max(1, min(batch_size, share))
+    texts = []
+    for first in range(0, share, size):
+        chunk = mine[first:first + size]
+        out = generate(scorer, tokenizer, chunk or prompts[:size], batch_size=size, synced_gpus=True, **kwargs)
+        if chunk:
+            texts.extend(out)
+    reshard(scorer)
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(texts, parts, dst=0)
+    return [t for part in parts for t in part] if rank == 0 else None
+
+
 def load_full_weights(model, weights: dict, *, source: str) -> None:
     """Load a full state dict into ``model`` (plain, unsharded) with a clear error if it does not fit.
     Tied weights are saved once (under the other name); anything else missing is the wrong file."""
@@ -244,4 +285,4 @@ def gather_into(model, scorer) -> None:
 
 
 __all__ = ["fsdp2_shards", "masked_stage_shards", "sharded_scorer", "load_weights", "reshard", "sharded_logps",
-           "load_full_weights", "gather_into", "SUPPORTED"]
+           "sharded_generate", "load_full_weights", "gather_into", "SUPPORTED"]

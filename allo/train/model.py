@@ -112,8 +112,11 @@ def sft_train(model, tokenizer, problems, *, steps: int, lr: float, batch_size: 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, num_return_sequences: int = 1, do_sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.95, max_new_tokens: int = 32, batch_size: int = 64,
-             seed: int = 0, progress: bool = True, desc: str = "generate") -> list[list[str]]:
-    """Responses for every prompt (``num_return_sequences`` each), decoded without special tokens."""
+             seed: int = 0, progress: bool = True, desc: str = "generate",
+             synced_gpus: bool = False) -> list[list[str]]:
+    """Responses for every prompt (``num_return_sequences`` each), decoded without special tokens.
+    ``synced_gpus``: every process keeps running forwards until all processes' sequences have ended
+    (a sharded model's forwards are collectives; see ``allo.train.fsdp.sharded_generate``)."""
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -130,6 +133,8 @@ def generate(model, tokenizer, prompts: list[str], *, num_return_sequences: int 
             chunk = prompts[start:start + per_batch]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
+            if synced_gpus:
+                kwargs["synced_gpus"] = True
             seqs = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
             texts = tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

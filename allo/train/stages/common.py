@@ -178,9 +178,14 @@ def cached_reference(ctx: Context, stage_dir: str, model, named_examples: dict, 
 
 def main_decides(flag: bool) -> bool:
     """The main process's ``flag``, on every rank (collective: every rank calls it)."""
+    return from_main(flag)
+
+
+def from_main(value):
+    """The main process's ``value`` (any picklable object), on every rank (collective: every rank calls it)."""
     import torch.distributed as dist
 
-    box = [flag]
+    box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 

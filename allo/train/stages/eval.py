@@ -10,10 +10,13 @@ import torch
 
 from .. import data as D
 from .. import model as models
+from ..fsdp import fsdp2_shards, load_weights, sharded_generate, sharded_logps, sharded_scorer
 from ..logps import TokenLogprobs, compute_logps
 from ..model import generate
-from .common import (EVALUATED, Context, cached_reference, is_done, load_pairs, mark_done, pair_views, scorer_batch,
-                     sft_model_path, uses_builtin_data)
+from .common import (EVALUATED, Context, cached_reference, from_main, is_done, load_pairs, mark_done, pair_views,
+                     scorer_batch, sft_model_path, uses_builtin_data)
+
+GENERATE_BATCH = 256  # prompts per greedy-generation batch
 
 
 def _model_of(ctx: Context, name: str) -> str | None:
@@ -25,13 +28,39 @@ def _model_of(ctx: Context, name: str) -> str | None:
     return None
 
 
+def _load_problems(ctx: Context):
+    cfg = ctx.cfg
+    prob_src = cfg.eval_problems_file or (os.path.join(ctx.dir("prepare"), "eval_problems.jsonl")
+                                          if uses_builtin_data(cfg) or cfg.problems_file else None)
+    if prob_src and os.path.exists(prob_src):
+        problems, _ = D.load_problems(prob_src, skip_bad_rows=cfg.skip_bad_rows)
+        return problems
+    return None
+
+
+def _reward_metrics(ctx: Context, pol: dict, ref: dict) -> dict:
+    """TRL's eval_ reward metrics from the policy's and the reference's log-probs of the pairs."""
+    from allo.losses import dpo_loss
+
+    from torch.nn.utils.rnn import pad_sequence
+
+    pc, pr = pad_sequence(pol["chosen"], True), pad_sequence(pol["rejected"], True)
+    rc, rr = pad_sequence(ref["chosen"], True), pad_sequence(ref["rejected"], True)
+    cm = pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in pol["chosen"]], True)
+    rm = pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in pol["rejected"]], True)
+    loss, metrics = dpo_loss(pc, pr, rc, rr, cm, rm, beta=ctx.cfg.beta)
+    return {"eval_loss": float(loss), **{f"eval_{k}": float(v) for k, v in metrics.items()}}
+
+
+def _answer_accuracy(texts, problems) -> float:
+    from ..tasks import is_correct
+
+    return sum(is_correct(t[0], p["answer"]) for t, p in zip(texts, problems)) / len(problems)
+
+
 @torch.no_grad()
 def evaluate_model(ctx: Context, model, pairs, ref, problems) -> dict:
     """Held-out reward metrics against the SFT model (TRL's eval_ names) and answer accuracy."""
-    from allo.losses import dpo_loss
-
-    from ..tasks import is_correct
-
     out = {}
     if pairs:
         views = pair_views(pairs)
@@ -39,18 +68,81 @@ def evaluate_model(ctx: Context, model, pairs, ref, problems) -> dict:
         kw = dict(pad_id=ctx.tokenizer.pad_token_id, batch_size=scorer_batch(ctx), device=ctx.accelerator.device,
                   autocast=ctx.accelerator.autocast)
         pol = {k: compute_logps(scorer, v, **kw) for k, v in views.items()}
-        pc, pr = torch.nn.utils.rnn.pad_sequence(pol["chosen"], True), torch.nn.utils.rnn.pad_sequence(pol["rejected"], True)
-        rc, rr = torch.nn.utils.rnn.pad_sequence(ref["chosen"], True), torch.nn.utils.rnn.pad_sequence(ref["rejected"], True)
-        cm = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in pol["chosen"]], True)
-        rm = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in pol["rejected"]], True)
-        loss, metrics = dpo_loss(pc, pr, rc, rr, cm, rm, beta=ctx.cfg.beta)
-        out["eval_loss"] = float(loss)
-        out.update({f"eval_{k}": float(v) for k, v in metrics.items()})
+        out.update(_reward_metrics(ctx, pol, ref))
     if problems:
         texts = generate(model, ctx.tokenizer, [p["prompt"] for p in problems], max_new_tokens=ctx.cfg.max_new_tokens,
-                         batch_size=256, progress=ctx.progress, desc="eval: greedy answers")
-        out["eval_answer_accuracy"] = sum(is_correct(t[0], p["answer"]) for t, p in zip(texts, problems)) / len(problems)
+                         batch_size=GENERATE_BATCH, progress=ctx.progress, desc="eval: greedy answers")
+        out["eval_answer_accuracy"] = _answer_accuracy(texts, problems)
     return out
+
+
+@torch.no_grad()
+def evaluate_sharded(ctx: Context, scorer, pairs, ref, problems) -> dict | None:
+    """``evaluate_model`` with the FSDP2 module ``scorer`` (holding the evaluated model's weights):
+    every rank scores its share of the pairs and generates for its share of the problems; the main
+    process gets the metrics, the other ranks None."""
+    out = {}
+    if pairs:
+        kw = dict(pad_id=ctx.tokenizer.pad_token_id, batch_size=scorer_batch(ctx), device=ctx.accelerator.device,
+                  autocast=ctx.accelerator.autocast)
+        pol = {k: sharded_logps(scorer, v, **kw) for k, v in pair_views(pairs).items()}
+        if ctx.main:
+            out.update(_reward_metrics(ctx, pol, ref))
+    if problems:
+        texts = sharded_generate(scorer, ctx.tokenizer, [p["prompt"] for p in problems], batch_size=GENERATE_BATCH,
+                                 max_new_tokens=ctx.cfg.max_new_tokens, progress=ctx.progress,
+                                 desc="eval: greedy answers")
+        if ctx.main:
+            out["eval_answer_accuracy"] = _answer_accuracy(texts, problems)
+    return out if ctx.main else None
+
+
+def _write_result(path: str, result: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _eval_sharded(ctx: Context, sdir: str) -> dict:
+    """FSDP2: one sharded module; rank 0 loads each evaluated model whole on its CPU only (the other
+    ranks on the meta device) and broadcasts its weights into the shards, which every rank then
+    scores and generates with. The main process decides what is evaluated and writes the results."""
+    pairs = load_pairs(ctx, "eval")  # every rank scores its share of them
+    # on every rank (the SFT model's path may be missing): all fail alike, none waits
+    todo = [(name, _model_of(ctx, name)) for name in EVALUATED if name in ctx.cfg.eval_model_list()]
+    plan = None
+    if ctx.main:
+        plan = (_load_problems(ctx), [(n, p, os.path.exists(os.path.join(sdir, f"{n}.json"))) for n, p in todo if p])
+    problems, todo = from_main(plan)
+    results, scorer, holds, ref = {}, None, None, None
+
+    def hold(name: str, path: str):
+        nonlocal scorer, holds
+        if holds != name:
+            model = models.load_model(path, empty=not ctx.main)
+            if scorer is None:
+                scorer = sharded_scorer(ctx.accelerator, model)
+            else:
+                load_weights(scorer, model)
+            holds = name  # rank 0's whole copy is dropped here: the shards hold the weights
+
+    for name, path, done in todo:
+        out_path = os.path.join(sdir, f"{name}.json")
+        if done:
+            if ctx.main:
+                with open(out_path) as f:
+                    results[name] = json.load(f)
+            continue
+        if ref is None and pairs:
+            hold("sft", sft_model_path(ctx))
+            ref = cached_reference(ctx, sdir, None, pair_views(pairs), name="sft_reference_logps", scorer=scorer)
+        hold(name, path)
+        result = evaluate_sharded(ctx, scorer, pairs, ref, problems)
+        if ctx.main:
+            results[name] = result
+            _write_result(out_path, result)
+    return results
 
 
 def stage_eval(ctx: Context) -> dict:
@@ -59,13 +151,13 @@ def stage_eval(ctx: Context) -> dict:
     cfg, sdir = ctx.cfg, ctx.dir("eval")
     os.makedirs(sdir, exist_ok=True)
     results = {}
-    if ctx.main:
+    if fsdp2_shards(ctx.accelerator):
+        results = _eval_sharded(ctx, sdir)
+        if ctx.main:
+            write_report(ctx.cfg.output_dir, results)
+    elif ctx.main:
         pairs = load_pairs(ctx, "eval")
-        problems = None
-        prob_src = cfg.eval_problems_file or (os.path.join(ctx.dir("prepare"), "eval_problems.jsonl")
-                                              if uses_builtin_data(cfg) or cfg.problems_file else None)
-        if prob_src and os.path.exists(prob_src):
-            problems, _ = D.load_problems(prob_src, skip_bad_rows=cfg.skip_bad_rows)
+        problems = _load_problems(ctx)
         ref = None
         wanted = cfg.eval_model_list()
         for name in EVALUATED:
@@ -84,10 +176,7 @@ def stage_eval(ctx: Context) -> dict:
                 sft = model if name == "sft" else models.load_model(sft_model_path(ctx)).to(ctx.accelerator.device)
                 ref = cached_reference(ctx, sdir, sft, pair_views(pairs), name="sft_reference_logps", sync=False)
             results[name] = evaluate_model(ctx, model, pairs, ref, problems)
-            tmp = out_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(results[name], f, indent=1)
-            os.replace(tmp, out_path)
+            _write_result(out_path, results[name])
         write_report(ctx.cfg.output_dir, results)
     mark_done(ctx, sdir, {"results": results})
     return results
