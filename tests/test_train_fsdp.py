@@ -3,7 +3,8 @@ with the doubled batch.
 
 The 2-process runs are this file run as a script under torchrun, with the environment `accelerate
 launch` sets for an FSDP2 config (ACCELERATE_USE_FSDP=true, FSDP_VERSION=2; on CPU accelerate itself
-runs MULTI_CPU and allo-train shards the model itself). One launch runs select (gradient scores) +
+runs MULTI_CPU and allo-train shards the model itself). One launch runs prepare twice (sampling on
+the shards, what the main process judged recorded), select (gradient scores) +
 forget (token weights from a stand-in warm-up model) + improve, then eval (held-out reward metrics and
 greedy answers of the SFT, stand-in warm-up, forget and improve models), then improve again interrupted after
 its checkpoint and resumed; select with weight-delta scores (against the stand-in); the warm-up, and
@@ -228,12 +229,44 @@ def _cut_and_resume(tiny, out_dir, **kw):
     pipeline.run(_cfg(tiny, out_dir, resume_from_checkpoint="true", **kw))
 
 
+PREPARE = dict(num_samples=4, max_new_tokens=20)  # 7 problems: 6 to sample for train (3 per rank), 1 for eval
+
+
+def _prepare_kw(tiny):
+    return dict(stages="prepare", model_name_or_path=os.path.join(tiny, "sampler"), train_file=None,
+                problems_file=os.path.join(tiny, "problems.jsonl"), **PREPARE)
+
+
+def _prepare_runs(tiny, out):
+    """Under torchrun: prepare (sampling on the shards) twice, with what build_pairs was given recorded
+    (rank 1: nothing); 4 sequences per batch, so each rank samples its 3 train problems in 2 batches."""
+    from allo.train.stages import prepare
+
+    calls, build, batch = [], prepare.build_pairs, prepare.SAMPLE_BATCH
+
+    def recording(problems, samples, **kw):
+        calls.append([problems, samples])
+        return build(problems, samples, **kw)
+
+    prepare.build_pairs, prepare.SAMPLE_BATCH = recording, 2 * PREPARE["num_samples"]
+    try:
+        from allo.train import pipeline
+
+        for name in ("prep", "prep_again"):
+            pipeline.run(_cfg(tiny, os.path.join(out, name), **_prepare_kw(tiny)))
+    finally:
+        prepare.build_pairs, prepare.SAMPLE_BATCH = build, batch
+    _write_json(os.path.join(out, f"prepare_{os.environ['RANK']}.json"), calls)
+
+
 def _two_process_runs(tiny, out):
     """Under torchrun: select + forget + improve; then improve cut after step 3 (checkpoint at 2) and resumed;
     select with weight-delta scores; the warm-up, then the warm-up cut after step 3 and resumed."""
     from allo.train import pipeline
 
     loads, masks, selects, judged = _record_model_loads(), _record_masks(), _record_selects(), _record_judged()
+    _prepare_runs(tiny, out)
+    judged.clear()  # the eval stage's judging is checked on its own
     pipeline.run(_cfg(tiny, os.path.join(out, "two"), stages="select,forget,improve", per_device_train_batch_size=2,
                       skip_forget=False))
     _write_json(os.path.join(out, f"masks_{os.environ['RANK']}.json"), masks)
@@ -281,6 +314,20 @@ def tiny(tmp_path_factory):
         for p in make_problems("arithmetic", 16, 0):
             bad = p.solution.replace(f"{ANSWER_PREFIX} {p.answer}.", f"{ANSWER_PREFIX} {p.answer + rng.choice([-2, 1, 3])}.")
             f.write(json.dumps({"prompt": p.prompt, "chosen": p.solution, "rejected": bad}) + "\n")
+    # a model that answers every prompt "The answer is 5." or "... 7." (about half each): with the answers
+    # below, most problems get right and wrong samples, judged by the final answer
+    from types import SimpleNamespace
+
+    from allo.train.model import sft_train
+
+    probs = make_problems("arithmetic", 7, 2)
+    sampler = build_tiny_model(tok, hidden_size=32, num_layers=2, seed=0)
+    sft_train(sampler, tok, [SimpleNamespace(prompt=p.prompt, solution=f"{ANSWER_PREFIX} {a}.") for p in probs
+                             for a in (5, 7)], steps=100, lr=1e-2, batch_size=14, seed=0, progress=False)
+    save_model(sampler, tok, str(root / "sampler"))
+    with open(root / "problems.jsonl", "w") as f:
+        for i, p in enumerate(probs):
+            f.write(json.dumps({"prompt": p.prompt, "answer": (5, 7)[i % 2]}) + "\n")
     held_out = make_problems("arithmetic", 12, 1)
     with open(root / "eval.jsonl", "w") as f:
         for p in held_out[:7]:
@@ -425,6 +472,55 @@ def test_fsdp2_eval_matches_one_process(tiny, two, tmp_path, monkeypatch):
     assert len({text for text, _ in judged}) > 5, judged  # responses that differ between problems / models
 
 
+def test_fsdp2_prepare_samples_on_the_shards(tiny, two):
+    from allo.train.stages import build_pairs
+    from allo.train.tasks import is_correct
+
+    rows = [json.loads(l) for l in open(os.path.join(tiny, "problems.jsonl"))]
+    calls = {r: json.load(open(two / f"prepare_{r}.json")) for r in (0, 1)}
+    assert calls[1] == [] and len(calls[0]) == 4  # the main process alone judged: train and eval, 2 runs
+    # the same samples for the same seed and number of processes
+    assert calls[0][:2] == calls[0][2:]
+    for d in ("prep", "prep_again"):
+        assert (two / d / "prepare" / "DONE").exists()
+    [train, train_samples], [evals, eval_samples] = calls[0][:2]
+    assert train == rows[1:] and evals == rows[:1]  # --problems_file without eval problems: the first 10% held out
+    samples = train_samples + eval_samples
+    assert [len(s) for s in samples] == [PREPARE["num_samples"]] * len(rows)  # every problem, in order
+    # sampled by the sampler (its weights in the shards): almost all say 5 or 7. Each rank and batch samples with
+    # its own seed: one seed for all (the same random stream in every batch) gives only 3 distinct sample lists here
+    flat = [t for s in samples for t in s]
+    assert sum(t in ("The answer is 5.", "The answer is 7.") for t in flat) > 0.7 * len(flat), samples
+    assert len({tuple(s) for s in samples}) > 3, samples
+    judged = [[is_correct(t, r["answer"]) for t in s] for s, r in zip(samples, rows[1:] + rows[:1])]
+    assert sum(any(j) and not all(j) for j in judged[:-1]) >= 2, judged  # problems with pairs
+    # the files: the recorded samples judged by their final answer, paired, written
+    cfg = _cfg(tiny, two / "prep")
+    prep = two / "prep" / "prepare"
+    read = lambda name: [json.loads(l) for l in open(prep / name)]
+    pairs, negatives, _ = build_pairs(train, train_samples, max_pairs=cfg.max_pairs_per_problem, seed=cfg.seed)
+    assert read("train_pairs.jsonl") == pairs and read("negatives.jsonl") == negatives and pairs
+    assert read("eval_pairs.jsonl") == build_pairs(evals, eval_samples, max_pairs=cfg.max_pairs_per_problem,
+                                                   seed=cfg.seed)[0]
+    assert read("eval_problems.jsonl") == evals
+    answer = {r["prompt"]: r["answer"] for r in rows}
+    for p in pairs:
+        assert is_correct(p["chosen"], answer[p["prompt"]]) and not is_correct(p["rejected"], answer[p["prompt"]]), p
+    for n in negatives:
+        assert not is_correct(n["response"], answer[n["prompt"]]), n
+    for row, s, j in zip(train, train_samples, judged):  # every wrong sample is a negative, once
+        assert [n["response"] for n in negatives if n["prompt"] == row["prompt"]] == list(
+            dict.fromkeys(t for t, ok in zip(s, j) if not ok))
+
+
+def test_sharded_sampling_seeds_differ_per_rank_and_batch():
+    from allo.train.fsdp import batch_seed
+
+    seeds = {batch_seed(s, r, b) for s in (3, 4) for r in range(4) for b in range(4)}
+    assert len(seeds) == 32 and all(0 <= x < 2 ** 63 for x in seeds)
+    assert batch_seed(3, 1, 2) == batch_seed(3, 1, 2)
+
+
 def test_fsdp2_weight_delta_selection_equals_one_process(tiny, two, tmp_path):
     from allo.train import pipeline
 
@@ -471,19 +567,19 @@ def test_fsdp2_warmup_matches_one_process_and_resumes_exactly(tiny, two, tmp_pat
 def test_fsdp2_only_the_main_process_holds_the_model_whole_and_once(two):
     # every stage: rank 1 built every model it got on the meta device (no weights read), rank 0 loaded them
     loads = {r: json.load(open(two / f"loads_{r}.json")) for r in (0, 1)}
-    # select (gradient), forget, improve; eval (the SFT model for the reference, evaluated with the weights
-    # it left in the shards, then the warm-up, forget and improve models); improve x 2 (cut, resumed);
-    # select (weight delta: SFT, warm-up); warm-up x 3 (whole, cut, resumed). Rank 1 never loads the forget
-    # stage's warm-up model (for the token weights rank 0 broadcasts it into the shards)
-    stages = ["select", "forget", "improve", "eval", "eval", "eval", "eval", "improve", "improve", "select", "select",
-              "warmup", "warmup", "warmup"]
+    # prepare x 2 (the sampler); select (gradient), forget, improve; eval (the SFT model for the reference,
+    # evaluated with the weights it left in the shards, then the warm-up, forget and improve models); improve x 2
+    # (cut, resumed); select (weight delta: SFT, warm-up); warm-up x 3 (whole, cut, resumed). Rank 1 never loads
+    # the forget stage's warm-up model (for the token weights rank 0 broadcasts it into the shards)
+    stages = ["prepare", "prepare", "select", "forget", "improve", "eval", "eval", "eval", "eval", "improve", "improve",
+              "select", "select", "warmup", "warmup", "warmup"]
     assert [l[0] for l in loads[1]] == stages, loads[1]
     assert all(empty and meta for _, empty, meta, _ in loads[1]), loads[1]
-    assert [l[0] for l in loads[0]] == stages[:2] + ["forget"] + stages[2:], loads[0]
+    assert [l[0] for l in loads[0]] == stages[:4] + ["forget"] + stages[4:], loads[0]
     assert not any(empty or meta for _, empty, meta, _ in loads[0]), loads[0]
-    # rank 0's whole models never ran (so they never need the accelerator): the reference log-probs, the
-    # token weights, the gradient scores, the warm-up training and the eval's log-probs and greedy answers
-    # came from the sharded models
+    # rank 0's whole models never ran (so they never need the accelerator): prepare's samples, the reference
+    # log-probs, the token weights, the gradient scores, the warm-up training and the eval's log-probs and greedy
+    # answers came from the sharded models
     assert all(forwards == 0 for *_, forwards in loads[0]), loads[0]
     # every select_shards call (2 per select run) was given this rank's rows only: about half the model
     selects = {r: json.load(open(two / f"selects_{r}.json")) for r in (0, 1)}

@@ -8,8 +8,8 @@ selection) and the masked stages (forget, improve, ``MaskedAdamW``) use the mode
 ``TokenLogprobs`` wrapper as the root unit, which holds the embeddings, the final norm and the
 output layer (the fused log-prob path reads ``lm_head.weight`` inside the root's forward, where
 FSDP2 has it gathered). Each rank then holds, trains and scores its rows of every parameter
-(``Shard(0)``); the eval stage scores and generates with the sharded model too. ``prepare`` still runs on the main
-process with the whole model.
+(``Shard(0)``); the eval stage scores and generates with the sharded model too, and ``prepare`` samples with it
+(its built-in task's SFT training stays on the main process).
 
 Host memory: only the main process (rank 0) reads the weights; the others build the model on the
 meta device from its config. Every rank builds the sharded module on the meta device too, allocates
@@ -225,15 +225,20 @@ def sharded_logps(scorer, examples, *, pad_id, batch_size, device, autocast, pro
     return out
 
 
-def sharded_generate(scorer, tokenizer, prompts: list[str], *, batch_size: int, **kwargs) -> list | None:
+def sharded_generate(scorer, tokenizer, prompts: list[str], *, batch_size: int, seed: int = 0,
+                     num_return_sequences: int = 1, **kwargs) -> list | None:
     """Greedy (or sampled) responses of the FSDP2 module ``scorer`` for every prompt, the work split
     over the ranks: rank ``r`` generates for the ``r``-th contiguous share of ``prompts`` in batches of
-    at most ``batch_size``; the main process (rank 0) gets every prompt's responses in order (as
-    :func:`allo.train.model.generate` returns them), the other ranks None. Each forward all-gathers
-    every layer from all ranks, so every rank runs as many ``generate`` calls (a rank short of a batch
-    generates for the first prompts again and drops the result) and each call runs as many forwards
+    at most ``batch_size`` sequences (as :func:`allo.train.model.generate` counts them: prompts x
+    ``num_return_sequences``); the main process (rank 0) gets every prompt's responses in order (as
+    ``generate`` returns them), the other ranks None. Each forward all-gathers every layer from all
+    ranks, so every rank runs as many ``model.generate`` calls, one per batch (a rank short of a batch
+    generates for the first prompts again and drops the result), and each call runs as many forwards
     (``synced_gpus``: a rank whose sequences all ended keeps stepping until every rank's have).
-    ``kwargs`` go to ``generate`` (max_new_tokens, do_sample, progress, desc, ...)."""
+    Sampling (``do_sample``): each rank's batch ``b`` is sampled with its own seed, derived from
+    ``seed``, the rank and ``b`` (:func:`batch_seed`): reproducible for a given seed and number of
+    ranks, but other random streams than one process's, so the samples differ from its.
+    ``kwargs`` go to ``generate`` (max_new_tokens, do_sample, temperature, top_p, progress, desc, ...)."""
     import torch.distributed as dist
 
     from .model import generate
@@ -241,17 +246,28 @@ def sharded_generate(scorer, tokenizer, prompts: list[str], *, batch_size: int, 
     world, rank = dist.get_world_size(), dist.get_rank()
     share = -(-len(prompts) // world)
     mine = prompts[rank * share:(rank + 1) * share]
-    size = max(1, min(batch_size, share))
+    size = max(1, min(batch_size // num_return_sequences, share))  # prompts per batch
     texts = []
-    for first in range(0, share, size):
+    for b, first in enumerate(range(0, share, size)):
         chunk = mine[first:first + size]
-        out = generate(scorer, tokenizer, chunk or prompts[:size], batch_size=size, synced_gpus=True, **kwargs)
+        # one model.generate call per batch on every rank: generate's batches hold size prompts
+        out = generate(scorer, tokenizer, chunk or prompts[:size], batch_size=size * num_return_sequences,
+                       num_return_sequences=num_return_sequences, seed=batch_seed(seed, rank, b),
+                       synced_gpus=True, **kwargs)
         if chunk:
             texts.extend(out)
     reshard(scorer)
     parts = [None] * world if rank == 0 else None
     dist.gather_object(texts, parts, dst=0)
     return [t for part in parts for t in part] if rank == 0 else None
+
+
+def batch_seed(seed: int, rank: int, batch: int) -> int:
+    """The sampling seed of ``rank``'s ``batch``-th generate call in :func:`sharded_generate`: a hash of
+    the three, so that no two ranks or batches share a random stream (seed + rank + batch would)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{batch}".encode()).digest()[:8], "little") >> 1
 
 
 def load_full_weights(model, weights: dict, *, source: str) -> None:
@@ -285,4 +301,4 @@ def gather_into(model, scorer) -> None:
 
 
 __all__ = ["fsdp2_shards", "masked_stage_shards", "sharded_scorer", "load_weights", "reshard", "sharded_logps",
-           "sharded_generate", "load_full_weights", "gather_into", "SUPPORTED"]
+           "sharded_generate", "batch_seed", "load_full_weights", "gather_into", "SUPPORTED"]
