@@ -10,10 +10,11 @@
     eval     held-out reward accuracy / margins (reference: the SFT model) and answer accuracy
              after every stage; the report table and plots
 
-Under FSDP2 every stage but prepare runs on the shards: only the main process loads a model whole,
-one at a time, on its CPU, and broadcasts it into the shards; every rank computes reference log-probs
-(and eval's log-probs and answers) on its share of the examples with the sharded model, scores and
-selects its own rows, and holds only the selected indices in its rows.
+Under FSDP2 every stage runs on the shards (only the built-in task's SFT training stays on the main
+process): only the main process loads a model whole, one at a time, on its CPU, and broadcasts it
+into the shards; every rank computes reference log-probs (and eval's log-probs and answers, prepare's
+samples) on its share of the examples with the sharded model, scores and selects its own rows, and
+holds only the selected indices in its rows.
 
 Each stage is a module of this package (``prepare``, ``warmup``, ``select``, ``forget``, ``improve``,
 ``eval``) with one ``stage_<name>(ctx)`` entry point; ``common`` holds what they share and ``masked``
