@@ -16,13 +16,9 @@ from typing import Iterable, Mapping
 
 import torch
 
+from allo._dtensor import local
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def local_part(t: torch.Tensor) -> torch.Tensor:
-    """The rank's own block of a ``DTensor`` (FSDP2's parameters and gradients), or ``t`` itself."""
-    to_local = getattr(t, "to_local", None)  # only DTensor has it: no import of torch.distributed here
-    return to_local() if callable(to_local) else t
 
 
 class AbsDiff:
@@ -35,7 +31,7 @@ class AbsDiff:
     __slots__ = ("a", "b")
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, *, name: str = "?"):
-        a, b = local_part(a), local_part(b)  # sharded (FSDP2) models: this rank's rows
+        a, b = local(a), local(b)  # sharded (FSDP2) models: this rank's rows
         if a.shape != b.shape:
             raise ValueError(f"weight_delta_scores: parameter {name!r} has shape {tuple(a.shape)} in the first "
                              f"model and {tuple(b.shape)} in the second; both must hold the same architecture")
@@ -162,7 +158,7 @@ class GradientScoreAccumulator:
             g = p.grad
             if g is None:
                 return
-            g = local_part(g)
+            g = local(g)
             buf = self._buffers.get(name)
             if buf is None:
                 buf = self._buffers[name] = torch.zeros(g.shape, dtype=self.dtype, device=g.device)
@@ -186,7 +182,7 @@ class GradientScoreAccumulator:
         for name, p in self._params.items():
             buf = self._buffers.get(name)
             if buf is None:
-                shard = local_part(p)
+                shard = local(p)
                 out[name] = torch.zeros(shard.shape, dtype=self.dtype, device=shard.device)
             else:
                 out[name] = buf.abs() if self.mode == "accumulated" else buf.clone()

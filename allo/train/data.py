@@ -227,6 +227,14 @@ def load_problems(source, *, skip_bad_rows=False, split="train"):
     return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split)
 
 
+def write_json(path: str, obj) -> None:
+    """``obj`` as indented JSON, written atomically (a temporary file renamed over ``path``)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
 def write_jsonl(path: str, rows) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -214,9 +214,8 @@ def sharded_logps(scorer, examples, *, pad_id, batch_size, device, autocast, pro
             progress.update(sum(len(x) for x in batches[first:first + world]))
     scorer.train(was_training)
     reshard(scorer)
-    parts = [None] * world if rank == 0 else None
-    dist.gather_object(mine, parts, dst=0)
-    if rank != 0:
+    parts = _gather_to_main(mine)
+    if parts is None:
         return None
     out: list[torch.Tensor | None] = [None] * len(examples)
     for part in parts:
@@ -257,9 +256,17 @@ def sharded_generate(scorer, tokenizer, prompts: list[str], *, batch_size: int, 
         if chunk:
             texts.extend(out)
     reshard(scorer)
-    parts = [None] * world if rank == 0 else None
-    dist.gather_object(texts, parts, dst=0)
-    return [t for part in parts for t in part] if rank == 0 else None
+    parts = _gather_to_main(texts)
+    return None if parts is None else [t for part in parts for t in part]
+
+
+def _gather_to_main(obj) -> list | None:
+    """Every rank's ``obj`` in rank order on the main process (rank 0); None elsewhere."""
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
 
 
 def batch_seed(seed: int, rank: int, batch: int) -> int:
@@ -268,17 +275,6 @@ def batch_seed(seed: int, rank: int, batch: int) -> int:
     import hashlib
 
     return int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{batch}".encode()).digest()[:8], "little") >> 1
-
-
-def load_full_weights(model, weights: dict, *, source: str) -> None:
-    """Load a full state dict into ``model`` (plain, unsharded) with a clear error if it does not fit.
-    Tied weights are saved once (under the other name); anything else missing is the wrong file."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    state = model.state_dict()
-    loaded = {t.data_ptr() for n, t in state.items() if n in weights}
-    missing = [m for m in missing if state[m].data_ptr() not in loaded]
-    if unexpected or missing:
-        raise ValueError(f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 @torch.no_grad()
@@ -301,4 +297,4 @@ def gather_into(model, scorer) -> None:
 
 
 __all__ = ["fsdp2_shards", "masked_stage_shards", "sharded_scorer", "load_weights", "reshard", "sharded_logps",
-           "sharded_generate", "batch_seed", "load_full_weights", "gather_into", "SUPPORTED"]
+           "sharded_generate", "batch_seed", "gather_into", "SUPPORTED"]

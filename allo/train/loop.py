@@ -209,7 +209,7 @@ def _load_checkpoint_weights(accelerator, ckpt, model, *, load: bool = True) -> 
     its shards come from the main process's model)."""
     from safetensors.torch import load_file
 
-    from .fsdp import load_full_weights
+    from .model import load_full_weights
 
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         state = json.load(f)

@@ -144,3 +144,14 @@ def generate(model, tokenizer, prompts: list[str], *, num_return_sequences: int 
         tokenizer.padding_side = side
         model.train(was_training)
     return out
+
+
+def load_full_weights(model, weights: dict, *, source: str) -> None:
+    """Load a full state dict into ``model`` (plain, unsharded) with a clear error if it does not fit.
+    Tied weights are saved once (under the other name); anything else missing is the wrong file."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    state = model.state_dict()
+    loaded = {t.data_ptr() for n, t in state.items() if n in weights}
+    missing = [m for m in missing if state[m].data_ptr() not in loaded]
+    if unexpected or missing:
+        raise ValueError(f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -50,10 +50,7 @@ def is_done(stage_dir: str) -> bool:
 def mark_done(ctx: Context, stage_dir: str, info: dict) -> None:
     ctx.accelerator.wait_for_everyone()
     if ctx.main:
-        tmp = os.path.join(stage_dir, DONE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}, f, indent=1, default=str)
-        os.replace(tmp, os.path.join(stage_dir, DONE))
+        D.write_json(os.path.join(stage_dir, DONE), {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info})
     ctx.accelerator.wait_for_everyone()
 
 

@@ -59,49 +59,43 @@ def _answer_accuracy(texts, problems) -> float:
 
 
 @torch.no_grad()
-def evaluate_model(ctx: Context, model, pairs, ref, problems) -> dict:
-    """Held-out reward metrics against the SFT model (TRL's eval_ names) and answer accuracy."""
+def _evaluate(ctx: Context, pairs, ref, problems, *, logps, answers) -> dict | None:
+    """What both paths measure. ``logps(examples)``: the evaluated model's per-token log-probs (None off
+    the main process); ``answers(prompts, **kw)``: its greedy responses (likewise). The main process
+    gets the metrics, the other ranks (FSDP2) None."""
     out = {}
     if pairs:
-        views = pair_views(pairs)
-        scorer = TokenLogprobs(model)
-        kw = dict(pad_id=ctx.tokenizer.pad_token_id, batch_size=scorer_batch(ctx), device=ctx.accelerator.device,
-                  autocast=ctx.accelerator.autocast)
-        pol = {k: compute_logps(scorer, v, **kw) for k, v in views.items()}
-        out.update(_reward_metrics(ctx, pol, ref))
-    if problems:
-        texts = generate(model, ctx.tokenizer, [p["prompt"] for p in problems], max_new_tokens=ctx.cfg.max_new_tokens,
-                         batch_size=GENERATE_BATCH, progress=ctx.progress, desc="eval: greedy answers")
-        out["eval_answer_accuracy"] = _answer_accuracy(texts, problems)
-    return out
-
-
-@torch.no_grad()
-def evaluate_sharded(ctx: Context, scorer, pairs, ref, problems) -> dict | None:
-    """``evaluate_model`` with the FSDP2 module ``scorer`` (holding the evaluated model's weights):
-    every rank scores its share of the pairs and generates for its share of the problems; the main
-    process gets the metrics, the other ranks None."""
-    out = {}
-    if pairs:
-        kw = dict(pad_id=ctx.tokenizer.pad_token_id, batch_size=scorer_batch(ctx), device=ctx.accelerator.device,
-                  autocast=ctx.accelerator.autocast)
-        pol = {k: sharded_logps(scorer, v, **kw) for k, v in pair_views(pairs).items()}
+        pol = {k: logps(v) for k, v in pair_views(pairs).items()}
         if ctx.main:
             out.update(_reward_metrics(ctx, pol, ref))
     if problems:
-        texts = sharded_generate(scorer, ctx.tokenizer, [p["prompt"] for p in problems], batch_size=GENERATE_BATCH,
-                                 max_new_tokens=ctx.cfg.max_new_tokens, progress=ctx.progress,
-                                 desc="eval: greedy answers")
+        texts = answers([p["prompt"] for p in problems], batch_size=GENERATE_BATCH,
+                        max_new_tokens=ctx.cfg.max_new_tokens, progress=ctx.progress, desc="eval: greedy answers")
         if ctx.main:
             out["eval_answer_accuracy"] = _answer_accuracy(texts, problems)
     return out if ctx.main else None
 
 
-def _write_result(path: str, result: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+def _logps_kwargs(ctx: Context) -> dict:
+    return dict(pad_id=ctx.tokenizer.pad_token_id, batch_size=scorer_batch(ctx), device=ctx.accelerator.device,
+                autocast=ctx.accelerator.autocast)
+
+
+def evaluate_model(ctx: Context, model, pairs, ref, problems) -> dict:
+    """Held-out reward metrics against the SFT model (TRL's eval_ names) and answer accuracy."""
+    scorer = TokenLogprobs(model)
+    return _evaluate(ctx, pairs, ref, problems,
+                     logps=lambda examples: compute_logps(scorer, examples, **_logps_kwargs(ctx)),
+                     answers=lambda prompts, **kw: generate(model, ctx.tokenizer, prompts, **kw))
+
+
+def evaluate_sharded(ctx: Context, scorer, pairs, ref, problems) -> dict | None:
+    """``evaluate_model`` with the FSDP2 module ``scorer`` (holding the evaluated model's weights):
+    every rank scores its share of the pairs and generates for its share of the problems; the main
+    process gets the metrics, the other ranks None."""
+    return _evaluate(ctx, pairs, ref, problems,
+                     logps=lambda examples: sharded_logps(scorer, examples, **_logps_kwargs(ctx)),
+                     answers=lambda prompts, **kw: sharded_generate(scorer, ctx.tokenizer, prompts, **kw))
 
 
 def _eval_sharded(ctx: Context, sdir: str) -> dict:
@@ -141,7 +135,7 @@ def _eval_sharded(ctx: Context, sdir: str) -> dict:
         result = evaluate_sharded(ctx, scorer, pairs, ref, problems)
         if ctx.main:
             results[name] = result
-            _write_result(out_path, result)
+            D.write_json(out_path, result)
     return results
 
 
@@ -176,7 +170,7 @@ def stage_eval(ctx: Context) -> dict:
                 sft = model if name == "sft" else models.load_model(sft_model_path(ctx)).to(ctx.accelerator.device)
                 ref = cached_reference(ctx, sdir, sft, pair_views(pairs), name="sft_reference_logps", sync=False)
             results[name] = evaluate_model(ctx, model, pairs, ref, problems)
-            _write_result(out_path, results[name])
+            D.write_json(out_path, results[name])
         write_report(ctx.cfg.output_dir, results)
     mark_done(ctx, sdir, {"results": results})
     return results

@@ -3,7 +3,7 @@ masks (or, sharded, this rank's selected indices) read from the select stage's f
 
 from __future__ import annotations
 
-from allo.optim.sharding import flat_range
+from allo._dtensor import flat_range
 
 from .. import model as models
 from ..fsdp import masked_stage_shards, sharded_scorer

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from allo.optim.sharding import row_block
+from allo._dtensor import row_block
 
 from .. import data as D
 from .. import model as models
