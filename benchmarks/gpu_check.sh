@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One-shot GPU session check, sized for a 15-minute lease (no network needed): build the extension
-# with its CUDA kernels in place, run the GPU tests, run bench_update/select/logprob/step at full size,
-# then the rest of the test suite if time is left, and print a short table last.
+# One-shot GPU session check, sized for a 15-minute lease (no network needed): run the Triton GPU tests
+# while the extension builds with its CUDA kernels in place, then the extension's GPU tests, then
+# bench_update/select/logprob/step at full size (alone on the GPU), then the rest of the test suite if
+# time is left, and print a short table last.
 #
 #   OUT=/some/dir benchmarks/gpu_check.sh
 #
@@ -24,11 +25,12 @@ quick=()
 [ "${QUICK:-0}" = 1 ] && quick=(--quick)
 export ALLO_BUILD_CUDA=${ALLO_BUILD_CUDA:-1} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-8} PYTHONUNBUFFERED=1
-declare -a summary=()
+steps="$work/steps.txt"  # one line per finished step; a file, so steps run in the background count too
+: >"$steps"
 
 pack() {  # refresh what comes back: the summary so far and one archive of every log and JSON
-  printf '%s\n' "${summary[@]}" >"$out/summary.txt"
-  tar -czf "$out/gpu_check.tar.gz.tmp" -C "$work" . && mv "$out/gpu_check.tar.gz.tmp" "$out/gpu_check.tar.gz"
+  cp "$steps" "$out/summary.txt"
+  tar -czf "$out/gpu_check.tar.gz.tmp" -C "$work" . 2>/dev/null && mv "$out/gpu_check.tar.gz.tmp" "$out/gpu_check.tar.gz"
 }
 
 step() {  # step NAME LIMIT_S COMMAND...: run under the budget, log to $work/NAME.log, record the outcome
@@ -36,7 +38,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run under the budget, log to $work/NAM
   local left=$((budget - SECONDS))
   [ "$limit" -gt "$left" ] && limit=$left
   if [ "$limit" -lt 20 ]; then
-    summary+=("SKIPPED        $name (budget of ${budget}s spent)")
+    echo "SKIPPED        $name (budget of ${budget}s spent)" >>"$steps"
     pack
     return 1
   fi
@@ -46,11 +48,11 @@ step() {  # step NAME LIMIT_S COMMAND...: run under the budget, log to $work/NAM
   local rc=$?
   tail -n 15 "$log"
   if [ $rc -eq 0 ]; then
-    summary+=("ok      $(printf '%4ds' $((SECONDS - start)))  $name")
+    echo "ok      $(printf '%4ds' $((SECONDS - start)))  $name" >>"$steps"
   elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-    summary+=("TIMEOUT $(printf '%4ds' $((SECONDS - start)))  $name (limit ${limit}s)")
+    echo "TIMEOUT $(printf '%4ds' $((SECONDS - start)))  $name (limit ${limit}s)" >>"$steps"
   else
-    summary+=("FAILED  $(printf '%4ds' $((SECONDS - start)))  $name (exit $rc)")
+    echo "FAILED  $(printf '%4ds' $((SECONDS - start)))  $name (exit $rc)" >>"$steps"
   fi
   pack
   return $rc
@@ -80,27 +82,34 @@ gpu_pytest_args=("${pytest_args[@]}")
 # compiling the Triton kernels (~100 variants) is the slow part of the GPU tests and is single-threaded
 # per kernel: spread the test files over processes when pytest-xdist is there (the device image has it)
 "$py" -c "import xdist" 2>/dev/null && gpu_pytest_args+=(-n 6 --dist loadfile)
-# the tests that exercise GPU code: the CUDA extension, every Triton kernel natively, the optimizer
-gpu_tests=(tests/test_logprob.py tests/test_logprob_fused.py tests/test_optim_kernels.py
-           tests/test_optim_masked_adamw.py tests/test_select_triton.py tests/test_select.py)
+# the tests that exercise GPU code: every Triton kernel natively and the optimizer (these need no
+# allo._C, so they run while it builds: compiling ~100 Triton variants is the slow part of them and
+# uses other cores than the C++/CUDA build), then the CUDA extension's own tests once it is built
+triton_tests=(tests/test_optim_kernels.py tests/test_optim_masked_adamw.py tests/test_select_triton.py
+              tests/test_select.py)
+extension_tests=(tests/test_logprob.py tests/test_logprob_fused.py)
 
+step "pytest Triton GPU tests" 240 "$py" -m pytest "${gpu_pytest_args[@]}" "${triton_tests[@]}" &
+triton_pid=$!
 if step "build allo._C with CUDA kernels" 300 "$py" setup.py build_ext --inplace &&
    step "extension loads" 60 "$py" -c "import allo.ops; print(allo.ops.extension_info())"; then
-  step "pytest GPU tests" 200 "$py" -m pytest "${gpu_pytest_args[@]}" "${gpu_tests[@]}"
+  step "pytest extension GPU tests" 150 "$py" -m pytest "${gpu_pytest_args[@]}" "${extension_tests[@]}"
+  wait "$triton_pid"  # the benchmarks need the GPU (and the cores) to themselves
   # the alignment study trains tiny models on the CPU for half an hour: nothing for the GPU lease
   for name in bench_update bench_select bench_logprob bench_step; do
-    step "$name" 150 "$py" "benchmarks/$name.py" "${quick[@]}" --json "$work/$name.json"
+    step "$name" 120 "$py" "benchmarks/$name.py" "${quick[@]}" --json "$work/$name.json"
   done
   deselect=()
-  for t in "${gpu_tests[@]}"; do deselect+=(--ignore "$t"); done
+  for t in "${triton_tests[@]}" "${extension_tests[@]}"; do deselect+=(--ignore "$t"); done
   step "pytest rest of the suite" 300 "$py" -m pytest "${pytest_args[@]}" "${deselect[@]}" tests
 fi
+wait
 
 {
   echo "=== environment"
   cat "$work/environment.txt"
   echo "=== steps (budget ${budget}s, used ${SECONDS}s; logs and JSON in $out/gpu_check.tar.gz)"
-  printf '  %s\n' "${summary[@]}"
+  sed 's/^/  /' "$steps"
   for bench in "$work"/bench_*.json; do
     [ -e "$bench" ] || continue
     "$py" - "$bench" <<'PY' || true
