@@ -105,6 +105,7 @@ def masked_adamw_kernel(addr_ptr, scal_ptr, block_tensor_ptr, block_start_ptr, b
 
 
 BLOCK = 1024
+NUM_WARPS = 4
 _tables: dict = {}
 
 
@@ -171,5 +172,5 @@ def masked_adamw_triton(rows: list[tuple]) -> None:
             addr, scal, tensor_of_block, start, element,
             PARAM_T=_TL_DTYPES[wdt], GRAD_T=_TL_DTYPES[gdt if not compact else torch.float32],
             INDEX_T=_TL_DTYPES[idt] if idt is not None else tl.int32,
-            DENSE=idt is None, COMPACT_GRAD=compact, HAS_MASTER=has_master, BLOCK=BLOCK, num_warps=4,
+            DENSE=idt is None, COMPACT_GRAD=compact, HAS_MASTER=has_master, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )

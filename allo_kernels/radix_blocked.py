@@ -56,6 +56,7 @@ from .radix_select import _keys, _operands
 DIGITS = {False: (8, 8), True: (11, 11, 10)}  # bits per pass, most significant first; sum = key bits
 TILE = 32768  # elements per program: global atomics per pass <= (elements / TILE) x bins
 BLOCK = 1024  # elements per step inside a tile
+NUM_WARPS = 4
 PER_TENSOR_BYTES = 8 << 20  # largest per-tensor histogram of the last pass; beyond it, a counting pass
 _NCOL = 8  # table columns: x, y, numel, first tile, source index, out, ties limit (hi), ties limit (ex)
 NO_LIMIT = 1 << 62  # "every tied element of this tensor is taken"
@@ -282,7 +283,7 @@ def _launch(kernel, sources, group_key, members, grid_args, *, extra=None, block
     if ntiles:
         kernel[(ntiles,)](table, tile_rows, *grid_args, X_T=_TL[xdt], Y_T=_TL[ydt], IS_DIFF=diff,
                           X_BF16=xdt == torch.bfloat16, Y_BF16=ydt == torch.bfloat16, ALIGNED=aligned, TILE=TILE,
-                          BLOCK=block, **constexprs)
+                          BLOCK=block, num_warps=NUM_WARPS, **constexprs)
     return ntiles, tile_rows, first
 
 

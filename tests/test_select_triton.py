@@ -41,12 +41,12 @@ def test_histogram_passes(impl, dtype, device):
     for key32 in sorted({dtype == torch.float32, True}):
         hist = torch.zeros(BINS, dtype=torch.int64, device=device)
         IMPLS[impl].radix_histogram(list(scores.values()), hist, key32=key32)
-        assert torch.equal(hist.cpu(), _ref_hist(scores, key32))
+        assert torch.equal(hist.cpu(), _ref_hist(scores, key32).cpu())
         if key32:
             for prefix in (0, 16256, -16257):  # zeros, [1, 2), (-2, -1]
                 low = torch.zeros(BINS, dtype=torch.int64, device=device)
                 IMPLS[impl].radix_histogram(list(scores.values()), low, key32=True, low_prefix=prefix)
-                assert torch.equal(low.cpu(), _ref_hist(scores, True, prefix))
+                assert torch.equal(low.cpu(), _ref_hist(scores, True, prefix).cpu())
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

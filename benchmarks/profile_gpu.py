@@ -1,0 +1,204 @@
+"""Where the time of allo's GPU paths goes: host (Python) time vs kernel time, and launch-parameter sweeps.
+
+    python benchmarks/profile_gpu.py [--only select,update,matmul] [--no-sweep]
+
+A diagnostic for a GPU session, not a benchmark (``bench_*.py`` are the benchmarks): for the
+selection plan and mask writing (973M bf16 scores in Llama-3.2-1B shapes) and for MaskedAdamW steps
+(973M fp32 parameters) it prints the synchronized wall time, the host time of the call (Python and
+launches, measured with the GPU idle), the top functions by host time (cProfile) and the kernels by
+GPU time (torch.profiler); then wall times over a few launch configurations of the Triton kernels
+(module constants ``TILE``/``BLOCK``/``NUM_WARPS``). ``matmul`` times the LM-head matmuls that bound
+the fused-linear op (8192 x 4096 -> 128256, bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def wall_ms(fn, warmup=2, repeats=10):
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def host_ms(fn, repeats=5):
+    """Time until the call returns, starting with an idle GPU (launch-bound code shows here)."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    sync()
+    return statistics.median(times)
+
+
+def host_profile(fn, top=12):
+    sync()
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    pr.disable()
+    sync()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(top)
+    lines = [ln for ln in s.getvalue().splitlines() if ln.strip()]
+    print("\n".join(lines[:top + 8]))
+
+
+def kernel_profile(fn, top=10):
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    try:
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=60)
+    except Exception:  # older names
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60)
+    print(table)
+
+
+def report(label, fn, *, deep=True):
+    print(f"\n##### {label}: wall {wall_ms(fn):.3f} ms, host {host_ms(fn):.3f} ms", flush=True)
+    if deep:
+        host_profile(fn)
+        kernel_profile(fn)
+
+
+def profile_select(sweep):
+    from bench_select import llama1b_shapes, make_scores
+
+    import allo_kernels.radix_blocked as rb
+    from allo.select.topk import key_domain, plan, write_masks
+
+    scores = make_scores(llama1b_shapes(), torch.bfloat16, "cuda")
+    key32, kdt = key_domain(scores)
+
+    def run_plan():
+        return plan(scores, (0.1, 0.0), key32=key32, dtype=kdt, backend="triton", histogram="blocked")
+
+    hi, ex = run_plan()[0]
+
+    def run_write():
+        return write_masks(scores, hi, ex, key32=key32, backend="triton", histogram="blocked")
+
+    report("select plan (threshold search)", run_plan)
+    report("select write_masks", run_write)
+    if not sweep:
+        return
+    base = (rb.TILE, rb.BLOCK, rb.NUM_WARPS)
+    for tile, block, warps in [(32768, 1024, 8), (32768, 2048, 8), (65536, 2048, 8), (16384, 1024, 4),
+                               (65536, 1024, 4), (32768, 2048, 4)]:
+        rb.TILE, rb.BLOCK, rb.NUM_WARPS = tile, block, warps
+        rb._tables.clear()
+        try:
+            hi2, ex2 = run_plan()[0]
+            assert (hi2.key, hi2.take) == (hi.key, hi.take), "sweep config changed the result"
+            print(f"sweep select TILE={tile} BLOCK={block} warps={warps}: plan {wall_ms(run_plan, 1, 5):.3f} ms, "
+                  f"write {wall_ms(run_write, 1, 5):.3f} ms", flush=True)
+        except Exception as exc:  # a config the compiler rejects: report and go on
+            print(f"sweep select TILE={tile} BLOCK={block} warps={warps}: FAILED {type(exc).__name__}: {exc}"[:300])
+    rb.TILE, rb.BLOCK, rb.NUM_WARPS = base
+    rb._tables.clear()
+
+
+def profile_update(sweep):
+    from bench_update import _make_masks, _shapes
+
+    import allo_kernels.masked_adamw as ka
+    from allo.optim import MaskedAdamW
+
+    shapes = _shapes("cuda", False)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda") * 0.02) for s in shapes]
+    grads = [torch.randn(s, device="cuda") for s in shapes]
+    for p, g in zip(params, grads):
+        p.grad = g
+    for kind, density in (("rows", 1), ("random", 10), ("rows", 10), ("all", 100)):
+        masks = _make_masks(shapes, density, kind, "cuda")
+        opt = MaskedAdamW(params, lr=1e-3, weight_decay=0.0, masks=masks)
+        report(f"MaskedAdamW step {kind} {density}%", opt.step, deep=density in (1, 10) and kind != "rows" or
+               (kind, density) == ("rows", 1) or density == 100)
+        if sweep and density == 10:
+            base = (ka.BLOCK, ka.NUM_WARPS)
+            for block, warps in [(512, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]:
+                ka.BLOCK, ka.NUM_WARPS = block, warps
+                ka._tables.clear()
+                try:
+                    print(f"sweep adamw {kind} {density}% BLOCK={block} warps={warps}: "
+                          f"{wall_ms(opt.step, 1, 5):.3f} ms", flush=True)
+                except Exception as exc:
+                    print(f"sweep adamw BLOCK={block} warps={warps}: FAILED {type(exc).__name__}: {exc}"[:300])
+            ka.BLOCK, ka.NUM_WARPS = base
+            ka._tables.clear()
+        del opt, masks
+
+
+def profile_matmul():
+    t, h, v = 8192, 4096, 128256
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(v, h, device="cuda", dtype=torch.bfloat16) * 0.02
+    logits = x @ w.t()
+    gw = torch.zeros_like(w)
+    flop = 2 * t * h * v
+    for label, fn in [("logits = x @ W^T", lambda: x @ w.t()),
+                      ("grad_x = dlogits @ W", lambda: logits @ w),
+                      ("grad_W = dlogits^T @ x", lambda: logits.t() @ x),
+                      ("grad_W.addmm_(dlogits^T, x)", lambda: gw.addmm_(logits.t(), x))]:
+        ms = wall_ms(fn, 2, 5)
+        print(f"matmul {label}: {ms:.3f} ms ({flop / ms / 1e9:.0f} TFLOP/s)", flush=True)
+    for chunk in (1024, 2048):
+        def chunked(chunk=chunk):
+            for s in range(0, t, chunk):
+                gw.addmm_(logits[s:s + chunk].t(), x[s:s + chunk])
+        ms = wall_ms(chunked, 1, 3)
+        print(f"matmul grad_W accumulated over chunks of {chunk}: {ms:.3f} ms", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="select,update,matmul")
+    ap.add_argument("--no-sweep", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_gpu.py: needs a CUDA GPU")
+    print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
+    parts = set(args.only.split(","))
+    for name, fn in (("matmul", profile_matmul), ("update", lambda: profile_update(not args.no_sweep)),
+                     ("select", lambda: profile_select(not args.no_sweep))):
+        if name in parts:
+            try:  # one part failing should not hide the others' findings
+                fn()
+            except Exception:
+                traceback.print_exc()
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
