@@ -4,12 +4,22 @@ The ``blocked`` variant of :mod:`allo_kernels.radix_select` (same keys, same res
 the two costs of the ``atomic`` variant on a GPU:
 
 * one global atomic per element into a 65536-bin histogram: here the key is split into small digits
-  (16-bit keys: 8 + 8 bits; 32-bit keys: 11 + 11 + 10 bits), each program builds the histogram of
-  its tile in shared memory (``tl.histogram``: shared-memory atomics) and then adds it to the global
-  histogram with one atomic per non-empty bin. Pass ``i > 0`` counts only the elements whose higher
-  digits equal the prefix found so far (two prefixes at once when an exclusion band needs them);
+  (16-bit keys: 6 + 5 + 5 bits; 32-bit keys: 6 + 6 + 5 + 5 + 5 + 5), each program builds the histogram of
+  its tile (``tl.histogram``) and then adds it to the global histogram with one atomic per non-empty
+  bin. Pass ``i > 0`` counts only the elements whose higher digits equal the prefix found so far (two
+  prefixes at once when an exclusion band needs them);
 * one launch per tensor per pass: a launch covers every tensor of a dtype group (usually all of
   them), through an address table and a tile table (:mod:`allo_kernels.multi_tensor`).
+
+Why such small digits (measured on an H100, 2026-11-26, 973M bf16 scores, ``benchmarks/profile_gpu.py``):
+``tl.histogram`` builds a warp's histogram from one ballot per bit of the bin index, then each lane
+popcounts the bins it owns: about ``(bins / 32 + 1) x log2(bins)`` warp instructions per 32
+elements. With 8-bit digits (256 bins) that made each pass compute-bound at 3.8 ms (twice the
+0.65 ms it takes to read the scores), and launch sizes or warps changed nothing (7.8-9.4 ms for
+the two passes). A 5-bit digit costs ~10 and a 6-bit one ~18 instructions per 32 elements against
+72 for 8 bits: the passes should then run at about the speed of reading the scores, ~0.65-0.95 ms
+each (PREDICTION from that cost model, to be measured by ``benchmarks/bench_select.py``), one more
+pass for 16-bit keys notwithstanding.
 
 Ties. The last pass can keep one histogram row per tensor (``tensors x bins`` counters, capped by
 ``PER_TENSOR_BYTES``): the threshold key's count per tensor then comes for free, so no counting pass
@@ -18,30 +28,10 @@ equal scores are then read once more to count the ties per tile; the write pass 
 tile with a prefix sum (``tl.cumsum``) from the tile's offset.
 
 Extra memory: ``O(bins x prefixes + tiles + tensors)`` and the per-tensor rows of the last pass
-(<= ``PER_TENSOR_BYTES``); scores are never concatenated.
-
-Budget on an H100 for 973M bf16 scores (Llama-3.2-1B's blocks, 1.95 GB), ratio 0.1: PREDICTION,
-NOT MEASURED (no GPU in the session that wrote this; the GPU session must check it with
-``benchmarks/bench_select.py``):
-
-* threshold search: 2 histogram passes x 1.95 GB read at ~3 TB/s ~= 2 x 0.65 ms = 1.3 ms, plus a
-  device-to-host copy and a launch per pass (~0.05 ms);
-* global atomics per pass: <= tiles x non-empty bins: 973M / 32768 = 29.7k tiles x <= 256 bins
-  <= 7.6M (pass 1: ~20 exponent bins per tile -> ~0.6M; pass 2: up to 256 per tile) -> <= 0.08 ms at
-  ~1e11 atomics/s, against ~973M (~10 ms) for the ``atomic`` variant;
-* shared-memory atomics: one per element and pass; the high digit of bf16 scores has few distinct
-  values per warp, so lanes collide on a bin. If the passes come out slower than the 0.65 ms read,
-  this is the first suspect (the fix would be a wider tile per warp before the atomics);
-* masks: read 1.95 GB + write 0.97 GB ~= 0.95 ms; the tensor cut by the threshold's ties is read
-  once more (<= 0.03 ms for a 16.8M-element MLP matrix);
-* so ~2.3 ms for ``select_top`` (masks included) and ~1.35 ms for the threshold alone: the 2 ms
-  target is expected to be met by the threshold search, and missed by ~15% with the masks, whose
-  bytes (one more read of the scores, one write of N bytes) no histogram scheme avoids;
-* extra memory ~0.7 MB (2 x 256 x 8 B global, 145 tensors x 2 x 256 x 8 B per-tensor rows, 30k tiles
-  x 4 B tile table), against 8 MB of histogram replicas for the ``atomic`` variant;
-* the loads are 16-byte vectors only when every tensor of a launch is 16-byte aligned (checked; a
-  misaligned view makes its launch use 2-byte loads, correct but likely slower than the memory).
-* float32 scores: 3 passes (11/11/10 bits) x 3.9 GB; up to 2048 atomics per tile in the middle pass.
+(<= ``PER_TENSOR_BYTES``); scores are never concatenated. For 973M scores a few hundred KB
+(histograms of <= 64 bins, the per-tensor rows, a tile table of 4 bytes per 32768 scores). The loads are 16-byte vectors only when
+every tensor of a launch is 16-byte aligned (checked; a misaligned view makes its launch use 2-byte
+loads, correct but slower).
 """
 
 from __future__ import annotations
@@ -53,7 +43,7 @@ import triton.language as tl
 from .multi_tensor import tile_layout, upload_table
 from .radix_select import _keys, _operands
 
-DIGITS = {False: (8, 8), True: (11, 11, 10)}  # bits per pass, most significant first; sum = key bits
+DIGITS = {False: (6, 5, 5), True: (6, 6, 5, 5, 5, 5)}  # bits per pass, most significant first; sum = key bits
 TILE = 32768  # elements per program: global atomics per pass <= (elements / TILE) x bins
 BLOCK = 1024  # elements per step inside a tile
 NUM_WARPS = 4
@@ -290,7 +280,7 @@ def _launch(kernel, sources, group_key, members, grid_args, *, extra=None, block
 def hist_block(bits: int) -> int:
     """Elements per histogram step: each ``tl.histogram`` call zeroes and reads back its bins in
     shared memory, so a step has at least two elements per bin to keep that overhead below the
-    per-element work (16-bit keys: 1024; 10- and 11-bit digits: 2048 and 4096)."""
+    per-element work (BLOCK for digits of up to 9 bits)."""
     return min(TILE, max(BLOCK, 2 << bits))
 
 

@@ -2,8 +2,8 @@
 
 This module is the ``atomic`` Triton variant (``ALLO_SELECT_HISTOGRAM=atomic``): one global atomic per
 element, one launch per tensor per pass. The default on GPU is the ``blocked`` variant,
-:mod:`allo_kernels.radix_blocked` (block-local histograms over 8-11-bit digits, one launch per pass over
-all tensors), whose docstring has the predicted H100 byte/atomic budget. Both use the keys below.
+:mod:`allo_kernels.radix_blocked` (block-local histograms over 5-6-bit digits, one launch per pass over
+all tensors), whose docstring has what was measured on an H100. Both use the keys below.
 
 Key: every score maps to a signed integer whose order is the scores' order, with -0.0 and +0.0 equal:
 

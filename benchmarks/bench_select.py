@@ -13,7 +13,7 @@ On CUDA both Triton variants are timed in the same run (``ALLO_SELECT_HISTOGRAM`
 (``allo-blocked``, ``allo-atomic``), threshold search only (``-plan``) and mask writing only
 (``-write``, given the threshold), so a GPU session sees which part costs what:
 
-* ``blocked`` (default) block-local histograms over 8-11-bit digits, one launch per pass over all tensors
+* ``blocked`` (default) block-local histograms over 5-6-bit digits, one launch per pass over all tensors
 * ``atomic``  one global atomic per element into a 65536-bin histogram, one launch per tensor per pass
 
 ``peak`` counts the outputs; the ``extra`` column is peak minus the output masks (N bytes), the

@@ -21,7 +21,7 @@ elements are taken, the first ones in the order above are kept.
 
 Digits: the ``cpu`` backend (C) and the ``atomic`` Triton variant use 16-bit digits (one 65536-bin
 histogram pass for 16-bit keys, two for float32 keys). The ``blocked`` Triton variant (the default
-on GPU) uses 8-11-bit digits with block-local histograms and one launch per pass over all tensors
+on GPU) uses 5-6-bit digits with block-local histograms and one launch per pass over all tensors
 (:mod:`allo_kernels.radix_blocked`). ``ALLO_SELECT_HISTOGRAM=atomic|blocked`` (or ``histogram=`` of
 :func:`band_masks`) picks the Triton variant; results are identical.
 """
