@@ -23,6 +23,12 @@ def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_for(backend):
+    """Where a test builds the tensors it hands to ``backend``: Triton takes CUDA tensors on a GPU
+    machine and CPU tensors only under the interpreter; every other backend takes CPU tensors."""
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A different but reproducible seed per test: failures can be replayed from the test id.

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from allo.optim import _cpu_kernel, masked_adamw_step_reference
+from conftest import device_for
 try:
     from allo_kernels.masked_adamw import BLOCK, contiguous_block_starts, masked_adamw_triton
 except ImportError:  # triton is an optional dependency: the C kernel is still tested without it
@@ -36,8 +37,8 @@ def _run(impl, rows):
         _cpu_kernel.masked_adamw_cpu(*_cpu_kernel.pack(rows))
 
 
-def _poisoned_state(k, tail=37):
-    buf = torch.full((k + tail,), math.nan)
+def _poisoned_state(k, device, tail=37):
+    buf = torch.full((k + tail,), math.nan, device=device)
     return buf, buf[:k]
 
 
@@ -54,6 +55,9 @@ def test_contiguous_block_starts():
 @pytest.mark.parametrize("index_dtype,compact", [(torch.int32, False), (torch.int64, False), (None, False),
                                                  (torch.int32, True), (torch.int64, True)])
 def test_kernel_matches_float64_reference_and_touches_nothing_else(impl, dtype, index_dtype, compact):
+    # inputs drawn on the CPU (the same values on every machine), the kernel's tensors on its device;
+    # the float64 reference stays on the CPU
+    dev = device_for(impl)
     rows, expected, checks = [], [], []
     step, lr, b1, b2, eps, wd = 3, 1e-2, 0.9, 0.99, 1e-8, 0.1
     for n, k in CASES:
@@ -70,29 +74,30 @@ def test_kernel_matches_float64_reference_and_touches_nothing_else(impl, dtype, 
         full_grad[~sel] = math.nan
         grad = full_grad.to(dtype)[idx].float() if compact else full_grad.to(dtype)
         m0, v0 = torch.randn(k) * 0.1, torch.rand(k) * 0.01
-        m_buf, m = _poisoned_state(k)
-        v_buf, v = _poisoned_state(k)
+        m_buf, m = _poisoned_state(k, dev)
+        v_buf, v = _poisoned_state(k, dev)
         m.copy_(m0), v.copy_(v0)
         master = None
         if dtype != torch.float32:
-            master_buf, master = _poisoned_state(k)
+            master_buf, master = _poisoned_state(k, dev)
             master.copy_(weight[idx].float() + torch.randn(k) * 1e-3)  # master differs from the weight: it is the source
         # float64 reference on the same inputs
         ref_w = torch.zeros(k, dtype=torch.float64)
         ref_m, ref_v = m0.double().clone(), v0.double().clone()
-        ref_master = None if master is None else master.double().clone()
+        ref_master = None if master is None else master.cpu().double()
         if master is None:
             ref_w.copy_(weight[idx].double())
         masked_adamw_step_reference(ref_w, full_grad[idx].to(dtype).double(), None, ref_m, ref_v, ref_master, step=step,
                                     lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd)
         bc2_sqrt = math.sqrt(1 - b2**step)
-        indices = None if index_dtype is None else idx.to(index_dtype)
-        rows.append((weight, grad, indices, m, v, master, compact, (b1, b2, lr / (1 - b1**step), bc2_sqrt, 1 - lr * wd, eps)))
+        indices = None if index_dtype is None else idx.to(dev, index_dtype)
+        rows.append((weight.to(dev), grad.to(dev), indices, m, v, master, compact,
+                     (b1, b2, lr / (1 - b1**step), bc2_sqrt, 1 - lr * wd, eps)))
         expected.append((ref_w if master is None else ref_master, ref_m, ref_v))
-        checks.append((sel, idx, m_buf, v_buf, None if master is None else master_buf, weight.clone()))
+        checks.append((sel, idx, m_buf, v_buf, None if master is None else master_buf))
     _run(impl, rows)
-    for row, (ref_p, ref_m, ref_v), (sel, idx, m_buf, v_buf, master_buf, _) in zip(rows, expected, checks):
-        weight, _, _, m, v, master, _, _ = row
+    for row, (ref_p, ref_m, ref_v), (sel, idx, m_buf, v_buf, master_buf) in zip(rows, expected, checks):
+        weight, _, _, m, v, master, _, _ = (t.cpu() if isinstance(t, torch.Tensor) else t for t in row)
         k = idx.numel()
         # absolute tolerances: a few fp32 ulps of the operands (cancellation makes relative error meaningless near 0)
         torch.testing.assert_close(m, ref_m.float(), rtol=5e-6, atol=3e-7)
