@@ -266,6 +266,39 @@ def test_set_masks_after_construction_and_kept_state():
     assert opt.state[w]["step"].item() == 0 and not opt.state[w]["exp_avg"].any()
 
 
+def test_step_counts_per_parameter_and_state_dict_copies():
+    # the counts are views into one shared buffer (one numpy add per step): each parameter must still
+    # count its own steps, survive new selections and loading, and a state dict must be a snapshot
+    model = _named_model()
+    masks = _named_masks(model)
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, masks=masks)
+    named = dict(model.named_parameters())
+    w, b = named["0.weight"], named["2.weight"]
+
+    def step(only=None):
+        opt.zero_grad()
+        model(torch.randn(2, 13)).sum().backward()
+        if only is not None:
+            for q in model.parameters():
+                if q is not only:
+                    q.grad = None
+        opt.step()
+
+    step(), step()
+    saved = opt.state_dict()
+    assert opt.state[w]["step"].item() == 2 and opt.state[b]["step"].item() == 2
+    step(only=w)  # only w has a gradient: only w counts
+    assert opt.state[w]["step"].item() == 3 and opt.state[b]["step"].item() == 2
+    assert all(st["step"].item() == 2 for st in saved["state"].values())  # the snapshot did not move
+    opt.set_masks({**masks, "2.weight": torch.tensor([1, 2])})  # new selection for b: count restarts
+    step()
+    assert opt.state[w]["step"].item() == 4 and opt.state[b]["step"].item() == 1
+    opt.load_state_dict(saved)
+    step()
+    assert opt.state[w]["step"].item() == 3 and opt.state[b]["step"].item() == 3
+    assert opt.state_dict()["state"][0]["step"].item() == 3
+
+
 def test_state_is_only_for_selected_elements():
     p = torch.nn.Parameter(torch.randn(300, 200))
     mask = torch.rand(p.shape) < 0.1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
 import torch
 
 from allo._native import load_c_library
@@ -57,14 +58,13 @@ def masked_adamw_cpu(addr: torch.Tensor, scal: torch.Tensor) -> None:
 def pack(rows: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
     """Build the tables from rows of (param, grad, indices|None, exp_avg, exp_avg_sq, master|None,
     compact_grad: bool, (beta1, beta2, step_size, bc2_sqrt, decay, eps))."""
-    addr = torch.empty(len(rows), N_ADDR, dtype=torch.int64)
-    scal = torch.empty(len(rows), N_SCAL, dtype=torch.float32)
-    a, s = addr.numpy(), scal.numpy()
-    for t, (param, grad, indices, exp_avg, exp_avg_sq, master, compact, scalars) in enumerate(rows):
-        codes = (DTYPE_CODES[param.dtype] | (DTYPE_CODES[grad.dtype] << 4)
-                 | (INDEX_CODES[None if indices is None else indices.dtype] << 8) | (int(compact) << 12))
-        a[t] = (param.data_ptr(), grad.data_ptr(), 0 if indices is None else indices.data_ptr(),
-                exp_avg.data_ptr(), exp_avg_sq.data_ptr(), 0 if master is None else master.data_ptr(),
-                exp_avg.numel(), codes)
-        s[t] = scalars
-    return addr, scal
+    # built as Python lists and converted once: per-row numpy assignment costs more than the step of a
+    # small tensor
+    addr = [(param.data_ptr(), grad.data_ptr(), 0 if indices is None else indices.data_ptr(),
+             exp_avg.data_ptr(), exp_avg_sq.data_ptr(), 0 if master is None else master.data_ptr(), exp_avg.numel(),
+             DTYPE_CODES[param.dtype] | (DTYPE_CODES[grad.dtype] << 4)
+             | (INDEX_CODES[None if indices is None else indices.dtype] << 8) | (int(compact) << 12))
+            for param, grad, indices, exp_avg, exp_avg_sq, master, compact, _ in rows]
+    scal = [r[7] for r in rows]
+    return (torch.from_numpy(np.array(addr, dtype=np.int64).reshape(len(rows), N_ADDR)),
+            torch.from_numpy(np.array(scal, dtype=np.float32).reshape(len(rows), N_SCAL)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from allo._dtensor import flat_range, is_sharded, local, row_block  # noqa: F401 (used through this module too)
+from allo._dtensor import dtensor_type, flat_range, is_sharded, local, row_block  # noqa: F401 (used through this module too)
 from allo.optim.masks import DENSE, EMPTY, index_dtype
 
 
