@@ -78,7 +78,15 @@ def _extensions():
         )
     else:
         ext = cpp_extension.CppExtension("allo._C", CPP_SOURCES, extra_compile_args={"cxx": cxx_flags})
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _checked(cpp_extension.BuildExtension.with_options(use_ninja=True))}
+
+
+def _checked(build_ext):
+    """``build_ext`` that refuses an extension linking libstdc++ statically (see allo/_linkcheck.py)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from allo._linkcheck import checked_build_ext
+
+    return checked_build_ext(build_ext)
 
 
 class _BuildPyWithSources(build_py):

@@ -27,3 +27,39 @@ def test_build_py_copies_csrc_into_the_package_and_csrc_dir_finds_it(tmp_path, m
 
 def test_a_checkout_compiles_its_own_csrc():
     assert sources.csrc_dir() == os.path.join(ROOT, "csrc")
+
+
+_SETUP = """
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+from allo._linkcheck import checked_build_ext
+setup(name="probe", ext_modules=[CppExtension("probe", ["probe.cpp"])],
+      cmdclass={"build_ext": checked_build_ext(BuildExtension.with_options(use_ninja=False))})
+"""
+
+
+def test_a_build_linking_libstdcxx_statically_fails_with_the_fix(tmp_path):
+    # Seen on a GPU image whose CXX wrapper linked libstdc++ statically: the extension's first C++
+    # exception segfaulted inside torch instead of raising. The build must refuse such a library.
+    import shutil
+
+    import pytest
+
+    gxx = shutil.which("g++")
+    if gxx is None or shutil.which("readelf") is None:
+        pytest.skip("needs g++ and readelf")
+    (tmp_path / "probe.cpp").write_text(
+        '#include <stdexcept>\n#include <string>\nvoid probe(const char* s) { throw std::runtime_error(std::string(s)); }\n')
+    (tmp_path / "setup.py").write_text(_SETUP)
+    wrapper = tmp_path / "static-g++"
+    wrapper.write_text(f'#!/bin/sh\nexec {gxx} "$@" -static-libstdc++\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(sources.__file__))}
+    runs = {}
+    for label, cxx in (("plain", gxx), ("static", str(wrapper))):
+        shutil.rmtree(tmp_path / "build", ignore_errors=True)
+        runs[label] = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
+                                     env={**env, "CXX": cxx, "CC": cxx}, capture_output=True, text=True)
+    assert runs["plain"].returncode == 0, runs["plain"].stderr[-2000:]
+    assert runs["static"].returncode != 0
+    assert "does not load libstdc++ dynamically" in runs["static"].stderr and "CXX=/usr/bin/g++" in runs["static"].stderr

@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from .._linkcheck import static_libstdcxx_problem
 from .._sources import csrc_dir
 
 _lock = threading.Lock()
@@ -36,7 +37,7 @@ def _jit_build():
         )
     with_cuda = bool(torch.cuda.is_available() and torch.version.cuda and cpp_extension.CUDA_HOME and os.path.exists(cu))
     cflags = ["-O3", "-std=c++20"] + (["-DALLO_WITH_CUDA=1"] if with_cuda else [])
-    return cpp_extension.load(
+    module = cpp_extension.load(
         name="allo_C_jit" + ("_cuda" if with_cuda else ""),
         sources=[cpp] + ([cu] if with_cuda else []),
         extra_cflags=cflags,
@@ -44,6 +45,10 @@ def _jit_build():
         with_cuda=with_cuda,
         verbose=os.environ.get("ALLO_VERBOSE_BUILD", "0") == "1",
     )
+    problem = static_libstdcxx_problem(module.__file__)
+    if problem:
+        raise RuntimeError(problem)
+    return module
 
 
 def load_extension():
