@@ -37,9 +37,11 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 # table columns (int64): weight, grad, indices, exp_avg, exp_avg_sq, master, k, unused
 N_ADDR = 8
-# scalar columns (float32): beta1, beta2, step_size (lr / bias_correction1), bias_correction2_sqrt,
-# decay (1 - lr * weight_decay), eps
-N_SCAL = 6
+# scalar columns (float32): 1 - beta1, beta2, 1 - beta2, step_size (lr / bias_correction1),
+# bias_correction2_sqrt, decay (1 - lr * weight_decay), eps. The one-minus values come from the host,
+# computed in float64 as torch.optim.AdamW does: formed here from fp32 betas, 1 - 0.999 would carry the
+# rounding of fp32(0.999) (1.3e-5 relative error in every exp_avg_sq update)
+N_SCAL = 7
 
 
 @triton.jit
@@ -57,13 +59,14 @@ def masked_adamw_kernel(addr_ptr, scal_ptr, block_tensor_ptr, block_start_ptr, b
     exp_avg_sq = tl.load(row + 4).to(tl.pointer_type(tl.float32))
     k = tl.load(row + 6)
 
-    srow = scal_ptr + t * 6
-    beta1 = tl.load(srow + 0)
+    srow = scal_ptr + t * 7  # N_SCAL columns
+    one_minus_beta1 = tl.load(srow + 0)
     beta2 = tl.load(srow + 1)
-    step_size = tl.load(srow + 2)
-    bc2_sqrt = tl.load(srow + 3)
-    decay = tl.load(srow + 4)
-    eps = tl.load(srow + 5)
+    one_minus_beta2 = tl.load(srow + 2)
+    step_size = tl.load(srow + 3)
+    bc2_sqrt = tl.load(srow + 4)
+    decay = tl.load(srow + 5)
+    eps = tl.load(srow + 6)
 
     j = start + tl.arange(0, BLOCK)
     live = j < k
@@ -91,8 +94,8 @@ def masked_adamw_kernel(addr_ptr, scal_ptr, block_tensor_ptr, block_start_ptr, b
     else:
         p = tl.load(weight + e, mask=live, other=0.0).to(tl.float32)
 
-    m = m + (1.0 - beta1) * (g - m)
-    v = beta2 * v + (1.0 - beta2) * g * g
+    m = m + one_minus_beta1 * (g - m)
+    v = beta2 * v + one_minus_beta2 * g * g
     p = p * decay
     # IEEE-rounded sqrt and division (tl.sqrt and "/" are approximate on NVIDIA GPUs): the kernel is
     # memory-bound, so exactness is free and the CUDA, CPU and reference paths agree to the last ulp or two
@@ -146,9 +149,9 @@ def _block_table(bucket: list, device) -> tuple[torch.Tensor, torch.Tensor, torc
 def masked_adamw_triton(rows: list[tuple]) -> None:
     """Update many tensors, one launch per bucket of tensors that share dtypes.
 
-    ``rows``: (weight, grad, indices|None, exp_avg, exp_avg_sq, master|None, compact_grad,
-    (beta1, beta2, step_size, bias_correction2_sqrt, decay, eps)). Callers keep the tensors alive
-    until the kernels have run (the optimizer holds them).
+    ``rows``: (weight, grad, indices|None, exp_avg, exp_avg_sq, master|None, compact_grad, scalars), with
+    scalars the N_SCAL columns above: (1 - beta1, beta2, 1 - beta2, step_size, bias_correction2_sqrt, decay,
+    eps). Callers keep the tensors alive until the kernels have run (the optimizer holds them).
     """
     buckets: dict = {}
     for r in rows:
@@ -162,7 +165,7 @@ def masked_adamw_triton(rows: list[tuple]) -> None:
             [(weight.data_ptr(), grad.data_ptr(), 0 if indices is None else indices.data_ptr(), exp_avg.data_ptr(),
               exp_avg_sq.data_ptr(), 0 if master is None else master.data_ptr(), exp_avg.numel(), 0)
              for weight, grad, indices, exp_avg, exp_avg_sq, master, _, _ in bucket], dtype=np.int64))
-        scal = torch.from_numpy(np.array([r[7] for r in bucket], dtype=np.float32))
+        scal = torch.from_numpy(np.array([r[7] for r in bucket], dtype=np.float32).reshape(len(bucket), N_SCAL))
         tensor_of_block, start, element = _block_table(bucket, device)
         addr = upload_table(addr, device)
         if device.type == "cuda":

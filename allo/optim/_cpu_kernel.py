@@ -31,9 +31,11 @@ INDEX_CODES = {None: 0, torch.int32: 4, torch.int64: 8}
 # Per-tensor tables (one row per tensor):
 #   addresses (int64): param, grad, indices, exp_avg, exp_avg_sq, master, k, codes
 #   codes packs param dtype | grad dtype << 4 | index code << 8 | compact-grad flag << 12
-#   scalars (float32): beta1, beta2, step_size, bias_correction2_sqrt, decay, eps
+#   scalars (float32): 1 - beta1, beta2, 1 - beta2, step_size, bias_correction2_sqrt, decay, eps
+#   (the one-minus values computed on the host in float64, as torch.optim.AdamW does: 1 - fp32(0.999) is
+#   1.3e-5 off). The C source's N_SCAL must match.
 N_ADDR = 8
-N_SCAL = 6
+N_SCAL = 7
 
 
 
@@ -48,7 +50,7 @@ def load() -> ctypes.CDLL:
 
 def masked_adamw_cpu(addr: torch.Tensor, scal: torch.Tensor) -> None:
     """Run the fused step over the tensors described by ``addr`` ([T, 8] int64) and ``scal``
-    ([T, 6] float32), built by :func:`pack`. Caller keeps every referenced tensor alive."""
+    ([T, N_SCAL] float32), built by :func:`pack`. Caller keeps every referenced tensor alive."""
     lib = load()
     assert addr.is_contiguous() and scal.is_contiguous() and addr.shape[0] == scal.shape[0]
     # ctypes releases the GIL for the call; the loop uses as many threads as torch does.
@@ -57,7 +59,7 @@ def masked_adamw_cpu(addr: torch.Tensor, scal: torch.Tensor) -> None:
 
 def pack(rows: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
     """Build the tables from rows of (param, grad, indices|None, exp_avg, exp_avg_sq, master|None,
-    compact_grad: bool, (beta1, beta2, step_size, bc2_sqrt, decay, eps))."""
+    compact_grad: bool, (1 - beta1, beta2, 1 - beta2, step_size, bc2_sqrt, decay, eps))."""
     # built as Python lists and converted once: per-row numpy assignment costs more than the step of a
     # small tensor
     addr = [(param.data_ptr(), grad.data_ptr(), 0 if indices is None else indices.data_ptr(),

@@ -406,6 +406,8 @@ class MaskedAdamW(Optimizer):
         eps, wd = group["eps"], group["weight_decay"]
         decay_unselected = group.get("decay_unselected", False)
         decay = 1.0 - lr * wd
+        # in float64 here, not from fp32 betas in the kernels (see the kernels' N_SCAL)
+        one_minus_beta1, one_minus_beta2 = 1.0 - beta1, 1.0 - beta2
         rows_by_backend = defaultdict(list)
         dense_rows = defaultdict(list)
         stepping = []
@@ -466,7 +468,8 @@ class MaskedAdamW(Optimizer):
                 continue
             grad = grad if compact or grad.is_contiguous() else grad.contiguous()
             rows_by_backend[backend].append((p, grad, indices, state["exp_avg"], state["exp_avg_sq"], master, compact,
-                                             (beta1, beta2, step_size, bc2_sqrt, kernel_decay, eps)))
+                                             (one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt,
+                                              kernel_decay, eps)))
         for device, rows in dense_rows.items():
             _fused_dense(rows, device, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
         if rows_by_backend.get("cpu"):

@@ -22,6 +22,10 @@ static inline void store_any(void *p, int64_t i, int dt, float v) {
     else ((_Float16 *)p)[i] = (_Float16)v;
 }
 
+/* Per-tensor scalars (float32), N_SCAL per row, layout documented in allo/optim/_cpu_kernel.py:
+   1 - beta1, beta2, 1 - beta2, step_size, bias_correction2_sqrt, decay, eps. */
+#define N_SCAL 7
+
 #define PREFETCH 64
 #define RUN 256
 
@@ -29,8 +33,7 @@ static inline void store_any(void *p, int64_t i, int dt, float v) {
    vectorises the loop, sqrt and division included. Same operations, same order as the scalar loop. */
 static void run_contiguous(float *restrict P, const float *restrict G, float *restrict m, float *restrict v,
                            int64_t n, const float *s) {
-    const float b1 = s[0], b2 = s[1], step_size = s[2], bc2_sqrt = s[3], decay = s[4], eps = s[5];
-    const float omb1 = 1.0f - b1, omb2 = 1.0f - b2;
+    const float omb1 = s[0], b2 = s[1], omb2 = s[2], step_size = s[3], bc2_sqrt = s[4], decay = s[5], eps = s[6];
     for (int64_t q = 0; q < n; ++q) {
         float g = G[q];
         float mq = m[q] + omb1 * (g - m[q]);
@@ -48,8 +51,7 @@ static void chunk(const int64_t *a, const float *s, int64_t lo, int64_t hi) {
     float *m = (float *)a[3]; float *v = (float *)a[4]; float *master = (float *)a[5];
     int codes = (int)a[7];
     int pdt = codes & 15, gdt = (codes >> 4) & 15, icode = (codes >> 8) & 15, gcompact = (codes >> 12) & 1;
-    const float b1 = s[0], b2 = s[1], step_size = s[2], bc2_sqrt = s[3], decay = s[4], eps = s[5];
-    const float omb1 = 1.0f - b1, omb2 = 1.0f - b2;
+    const float omb1 = s[0], b2 = s[1], omb2 = s[2], step_size = s[3], bc2_sqrt = s[4], decay = s[5], eps = s[6];
     if (pdt == 0 && icode == 4 && master == 0 && (gcompact || gdt == 0)) {
         float *P = (float *)param; const float *G = (const float *)grad; const int32_t *I = (const int32_t *)idx;
         for (int64_t j0 = lo; j0 < hi; j0 += RUN) {
@@ -106,7 +108,7 @@ static void *worker(void *arg) {
             first += nc; ++t;
         }
         int64_t k = job->addr[t * 8 + 6], lo = (c - first) * CHUNK, hi = lo + CHUNK;
-        chunk(job->addr + t * 8, job->scal + t * 6, lo, hi < k ? hi : k);
+        chunk(job->addr + t * 8, job->scal + t * N_SCAL, lo, hi < k ? hi : k);
     }
 }
 
