@@ -166,8 +166,10 @@ def main():
     cuda = device.type == "cuda"
     name = args.model or ("llama-3.2-1b-shape" if cuda else ("tiny-llama" if args.quick else "small-llama"))
     pairs, seq = (4, 512) if cuda else ((4, 64) if args.quick else (4, 128))
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else (10 if cuda else 5))
+    # on the GPU a step is ~0.2 s and its time spread widely over 10 repeats (H100, 2026-11-26: p20-p80
+    # 142-202 ms around a 152 ms median): more of them for a median worth comparing with a target
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else (3 if cuda else 2))
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else (25 if cuda else 5))
     checkpointing = cuda
     if cuda:
         autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
