@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU session check, sized for a 15-minute lease (no network needed): run the Triton GPU tests
-# while the extension builds with its CUDA kernels in place, then bench_update/select/logprob/step at
-# full size (alone on the GPU), the extension's GPU tests, a host-vs-kernel profile, then the rest of
-# the test suite if time is left, and print a short table last.
+# while the extension builds with its CUDA kernels in place, then the extension's GPU tests, then
+# bench_update/select/logprob/step at full size (alone on the GPU), a host-vs-kernel profile, then the
+# rest of the test suite if time is left, and print a short table last.
 #
 #   OUT=/some/dir benchmarks/gpu_check.sh
 #
@@ -99,6 +99,7 @@ step "pytest Triton GPU tests" 200 "$py" -m pytest "${gpu_pytest_args[@]}" "${tr
 triton_pid=$!
 if step "build allo._C with CUDA kernels" 200 "$py" setup.py build_ext --inplace &&
    step "extension loads" 60 "$py" -c "import allo.ops; print(allo.ops.extension_info())"; then
+  step "pytest extension GPU tests" 100 "$py" -m pytest "${gpu_pytest_args[@]}" "${extension_tests[@]}"
   wait "$triton_pid"  # the benchmarks need the GPU (and the cores) to themselves
   # the alignment study trains tiny models on the CPU for half an hour: nothing for the GPU lease
   for name in bench_update bench_select bench_logprob bench_step; do
@@ -106,7 +107,6 @@ if step "build allo._C with CUDA kernels" 200 "$py" setup.py build_ext --inplace
     [ "$name" = bench_select ] && [ -n "$select_skip" ] && args+=(--skip "$select_skip")
     step "$name" 100 "$py" "benchmarks/$name.py" "${args[@]}"
   done
-  step "pytest extension GPU tests" 100 "$py" -m pytest "${gpu_pytest_args[@]}" "${extension_tests[@]}"
   # where the time of select and of an optimizer step goes (host vs kernels), for the record
   step "profile_gpu" 60 "$py" benchmarks/profile_gpu.py --only select,update --no-sweep
   deselect=()
