@@ -17,28 +17,40 @@ The same layout serves :mod:`allo_kernels.masked_adamw` (which also caches its b
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
 def tile_layout(numels, tile: int, device) -> tuple[torch.Tensor, list[int]]:
     """(tensor row of each tile as int32 on ``device``, first tile of each tensor). Empty tensors
     get no tile."""
-    counts = [(int(n) + tile - 1) // tile for n in numels]
-    first, total = [], 0
-    for c in counts:
-        first.append(total)
-        total += c
+    counts = (np.asarray(numels, dtype=np.int64).reshape(-1) + (tile - 1)) // tile
+    ends = np.cumsum(counts)
+    first = (ends - counts).tolist()
+    total = int(ends[-1]) if len(ends) else 0
+    if torch.device(device).type == "cpu":
+        # (the Triton interpreter) torch's CPU repeat_interleave takes milliseconds for 145 tensors
+        return torch.from_numpy(np.repeat(np.arange(len(counts), dtype=np.int32), counts)), first
     # built on the device: a 1B-element model has ~10^5 tiles, no need to copy them from the host
     rows = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32, device=device),
-                                   torch.tensor(counts, dtype=torch.int64, device=device), output_size=total)
+                                   upload(torch.from_numpy(counts), device), output_size=total)
     return rows, first
 
 
-def upload_table(rows, device) -> torch.Tensor:
-    """An int64 [len(rows), columns] table (a list of rows, or a CPU int64 tensor) on ``device``
-    (pinned, asynchronous copy on CUDA). The caller keeps every tensor whose address is in it alive
-    until the kernels that read it have run."""
-    table = rows if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.int64)
+def upload(host: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on ``device``: on CUDA through pinned memory and an asynchronous copy, so that the
+    host neither waits for the kernels already queued (a pageable copy synchronizes the stream) nor
+    for the copy."""
     if torch.device(device).type == "cuda":
-        return table.pin_memory().to(device, non_blocking=True)
-    return table
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
+
+
+def upload_table(rows, device) -> torch.Tensor:
+    """An int64 [len(rows), columns] table (a list of rows, a numpy array or a CPU int64 tensor) on
+    ``device`` (pinned, asynchronous copy on CUDA). The caller keeps every tensor whose address is in
+    it alive until the kernels that read it have run."""
+    if not isinstance(rows, torch.Tensor):
+        # one numpy conversion: torch.tensor(list of lists) costs ~1 us per row of Python ints
+        rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    return upload(rows, device)

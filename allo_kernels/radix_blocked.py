@@ -36,6 +36,7 @@ loads, correct but slower).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -226,47 +227,91 @@ def _blocked_write_kernel(table_ptr, tile_tensor_ptr, prefix_ptr, key_hi, key_ex
                                      IS_DIFF, KEY32, X_BF16, Y_BF16, HAS_HI, HAS_EX, CUT, True, BLOCK)
 
 
-def _groups(sources, members=None):
-    """Source indices per (x dtype, y dtype, AbsDiff) group: one launch each. Empty tensors left out."""
-    groups = {}
-    for i in range(len(sources)) if members is None else members:
-        x, y, diff = _operands(sources[i])
-        if x.numel():
-            groups.setdefault((x.dtype, y.dtype, diff), []).append(i)
-    return groups
+class Sources:
+    """The operands of every source, read once per call (or once per selection: :func:`histogram`
+    and :func:`tile_counts` take one in place of the list): the launch group of each non-empty
+    source, and an int64 table with one row per source in the launch table's columns (x, y, numel,
+    source index; the first tile and the write columns are filled per launch)."""
+
+    __slots__ = ("rows", "group_of", "device")
+
+    def __init__(self, sources):
+        cols, group_of = [], []  # (x address, y address, numel) per source
+        for s in sources:
+            x, y, diff = _operands(s)
+            n = x.numel()
+            if diff:
+                cols.append((x.data_ptr(), y.data_ptr(), n))
+                group_of.append((x.dtype, y.dtype, True) if n else None)
+            else:  # a score tensor: y is x
+                p = x.data_ptr()
+                cols.append((p, p, n))
+                group_of.append((x.dtype, x.dtype, False) if n else None)
+        rows = np.zeros((len(cols), _NCOL), dtype=np.int64)
+        if cols:
+            rows[:, :3] = cols
+            rows[:, 4] = np.arange(len(cols))
+        # one launch per (x dtype, y dtype, AbsDiff) group; empty tensors get none
+        self.group_of = group_of
+        self.rows = rows
+        self.device = sources[0].device if len(sources) else None
+
+    def __len__(self):
+        return len(self.group_of)
+
+    def groups(self, members=None) -> dict:
+        """Source indices (of ``members``, default all) per launch group, in order."""
+        out = {}
+        for i in range(len(self.group_of)) if members is None else members:
+            g = self.group_of[i]
+            if g is not None:
+                out.setdefault(g, []).append(i)
+        return out
+
+
+def _prepared(sources) -> Sources:
+    return sources if isinstance(sources, Sources) else Sources(sources)
 
 
 _tables: dict = {}
+_tile_rows: dict = {}
 
 
-def _tables_for(sources, members, extra, device):
-    """(address table, tile rows, first tiles) of a launch. Cached by the table's own content (addresses,
-    sizes, columns), so it is always valid: the passes of one selection reuse one upload and one
-    tile layout instead of rebuilding them per pass."""
-    numels = [sources[i].numel() for i in members]
-    ops = [_operands(sources[i]) for i in members]
-    key = (str(device), TILE,
-           tuple((x.data_ptr(), y.data_ptr(), n, i) for (x, y, _), n, i in zip(ops, numels, members)),
-           tuple(map(tuple, extra)) if extra else None)
+def _layout(src: Sources, members, extra=None):
+    """(address table on the device, tile rows, aligned) of a launch over ``members`` (``extra``: the
+    write columns, int64 [len(members), 3]). Cached by the table's own content (addresses, sizes,
+    columns), so it is always valid: the passes of one selection reuse one upload, and the tile rows
+    (which depend on the sizes only) are shared by every launch over the same tensors."""
+    rows = src.rows[members]  # a copy: filled in below, then owned by the cache
+    counts = (rows[:, 2] + (TILE - 1)) // TILE
+    rows[:, 3] = np.cumsum(counts) - counts
+    if extra is not None:
+        rows[:, 5:] = extra
+    device = src.device
+    key = (str(device), TILE, rows.tobytes())
     hit = _tables.get(key)
     if hit is not None:
         return hit
-    tile_rows, first = tile_layout(numels, TILE, device)
-    rows = [[x.data_ptr(), y.data_ptr(), n, f, i, *(extra[j] if extra else (0, 0, 0))]
-            for j, ((x, y, _), n, f, i) in enumerate(zip(ops, numels, first, members))]
+    sizes = (str(device), TILE, rows[:, 2].tobytes())
+    tile_rows = _tile_rows.get(sizes)
+    if tile_rows is None:
+        tile_rows = tile_layout(rows[:, 2], TILE, device)[0]
+        if len(_tile_rows) >= 16:
+            _tile_rows.clear()
+        _tile_rows[sizes] = tile_rows
     # the vectorization hint holds only if every address of the launch is 16-byte aligned (a view
     # into a larger tensor may not be: then the launch is correct but slower)
-    aligned = all(a % 16 == 0 for r in rows for a in (r[0], r[1], r[5]))
+    aligned = not (rows[:, [0, 1, 5]] % 16).any()
     if len(_tables) >= 16:  # a few selections' worth; entries are small
         _tables.clear()
-    _tables[key] = hit = (upload_table(rows, device), tile_rows, first, aligned)
+    _tables[key] = hit = (upload_table(rows, device), tile_rows, aligned)
     return hit
 
 
-def _launch(kernel, sources, group_key, members, grid_args, *, extra=None, block=None, **constexprs):
-    """One launch of ``kernel`` over the tiles of ``members``; returns (tiles, tile rows, first tiles)."""
+def _run(kernel, group_key, layout, grid_args, *, block=None, **constexprs):
+    """One launch of ``kernel`` over the tiles of a layout from :func:`_layout`."""
     xdt, ydt, diff = group_key
-    table, tile_rows, first, aligned = _tables_for(sources, members, extra, sources[members[0]].device)
+    table, tile_rows, aligned = layout
     block = block or BLOCK
     assert TILE % block == 0, (TILE, block)  # the masked tail step must stay inside its tile
     ntiles = tile_rows.numel()
@@ -274,7 +319,6 @@ def _launch(kernel, sources, group_key, members, grid_args, *, extra=None, block
         kernel[(ntiles,)](table, tile_rows, *grid_args, X_T=_TL[xdt], Y_T=_TL[ydt], IS_DIFF=diff,
                           X_BF16=xdt == torch.bfloat16, Y_BF16=ydt == torch.bfloat16, ALIGNED=aligned, TILE=TILE,
                           BLOCK=block, num_warps=NUM_WARPS, **constexprs)
-    return ntiles, tile_rows, first
 
 
 def hist_block(bits: int) -> int:
@@ -289,7 +333,8 @@ def per_tensor_fits(num_sources: int, bits: int) -> bool:
 
 
 def histogram(sources, level: int, prefixes, *, key32: bool, edge: int = 0, per_tensor: bool = False):
-    """Histogram of pass ``level`` (digit ``digits(key32)[level]``) over every source.
+    """Histogram of pass ``level`` (digit ``digits(key32)[level]``) over every source (a list, or
+    the :class:`Sources` of one, prepared once for all the passes).
 
     ``level == 0``: the top digit of every key (``prefixes`` ignored); also counts non-finite scores
     (keys beyond ``edge``). ``level > 0``: for each of the one or two ``prefixes``, the digit of the
@@ -307,46 +352,55 @@ def histogram(sources, level: int, prefixes, *, key32: bool, edge: int = 0, per_
     prefixes = [0] if first else list(prefixes)
     if not 1 <= len(prefixes) <= 2:
         raise ValueError(f"radix_blocked.histogram: {len(prefixes)} prefixes; expected 1 or 2")
-    device = sources[0].device
-    rows = len(sources) if per_tensor else 1
-    buf = torch.zeros(rows, 2, bins, dtype=torch.int64, device=device)
-    bad = torch.zeros(1, dtype=torch.int64, device=device)
+    src = _prepared(sources)
+    rows = len(src) if per_tensor else 1
+    # histograms and the non-finite count zeroed in one buffer (one fill)
+    zeroed = torch.zeros(rows * 2 * bins + 1, dtype=torch.int64, device=src.device)
+    buf, bad = zeroed[:-1].view(rows, 2, bins), zeroed[-1:]
     p0 = int(prefixes[0])
     p1 = int(prefixes[-1])
-    for key, members in _groups(sources).items():
-        _launch(_blocked_hist_kernel, sources, key, members, (buf, bad, p0, p1, int(edge)), block=hist_block(bits),
-                KEY32=key32, SHIFT=shift, BITS=bits, FIRST=first, TWO=len(prefixes) == 2, PER_TENSOR=per_tensor)
+    for key, members in src.groups().items():
+        _run(_blocked_hist_kernel, key, _layout(src, members), (buf, bad, p0, p1, int(edge)), block=hist_block(bits),
+             KEY32=key32, SHIFT=shift, BITS=bits, FIRST=first, TWO=len(prefixes) == 2, PER_TENSOR=per_tensor)
     per = buf[:, :len(prefixes)]
     hist = per.sum(0) if per_tensor else per[0]
     return hist, (per if per_tensor else None), (bad if first else None)
 
 
+def _count_tiles(src: Sources, group_key, members, k0: int, k1: int, *, key32: bool):
+    layout = _layout(src, members)
+    counts = torch.empty(layout[1].numel(), 2, dtype=torch.int64, device=src.device)
+    _run(_blocked_count_kernel, group_key, layout, (counts, k0, k1), KEY32=key32)
+    return counts, layout
+
+
 def tile_counts(sources, members, keys, *, key32: bool):
     """Per tile of ``members`` (in launch order, per dtype group): counts of ``keys[0]`` and
-    ``keys[1]``; returns a list of (group members, counts [tiles, 2], tile rows, first tiles)."""
+    ``keys[1]``; returns a list of (group members, counts [tiles, 2], tile rows, address table on the
+    device: column 3 is each tensor's first tile, column 4 its source index)."""
+    src = _prepared(sources)
     k0, k1 = int(keys[0]), int(keys[-1])
     out = []
-    for gkey, group in _groups(sources, members).items():
-        ntiles = sum(triton.cdiv(sources[i].numel(), TILE) for i in group)
-        counts = torch.empty(ntiles, 2, dtype=torch.int64, device=sources[group[0]].device)
-        _, tile_rows, first = _launch(_blocked_count_kernel, sources, gkey, group, (counts, k0, k1), KEY32=key32)
-        out.append((group, counts, tile_rows, first))
+    for gkey, group in src.groups(members).items():
+        counts, (table, tile_rows, _) = _count_tiles(src, gkey, group, k0, k1, key32=key32)
+        out.append((group, counts, tile_rows, table))
     return out
 
 
 def count_equal(sources, key: int, *, key32: bool) -> list[int]:
     """Number of elements whose key is ``key``, per source (one launch per dtype group, one sync)."""
-    if not sources:
+    if not len(sources):
         return []
-    totals = torch.zeros(len(sources), dtype=torch.int64, device=sources[0].device)
-    for group, counts, tile_rows, _ in tile_counts(sources, None, (key, key), key32=key32):
-        idx = torch.tensor(group, dtype=torch.int64, device=counts.device)[tile_rows.long()]
-        totals.index_add_(0, idx, counts[:, 0])
+    src = _prepared(sources)
+    totals = torch.zeros(len(src), dtype=torch.int64, device=src.device)
+    for _, counts, tile_rows, table in tile_counts(src, None, (key, key), key32=key32):
+        totals.index_add_(0, table[:, 4][tile_rows.long()], counts[:, 0])
     return totals.tolist()
 
 
 def write_band(sources, outs, key_hi, limits_hi, key_ex, limits_ex, cut, *, key32: bool) -> None:
-    """Band masks of ``sources`` into ``outs`` (flat bool/uint8 tensors of the same numel).
+    """Band masks of ``sources`` into ``outs`` (contiguous bool/uint8 tensors of any shape, each with
+    its source's numel).
 
     An element is kept when it is in the top ``k_hi`` and not in the top ``k_ex``: for a boundary
     with key ``K`` and this tensor's ``limit``, an element is in its top k when ``key > K``, or
@@ -355,24 +409,37 @@ def write_band(sources, outs, key_hi, limits_hi, key_ex, limits_ex, cut, *, key3
     limit of source ``i`` is strictly between 0 and its tie count (the ties are then ranked;
     otherwise ``limit`` only needs to be 0 or ``>=`` the count).
     """
-    lim = [(min(int(limits_hi[i]), NO_LIMIT), min(int(limits_ex[i]), NO_LIMIT)) for i in range(len(sources))]
+    src = _prepared(sources)
+    n = len(src)
+    if len(outs) != n:
+        raise ValueError(f"radix_blocked.write_band: {len(outs)} outs for {n} sources; pass one mask per source")
+    # the write columns of the launch table: mask address and the two tie limits, per source
+    extra = np.empty((n, 3), dtype=np.int64)
+    if n:
+        extra[:, 0] = [o.data_ptr() for o in outs]
+        extra[:, 1] = np.minimum(np.asarray(limits_hi, dtype=np.int64), NO_LIMIT)
+        extra[:, 2] = np.minimum(np.asarray(limits_ex, dtype=np.int64), NO_LIMIT)
+        sized = np.array([o.numel() for o in outs], dtype=np.int64) == src.rows[:, 2]
+        if not sized.all() or not all(o.is_contiguous() for o in outs):
+            i = next(i for i, o in enumerate(outs) if not (sized[i] and o.is_contiguous()))
+            raise ValueError(f"radix_blocked.write_band: outs[{i}] has {outs[i].numel()} elements (contiguous: "
+                             f"{outs[i].is_contiguous()}) for a source of {int(src.rows[i, 2])}; each out must be "
+                             "a contiguous tensor with its source's numel")
+    scalars = (int(key_hi or 0), int(key_ex or 0))
+    cut = np.asarray(cut, dtype=bool).reshape(-1)
     for cut_launch in (False, True):
-        members = [i for i in range(len(sources)) if bool(cut[i]) == cut_launch]
+        members = np.flatnonzero(cut == cut_launch).tolist()
         if not members:
             continue
-        if cut_launch:
-            per_group = tile_counts(sources, members, (key_hi or 0, key_ex or 0), key32=key32)
-        else:
-            per_group = [(g, None, None, None) for g in _groups(sources, members).values()]
-        for group, counts, tile_rows, first in per_group:
-            if counts is None:
-                prefix = torch.zeros(2, dtype=torch.int64, device=sources[group[0]].device)
-            else:
+        for gkey, group in src.groups(members).items():
+            layout = _layout(src, group, extra[group])
+            table, tile_rows, _ = layout
+            if cut_launch:
+                counts, _ = _count_tiles(src, gkey, group, *scalars, key32=key32)
                 # exclusive prefix sum of the tile counts, restarted at each tensor's first tile
                 excl = counts.cumsum(0) - counts
-                starts = torch.tensor(first, dtype=torch.int64, device=counts.device)[tile_rows.long()]
-                prefix = (excl - excl[starts]).contiguous()
-            gkey = next(iter(_groups(sources, group[:1])))
-            extra = [(outs[i].data_ptr(), *lim[i]) for i in group]
-            _launch(_blocked_write_kernel, sources, gkey, group, (prefix, int(key_hi or 0), int(key_ex or 0)),
-                    extra=extra, KEY32=key32, HAS_HI=key_hi is not None, HAS_EX=key_ex is not None, CUT=cut_launch)
+                prefix = (excl - excl[table[:, 3][tile_rows.long()]]).contiguous()
+            else:
+                prefix = table  # any int64 tensor: not read when CUT is False
+            _run(_blocked_write_kernel, gkey, layout, (prefix, *scalars), KEY32=key32, HAS_HI=key_hi is not None,
+                 HAS_EX=key_ex is not None, CUT=cut_launch)

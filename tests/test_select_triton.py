@@ -5,6 +5,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import requires_cuda
 
 from allo.select import AbsDiff, radix_cpu, select_top, weight_delta_scores
 from allo.select.reference import reference_band_masks
@@ -146,6 +147,8 @@ def _check_band(scores, cases, **kw):
         assert list(got) == list(ref)
         for n in ref:
             assert got[n].dtype == torch.bool and torch.equal(got[n].cpu(), ref[n]), (ratio, ex, n)
+            # every mask its own contiguous storage: safetensors refuses masks that share one
+            assert got[n].is_contiguous() and got[n].untyped_storage().nbytes() == got[n].numel(), n
 
 
 CASES = ((0.1, 0.0), (0.5, 0.25), (1.0, 0.0), (0.37, 0.11), (0.0, 0.0), (0.6, 0.6))
@@ -230,6 +233,53 @@ def test_blocked_histogram_levels(dtype, device, small_tiles):
             top = allk.unique(return_counts=True)
             common = top[0][top[1].argsort(descending=True)[:2]]
             prefixes = sorted({int(c) >> sum(bits[level + 1:]) for c in common})
+
+
+def test_tile_layout_and_write_band_arguments(device):
+    from allo_kernels.multi_tensor import tile_layout
+
+    for numels in ([5, 0, 300, 1, 256, 0, 257], [0, 0], []):
+        rows, first = tile_layout(numels, 128, device)
+        counts = torch.tensor([(n + 127) // 128 for n in numels], dtype=torch.int64)
+        expect = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
+        assert rows.dtype == torch.int32 and rows.device.type == device.type and torch.equal(rows.cpu(), expect)
+        assert first == (torch.cumsum(counts, 0) - counts).tolist()
+    # masks of any shape are written through their addresses: they must be contiguous, of the right size
+    scores = [torch.randn(6, 5, device=device), torch.randn(7, device=device)]
+    args = (None, [0, 0], None, [0, 0], [False, False])
+    with pytest.raises(ValueError, match=r"outs\[0\] has 30 elements \(contiguous: False\)"):
+        RB.write_band(scores, [torch.empty(5, 6, dtype=torch.bool, device=device).t(),
+                               torch.empty(7, dtype=torch.bool, device=device)], *args, key32=True)
+    with pytest.raises(ValueError, match=r"outs\[1\] has 8 elements .* source of 7"):
+        RB.write_band(scores, [torch.empty(6, 5, dtype=torch.bool, device=device),
+                               torch.empty(8, dtype=torch.bool, device=device)], *args, key32=True)
+    with pytest.raises(ValueError, match="1 outs for 2 sources"):
+        RB.write_band(scores, [torch.empty(30, dtype=torch.bool, device=device)], *args, key32=True)
+
+
+@requires_cuda
+def test_blocked_write_masks_does_not_synchronize():
+    # the write pass queues its kernels without waiting for the GPU: no pageable host->device copy
+    # (which synchronizes the stream), no device->host read. Ties are cut, so the counting launch runs
+    from allo.select.topk import key_domain, plan, write_masks
+
+    scores = {f"w{i}": (torch.randint(0, 4, (int(n),)).float() * 0.25).bfloat16().cuda()
+              for i, n in enumerate(torch.randint(1, 5000, (40,)))}
+    key32, kdt = key_domain(scores)
+    (hi, ex), _ = plan(scores, (0.3, 0.05), key32=key32, dtype=kdt, backend="triton", histogram="blocked")
+    assert hi.partial and ex.partial
+    ref = reference_band_masks({n: s.cpu() for n, s in scores.items()}, 0.3, 0.05)
+    for attempt in range(2):  # the first call compiles the kernels
+        RB._tables.clear()
+        RB._tile_rows.clear()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if attempt else 0)
+        try:
+            got = write_masks(scores, hi, ex, key32=key32, backend="triton", histogram="blocked")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        for n in scores:
+            assert torch.equal(got[n].cpu(), ref[n]), n
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

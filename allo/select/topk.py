@@ -32,6 +32,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from allo._backend import resolve_backend
@@ -157,7 +158,8 @@ class _SearchBlocked:
     """Histogram passes of the blocked Triton variant: small digits, block-local histograms."""
 
     def __init__(self, ops, sources, key32, dtype):
-        self.ops, self.sources, self.key32 = ops, sources, key32
+        self.ops, self.key32 = ops, key32
+        self.sources = ops.Sources(sources)  # operands and addresses read once for all the passes
         self.digits = ops.digits(key32)
         self.edge = ops.nonfinite_edge(key32, dtype)
         # per-tensor rows in the last pass give each tensor's tie count without a counting pass
@@ -279,6 +281,21 @@ def _taken(bd: Boundary, key: int, r: torch.Tensor) -> torch.Tensor:
     return r < bd.take
 
 
+def _new_masks(srcs) -> list[torch.Tensor]:
+    """Uninitialized contiguous bool masks of the scores' shapes, on their device, each with its own
+    storage (masks are saved with safetensors, which refuses tensors that share one). ``empty_like``
+    costs half of ``torch.empty(shape, ...)`` on the host (no shape to parse): ~150 masks per call."""
+    empty_like, dtype, fmt = torch.empty_like, torch.bool, torch.contiguous_format
+    out = []
+    for s in srcs:
+        t = s.a if isinstance(s, AbsDiff) else s
+        if type(t) is torch.Tensor:
+            out.append(empty_like(t, dtype=dtype, memory_format=fmt))
+        else:  # a subclass (e.g. DTensor) would make its own kind of mask
+            out.append(torch.empty(t.shape, dtype=dtype, device=t.device))
+    return out
+
+
 def write_masks(sources: dict, hi: Boundary, ex: Boundary, *, key32: bool, backend: str, group=None, emit=None,
                 histogram=None):
     """Band masks per tensor, handed one at a time to ``emit(name, mask)`` (or collected in a dict)."""
@@ -308,7 +325,7 @@ def write_masks(sources: dict, hi: Boundary, ex: Boundary, *, key32: bool, backe
                         hi_ties, ex_ties = (True, ex_ties) if bd is hi else (hi_ties, True)
                     elif first < bd.take:
                         cut.append(key)
-        mask = torch.empty(s.shape, dtype=torch.bool, device=s.device)
+        mask = _new_masks((s,))[0]
         ops.radix_write(s, mask.view(-1), hi.key if hi.k > 0 else None, hi_ties, ex_key, ex_ties, key32=key32)
         for key in sorted(set(cut)):
             pos = ops.equal_positions(s, key, counts[key][name], key32=key32)
@@ -331,17 +348,22 @@ def _write_masks_blocked(ops, sources, hi, ex, *, key32, group, emit):
     few masks exist at once). A tensor where a boundary cuts through ties gets the number of its
     ties taken (``limit``); the kernel ranks its ties in flat order."""
     names, srcs = list(sources), list(sources.values())
-    limits, cut = {}, [False] * len(srcs)
+    limits, cut = {}, np.zeros(len(srcs), dtype=bool)
     for bd in (hi, ex):
         if bd.k == 0 or not bd.partial:
-            limits[id(bd)] = [ops.NO_LIMIT] * len(srcs)  # all ties in (or, k == 0, unused)
+            limits[id(bd)] = np.full(len(srcs), ops.NO_LIMIT, dtype=np.int64)  # all ties in (or, k == 0, unused)
             continue
         counts = bd.counts
         if counts is None:  # too many tensors for per-tensor rows in the last pass: count now
             counts = ops.count_equal(srcs, bd.key, key32=key32)
-        starts = _tie_starts(dict(zip(names, counts)), group)
-        lim = [min(max(bd.take - starts[nm], 0), c) for nm, c in zip(names, counts)]
-        cut = [cu or 0 < li < c for cu, li, c in zip(cut, lim, counts)]
+        counts = np.asarray(counts, dtype=np.int64)
+        if group is None:  # the tie order is the mapping's order
+            starts = np.cumsum(counts) - counts
+        else:
+            first = _tie_starts(dict(zip(names, counts.tolist())), group)
+            starts = np.array([first[nm] for nm in names], dtype=np.int64)
+        lim = np.minimum(np.maximum(bd.take - starts, 0), counts)
+        cut |= (0 < lim) & (lim < counts)
         limits[id(bd)] = lim
     key_hi = hi.key if hi.k > 0 else None
     key_ex = ex.key if ex.k > 0 else None
@@ -349,17 +371,20 @@ def _write_masks_blocked(ops, sources, hi, ex, *, key32, group, emit):
     wave_cap = max([_WRITE_WAVE] + [s.numel() for s in srcs]) if emit is not None else None
     i = 0
     while i < len(srcs):
-        j, size = i, 0
-        while j < len(srcs) and (wave_cap is None or j == i or size + srcs[j].numel() <= wave_cap):
-            size += srcs[j].numel()
-            j += 1
-        masks = [torch.empty(s.shape, dtype=torch.bool, device=s.device) for s in srcs[i:j]]
-        ops.write_band(srcs[i:j], [m.view(-1) for m in masks], key_hi, limits[id(hi)][i:j], key_ex,
-                       limits[id(ex)][i:j], cut[i:j], key32=key32)
-        for name, mask in zip(names[i:j], masks):
-            if emit is None:
-                out[name] = mask
-            else:
+        if emit is None:
+            j = len(srcs)
+        else:
+            j, size = i, 0
+            while j < len(srcs) and (j == i or size + srcs[j].numel() <= wave_cap):
+                size += srcs[j].numel()
+                j += 1
+        masks = _new_masks(srcs[i:j])
+        ops.write_band(srcs[i:j], masks, key_hi, limits[id(hi)][i:j], key_ex, limits[id(ex)][i:j], cut[i:j],
+                       key32=key32)
+        if emit is None:
+            out.update(zip(names[i:j], masks))
+        else:
+            for name, mask in zip(names[i:j], masks):
                 emit(name, mask)
         i = j
     return out
@@ -374,7 +399,7 @@ def _write_masks_sequential(sources, hi, ex, key, *, key32, emit):
     for name, s in sources.items():
         hi_ties = hi.all_ties or (hi.key == key and seen < hi.take)
         ex_ties = ex.all_ties or (ex.k > 0 and ex.key == key and seen < ex.take)
-        mask = torch.empty(s.shape, dtype=torch.bool, device=s.device)
+        mask = _new_masks((s,))[0]
         c = radix_cpu.radix_write(s, mask.view(-1), hi.key, hi_ties, ex.key if ex.k > 0 else None, ex_ties,
                                   key32=key32, count_key=key)
         if any(bd.k > 0 and bd.key == key and seen < bd.take < seen + c for bd in (hi, ex)):
