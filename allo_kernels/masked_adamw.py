@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import tile_layout, upload_table
+from .multi_tensor import tile_layout, upload, upload_table
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
               torch.int32: tl.int32, torch.int64: tl.int64}
@@ -168,8 +168,7 @@ def masked_adamw_triton(rows: list[tuple]) -> None:
         scal = torch.from_numpy(np.array([r[7] for r in bucket], dtype=np.float32).reshape(len(bucket), N_SCAL))
         tensor_of_block, start, element = _block_table(bucket, device)
         addr = upload_table(addr, device)
-        if device.type == "cuda":
-            scal = scal.pin_memory().to(device, non_blocking=True)
+        scal = upload(scal, device)
         masked_adamw_kernel[(tensor_of_block.numel(),)](
             addr, scal, tensor_of_block, start, element,
             PARAM_T=_TL_DTYPES[wdt], GRAD_T=_TL_DTYPES[gdt if not compact else torch.float32],

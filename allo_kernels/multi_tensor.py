@@ -42,7 +42,13 @@ def upload(host: torch.Tensor, device) -> torch.Tensor:
     host neither waits for the kernels already queued (a pageable copy synchronizes the stream) nor
     for the copy."""
     if torch.device(device).type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
+        # torch.empty(pin_memory=True) takes a block from torch's caching host allocator, which keeps it
+        # from being reused until the copy has run; host.pin_memory() would do the same but first asks
+        # the driver whether the memory is pinned already (aten::is_pinned), which the H100 profile of
+        # 2026-11-26 showed at ~0.9 ms a call (1.8 ms of a MaskedAdamW step's 3.2 ms under the profiler)
+        staging = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        staging.copy_(host)
+        return staging.to(device, non_blocking=True)
     return host
 
 
