@@ -17,9 +17,11 @@ popcounts the bins it owns: about ``(bins / 32 + 1) x log2(bins)`` warp instruct
 elements. With 8-bit digits (256 bins) that made each pass compute-bound at 3.8 ms (twice the
 0.65 ms it takes to read the scores), and launch sizes or warps changed nothing (7.8-9.4 ms for
 the two passes). A 5-bit digit costs ~10 and a 6-bit one ~18 instructions per 32 elements against
-72 for 8 bits: the passes should then run at about the speed of reading the scores, ~0.65-0.95 ms
-each (PREDICTION from that cost model, to be measured by ``benchmarks/bench_select.py``), one more
-pass for 16-bit keys notwithstanding.
+72 for 8 bits, so the passes were predicted to run near the speed of reading the scores (~0.65-0.95
+ms). Measured on the same H100 (run 2): 2.27 ms per pass, 6.8 ms of kernels for the three passes
+against 7.6 ms for two 8-bit ones. So the instruction count was not the whole cost; what else bounds a
+pass (the loads of a program's 32 steps are not pipelined, say) is for the next GPU session to find
+with a profiler.
 
 Ties. The last pass can keep one histogram row per tensor (``tensors x bins`` counters, capped by
 ``PER_TENSOR_BYTES``): the threshold key's count per tensor then comes for free, so no counting pass
