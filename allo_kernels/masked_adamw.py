@@ -146,6 +146,54 @@ def _block_table(bucket: list, device) -> tuple[torch.Tensor, torch.Tensor, torc
     return table
 
 
+def bucket_rows(rows: list[tuple]) -> dict:
+    """Rows grouped by what the kernel takes as compile-time constants (weight and gradient dtypes,
+    index dtype, compact gradient, master copy) and device: one launch per group, usually one."""
+    buckets: dict = {}
+    for r in rows:
+        weight, grad, indices, _, _, master, compact, _ = r
+        key = (weight.device, weight.dtype, grad.dtype, None if indices is None else indices.dtype,
+               bool(compact), master is not None)
+        buckets.setdefault(key, []).append(r)
+    return buckets
+
+
+class Launch:
+    """One launch over a bucket of rows (see :func:`bucket_rows`), split into what depends only on the
+    selection and the state (addresses of weights, indices, moments, master copies; the block table),
+    built once, and what changes every step: the gradients' addresses and the scalars. MaskedAdamW
+    keeps a Launch between steps (allo.optim.step_plan) so a step's host work is a few numpy
+    operations instead of a pass over every tensor."""
+
+    def __init__(self, key, bucket: list[tuple]):
+        device, wdt, gdt, idt, compact, has_master = key
+        self.device = device
+        # host work per tensor is what a step of ~150 tensors costs on a GPU: lists, converted once
+        self.addr = np.array(
+            [(weight.data_ptr(), grad.data_ptr(), 0 if indices is None else indices.data_ptr(), exp_avg.data_ptr(),
+              exp_avg_sq.data_ptr(), 0 if master is None else master.data_ptr(), exp_avg.numel(), 0)
+             for weight, grad, indices, exp_avg, exp_avg_sq, master, _, _ in bucket], dtype=np.int64)
+        self.blocks = _block_table(bucket, device)
+        self.constexprs = dict(PARAM_T=_TL_DTYPES[wdt], GRAD_T=_TL_DTYPES[gdt if not compact else torch.float32],
+                               INDEX_T=_TL_DTYPES[idt] if idt is not None else tl.int32, DENSE=idt is None,
+                               COMPACT_GRAD=compact, HAS_MASTER=has_master, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        self._uploaded = None  # (host copy, device table) of the last upload
+
+    def run(self, grad_ptrs, scal: np.ndarray) -> None:
+        """Launch with the gradients at ``grad_ptrs`` (one per row, or None: those given at
+        construction) and ``scal`` ([rows, N_SCAL] float32)."""
+        if grad_ptrs is not None:
+            self.addr[:, 1] = grad_ptrs
+        if self._uploaded is None or not np.array_equal(self._uploaded[0], self.addr):
+            # the caching allocator usually hands a step's gradients the addresses of the last step's:
+            # then the table on the device is still right
+            self._uploaded = (self.addr.copy(), upload_table(torch.from_numpy(self.addr.copy()), self.device))
+        scal_dev = upload(torch.from_numpy(np.ascontiguousarray(scal, dtype=np.float32)), self.device)
+        tensor_of_block, start, element = self.blocks
+        masked_adamw_kernel[(tensor_of_block.numel(),)](self._uploaded[1], scal_dev, tensor_of_block, start, element,
+                                                        **self.constexprs)
+
+
 def masked_adamw_triton(rows: list[tuple]) -> None:
     """Update many tensors, one launch per bucket of tensors that share dtypes.
 
@@ -153,25 +201,5 @@ def masked_adamw_triton(rows: list[tuple]) -> None:
     scalars the N_SCAL columns above: (1 - beta1, beta2, 1 - beta2, step_size, bias_correction2_sqrt, decay,
     eps). Callers keep the tensors alive until the kernels have run (the optimizer holds them).
     """
-    buckets: dict = {}
-    for r in rows:
-        weight, grad, indices, _, _, master, compact, _ = r
-        key = (weight.device, weight.dtype, grad.dtype, None if indices is None else indices.dtype,
-               bool(compact), master is not None)
-        buckets.setdefault(key, []).append(r)
-    for (device, wdt, gdt, idt, compact, has_master), bucket in buckets.items():
-        # host work per tensor is what a step of ~150 tensors costs on a GPU: lists, converted once
-        addr = torch.from_numpy(np.array(
-            [(weight.data_ptr(), grad.data_ptr(), 0 if indices is None else indices.data_ptr(), exp_avg.data_ptr(),
-              exp_avg_sq.data_ptr(), 0 if master is None else master.data_ptr(), exp_avg.numel(), 0)
-             for weight, grad, indices, exp_avg, exp_avg_sq, master, _, _ in bucket], dtype=np.int64))
-        scal = torch.from_numpy(np.array([r[7] for r in bucket], dtype=np.float32).reshape(len(bucket), N_SCAL))
-        tensor_of_block, start, element = _block_table(bucket, device)
-        addr = upload_table(addr, device)
-        scal = upload(scal, device)
-        masked_adamw_kernel[(tensor_of_block.numel(),)](
-            addr, scal, tensor_of_block, start, element,
-            PARAM_T=_TL_DTYPES[wdt], GRAD_T=_TL_DTYPES[gdt if not compact else torch.float32],
-            INDEX_T=_TL_DTYPES[idt] if idt is not None else tl.int32,
-            DENSE=idt is None, COMPACT_GRAD=compact, HAS_MASTER=has_master, BLOCK=BLOCK, num_warps=NUM_WARPS,
-        )
+    for key, bucket in bucket_rows(rows).items():
+        Launch(key, bucket).run(None, np.array([r[7] for r in bucket], dtype=np.float32).reshape(len(bucket), N_SCAL))

@@ -70,3 +70,17 @@ def pack(rows: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
     scal = [r[7] for r in rows]
     return (torch.from_numpy(np.array(addr, dtype=np.int64).reshape(len(rows), N_ADDR)),
             torch.from_numpy(np.array(scal, dtype=np.float32).reshape(len(rows), N_SCAL)))
+
+
+class Launch:
+    """The C step over fixed rows: the address table built once, the gradients' addresses and the
+    scalars given per step (see allo_kernels.masked_adamw.Launch, the same split for Triton)."""
+
+    def __init__(self, rows: list[tuple]):
+        addr, _ = pack(rows)
+        self.addr = addr.numpy()
+
+    def run(self, grad_ptrs, scal) -> None:
+        if grad_ptrs is not None:
+            self.addr[:, 1] = grad_ptrs
+        masked_adamw_cpu(torch.from_numpy(self.addr), torch.from_numpy(np.ascontiguousarray(scal, dtype=np.float32)))

@@ -14,6 +14,8 @@ from allo._backend import resolve_backend
 from allo.optim import _cpu_kernel, sharding
 from allo.optim.masks import DENSE, EMPTY, normalize_mask, same_selection
 from allo.optim.reference import masked_adamw_step_reference
+from allo.optim.step_plan import StepPlan
+from allo_kernels.multi_tensor import upload
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -90,6 +92,11 @@ class MaskedAdamW(Optimizer):
         self._step_np = self._step_buf.numpy()
         self._step_views: list = []
         self._step_slot: dict = {}
+        self._step_generation = 0  # bumped when the counts move to a new buffer
+        # per group index, the step that group took last (allo.optim.step_plan); _plan_version is
+        # bumped whenever selections or states change, which retires every plan
+        self._plans: dict = {}
+        self._plan_version = 0
         super().__init__(params, defaults)
         self.set_masks(masks)
 
@@ -108,6 +115,8 @@ class MaskedAdamW(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        if hasattr(self, "_plan_version"):
+            self._plan_version += 1
         if hasattr(self, "_selection") and "params" in param_group:  # after __init__: new params train densely
             names = self._names()
             for i, p in enumerate(self._params()):
@@ -162,6 +171,7 @@ class MaskedAdamW(Optimizer):
 
     def _select(self, p: torch.Tensor, sel) -> None:
         """``sel`` is over ``p``'s local block when ``p`` is sharded (see :mod:`allo.optim.sharding`)."""
+        self._plan_version += 1
         param = p
         old = self._selection.get(p)
         self._selection[p] = sel
@@ -363,8 +373,10 @@ class MaskedAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
+        for i, group in enumerate(self.param_groups):
+            plan = self._plans.get(i)
+            if plan is None or not plan.run(self, group, _fused_dense):
+                self._step_group(i, group)
         # The step consumes the compact gradients: model.zero_grad() (what transformers.Trainer calls)
         # cannot reach them, and they must not leak into the next step.
         self._compact.clear()
@@ -379,6 +391,13 @@ class MaskedAdamW(Optimizer):
         dispatch cost more than the whole GPU update of a 10% row mask). A state whose ``step`` is
         not (or no longer) such a view, e.g. new after :meth:`set_masks` or :meth:`load_state_dict`,
         makes every state's count move into a new buffer first, values kept."""
+        idx = self._step_slots(entries)
+        self._step_np[idx] += 1
+        return [int(v) for v in self._step_np[idx].tolist()]
+
+    def _step_slots(self, entries: list) -> np.ndarray:
+        """Positions of the entries' step counts in ``_step_buf`` (moving every count into a new
+        buffer first if some state's count is not a view of it)."""
         slots = []
         for param, state in entries:
             slot = self._step_slot.get(param)
@@ -387,9 +406,7 @@ class MaskedAdamW(Optimizer):
                 slots = [self._step_slot[q] for q, _ in entries]
                 break
             slots.append(slot)
-        idx = np.asarray(slots, dtype=np.int64)
-        self._step_np[idx] += 1
-        return [int(v) for v in self._step_np[idx].tolist()]
+        return np.asarray(slots, dtype=np.int64)
 
     def _rebuild_step_buffer(self) -> None:
         live = [(p, st) for p, st in self.state.items() if "step" in st]
@@ -399,8 +416,12 @@ class MaskedAdamW(Optimizer):
             st["step"] = view
         self._step_buf, self._step_np, self._step_views = buf, buf.numpy(), views
         self._step_slot = {p: i for i, (p, _) in enumerate(live)}
+        self._step_generation += 1
 
-    def _step_group(self, group: dict) -> None:
+    def _step_group(self, gi: int, group: dict) -> None:
+        """The general path of a group's step; also records the plan that later steps replay
+        (allo.optim.step_plan) when the group allows one."""
+        self._plans.pop(gi, None)
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
         eps, wd = group["eps"], group["weight_decay"]
@@ -415,6 +436,9 @@ class MaskedAdamW(Optimizer):
         compact_grads, without_state = self._compact, self._stepped_without_state
         dtensor = sharding.dtensor_type()
         all_state = self.state
+        # a plan (allo.optim.step_plan) needs every parameter with state to step, no DTensor, and no
+        # decay of unselected elements
+        plannable = not (decay_unselected and wd != 0)
         for p in group["params"]:
             state = all_state.get(p)
             compact = bool(compact_grads) and p in compact_grads
@@ -425,6 +449,9 @@ class MaskedAdamW(Optimizer):
             if dtensor is not None and isinstance(p, dtensor):
                 p = p.to_local()
                 grad = None if grad is None else sharding.local(grad)
+                plannable = False
+            if state is not None and grad is None:
+                plannable = False
             if state is None:
                 stepped_without_state = bool(without_state) and param in without_state
                 if decay_unselected and wd != 0 and (grad is not None or stepped_without_state):
@@ -439,7 +466,9 @@ class MaskedAdamW(Optimizer):
         # per-parameter host work is what a step of many small tensors costs: batch what can be batched
         steps = self._advance_steps([(param, state) for param, _, state, _, _ in stepping])
         backends, bias_corrections = {}, {}
-        for (_, p, state, grad, compact), step in zip(stepping, steps):
+        positions_by_backend = defaultdict(list)  # each row's position in `stepping`, for the plan
+        dense_positions = defaultdict(list)
+        for i, ((_, p, state, grad, compact), step) in enumerate(zip(stepping, steps)):
             indices = state.get("indices")
             master = state.get("master")
             backend = backends.get(p.device)
@@ -450,6 +479,7 @@ class MaskedAdamW(Optimizer):
                 # every element selected: torch's own fused AdamW kernel (one multi-tensor pass), so a
                 # 100% mask costs what torch.optim.AdamW(fused=True) costs
                 dense_rows[p.device].append((p, grad, state, step))
+                dense_positions[p.device].append(i)
                 continue
             corrections = bias_corrections.get(step)
             if corrections is None:  # usually one step count for the whole group
@@ -461,6 +491,7 @@ class MaskedAdamW(Optimizer):
                 if master is None:
                     kernel_decay = 1.0  # the kernel reads the weight, which is already decayed
             if backend == "reference":
+                plannable = False
                 masked_adamw_step_reference(p.detach(), grad, indices, state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
                                             None if master is None else master.view(-1), step=step, lr=lr, beta1=beta1,
                                             beta2=beta2, eps=eps, weight_decay=wd if kernel_decay != 1.0 else 0.0,
@@ -470,15 +501,30 @@ class MaskedAdamW(Optimizer):
             rows_by_backend[backend].append((p, grad, indices, state["exp_avg"], state["exp_avg_sq"], master, compact,
                                              (one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt,
                                               kernel_decay, eps)))
+            positions_by_backend[backend].append(i)
         for device, rows in dense_rows.items():
             _fused_dense(rows, device, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
+        launches = []
         if rows_by_backend.get("cpu"):
-            addr, scal = _cpu_kernel.pack(rows_by_backend["cpu"])
-            _cpu_kernel.masked_adamw_cpu(addr, scal)
+            rows = rows_by_backend["cpu"]
+            launches.append((_cpu_kernel.Launch(rows), np.asarray(positions_by_backend["cpu"], dtype=np.int64)))
         if rows_by_backend.get("triton"):
-            from allo_kernels.masked_adamw import masked_adamw_triton
+            from allo_kernels.masked_adamw import Launch, bucket_rows
 
-            masked_adamw_triton(rows_by_backend["triton"])
+            rows, positions = rows_by_backend["triton"], positions_by_backend["triton"]
+            at = {id(r): positions[j] for j, r in enumerate(rows)}
+            for key, bucket in bucket_rows(rows).items():
+                launches.append((Launch(key, bucket), np.asarray([at[id(r)] for r in bucket], dtype=np.int64)))
+        rows_at = {i: r for backend in rows_by_backend for i, r in zip(positions_by_backend[backend],
+                                                                        rows_by_backend[backend])}
+        for launch, positions in launches:
+            launch.run(None, np.array([rows_at[i][7] for i in positions], dtype=np.float32).reshape(len(positions), -1))
+        if plannable and not rows_by_backend.get("reference"):
+            entries = [(param, state, compact, grad.dtype, p.data_ptr()) for param, p, state, grad, compact in stepping]
+            slots = self._step_slots([(param, state) for param, _, state, _, _ in stepping])
+            self._plans[gi] = StepPlan(self._plan_version, group["params"], entries, launches,
+                                       [(d, pos) for d, pos in dense_positions.items()],
+                                       (self._step_generation, slots))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -497,6 +543,7 @@ class MaskedAdamW(Optimizer):
         break bit-for-bit resume), and move to each parameter's device."""
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
+        self._plan_version += 1
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = self._params()
         names = self._names()
@@ -582,8 +629,9 @@ def _fused_dense(rows: list, device: torch.device, *, lr, beta1, beta2, eps, wei
         avgs.append(state["exp_avg"])
         sqs.append(state["exp_avg_sq"])
         steps.append(float(step))
-    # the kernel reads each count from a tensor (on the parameters' device: ours stay on the CPU)
-    steps = list(torch.tensor(steps, dtype=torch.float32).to(device).unbind())
+    # the kernel reads each count from a tensor (on the parameters' device: ours stay on the CPU);
+    # through pinned memory: a pageable copy would make the host wait for the GPU's queue
+    steps = list(upload(torch.tensor(steps, dtype=torch.float32), device).unbind())
     torch._fused_adamw_(params, grads, avgs, sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
                         weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
     for p, master in masters:
