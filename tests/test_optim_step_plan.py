@@ -97,3 +97,25 @@ def test_no_plan_where_the_general_path_is_needed():
     _loss(model, torch.randn(4, 13)).backward()
     opt.step()
     assert not opt._plans
+
+
+def test_switching_decay_unselected_on_retires_the_plan():
+    model = _model("cpu")
+    ref = copy.deepcopy(model)
+    opts = [MaskedAdamW(m.named_parameters(), lr=1e-2, weight_decay=0.1, masks=_masks()) for m in (model, ref)]
+    for i in range(4):
+        if i == 2:
+            opts[0].param_groups[0]["decay_unselected"] = True  # after the plan exists
+            opts[1].param_groups[0]["decay_unselected"] = True
+            opts[1]._plans.clear()
+        x = torch.randn(4, 13)
+        for m, o in zip((model, ref), opts):
+            _loss(m, x).backward()
+            o.step()
+            o.zero_grad()
+            if o is opts[1]:
+                o._plans.clear()  # the reference always takes the general path
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    w = model[4].weight  # nothing selected: only the authors' decay moves it
+    assert not torch.equal(w, _model("cpu")[4].weight)

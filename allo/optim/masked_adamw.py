@@ -524,7 +524,7 @@ class MaskedAdamW(Optimizer):
             slots = self._step_slots([(param, state) for param, _, state, _, _ in stepping])
             self._plans[gi] = StepPlan(self._plan_version, group["params"], entries, launches,
                                        [(d, pos) for d, pos in dense_positions.items()],
-                                       (self._step_generation, slots))
+                                       (self._step_generation, slots), self.backend)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

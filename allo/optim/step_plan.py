@@ -54,14 +54,17 @@ class StepPlan:
     launches with the entry positions of their rows; ``dense``: per device, the entry positions that
     take torch's fused AdamW (fully selected parameters)."""
 
-    def __init__(self, version: int, params: list, entries: list, launches: list, dense: list, step_slots):
+    def __init__(self, version: int, params: list, entries: list, launches: list, dense: list, step_slots,
+                 backend):
         self.version, self.params, self.n_params = version, params, len(params)
         self.entries, self.launches, self.dense = entries, launches, dense
         self.step_slots = step_slots  # (buffer generation, slot indices) of the entries' step counts
+        self.backend = backend
 
     def run(self, opt, group, fused_dense) -> bool:
         """Take the group's step if the plan still holds; False (nothing changed) if it does not."""
-        if opt._plan_version != self.version or group["params"] is not self.params or len(self.params) != self.n_params:
+        if (opt._plan_version != self.version or group["params"] is not self.params or len(self.params) != self.n_params
+                or opt.backend != self.backend or (group.get("decay_unselected") and group["weight_decay"] != 0)):
             return False
         compact = opt._compact
         grads = []
