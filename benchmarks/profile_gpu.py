@@ -1,6 +1,6 @@
 """Where the time of allo's GPU paths goes: host (Python) time vs kernel time, and launch-parameter sweeps.
 
-    python benchmarks/profile_gpu.py [--only select,update,matmul] [--no-sweep]
+    python benchmarks/profile_gpu.py [--only select,update,matmul,step-memory] [--no-sweep]
 
 A diagnostic for a GPU session, not a benchmark (``bench_*.py`` are the benchmarks): for the
 selection plan and mask writing (973M bf16 scores in Llama-3.2-1B shapes) and for MaskedAdamW steps
@@ -8,7 +8,8 @@ selection plan and mask writing (973M bf16 scores in Llama-3.2-1B shapes) and fo
 launches, measured with the GPU idle), the top functions by host time (cProfile) and the kernels by
 GPU time (torch.profiler); then wall times over a few launch configurations of the Triton kernels
 (module constants ``TILE``/``BLOCK``/``NUM_WARPS``). ``matmul`` times the LM-head matmuls that bound
-the fused-linear op (8192 x 4096 -> 128256, bf16).
+the fused-linear op (8192 x 4096 -> 128256, bf16). ``step-memory`` (not in the default list) prints the
+allocations alive at the peak of one ALLO improve step (bench_step's Llama-3.2-1B shape).
 """
 
 from __future__ import annotations
@@ -181,6 +182,57 @@ def profile_matmul():
         print(f"matmul grad_W accumulated over chunks of {chunk}: {ms:.3f} ms", flush=True)
 
 
+def alive_at_peak(trace: list) -> tuple[int, list]:
+    """From a CUDA caching-allocator trace (``torch.cuda.memory._snapshot()["device_traces"][0]``): the peak of
+    allocated bytes and the allocations alive at that moment, as (bytes, where) sorted by size, ``where``
+    the innermost frame in this repository (or the innermost frame)."""
+    alive, total, peak, peak_alive = {}, 0, 0, {}
+    for ev in trace:
+        if ev["action"] == "alloc":
+            alive[ev["addr"]] = ev
+            total += ev["size"]
+            if total > peak:
+                peak, peak_alive = total, dict(alive)
+        elif ev["action"] in ("free_requested", "free_completed") and ev["addr"] in alive:
+            total -= alive.pop(ev["addr"])["size"]
+
+    def where(ev):
+        frames = ev.get("frames") or []
+        mine = [f for f in frames if "/allo" in f["filename"] or "benchmarks/" in f["filename"]]
+        f = (mine or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
+        return f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}"
+
+    return peak, sorted(((ev["size"], where(ev)) for ev in peak_alive.values()), reverse=True)
+
+
+def profile_step_memory():
+    """Which tensors are alive at the peak of one ALLO improve step (bench_step's, Llama-3.2-1B shape):
+    where a GB can be saved."""
+    from transformers import LlamaForCausalLM
+
+    from bench_step import AlloImprove, llama_config, make_batch
+
+    cfg = llama_config("llama-3.2-1b-shape")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).float()
+    runner = AlloImprove(model, make_batch(cfg.vocab_size, 4, 512, "cuda"), beta=0.1, eps=0.1, ratio=0.1,
+                         autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16), checkpointing=True)
+    runner.step()
+    sync()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=500000)
+    runner.step()
+    sync()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    peak, alive = alive_at_peak(snap["device_traces"][0])
+    print(f"\n##### improve step: {before / 1e9:.2f} GB allocated before the step; {peak / 1e9:.2f} GB more "
+          f"allocated at its peak (trace started with the step)")
+    for size, where in alive[:15]:
+        print(f"  {size / 1e6:10.1f} MB  {where}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="select,update,matmul")
@@ -191,7 +243,7 @@ def main():
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
     parts = set(args.only.split(","))
     for name, fn in (("matmul", profile_matmul), ("update", lambda: profile_update(not args.no_sweep)),
-                     ("select", lambda: profile_select(not args.no_sweep))):
+                     ("select", lambda: profile_select(not args.no_sweep)), ("step-memory", profile_step_memory)):
         if name in parts:
             try:  # one part failing should not hide the others' findings
                 fn()
