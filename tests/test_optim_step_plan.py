@@ -119,3 +119,23 @@ def test_switching_decay_unselected_on_retires_the_plan():
         assert torch.equal(a, b)
     w = model[4].weight  # nothing selected: only the authors' decay moves it
     assert not torch.equal(w, _model("cpu")[4].weight)
+
+
+def test_replaced_state_tensor_retires_the_plan():
+    # e.g. a user moving or restoring one moment by hand: the plan's tables hold the old tensor's address
+    model = _model("cpu")
+    ref = copy.deepcopy(model)
+    opts = [MaskedAdamW(m.named_parameters(), lr=1e-2, masks=_masks()) for m in (model, ref)]
+    for i in range(4):
+        x = torch.randn(4, 13)
+        for m, o in zip((model, ref), opts):
+            if i == 2:
+                w = m[0].weight
+                o.state[w]["exp_avg"] = o.state[w]["exp_avg"].clone() * 0.5
+            _loss(m, x).backward()
+            o.step()
+            o.zero_grad()
+        opts[1]._plans.clear()  # the reference always takes the general path
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(opts[0].state[model[0].weight]["exp_avg"], opts[1].state[ref[0].weight]["exp_avg"])

@@ -520,7 +520,9 @@ class MaskedAdamW(Optimizer):
         for launch, positions in launches:
             launch.run(None, np.array([rows_at[i][7] for i in positions], dtype=np.float32).reshape(len(positions), -1))
         if plannable and not rows_by_backend.get("reference"):
-            entries = [(param, state, compact, grad.dtype, p.data_ptr()) for param, p, state, grad, compact in stepping]
+            entries = [(param, state, compact, grad.dtype, p.data_ptr(),
+                        (state["exp_avg"], state["exp_avg_sq"], state.get("indices"), state.get("master")))
+                       for param, p, state, grad, compact in stepping]
             slots = self._step_slots([(param, state) for param, _, state, _, _ in stepping])
             self._plans[gi] = StepPlan(self._plan_version, group["params"], entries, launches,
                                        [(d, pos) for d, pos in dense_positions.items()],

@@ -50,7 +50,8 @@ def scalar_table(steps, *, lr, beta1, beta2, eps, decay) -> np.ndarray:
 
 class StepPlan:
     """See the module docstring. ``entries``: per trained parameter, in the order its step counts and
-    scalars are laid out, ``(param, state, compact, grad dtype, weight address)``; ``launches``: kernel
+    scalars are laid out, ``(param, state, compact, grad dtype, weight address, (exp_avg, exp_avg_sq,
+    indices, master))``; ``launches``: kernel
     launches with the entry positions of their rows; ``dense``: per device, the entry positions that
     take torch's fused AdamW (fully selected parameters)."""
 
@@ -68,7 +69,12 @@ class StepPlan:
             return False
         compact = opt._compact
         grads = []
-        for p, _, is_compact, dtype, weight_ptr in self.entries:
+        for p, state, is_compact, dtype, weight_ptr, tensors in self.entries:
+            # the launch tables hold these tensors' addresses (and the plan holds the tensors, so a
+            # replaced one is never freed under a launch): any state tensor replaced retires the plan
+            if (state["exp_avg"] is not tensors[0] or state["exp_avg_sq"] is not tensors[1]
+                    or state.get("indices") is not tensors[2] or state.get("master") is not tensors[3]):
+                return False
             if is_compact:
                 g = compact.get(p)
                 if g is None:
@@ -83,7 +89,7 @@ class StepPlan:
         # from here on the step is taken
         generation, slots = self.step_slots
         if generation != opt._step_generation:
-            slots = opt._step_slots([(p, st) for p, st, _, _, _ in self.entries])
+            slots = opt._step_slots([(e[0], e[1]) for e in self.entries])
             self.step_slots = (opt._step_generation, slots)
         opt._step_np[slots] += 1
         steps = opt._step_np[slots].astype(np.int64)
