@@ -5,24 +5,20 @@ DTensor is actually there."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 
-_DTENSOR: list = []  # the class once looked up: is_sharded runs per parameter per optimizer step
-
-
+@functools.cache  # looked up once: is_sharded runs per parameter per optimizer step
 def dtensor_type():
     """``torch.distributed.tensor.DTensor``, or None when this torch has no distributed package."""
-    if not _DTENSOR:
-        if torch.distributed.is_available():
-            from torch.distributed.tensor import DTensor
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
 
-            _DTENSOR.append(DTensor)
-        else:
-            _DTENSOR.append(None)
-    return _DTENSOR[0]
+    return DTensor
 
 
 def is_sharded(p) -> bool:

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import tile_layout, upload, upload_table
+from .multi_tensor import adamw_address_table, tile_layout, upload, upload_table
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
               torch.int32: tl.int32, torch.int64: tl.int64}
@@ -147,14 +147,14 @@ def _block_table(bucket: list, device) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def bucket_rows(rows: list[tuple]) -> dict:
-    """Rows grouped by what the kernel takes as compile-time constants (weight and gradient dtypes,
-    index dtype, compact gradient, master copy) and device: one launch per group, usually one."""
+    """Positions of the rows grouped by what the kernel takes as compile-time constants (weight and
+    gradient dtypes, index dtype, compact gradient, master copy) and device: one launch per group,
+    usually one."""
     buckets: dict = {}
-    for r in rows:
-        weight, grad, indices, _, _, master, compact, _ = r
+    for j, (weight, grad, indices, _, _, master, compact, _) in enumerate(rows):
         key = (weight.device, weight.dtype, grad.dtype, None if indices is None else indices.dtype,
                bool(compact), master is not None)
-        buckets.setdefault(key, []).append(r)
+        buckets.setdefault(key, []).append(j)
     return buckets
 
 
@@ -168,11 +168,7 @@ class Launch:
     def __init__(self, key, bucket: list[tuple]):
         device, wdt, gdt, idt, compact, has_master = key
         self.device = device
-        # host work per tensor is what a step of ~150 tensors costs on a GPU: lists, converted once
-        self.addr = np.array(
-            [(weight.data_ptr(), grad.data_ptr(), 0 if indices is None else indices.data_ptr(), exp_avg.data_ptr(),
-              exp_avg_sq.data_ptr(), 0 if master is None else master.data_ptr(), exp_avg.numel(), 0)
-             for weight, grad, indices, exp_avg, exp_avg_sq, master, _, _ in bucket], dtype=np.int64)
+        self.addr = adamw_address_table(bucket)
         self.blocks = _block_table(bucket, device)
         self.constexprs = dict(PARAM_T=_TL_DTYPES[wdt], GRAD_T=_TL_DTYPES[gdt if not compact else torch.float32],
                                INDEX_T=_TL_DTYPES[idt] if idt is not None else tl.int32, DENSE=idt is None,
@@ -201,5 +197,6 @@ def masked_adamw_triton(rows: list[tuple]) -> None:
     scalars the N_SCAL columns above: (1 - beta1, beta2, 1 - beta2, step_size, bias_correction2_sqrt, decay,
     eps). Callers keep the tensors alive until the kernels have run (the optimizer holds them).
     """
-    for key, bucket in bucket_rows(rows).items():
+    for key, positions in bucket_rows(rows).items():
+        bucket = [rows[j] for j in positions]
         Launch(key, bucket).run(None, np.array([r[7] for r in bucket], dtype=np.float32).reshape(len(bucket), N_SCAL))

@@ -60,3 +60,14 @@ def upload_table(rows, device) -> torch.Tensor:
         # one numpy conversion: torch.tensor(list of lists) costs ~1 us per row of Python ints
         rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
     return upload(rows, device)
+
+
+def adamw_address_table(rows) -> np.ndarray:
+    """The address table of MaskedAdamW's kernels (Triton and C alike), int64 [len(rows), 8]: weight,
+    grad, indices, exp_avg, exp_avg_sq, master (0 when absent), selected count k, and a last column
+    left 0 (the C path packs dtype codes there). ``rows`` as MaskedAdamW builds them: (weight, grad,
+    indices|None, exp_avg, exp_avg_sq, master|None, compact, scalars). Built from a list in one numpy
+    call: per-row assignment costs more than the step of a small tensor."""
+    return np.array([(w.data_ptr(), g.data_ptr(), 0 if i is None else i.data_ptr(), m.data_ptr(), v.data_ptr(),
+                      0 if master is None else master.data_ptr(), m.numel(), 0)
+                     for w, g, i, m, v, master, _, _ in rows], dtype=np.int64).reshape(len(rows), 8)

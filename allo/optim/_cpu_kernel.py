@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from allo._native import load_c_library
+from allo_kernels.multi_tensor import adamw_address_table
 
 # dtype codes shared with the C source
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -57,19 +58,20 @@ def masked_adamw_cpu(addr: torch.Tensor, scal: torch.Tensor) -> None:
     lib.allo_masked_adamw(addr.shape[0], addr.data_ptr(), scal.data_ptr(), torch.get_num_threads())
 
 
+def addresses(rows: list[tuple]) -> np.ndarray:
+    """The address table of ``rows`` (see :func:`pack`), dtype codes in its last column."""
+    addr = adamw_address_table(rows)
+    addr[:, 7] = [DTYPE_CODES[param.dtype] | (DTYPE_CODES[grad.dtype] << 4)
+                  | (INDEX_CODES[None if indices is None else indices.dtype] << 8) | (int(compact) << 12)
+                  for param, grad, indices, _, _, _, compact, _ in rows]
+    return addr
+
+
 def pack(rows: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
     """Build the tables from rows of (param, grad, indices|None, exp_avg, exp_avg_sq, master|None,
     compact_grad: bool, (1 - beta1, beta2, 1 - beta2, step_size, bc2_sqrt, decay, eps))."""
-    # built as Python lists and converted once: per-row numpy assignment costs more than the step of a
-    # small tensor
-    addr = [(param.data_ptr(), grad.data_ptr(), 0 if indices is None else indices.data_ptr(),
-             exp_avg.data_ptr(), exp_avg_sq.data_ptr(), 0 if master is None else master.data_ptr(), exp_avg.numel(),
-             DTYPE_CODES[param.dtype] | (DTYPE_CODES[grad.dtype] << 4)
-             | (INDEX_CODES[None if indices is None else indices.dtype] << 8) | (int(compact) << 12))
-            for param, grad, indices, exp_avg, exp_avg_sq, master, compact, _ in rows]
-    scal = [r[7] for r in rows]
-    return (torch.from_numpy(np.array(addr, dtype=np.int64).reshape(len(rows), N_ADDR)),
-            torch.from_numpy(np.array(scal, dtype=np.float32).reshape(len(rows), N_SCAL)))
+    scal = np.array([r[7] for r in rows], dtype=np.float32).reshape(len(rows), N_SCAL)
+    return torch.from_numpy(addresses(rows)), torch.from_numpy(scal)
 
 
 class Launch:
@@ -77,8 +79,7 @@ class Launch:
     scalars given per step (see allo_kernels.masked_adamw.Launch, the same split for Triton)."""
 
     def __init__(self, rows: list[tuple]):
-        addr, _ = pack(rows)
-        self.addr = addr.numpy()
+        self.addr = addresses(rows)
 
     def run(self, grad_ptrs, scal) -> None:
         if grad_ptrs is not None:

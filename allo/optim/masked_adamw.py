@@ -14,7 +14,7 @@ from allo._backend import resolve_backend
 from allo.optim import _cpu_kernel, sharding
 from allo.optim.masks import DENSE, EMPTY, normalize_mask, same_selection
 from allo.optim.reference import masked_adamw_step_reference
-from allo.optim.step_plan import StepPlan
+from allo.optim.step_plan import DECAY_COLUMN, StepPlan, scalar_table
 from allo_kernels.multi_tensor import upload
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -427,8 +427,6 @@ class MaskedAdamW(Optimizer):
         eps, wd = group["eps"], group["weight_decay"]
         decay_unselected = group.get("decay_unselected", False)
         decay = 1.0 - lr * wd
-        # in float64 here, not from fp32 betas in the kernels (see the kernels' N_SCAL)
-        one_minus_beta1, one_minus_beta2 = 1.0 - beta1, 1.0 - beta2
         rows_by_backend = defaultdict(list)
         dense_rows = defaultdict(list)
         stepping = []
@@ -465,7 +463,9 @@ class MaskedAdamW(Optimizer):
             return
         # per-parameter host work is what a step of many small tensors costs: batch what can be batched
         steps = self._advance_steps([(param, state) for param, _, state, _, _ in stepping])
-        backends, bias_corrections = {}, {}
+        # the kernels' scalars per stepping parameter, computed as the plan computes them
+        table = scalar_table(steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, decay=decay)
+        backends = {}
         positions_by_backend = defaultdict(list)  # each row's position in `stepping`, for the plan
         dense_positions = defaultdict(list)
         for i, ((_, p, state, grad, compact), step) in enumerate(zip(stepping, steps)):
@@ -481,15 +481,11 @@ class MaskedAdamW(Optimizer):
                 dense_rows[p.device].append((p, grad, state, step))
                 dense_positions[p.device].append(i)
                 continue
-            corrections = bias_corrections.get(step)
-            if corrections is None:  # usually one step count for the whole group
-                corrections = bias_corrections[step] = (math.sqrt(1.0 - beta2**step), lr / (1.0 - beta1**step))
-            bc2_sqrt, step_size = corrections
             kernel_decay = decay
             if decay_unselected and indices is not None and wd != 0:
                 p.mul_(decay)  # unselected elements; selected ones are rewritten from the update below
                 if master is None:
-                    kernel_decay = 1.0  # the kernel reads the weight, which is already decayed
+                    kernel_decay = table[i, DECAY_COLUMN] = 1.0  # the kernel reads the weight, already decayed
             if backend == "reference":
                 plannable = False
                 masked_adamw_step_reference(p.detach(), grad, indices, state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
@@ -499,27 +495,22 @@ class MaskedAdamW(Optimizer):
                 continue
             grad = grad if compact or grad.is_contiguous() else grad.contiguous()
             rows_by_backend[backend].append((p, grad, indices, state["exp_avg"], state["exp_avg_sq"], master, compact,
-                                             (one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt,
-                                              kernel_decay, eps)))
+                                             table[i]))
             positions_by_backend[backend].append(i)
         for device, rows in dense_rows.items():
             _fused_dense(rows, device, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
-        launches = []
+        launches = []  # (launch, positions of its rows in `stepping`)
         if rows_by_backend.get("cpu"):
-            rows = rows_by_backend["cpu"]
-            launches.append((_cpu_kernel.Launch(rows), np.asarray(positions_by_backend["cpu"], dtype=np.int64)))
+            launches.append((_cpu_kernel.Launch(rows_by_backend["cpu"]), np.asarray(positions_by_backend["cpu"])))
         if rows_by_backend.get("triton"):
             from allo_kernels.masked_adamw import Launch, bucket_rows
 
-            rows, positions = rows_by_backend["triton"], positions_by_backend["triton"]
-            at = {id(r): positions[j] for j, r in enumerate(rows)}
-            for key, bucket in bucket_rows(rows).items():
-                launches.append((Launch(key, bucket), np.asarray([at[id(r)] for r in bucket], dtype=np.int64)))
-        rows_at = {i: r for backend in rows_by_backend for i, r in zip(positions_by_backend[backend],
-                                                                        rows_by_backend[backend])}
+            rows, positions = rows_by_backend["triton"], np.asarray(positions_by_backend["triton"])
+            for key, js in bucket_rows(rows).items():
+                launches.append((Launch(key, [rows[j] for j in js]), positions[js]))
         for launch, positions in launches:
-            launch.run(None, np.array([rows_at[i][7] for i in positions], dtype=np.float32).reshape(len(positions), -1))
-        if plannable and not rows_by_backend.get("reference"):
+            launch.run(None, table[positions])
+        if plannable:
             entries = [(param, state, compact, grad.dtype, p.data_ptr(),
                         (state["exp_avg"], state["exp_avg_sq"], state.get("indices"), state.get("master")))
                        for param, p, state, grad, compact in stepping]

@@ -37,6 +37,9 @@ def bias_corrections(steps, lr: float, beta1: float, beta2: float) -> tuple[np.n
     return bc2[inverse], size[inverse]
 
 
+DECAY_COLUMN = 5  # of the scalar table: the factor weights are multiplied by before the update
+
+
 def scalar_table(steps, *, lr, beta1, beta2, eps, decay) -> np.ndarray:
     """The kernels' [rows, 7] float32 scalars (see allo_kernels.masked_adamw.N_SCAL) for step counts
     ``steps``: 1 - beta1, beta2, 1 - beta2 (float64 on the host), step_size, sqrt of the second bias
@@ -44,7 +47,7 @@ def scalar_table(steps, *, lr, beta1, beta2, eps, decay) -> np.ndarray:
     bc2, size = bias_corrections(steps, lr, beta1, beta2)
     table = np.empty((len(bc2), 7), dtype=np.float64)
     table[:, 0], table[:, 1], table[:, 2] = 1.0 - beta1, beta2, 1.0 - beta2
-    table[:, 3], table[:, 4], table[:, 5], table[:, 6] = size, bc2, decay, eps
+    table[:, 3], table[:, 4], table[:, DECAY_COLUMN], table[:, 6] = size, bc2, decay, eps
     return table.astype(np.float32)
 
 

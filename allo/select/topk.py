@@ -252,6 +252,9 @@ def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None,
     return bounds, n
 def _tie_starts(counts: dict, group):
     """Global rank of each local tensor's first tied element, in the documented tie order."""
+    if group is None:  # one process: the order is the mapping's
+        c = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
+        return dict(zip(counts, (np.cumsum(c) - c).tolist()))
     entries = [list(counts.items())]
     if group is not None:
         gathered = [None] * torch.distributed.get_world_size(group)
@@ -357,11 +360,8 @@ def _write_masks_blocked(ops, sources, hi, ex, *, key32, group, emit):
         if counts is None:  # too many tensors for per-tensor rows in the last pass: count now
             counts = ops.count_equal(srcs, bd.key, key32=key32)
         counts = np.asarray(counts, dtype=np.int64)
-        if group is None:  # the tie order is the mapping's order
-            starts = np.cumsum(counts) - counts
-        else:
-            first = _tie_starts(dict(zip(names, counts.tolist())), group)
-            starts = np.array([first[nm] for nm in names], dtype=np.int64)
+        first = _tie_starts(dict(zip(names, counts.tolist())), group)
+        starts = np.array([first[nm] for nm in names], dtype=np.int64)
         lim = np.minimum(np.maximum(bd.take - starts, 0), counts)
         cut |= (0 < lim) & (lim < counts)
         limits[id(bd)] = lim
