@@ -99,6 +99,20 @@ def time_fn(fn: Callable[[], object], *, device, warmup: int = 3, repeats: int =
     return {"median_ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "repeats": repeats}
 
 
+def host_times_ms(fn: Callable[[], object], repeats: int, before: Callable[[], object] | None = None) -> list[float]:
+    """How long each of ``repeats`` calls of ``fn()`` takes to return (ms), ``before()`` run untimed
+    ahead of each: the host side of launch-bound code (with ``before`` synchronizing a GPU, the time
+    until the kernels are queued, not run)."""
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def _read_status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -21,11 +21,11 @@ import os
 import pstats
 import statistics
 import sys
-import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _harness as H  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -34,26 +34,12 @@ def sync():
 
 
 def wall_ms(fn, warmup=2, repeats=10):
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return H.time_fn(fn, device="cuda", warmup=warmup, repeats=repeats)["median_ms"]
 
 
 def host_ms(fn, repeats=5):
     """Time until the call returns, starting with an idle GPU (launch-bound code shows here)."""
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+    times = H.host_times_ms(fn, repeats, before=sync)
     sync()
     return statistics.median(times)
 

@@ -19,11 +19,11 @@ import os
 import pstats
 import statistics
 import sys
-import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _harness as H  # noqa: E402
 import torch  # noqa: E402
 
 import allo_kernels.radix_blocked as rb  # noqa: E402
@@ -38,13 +38,7 @@ class _NoLaunch:
 
 def host_ms(fn, repeats, before=None):
     """'median (min) ms': the minimum is the steadier number on a shared CPU."""
-    times = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+    times = H.host_times_ms(fn, repeats, before)
     return f"{statistics.median(times):.3f} ({min(times):.3f})"
 
 
