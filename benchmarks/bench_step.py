@@ -17,6 +17,11 @@ before it); ``resident`` is what lives between steps (weights, reference model, 
 
 Cases: CPU: a small Llama (vocab 32000, hidden 256, 4 layers); GPU: the Llama-3.2-1B shape (random
 weights, fp32 parameters, bf16 autocast, gradient checkpointing), 8 sequences x 512 tokens.
+``--config tied-large-vocab`` (CPU): the GPU case's structure with a small trunk: vocab 128256, tied
+embeddings, hidden 256, 2 layers, bf16 autocast, gradient checkpointing, 4 x 128 tokens (2 x 64 with
+``--quick``). ``--before`` adds ``allo_improve_before``: the improve step without
+``allo.optim.compact_embedding_grads`` and with autocast's weight-cast cache on (as it ran until
+2026-11-26), for a same-run comparison.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ def llama_config(name):
         return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
                            tie_word_embeddings=True, rope_theta=500000.0)
+    if name == "tied-large-vocab":  # the 1B shape's vocabulary and tied embeddings on a CPU-sized trunk
+        return LlamaConfig(vocab_size=128256, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           tie_word_embeddings=True)
     if name == "small-llama":
         return LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
@@ -112,9 +121,10 @@ class DenseDPO:
 class AlloImprove:
     """allo-train's improve step: cached reference log-probs, MaskedAdamW compact grads, fused log-probs."""
 
-    def __init__(self, model, batch, *, beta, eps, ratio, autocast, checkpointing, seed=0):
+    def __init__(self, model, batch, *, beta, eps, ratio, autocast, checkpointing, seed=0, route_embedding=True,
+                 autocast_weight_cache=False):
         from allo.losses import improve_loss
-        from allo.optim import MaskedAdamW
+        from allo.optim import MaskedAdamW, compact_embedding_grads
         from allo.select import select
         from allo.train.logps import TokenLogprobs
 
@@ -132,7 +142,9 @@ class AlloImprove:
         self.opt = MaskedAdamW([(n, p) for n, p in named if p.requires_grad], lr=5e-6, weight_decay=0.0,
                                masks={n: masks[n] for n, p in named if p.requires_grad}, compact_grads=True)
         del masks, sel
-        self.scorer = TokenLogprobs(model)
+        if route_embedding:  # as allo-train does: no dense [V, H] gradient from the input embedding
+            compact_embedding_grads(model.get_input_embeddings(), self.opt)
+        self.scorer = TokenLogprobs(model, autocast_weight_cache=autocast_weight_cache)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ids, attn, labels = batch
@@ -160,19 +172,29 @@ def main():
     def extra(p):
         p.add_argument("--ratio", type=float, default=0.1, help="improve-mask ratio")
         p.add_argument("--model", default=None, help="small-llama (CPU default) | llama-3.2-1b-shape (GPU default) | tiny-llama")
+        p.add_argument("--config", default="default", choices=("default", "tied-large-vocab"),
+                       help="tied-large-vocab: the GPU step's structure on the CPU (vocab 128256, tied "
+                            "embeddings, bf16 autocast, gradient checkpointing) with a small trunk")
+        p.add_argument("--before", action="store_true",
+                       help="also run allo_improve_before: the step as it was before the embedding's gradient "
+                            "was routed into the compact gradients and autocast's weight cache was turned off")
 
     args = H.parse_args("ALLO improve step vs dense DPO step: time and peak memory", extra)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     name = args.model or ("llama-3.2-1b-shape" if cuda else ("tiny-llama" if args.quick else "small-llama"))
     pairs, seq = (4, 512) if cuda else ((4, 64) if args.quick else (4, 128))
+    gpu_like = cuda or args.config == "tied-large-vocab"
+    if args.config == "tied-large-vocab" and not cuda:
+        name = args.model or "tied-large-vocab"
+        pairs, seq = (1, 64) if args.quick else (2, 128)
     # on the GPU a step is ~0.2 s and its time spread widely over 10 repeats (H100, 2026-11-26: p20-p80
     # 142-202 ms around a 152 ms median): more of them for a median worth comparing with a target
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else (3 if cuda else 2))
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else (25 if cuda else 5))
-    checkpointing = cuda
-    if cuda:
-        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    checkpointing = gpu_like
+    if gpu_like:
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
     else:
         import contextlib
 
@@ -180,9 +202,9 @@ def main():
     from transformers import LlamaForCausalLM
 
     cfg = llama_config(name)
-    case = f"{name} {2 * pairs}x{seq}" + (" bf16-autocast+ckpt" if cuda else " fp32")
+    case = f"{name} {2 * pairs}x{seq}" + (" bf16-autocast+ckpt" if gpu_like else " fp32")
     rows = []
-    for impl in ("dense_dpo", "allo_improve"):
+    for impl in ("dense_dpo", "allo_improve") + (("allo_improve_before",) if args.before else ()):
         torch.manual_seed(0)
         with torch.device(device):
             model = LlamaForCausalLM(cfg).float()
@@ -190,8 +212,9 @@ def main():
         if impl == "dense_dpo":
             runner = DenseDPO(model, batch, beta=0.1, autocast=autocast, checkpointing=checkpointing)
         else:
+            before = impl == "allo_improve_before"
             runner = AlloImprove(model, batch, beta=0.1, eps=0.1, ratio=args.ratio, autocast=autocast,
-                                 checkpointing=checkpointing)
+                                 checkpointing=checkpointing, route_embedding=not before, autocast_weight_cache=before)
         row = H.measure(case, impl, runner.step, device=device, warmup=warmup, repeats=repeats)
         row["resident_bytes"] = runner.resident()
         row["total_peak_bytes"] = row["resident_bytes"] + (row.get("peak_bytes") or 0)

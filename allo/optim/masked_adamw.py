@@ -81,6 +81,9 @@ class MaskedAdamW(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_unselected=decay_unselected)
         self._selection: dict[torch.Tensor, object] = {}
         self._compact: dict[torch.Tensor, torch.Tensor] = {}
+        # compact-size gradient parts that reached a parameter without a full gradient (rows written by
+        # allo.optim.compact_embedding_grads), waiting for the parameter's hook or the end of backward
+        self._pending: dict[torch.Tensor, torch.Tensor] = {}
         self._hooks: list = []
         self._stepped_without_state: set = set()
         self.compact_grads = compact_grads
@@ -176,6 +179,7 @@ class MaskedAdamW(Optimizer):
         old = self._selection.get(p)
         self._selection[p] = sel
         self._compact.pop(p, None)
+        self._pending.pop(p, None)
         if old is not None and same_selection(old, sel) and (sel == EMPTY or p in self.state):
             return
         self.state.pop(p, None)
@@ -244,12 +248,38 @@ class MaskedAdamW(Optimizer):
             self._stepped_without_state.add(p)
         elif isinstance(sel, torch.Tensor):
             selected = grad.reshape(-1).index_select(0, sel).float()  # int32 indices are fine for index_select
-            held = self._compact.get(p)
-            if held is None:
-                self._compact[p] = selected
-            else:
-                held.add_(selected)
+            part = self._pending.pop(p, None)
+            if part is not None:
+                # a tied weight whose embedding rows were routed: autograd would have summed the dense
+                # gradients in this order (the output layer's first), then this hook would have gathered
+                selected.add_(part)
+            self._merge_compact(p, selected)
         p.grad = None  # the point of compact mode: the full gradient dies as soon as it is read
+
+    def _merge_compact(self, p: torch.Tensor, part: torch.Tensor) -> None:
+        held = self._compact.get(p)
+        if held is None:
+            self._compact[p] = part
+        else:
+            held.add_(part)
+
+    def _add_compact_part(self, p: torch.Tensor, part: torch.Tensor) -> None:
+        """Add ``part`` (fp32, one entry per selected element of ``p``), computed during backward
+        without a full gradient, to this backward's gradient of ``p``. It is kept aside until ``p``'s
+        own hook runs in this backward (its other uses' gradient is added to it there, in the order
+        autograd sums them) or, if no full gradient reaches ``p``, until the backward ends; so the
+        compact gradient is bit-for-bit what the dense path would gather, accumulation included."""
+        held = self._pending.get(p)
+        if held is not None:
+            held.add_(part)
+            return
+        self._pending[p] = part
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: self._flush_pending(p))
+
+    def _flush_pending(self, p: torch.Tensor) -> None:
+        part = self._pending.pop(p, None)
+        if part is not None:  # None: p's hook took it
+            self._merge_compact(p, part)
 
     def compact_grad(self, p: torch.Tensor) -> torch.Tensor | None:
         """The accumulated compact gradient of ``p`` (compact-grad mode), or None."""
@@ -359,6 +389,7 @@ class MaskedAdamW(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
+        self._pending.clear()
         if set_to_none:
             self._compact.clear()
         else:
@@ -380,6 +411,7 @@ class MaskedAdamW(Optimizer):
         # The step consumes the compact gradients: model.zero_grad() (what transformers.Trainer calls)
         # cannot reach them, and they must not leak into the next step.
         self._compact.clear()
+        self._pending.clear()
         self._stepped_without_state.clear()
         return loss
 
@@ -542,6 +574,7 @@ class MaskedAdamW(Optimizer):
         names = self._names()
         self.state = defaultdict(dict)
         self._compact.clear()
+        self._pending.clear()
         for i, (pid, param) in enumerate(zip(ids, params)):
             label = self._label(i, names[i])
             saved = saved_state.get(pid)

@@ -282,6 +282,7 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
             model.to("cpu")
         if ckpt is not None:  # the shards hold the stage's starting weights: the checkpoint's replace them
             load_weights(scorer, model)
+    routed = None  # the input embedding's gradient hook (masked stages), removed when the stage ends
     if dense and sharded:  # FSDP2: torch's AdamW on the DTensor parameters, the state of this rank's rows
         opt = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
     elif dense:
@@ -299,6 +300,7 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
             masks = {nm: masks[nm] if sharded else masks[nm].to(device) for nm, _ in named}
         opt = MaskedAdamW(named, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon, masks=masks,
                           compact_grads=True)
+        routed = _route_embedding_grads(scorer.model, opt) if not sharded else None
     sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=int(cfg.warmup_ratio * total),
                           num_training_steps=total)
     if ckpt is not None:
@@ -373,6 +375,8 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
     finally:
         bar.close()
         sink.close()
+        if routed is not None:
+            routed.remove()
     if sharded:
         if not dense:
             opt.remove_hooks()
@@ -383,6 +387,18 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
         p.requires_grad_(True)
     model.eval()
     return last
+
+
+def _route_embedding_grads(model, opt):
+    """The input embedding's selected gradient elements go straight into the compact gradients (no
+    dense [V, H] gradient; see allo.optim.compact_embedding_grads) when it is a plain nn.Embedding
+    the optimizer trains; returns the hook's handle, or None where there is nothing to route."""
+    from allo.optim import compact_embedding_grads
+
+    emb = model.get_input_embeddings()
+    if type(emb) is not torch.nn.Embedding or not emb.weight.requires_grad:
+        return None  # e.g. a scaled embedding subclass (the optimizer's hook handles it), or a frozen one
+    return compact_embedding_grads(emb, opt)
 
 
 def prepare_trainable(model, trainable: dict[str, bool] | None, cfg) -> None:

@@ -1,0 +1,119 @@
+"""The improve step's memory savings keep results unchanged: TokenLogprobs without autocast's weight
+cache (no layer's low-precision weight copy outlives its use under gradient checkpointing) and the
+input embedding routed into the compact gradients (allo-train's _route_embedding_grads), on a tiny
+tied-embedding Llama through the fused log-prob path."""
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from allo.optim import MaskedAdamW
+from allo.train.logps import TokenLogprobs
+from allo.train.loop import _route_embedding_grads
+
+
+def _llama(tied=True, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=211, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tied, pad_token_id=0)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).float()
+
+
+def _batch(seed, vocab=211, rows=4, seq=13):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, seq), generator=g)
+    ids[:, -2:] = 0  # padding tokens (the embedding's padding row)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[:, -2:] = -100
+    attn = torch.ones_like(ids)
+    attn[:, -2:] = 0
+    return ids, attn, labels, torch.randn(rows, seq - 1, generator=g)
+
+
+class _WeightCopies(TorchDispatchMode):
+    """Storages of the low-precision copies autocast makes of [out, in] weights (weak references)."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.copies = shapes, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__ == "_to_copy.default" and isinstance(out, torch.Tensor) and tuple(out.shape) in self.shapes \
+                and out.dtype == torch.bfloat16:
+            self.copies.append(StorageWeakRef(out.untyped_storage()))
+        return out
+
+    def alive(self):
+        return sum(not r.expired() for r in self.copies)
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["default", "cache-on"])
+def test_no_weight_copies_outlive_the_forward(cache):
+    """With gradient checkpointing, no layer's bf16 weight copy is alive once the forward returns (inside the
+    autocast region); autocast_weight_cache=True (the old behaviour) shows the check sees them."""
+    model = _llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    scorer = TokenLogprobs(model, autocast_weight_cache=cache)
+    layer_shapes = {tuple(p.shape) for n, p in model.named_parameters() if "layers." in n and p.dim() == 2}
+    ids, attn, labels, _ = _batch(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _WeightCopies(layer_shapes) as seen:
+            lp = scorer(ids, attn, labels)
+        assert len(seen.copies) >= 14  # 7 linear layers x 2 decoder layers were cast
+        assert (seen.alive() > 0) == cache
+    lp.sum().backward()
+
+
+def _train(route, *, tied, autocast, steps=2, accum=2):
+    model = _llama(tied)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    g = torch.Generator().manual_seed(5)
+    masks = {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in model.named_parameters()}
+    opt = MaskedAdamW(list(model.named_parameters()), lr=1e-2, weight_decay=0.0, masks=masks, compact_grads=True)
+    handle = _route_embedding_grads(model, opt) if route else None
+    assert (handle is not None) == route
+    scorer = TokenLogprobs(model, autocast_weight_cache=not route)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else torch.enable_grad
+    compact = []
+    for step in range(steps):
+        for micro in range(accum):
+            ids, attn, labels, w = _batch(10 * step + micro)
+            with ctx():
+                lp = scorer(ids, attn, labels)
+            (lp * w).sum().backward()
+        compact.append(opt.compact_grad(model.get_input_embeddings().weight).clone())
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+    return model, compact
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_improve_step_unchanged(tied, autocast):
+    """Weights and the embedding's compact gradients after 2 steps of 2 micro-batches: bit-for-bit the
+    path without the savings (the same sums in the same order; bf16 casts are the same with or without
+    autocast's cache)."""
+    before, before_grads = _train(False, tied=tied, autocast=autocast)
+    after, after_grads = _train(True, tied=tied, autocast=autocast)
+    for a, b in zip(before_grads, after_grads):
+        assert torch.equal(a, b), (a - b).abs().max()
+    for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()):
+        assert torch.equal(a, b), f"{n}: {(a - b).abs().max()}"
+    assert not torch.equal(after.get_input_embeddings().weight, _llama(tied).get_input_embeddings().weight)
+
+
+def test_route_skips_frozen_embedding():
+    model = _llama()
+    model.get_input_embeddings().weight.requires_grad_(False)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = MaskedAdamW(named, masks={n: torch.rand(p.shape) < 0.3 for n, p in named}, compact_grads=True)
+    assert _route_embedding_grads(model, opt) is None
