@@ -9,11 +9,13 @@ Implementations (all select the top ``--ratio`` of all elements):
 * ``allo``         ``allo.select.select_top`` (streaming radix histograms, exact), masks (CPU: the C path)
 * ``allo-plan``    only the threshold search of ``allo`` (the histogram passes, no masks)
 
-On CUDA both Triton variants are timed in the same run (``ALLO_SELECT_HISTOGRAM``), each whole
-(``allo-blocked``, ``allo-atomic``), threshold search only (``-plan``) and mask writing only
-(``-write``, given the threshold), so a GPU session sees which part costs what:
+On CUDA the Triton variants are timed in the same run (``ALLO_SELECT_HISTOGRAM``), each whole
+(``allo-blocked``, ``allo-blocked-radix``, ``allo-atomic``), threshold search only (``-plan``) and mask
+writing only (``-write``, given the threshold), so a GPU session sees which part costs what:
 
-* ``blocked`` (default) block-local histograms over 5-6-bit digits, one launch per pass over all tensors
+* ``blocked`` (default) a sample of the keys, one pass over the window it points to (bf16: usually the
+  exact key), prefix passes for the bits left; one launch per pass over all tensors
+* ``blocked-radix`` the same kernels, radix passes over 5-6-bit digits from the top one (no sample)
 * ``atomic``  one global atomic per element into a 65536-bin histogram, one launch per tensor per pass
 
 ``peak`` counts the outputs; the ``extra`` column is peak minus the output masks (N bytes), the
@@ -124,7 +126,8 @@ def main():
         "authors": lambda: authors(scores, k, args.ratio),
     }
     out_bytes = {"topk-concat": n, "kthvalue": n, "authors": n}
-    variants = {"allo": None} if not cuda else {"allo-blocked": "blocked", "allo-atomic": "atomic"}
+    variants = {"allo": None} if not cuda else {"allo-blocked": "blocked", "allo-blocked-radix": "blocked-radix",
+                                                "allo-atomic": "atomic"}
     flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
     thr = torch.topk(flat, k, sorted=False).values.min()
     del flat

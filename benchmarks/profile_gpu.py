@@ -97,6 +97,18 @@ def profile_select(sweep):
 
     report("select plan (threshold search)", run_plan)
     report("select write_masks", run_write)
+    # the default plan's parts: the sample and its windows (one sync), the window pass alone
+    from allo.select import sampling
+
+    src = rb.Sources(list(scores.values()))
+    edge = rb.nonfinite_edge(key32, kdt)
+    n = sum(s.numel() for s in scores.values())
+    k = int(0.1 * n + 0.5)
+    report("select sample + windows", lambda: sampling.windows(rb, src, [k], n, key32=key32, edge=edge))
+    shift, lows, bits = sampling.windows(rb, src, [k], n, key32=key32, edge=edge)
+    print(f"select windows: shift {shift}, lows {lows}, bits {bits}", flush=True)
+    report("select window pass", lambda: rb.window_histogram(src, shift, lows, bits, key32=key32, edge=edge,
+                                                             per_tensor=shift == 0))
     if not sweep:
         return
     base = (rb.TILE, rb.BLOCK, rb.NUM_WARPS)

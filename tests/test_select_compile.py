@@ -47,6 +47,16 @@ SCRIPT = textwrap.dedent('''
         variants = [(B._blocked_hist_kernel, hist_sig,
                      {"SHIFT": sum(bits[lv + 1:]), "BITS": bits[lv], "FIRST": lv == 0, "TWO": two, "PER_TENSOR": per})
                     for lv in range(len(bits)) for two, per in ((False, False), (True, lv == len(bits) - 1))]
+        # prefix passes after a window pass: any digit width <= 6 at any shift
+        variants.append((B._blocked_hist_kernel, hist_sig,
+                         {"SHIFT": 6, "BITS": 6 if key32 else 4, "FIRST": False, "TWO": True, "PER_TENSOR": True}))
+        window_sig = {**tab, "hist_ptr": "*i64", "counts_ptr": "*i64", "low0": "i32", "low1": "i32", "shift": "i32",
+                      "edge": "i32", **{c: C for c in list(flags) + ["BITS", "TWO", "PER_TENSOR"]}}
+        variants += [(B._blocked_window_kernel, window_sig, {"BITS": b, "TWO": two, "PER_TENSOR": two})
+                     for b in (B.WINDOW_BITS[key32], 0) for two in (False, True)]
+        variants.append((B._blocked_sample_kernel, {**tab, "keys_ptr": "*i32", "counts_ptr": "*i32", "seed": "i64",
+                                                    **{c: C for c in list(flags) + ["SAMPLES"]}},
+                         {"SAMPLES": B.SAMPLES}))
         variants.append((B._blocked_count_kernel, {**tab, "counts_ptr": "*i64", "key0": "i32", "key1": "i32",
                                                    **{c: C for c in flags}}, {}))
         write_sig = {**tab, "prefix_ptr": "*i64", "key_hi": "i32", "key_ex": "i32",
@@ -56,17 +66,21 @@ SCRIPT = textwrap.dedent('''
         # unaligned launches (views into larger tensors) only for one dtype group: the code is the same
         alignments = (True, False) if dt == tl.bfloat16 and not diff else (True,)
         for (fn, sig, extra), aligned in itertools.product(variants, alignments):
-            block = B.hist_block(extra["BITS"]) if fn is B._blocked_hist_kernel else B.BLOCK
+            block = B.hist_block(extra["BITS"]) if "BITS" in extra else B.BLOCK
             k = triton.compile(ASTSource(fn=fn, signature={**sig, "ALIGNED": C},
                                          constexprs={**flags, **extra, "ALIGNED": aligned, "BLOCK": block}),
                                target=GPUTarget("cuda", 90, 32))
             ptx = k.asm["ptx"]
-            if fn is B._blocked_hist_kernel:
+            if fn is B._blocked_hist_kernel or (fn is B._blocked_window_kernel and extra["BITS"]):
                 # block-local: shared-memory atomics per element, global atomics only per bin
                 assert "atom.relaxed.sys.shared" in ptx or "atom.shared" in ptx, extra
                 assert "atom.global" in ptx, extra
-            # aligned launches read the scores with 16-byte vector loads (else 2- or 4-byte ones)
-            assert ("ld.global.v4" in ptx) == aligned, (fn.__name__, extra, aligned)
+            if fn is B._blocked_window_kernel and not extra["BITS"]:
+                # one-key windows: counted in registers, no histogram in the loop
+                assert "atom.shared" not in ptx and "atom.relaxed.sys.shared" not in ptx, extra
+            if fn is not B._blocked_sample_kernel:  # (the sample gathers single keys)
+                # aligned launches read the scores with 16-byte vector loads (else 2- or 4-byte ones)
+                assert ("ld.global.v4" in ptx) == aligned, (fn.__name__, extra, aligned)
             n += 1
     print("compiled", n)
 ''')
@@ -76,8 +90,9 @@ def test_kernels_compile_for_sm90():
     from allo_kernels import radix_blocked as B
 
     proc = compile_in_subprocess(SCRIPT)
-    # every variant the script builds: per dtype group, 2 histogram kernels per digit, the count kernel and 4
-    # write kernels; the bf16 group twice (aligned and not); groups with 32-bit keys: 4, with 16-bit keys: 2
-    per_group = {key32: 2 * len(B.digits(key32)) + 5 for key32 in (True, False)}
+    # every variant the script builds: per dtype group, 2 histogram kernels per digit and one more prefix pass,
+    # 4 window kernels, the sample kernel, the count kernel and 4 write kernels; the bf16 group twice (aligned
+    # and not); groups with 32-bit keys: 4, with 16-bit keys: 2
+    per_group = {key32: 2 * len(B.digits(key32)) + 11 for key32 in (True, False)}
     expected = 3 * per_group[True] + 2 * per_group[False] + per_group[False]
     assert proc.returncode == 0 and f"compiled {expected}" in proc.stdout, proc.stderr[-3000:] + proc.stdout[-500:]

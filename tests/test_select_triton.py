@@ -2,6 +2,7 @@
 raw passes, against the plain-PyTorch key definition and the sort-based reference."""
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -154,7 +155,7 @@ def _check_band(scores, cases, **kw):
 CASES = ((0.1, 0.0), (0.5, 0.25), (1.0, 0.0), (0.37, 0.11), (0.0, 0.0), (0.6, 0.6))
 
 
-@pytest.mark.parametrize("variant", ["blocked", "atomic"])
+@pytest.mark.parametrize("variant", ["blocked", "blocked-radix", "atomic"])
 @pytest.mark.parametrize("dtype", DTYPES + ["mixed"])
 def test_variants_match_reference(variant, dtype, device, small_tiles):
     if dtype == "mixed":  # 32-bit keys over fp32, bf16 and fp16 tensors (one launch per dtype group)
@@ -233,6 +234,116 @@ def test_blocked_histogram_levels(dtype, device, small_tiles):
             top = allk.unique(return_counts=True)
             common = top[0][top[1].argsort(descending=True)[:2]]
             prefixes = sorted({int(c) >> sum(bits[level + 1:]) for c in common})
+
+
+# ---- the sampled window pass (allo.select.sampling): the blocked variant's first pass ----
+
+from allo.select import sampling, topk  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", DTYPES + ["diff"])
+def test_blocked_sample_matches_reference(dtype, device, small_tiles):
+    if dtype == "diff":
+        a = [torch.randn(n, device=device).to(d) for n, d in ((300, torch.bfloat16), (5, torch.float32))]
+        scores = [AbsDiff(x, torch.randn_like(x)) for x in a]
+    else:
+        scores = [s for s in _hard_scores(dtype, device).values()]
+    key32 = dtype != torch.bfloat16 and dtype != torch.float16
+    for seed in (0, 12345):
+        keys, counts = RB.sample(scores, key32=key32, seed=seed)
+        ref_keys, ref_counts = RB.sample_reference(scores, key32=key32, seed=seed)
+        assert torch.equal(counts.cpu(), ref_counts) and int(counts.sum()) == sum(s.numel() for s in scores)
+        assert torch.equal(keys.cpu(), ref_keys), seed
+    # the strata cover a tile: over many seeds every element of a small tile gets sampled
+    x = torch.arange(40, device=device).float()
+    seen = torch.cat([RB.sample([x], key32=True, seed=s)[0].cpu() for s in range(40)])
+    assert seen.unique().numel() == 40
+
+
+def _window_ref(keys, shift, low, bits):
+    d = (keys >> shift) - low
+    inside = (d >= 0) & (d < (1 << bits))
+    return torch.bincount(d[inside], minlength=1 << bits), int((d >= (1 << bits)).sum())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blocked_window_histogram(dtype, device, small_tiles):
+    scores = list(_hard_scores(dtype, device).values())
+    key32 = dtype == torch.float32
+    edge = RB.nonfinite_edge(key32, dtype)
+    keys = [keys_torch(s.reshape(-1).cpu(), key32).long() for s in scores]
+    one, neg = (int(keys_torch(torch.tensor([v]).to(dtype), key32)) for v in (1.0, -0.5))
+    # two windows at shift 0 (around the ties at 1.0 and at -0.5), a coarse one, one-key windows
+    for shift, lows, bits in ((0, [one - 3, neg - 30], 5), (3, [(one >> 3) - 1], 6), (0, [one, 0], 0)):
+        hist, per, above, bad = RB.window_histogram(scores, shift, lows, bits, key32=key32, edge=edge,
+                                                    per_tensor=True)
+        assert int(bad) == 0
+        for row, low in enumerate(lows):
+            expect = [_window_ref(k, shift, low, bits) for k in keys]
+            assert torch.equal(per[:, row].cpu(), torch.stack([h for h, _ in expect])), (shift, low, bits)
+            assert torch.equal(hist[row].cpu(), sum(h for h, _ in expect))
+            assert int(above[row]) == sum(a for _, a in expect)
+            assert int(hist[row].sum()) > 0  # the cases are not empty windows
+    bad_scores = [scores[2].clone(), scores[3]]
+    bad_scores[0].view(-1)[7] = float("inf")
+    _, per, _, bad = RB.window_histogram(bad_scores, 0, [one], 5, key32=key32, edge=edge)
+    assert int(bad) == 1 and per is None
+
+
+def test_window_shift_and_digits():
+    assert sampling.window_shift(100, 69, 5) == 0 and sampling.window_shift(100, 68, 5) == 1
+    assert sampling.window_shift(-3, -40, 5) == 1  # arithmetic shifts of negative keys
+    for lo, up, bits in ((-70000, 12345, 5), (5, 5, 6), (-1, 0, 5), (1 << 20, (1 << 30) - 7, 6)):
+        s = sampling.window_shift(up, lo, bits)
+        assert (up >> s) - (lo >> s) < (1 << bits) and (s == 0 or (up >> (s - 1)) - (lo >> (s - 1)) >= (1 << bits))
+    assert topk._digits_of(0) == [] and topk._digits_of(6) == [(0, 6)]
+    assert topk._digits_of(13) == [(8, 5), (4, 4), (0, 4)] and topk._digits_of(12) == [(6, 6), (0, 6)]
+
+
+@pytest.fixture
+def window_spy(monkeypatch):
+    """Records each windowed plan's windows, its outcome, and the prefix passes that followed."""
+    log = {"windows": [], "ok": [], "prefix": []}
+    windows, planned, prefix = sampling.windows, topk._plan_windowed, RB.prefix_histogram
+
+    def spy_windows(*a, **k):
+        out = windows(*a, **k)
+        log["windows"].append(out)
+        return out
+
+    def spy_plan(*a, **k):
+        out = planned(*a, **k)
+        log["ok"].append(out)
+        return out
+
+    def spy_prefix(*a, **k):
+        log["prefix"].append(a[1:3])
+        return prefix(*a, **k)
+
+    monkeypatch.setattr(sampling, "windows", spy_windows)
+    monkeypatch.setattr(topk, "_plan_windowed", spy_plan)
+    monkeypatch.setattr(RB, "prefix_histogram", spy_prefix)
+    return log
+
+
+def test_windowed_plan_paths(device, small_tiles, window_spy, monkeypatch):
+    # float32: the window leaves low bits to prefix passes
+    scores = {f"w{i}": torch.randn(n, device=device).abs() for i, n in enumerate((900, 7, 1100))}
+    _check_band(scores, ((0.1, 0.0), (0.3, 0.02)), histogram="blocked")
+    assert window_spy["ok"] == [True, True] and window_spy["windows"][0][0] > 0 and window_spy["prefix"]
+    # bf16 with most scores equal: one-key windows, no histogram and no prefix pass
+    for log in window_spy.values():
+        log.clear()
+    ties = {f"t{i}": torch.where(torch.rand(n, device=device) < 0.9, 1.0, torch.rand(n, device=device)).bfloat16()
+            for i, n in enumerate((700, 1, 650))}
+    _check_band(ties, ((0.5, 0.2),), histogram="blocked")
+    assert window_spy["ok"] == [True] and window_spy["windows"][0][2] == 0 and not window_spy["prefix"]
+    # a window that misses the threshold: the search starts over from the top digit, still exact
+    for log in window_spy.values():
+        log.clear()
+    monkeypatch.setattr(sampling, "Z", -40.0)  # windows far from the estimate
+    _check_band(scores, ((0.1, 0.0), (0.5, 0.25)), histogram="blocked")
+    assert window_spy["ok"] == [False, False]
 
 
 def test_tile_layout_and_write_band_arguments(device):
@@ -318,7 +429,11 @@ def _blocked_dist_worker(rank, out_dir):
                                         for i, (n, s) in enumerate(orig_scores().items())}
     test_select_dist.select_top = lambda local, ratio, exclude_ratio, backend: band_masks(
         local, ratio, exclude_ratio, backend="triton", histogram="blocked")
+    # how often the sampled window (gathered over ranks) held the thresholds: the rest started over
+    outcomes, planned = [], topk._plan_windowed
+    topk._plan_windowed = lambda *a, **k: outcomes.append(planned(*a, **k)) or outcomes[-1]
     test_select_dist._worker(rank, out_dir)
+    torch.save(outcomes, os.path.join(out_dir, f"windowed{rank}.pt"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on CPU tensors runs the kernels in Triton's interpreter, "
@@ -337,3 +452,5 @@ def test_blocked_under_torch_distributed(tmp_path):
             # the tensor from the rank that holds it, or its dim-0 shards in rank order
             got = torch.cat([p[mode, ratio, exclude][name] for p in parts if name in p[mode, ratio, exclude]])
             assert torch.equal(got, ref[name]), (mode, ratio, exclude, name)
+    windowed = [torch.load(tmp_path / f"windowed{r}.pt") for r in range(WORLD)]
+    assert windowed[0] == windowed[1] and any(windowed[0])  # the ranks agree; windows were used

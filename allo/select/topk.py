@@ -21,8 +21,12 @@ elements are taken, the first ones in the order above are kept.
 
 Digits: the ``cpu`` backend (C) and the ``atomic`` Triton variant use 16-bit digits (one 65536-bin
 histogram pass for 16-bit keys, two for float32 keys). The ``blocked`` Triton variant (the default
-on GPU) uses 5-6-bit digits with block-local histograms and one launch per pass over all tensors
-(:mod:`allo_kernels.radix_blocked`). ``ALLO_SELECT_HISTOGRAM=atomic|blocked`` (or ``histogram=`` of
+on GPU) uses block-local histograms and one launch per pass over all tensors
+(:mod:`allo_kernels.radix_blocked`), and starts from a sample (:mod:`allo.select.sampling`): one pass
+over the window where the sample puts each threshold (for 16-bit scores usually the exact key), then
+prefix passes over 5-6-bit digits for the bits the window left; if a threshold turns out to be
+outside its window, it starts over with radix passes from the top digit. ``blocked-radix`` does
+the radix passes only. ``ALLO_SELECT_HISTOGRAM=blocked|blocked-radix|atomic`` (or ``histogram=`` of
 :func:`band_masks`) picks the Triton variant; results are identical.
 """
 
@@ -37,20 +41,21 @@ import torch
 
 from allo._backend import resolve_backend
 
-from . import radix_cpu
+from . import radix_cpu, sampling
 from .scores import AbsDiff, iter_chunks, normalize_scores
 
 _TIE_CHUNK = 1 << 20
 BINS = 65536  # 16 bits of key per pass (cpu backend and the atomic Triton variant)
-HISTOGRAM_VARIANTS = ("blocked", "atomic")
+HISTOGRAM_VARIANTS = ("blocked", "blocked-radix", "atomic")
 HISTOGRAM_ENV = "ALLO_SELECT_HISTOGRAM"
 _WRITE_WAVE = 1 << 26  # elements of masks written per launch when they are streamed out one by one
 
 
 def histogram_variant(histogram=None) -> str:
     """The Triton selection variant: ``histogram`` if given, else ``$ALLO_SELECT_HISTOGRAM``, else
-    ``"blocked"`` (block-local histograms: a few global atomics per tile instead of one per element,
-    and one launch per pass instead of one per tensor)."""
+    ``"blocked"``: one launch per pass over all tensors, a few global atomics per tile instead of one
+    per element, and a first pass over the window a sample points to (:mod:`allo.select.sampling`).
+    ``"blocked-radix"``: the same kernels, radix passes from the top digit (no sample)."""
     v = histogram if histogram is not None else (os.environ.get(HISTOGRAM_ENV) or "blocked")
     if v not in HISTOGRAM_VARIANTS:
         src = f"histogram={v!r}" if histogram is not None else f"{HISTOGRAM_ENV}={v!r}"
@@ -122,7 +127,7 @@ def _all_reduce(t, group):
 def _ops(backend, histogram=None):
     if backend == "triton":
         # imported here: CPU-only installs of allo need not have triton
-        if histogram_variant(histogram) == "blocked":
+        if histogram_variant(histogram) != "atomic":
             from allo_kernels import radix_blocked
 
             return radix_blocked
@@ -162,12 +167,25 @@ class _SearchBlocked:
         self.sources = ops.Sources(sources)  # operands and addresses read once for all the passes
         self.digits = ops.digits(key32)
         self.edge = ops.nonfinite_edge(key32, dtype)
+        self.num_sources = len(sources)
+
+    def _per_tensor(self, per_tensor, bits):
         # per-tensor rows in the last pass give each tensor's tie count without a counting pass
-        self.per_tensor_ok = ops.per_tensor_fits(len(sources), self.digits[-1])
+        return per_tensor and self.ops.per_tensor_fits(self.num_sources, bits)
 
     def histogram(self, level, prefixes, per_tensor):
         return self.ops.histogram(self.sources, level, prefixes, key32=self.key32, edge=self.edge,
-                                  per_tensor=per_tensor and self.per_tensor_ok)
+                                  per_tensor=self._per_tensor(per_tensor, self.digits[-1]))
+
+    def prefix_histogram(self, shift, bits, prefixes, per_tensor):
+        return self.ops.prefix_histogram(self.sources, shift, bits, prefixes, key32=self.key32,
+                                         per_tensor=self._per_tensor(per_tensor, bits))
+
+    def window_histogram(self, shift, lows, bits):
+        # the exact key comes out of this pass when shift == 0: keep per-tensor rows for its ties then
+        per_tensor = self._per_tensor(shift == 0, bits)
+        return self.ops.window_histogram(self.sources, shift, lows, bits, key32=self.key32, edge=self.edge,
+                                         per_tensor=per_tensor)
 
     def nonfinite(self, hist0, bad):
         return int(bad[0])
@@ -218,38 +236,107 @@ def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None,
         n = _all_reduce(n.to(device), group).cpu()
     n = int(n)
     bounds = [Boundary(band_count(r, n)) for r in ratios]
-    if n == 0:
+    todo = [bd for bd in bounds if bd.k > 0]
+    if not todo:
         return bounds, n
     ops = _ops(backend, histogram)
     srcs = list(sources.values())
     search = (_SearchBlocked if hasattr(ops, "digits") else _Search16)(ops, srcs, key32, dtype)
+    if backend == "triton" and histogram_variant(histogram) == "blocked":
+        if _plan_windowed(search, todo, n, sources, group, what):
+            return bounds, n
     # per boundary: [prefix (the key's digits found so far), k left to place below that prefix]
-    state = {id(bd): [None, bd.k] for bd in bounds if bd.k > 0}
+    state = {id(bd): [None, bd.k] for bd in todo}
     for level, bits in enumerate(search.digits):
-        if level > 0 and not state:
-            break
         last = level == len(search.digits) - 1
         prefixes = sorted({p for p, _ in state.values()}) if level > 0 else [None]
         hist, per, bad = search.histogram(level, prefixes, last)
-        if group is not None:
-            packed = _all_reduce(torch.cat([hist.reshape(-1)] + ([] if bad is None else [bad])), group)
-            hist, bad = packed[:hist.numel()].view(hist.shape), (None if bad is None else packed[hist.numel():])
-        hist = hist.cpu()
+        hist, bad = _reduced(hist, bad, group)
         if level == 0 and search.nonfinite(hist[0], bad):
             _name_nonfinite(sources, group, what)
-        for bd in bounds:
-            st = state.get(id(bd))
-            if st is None:
-                continue
-            row = prefixes.index(st[0])
-            b, above = _find_bin(hist[row], st[1])
-            st[0] = b - (1 << bits) // 2 if level == 0 else (st[0] << bits) | b  # the top digit is signed
-            st[1] -= above
-            if last:
-                bd.key, bd.n_eq, bd.take = st[0], int(hist[row, b]), st[1]
-                if per is not None:
-                    bd.counts = per[:, row, b].tolist()
+        # the top digit is signed (the key's order is the signed order)
+        _narrow(todo, state, prefixes, hist, per, last,
+                lambda p, b: b - (1 << bits) // 2 if p is None else (p << bits) | b)
     return bounds, n
+
+
+def _reduced(hist, counts, group):
+    """``hist`` and ``counts`` (or None) summed over ranks (one all-reduce), on the CPU."""
+    if group is not None:
+        packed = _all_reduce(torch.cat([hist.reshape(-1)] + ([] if counts is None else [counts])), group)
+        hist, counts = packed[:hist.numel()].view(hist.shape), (None if counts is None else packed[hist.numel():])
+    return hist.cpu(), (None if counts is None else counts.cpu())
+
+
+def _narrow(todo, state, prefixes, hist, per, last, next_prefix):
+    """One pass's effect on each boundary: the bin holding its k-th element extends its prefix
+    (``next_prefix(prefix, bin)``) and the elements above that bin are placed; after the ``last``
+    pass the prefix is the exact key."""
+    for bd in todo:
+        st = state[id(bd)]
+        row = prefixes.index(st[0])
+        b, above = _find_bin(hist[row], st[1])
+        st[0], st[1] = next_prefix(st[0], b), st[1] - above
+        if last:
+            bd.key, bd.n_eq, bd.take = st[0], int(hist[row, b]), st[1]
+            if per is not None:
+                bd.counts = per[:, row, b].tolist()
+
+
+def _plan_windowed(search, todo, n, sources, group, what) -> bool:
+    """The blocked search from a sample (:mod:`allo.select.sampling`): one pass over each boundary's
+    window, then prefix passes over the bits the window left (none when its bins are single keys).
+    False when some boundary's k-th element is outside its window: the caller starts over."""
+    gather = None if group is None else (lambda t: _all_gather_cat(t, group))
+    shift, lows, bits = sampling.windows(search.ops, search.sources, [bd.k for bd in todo], n, key32=search.key32,
+                                         edge=search.edge, gather=gather)
+    windows = sorted(set(lows))
+    hist, per, above, bad = search.window_histogram(shift, windows, bits)
+    hist, counts = _reduced(hist, torch.cat([above, bad]), group)
+    above, bad = counts[:-1], counts[-1:]
+    if search.nonfinite(None, bad):
+        _name_nonfinite(sources, group, what)
+    for bd, low in zip(todo, lows):
+        row = windows.index(low)
+        placed = int(above[row])
+        if not placed < bd.k <= placed + int(hist[row].sum()):
+            return False
+    # the window pass as the first pass of the narrowing: every boundary starts at its window's row
+    state = {id(bd): [low, bd.k - int(above[windows.index(low)])] for bd, low in zip(todo, lows)}
+    _narrow(todo, state, windows, hist, per, shift == 0, lambda low, b: low + b)
+    steps = _digits_of(shift)
+    for i, (step_shift, step_bits) in enumerate(steps):
+        last = i == len(steps) - 1
+        prefixes = sorted({p for p, _ in state.values()})
+        hist, per = search.prefix_histogram(step_shift, step_bits, prefixes, last)
+        hist, _ = _reduced(hist, None, group)
+        _narrow(todo, state, prefixes, hist, per, last, lambda p, b, bits=step_bits: (p << bits) | b)
+    return True
+
+
+def _digits_of(bits: int, widest: int = 6) -> list:
+    """(shift, bits) of the prefix passes over the low ``bits`` bits of a key, most significant first:
+    as few passes as digits of at most ``widest`` bits allow, the wider digits first."""
+    count = -(-bits // widest)
+    sizes = [bits // count + (i < bits % count) for i in range(count)] if count else []
+    return [(sum(sizes[i + 1:]), b) for i, b in enumerate(sizes)]
+
+
+def _all_gather_cat(t, group):
+    """``t`` (first dimension may differ per rank) concatenated over the ranks of ``group``, in rank order."""
+    world = torch.distributed.get_world_size(group)
+    device = _reduce_device(t, group)
+    local = t.to(device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    torch.distributed.all_gather(sizes, torch.tensor([local.shape[0]], dtype=torch.int64, device=device), group=group)
+    sizes = [int(x) for x in sizes]
+    padded = local.new_zeros((max(sizes),) + tuple(local.shape[1:]))
+    padded[:local.shape[0]] = local
+    out = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(out, padded, group=group)
+    return torch.cat([o[:size] for o, size in zip(out, sizes)]).to(t.device)
+
+
 def _tie_starts(counts: dict, group):
     """Global rank of each local tensor's first tied element, in the documented tie order."""
     if group is None:  # one process: the order is the mapping's
