@@ -346,6 +346,31 @@ def test_windowed_plan_paths(device, small_tiles, window_spy, monkeypatch):
     assert window_spy["ok"] == [False, False]
 
 
+@pytest.mark.parametrize("variant", ["blocked", "blocked-radix"])
+def test_masks_allocated_during_the_first_pass(variant, device, small_tiles, monkeypatch):
+    # band_masks allocates the masks while the GPU runs the search's first pass, and writes into those
+    events, made = [], []
+    new_masks, write_band, window, reduced = topk._new_masks, RB.write_band, RB.window_histogram, topk._reduced
+
+    def spy_new(srcs):
+        events.append("alloc")
+        made.extend(new_masks(srcs))
+        return made[-len(srcs):]
+
+    monkeypatch.setattr(topk, "_new_masks", spy_new)
+    monkeypatch.setattr(RB, "write_band", lambda *a, **k: events.append("write") or write_band(*a, **k))
+    monkeypatch.setattr(RB, "window_histogram", lambda *a, **k: events.append("window") or window(*a, **k))
+    # _reduced reads a pass's histogram back (the search waits for the GPU there)
+    monkeypatch.setattr(topk, "_reduced", lambda *a, **k: events.append("wait") or reduced(*a, **k))
+    scores = _hard_scores(torch.bfloat16, device)
+    _check_band(scores, ((0.3, 0.1),), histogram=variant)
+    assert events.count("alloc") == 1 and events.index("alloc") < events.index("wait"), events
+    if variant == "blocked":
+        assert events.index("window") < events.index("alloc")
+    got = band_masks(scores, 0.3, 0.1, backend="triton", histogram=variant)
+    assert [m.data_ptr() for m in got.values()] == [m.data_ptr() for m in made[-len(got):]]
+
+
 def test_tile_layout_and_write_band_arguments(device):
     from allo_kernels.multi_tensor import tile_layout
 

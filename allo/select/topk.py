@@ -228,8 +228,11 @@ def _find_bin(hist: torch.Tensor, k: int):
     return row * 256 + b, above + above_in_row
 
 
-def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None, what="select_top", histogram=None):
-    """Exact boundaries (one per count in ``ratios``) over ``sources``; also returns N."""
+def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None, what="select_top", histogram=None,
+         overlap=None):
+    """Exact boundaries (one per count in ``ratios``) over ``sources``; also returns N. ``overlap``: host
+    work (e.g. allocating the masks) run once while the GPU does the first pass, before the search
+    waits for it."""
     n = torch.tensor([sum(s.numel() for s in sources.values())], dtype=torch.int64)
     device = next(iter(sources.values())).device if sources else torch.device("cpu")
     if group is not None:
@@ -243,14 +246,18 @@ def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None,
     srcs = list(sources.values())
     search = (_SearchBlocked if hasattr(ops, "digits") else _Search16)(ops, srcs, key32, dtype)
     if backend == "triton" and histogram_variant(histogram) == "blocked":
-        if _plan_windowed(search, todo, n, sources, group, what):
+        if _plan_windowed(search, todo, n, sources, group, what, overlap):
             return bounds, n
+        overlap = None  # it ran
     # per boundary: [prefix (the key's digits found so far), k left to place below that prefix]
     state = {id(bd): [None, bd.k] for bd in todo}
     for level, bits in enumerate(search.digits):
         last = level == len(search.digits) - 1
         prefixes = sorted({p for p, _ in state.values()}) if level > 0 else [None]
         hist, per, bad = search.histogram(level, prefixes, last)
+        if overlap is not None:
+            overlap()
+            overlap = None
         hist, bad = _reduced(hist, bad, group)
         if level == 0 and search.nonfinite(hist[0], bad):
             _name_nonfinite(sources, group, what)
@@ -283,7 +290,7 @@ def _narrow(todo, state, prefixes, hist, per, last, next_prefix):
                 bd.counts = per[:, row, b].tolist()
 
 
-def _plan_windowed(search, todo, n, sources, group, what) -> bool:
+def _plan_windowed(search, todo, n, sources, group, what, overlap=None) -> bool:
     """The blocked search from a sample (:mod:`allo.select.sampling`): one pass over each boundary's
     window, then prefix passes over the bits the window left (none when its bins are single keys).
     False when some boundary's k-th element is outside its window: the caller starts over."""
@@ -292,6 +299,8 @@ def _plan_windowed(search, todo, n, sources, group, what) -> bool:
                                          edge=search.edge, gather=gather)
     windows = sorted(set(lows))
     hist, per, above, bad = search.window_histogram(shift, windows, bits)
+    if overlap is not None:
+        overlap()
     hist, counts = _reduced(hist, torch.cat([above, bad]), group)
     above, bad = counts[:-1], counts[-1:]
     if search.nonfinite(None, bad):
@@ -387,11 +396,12 @@ def _new_masks(srcs) -> list[torch.Tensor]:
 
 
 def write_masks(sources: dict, hi: Boundary, ex: Boundary, *, key32: bool, backend: str, group=None, emit=None,
-                histogram=None):
-    """Band masks per tensor, handed one at a time to ``emit(name, mask)`` (or collected in a dict)."""
+                histogram=None, masks=None):
+    """Band masks per tensor, handed one at a time to ``emit(name, mask)`` (or collected in a dict).
+    ``masks``: uninitialized masks from :func:`_new_masks` to write into (blocked variant, no ``emit``)."""
     ops = _ops(backend, histogram)
     if hasattr(ops, "write_band"):
-        return _write_masks_blocked(ops, sources, hi, ex, key32=key32, group=group, emit=emit)
+        return _write_masks_blocked(ops, sources, hi, ex, key32=key32, group=group, emit=emit, masks=masks)
     ex_key = ex.key if ex.k > 0 else None
     partial = sorted({bd.key for bd in (hi, ex) if bd.k > 0 and bd.partial})
     if backend == "cpu" and group is None and len(partial) == 1:
@@ -432,7 +442,7 @@ def write_masks(sources: dict, hi: Boundary, ex: Boundary, *, key32: bool, backe
     return out
 
 
-def _write_masks_blocked(ops, sources, hi, ex, *, key32, group, emit):
+def _write_masks_blocked(ops, sources, hi, ex, *, key32, group, emit, masks=None):
     """Blocked Triton variant: one launch writes the masks of many tensors (of all of them unless the
     masks are streamed out through ``emit``: then waves of about ``_WRITE_WAVE`` elements, so that
     few masks exist at once). A tensor where a boundary cuts through ties gets the number of its
@@ -465,13 +475,13 @@ def _write_masks_blocked(ops, sources, hi, ex, *, key32, group, emit):
             while j < len(srcs) and (j == i or size + srcs[j].numel() <= wave_cap):
                 size += srcs[j].numel()
                 j += 1
-        masks = _new_masks(srcs[i:j])
-        ops.write_band(srcs[i:j], masks, key_hi, limits[id(hi)][i:j], key_ex, limits[id(ex)][i:j], cut[i:j],
+        wave = masks if masks is not None and emit is None else _new_masks(srcs[i:j])
+        ops.write_band(srcs[i:j], wave, key_hi, limits[id(hi)][i:j], key_ex, limits[id(ex)][i:j], cut[i:j],
                        key32=key32)
         if emit is None:
-            out.update(zip(names[i:j], masks))
+            out.update(zip(names[i:j], wave))
         else:
-            for name, mask in zip(names[i:j], masks):
+            for name, mask in zip(names[i:j], wave):
                 emit(name, mask)
         i = j
     return out
@@ -536,9 +546,17 @@ def band_masks(scores, ratio, exclude_ratio=0.0, *, backend=None, group=None, em
     key32, dtype = key_domain(sources)
     if backend == "triton":
         histogram = histogram_variant(histogram)  # a bad value fails before any pass
+    early = {}
+
+    def allocate_masks():
+        early["masks"] = _new_masks(list(sources.values()))
+
+    # allocating ~150 masks costs ~1 ms of host time (H100 profile): done while the first pass runs
+    overlap = allocate_masks if emit is None and backend == "triton" and histogram != "atomic" else None
     (hi, ex), _ = plan(sources, (ratio, exclude_ratio), key32=key32, dtype=dtype, backend=backend, group=group,
-                       what=what, histogram=histogram)
-    return write_masks(sources, hi, ex, key32=key32, backend=backend, group=group, emit=emit, histogram=histogram)
+                       what=what, histogram=histogram, overlap=overlap)
+    return write_masks(sources, hi, ex, key32=key32, backend=backend, group=group, emit=emit, histogram=histogram,
+                       masks=early.get("masks"))
 
 
 def value_of_boundary(bd: Boundary, key32: bool, dtype) -> float | None:
