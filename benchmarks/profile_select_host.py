@@ -6,8 +6,9 @@ The Triton kernel launches of :mod:`allo_kernels.radix_blocked` are replaced by 
 run on CPU tensors of Llama-3.2-1B's 145 shapes, each dimension divided by ``--scale`` (host cost
 depends on the number of tensors, not their size). The boundaries come from one real ``plan`` under
 the Triton interpreter first. Prints the median host time of ``write_masks`` (cache warm: repeated
-calls, as in a training loop; cold: the launch-table cache cleared before each call) and of the three
-histogram passes. What this cannot show: on CUDA, synchronous host->device copies also wait for the
+calls, as in a training loop; cold: the launch-table cache cleared before each call), of the three
+histogram passes of the radix search, and of the sampled start's sample + window pass (the sort and
+searches of the sample run on the CPU here, on uninitialized keys). What this cannot show: on CUDA, synchronous host->device copies also wait for the
 GPU queue (see ``benchmarks/profile_gpu.py`` for the GPU view).
 """
 
@@ -67,7 +68,8 @@ def main():
     print(f"{len(scores)} tensors, {n} scores, ratio {args.ratio}: threshold key {hi.key}, "
           f"{hi.take}/{hi.n_eq} ties taken ({'a tensor is cut' if cut else 'no tensor cut'})")
 
-    kernels = {k: getattr(rb, k) for k in ("_blocked_hist_kernel", "_blocked_count_kernel", "_blocked_write_kernel")}
+    kernels = {k: getattr(rb, k) for k in ("_blocked_hist_kernel", "_blocked_count_kernel", "_blocked_write_kernel",
+                                           "_blocked_sample_kernel", "_blocked_window_kernel")}
     for k in kernels:
         setattr(rb, k, _NoLaunch())
     try:
@@ -85,15 +87,26 @@ def main():
             for level, prefixes, per in passes:
                 rb.histogram(prepared, level, prefixes, key32=key32, edge=edge, per_tensor=per)
 
+        from allo.select import sampling
+
+        k = int(args.ratio * n + 0.5)
+
+        def windowed():
+            shift, lows, bits = sampling.windows(rb, prepared, [k], n, key32=key32, edge=edge)
+            rb.window_histogram(prepared, 0, [lows[0]], rb.WINDOW_BITS[key32], key32=key32, edge=edge,
+                                per_tensor=True)
+
         for _ in range(3):
             write()
             hist_all()
+            windowed()
         warm = host_ms(write, args.repeats)
         cold = host_ms(write, args.repeats, before=clear_caches)
         hist = host_ms(hist_all, args.repeats)
         print(f"host ms, median (min) of {args.repeats}:")
         print(f"write_masks: {warm} tables cached, {cold} caches cleared before each call")
         print(f"histogram, 3 passes: {hist}")
+        print(f"sample + windows + window pass: {host_ms(windowed, args.repeats)}")
         if args.profile:
             pr = cProfile.Profile()
             pr.enable()
