@@ -117,3 +117,42 @@ def test_route_skips_frozen_embedding():
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = MaskedAdamW(named, masks={n: torch.rand(p.shape) < 0.3 for n, p in named}, compact_grads=True)
     assert _route_embedding_grads(model, opt) is None
+
+
+def test_masked_stages_route_the_embedding(tmp_path, monkeypatch):
+    """allo-train's forget and improve stages route the input embedding (and remove the hook after)."""
+    import json
+    import random
+
+    import allo.optim
+    from allo.train import TrainConfig, pipeline
+    from allo.train.model import build_tiny_model, save_model
+    from allo.train.tasks import ANSWER_PREFIX, make_problems
+    from allo.train.tokenizer import load_builtin_tokenizer
+
+    tok = load_builtin_tokenizer()
+    save_model(build_tiny_model(tok, hidden_size=16, num_layers=1, seed=0), tok, str(tmp_path / "sft"))
+    rng = random.Random(0)
+    rows = [{"prompt": p.prompt, "chosen": p.solution,
+             "rejected": p.solution.replace(f"{ANSWER_PREFIX} {p.answer}.", f"{ANSWER_PREFIX} {p.answer + rng.randint(1, 9)}.")}
+            for p in make_problems("arithmetic", 8, 0)]
+    with open(tmp_path / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    routed, removed = [], []
+    real = allo.optim.compact_embedding_grads
+
+    def spy(embedding, opt):
+        handle = real(embedding, opt)
+        routed.append(embedding)
+        remove = handle.remove
+        handle.remove = lambda: (removed.append(embedding), remove())
+        return handle
+
+    monkeypatch.setattr(allo.optim, "compact_embedding_grads", spy)
+    cfg = TrainConfig(model_name_or_path=str(tmp_path / "sft"), train_file=str(tmp_path / "train.jsonl"),
+                      output_dir=str(tmp_path / "run"), stages="prepare,warmup,select,forget,improve",
+                      per_device_train_batch_size=4, max_steps=1, disable_tqdm=True, report_to="jsonl",
+                      forget_ratio=0.3, improve_ratio=0.3, seed=3)
+    pipeline.run(cfg)
+    assert len(routed) == 2 and removed == routed  # forget and improve
+    assert not routed[0]._forward_hooks

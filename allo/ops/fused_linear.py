@@ -45,6 +45,14 @@ def _autocast_off(fn):
     return wrapper
 
 
+def _chunk_buffer(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """One chunk's logits, reused by every chunk: with a fresh ``hidden @ weight.t()`` per chunk the
+    previous chunk's logits are still referenced while the next ones are allocated, so two chunks
+    were alive at the peak (measured on the CPU: 2 x 65.7 MB in forward and in backward at
+    V = 128256, 256-token bf16 chunks)."""
+    return torch.empty(min(chunk_size, hidden.shape[0]), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+
+
 class FusedLinearTokenLogprobs(torch.autograd.Function):
     # Autocast is handled once, in the wrapper (inputs cast to the autocast dtype, as nn.Linear's
     # would be); inside, it is off in forward and backward alike, so autocast never re-casts the
@@ -57,9 +65,10 @@ class FusedLinearTokenLogprobs(torch.autograd.Function):
         logp = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         op = ops()
+        buf = _chunk_buffer(hidden, weight, chunk_size)
         for start in range(0, n, chunk_size):
             end = min(n, start + chunk_size)
-            logits = hidden[start:end] @ weight.t()
+            logits = torch.mm(hidden[start:end], weight.t(), out=buf[:end - start])
             logp[start:end], lse[start:end] = op.token_logprob_fwd(logits, labels[start:end], ignore_index, False)
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.ignore_index, ctx.chunk_size = ignore_index, chunk_size
@@ -77,9 +86,10 @@ class FusedLinearTokenLogprobs(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if need_weight else None
         op = ops()
         n = hidden.shape[0]
+        buf = _chunk_buffer(hidden, weight, ctx.chunk_size)
         for start in range(0, n, ctx.chunk_size):
             end = min(n, start + ctx.chunk_size)
-            logits = hidden[start:end] @ weight.t()
+            logits = torch.mm(hidden[start:end], weight.t(), out=buf[:end - start])
             op.token_logprob_bwd_inplace(grad[start:end], logits, labels[start:end], lse[start:end], ctx.ignore_index)
             if need_hidden:
                 torch.matmul(logits, weight, out=grad_hidden[start:end])
