@@ -29,10 +29,15 @@ the keys above the window and histograms those inside (few: the window holds ~0.
 shared-memory atomics of ``tl.histogram`` are rare). For 16-bit keys on a large model the window is
 usually single keys (``shift`` 0): that one pass finds the exact threshold, where the radix passes
 take three; float32 keys leave ~12 bits, two prefix passes. A window of one key (a huge group of
-equal scores) is counted in registers, without a histogram. Predicted, not yet measured on a GPU.
-Tried and dropped before any GPU measurement: global atomics for the in-window keys (Triton moves
-the scattered pointers through shared memory into another layout: four barriers per step, against
-three for ``tl.histogram``; read in the sm_90 PTX).
+equal scores) is counted in registers, without a histogram. A window above zero (the usual case:
+scores are magnitudes) compares the scores' raw bits, which order every key that can reach it, and
+skips the key transform and the lane mask: the 973M-score passes measured ~3.5x the time it takes to
+read the scores, so a pass is taken to be bound by integer instructions per element. In the sm_90
+PTX of the loop (8 elements per thread): 108 instructions for the window pass, against 124 and 164
+for the radix passes (static counts, the rare atomic path included). Predicted, not yet measured on
+a GPU. Tried and dropped before any GPU measurement: global atomics for the in-window keys (Triton
+moves the scattered pointers through shared memory into another layout: four barriers per step,
+against three for ``tl.histogram``).
 
 Ties. The last pass can keep one histogram row per tensor (``tensors x bins`` counters, capped by
 ``PER_TENSOR_BYTES``): the threshold key's count per tensor then comes for free, so no counting pass
@@ -55,7 +60,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import tile_layout, upload_table
-from .radix_select import _keys, _operands
+from .radix_select import _bits, _keys, _operands
 
 DIGITS = {False: (6, 5, 5), True: (6, 6, 5, 5, 5, 5)}  # bits per pass, most significant first; sum = key bits
 TILE = 32768  # elements per program: global atomics per pass <= (elements / TILE) x bins
@@ -186,35 +191,64 @@ def _blocked_sample_kernel(table_ptr, tile_tensor_ptr, keys_ptr, counts_ptr, see
 @triton.jit
 def _window_step(x, y, base, n, h0, h1, acc0, acc1, low0, low1, shift, edge, IS_DIFF: tl.constexpr,
                  KEY32: tl.constexpr, X_BF16: tl.constexpr, Y_BF16: tl.constexpr, BINS: tl.constexpr,
-                 TWO: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
-    offs, m, key = _step_keys(x, y, base, n, IS_DIFF, KEY32, X_BF16, Y_BF16, MASKED, BLOCK)
-    high = key >> shift
-    bad = m & ((key >= edge) | (key < -edge))
-    # per lane, packed 8-bit counters (a lane sees at most TILE / BLOCK + 1 keys): above the window,
-    # at or above its low end, and (window 0) non-finite
-    # compared with the window's ends, not subtracted: high - low overflows int32 for distant keys
-    ge0 = m & (high >= low0)
-    above0 = m & (high >= low0 + BINS)
-    acc0 += above0.to(tl.int32) + (ge0.to(tl.int32) << 8) + (bad.to(tl.int32) << 16)
-    if BINS > 1:
-        w0 = ge0 & ~above0
-        h0 += tl.histogram(tl.where(w0, high - low0, 0), BINS, mask=w0)
+                 TWO: tl.constexpr, POSITIVE: tl.constexpr, SHIFTED: tl.constexpr, MASKED: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    offs = base + tl.arange(0, BLOCK)
+    if MASKED:
+        m = offs < n
+    else:
+        m = tl.full([BLOCK], 1, tl.int1)  # whole steps have a constant mask, so the loads can be vectorized
+    if POSITIVE:
+        # windows above zero: the raw bits order every key that can reach a window like the keys do
+        # (negative scores and zeros, masked lanes too, have bits <= 0, below the window either way),
+        # so the key transform and the lane mask are skipped: a pass is bound by integer instructions
+        # per element (H100 profile, 2026-11-26), not by the ~0.65 ms it takes to read 973M bf16 scores
+        key = _bits(x, y, offs, m, IS_DIFF, KEY32, X_BF16, Y_BF16)
+        m = tl.full([BLOCK], 1, tl.int1)
+    else:
+        key = _keys(x, y, offs, m, IS_DIFF, KEY32, X_BF16, Y_BF16)
+    if SHIFTED:
+        high = key >> shift
+    else:
+        high = key
+    # (per lane, packed 8-bit counters: a lane sees at most TILE / BLOCK + 1 keys) above the window,
+    # and for one-key windows in it; compared with the window's ends, not subtracted from them:
+    # high - low overflows int32 for distant keys
+    h0, acc0 = _window_count(high, m, low0, h0, acc0, BINS, POSITIVE)
     if TWO:
-        ge1 = m & (high >= low1)
-        above1 = m & (high >= low1 + BINS)
-        acc1 += above1.to(tl.int32) + (ge1.to(tl.int32) << 8)
-        if BINS > 1:
-            w1 = ge1 & ~above1
-            h1 += tl.histogram(tl.where(w1, high - low1, 0), BINS, mask=w1)
-    return h0, h1, acc0, acc1
+        h1, acc1 = _window_count(high, m, low1, h1, acc1, BINS, POSITIVE)
+    # non-finite scores: the magnitude bits of the raw bits (the caller keeps their maximum and tests
+    # it against edge); the general path's keys are not raw bits, so it tests them itself
+    if POSITIVE:
+        if KEY32:
+            mag = key & 0x7FFFFFFF
+        else:
+            mag = key & 0x7FFF
+    else:
+        mag = tl.where(m & ((key >= edge) | (key < -edge)), edge, 0)
+    return h0, h1, acc0, acc1, mag
+
+
+@triton.jit
+def _window_count(high, m, low, h, acc, BINS: tl.constexpr, POSITIVE: tl.constexpr):
+    if BINS == 1:
+        return h, acc + (m & (high > low)).to(tl.int32) + ((m & (high == low)).to(tl.int32) << 8)
+    acc += (m & (high >= low + BINS)).to(tl.int32)
+    if POSITIVE:
+        # high - low wraps around only for raw bits far below the window (low > 0): still not in it
+        d = high - low
+        w = d.to(tl.uint32, bitcast=True) < BINS
+    else:
+        w = m & (high >= low) & (high < low + BINS)
+        d = tl.where(w, high - low, 0)
+    return h + tl.histogram(d, BINS, mask=w), acc
 
 
 @triton.jit
 def _window_flush(out, h, acc, counter_ptr, BINS: tl.constexpr):
     above = tl.sum(acc & 0xFF, axis=0).to(tl.int64)
     if BINS == 1:
-        # a one-key window: its count is (at or above the key) - (above it)
-        h = tl.zeros([1], dtype=tl.int32) + (tl.sum((acc >> 8) & 0xFF, axis=0) - tl.sum(acc & 0xFF, axis=0))
+        h = tl.zeros([1], dtype=tl.int32) + tl.sum((acc >> 8) & 0xFF, axis=0)  # a one-key window: its count
     tl.atomic_add(out + tl.arange(0, BINS), h.to(tl.int64), mask=h > 0, sem="relaxed")
     tl.atomic_add(counter_ptr, above, mask=above > 0, sem="relaxed")
 
@@ -223,24 +257,30 @@ def _window_flush(out, h, acc, counter_ptr, BINS: tl.constexpr):
 def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, low0, low1, shift, edge,
                            X_T: tl.constexpr, Y_T: tl.constexpr, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
                            X_BF16: tl.constexpr, Y_BF16: tl.constexpr, BITS: tl.constexpr, TWO: tl.constexpr,
-                           PER_TENSOR: tl.constexpr, ALIGNED: tl.constexpr, TILE: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           POSITIVE: tl.constexpr, SHIFTED: tl.constexpr, PER_TENSOR: tl.constexpr,
+                           ALIGNED: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
     """Per window (one or two): the keys with ``key >> shift`` in ``[low, low + BINS)`` by bin, and how
-    many are above the window; also the non-finite count. ``counts_ptr``: [above0, above1, bad].
-    ``BITS == 0``: one-key windows (``shift`` 0), counted without a histogram: a huge group of equal
-    scores costs nothing extra."""
+    many are above the window; also whether the tile holds a non-finite score. ``counts_ptr``:
+    [above0, above1, tiles with a non-finite score]. ``BITS == 0``: one-key windows (``shift`` 0),
+    counted without a histogram (a huge group of equal scores costs nothing extra). ``POSITIVE``:
+    both windows start above zero (``low > 0``)."""
     row, x, y, n, start, count, full = _row(table_ptr, tile_tensor_ptr, X_T, Y_T, ALIGNED, TILE, BLOCK)
     BINS: tl.constexpr = 1 << BITS
     h0 = tl.zeros([BINS], dtype=tl.int32)
     h1 = tl.zeros([BINS], dtype=tl.int32)
     acc0 = tl.zeros([BLOCK], dtype=tl.int32)
     acc1 = tl.zeros([BLOCK], dtype=tl.int32)
+    big = tl.zeros([BLOCK], dtype=tl.int32)
     for off in range(0, full, BLOCK):
-        h0, h1, acc0, acc1 = _window_step(x, y, start + off, n, h0, h1, acc0, acc1, low0, low1, shift, edge, IS_DIFF,
-                                          KEY32, X_BF16, Y_BF16, BINS, TWO, False, BLOCK)
+        h0, h1, acc0, acc1, mag = _window_step(x, y, start + off, n, h0, h1, acc0, acc1, low0, low1, shift, edge,
+                                               IS_DIFF, KEY32, X_BF16, Y_BF16, BINS, TWO, POSITIVE, SHIFTED, False,
+                                               BLOCK)
+        big = tl.maximum(big, mag)
     if full < count:
-        h0, h1, acc0, acc1 = _window_step(x, y, start + full, n, h0, h1, acc0, acc1, low0, low1, shift, edge, IS_DIFF,
-                                          KEY32, X_BF16, Y_BF16, BINS, TWO, True, BLOCK)
+        h0, h1, acc0, acc1, mag = _window_step(x, y, start + full, n, h0, h1, acc0, acc1, low0, low1, shift, edge,
+                                               IS_DIFF, KEY32, X_BF16, Y_BF16, BINS, TWO, POSITIVE, SHIFTED, True,
+                                               BLOCK)
+        big = tl.maximum(big, mag)
     if PER_TENSOR:
         out = hist_ptr + tl.load(row + 4) * (2 * BINS)
     else:
@@ -248,8 +288,8 @@ def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, low
     _window_flush(out, h0, acc0, counts_ptr, BINS)
     if TWO:
         _window_flush(out + BINS, h1, acc1, counts_ptr + 1, BINS)
-    nbad = tl.sum(acc0 >> 16, axis=0).to(tl.int64)
-    tl.atomic_add(counts_ptr + 2, nbad, mask=nbad > 0, sem="relaxed")
+    bad = (tl.max(big, axis=0) >= edge).to(tl.int64)
+    tl.atomic_add(counts_ptr + 2, bad, mask=bad > 0, sem="relaxed")
 
 
 @triton.jit
@@ -491,7 +531,8 @@ def window_histogram(sources, shift: int, lows, bits: int, *, key32: bool, edge:
     the window; also the number of non-finite scores (keys beyond ``edge``).
 
     Returns ``(hist [len(lows), bins] int64, per [sources, len(lows), bins] or None, above [len(lows)]
-    int64, nonfinite [1] int64)`` on the scores' device; ``per`` when ``per_tensor``."""
+    int64, nonfinite [1] int64: tiles holding a non-finite score)`` on the scores' device; ``per`` when
+    ``per_tensor``."""
     if not 1 <= len(lows) <= 2:
         raise ValueError(f"radix_blocked.window_histogram: {len(lows)} windows; expected 1 or 2")
     src = _prepared(sources)
@@ -505,7 +546,8 @@ def window_histogram(sources, shift: int, lows, bits: int, *, key32: bool, edge:
     lo0, lo1 = int(lows[0]), int(lows[-1])
     for key, members in src.groups().items():
         _run(_blocked_window_kernel, key, _layout(src, members), (buf, counters, lo0, lo1, int(shift), int(edge)),
-             block=block, KEY32=key32, BITS=bits, TWO=len(lows) == 2, PER_TENSOR=per_tensor)
+             block=block, KEY32=key32, BITS=bits, TWO=len(lows) == 2, POSITIVE=min(lo0, lo1) > 0,
+             SHIFTED=shift > 0, PER_TENSOR=per_tensor)
     per = buf[:, :len(lows)]
     hist = per.sum(0) if per_tensor else per[0]
     return hist, (per if per_tensor else None), counters[:len(lows)], counters[2:]

@@ -72,8 +72,10 @@ def _f32(v, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def _keys(x_ptr, y_ptr, offs, m, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr,
+def _bits(x_ptr, y_ptr, offs, m, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr,
           Y_BF16: tl.constexpr):
+    """The scores' bits as signed integers (16-bit ones sign-extended), 0 where ``m`` is False. For
+    a score > 0 this is its key already."""
     if IS_DIFF:
         a = _f32(tl.load(x_ptr + offs, mask=m, other=0), X_BF16)
         b = _f32(tl.load(y_ptr + offs, mask=m, other=0), Y_BF16)
@@ -85,6 +87,13 @@ def _keys(x_ptr, y_ptr, offs, m, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_B
             bits = _f32(s, X_BF16).to(tl.int32, bitcast=True)
         else:
             bits = s.to(tl.int16, bitcast=True).to(tl.int32)
+    return bits
+
+
+@triton.jit
+def _keys(x_ptr, y_ptr, offs, m, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr,
+          Y_BF16: tl.constexpr):
+    bits = _bits(x_ptr, y_ptr, offs, m, IS_DIFF, KEY32, X_BF16, Y_BF16)
     # zero is tested on the bits, not as s == 0, which may flush subnormals
     if KEY32:
         key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)

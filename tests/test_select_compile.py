@@ -51,9 +51,10 @@ SCRIPT = textwrap.dedent('''
         variants.append((B._blocked_hist_kernel, hist_sig,
                          {"SHIFT": 6, "BITS": 6 if key32 else 4, "FIRST": False, "TWO": True, "PER_TENSOR": True}))
         window_sig = {**tab, "hist_ptr": "*i64", "counts_ptr": "*i64", "low0": "i32", "low1": "i32", "shift": "i32",
-                      "edge": "i32", **{c: C for c in list(flags) + ["BITS", "TWO", "PER_TENSOR"]}}
-        variants += [(B._blocked_window_kernel, window_sig, {"BITS": b, "TWO": two, "PER_TENSOR": two})
-                     for b in (B.WINDOW_BITS[key32], 0) for two in (False, True)]
+                      "edge": "i32", **{c: C for c in list(flags) + ["BITS", "TWO", "PER_TENSOR", "POSITIVE", "SHIFTED"]}}
+        variants += [(B._blocked_window_kernel, window_sig, {"BITS": b, "TWO": two, "PER_TENSOR": two, "POSITIVE": pos,
+                                                             "SHIFTED": b > 0 and not two})
+                     for b in (B.WINDOW_BITS[key32], 0) for two in (False, True) for pos in (False, True)]
         variants.append((B._blocked_sample_kernel, {**tab, "keys_ptr": "*i32", "counts_ptr": "*i32", "seed": "i64",
                                                     **{c: C for c in list(flags) + ["SAMPLES"]}},
                          {"SAMPLES": B.SAMPLES}))
@@ -91,8 +92,8 @@ def test_kernels_compile_for_sm90():
 
     proc = compile_in_subprocess(SCRIPT)
     # every variant the script builds: per dtype group, 2 histogram kernels per digit and one more prefix pass,
-    # 4 window kernels, the sample kernel, the count kernel and 4 write kernels; the bf16 group twice (aligned
+    # 8 window kernels, the sample kernel, the count kernel and 4 write kernels; the bf16 group twice (aligned
     # and not); groups with 32-bit keys: 4, with 16-bit keys: 2
-    per_group = {key32: 2 * len(B.digits(key32)) + 11 for key32 in (True, False)}
+    per_group = {key32: 2 * len(B.digits(key32)) + 15 for key32 in (True, False)}
     expected = 3 * per_group[True] + 2 * per_group[False] + per_group[False]
     assert proc.returncode == 0 and f"compiled {expected}" in proc.stdout, proc.stderr[-3000:] + proc.stdout[-500:]

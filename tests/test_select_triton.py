@@ -272,9 +272,11 @@ def test_blocked_window_histogram(dtype, device, small_tiles):
     key32 = dtype == torch.float32
     edge = RB.nonfinite_edge(key32, dtype)
     keys = [keys_torch(s.reshape(-1).cpu(), key32).long() for s in scores]
-    one, neg = (int(keys_torch(torch.tensor([v]).to(dtype), key32)) for v in (1.0, -0.5))
-    # two windows at shift 0 (around the ties at 1.0 and at -0.5), a coarse one, one-key windows
-    for shift, lows, bits in ((0, [one - 3, neg - 30], 5), (3, [(one >> 3) - 1], 6), (0, [one, 0], 0)):
+    one, neg, big = (int(keys_torch(torch.tensor([v]).to(dtype), key32)) for v in (1.0, -0.5, 1.5))
+    # windows at shift 0 around the ties at 1.0 and at -0.5 (one pair crosses zero: the kernel's general path;
+    # windows above zero take the raw-bits path), a coarse one, one-key windows
+    for shift, lows, bits in ((0, [one - 3, neg - 30], 5), (0, [one - 3, big - 1], 5), (3, [(one >> 3) - 1], 6),
+                              (0, [one, 0], 0), (0, [one, big], 0)):
         hist, per, above, bad = RB.window_histogram(scores, shift, lows, bits, key32=key32, edge=edge,
                                                     per_tensor=True)
         assert int(bad) == 0
@@ -284,10 +286,15 @@ def test_blocked_window_histogram(dtype, device, small_tiles):
             assert torch.equal(hist[row].cpu(), sum(h for h, _ in expect))
             assert int(above[row]) == sum(a for _, a in expect)
             assert int(hist[row].sum()) > 0  # the cases are not empty windows
-    bad_scores = [scores[2].clone(), scores[3]]
+    # non-finite scores (counted per tile): +inf and -inf, in windows above zero and across it
+    bad_scores = [scores[2].clone(), scores[3].clone()]
     bad_scores[0].view(-1)[7] = float("inf")
-    _, per, _, bad = RB.window_histogram(bad_scores, 0, [one], 5, key32=key32, edge=edge)
-    assert int(bad) == 1 and per is None
+    bad_scores[1].view(-1)[9] = float("-inf")
+    for lows in ([one], [0]):
+        _, per, _, bad = RB.window_histogram(bad_scores, 0, lows, 5, key32=key32, edge=edge)
+        assert int(bad) == 2 and per is None, lows
+        _, _, _, bad = RB.window_histogram(bad_scores[1:], 0, lows, 0, key32=key32, edge=edge)
+        assert int(bad) == 1, lows
 
 
 def test_window_shift_and_digits():
