@@ -21,7 +21,8 @@ weights, fp32 parameters, bf16 autocast, gradient checkpointing), 8 sequences x 
 embeddings, hidden 256, 2 layers, bf16 autocast, gradient checkpointing, 4 x 128 tokens (2 x 64 with
 ``--quick``). ``--before`` adds ``allo_improve_before``: the improve step without
 ``allo.optim.compact_embedding_grads`` and with autocast's weight-cast cache on (as it ran until
-2026-11-26), for a same-run comparison.
+2026-11-26), for a same-run comparison; it keeps the fused head's single chunk buffer (the old head
+held two chunks' logits at its peak, so the real earlier step peaked one chunk higher).
 """
 
 from __future__ import annotations
