@@ -61,9 +61,9 @@ SCRIPT = textwrap.dedent('''
         variants.append((B._blocked_count_kernel, {**tab, "counts_ptr": "*i64", "key0": "i32", "key1": "i32",
                                                    **{c: C for c in flags}}, {}))
         write_sig = {**tab, "prefix_ptr": "*i64", "key_hi": "i32", "key_ex": "i32",
-                     **{c: C for c in list(flags) + ["HAS_HI", "HAS_EX", "CUT"]}}
-        variants += [(B._blocked_write_kernel, write_sig, {"HAS_HI": True, "HAS_EX": ex, "CUT": cut})
-                     for ex in (False, True) for cut in (False, True)]
+                     **{c: C for c in list(flags) + ["HAS_HI", "HAS_EX", "CUT", "POSITIVE"]}}
+        variants += [(B._blocked_write_kernel, write_sig, {"HAS_HI": True, "HAS_EX": ex, "CUT": cut, "POSITIVE": pos})
+                     for ex in (False, True) for cut in (False, True) for pos in (False, True)]
         # unaligned launches (views into larger tensors) only for one dtype group: the code is the same
         alignments = (True, False) if dt == tl.bfloat16 and not diff else (True,)
         for (fn, sig, extra), aligned in itertools.product(variants, alignments):
@@ -92,8 +92,8 @@ def test_kernels_compile_for_sm90():
 
     proc = compile_in_subprocess(SCRIPT)
     # every variant the script builds: per dtype group, 2 histogram kernels per digit and one more prefix pass,
-    # 8 window kernels, the sample kernel, the count kernel and 4 write kernels; the bf16 group twice (aligned
+    # 8 window kernels, the sample kernel, the count kernel and 8 write kernels; the bf16 group twice (aligned
     # and not); groups with 32-bit keys: 4, with 16-bit keys: 2
-    per_group = {key32: 2 * len(B.digits(key32)) + 15 for key32 in (True, False)}
+    per_group = {key32: 2 * len(B.digits(key32)) + 19 for key32 in (True, False)}
     expected = 3 * per_group[True] + 2 * per_group[False] + per_group[False]
     assert proc.returncode == 0 and f"compiled {expected}" in proc.stdout, proc.stderr[-3000:] + proc.stdout[-500:]

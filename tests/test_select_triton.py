@@ -425,12 +425,14 @@ def test_blocked_write_masks_does_not_synchronize():
             assert torch.equal(got[n].cpu(), ref[n]), n
 
 
+@pytest.mark.parametrize("low", [0.0, 0.5])  # 0.5: both boundaries above zero, the kernel compares raw bits
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_blocked_write_band_ranks_ties(dtype, device, small_tiles):
+def test_blocked_write_band_ranks_ties(dtype, low, device, small_tiles):
     scores = [s for s in _hard_scores(dtype, device).values()]
     key32 = dtype == torch.float32
     keys = [keys_torch(s.reshape(-1).cpu(), key32).long() for s in scores]
-    k_hi, k_ex = 0, int(keys_torch(torch.tensor([1.0]).to(dtype), key32))  # both thresholds on ties
+    # both thresholds on ties
+    k_hi, k_ex = (int(keys_torch(torch.tensor([v]).to(dtype), key32)) for v in (low, 1.0))
     counts = [[int((k == key).sum()) for k in keys] for key in (k_hi, k_ex)]
     # tensor 2 (300 elements, ~3 tiles) cut by both boundaries, 4 cut by one, others all or nothing
     lim_hi = [RB.NO_LIMIT, 0, counts[0][2] - 5, 0, counts[0][4] // 2, RB.NO_LIMIT]
