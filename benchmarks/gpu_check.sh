@@ -113,10 +113,12 @@ for name in bench_update bench_select bench_logprob bench_step; do
   fi
   args=("${quick[@]}" --json "$work/$name.json")
   [ "$name" = bench_select ] && [ -n "$select_skip" ] && args+=(--skip "$select_skip")
+  # the improve step as it was before session 4's memory fixes, in the same run (allo_improve_before)
+  [ "$name" = bench_step ] && args+=(--before)
   step "$name" 100 "$py" "benchmarks/$name.py" "${args[@]}"
 done
 # where the time of select and of an optimizer step goes (host vs kernels), for the record
-step "profile_gpu" 60 "$py" benchmarks/profile_gpu.py --only select,update --no-sweep
+step "profile_gpu" 90 "$py" benchmarks/profile_gpu.py --only select,update,step-memory --no-sweep
 if [ $built = 1 ]; then
   deselect=()
   for t in "${triton_tests[@]}" "${extension_tests[@]}"; do deselect+=(--ignore "$t"); done
