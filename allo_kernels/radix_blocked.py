@@ -150,8 +150,10 @@ def _step_scores(x, y, base, n, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF
 @triton.jit
 def _hist_step(x, y, base, n, h0, h1, bad, prefix0, prefix1, edge, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
                X_BF16: tl.constexpr, Y_BF16: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr,
-               FIRST: tl.constexpr, TWO: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
-    offs, m, key = _step_keys(x, y, base, n, IS_DIFF, KEY32, X_BF16, Y_BF16, MASKED, BLOCK)
+               FIRST: tl.constexpr, TWO: tl.constexpr, POSITIVE: tl.constexpr, MASKED: tl.constexpr,
+               BLOCK: tl.constexpr):
+    # POSITIVE (prefix passes whose prefixes are all above zero): raw bits, see _step_bits
+    _, m, valid, key = _step_scores(x, y, base, n, IS_DIFF, KEY32, X_BF16, Y_BF16, POSITIVE, MASKED, BLOCK)
     BINS: tl.constexpr = 1 << BITS
     if FIRST:
         # the top digit is signed (the key's order is the signed order): shift it to [0, BINS)
@@ -160,9 +162,9 @@ def _hist_step(x, y, base, n, h0, h1, bad, prefix0, prefix1, edge, IS_DIFF: tl.c
     else:
         digit = (key >> SHIFT) & (BINS - 1)
         high = key >> (SHIFT + BITS)
-        h0 += tl.histogram(digit, BINS, mask=m & (high == prefix0))
+        h0 += tl.histogram(digit, BINS, mask=valid & (high == prefix0))
         if TWO:
-            h1 += tl.histogram(digit, BINS, mask=m & (high == prefix1))
+            h1 += tl.histogram(digit, BINS, mask=valid & (high == prefix1))
     return h0, h1, bad
 
 
@@ -170,8 +172,8 @@ def _hist_step(x, y, base, n, h0, h1, bad, prefix0, prefix1, edge, IS_DIFF: tl.c
 def _blocked_hist_kernel(table_ptr, tile_tensor_ptr, hist_ptr, bad_ptr, prefix0, prefix1, edge,
                          X_T: tl.constexpr, Y_T: tl.constexpr, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
                          X_BF16: tl.constexpr, Y_BF16: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr,
-                         FIRST: tl.constexpr, TWO: tl.constexpr, PER_TENSOR: tl.constexpr, ALIGNED: tl.constexpr,
-                         TILE: tl.constexpr, BLOCK: tl.constexpr):
+                         FIRST: tl.constexpr, TWO: tl.constexpr, POSITIVE: tl.constexpr, PER_TENSOR: tl.constexpr,
+                         ALIGNED: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
     row, x, y, n, start, count, full = _row(table_ptr, tile_tensor_ptr, X_T, Y_T, ALIGNED, TILE, BLOCK)
     BINS: tl.constexpr = 1 << BITS
     h0 = tl.zeros([BINS], dtype=tl.int32)
@@ -179,10 +181,10 @@ def _blocked_hist_kernel(table_ptr, tile_tensor_ptr, hist_ptr, bad_ptr, prefix0,
     bad = tl.zeros([BLOCK], dtype=tl.int32)
     for off in range(0, full, BLOCK):
         h0, h1, bad = _hist_step(x, y, start + off, n, h0, h1, bad, prefix0, prefix1, edge, IS_DIFF, KEY32, X_BF16,
-                                 Y_BF16, SHIFT, BITS, FIRST, TWO, False, BLOCK)
+                                 Y_BF16, SHIFT, BITS, FIRST, TWO, POSITIVE, False, BLOCK)
     if full < count:
         h0, h1, bad = _hist_step(x, y, start + full, n, h0, h1, bad, prefix0, prefix1, edge, IS_DIFF, KEY32, X_BF16,
-                                 Y_BF16, SHIFT, BITS, FIRST, TWO, True, BLOCK)
+                                 Y_BF16, SHIFT, BITS, FIRST, TWO, POSITIVE, True, BLOCK)
     bins = tl.arange(0, BINS)
     if PER_TENSOR:
         out = hist_ptr + tl.load(row + 4) * (2 * BINS)
@@ -610,7 +612,8 @@ def _histogram(sources, shift, bits, first, prefixes, *, key32, edge=0, per_tens
     p1 = int(prefixes[-1])
     for key, members in src.groups().items():
         _run(_blocked_hist_kernel, key, _layout(src, members), (buf, bad, p0, p1, int(edge)), block=hist_block(bits),
-             KEY32=key32, SHIFT=shift, BITS=bits, FIRST=first, TWO=len(prefixes) == 2, PER_TENSOR=per_tensor)
+             KEY32=key32, SHIFT=shift, BITS=bits, FIRST=first, TWO=len(prefixes) == 2,
+             POSITIVE=not first and min(p0, p1) > 0, PER_TENSOR=per_tensor)
     per = buf[:, :len(prefixes)]
     hist = per.sum(0) if per_tensor else per[0]
     return hist, (per if per_tensor else None), (bad if first else None)

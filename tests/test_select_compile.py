@@ -43,13 +43,14 @@ SCRIPT = textwrap.dedent('''
                  "Y_BF16": ydt == tl.bfloat16, "TILE": B.TILE, "BLOCK": B.BLOCK, "ALIGNED": True}
         bits = B.digits(key32)
         hist_sig = {**tab, "hist_ptr": "*i64", "bad_ptr": "*i64", "prefix0": "i32", "prefix1": "i32", "edge": "i32",
-                    **{c: C for c in list(flags) + ["SHIFT", "BITS", "FIRST", "TWO", "PER_TENSOR"]}}
+                    **{c: C for c in list(flags) + ["SHIFT", "BITS", "FIRST", "TWO", "POSITIVE", "PER_TENSOR"]}}
         variants = [(B._blocked_hist_kernel, hist_sig,
-                     {"SHIFT": sum(bits[lv + 1:]), "BITS": bits[lv], "FIRST": lv == 0, "TWO": two, "PER_TENSOR": per})
+                     {"SHIFT": sum(bits[lv + 1:]), "BITS": bits[lv], "FIRST": lv == 0, "TWO": two, "POSITIVE": False,
+                      "PER_TENSOR": per})
                     for lv in range(len(bits)) for two, per in ((False, False), (True, lv == len(bits) - 1))]
-        # prefix passes after a window pass: any digit width <= 6 at any shift
-        variants.append((B._blocked_hist_kernel, hist_sig,
-                         {"SHIFT": 6, "BITS": 6 if key32 else 4, "FIRST": False, "TWO": True, "PER_TENSOR": True}))
+        # prefix passes after a window pass: any digit width <= 6 at any shift, prefixes above zero
+        variants.append((B._blocked_hist_kernel, hist_sig, {"SHIFT": 6, "BITS": 6 if key32 else 4, "FIRST": False,
+                                                            "TWO": True, "POSITIVE": True, "PER_TENSOR": True}))
         window_sig = {**tab, "hist_ptr": "*i64", "counts_ptr": "*i64", "low0": "i32", "low1": "i32", "shift": "i32",
                       "edge": "i32", **{c: C for c in list(flags) + ["BITS", "TWO", "PER_TENSOR", "POSITIVE", "SHIFTED"]}}
         variants += [(B._blocked_window_kernel, window_sig, {"BITS": b, "TWO": two, "PER_TENSOR": two, "POSITIVE": pos,

@@ -378,6 +378,24 @@ def test_masks_allocated_during_the_first_pass(variant, device, small_tiles, mon
     assert [m.data_ptr() for m in got.values()] == [m.data_ptr() for m in made[-len(got):]]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blocked_prefix_histogram_above_zero(dtype, device, small_tiles):
+    # prefixes above zero: the kernel compares raw bits (negative scores, zeros and the masked tail read
+    # as bits <= 0); one prefix at zero takes the key path
+    scores = list(_hard_scores(dtype, device).values())
+    key32 = dtype == torch.float32
+    keys = [keys_torch(s.reshape(-1).cpu(), key32).long() for s in scores]
+    one, big = (int(keys_torch(torch.tensor([v]).to(dtype), key32)) for v in (1.0, 1.5))
+    for shift, bits in ((0, 5), (3, 4)):
+        for prefixes in ([one >> (shift + bits), big >> (shift + bits)], [0, one >> (shift + bits)]):
+            hist, per = RB.prefix_histogram(scores, shift, bits, prefixes, key32=key32, per_tensor=True)
+            for row, prefix in enumerate(prefixes):
+                expect = torch.stack([torch.bincount((k[(k >> (shift + bits)) == prefix] >> shift) & ((1 << bits) - 1),
+                                                     minlength=1 << bits) for k in keys])
+                assert torch.equal(per[:, row].cpu(), expect) and int(expect.sum()) > 0, (shift, prefixes)
+                assert torch.equal(hist[row].cpu(), expect.sum(0))
+
+
 def test_tile_layout_and_write_band_arguments(device):
     from allo_kernels.multi_tensor import tile_layout
 
