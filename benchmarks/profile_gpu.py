@@ -104,10 +104,12 @@ def profile_select(sweep):
     edge = rb.nonfinite_edge(key32, kdt)
     n = sum(s.numel() for s in scores.values())
     k = int(0.1 * n + 0.5)
-    report("select sample + windows", lambda: sampling.windows(rb, src, [k], n, key32=key32, edge=edge))
-    shift, lows, bits = sampling.windows(rb, src, [k], n, key32=key32, edge=edge)
+    import allo_kernels.radix_window as rw
+
+    report("select sample + windows", lambda: sampling.windows(rw, src, [k], n, key32=key32, edge=edge))
+    shift, lows, bits = sampling.windows(rw, src, [k], n, key32=key32, edge=edge)
     print(f"select windows: shift {shift}, lows {lows}, bits {bits}", flush=True)
-    report("select window pass", lambda: rb.window_histogram(src, shift, lows, bits, key32=key32, edge=edge,
+    report("select window pass", lambda: rw.window_histogram(src, shift, lows, bits, key32=key32, edge=edge,
                                                              per_tensor=shift == 0))
     if not sweep:
         return

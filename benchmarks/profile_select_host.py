@@ -28,6 +28,7 @@ import _harness as H  # noqa: E402
 import torch  # noqa: E402
 
 import allo_kernels.radix_blocked as rb  # noqa: E402
+import allo_kernels.radix_window as rw  # noqa: E402
 from allo.select.topk import key_domain, plan, write_masks  # noqa: E402
 from bench_select import llama1b_shapes, make_scores  # noqa: E402
 
@@ -68,10 +69,11 @@ def main():
     print(f"{len(scores)} tensors, {n} scores, ratio {args.ratio}: threshold key {hi.key}, "
           f"{hi.take}/{hi.n_eq} ties taken ({'a tensor is cut' if cut else 'no tensor cut'})")
 
-    kernels = {k: getattr(rb, k) for k in ("_blocked_hist_kernel", "_blocked_count_kernel", "_blocked_write_kernel",
-                                           "_blocked_sample_kernel", "_blocked_window_kernel")}
-    for k in kernels:
-        setattr(rb, k, _NoLaunch())
+    kernels = {(mod, k): getattr(mod, k) for mod, names in (
+        (rb, ("_blocked_hist_kernel", "_blocked_count_kernel", "_blocked_write_kernel")),
+        (rw, ("_blocked_sample_kernel", "_blocked_window_kernel"))) for k in names}
+    for mod, k in kernels:
+        setattr(mod, k, _NoLaunch())
     try:
         def write():
             return write_masks(scores, hi, ex, key32=key32, backend="triton", histogram="blocked")
@@ -92,8 +94,8 @@ def main():
         k = int(args.ratio * n + 0.5)
 
         def windowed():
-            shift, lows, bits = sampling.windows(rb, prepared, [k], n, key32=key32, edge=edge)
-            rb.window_histogram(prepared, 0, [lows[0]], rb.WINDOW_BITS[key32], key32=key32, edge=edge,
+            shift, lows, bits = sampling.windows(rw, prepared, [k], n, key32=key32, edge=edge)
+            rw.window_histogram(prepared, 0, [lows[0]], rw.WINDOW_BITS[key32], key32=key32, edge=edge,
                                 per_tensor=True)
 
         for _ in range(3):
@@ -115,8 +117,8 @@ def main():
             pr.disable()
             pstats.Stats(pr).sort_stats("tottime").print_stats(15)
     finally:
-        for k, v in kernels.items():
-            setattr(rb, k, v)
+        for (mod, k), v in kernels.items():
+            setattr(mod, k, v)
 
 
 def _cumsum0(xs):

@@ -33,6 +33,7 @@ SCRIPT = textwrap.dedent('''
     import itertools
     import triton.language as tl
     from allo_kernels import radix_blocked as B
+    from allo_kernels import radix_window as W
 
     tab = {"table_ptr": "*i64", "tile_tensor_ptr": "*i32"}
     n = 0
@@ -53,12 +54,12 @@ SCRIPT = textwrap.dedent('''
                                                             "TWO": True, "POSITIVE": True, "PER_TENSOR": True}))
         window_sig = {**tab, "hist_ptr": "*i64", "counts_ptr": "*i64", "low0": "i32", "low1": "i32", "shift": "i32",
                       "edge": "i32", **{c: C for c in list(flags) + ["BITS", "TWO", "PER_TENSOR", "POSITIVE", "SHIFTED"]}}
-        variants += [(B._blocked_window_kernel, window_sig, {"BITS": b, "TWO": two, "PER_TENSOR": two, "POSITIVE": pos,
+        variants += [(W._blocked_window_kernel, window_sig, {"BITS": b, "TWO": two, "PER_TENSOR": two, "POSITIVE": pos,
                                                              "SHIFTED": b > 0 and not two})
-                     for b in (B.WINDOW_BITS[key32], 0) for two in (False, True) for pos in (False, True)]
-        variants.append((B._blocked_sample_kernel, {**tab, "keys_ptr": "*i32", "counts_ptr": "*i32", "seed": "i64",
+                     for b in (W.WINDOW_BITS[key32], 0) for two in (False, True) for pos in (False, True)]
+        variants.append((W._blocked_sample_kernel, {**tab, "keys_ptr": "*i32", "counts_ptr": "*i32", "seed": "i64",
                                                     **{c: C for c in list(flags) + ["SAMPLES"]}},
-                         {"SAMPLES": B.SAMPLES}))
+                         {"SAMPLES": W.SAMPLES}))
         variants.append((B._blocked_count_kernel, {**tab, "counts_ptr": "*i64", "key0": "i32", "key1": "i32",
                                                    **{c: C for c in flags}}, {}))
         write_sig = {**tab, "prefix_ptr": "*i64", "key_hi": "i32", "key_ex": "i32",
@@ -73,14 +74,14 @@ SCRIPT = textwrap.dedent('''
                                          constexprs={**flags, **extra, "ALIGNED": aligned, "BLOCK": block}),
                                target=GPUTarget("cuda", 90, 32))
             ptx = k.asm["ptx"]
-            if fn is B._blocked_hist_kernel or (fn is B._blocked_window_kernel and extra["BITS"]):
+            if fn is B._blocked_hist_kernel or (fn is W._blocked_window_kernel and extra["BITS"]):
                 # block-local: shared-memory atomics per element, global atomics only per bin
                 assert "atom.relaxed.sys.shared" in ptx or "atom.shared" in ptx, extra
                 assert "atom.global" in ptx, extra
-            if fn is B._blocked_window_kernel and not extra["BITS"]:
+            if fn is W._blocked_window_kernel and not extra["BITS"]:
                 # one-key windows: counted in registers, no histogram in the loop
                 assert "atom.shared" not in ptx and "atom.relaxed.sys.shared" not in ptx, extra
-            if fn is not B._blocked_sample_kernel:  # (the sample gathers single keys)
+            if fn is not W._blocked_sample_kernel:  # (the sample gathers single keys)
                 # aligned launches read the scores with 16-byte vector loads (else 2- or 4-byte ones)
                 assert ("ld.global.v4" in ptx) == aligned, (fn.__name__, extra, aligned)
             n += 1

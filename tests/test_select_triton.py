@@ -239,6 +239,7 @@ def test_blocked_histogram_levels(dtype, device, small_tiles):
 # ---- the sampled window pass (allo.select.sampling): the blocked variant's first pass ----
 
 from allo.select import sampling, topk  # noqa: E402
+from allo_kernels import radix_window as RW  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", DTYPES + ["diff"])
@@ -250,13 +251,13 @@ def test_blocked_sample_matches_reference(dtype, device, small_tiles):
         scores = [s for s in _hard_scores(dtype, device).values()]
     key32 = dtype != torch.bfloat16 and dtype != torch.float16
     for seed in (0, 12345):
-        keys, counts = RB.sample(scores, key32=key32, seed=seed)
-        ref_keys, ref_counts = RB.sample_reference(scores, key32=key32, seed=seed)
+        keys, counts = RW.sample(scores, key32=key32, seed=seed)
+        ref_keys, ref_counts = RW.sample_reference(scores, key32=key32, seed=seed)
         assert torch.equal(counts.cpu(), ref_counts) and int(counts.sum()) == sum(s.numel() for s in scores)
         assert torch.equal(keys.cpu(), ref_keys), seed
     # the strata cover a tile: over many seeds every element of a small tile gets sampled
     x = torch.arange(40, device=device).float()
-    seen = torch.cat([RB.sample([x], key32=True, seed=s)[0].cpu() for s in range(40)])
+    seen = torch.cat([RW.sample([x], key32=True, seed=s)[0].cpu() for s in range(40)])
     assert seen.unique().numel() == 40
 
 
@@ -277,7 +278,7 @@ def test_blocked_window_histogram(dtype, device, small_tiles):
     # windows above zero take the raw-bits path), a coarse one, one-key windows
     for shift, lows, bits in ((0, [one - 3, neg - 30], 5), (0, [one - 3, big - 1], 5), (3, [(one >> 3) - 1], 6),
                               (0, [one, 0], 0), (0, [one, big], 0)):
-        hist, per, above, bad = RB.window_histogram(scores, shift, lows, bits, key32=key32, edge=edge,
+        hist, per, above, bad = RW.window_histogram(scores, shift, lows, bits, key32=key32, edge=edge,
                                                     per_tensor=True)
         assert int(bad) == 0
         for row, low in enumerate(lows):
@@ -291,9 +292,9 @@ def test_blocked_window_histogram(dtype, device, small_tiles):
     bad_scores[0].view(-1)[7] = float("inf")
     bad_scores[1].view(-1)[9] = float("-inf")
     for lows in ([one], [0]):
-        _, per, _, bad = RB.window_histogram(bad_scores, 0, lows, 5, key32=key32, edge=edge)
+        _, per, _, bad = RW.window_histogram(bad_scores, 0, lows, 5, key32=key32, edge=edge)
         assert int(bad) == 2 and per is None, lows
-        _, _, _, bad = RB.window_histogram(bad_scores[1:], 0, lows, 0, key32=key32, edge=edge)
+        _, _, _, bad = RW.window_histogram(bad_scores[1:], 0, lows, 0, key32=key32, edge=edge)
         assert int(bad) == 1, lows
 
 
@@ -357,7 +358,7 @@ def test_windowed_plan_paths(device, small_tiles, window_spy, monkeypatch):
 def test_masks_allocated_during_the_first_pass(variant, device, small_tiles, monkeypatch):
     # band_masks allocates the masks while the GPU runs the search's first pass, and writes into those
     events, made = [], []
-    new_masks, write_band, window, reduced = topk._new_masks, RB.write_band, RB.window_histogram, topk._reduced
+    new_masks, write_band, window, reduced = topk._new_masks, RB.write_band, RW.window_histogram, topk._reduced
 
     def spy_new(srcs):
         events.append("alloc")
@@ -366,7 +367,7 @@ def test_masks_allocated_during_the_first_pass(variant, device, small_tiles, mon
 
     monkeypatch.setattr(topk, "_new_masks", spy_new)
     monkeypatch.setattr(RB, "write_band", lambda *a, **k: events.append("write") or write_band(*a, **k))
-    monkeypatch.setattr(RB, "window_histogram", lambda *a, **k: events.append("window") or window(*a, **k))
+    monkeypatch.setattr(RW, "window_histogram", lambda *a, **k: events.append("window") or window(*a, **k))
     # _reduced reads a pass's histogram back (the search waits for the GPU there)
     monkeypatch.setattr(topk, "_reduced", lambda *a, **k: events.append("wait") or reduced(*a, **k))
     scores = _hard_scores(torch.bfloat16, device)

@@ -7,7 +7,7 @@ for prefix passes. The result is exact either way: the pass counts the keys abov
 it, and when the k-th largest key is not inside (the sample misled us, about one time in 10^9 at
 ``Z = 6``), the search starts over from the top digit.
 
-The sample: :func:`allo_kernels.radix_blocked.sample` takes ``SAMPLES`` keys per tile, one from each
+The sample: :func:`allo_kernels.radix_window.sample` takes ``SAMPLES`` keys per tile, one from each
 of ``SAMPLES`` equal strata, each standing for ``tile count / SAMPLES`` elements (tiles at the end of a
 tensor are short, so samples are weighted). The number of elements at or above the ``i``-th largest
 sample key is estimated by the cumulative weight ``c_i``; its standard deviation is at most
@@ -35,8 +35,8 @@ def window_shift(upper: int, lower: int, bits: int) -> int:
 
 def windows(ops, sources, ks, n: int, *, key32: bool, edge: int, gather=None):
     """Windows for the boundaries ``ks`` (each ``1 <= k <= n``) over ``sources`` (a prepared
-    :class:`allo_kernels.radix_blocked.Sources`). Returns ``(shift, lows, bits)`` for
-    :func:`allo_kernels.radix_blocked.window_histogram`: boundary ``i``'s window holds the keys with
+    :class:`allo_kernels.radix_blocked.Sources`), sampled by ``ops`` (:mod:`allo_kernels.radix_window`). Returns ``(shift, lows, bits)`` for
+    :func:`allo_kernels.radix_window.window_histogram`: boundary ``i``'s window holds the keys with
     ``key >> shift`` in ``[lows[i], lows[i] + 2**bits)``; ``bits == 0`` when every window is one key.
     ``gather(t)``: the concatenation of ``t`` over ranks (under torch.distributed), so that every rank
     derives the same windows from the same sample. One synchronization."""

@@ -168,6 +168,9 @@ class _SearchBlocked:
         self.digits = ops.digits(key32)
         self.edge = ops.nonfinite_edge(key32, dtype)
         self.num_sources = len(sources)
+        from allo_kernels import radix_window  # the sampled start: sample and window pass
+
+        self.window_ops = radix_window
 
     def _per_tensor(self, per_tensor, bits):
         # per-tensor rows in the last pass give each tensor's tie count without a counting pass
@@ -184,7 +187,7 @@ class _SearchBlocked:
     def window_histogram(self, shift, lows, bits):
         # the exact key comes out of this pass when shift == 0: keep per-tensor rows for its ties then
         per_tensor = self._per_tensor(shift == 0, bits)
-        return self.ops.window_histogram(self.sources, shift, lows, bits, key32=self.key32, edge=self.edge,
+        return self.window_ops.window_histogram(self.sources, shift, lows, bits, key32=self.key32, edge=self.edge,
                                          per_tensor=per_tensor)
 
     def nonfinite(self, hist0, bad):
@@ -295,7 +298,7 @@ def _plan_windowed(search, todo, n, sources, group, what, overlap=None) -> bool:
     window, then prefix passes over the bits the window left (none when its bins are single keys).
     False when some boundary's k-th element is outside its window: the caller starts over."""
     gather = None if group is None else (lambda t: _all_gather_cat(t, group))
-    shift, lows, bits = sampling.windows(search.ops, search.sources, [bd.k for bd in todo], n, key32=search.key32,
+    shift, lows, bits = sampling.windows(search.window_ops, search.sources, [bd.k for bd in todo], n, key32=search.key32,
                                          edge=search.edge, gather=gather)
     windows = sorted(set(lows))
     hist, per, above, bad = search.window_histogram(shift, windows, bits)

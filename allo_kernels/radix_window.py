@@ -1,0 +1,223 @@
+"""The sampled start of the blocked selection (Triton): a weighted sample of the keys, and one pass
+over the window where the sample puts each threshold.
+
+A sample of ``SAMPLES`` keys per tile (:func:`sample`; :mod:`allo.select.sampling` turns it into
+windows) puts each threshold in a window of ``2**WINDOW_BITS`` values of ``key >> shift``; one pass
+(:func:`window_histogram`) counts the keys above the window and histograms those inside (few: the window holds ~0.5% of them, so the
+shared-memory atomics of ``tl.histogram`` are rare). For 16-bit keys on a large model the window is
+usually single keys (``shift`` 0): that one pass finds the exact threshold, where the radix passes
+take three; float32 keys leave ~12 bits, two prefix passes. A window of one key (a huge group of
+equal scores) is counted in registers, without a histogram. A window above zero (the usual case:
+scores are magnitudes) compares the scores' raw bits, which order every key that can reach it, and
+skips the key transform and the lane mask: the 973M-score passes measured ~3.5x the time it takes to
+read the scores, so a pass is taken to be bound by integer instructions per element. In the sm_90
+PTX of the loop (8 elements per thread): 108 instructions for the window pass, against 124 and 164
+for the radix passes (static counts, the rare atomic path included). Predicted, not yet measured on
+a GPU. Tried and dropped before any GPU measurement: global atomics for the in-window keys (Triton
+moves the scattered pointers through shared memory into another layout: four barriers per step,
+against three for ``tl.histogram``).
+
+The kernels use the launch tables, tiles and step helpers of :mod:`allo_kernels.radix_blocked`
+(read through the module, so that tests shrinking its ``TILE`` reach these launches too).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import radix_blocked as rb
+from .radix_blocked import _row, _step_scores
+from .radix_select import _keys, _operands
+
+SAMPLES = 16  # keys sampled per tile for the window pass (one per 2048 elements of a full tile)
+WINDOW_BITS = {False: 5, True: 6}  # bins of the window pass: 32 for 16-bit keys, 64 for 32-bit ones
+
+
+@triton.jit
+def _blocked_sample_kernel(table_ptr, tile_tensor_ptr, keys_ptr, counts_ptr, seed, X_T: tl.constexpr,
+                           Y_T: tl.constexpr, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr,
+                           Y_BF16: tl.constexpr, ALIGNED: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
+                           SAMPLES: tl.constexpr):
+    # SAMPLES keys per tile, one from each of SAMPLES equal strata at a hashed offset (a fixed stride
+    # would keep hitting the same columns of a weight matrix), and the tile's element count, which
+    # is the weight of its samples
+    row, x, y, n, start, count, full = _row(table_ptr, tile_tensor_ptr, X_T, Y_T, ALIGNED, TILE, BLOCK)
+    p = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, SAMPLES).to(tl.int64)
+    lo = j * count // SAMPLES
+    width = tl.maximum((j + 1) * count // SAMPLES - lo, 1)
+    h = (p * SAMPLES + j + seed) * 0x9E3779B1  # < 2**63 for any realistic tile index
+    h = (h ^ (h >> 15)) & 0x7FFFFFFF
+    offs = start + tl.minimum(lo + h % width, count - 1)
+    key = _keys(x, y, offs, tl.full([SAMPLES], 1, tl.int1), IS_DIFF, KEY32, X_BF16, Y_BF16)
+    tl.store(keys_ptr + p * SAMPLES + tl.arange(0, SAMPLES), key)
+    tl.store(counts_ptr + p, count.to(tl.int32))
+
+
+@triton.jit
+def _window_step(x, y, base, n, h0, h1, acc0, acc1, low0, low1, shift, edge, IS_DIFF: tl.constexpr,
+                 KEY32: tl.constexpr, X_BF16: tl.constexpr, Y_BF16: tl.constexpr, BINS: tl.constexpr,
+                 TWO: tl.constexpr, POSITIVE: tl.constexpr, SHIFTED: tl.constexpr, MASKED: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    _, _, m, key = _step_scores(x, y, base, n, IS_DIFF, KEY32, X_BF16, Y_BF16, POSITIVE, MASKED, BLOCK)
+    if SHIFTED:
+        high = key >> shift
+    else:
+        high = key
+    # (per lane, packed 8-bit counters: a lane sees at most TILE / BLOCK + 1 keys) above the window,
+    # and for one-key windows in it; compared with the window's ends, not subtracted from them:
+    # high - low overflows int32 for distant keys
+    h0, acc0 = _window_count(high, m, low0, h0, acc0, BINS, POSITIVE)
+    if TWO:
+        h1, acc1 = _window_count(high, m, low1, h1, acc1, BINS, POSITIVE)
+    # non-finite scores: the magnitude bits of the raw bits (the caller keeps their maximum and tests
+    # it against edge); the general path's keys are not raw bits, so it tests them itself
+    if POSITIVE:
+        if KEY32:
+            mag = key & 0x7FFFFFFF
+        else:
+            mag = key & 0x7FFF
+    else:
+        mag = tl.where(m & ((key >= edge) | (key < -edge)), edge, 0)
+    return h0, h1, acc0, acc1, mag
+
+
+@triton.jit
+def _window_count(high, m, low, h, acc, BINS: tl.constexpr, POSITIVE: tl.constexpr):
+    if BINS == 1:
+        return h, acc + (m & (high > low)).to(tl.int32) + ((m & (high == low)).to(tl.int32) << 8)
+    acc += (m & (high >= low + BINS)).to(tl.int32)
+    if POSITIVE:
+        # high - low wraps around only for raw bits far below the window (low > 0): still not in it
+        d = high - low
+        w = d.to(tl.uint32, bitcast=True) < BINS
+    else:
+        w = m & (high >= low) & (high < low + BINS)
+        d = tl.where(w, high - low, 0)
+    return h + tl.histogram(d, BINS, mask=w), acc
+
+
+@triton.jit
+def _window_flush(out, h, acc, counter_ptr, BINS: tl.constexpr):
+    above = tl.sum(acc & 0xFF, axis=0).to(tl.int64)
+    if BINS == 1:
+        h = tl.zeros([1], dtype=tl.int32) + tl.sum((acc >> 8) & 0xFF, axis=0)  # a one-key window: its count
+    tl.atomic_add(out + tl.arange(0, BINS), h.to(tl.int64), mask=h > 0, sem="relaxed")
+    tl.atomic_add(counter_ptr, above, mask=above > 0, sem="relaxed")
+
+
+@triton.jit
+def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, low0, low1, shift, edge,
+                           X_T: tl.constexpr, Y_T: tl.constexpr, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
+                           X_BF16: tl.constexpr, Y_BF16: tl.constexpr, BITS: tl.constexpr, TWO: tl.constexpr,
+                           POSITIVE: tl.constexpr, SHIFTED: tl.constexpr, PER_TENSOR: tl.constexpr,
+                           ALIGNED: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """Per window (one or two): the keys with ``key >> shift`` in ``[low, low + BINS)`` by bin, and how
+    many are above the window; also whether the tile holds a non-finite score. ``counts_ptr``:
+    [above0, above1, tiles with a non-finite score]. ``BITS == 0``: one-key windows (``shift`` 0),
+    counted without a histogram (a huge group of equal scores costs nothing extra). ``POSITIVE``:
+    both windows start above zero (``low > 0``)."""
+    row, x, y, n, start, count, full = _row(table_ptr, tile_tensor_ptr, X_T, Y_T, ALIGNED, TILE, BLOCK)
+    BINS: tl.constexpr = 1 << BITS
+    h0 = tl.zeros([BINS], dtype=tl.int32)
+    h1 = tl.zeros([BINS], dtype=tl.int32)
+    acc0 = tl.zeros([BLOCK], dtype=tl.int32)
+    acc1 = tl.zeros([BLOCK], dtype=tl.int32)
+    big = tl.zeros([BLOCK], dtype=tl.int32)
+    for off in range(0, full, BLOCK):
+        h0, h1, acc0, acc1, mag = _window_step(x, y, start + off, n, h0, h1, acc0, acc1, low0, low1, shift, edge,
+                                               IS_DIFF, KEY32, X_BF16, Y_BF16, BINS, TWO, POSITIVE, SHIFTED, False,
+                                               BLOCK)
+        big = tl.maximum(big, mag)
+    if full < count:
+        h0, h1, acc0, acc1, mag = _window_step(x, y, start + full, n, h0, h1, acc0, acc1, low0, low1, shift, edge,
+                                               IS_DIFF, KEY32, X_BF16, Y_BF16, BINS, TWO, POSITIVE, SHIFTED, True,
+                                               BLOCK)
+        big = tl.maximum(big, mag)
+    if PER_TENSOR:
+        out = hist_ptr + tl.load(row + 4) * (2 * BINS)
+    else:
+        out = hist_ptr
+    _window_flush(out, h0, acc0, counts_ptr, BINS)
+    if TWO:
+        _window_flush(out + BINS, h1, acc1, counts_ptr + 1, BINS)
+    bad = (tl.max(big, axis=0) >= edge).to(tl.int64)
+    tl.atomic_add(counts_ptr + 2, bad, mask=bad > 0, sem="relaxed")
+
+
+def sample(sources, *, key32: bool, seed: int = 0):
+    """``SAMPLES`` keys from every tile of every source (int32 [tiles x SAMPLES], on the scores'
+    device, tiles in launch order) and each tile's element count (int32 [tiles]): a sample's weight
+    is its tile's count / SAMPLES. No synchronization."""
+    src = rb._prepared(sources)
+    layouts = [(key, rb._layout(src, members)) for key, members in src.groups().items()]
+    ntiles = sum(lay[1].numel() for _, lay in layouts)
+    keys = torch.empty(ntiles * SAMPLES, dtype=torch.int32, device=src.device)
+    counts = torch.empty(ntiles, dtype=torch.int32, device=src.device)
+    t = 0
+    for key, layout in layouts:
+        rb._run(_blocked_sample_kernel, key, layout, (keys[t * SAMPLES:], counts[t:], int(seed)), KEY32=key32,
+             SAMPLES=SAMPLES)
+        t += layout[1].numel()
+    return keys, counts
+
+
+def sample_reference(sources, *, key32: bool, seed: int = 0):
+    """Plain-PyTorch :func:`sample` of a list of sources (same offsets, same order), for tests."""
+    from .radix_select import keys_torch
+
+    keys, counts = [], []
+    for _, members in rb.Sources(sources).groups().items():
+        p = 0  # the hash takes the program id, which restarts with every launch
+        for i in members:
+            flat = _flat_scores(sources[i])
+            n = flat.numel()
+            for start in range(0, n, rb.TILE):
+                count = min(n - start, rb.TILE)
+                j = torch.arange(SAMPLES, dtype=torch.int64)
+                lo = j * count // SAMPLES
+                width = torch.clamp((j + 1) * count // SAMPLES - lo, min=1)
+                h = (p * SAMPLES + j + seed) * 0x9E3779B1
+                h = (h ^ (h >> 15)) & 0x7FFFFFFF
+                offs = start + torch.minimum(lo + h % width, torch.tensor(count - 1))
+                keys.append(keys_torch(flat[offs.to(flat.device)], key32).cpu())
+                counts.append(count)
+                p += 1
+    out_keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int32)
+    return out_keys.to(torch.int32), torch.tensor(counts, dtype=torch.int32)
+
+
+def _flat_scores(s):
+    # the scores of a source as one flat float tensor (|a - b| in float32 for an AbsDiff)
+    x, y, diff = _operands(s)
+    return (x.float() - y.float()).abs().reshape(-1) if diff else x.reshape(-1)
+
+
+def window_histogram(sources, shift: int, lows, bits: int, *, key32: bool, edge: int, per_tensor: bool = False):
+    """The window pass: for each of the one or two windows ``low`` (keys with ``key >> shift`` in
+    ``[low, low + 2**bits)``), the histogram of ``(key >> shift) - low``, and the number of keys above
+    the window; also the number of non-finite scores (keys beyond ``edge``).
+
+    Returns ``(hist [len(lows), bins] int64, per [sources, len(lows), bins] or None, above [len(lows)]
+    int64, nonfinite [1] int64: tiles holding a non-finite score)`` on the scores' device; ``per`` when
+    ``per_tensor``."""
+    if not 1 <= len(lows) <= 2:
+        raise ValueError(f"radix_blocked.window_histogram: {len(lows)} windows; expected 1 or 2")
+    src = rb._prepared(sources)
+    bins = 1 << bits
+    block = rb.hist_block(bits)
+    assert rb.TILE // block < 255, (rb.TILE, block)  # the kernel's 8-bit per-lane counters
+    rows = len(src) if per_tensor else 1
+    # histograms and the three counters zeroed in one buffer (one fill)
+    zeroed = torch.zeros(rows * 2 * bins + 3, dtype=torch.int64, device=src.device)
+    buf, counters = zeroed[:-3].view(rows, 2, bins), zeroed[-3:]
+    lo0, lo1 = int(lows[0]), int(lows[-1])
+    for key, members in src.groups().items():
+        rb._run(_blocked_window_kernel, key, rb._layout(src, members), (buf, counters, lo0, lo1, int(shift), int(edge)),
+             block=block, KEY32=key32, BITS=bits, TWO=len(lows) == 2, POSITIVE=min(lo0, lo1) > 0,
+             SHIFTED=shift > 0, PER_TENSOR=per_tensor)
+    per = buf[:, :len(lows)]
+    hist = per.sum(0) if per_tensor else per[0]
+    return hist, (per if per_tensor else None), counters[:len(lows)], counters[2:]
