@@ -1,8 +1,9 @@
 """The sampled start of the blocked selection (Triton): a weighted sample of the keys, and one pass
 over the window where the sample puts each threshold.
 
-A sample of ``SAMPLES`` keys per tile (:func:`sample`; :mod:`allo.select.sampling` turns it into
-windows) puts each threshold in a window of ``2**WINDOW_BITS`` values of ``key >> shift``; one pass
+A sample of ``SAMPLES`` keys per tile (:func:`sample`: added straight into a weighted 65536-bin
+histogram, 0.5 MB, where a sorted sample of 973M scores took 21 MB; :mod:`allo.select.sampling` turns
+it into windows) puts each threshold in a window of ``2**WINDOW_BITS`` values of ``key >> shift``; one pass
 (:func:`window_histogram`) counts the keys above the window and histograms those inside (few: the window holds ~0.5% of them, so the
 shared-memory atomics of ``tl.histogram`` are rare). For 16-bit keys on a large model the window is
 usually single keys (``shift`` 0): that one pass finds the exact threshold, where the radix passes
@@ -36,13 +37,15 @@ WINDOW_BITS = {False: 5, True: 6}  # bins of the window pass: 32 for 16-bit keys
 
 
 @triton.jit
-def _blocked_sample_kernel(table_ptr, tile_tensor_ptr, keys_ptr, counts_ptr, seed, X_T: tl.constexpr,
+def _blocked_sample_kernel(table_ptr, tile_tensor_ptr, hist_ptr, high0, high1, seed, X_T: tl.constexpr,
                            Y_T: tl.constexpr, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr,
-                           Y_BF16: tl.constexpr, ALIGNED: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
-                           SAMPLES: tl.constexpr):
-    # SAMPLES keys per tile, one from each of SAMPLES equal strata at a hashed offset (a fixed stride
-    # would keep hitting the same columns of a weight matrix), and the tile's element count, which
-    # is the weight of its samples
+                           Y_BF16: tl.constexpr, LOW: tl.constexpr, ALIGNED: tl.constexpr, TILE: tl.constexpr,
+                           BLOCK: tl.constexpr, SAMPLES: tl.constexpr):
+    """SAMPLES keys per tile, one from each of SAMPLES equal strata at a hashed offset (a fixed stride
+    would keep hitting the same columns of a weight matrix), added to a 65536-bin histogram with the
+    tile's element count as weight (SAMPLES times what a sample stands for: integers, so the sums are
+    exact in any order). ``LOW``: the low 16 bits of the 32-bit keys whose high half is ``high0``
+    (row 0) or ``high1`` (row 1); else the 16-bit key, or the high half of a 32-bit one, plus 32768."""
     row, x, y, n, start, count, full = _row(table_ptr, tile_tensor_ptr, X_T, Y_T, ALIGNED, TILE, BLOCK)
     p = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, SAMPLES).to(tl.int64)
@@ -52,8 +55,15 @@ def _blocked_sample_kernel(table_ptr, tile_tensor_ptr, keys_ptr, counts_ptr, see
     h = (h ^ (h >> 15)) & 0x7FFFFFFF
     offs = start + tl.minimum(lo + h % width, count - 1)
     key = _keys(x, y, offs, tl.full([SAMPLES], 1, tl.int1), IS_DIFF, KEY32, X_BF16, Y_BF16)
-    tl.store(keys_ptr + p * SAMPLES + tl.arange(0, SAMPLES), key)
-    tl.store(counts_ptr + p, count.to(tl.int32))
+    weight = tl.zeros([SAMPLES], dtype=tl.int64) + count
+    if LOW:
+        low = key & 0xFFFF
+        tl.atomic_add(hist_ptr + low, weight, mask=(key >> 16) == high0, sem="relaxed")
+        tl.atomic_add(hist_ptr + 65536 + low, weight, mask=(key >> 16) == high1, sem="relaxed")
+    else:
+        if KEY32:
+            key = key >> 16
+        tl.atomic_add(hist_ptr + key + 32768, weight, sem="relaxed")
 
 
 @triton.jit
@@ -147,28 +157,35 @@ def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, low
     tl.atomic_add(counts_ptr + 2, bad, mask=bad > 0, sem="relaxed")
 
 
-def sample(sources, *, key32: bool, seed: int = 0):
-    """``SAMPLES`` keys from every tile of every source (int32 [tiles x SAMPLES], on the scores'
-    device, tiles in launch order) and each tile's element count (int32 [tiles]): a sample's weight
-    is its tile's count / SAMPLES. No synchronization."""
+def sample(sources, *, key32: bool, seed: int = 0, highs=None):
+    """The weighted histogram of a sample of ``SAMPLES`` keys per tile of every source (int64 [65536] on
+    the scores' device; sums to ``SAMPLES`` x the number of elements): bin ``key + 32768`` for 16-bit
+    keys, ``(key >> 16) + 32768`` for 32-bit ones. ``highs=(h0, h1)`` (32-bit keys): the same sample's
+    low halves instead, [2, 65536], row ``i`` over the keys whose high half is ``h_i``. The same
+    ``seed`` draws the same elements. No synchronization; 0.5 MB (1 MB) whatever the model size."""
     src = rb._prepared(sources)
-    layouts = [(key, rb._layout(src, members)) for key, members in src.groups().items()]
-    ntiles = sum(lay[1].numel() for _, lay in layouts)
-    keys = torch.empty(ntiles * SAMPLES, dtype=torch.int32, device=src.device)
-    counts = torch.empty(ntiles, dtype=torch.int32, device=src.device)
-    t = 0
-    for key, layout in layouts:
-        rb._run(_blocked_sample_kernel, key, layout, (keys[t * SAMPLES:], counts[t:], int(seed)), KEY32=key32,
-             SAMPLES=SAMPLES)
-        t += layout[1].numel()
-    return keys, counts
+    low = highs is not None
+    if low and not key32:
+        raise ValueError("radix_window.sample: highs= is for 32-bit keys only")
+    hist = torch.zeros((2, 65536) if low else 65536, dtype=torch.int64, device=src.device)
+    h0, h1 = (int(highs[0]), int(highs[-1])) if low else (0, 0)
+    for key, members in src.groups().items():
+        rb._run(_blocked_sample_kernel, key, rb._layout(src, members), (hist, h0, h1, int(seed)), KEY32=key32,
+                LOW=low, SAMPLES=SAMPLES)
+    return hist
 
 
-def sample_reference(sources, *, key32: bool, seed: int = 0):
-    """Plain-PyTorch :func:`sample` of a list of sources (same offsets, same order), for tests."""
+def sample_weight_max() -> float:
+    """The most elements one sample stands for (a full tile's)."""
+    return rb.TILE / SAMPLES
+
+
+def sample_reference(sources, *, key32: bool, seed: int = 0, highs=None):
+    """Plain-PyTorch :func:`sample` of a list of sources (the same elements, the same histogram), for
+    tests; also returns the sampled keys and their weights."""
     from .radix_select import keys_torch
 
-    keys, counts = [], []
+    keys, weights = [], []
     for _, members in rb.Sources(sources).groups().items():
         p = 0  # the hash takes the program id, which restarts with every launch
         for i in members:
@@ -182,11 +199,17 @@ def sample_reference(sources, *, key32: bool, seed: int = 0):
                 h = (p * SAMPLES + j + seed) * 0x9E3779B1
                 h = (h ^ (h >> 15)) & 0x7FFFFFFF
                 offs = start + torch.minimum(lo + h % width, torch.tensor(count - 1))
-                keys.append(keys_torch(flat[offs.to(flat.device)], key32).cpu())
-                counts.append(count)
+                keys.append(keys_torch(flat[offs.to(flat.device)], key32).cpu().long())
+                weights.append(torch.full((SAMPLES,), count, dtype=torch.int64))
                 p += 1
-    out_keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int32)
-    return out_keys.to(torch.int32), torch.tensor(counts, dtype=torch.int32)
+    keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64)
+    weights = torch.cat(weights) if weights else torch.zeros(0, dtype=torch.int64)
+    if highs is None:
+        hist = torch.bincount((keys >> 16 if key32 else keys) + 32768, weights=weights.double(), minlength=65536)
+    else:
+        hist = torch.stack([torch.bincount(keys & 0xFFFF, weights=(weights * ((keys >> 16) == h)).double(),
+                                           minlength=65536) for h in (highs[0], highs[-1])])
+    return hist.long(), keys, weights
 
 
 def _flat_scores(s):

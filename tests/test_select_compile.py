@@ -57,9 +57,10 @@ SCRIPT = textwrap.dedent('''
         variants += [(W._blocked_window_kernel, window_sig, {"BITS": b, "TWO": two, "PER_TENSOR": two, "POSITIVE": pos,
                                                              "SHIFTED": b > 0 and not two})
                      for b in (W.WINDOW_BITS[key32], 0) for two in (False, True) for pos in (False, True)]
-        variants.append((W._blocked_sample_kernel, {**tab, "keys_ptr": "*i32", "counts_ptr": "*i32", "seed": "i64",
-                                                    **{c: C for c in list(flags) + ["SAMPLES"]}},
-                         {"SAMPLES": W.SAMPLES}))
+        sample_sig = {**tab, "hist_ptr": "*i64", "high0": "i32", "high1": "i32", "seed": "i64",
+                      **{c: C for c in list(flags) + ["LOW", "SAMPLES"]}}
+        variants += [(W._blocked_sample_kernel, sample_sig, {"LOW": low, "SAMPLES": W.SAMPLES})
+                     for low in ((False, True) if key32 else (False,))]
         variants.append((B._blocked_count_kernel, {**tab, "counts_ptr": "*i64", "key0": "i32", "key1": "i32",
                                                    **{c: C for c in flags}}, {}))
         write_sig = {**tab, "prefix_ptr": "*i64", "key_hi": "i32", "key_ex": "i32",
@@ -94,8 +95,8 @@ def test_kernels_compile_for_sm90():
 
     proc = compile_in_subprocess(SCRIPT)
     # every variant the script builds: per dtype group, 2 histogram kernels per digit and one more prefix pass,
-    # 8 window kernels, the sample kernel, the count kernel and 8 write kernels; the bf16 group twice (aligned
-    # and not); groups with 32-bit keys: 4, with 16-bit keys: 2
-    per_group = {key32: 2 * len(B.digits(key32)) + 19 for key32 in (True, False)}
+    # 8 window kernels, the sample kernel (twice for 32-bit keys: high and low halves), the count kernel and 8
+    # write kernels; the bf16 group twice (aligned and not); groups with 32-bit keys: 4, with 16-bit keys: 2
+    per_group = {key32: 2 * len(B.digits(key32)) + 19 + key32 for key32 in (True, False)}
     expected = 3 * per_group[True] + 2 * per_group[False] + per_group[False]
     assert proc.returncode == 0 and f"compiled {expected}" in proc.stdout, proc.stderr[-3000:] + proc.stdout[-500:]

@@ -297,9 +297,9 @@ def _plan_windowed(search, todo, n, sources, group, what, overlap=None) -> bool:
     """The blocked search from a sample (:mod:`allo.select.sampling`): one pass over each boundary's
     window, then prefix passes over the bits the window left (none when its bins are single keys).
     False when some boundary's k-th element is outside its window: the caller starts over."""
-    gather = None if group is None else (lambda t: _all_gather_cat(t, group))
+    reduce = None if group is None else (lambda t: _all_reduce(t, group))  # every rank gets the same windows
     shift, lows, bits = sampling.windows(search.window_ops, search.sources, [bd.k for bd in todo], n, key32=search.key32,
-                                         edge=search.edge, gather=gather)
+                                         edge=search.edge, reduce=reduce)
     windows = sorted(set(lows))
     hist, per, above, bad = search.window_histogram(shift, windows, bits)
     if overlap is not None:
@@ -332,21 +332,6 @@ def _digits_of(bits: int, widest: int = 6) -> list:
     count = -(-bits // widest)
     sizes = [bits // count + (i < bits % count) for i in range(count)] if count else []
     return [(sum(sizes[i + 1:]), b) for i, b in enumerate(sizes)]
-
-
-def _all_gather_cat(t, group):
-    """``t`` (first dimension may differ per rank) concatenated over the ranks of ``group``, in rank order."""
-    world = torch.distributed.get_world_size(group)
-    device = _reduce_device(t, group)
-    local = t.to(device)
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    torch.distributed.all_gather(sizes, torch.tensor([local.shape[0]], dtype=torch.int64, device=device), group=group)
-    sizes = [int(x) for x in sizes]
-    padded = local.new_zeros((max(sizes),) + tuple(local.shape[1:]))
-    padded[:local.shape[0]] = local
-    out = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(out, padded, group=group)
-    return torch.cat([o[:size] for o, size in zip(out, sizes)]).to(t.device)
 
 
 def _tie_starts(counts: dict, group):
