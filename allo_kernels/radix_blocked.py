@@ -103,29 +103,23 @@ def _step_keys(x, y, base, n, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16
 
 
 @triton.jit
-def _step_bits(x, y, base, n, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr,
-               Y_BF16: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
-    """:func:`_step_keys` for passes whose boundaries are all above zero: the scores' raw bits, which
-    order every key above zero like the keys do, while negative scores, zeros and masked lanes (read
-    as 0) have bits <= 0, below any such boundary either way. This saves the key transform and the
-    lane mask in the comparisons (``valid`` is all true): a pass over 973M scores measured ~3.5x the
-    time it takes to read them (H100, 2026-11-26), so passes are taken to be bound by integer
-    instructions per element."""
-    offs = base + tl.arange(0, BLOCK)
-    if MASKED:
-        m = offs < n
-    else:
-        m = tl.full([BLOCK], 1, tl.int1)
-    return offs, m, tl.full([BLOCK], 1, tl.int1), _bits(x, y, offs, m, IS_DIFF, KEY32, X_BF16, Y_BF16)
-
-
-@triton.jit
 def _step_scores(x, y, base, n, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr,
                  Y_BF16: tl.constexpr, POSITIVE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
-    """(offsets, lane mask, mask for the comparisons, keys or raw bits) of a step: raw bits when
-    ``POSITIVE`` (:func:`_step_bits`), keys otherwise."""
+    """(offsets, lane mask, mask for the comparisons, keys) of a step, as :func:`_step_keys` gives them,
+    or with ``POSITIVE`` (a pass whose boundaries are all above zero) the scores' raw bits: they order
+    every key above zero like the keys do, while negative scores, zeros and masked lanes (read as 0)
+    have bits <= 0, below any such boundary either way. That saves the key transform and the lane mask
+    in the comparisons (the mask for them is all true): a pass over 973M scores measured ~3.5x the
+    time it takes to read them (H100, 2026-11-26), so passes are taken to be bound by integer
+    instructions per element."""
     if POSITIVE:
-        offs, m, valid, key = _step_bits(x, y, base, n, IS_DIFF, KEY32, X_BF16, Y_BF16, MASKED, BLOCK)
+        offs = base + tl.arange(0, BLOCK)
+        if MASKED:
+            m = offs < n
+        else:
+            m = tl.full([BLOCK], 1, tl.int1)
+        key = _bits(x, y, offs, m, IS_DIFF, KEY32, X_BF16, Y_BF16)
+        valid = tl.full([BLOCK], 1, tl.int1)
     else:
         offs, m, key = _step_keys(x, y, base, n, IS_DIFF, KEY32, X_BF16, Y_BF16, MASKED, BLOCK)
         valid = m
@@ -137,7 +131,7 @@ def _hist_step(x, y, base, n, h0, h1, bad, prefix0, prefix1, edge, IS_DIFF: tl.c
                X_BF16: tl.constexpr, Y_BF16: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr,
                FIRST: tl.constexpr, TWO: tl.constexpr, POSITIVE: tl.constexpr, MASKED: tl.constexpr,
                BLOCK: tl.constexpr):
-    # POSITIVE (prefix passes whose prefixes are all above zero): raw bits, see _step_bits
+    # POSITIVE (prefix passes whose prefixes are all above zero): raw bits, see _step_scores
     _, m, valid, key = _step_scores(x, y, base, n, IS_DIFF, KEY32, X_BF16, Y_BF16, POSITIVE, MASKED, BLOCK)
     BINS: tl.constexpr = 1 << BITS
     if FIRST:

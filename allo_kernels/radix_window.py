@@ -30,7 +30,7 @@ import triton.language as tl
 
 from . import radix_blocked as rb
 from .radix_blocked import _row, _step_scores
-from .radix_select import _keys, _operands
+from .radix_select import _keys
 
 SAMPLES = 16  # keys sampled per tile for the window pass (one per 2048 elements of a full tile)
 WINDOW_BITS = {False: 5, True: 6}  # bins of the window pass: 32 for 16-bit keys, 64 for 32-bit ones
@@ -213,9 +213,8 @@ def sample_reference(sources, *, key32: bool, seed: int = 0, highs=None):
 
 
 def _flat_scores(s):
-    # the scores of a source as one flat float tensor (|a - b| in float32 for an AbsDiff)
-    x, y, diff = _operands(s)
-    return (x.float() - y.float()).abs().reshape(-1) if diff else x.reshape(-1)
+    # the scores of a source as one flat tensor (|a - b| in float32 for an AbsDiff, as the kernels compute it)
+    return s.flat_chunk(0, s.numel()) if hasattr(s, "a") else s.reshape(-1)
 
 
 def window_histogram(sources, shift: int, lows, bits: int, *, key32: bool, edge: int, per_tensor: bool = False):

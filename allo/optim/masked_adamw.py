@@ -415,21 +415,20 @@ class MaskedAdamW(Optimizer):
         self._stepped_without_state.clear()
         return loss
 
-    def _advance_steps(self, entries: list) -> list[int]:
-        """Add 1 to ``state["step"]`` of each ``(param, state)``; return the new counts as ints.
+    def _advance_steps(self, slots: np.ndarray) -> np.ndarray:
+        """Add 1 to the step counts at ``slots`` of ``_step_buf`` (from :meth:`_step_slots`); return the
+        new counts (int64).
 
         The counts stay 0-dim float32 CPU tensors, as in torch.optim.AdamW, but are views into one
         buffer (``_step_buf``), so this is one numpy operation rather than ~150 tensor ops (whose
-        dispatch cost more than the whole GPU update of a 10% row mask). A state whose ``step`` is
-        not (or no longer) such a view, e.g. new after :meth:`set_masks` or :meth:`load_state_dict`,
-        makes every state's count move into a new buffer first, values kept."""
-        idx = self._step_slots(entries)
-        self._step_np[idx] += 1
-        return [int(v) for v in self._step_np[idx].tolist()]
+        dispatch cost more than the whole GPU update of a 10% row mask)."""
+        self._step_np[slots] += 1
+        return self._step_np[slots].astype(np.int64)
 
     def _step_slots(self, entries: list) -> np.ndarray:
-        """Positions of the entries' step counts in ``_step_buf`` (moving every count into a new
-        buffer first if some state's count is not a view of it)."""
+        """Positions of the step counts of ``(param, state)`` entries in ``_step_buf``. A state whose
+        ``step`` is not (or no longer) a view of it, e.g. new after :meth:`set_masks` or
+        :meth:`load_state_dict`, makes every state's count move into a new buffer first, values kept."""
         slots = []
         for param, state in entries:
             slot = self._step_slot.get(param)
@@ -494,7 +493,8 @@ class MaskedAdamW(Optimizer):
         if not stepping:
             return
         # per-parameter host work is what a step of many small tensors costs: batch what can be batched
-        steps = self._advance_steps([(param, state) for param, _, state, _, _ in stepping])
+        slots = self._step_slots([(param, state) for param, _, state, _, _ in stepping])
+        steps = self._advance_steps(slots).tolist()
         # the kernels' scalars per stepping parameter, computed as the plan computes them
         table = scalar_table(steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, decay=decay)
         backends = {}
@@ -546,7 +546,6 @@ class MaskedAdamW(Optimizer):
             entries = [(param, state, compact, grad.dtype, p.data_ptr(),
                         (state["exp_avg"], state["exp_avg_sq"], state.get("indices"), state.get("master")))
                        for param, p, state, grad, compact in stepping]
-            slots = self._step_slots([(param, state) for param, _, state, _, _ in stepping])
             self._plans[gi] = StepPlan(self._plan_version, group["params"], entries, launches,
                                        [(d, pos) for d, pos in dense_positions.items()],
                                        (self._step_generation, slots), self.backend)

@@ -94,8 +94,7 @@ class StepPlan:
         if generation != opt._step_generation:
             slots = opt._step_slots([(e[0], e[1]) for e in self.entries])
             self.step_slots = (opt._step_generation, slots)
-        opt._step_np[slots] += 1
-        steps = opt._step_np[slots].astype(np.int64)
+        steps = opt._advance_steps(slots)
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
         wd = group["weight_decay"]
