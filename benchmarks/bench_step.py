@@ -20,9 +20,12 @@ weights, fp32 parameters, bf16 autocast, gradient checkpointing), 8 sequences x 
 ``--config tied-large-vocab`` (CPU): the GPU case's structure with a small trunk: vocab 128256, tied
 embeddings, hidden 256, 2 layers, bf16 autocast, gradient checkpointing, 4 x 128 tokens (2 x 64 with
 ``--quick``). ``--before`` adds ``allo_improve_before``: the improve step without
-``allo.optim.compact_embedding_grads`` and with autocast's weight-cast cache on (as it ran until
-2026-11-26), for a same-run comparison; it keeps the fused head's single chunk buffer (the old head
-held two chunks' logits at its peak, so the real earlier step peaked one chunk higher).
+``allo.optim.compact_embedding_grads`` and ``compact_row_grads`` (the input embedding's and the output
+layer's gradients go through dense ``[V, H]`` gradients) and with autocast's weight-cast cache on (as
+it ran until 2026-11-26), for a same-run comparison. It runs today's fused head, whose backward goes
+through row blocks and gives an fp32 weight its fp32 gradient directly (until 2026-11-27 the head also
+kept a bf16 copy of the weight and made a bf16 [V, H] gradient for autograd to cast, and held two
+chunks' logits at its peak): so the real earlier step peaked higher still.
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ class DenseDPO:
 class AlloImprove:
     """allo-train's improve step: cached reference log-probs, MaskedAdamW compact grads, fused log-probs."""
 
-    def __init__(self, model, batch, *, beta, eps, ratio, autocast, checkpointing, seed=0, route_embedding=True,
+    def __init__(self, model, batch, *, beta, eps, ratio, autocast, checkpointing, seed=0, route_grads=True,
                  autocast_weight_cache=False):
         from allo.losses import improve_loss
         from allo.optim import MaskedAdamW, compact_embedding_grads
@@ -143,9 +146,10 @@ class AlloImprove:
         self.opt = MaskedAdamW([(n, p) for n, p in named if p.requires_grad], lr=5e-6, weight_decay=0.0,
                                masks={n: masks[n] for n, p in named if p.requires_grad}, compact_grads=True)
         del masks, sel
-        if route_embedding:  # as allo-train does: no dense [V, H] gradient from the input embedding
-            compact_embedding_grads(model.get_input_embeddings(), self.opt)
         self.scorer = TokenLogprobs(model, autocast_weight_cache=autocast_weight_cache)
+        if route_grads:  # as allo-train does: no dense [V, H] gradient from the embedding or the output layer
+            compact_embedding_grads(model.get_input_embeddings(), self.opt)
+            self.scorer.route_head_grads(self.opt)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ids, attn, labels = batch
@@ -177,8 +181,8 @@ def main():
                        help="tied-large-vocab: the GPU step's structure on the CPU (vocab 128256, tied "
                             "embeddings, bf16 autocast, gradient checkpointing) with a small trunk")
         p.add_argument("--before", action="store_true",
-                       help="also run allo_improve_before: the step as it was before the embedding's gradient "
-                            "was routed into the compact gradients and autocast's weight cache was turned off")
+                       help="also run allo_improve_before: the step without routing the embedding's and the "
+                            "output layer's gradients into the compact gradients, autocast's weight cache on")
 
     args = H.parse_args("ALLO improve step vs dense DPO step: time and peak memory", extra)
     device = torch.device(args.device)
@@ -215,7 +219,7 @@ def main():
         else:
             before = impl == "allo_improve_before"
             runner = AlloImprove(model, batch, beta=0.1, eps=0.1, ratio=args.ratio, autocast=autocast,
-                                 checkpointing=checkpointing, route_embedding=not before, autocast_weight_cache=before)
+                                 checkpointing=checkpointing, route_grads=not before, autocast_weight_cache=before)
         row = H.measure(case, impl, runner.step, device=device, warmup=warmup, repeats=repeats)
         row["resident_bytes"] = runner.resident()
         row["total_peak_bytes"] = row["resident_bytes"] + (row.get("peak_bytes") or 0)

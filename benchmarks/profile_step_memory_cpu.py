@@ -9,7 +9,7 @@ third under a ``TorchDispatchMode`` that tracks every live storage, and prints w
 step's peak and at the forward's peak, grouped by the op that made it. With the real model shape and
 few tokens the parameter-sized parts (weight copies, [vocab, hidden] gradients) are as on the GPU,
 and the token-sized ones scale with the tokens (the GPU case: 8 x 512). ``--before``: the step without
-the session-4 memory fixes (embedding not routed, autocast weight-cast cache on).
+the memory fixes of 2026-11-26 and -27 (embedding and output-layer gradients not routed, autocast weight-cast cache on).
 
 Caveats: the tracker sees tensors made by dispatched ops only; and under it an in-place add of
 autograd's gradient buffers can happen out of place (its peak may then hold one [vocab, hidden]
@@ -111,7 +111,7 @@ def main():
 
     allo.select.select = random_selection  # what AlloImprove calls for its mask
     runner = B.AlloImprove(model, batch, beta=0.1, eps=0.1, ratio=0.1, autocast=autocast,
-                           checkpointing=args.checkpointing, route_embedding=not args.before,
+                           checkpointing=args.checkpointing, route_grads=not args.before,
                            autocast_weight_cache=args.before)
     runner.step()  # warm-up: plans, caches
     print(f"{args.config}, {args.pairs * 2} x {args.seq} tokens, bf16 autocast {args.bf16}, checkpointing "

@@ -7,8 +7,11 @@
 //       decide whether backward may overwrite the logits with their gradient.
 //   allo::token_logprob_bwd(grad_logp, logits, labels, lse, ignore_index) -> grad_logits
 //       grad_logits[r, :] = g_r * (onehot(y_r) - softmax(logits[r, :])), 0 on ignored rows.
-//   allo::token_logprob_bwd_inplace(grad_logp, logits!, labels, lse, ignore_index) -> ()
-//       the same, written into the logits' own buffer.
+//   allo::token_logprob_bwd_inplace(grad_logp, logits!, labels, lse, ignore_index, vocab_start, vocab_size) -> ()
+//       the same, written into the logits' own buffer. The logits may be a slice of the vocabulary:
+//       columns [vocab_start, vocab_start + V) of rows over vocab_size entries (default: the whole
+//       rows), so a caller can go through a large vocabulary in slices (allo/ops/fused_linear.py);
+//       onehot(y_r) then lands in the slice only when y_r falls inside it.
 //
 // Forward reads each row once: blocks of kBlock elements are converted to fp32 (bf16/fp16), their
 // maximum found, and the running sum of exponentials rescaled only when the maximum grows (online
@@ -76,6 +79,14 @@ void check_backward_inputs(const at::Tensor& grad, const at::Tensor& logits, con
   TORCH_CHECK(grad.is_contiguous() && lse.is_contiguous(), op, ": grad_logp and lse must be contiguous");
   TORCH_CHECK(grad.device() == logits.device() && lse.device() == logits.device(), op,
               ": grad_logp, lse and logits must be on one device");
+}
+
+int64_t check_vocab_slice(int64_t vocab_start, int64_t vocab_size, int64_t V, const char* op) {
+  const int64_t full = vocab_size < 0 ? V : vocab_size;
+  TORCH_CHECK(vocab_start >= 0 && vocab_start + V <= full, op, ": the logits' ", V, " columns starting at vocab_start=",
+              vocab_start, " do not fit a vocabulary of vocab_size=", full,
+              "; pass the slice's first column and the full vocabulary size");
+  return full;
 }
 
 RowIndexer make_row_indexer(const at::Tensor& logits) {
@@ -285,7 +296,8 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignor
 
 template <typename scalar_t, typename acc_t>
 void backward_rows(const at::Tensor& logits, scalar_t* out_base, bool inplace, const acc_t* grad,
-                   const int64_t* labels, const acc_t* lse, int64_t ignore_index, int64_t rows) {
+                   const int64_t* labels, const acc_t* lse, int64_t ignore_index, int64_t rows,
+                   int64_t vocab_start, int64_t vocab_size) {
   constexpr bool kConvert = !std::is_same<scalar_t, acc_t>::value;
   const int64_t V = logits.size(-1);
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
@@ -301,10 +313,13 @@ void backward_rows(const at::Tensor& logits, scalar_t* out_base, bool inplace, c
         std::fill(out, out + V, scalar_t(0));
         continue;
       }
-      if (y < 0 || y >= V) bad_label("token_logprob_bwd", r, y, V, ignore_index);
+      if (y < 0 || y >= vocab_size) bad_label("token_logprob_bwd", r, y, vocab_size, ignore_index);
+      const int64_t local = y - vocab_start;  // the label's column in this slice, if it is in it
+      const bool in_slice = local >= 0 && local < V;
       const acc_t g = grad[r];
       const acc_t l = lse[r];
-      const acc_t p_label = std::exp(static_cast<acc_t>(row[y]) - l);  // read before an in-place write
+      // read before an in-place write
+      const acc_t p_label = in_slice ? std::exp(static_cast<acc_t>(row[local]) - l) : acc_t(0);
       for (int64_t b = 0; b < V; b += kBlock) {
         const int64_t n = std::min(kBlock, V - b);
         if constexpr (kConvert) {
@@ -315,7 +330,7 @@ void backward_rows(const at::Tensor& logits, scalar_t* out_base, bool inplace, c
           block_grad(inplace ? out + b : row + b, out + b, n, l, g);
         }
       }
-      out[y] = static_cast<scalar_t>(g - g * p_label);
+      if (in_slice) out[local] = static_cast<scalar_t>(g - g * p_label);
     }
   });
 }
@@ -338,13 +353,15 @@ std::tuple<at::Tensor, at::Tensor> token_logprob_fwd_cpu(const at::Tensor& logit
 }
 
 void run_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,
-                      const at::Tensor& lse, int64_t ignore_index, at::Tensor& out, bool inplace) {
+                      const at::Tensor& lse, int64_t ignore_index, at::Tensor& out, bool inplace,
+                      int64_t vocab_start, int64_t vocab_size) {
   dispatch_floating(logits.scalar_type(), [&](auto s, auto a) {
     using scalar_t = decltype(s);
     using acc_t = decltype(a);
     backward_rows<scalar_t, acc_t>(logits, reinterpret_cast<scalar_t*>(out.data_ptr()), inplace,
                                    grad.const_data_ptr<acc_t>(), labels.const_data_ptr<int64_t>(),
-                                   lse.const_data_ptr<acc_t>(), ignore_index, labels.numel());
+                                   lse.const_data_ptr<acc_t>(), ignore_index, labels.numel(), vocab_start,
+                                   vocab_size);
   });
 }
 
@@ -354,15 +371,17 @@ at::Tensor token_logprob_bwd_cpu(const at::Tensor& grad, const at::Tensor& logit
   check_backward_inputs(grad, logits, labels, lse, "token_logprob_bwd");
   auto out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   advise_huge_pages(out.data_ptr(), out.nbytes());
-  run_backward_cpu(grad, logits, labels, lse, ignore_index, out, /*inplace=*/false);
+  run_backward_cpu(grad, logits, labels, lse, ignore_index, out, /*inplace=*/false, 0, logits.size(-1));
   return out;
 }
 
 void token_logprob_bwd_inplace_cpu(const at::Tensor& grad, at::Tensor& logits, const at::Tensor& labels,
-                                   const at::Tensor& lse, int64_t ignore_index) {
+                                   const at::Tensor& lse, int64_t ignore_index, int64_t vocab_start,
+                                   int64_t vocab_size) {
   check_inputs(logits, labels, "token_logprob_bwd_inplace");
   check_backward_inputs(grad, logits, labels, lse, "token_logprob_bwd_inplace");
-  run_backward_cpu(grad, logits, labels, lse, ignore_index, logits, /*inplace=*/true);
+  const int64_t full = check_vocab_slice(vocab_start, vocab_size, logits.size(-1), "token_logprob_bwd_inplace");
+  run_backward_cpu(grad, logits, labels, lse, ignore_index, logits, /*inplace=*/true, vocab_start, full);
 }
 
 }  // namespace
@@ -374,7 +393,7 @@ TORCH_LIBRARY(allo, m) {
   m.def("token_logprob_bwd(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index=-100)"
         " -> Tensor");
   m.def("token_logprob_bwd_inplace(Tensor grad_logp, Tensor(a!) logits, Tensor labels, Tensor lse,"
-        " int ignore_index=-100) -> ()");
+        " int ignore_index=-100, int vocab_start=0, int vocab_size=-1) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(allo, CPU, m) {

@@ -42,6 +42,10 @@ struct RowIndexer {
 int64_t check_inputs(const at::Tensor& logits, const at::Tensor& labels, const char* op);
 void check_backward_inputs(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,
                            const at::Tensor& lse, const char* op);
+// token_logprob_bwd_inplace on a slice of the vocabulary: validates that the logits' V columns are
+// columns [vocab_start, vocab_start + V) of rows over a vocabulary of vocab_size (-1: V, the whole
+// rows) and returns that vocabulary size, the bound labels are checked against.
+int64_t check_vocab_slice(int64_t vocab_start, int64_t vocab_size, int64_t V, const char* op);
 RowIndexer make_row_indexer(const at::Tensor& logits);
 at::ScalarType accumulate_type(at::ScalarType logits_dtype);
 

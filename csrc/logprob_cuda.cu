@@ -129,7 +129,8 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(const acc_t* __restrict__ 
                                                       RowIndexer idx, scalar_t* out, bool inplace,
                                                       const int64_t* __restrict__ labels,
                                                       const acc_t* __restrict__ lse, int64_t V,
-                                                      int64_t ignore_index) {
+                                                      int64_t ignore_index, int64_t vocab_start,
+                                                      int64_t vocab_size) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   const int64_t r = blockIdx.x;
   const int tid = threadIdx.x;
@@ -138,14 +139,15 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(const acc_t* __restrict__ 
   scalar_t* orow = inplace ? out + off : out + r * V;
   const int64_t y = labels[r];
   const bool ignored = (y == ignore_index);
-  CUDA_KERNEL_ASSERT((ignored || (y >= 0 && y < V)) && "token_logprob_bwd: label outside the vocabulary");
+  CUDA_KERNEL_ASSERT((ignored || (y >= 0 && y < vocab_size)) && "token_logprob_bwd: label outside the vocabulary");
+  const int64_t local = y - vocab_start;  // the label's column in this slice (out of [0, V): not in it)
   const acc_t g = ignored ? acc_t(0) : grad[r];
   const acc_t l = ignored ? acc_t(0) : lse[r];
   // Same value for every element of an ignored row: 0 (written without reading the logits).
   auto value = [&](int64_t i, scalar_t x) -> scalar_t {
     if (ignored) return scalar_t(0);
     acc_t v = -g * exp_acc(static_cast<acc_t>(x) - l);
-    if (i == y) v += g;
+    if (i == local) v += g;
     return static_cast<scalar_t>(v);
   };
   // Vector loads and stores need the input and output rows to share their 16-byte alignment.
@@ -205,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> token_logprob_fwd_cuda(const at::Tensor& logi
 }
 
 void launch_bwd(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-                int64_t ignore_index, const at::Tensor& out, bool inplace) {
+                int64_t ignore_index, const at::Tensor& out, bool inplace, int64_t vocab_start, int64_t vocab_size) {
   const int64_t rows = labels.numel();
   if (rows == 0) return;
   const int64_t V = logits.size(-1);
@@ -219,7 +221,7 @@ void launch_bwd(const at::Tensor& grad, const at::Tensor& logits, const at::Tens
     with_block_size(rows, V, sizeof(scalar_t), [&](auto threads) {
       bwd_kernel<scalar_t, acc_t, threads.value><<<rows, threads.value, 0, stream>>>(
           grad.const_data_ptr<acc_t>(), x, idx, o, inplace, labels.const_data_ptr<int64_t>(),
-          lse.const_data_ptr<acc_t>(), V, ignore_index);
+          lse.const_data_ptr<acc_t>(), V, ignore_index, vocab_start, vocab_size);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -231,16 +233,18 @@ at::Tensor token_logprob_bwd_cuda(const at::Tensor& grad, const at::Tensor& logi
   check_backward_inputs(grad, logits, labels, lse, "token_logprob_bwd");
   const c10::cuda::CUDAGuard guard(logits.device());
   auto out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
-  launch_bwd(grad, logits, labels, lse, ignore_index, out, /*inplace=*/false);
+  launch_bwd(grad, logits, labels, lse, ignore_index, out, /*inplace=*/false, 0, logits.size(-1));
   return out;
 }
 
 void token_logprob_bwd_inplace_cuda(const at::Tensor& grad, at::Tensor& logits, const at::Tensor& labels,
-                                    const at::Tensor& lse, int64_t ignore_index) {
+                                    const at::Tensor& lse, int64_t ignore_index, int64_t vocab_start,
+                                    int64_t vocab_size) {
   check_inputs(logits, labels, "token_logprob_bwd_inplace");
   check_backward_inputs(grad, logits, labels, lse, "token_logprob_bwd_inplace");
+  const int64_t full = check_vocab_slice(vocab_start, vocab_size, logits.size(-1), "token_logprob_bwd_inplace");
   const c10::cuda::CUDAGuard guard(logits.device());
-  launch_bwd(grad, logits, labels, lse, ignore_index, logits, /*inplace=*/true);
+  launch_bwd(grad, logits, labels, lse, ignore_index, logits, /*inplace=*/true, vocab_start, full);
 }
 
 }  // namespace

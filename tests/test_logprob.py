@@ -130,6 +130,40 @@ def test_bad_inputs_raise_with_names():
         token_logprobs(logits, torch.zeros(3))
 
 
+def _check_vocab_slices(dtype, device, vocab, cuts):
+    """bwd_inplace over vocabulary slices [cuts[i], cuts[i+1]) equals the columns of the whole rows'
+    float64 gradient, labels inside and outside each slice, ignored rows included."""
+    logits, labels, upstream = _inputs((5, 3), vocab, dtype, device)
+    labels[0, 0] = 0  # the first and last columns are someone's label
+    labels[1, 0] = vocab - 1
+    _, expected = reference_logprobs_and_grad(logits, labels, upstream)
+    op = ops()
+    _, lse = op.token_logprob_fwd(logits, labels, -100, False)
+    grad = upstream.float() if dtype != torch.float64 else upstream.double()
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        block = logits[..., a:b].clone()  # a contiguous slice, as fused_linear makes them
+        op.token_logprob_bwd_inplace(grad, block, labels, lse, -100, a, vocab)
+        torch.testing.assert_close(block.double(), expected[..., a:b], **tolerances(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_backward_on_vocabulary_slices(dtype):
+    _check_vocab_slices(dtype, "cpu", 2049 + 64, [0, 1, 700, 2048, 2049 + 63, 2049 + 64])
+
+
+def test_vocabulary_slice_bad_bounds_and_labels_raise():
+    logits, labels, upstream = _inputs((4,), 10, torch.float32, "cpu", ignore_fraction=0.0)
+    op = ops()
+    _, lse = op.token_logprob_fwd(logits, labels, -100, False)
+    with pytest.raises(RuntimeError, match="vocab_start=8 do not fit a vocabulary of vocab_size=10"):
+        op.token_logprob_bwd_inplace(upstream, logits[:, :5].clone(), labels, lse, -100, 8, 10)
+    with pytest.raises(RuntimeError, match="vocab_start=-1"):
+        op.token_logprob_bwd_inplace(upstream, logits[:, :5].clone(), labels, lse, -100, -1, 10)
+    labels[2] = 10  # outside the whole vocabulary, not just outside the slice
+    with pytest.raises(RuntimeError, match=r"labels\[2\] = 10 is outside the vocabulary"):
+        op.token_logprob_bwd_inplace(upstream, logits[:, :5].clone(), labels, lse, -100, 5, 10)
+
+
 def test_custom_op_registration_passes_opcheck():
     logits, labels, _ = _inputs((3, 4), 37, torch.float32, "cpu")
     logits.requires_grad_(True)
@@ -139,6 +173,8 @@ def test_custom_op_registration_passes_opcheck():
     grad = torch.randn(3, 4)
     torch.library.opcheck(op.token_logprob_bwd, (grad, logits.detach(), labels, lse, -100))
     torch.library.opcheck(op.token_logprob_bwd_inplace, (grad, logits.detach().clone(), labels, lse, -100))
+    torch.library.opcheck(op.token_logprob_bwd_inplace, (grad, logits.detach()[..., 5:20].clone(), labels, lse, -100,
+                                                         5, 37))
 
 
 def test_torch_compile_fullgraph_no_graph_break():
@@ -189,3 +225,9 @@ def test_cuda_misaligned_rows_and_shifted_views(dtype):
 def test_cuda_many_rows_large_vocab_bf16():
     logits, labels, upstream = _inputs((257,), 128256, torch.bfloat16, "cuda")
     _check(logits, labels, upstream)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_inplace_backward_on_vocabulary_slices(dtype):
+    _check_vocab_slices(dtype, "cuda", 5003, [0, 1, 1000, 4096, 5002, 5003])

@@ -6,6 +6,7 @@ import torch
 from allo.ops import fused_linear_token_logprobs
 from allo.ops.fused_linear import default_chunk_size
 
+from _allocations import Allocations
 from conftest import requires_cuda
 
 
@@ -18,14 +19,14 @@ def _reference(hidden, weight, labels, upstream, ignore_index=-100):
     return logp.detach(), grad_h, grad_w
 
 
-def _run(shape, hidden_size, vocab, dtype, device, chunk_size):
+def _run(shape, hidden_size, vocab, dtype, device, chunk_size, vocab_chunk_size=None):
     hidden = torch.randn(*shape, hidden_size, device=device).to(dtype)
     weight = (torch.randn(vocab, hidden_size, device=device) / hidden_size**0.5).to(dtype)
     labels = torch.randint(0, vocab, shape, device=device)
     labels[torch.rand(shape, device=device) < 0.3] = -100
     upstream = torch.randn(shape, device=device) * torch.rand(shape, device=device) * 2
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    logp = fused_linear_token_logprobs(h, w, labels, chunk_size=chunk_size)
+    logp = fused_linear_token_logprobs(h, w, labels, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
     logp.backward(upstream)
     expected = _reference(hidden, weight, labels, upstream)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
@@ -43,6 +44,68 @@ def test_fused_linear_matches_reference_fp32(chunk_size):
 
 def test_fused_linear_bf16():
     _run((2, 9), 32, 301, torch.bfloat16, "cpu", 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size, vocab_chunk_size", [(5, 1), (4, 64), (None, 100), (1000, 516)])
+def test_backward_in_vocabulary_blocks(dtype, chunk_size, vocab_chunk_size):
+    # backward goes through the weight's rows in blocks (one row, uneven last block, ...) and the
+    # tokens in blocks of chunk_size * V / rows
+    _run((3, 7), 24, 517, dtype, "cpu", chunk_size, vocab_chunk_size)
+
+
+def _sink_run(hidden, weight, labels, upstream, vocab_chunk_size, **kw):
+    blocks = []
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    logp = fused_linear_token_logprobs(h, w, labels, vocab_chunk_size=vocab_chunk_size,
+                                       weight_grad_sink=lambda first, rows: blocks.append((first, rows)), **kw)
+    logp.backward(upstream)
+    return logp, h, w, blocks
+
+
+def test_weight_grad_sink_gets_each_row_block_once_and_no_weight_grad():
+    hidden = torch.randn(4, 9, 24)
+    weight = torch.randn(301, 24) / 24**0.5
+    labels = torch.randint(0, 301, (4, 9))
+    labels[1, 2:6] = -100
+    upstream = torch.randn(4, 9) * torch.rand(4, 9)
+    logp, h, w, blocks = _sink_run(hidden, weight, labels, upstream, 64, chunk_size=7)
+    expected = _reference(hidden, weight, labels, upstream)
+    assert w.grad is None
+    assert [first for first, _ in blocks] == list(range(0, 301, 64))
+    assert all(rows.dtype == torch.float32 and rows.shape == (min(64, 301 - first), 24) for first, rows in blocks)
+    torch.testing.assert_close(torch.cat([rows for _, rows in blocks]).double(), expected[2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.grad.double(), expected[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logp.double(), expected[0], rtol=1e-4, atol=1e-4)
+
+
+def test_weight_grad_sink_with_fp32_master_weight_under_bf16_autocast():
+    hidden = torch.randn(2, 11, 32)
+    weight = torch.randn(203, 32) / 32**0.5  # the fp32 master; the op computes in bf16
+    labels = torch.randint(0, 203, (2, 11))
+    upstream = torch.rand(2, 11) + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, h, w, blocks = _sink_run(hidden, weight, labels, upstream, 100)
+    expected = _reference(hidden.to(torch.bfloat16), weight.to(torch.bfloat16), labels, upstream)
+    assert w.grad is None and h.grad.dtype == torch.float32 and [f for f, _ in blocks] == [0, 100, 200]
+    torch.testing.assert_close(torch.cat([rows for _, rows in blocks]).double(), expected[2], rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("with_sink", [False, True])
+def test_backward_makes_no_low_precision_or_sunk_vocab_sized_gradient(with_sink):
+    # what the memory savings rest on: under bf16 autocast an fp32 weight gets its fp32 gradient
+    # straight from the row blocks (no bf16 [V, H] copy or gradient); with a sink, no [V, H] at all
+    vocab, size = 257, 16
+    hidden = torch.randn(3, 5, size, requires_grad=True)
+    weight = (torch.randn(vocab, size) / 4).requires_grad_(True)
+    labels = torch.randint(0, vocab, (3, 5))
+    kw = dict(weight_grad_sink=lambda first, rows: None) if with_sink else {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = fused_linear_token_logprobs(hidden, weight, labels, vocab_chunk_size=64, **kw)
+    with Allocations() as seen:
+        logp.sum().backward()
+    assert seen.shaped((vocab, size)) == ([] if with_sink else [("empty_like.default", torch.float32)])
+    assert (weight.grad is None) == with_sink
 
 
 def test_only_needed_gradients_are_computed():
@@ -67,12 +130,50 @@ def test_bad_shapes_raise():
         fused_linear_token_logprobs(torch.randn(3, 8), torch.randn(8, 5), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_token_logprobs(torch.randn(3, 8), torch.randn(5, 8), torch.zeros(3, dtype=torch.long), chunk_size=0)
+    with pytest.raises(ValueError, match="vocab_chunk_size must be >= 1"):
+        fused_linear_token_logprobs(torch.randn(3, 8), torch.randn(5, 8), torch.zeros(3, dtype=torch.long),
+                                    vocab_chunk_size=0)
+    with pytest.raises(ValueError, match="must share dtype outside autocast"):
+        fused_linear_token_logprobs(torch.randn(3, 8), torch.randn(5, 8, dtype=torch.float64),
+                                    torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="weight_grad_sink must be callable"):
+        fused_linear_token_logprobs(torch.randn(3, 8), torch.randn(5, 8), torch.zeros(3, dtype=torch.long),
+                                    weight_grad_sink=[])
+    with pytest.raises(ValueError, match="weight_grad_sink needs the kernels"):
+        fused_linear_token_logprobs(torch.randn(3, 8), torch.randn(5, 8), torch.zeros(3, dtype=torch.long),
+                                    backend="reference", weight_grad_sink=lambda first, rows: None)
+
+
+def test_default_vocab_chunk_is_even_and_bounded():
+    from allo.ops.fused_linear import default_vocab_chunk_size
+
+    gpu = default_vocab_chunk_size(128256, 2048, "cuda")
+    assert gpu % 64 == 0 and gpu * 2048 * 4 <= 256 * 2**20 and -(-128256 // gpu) == 4
+    assert 128256 - 3 * gpu > 0.9 * gpu  # equal blocks, not full ones and a sliver
+    cpu = default_vocab_chunk_size(128256, 2048)
+    assert cpu % 64 == 0 and cpu * 2048 * 4 <= 16 * 2**20
+    assert default_vocab_chunk_size(50, 8) == 50
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_linear_cuda(dtype):
     _run((4, 33), 64, 5003, dtype, "cuda", 48)
+    _run((4, 33), 64, 5003, dtype, "cuda", 48, 1024)  # row blocks: the fp32-output matmuls of cuBLAS
+
+
+@requires_cuda
+def test_weight_grad_sink_cuda_bf16_autocast():
+    hidden = torch.randn(3, 40, 64, device="cuda")
+    weight = torch.randn(1000, 64, device="cuda") / 8
+    labels = torch.randint(0, 1000, (3, 40), device="cuda")
+    upstream = torch.rand(3, 40, device="cuda") + 0.5
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logp, h, w, blocks = _sink_run(hidden, weight, labels, upstream, 256)
+    expected = _reference(hidden.to(torch.bfloat16), weight.to(torch.bfloat16), labels, upstream)
+    assert w.grad is None and [f for f, _ in blocks] == [0, 256, 512, 768]
+    torch.testing.assert_close(torch.cat([rows for _, rows in blocks]).double(), expected[2], rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(h.grad.double(), expected[1], rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("backward_in_autocast", [True, False])

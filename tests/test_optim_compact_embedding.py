@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from allo.optim import MaskedAdamW, compact_embedding_grads
 from allo.optim.compact_embedding import selected_row_grads
+
+from _allocations import Allocations
 
 V, H = 97, 24  # odd sizes; rows of 24 elements
 
@@ -109,20 +110,6 @@ def test_routed_bf16_close_to_dense():
     _assert_same(dict(dense_model.named_parameters()), dict(routed_model.named_parameters()), equal=False)
 
 
-class _Allocations(TorchDispatchMode):
-    """The op and shape of every tensor that backward's ops return."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
-            self.shapes.append((func.__name__, tuple(out.shape)))
-        return out
-
-
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("route", [True, False], ids=["routed", "plain"])
 def test_no_dense_embedding_gradient(tied, route):
@@ -136,9 +123,9 @@ def test_no_dense_embedding_gradient(tied, route):
         compact_embedding_grads(model.embed, opt)
     ids = torch.randint(0, V, (2, 5))
     loss = model(ids).sum()
-    with _Allocations() as seen:
+    with Allocations() as seen:
         loss.backward()
-    dense = [name for name, shape in seen.shapes if shape == (V, H)]
+    dense = [name for name, _ in seen.shaped((V, H))]
     assert ("embedding_dense_backward.default" in dense) == (not route)
     assert ("add.Tensor" in dense or "add_.Tensor" in dense) == (tied and not route)
     assert model.embed.weight.grad is None and opt.compact_grad(model.embed.weight) is not None

@@ -1,7 +1,7 @@
 """The improve step's memory savings keep results unchanged: TokenLogprobs without autocast's weight
-cache (no layer's low-precision weight copy outlives its use under gradient checkpointing) and the
-input embedding routed into the compact gradients (allo-train's _route_embedding_grads), on a tiny
-tied-embedding Llama through the fused log-prob path."""
+cache (no layer's low-precision weight copy outlives its use under gradient checkpointing), the input
+embedding routed into the compact gradients (allo-train's _route_embedding_grads) and the output
+layer's row blocks too (TokenLogprobs.route_head_grads), on a tiny Llama through the fused log-prob path."""
 
 import pytest
 import torch
@@ -81,6 +81,9 @@ def _train(route, *, tied, autocast, steps=2, accum=2):
     handle = _route_embedding_grads(model, opt) if route else None
     assert (handle is not None) == route
     scorer = TokenLogprobs(model, autocast_weight_cache=not route)
+    if route:
+        scorer.route_head_grads(opt)
+    watched = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else torch.enable_grad
     compact = []
     for step in range(steps):
@@ -89,7 +92,7 @@ def _train(route, *, tied, autocast, steps=2, accum=2):
             with ctx():
                 lp = scorer(ids, attn, labels)
             (lp * w).sum().backward()
-        compact.append(opt.compact_grad(model.get_input_embeddings().weight).clone())
+        compact.append([opt.compact_grad(p).clone() for p in watched])
         opt.clip_grad_norm_(1.0)
         opt.step()
         opt.zero_grad()
@@ -99,12 +102,12 @@ def _train(route, *, tied, autocast, steps=2, accum=2):
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_improve_step_unchanged(tied, autocast):
-    """Weights and the embedding's compact gradients after 2 steps of 2 micro-batches: bit-for-bit the
+    """Weights and the embeddings' compact gradients after 2 steps of 2 micro-batches: bit-for-bit the
     path without the savings (the same sums in the same order; bf16 casts are the same with or without
     autocast's cache)."""
     before, before_grads = _train(False, tied=tied, autocast=autocast)
     after, after_grads = _train(True, tied=tied, autocast=autocast)
-    for a, b in zip(before_grads, after_grads):
+    for a, b in zip(sum(before_grads, []), sum(after_grads, [])):
         assert torch.equal(a, b), (a - b).abs().max()
     for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()):
         assert torch.equal(a, b), f"{n}: {(a - b).abs().max()}"
@@ -138,8 +141,9 @@ def test_masked_stages_route_the_embedding(tmp_path, monkeypatch):
             for p in make_problems("arithmetic", 8, 0)]
     with open(tmp_path / "train.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    routed, removed = [], []
+    routed, removed, heads = [], [], []
     real = allo.optim.compact_embedding_grads
+    real_rows = allo.optim.compact_row_grads
 
     def spy(embedding, opt):
         handle = real(embedding, opt)
@@ -148,11 +152,18 @@ def test_masked_stages_route_the_embedding(tmp_path, monkeypatch):
         handle.remove = lambda: (removed.append(embedding), remove())
         return handle
 
+    def spy_rows(opt, weight):
+        sink = real_rows(opt, weight)
+        heads.append(sink is not None)
+        return sink
+
     monkeypatch.setattr(allo.optim, "compact_embedding_grads", spy)
+    monkeypatch.setattr(allo.optim, "compact_row_grads", spy_rows)
     cfg = TrainConfig(model_name_or_path=str(tmp_path / "sft"), train_file=str(tmp_path / "train.jsonl"),
                       output_dir=str(tmp_path / "run"), stages="prepare,warmup,select,forget,improve",
                       per_device_train_batch_size=4, max_steps=1, disable_tqdm=True, report_to="jsonl",
                       forget_ratio=0.3, improve_ratio=0.3, seed=3)
     pipeline.run(cfg)
     assert len(routed) == 2 and removed == routed  # forget and improve
+    assert heads and all(heads)  # every training forward of those stages routed the output layer
     assert not routed[0]._forward_hooks

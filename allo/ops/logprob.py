@@ -72,7 +72,7 @@ def _register():
             return logits.new_empty(logits.shape)
 
         @torch.library.register_fake("allo::token_logprob_bwd_inplace")
-        def _bwd_inplace_fake(grad_logp, logits, labels, lse, ignore_index=-100):
+        def _bwd_inplace_fake(grad_logp, logits, labels, lse, ignore_index=-100, vocab_start=0, vocab_size=-1):
             return None
 
         torch.library.register_autograd("allo::token_logprob_fwd", _backward, setup_context=_setup_context)

@@ -5,7 +5,8 @@ loop, CPU) and ``allo.optim.reference`` (plain PyTorch, the yardstick in tests).
 """
 
 from allo.optim.compact_embedding import compact_embedding_grads
+from allo.optim.compact_rows import compact_row_grads
 from allo.optim.masked_adamw import MaskedAdamW
 from allo.optim.reference import masked_adamw_step_reference
 
-__all__ = ["MaskedAdamW", "compact_embedding_grads", "masked_adamw_step_reference"]
+__all__ = ["MaskedAdamW", "compact_embedding_grads", "compact_row_grads", "masked_adamw_step_reference"]

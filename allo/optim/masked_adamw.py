@@ -263,17 +263,23 @@ class MaskedAdamW(Optimizer):
         else:
             held.add_(part)
 
-    def _add_compact_part(self, p: torch.Tensor, part: torch.Tensor) -> None:
-        """Add ``part`` (fp32, one entry per selected element of ``p``), computed during backward
-        without a full gradient, to this backward's gradient of ``p``. It is kept aside until ``p``'s
-        own hook runs in this backward (its other uses' gradient is added to it there, in the order
-        autograd sums them) or, if no full gradient reaches ``p``, until the backward ends; so the
-        compact gradient is bit-for-bit what the dense path would gather, accumulation included."""
+    def _add_compact_part(self, p: torch.Tensor, part: torch.Tensor, start: int = 0) -> None:
+        """Add ``part`` (fp32, entries ``start, start + 1, ...`` of ``p``'s selected elements), computed
+        during backward without a full gradient, to this backward's gradient of ``p``. It is kept aside
+        until ``p``'s own hook runs in this backward (its other uses' gradient is added to it there, in
+        the order autograd sums them) or, if no full gradient reaches ``p``, until the backward ends;
+        so the compact gradient is what the dense path would gather, accumulation included. Parts
+        come from allo.optim.compact_embedding_grads (whole) and compact_row_grads (row blocks)."""
         held = self._pending.get(p)
         if held is not None:
-            held.add_(part)
+            held[start:start + part.numel()].add_(part)
             return
-        self._pending[p] = part
+        selected = self._selection[p].numel()
+        if start == 0 and part.numel() == selected:
+            self._pending[p] = part
+        else:
+            self._pending[p] = torch.zeros(selected, dtype=torch.float32, device=part.device)
+            self._pending[p][start:start + part.numel()] = part
         torch.autograd.Variable._execution_engine.queue_callback(lambda: self._flush_pending(p))
 
     def _flush_pending(self, p: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -27,28 +28,42 @@ class TokenLogprobs(nn.Module):
     them (measured on the CPU, Llama-3.2-1B shape, bf16: 1.95 GB of copies alive at the end of the
     forward, the step's largest transient). Each weight is used once per forward, so nothing is cast
     twice; without checkpointing autograd saves the copies anyway, so the cache saved nothing.
-    ``autocast_weight_cache=True`` leaves the cache on (the earlier behaviour, for comparisons)."""
+    ``autocast_weight_cache=True`` leaves the cache on (the earlier behaviour, for comparisons).
+
+    After :meth:`route_head_grads` the output layer's weight gradient goes to a MaskedAdamW's compact
+    gradients a row block at a time, so backward makes no ``[V, H]`` gradient for it."""
 
     def __init__(self, model, *, autocast_weight_cache: bool = False):
         super().__init__()
         self.model = model
         self.autocast_weight_cache = autocast_weight_cache  # True: autocast's default (for comparisons)
+        self._head_grads_to = None  # weak reference to the optimizer of route_head_grads
         head = model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
             raise ValueError("allo-train's fused log-prob path needs an output layer without bias "
                              f"({type(model).__name__} has one)")
 
+    def route_head_grads(self, optimizer) -> None:
+        """Hand the output layer's weight gradient to ``optimizer`` (a MaskedAdamW with compact
+        gradients), keeping only its selected elements (``allo.optim.compact_row_grads``); ``None``
+        restores the usual gradient. Held weakly, like the optimizer's own hooks."""
+        self._head_grads_to = None if optimizer is None else weakref.ref(optimizer)
+
     def forward(self, input_ids, attention_mask, labels):
         from allo.ops import fused_linear_token_logprobs
+        from allo.optim import compact_row_grads
 
         cache = contextlib.nullcontext() if self.autocast_weight_cache else \
             _autocast_without_weight_cache(input_ids.device.type)
         with cache:
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        weight = self.model.get_output_embeddings().weight
+        param = weight = self.model.get_output_embeddings().weight
         if weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
             weight = weight.to(hidden.dtype)
-        return fused_linear_token_logprobs(hidden[:, :-1], weight, labels[:, 1:], ignore_index=IGNORE_INDEX)
+        opt = self._head_grads_to() if self._head_grads_to is not None else None
+        sink = compact_row_grads(opt, param) if opt is not None else None
+        return fused_linear_token_logprobs(hidden[:, :-1], weight, labels[:, 1:], ignore_index=IGNORE_INDEX,
+                                           weight_grad_sink=sink)
 
 
 @contextlib.contextmanager

@@ -300,7 +300,9 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
             masks = {nm: masks[nm] if sharded else masks[nm].to(device) for nm, _ in named}
         opt = MaskedAdamW(named, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon, masks=masks,
                           compact_grads=True)
-        routed = _route_embedding_grads(scorer.model, opt) if not sharded else None
+        if not sharded:  # the embedding's and the output layer's gradients go straight to compact form
+            routed = _route_embedding_grads(scorer.model, opt)
+            scorer.route_head_grads(opt)
     sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=int(cfg.warmup_ratio * total),
                           num_training_steps=total)
     if ckpt is not None:
