@@ -74,10 +74,10 @@ def fused_impls(device, liger):
         "allo-fused": lambda h, w, y: fused_linear_token_logprobs(h, w, y),
     }
     if device.type == "cuda":
-        # the chunk length decides whether the chunk matmuls are bound by re-reading the [V, H] weight
-        # (see allo/ops/fused_linear.py): the default and its neighbours, for a GPU session to compare
-        for c in (256, 2048):
-            impls[f"allo-fused-c{c}"] = lambda h, w, y, c=c: fused_linear_token_logprobs(h, w, y, chunk_size=c)
+        # the weight rows per block trade the blocks' memory against the fp32 accumulation of the hidden
+        # states' gradient (see allo/ops/fused_linear.py): the default's neighbours, for a GPU session
+        for r in (4096, 32768):
+            impls[f"allo-fused-r{r}"] = lambda h, w, y, r=r: fused_linear_token_logprobs(h, w, y, vocab_chunk_size=r)
     if liger is not None and device.type == "cuda":
         flce = liger[1](reduction="none")
         impls["liger-fused"] = lambda h, w, y: -flce(w, h, y)

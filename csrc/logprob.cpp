@@ -1,17 +1,21 @@
 // Per-token log-probabilities of labels under logits, and their gradient: C++ CPU kernels, the
 // torch custom-op schema (namespace ``allo``) and the Python module ``allo._C``.
 //
-//   allo::token_logprob_fwd(logits, labels, ignore_index, inplace_backward) -> (logp, lse)
+//   allo::token_logprob_fwd(logits, labels, ignore_index, inplace_backward, vocab_start, vocab_size) -> (logp, lse)
 //       logp[r] = logits[r, y_r] - logsumexp(logits[r, :]);  0 (and lse 0) where y_r == ignore_index.
 //       ``inplace_backward`` is not used by the kernels: autograd (allo/ops/logprob.py) reads it to
 //       decide whether backward may overwrite the logits with their gradient.
-//   allo::token_logprob_bwd(grad_logp, logits, labels, lse, ignore_index) -> grad_logits
+//   allo::token_logprob_bwd(grad_logp, logits, labels, lse, ignore_index, vocab_start, vocab_size) -> grad_logits
 //       grad_logits[r, :] = g_r * (onehot(y_r) - softmax(logits[r, :])), 0 on ignored rows.
 //   allo::token_logprob_bwd_inplace(grad_logp, logits!, labels, lse, ignore_index, vocab_start, vocab_size) -> ()
-//       the same, written into the logits' own buffer. The logits may be a slice of the vocabulary:
-//       columns [vocab_start, vocab_start + V) of rows over vocab_size entries (default: the whole
-//       rows), so a caller can go through a large vocabulary in slices (allo/ops/fused_linear.py);
-//       onehot(y_r) then lands in the slice only when y_r falls inside it.
+//       the same, written into the logits' own buffer.
+//
+// Vocabulary slices: every op may get the logits of a slice of the vocabulary, columns
+// [vocab_start, vocab_start + V) of rows over vocab_size entries (default: the whole rows), so a
+// caller can go through a large vocabulary in slices (allo/ops/fused_linear.py). Labels are checked
+// against the whole vocabulary; y_r counts only where it falls inside the slice: forward's lse is the
+// slice's log-sum-exp and its logp is 0 for labels outside it, backward's lse is the whole row's (so
+// softmax is the whole row's) and onehot(y_r) lands in the slice only when y_r is in it.
 //
 // Forward reads each row once: blocks of kBlock elements are converted to fp32 (bf16/fp16), their
 // maximum found, and the running sum of exponentials rescaled only when the maximum grows (online
@@ -252,7 +256,7 @@ void block_grad(const double* x, double* out, int64_t n, double lse, double g) {
 // bf16/fp16 blocks are converted into a small fp32 buffer; fp32 and fp64 rows are used in place.
 template <typename scalar_t, typename acc_t>
 void forward_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignore_index, acc_t* logp, acc_t* lse,
-                  int64_t rows) {
+                  int64_t rows, int64_t vocab_start, int64_t vocab_size) {
   constexpr bool kConvert = !std::is_same<scalar_t, acc_t>::value;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t V = logits.size(-1);
@@ -267,7 +271,7 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignor
         lse[r] = acc_t(0);
         continue;
       }
-      if (y < 0 || y >= V) bad_label("token_logprob_fwd", r, y, V, ignore_index);
+      if (y < 0 || y >= vocab_size) bad_label("token_logprob_fwd", r, y, vocab_size, ignore_index);
       const scalar_t* row = base + idx.offset(r);
       acc_t m = kNegInf;
       acc_t s = acc_t(0);
@@ -288,8 +292,9 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignor
         if (m != kNegInf) s += block_sum_exp(xb, n, m);
       }
       const acc_t l = m + std::log(s);
+      const int64_t local = y - vocab_start;  // the label's column in this slice, if it is in it
       lse[r] = l;
-      logp[r] = static_cast<acc_t>(row[y]) - l;
+      logp[r] = (local >= 0 && local < V) ? static_cast<acc_t>(row[local]) - l : acc_t(0);
     }
   });
 }
@@ -338,8 +343,10 @@ void backward_rows(const at::Tensor& logits, scalar_t* out_base, bool inplace, c
 // ---- op entry points --------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> token_logprob_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
-                                                         int64_t ignore_index, bool /*inplace_backward*/) {
+                                                         int64_t ignore_index, bool /*inplace_backward*/,
+                                                         int64_t vocab_start, int64_t vocab_size) {
   const int64_t rows = check_inputs(logits, labels, "token_logprob_fwd");
+  const int64_t full = check_vocab_slice(vocab_start, vocab_size, logits.size(-1), "token_logprob_fwd");
   const auto acc = accumulate_type(logits.scalar_type());
   auto logp = at::empty(labels.sizes(), logits.options().dtype(acc));
   auto lse = at::empty(labels.sizes(), logits.options().dtype(acc));
@@ -347,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor> token_logprob_fwd_cpu(const at::Tensor& logit
     using scalar_t = decltype(s);
     using acc_t = decltype(a);
     forward_rows<scalar_t, acc_t>(logits, labels.const_data_ptr<int64_t>(), ignore_index, logp.data_ptr<acc_t>(),
-                                  lse.data_ptr<acc_t>(), rows);
+                                  lse.data_ptr<acc_t>(), rows, vocab_start, full);
   });
   return {logp, lse};
 }
@@ -366,12 +373,14 @@ void run_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at
 }
 
 at::Tensor token_logprob_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,
-                                 const at::Tensor& lse, int64_t ignore_index) {
+                                 const at::Tensor& lse, int64_t ignore_index, int64_t vocab_start,
+                                 int64_t vocab_size) {
   check_inputs(logits, labels, "token_logprob_bwd");
   check_backward_inputs(grad, logits, labels, lse, "token_logprob_bwd");
+  const int64_t full = check_vocab_slice(vocab_start, vocab_size, logits.size(-1), "token_logprob_bwd");
   auto out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   advise_huge_pages(out.data_ptr(), out.nbytes());
-  run_backward_cpu(grad, logits, labels, lse, ignore_index, out, /*inplace=*/false, 0, logits.size(-1));
+  run_backward_cpu(grad, logits, labels, lse, ignore_index, out, /*inplace=*/false, vocab_start, full);
   return out;
 }
 
@@ -388,10 +397,10 @@ void token_logprob_bwd_inplace_cpu(const at::Tensor& grad, at::Tensor& logits, c
 }  // namespace allo
 
 TORCH_LIBRARY(allo, m) {
-  m.def("token_logprob_fwd(Tensor logits, Tensor labels, int ignore_index=-100, bool inplace_backward=False)"
-        " -> (Tensor logp, Tensor lse)");
-  m.def("token_logprob_bwd(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index=-100)"
-        " -> Tensor");
+  m.def("token_logprob_fwd(Tensor logits, Tensor labels, int ignore_index=-100, bool inplace_backward=False,"
+        " int vocab_start=0, int vocab_size=-1) -> (Tensor logp, Tensor lse)");
+  m.def("token_logprob_bwd(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index=-100,"
+        " int vocab_start=0, int vocab_size=-1) -> Tensor");
   m.def("token_logprob_bwd_inplace(Tensor grad_logp, Tensor(a!) logits, Tensor labels, Tensor lse,"
         " int ignore_index=-100, int vocab_start=0, int vocab_size=-1) -> ()");
 }

@@ -66,7 +66,8 @@ template <typename scalar_t, typename acc_t, int THREADS>
 __global__ void __launch_bounds__(THREADS) fwd_kernel(const scalar_t* __restrict__ logits, RowIndexer idx,
                                                       const int64_t* __restrict__ labels, int64_t V,
                                                       int64_t ignore_index, acc_t* __restrict__ logp,
-                                                      acc_t* __restrict__ lse) {
+                                                      acc_t* __restrict__ lse, int64_t vocab_start,
+                                                      int64_t vocab_size) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   const int64_t r = blockIdx.x;
   const int tid = threadIdx.x;
@@ -78,7 +79,7 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(const scalar_t* __restrict
     }
     return;
   }
-  CUDA_KERNEL_ASSERT(y >= 0 && y < V && "token_logprob_fwd: label outside the vocabulary and not ignore_index");
+  CUDA_KERNEL_ASSERT(y >= 0 && y < vocab_size && "token_logprob_fwd: label outside the vocabulary and not ignore_index");
   const scalar_t* row = logits + idx.offset(r);
 
   acc_t m = neg_inf<acc_t>(), s = acc_t(0);
@@ -119,8 +120,9 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(const scalar_t* __restrict
   if (tid == 0) {
     for (int w = 1; w < THREADS / 32; ++w) online_merge(m, s, sm[w], ss[w]);
     const acc_t l = m + log(s);
+    const int64_t local = y - vocab_start;  // the label's column in this slice, if it is in it
     lse[r] = l;
-    logp[r] = static_cast<acc_t>(row[y]) - l;
+    logp[r] = (local >= 0 && local < V) ? static_cast<acc_t>(row[local]) - l : acc_t(0);
   }
 }
 
@@ -183,8 +185,10 @@ void with_block_size(int64_t rows, int64_t V, int64_t elem_size, F&& f) {
 }
 
 std::tuple<at::Tensor, at::Tensor> token_logprob_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels,
-                                                          int64_t ignore_index, bool /*inplace_backward*/) {
+                                                          int64_t ignore_index, bool /*inplace_backward*/,
+                                                          int64_t vocab_start, int64_t vocab_size) {
   const int64_t rows = check_inputs(logits, labels, "token_logprob_fwd");
+  const int64_t full = check_vocab_slice(vocab_start, vocab_size, logits.size(-1), "token_logprob_fwd");
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto acc = accumulate_type(logits.scalar_type());
   auto logp = at::empty(labels.sizes(), logits.options().dtype(acc));
@@ -199,7 +203,8 @@ std::tuple<at::Tensor, at::Tensor> token_logprob_fwd_cuda(const at::Tensor& logi
     const auto* x = reinterpret_cast<const scalar_t*>(logits.const_data_ptr());
     with_block_size(rows, V, sizeof(scalar_t), [&](auto threads) {
       fwd_kernel<scalar_t, acc_t, threads.value><<<rows, threads.value, 0, stream>>>(
-          x, idx, labels.const_data_ptr<int64_t>(), V, ignore_index, logp.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
+          x, idx, labels.const_data_ptr<int64_t>(), V, ignore_index, logp.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+          vocab_start, full);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -228,12 +233,14 @@ void launch_bwd(const at::Tensor& grad, const at::Tensor& logits, const at::Tens
 }
 
 at::Tensor token_logprob_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,
-                                  const at::Tensor& lse, int64_t ignore_index) {
+                                  const at::Tensor& lse, int64_t ignore_index, int64_t vocab_start,
+                                  int64_t vocab_size) {
   check_inputs(logits, labels, "token_logprob_bwd");
   check_backward_inputs(grad, logits, labels, lse, "token_logprob_bwd");
+  const int64_t full = check_vocab_slice(vocab_start, vocab_size, logits.size(-1), "token_logprob_bwd");
   const c10::cuda::CUDAGuard guard(logits.device());
   auto out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
-  launch_bwd(grad, logits, labels, lse, ignore_index, out, /*inplace=*/false, 0, logits.size(-1));
+  launch_bwd(grad, logits, labels, lse, ignore_index, out, /*inplace=*/false, vocab_start, full);
   return out;
 }
 

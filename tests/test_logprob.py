@@ -151,6 +151,33 @@ def test_inplace_backward_on_vocabulary_slices(dtype):
     _check_vocab_slices(dtype, "cpu", 2049 + 64, [0, 1, 700, 2048, 2049 + 63, 2049 + 64])
 
 
+def _check_forward_slices(dtype, device, vocab, cuts):
+    """A slice's lse is its own columns' log-sum-exp; logp is the label's logit minus it where the
+    label is in the slice, 0 elsewhere (and on ignored rows)."""
+    logits, labels, _ = _inputs((4, 3), vocab, dtype, device)
+    labels[0, 0], labels[1, 0] = 0, vocab - 1
+    op = ops()
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        logp, lse = op.token_logprob_fwd(logits[..., a:b].contiguous(), labels, -100, False, a, vocab)
+        x = logits[..., a:b].double()
+        inside = (labels >= a) & (labels < b)
+        expected_lse = torch.logsumexp(x, -1) * (labels != -100)
+        expected = (x.gather(-1, (labels - a).clamp(0, b - a - 1).unsqueeze(-1)).squeeze(-1) - expected_lse) * inside
+        torch.testing.assert_close(lse.double(), expected_lse, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(logp.double(), expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_on_vocabulary_slices(dtype):
+    _check_forward_slices(dtype, "cpu", 2049 + 64, [0, 1, 700, 2049, 2049 + 64])
+
+
+def test_autograd_refuses_a_vocabulary_slice():
+    logits = torch.randn(3, 10, requires_grad=True)
+    with pytest.raises(RuntimeError, match="whole rows only"):
+        ops().token_logprob_fwd(logits[:, 2:7], torch.tensor([2, 3, 4]), -100, False, 2, 10)
+
+
 def test_vocabulary_slice_bad_bounds_and_labels_raise():
     logits, labels, upstream = _inputs((4,), 10, torch.float32, "cpu", ignore_fraction=0.0)
     op = ops()
@@ -175,6 +202,8 @@ def test_custom_op_registration_passes_opcheck():
     torch.library.opcheck(op.token_logprob_bwd_inplace, (grad, logits.detach().clone(), labels, lse, -100))
     torch.library.opcheck(op.token_logprob_bwd_inplace, (grad, logits.detach()[..., 5:20].clone(), labels, lse, -100,
                                                          5, 37))
+    torch.library.opcheck(op.token_logprob_fwd, (logits.detach()[..., 5:20].contiguous(), labels, -100, False, 5, 37))
+    torch.library.opcheck(op.token_logprob_bwd, (grad, logits.detach()[..., 5:20].contiguous(), labels, lse, -100, 5, 37))
 
 
 def test_torch_compile_fullgraph_no_graph_break():
@@ -229,5 +258,6 @@ def test_cuda_many_rows_large_vocab_bf16():
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_inplace_backward_on_vocabulary_slices(dtype):
+def test_cuda_kernels_on_vocabulary_slices(dtype):
     _check_vocab_slices(dtype, "cuda", 5003, [0, 1, 1000, 4096, 5002, 5003])
+    _check_forward_slices(dtype, "cuda", 5003, [0, 1, 1000, 4096, 5002, 5003])

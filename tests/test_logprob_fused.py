@@ -24,6 +24,7 @@ def _run(shape, hidden_size, vocab, dtype, device, chunk_size, vocab_chunk_size=
     weight = (torch.randn(vocab, hidden_size, device=device) / hidden_size**0.5).to(dtype)
     labels = torch.randint(0, vocab, shape, device=device)
     labels[torch.rand(shape, device=device) < 0.3] = -100
+    labels.view(-1)[:2] = torch.tensor([0, vocab - 1])  # the first and the last block's edge columns
     upstream = torch.randn(shape, device=device) * torch.rand(shape, device=device) * 2
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     logp = fused_linear_token_logprobs(h, w, labels, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
@@ -58,7 +59,7 @@ def _sink_run(hidden, weight, labels, upstream, vocab_chunk_size, **kw):
     blocks = []
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     logp = fused_linear_token_logprobs(h, w, labels, vocab_chunk_size=vocab_chunk_size,
-                                       weight_grad_sink=lambda first, rows: blocks.append((first, rows)), **kw)
+                                       weight_grad_sink=lambda first, rows: blocks.append((first, rows.clone())), **kw)
     logp.backward(upstream)
     return logp, h, w, blocks
 
@@ -92,19 +93,23 @@ def test_weight_grad_sink_with_fp32_master_weight_under_bf16_autocast():
 
 
 @pytest.mark.parametrize("with_sink", [False, True])
-def test_backward_makes_no_low_precision_or_sunk_vocab_sized_gradient(with_sink):
-    # what the memory savings rest on: under bf16 autocast an fp32 weight gets its fp32 gradient
-    # straight from the row blocks (no bf16 [V, H] copy or gradient); with a sink, no [V, H] at all
+def test_no_low_precision_or_sunk_vocab_sized_tensors(with_sink):
+    # what the memory savings rest on: under bf16 autocast an fp32 weight is cast a block of rows at a
+    # time and gets its fp32 gradient straight from the blocks (no bf16 [V, H] copy or gradient); with
+    # a sink, no [V, H] tensor at all
     vocab, size = 257, 16
     hidden = torch.randn(3, 5, size, requires_grad=True)
     weight = (torch.randn(vocab, size) / 4).requires_grad_(True)
     labels = torch.randint(0, vocab, (3, 5))
     kw = dict(weight_grad_sink=lambda first, rows: None) if with_sink else {}
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logp = fused_linear_token_logprobs(hidden, weight, labels, vocab_chunk_size=64, **kw)
-    with Allocations() as seen:
+    with Allocations() as forward:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp = fused_linear_token_logprobs(hidden, weight, labels, vocab_chunk_size=64, **kw)
+    with Allocations() as backward:
         logp.sum().backward()
-    assert seen.shaped((vocab, size)) == ([] if with_sink else [("empty_like.default", torch.float32)])
+    assert forward.shaped((vocab, size)) == []
+    assert backward.shaped((vocab, size)) == ([] if with_sink else [("empty_like.default", torch.float32)])
+    assert forward.shaped((64, size)) == [("copy_.default", torch.bfloat16)] * 4  # the blocks, cast into a buffer
     assert (weight.grad is None) == with_sink
 
 

@@ -1,24 +1,22 @@
 """Per-token log-probs straight from hidden states and the LM-head weight, without [tokens, V] logits.
 
-Forward goes through the tokens in chunks: a chunk's logits (``chunk_size x V``) live only long enough
-for their log-sum-exp and the label's logit (``allo::token_logprob_fwd``); the log-sum-exp per token is
-all that is kept. The upstream gradient is only known in backward (DPO-style losses weight each
-token), which is why the gradients are not precomputed in forward as in Liger-Kernel's fused linear
-cross entropy; the price is one extra matmul.
+Both passes go through the vocabulary in blocks of the weight's rows (outermost) and the tokens in
+chunks: a block's logits ``[tokens, rows]`` are made with one matmul and live only while the kernels
+read them. Forward keeps the log-sum-exp of each block's columns (``allo::token_logprob_fwd`` on a
+vocabulary slice) and merges them into each token's log-sum-exp, which is all it saves for backward;
+the label's logit comes from the block that holds it. The upstream gradient is only known in backward
+(DPO-style losses weight each token), which is why the gradients are not precomputed in forward as
+in Liger-Kernel's fused linear cross entropy; the price is one extra matmul. Backward recomputes a
+block's logits, turns them into their gradient in place from the saved log-sum-exp
+(``allo::token_logprob_bwd_inplace`` on the slice) and multiplies that into the hidden states' gradient
+(accumulated across blocks in fp32) and into the gradient of the block's rows, which is then finished.
+Because the weight is only ever used a block of rows at a time,
 
-Backward goes through the vocabulary, outermost, in blocks of the weight's rows: for rows
-``[r0, r1)`` it recomputes those columns of the logits, turns them into their gradient in place from
-the saved log-sum-exp (``allo::token_logprob_bwd_inplace`` on a vocabulary slice), and multiplies that
-into the hidden states' gradient (accumulated across blocks in fp32) and into the gradient of rows
-``[r0, r1)``, which is then complete. The matmul work is the same as going through tokens
-outermost; what changes is that the weight's gradient is produced one row block at a time, so
-
-* an fp32 master weight under bf16 autocast gets its fp32 gradient directly: no bf16 ``[V, H]``
-  copy of the weight kept for backward, no bf16 ``[V, H]`` gradient for autograd to cast (the
-  weight is cast to the compute dtype for the forward, and per row block again in backward);
+* an fp32 master weight under bf16 autocast is cast one block at a time (no bf16 ``[V, H]`` copy)
+  and gets its fp32 gradient directly (no bf16 ``[V, H]`` gradient for autograd to cast);
 * with ``weight_grad_sink`` there is no ``[V, H]`` gradient at all: each block goes to the sink
   (MaskedAdamW keeps only the selected elements: ``allo.optim.compact_row_grads``). At Llama-3.2-1B
-  shape (128256 x 2048) with fp32 master weights this is 1.05 GB of fp32 gradient, plus a bf16
+  shape (128256 x 2048) with fp32 master weights that is 1.05 GB of fp32 gradient, plus a bf16
   gradient and a bf16 copy of 0.53 GB each, that the improve step no longer holds.
 """
 
@@ -33,12 +31,11 @@ from allo._backend import resolve_backend
 from . import reference
 from .logprob import _accumulate_dtype, ops, prepare_labels
 
-# Logits bytes per chunk. Each chunk's matmuls stream the whole [V, H] weight, so a chunk of c tokens
-# does about 2c flops per weight element moved: on an H100 (~800 TFLOP/s bf16, ~3 TB/s) that is
-# compute-bound only from c ~ 550 tokens. 64 MiB gives 256 tokens at V = 128256 in bf16, so GPUs get
-# 256 MiB (1024 bf16 tokens at that vocabulary). CPUs are compute-bound at any c that fits a cache
-# sensibly; 64 MiB measured well there. Backward's logits blocks are no larger than a forward chunk.
-# A prediction for the GPU, to be checked by bench_logprob.py.
+# Logits bytes per block. A block's matmul streams its rows of the weight once per token chunk, so a
+# chunk of c tokens does about 2c flops per weight element moved: on an H100 (~800 TFLOP/s bf16,
+# ~3 TB/s) that is compute-bound only from c ~ 550 tokens. GPUs get 256 MiB (4160 bf16 tokens for a
+# 32064-row block), CPUs 64 MiB (compute-bound at any c that fits a cache sensibly; measured well
+# there). A prediction for the GPU, to be checked by bench_logprob.py.
 _CHUNK_BYTES = {"cuda": 256 * 2**20}
 _CHUNK_BYTES_DEFAULT = 64 * 2**20
 # fp32 gradient bytes per backward row block. Smaller blocks hold less, but every block adds one fp32
@@ -54,9 +51,11 @@ _ROW_BLOCK_BYTES_DEFAULT = 16 * 2**20
 WeightGradSink = Callable[[int, torch.Tensor], None]
 
 
-def default_chunk_size(num_tokens: int, vocab_size: int, dtype: torch.dtype, device_type: str = "cpu") -> int:
+def default_chunk_size(num_tokens: int, columns: int, dtype: torch.dtype, device_type: str = "cpu") -> int:
+    """Tokens per chunk: as many as keep a ``[tokens, columns]`` logits block within the budget
+    (``columns``: the weight rows of a block), a multiple of 64 when that is at least 64."""
     budget = _CHUNK_BYTES.get(device_type, _CHUNK_BYTES_DEFAULT)
-    rows = budget // max(1, vocab_size * torch.empty((), dtype=dtype).element_size())
+    rows = budget // max(1, columns * torch.empty((), dtype=dtype).element_size())
     if rows >= 64:
         rows -= rows % 64  # tensor-core friendly
     return int(max(1, min(num_tokens, rows)))
@@ -82,22 +81,57 @@ def _autocast_off(fn):
 
 
 def _block(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """A contiguous ``[rows, cols]`` view at the start of ``buf``'s storage. One buffer serves every
-    chunk: with a fresh ``hidden @ weight.t()`` per chunk the previous chunk's logits are still
-    referenced while the next ones are allocated, so two chunks were alive at the peak (measured on
-    the CPU: 2 x 65.7 MB in forward and in backward at V = 128256, 256-token bf16 chunks)."""
+    """A contiguous ``[rows, cols]`` view at the start of ``buf``'s storage."""
     return buf.view(-1)[:rows * cols].view(rows, cols)
 
 
-def _mm_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` in the accumulation dtype (fp32 for bf16/fp16 inputs): cuBLAS writes fp32 directly;
-    the CPU has no such matmul, so its bf16/fp16 product is rounded once, then widened."""
-    acc = _accumulate_dtype(a.dtype)
-    if a.dtype == acc:
-        return torch.mm(a, b)
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=acc)
-    return torch.mm(a, b).to(acc)
+class _Scratch:
+    """Buffers that every block reuses, allocated at the first block's size. With fresh tensors a
+    block's logits were still referenced while the next ones were allocated (two blocks alive at the
+    peak), and on the CPU each fresh multi-MB tensor pays its page faults again (measured here: 8
+    fp32->bf16 casts of [16064, 256] blocks took 21 ms into fresh tensors, 5 ms into one buffer)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.buffers = device, {}
+
+    def view(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < rows * cols:  # the first block is the largest; "product" serves two shapes
+            buf = self.buffers[name] = torch.empty(rows * cols, dtype=dtype, device=self.device)
+        return _block(buf, rows, cols)
+
+    def rows_of(self, weight: torch.Tensor, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        """``weight[r0:r1]`` in ``dtype``: a view when it already is (a bf16 model), else cast into a buffer
+        (an fp32 master weight: one block's low-precision copy at a time, never a [V, H] one)."""
+        if weight.dtype == dtype:
+            return weight[r0:r1]
+        return self.view("weight", r1 - r0, weight.shape[1], dtype).copy_(weight[r0:r1])
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, accumulate: bool = False,
+           name: str = "") -> torch.Tensor:
+        """``a @ b`` in the accumulation dtype (fp32 for bf16/fp16 inputs), written to ``out`` (added to
+        it when ``accumulate``) or, with ``out`` None, to the buffer ``name``; returns the tensor that
+        holds it. cuBLAS writes fp32 from bf16 inputs directly (into a fresh tensor where ``out`` is
+        None: the caching allocator makes that free, and no copy follows); the CPU has no such matmul,
+        so its product is rounded once to the inputs' dtype, then widened. One addmm when the dtypes
+        agree, so the sink and autograd routes round alike."""
+        acc = _accumulate_dtype(a.dtype)
+        if out is None:
+            if a.is_cuda and a.dtype != acc:
+                return torch.mm(a, b, out_dtype=acc)
+            out = self.view(name, a.shape[0], b.shape[1], acc)
+        if a.dtype == out.dtype:
+            return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+        if a.is_cuda:
+            product = torch.mm(a, b, out_dtype=out.dtype)
+        else:
+            product = torch.mm(a, b, out=self.view("product", a.shape[0], b.shape[1], a.dtype))
+        return out.add_(product) if accumulate else out.copy_(product)
+
+
+def _block_sizes(tokens: int, vocab: int, chunk_size: int, vocab_chunk_size: int) -> tuple[int, int]:
+    """(weight rows, tokens) per block; at least 1 each, so empty inputs loop zero times."""
+    return max(1, min(vocab, vocab_chunk_size)), max(1, min(tokens, chunk_size))
 
 
 class FusedLinearTokenLogprobs(torch.autograd.Function):
@@ -107,18 +141,25 @@ class FusedLinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     @_autocast_off
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, vocab_chunk_size, sink):
-        n = hidden.shape[0]
-        acc = _accumulate_dtype(hidden.dtype)
-        logp = torch.empty(n, dtype=acc, device=hidden.device)
-        lse = torch.empty(n, dtype=acc, device=hidden.device)
-        op = ops()
-        # an fp32 master weight is cast for this forward only (backward casts a row block at a time)
-        w = weight.to(hidden.dtype)
-        buf = torch.empty(min(chunk_size, n) * weight.shape[0], dtype=hidden.dtype, device=hidden.device)
-        for start in range(0, n, chunk_size):
-            end = min(n, start + chunk_size)
-            logits = torch.mm(hidden[start:end], w.t(), out=_block(buf, end - start, weight.shape[0]))
-            logp[start:end], lse[start:end] = op.token_logprob_fwd(logits, labels[start:end], ignore_index, False)
+        (n, vocab), acc = (hidden.shape[0], weight.shape[0]), _accumulate_dtype(hidden.dtype)
+        rows, tokens = _block_sizes(n, vocab, chunk_size, vocab_chunk_size)
+        lse = torch.full((n,), float("-inf"), dtype=acc, device=hidden.device)
+        label_logit = torch.zeros(n, dtype=acc, device=hidden.device)
+        op, scratch = ops(), _Scratch(hidden.device)
+        for r0 in range(0, vocab, rows):
+            r1 = min(vocab, r0 + rows)
+            w = scratch.rows_of(weight, r0, r1, hidden.dtype)
+            for t0 in range(0, n, tokens):
+                t1 = min(n, t0 + tokens)
+                y = labels[t0:t1]
+                logits = torch.mm(hidden[t0:t1], w.t(), out=scratch.view("logits", t1 - t0, r1 - r0, hidden.dtype))
+                logp_block, lse_block = op.token_logprob_fwd(logits, y, ignore_index, False, r0, vocab)
+                # the label's logit comes from the block that holds it (logp_block is 0 elsewhere)
+                label_logit[t0:t1] += torch.where((y >= r0) & (y < r1), logp_block + lse_block, 0.0)
+                torch.logaddexp(lse[t0:t1], lse_block, out=lse[t0:t1])
+        keep = labels != ignore_index
+        lse = torch.where(keep, lse, 0.0)
+        logp = torch.where(keep, label_logit - lse, 0.0)
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.ignore_index, ctx.chunk_size, ctx.vocab_chunk_size, ctx.sink = ignore_index, chunk_size, vocab_chunk_size, sink
         return logp
@@ -132,39 +173,31 @@ class FusedLinearTokenLogprobs(torch.autograd.Function):
         grad = grad_logp.to(lse.dtype).contiguous()
         op = ops()
         (n, size), vocab = hidden.shape, weight.shape[0]
-        rows = max(1, min(vocab, ctx.vocab_chunk_size))
-        # as many tokens per block as keep the logits block within the forward chunk's size
-        tokens = max(1, min(n, max(ctx.chunk_size, ctx.chunk_size * vocab // rows)))
+        rows, tokens = _block_sizes(n, vocab, ctx.chunk_size, ctx.vocab_chunk_size)
         acc = _accumulate_dtype(hidden.dtype)
         grad_hidden = torch.zeros(n, size, dtype=acc, device=hidden.device) if need_hidden else None
         grad_weight = torch.empty_like(weight) if need_weight and sink is None else None
-        buf = torch.empty(tokens * rows, dtype=hidden.dtype, device=hidden.device)
+        # the block's weight gradient accumulates in the weight's gradient itself when that has the
+        # accumulation dtype (an fp32 model), else in fp32 rows handed on when finished
+        direct = grad_weight is not None and grad_weight.dtype == acc
+        scratch = _Scratch(hidden.device)
         for r0 in range(0, vocab, rows):
             r1 = min(vocab, r0 + rows)
-            w = weight[r0:r1].to(hidden.dtype)
-            grad_rows = None
+            w = scratch.rows_of(weight, r0, r1, hidden.dtype)
+            grad_rows = grad_weight[r0:r1] if direct else None
             for t0 in range(0, n, tokens):
                 t1 = min(n, t0 + tokens)
-                logits = torch.mm(hidden[t0:t1], w.t(), out=_block(buf, t1 - t0, r1 - r0))
+                logits = torch.mm(hidden[t0:t1], w.t(), out=scratch.view("logits", t1 - t0, r1 - r0, hidden.dtype))
                 op.token_logprob_bwd_inplace(grad[t0:t1], logits, labels[t0:t1], lse[t0:t1], ctx.ignore_index,
                                              r0, vocab)
                 if need_hidden:
-                    if hidden.dtype == acc:
-                        grad_hidden[t0:t1].addmm_(logits, w)
-                    else:
-                        grad_hidden[t0:t1] += _mm_wide(logits, w)
+                    scratch.mm(logits, w, grad_hidden[t0:t1], accumulate=True)
                 if need_weight:
-                    part = _mm_wide(logits.t(), hidden[t0:t1])
-                    if grad_rows is None:
-                        grad_rows = part
-                    else:
-                        grad_rows.add_(part)
-                    del part
+                    grad_rows = scratch.mm(logits.t(), hidden[t0:t1], grad_rows, accumulate=t0 > 0, name="grad_rows")
             if sink is not None:
                 sink(r0, grad_rows)
-            elif need_weight:
+            elif need_weight and not direct:
                 grad_weight[r0:r1] = grad_rows
-            del w, grad_rows  # before the next block's are made: one block's worth alive, not two
         if need_hidden:
             grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
@@ -181,16 +214,15 @@ def fused_linear_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tens
         lm_head_weight: ``[V, H]`` (``model.lm_head.weight``), same dtype and device as ``hidden``
             (under autocast it may be a higher-precision master weight: see below).
         labels: integer ``hidden.shape[:-1]``; ``ignore_index`` tokens get 0 and no gradient.
-        chunk_size: tokens per forward chunk; default: as many as fit 256 MiB of logits on a GPU,
-            64 MiB on a CPU (a multiple of 64; see ``_CHUNK_BYTES``). Backward's logits blocks are
-            no larger than a forward chunk.
+        chunk_size: tokens per chunk; default: as many as keep a ``[tokens, vocab_chunk_size]`` logits
+            block within 256 MiB on a GPU, 64 MiB on a CPU (a multiple of 64; see ``_CHUNK_BYTES``).
         backend: ``"reference"`` for the plain-PyTorch version; anything else runs the kernels.
-        vocab_chunk_size: weight rows per backward block; default: the vocabulary in equal blocks
-            whose fp32 gradient fits the same budget (``default_vocab_chunk_size``).
+        vocab_chunk_size: weight rows per block; default: the vocabulary in equal blocks whose fp32
+            gradient fits ``_ROW_BLOCK_BYTES`` (``default_vocab_chunk_size``).
         weight_grad_sink: ``sink(first_row, grad_rows)``, called in backward once per row block, in
             order, covering every row once: ``grad_rows`` is the finished gradient of rows
             ``[first_row, first_row + len(grad_rows))``, ``[rows, H]`` in fp32 (fp64 for fp64
-            inputs), the sink's to keep. The weight then gets no gradient from this op (its
+            inputs), valid during the call only (its buffer serves the next block: copy what you keep). The weight then gets no gradient from this op (its
             ``.grad`` is not touched), so no ``[V, H]`` gradient is ever made. For
             :class:`allo.optim.MaskedAdamW` in compact-grad mode, ``allo.optim.compact_row_grads``
             makes one that keeps only the selected elements.
@@ -200,9 +232,8 @@ def fused_linear_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tens
         to ``lm_head_weight``, in their own dtypes.
 
     Under autocast, ``hidden`` is cast to the autocast dtype, as ``nn.Linear``'s input would be, and
-    the weight is used in that dtype: cast whole for the forward, a row block at a time in backward,
-    so an fp32 master weight gets its fp32 gradient without a low-precision ``[V, H]`` copy kept
-    between forward and backward.
+    the weight is used in that dtype, cast a block of rows at a time, so an fp32 master weight gets
+    its fp32 gradient without a low-precision ``[V, H]`` copy of it or of its gradient.
     """
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
@@ -240,10 +271,11 @@ def fused_linear_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tens
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     flat_labels = prepare_labels(flat_hidden[:, :1], labels.reshape(-1, 1)[:, 0], "fused_linear_token_logprobs")
     vocab = lm_head_weight.shape[0]
-    if chunk_size is None:
-        chunk_size = default_chunk_size(flat_hidden.shape[0], vocab, hidden.dtype, hidden.device.type)
     if vocab_chunk_size is None:
         vocab_chunk_size = default_vocab_chunk_size(vocab, hidden.shape[-1], hidden.device.type)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(flat_hidden.shape[0], min(vocab, max(1, int(vocab_chunk_size))), hidden.dtype,
+                                        hidden.device.type)
     for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
         if int(value) < 1:
             raise ValueError(f"fused_linear_token_logprobs: {name} must be >= 1, got {value}")

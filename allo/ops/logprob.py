@@ -30,7 +30,11 @@ def _accumulate_dtype(dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, ignore_index, inplace_backward = inputs
+    logits, labels, ignore_index, inplace_backward, vocab_start, vocab_size = inputs
+    if vocab_start != 0 or vocab_size not in (-1, logits.shape[-1]):
+        # a slice's forward gives the slice's log-sum-exp, and backward needs the whole row's
+        raise RuntimeError("allo::token_logprob_fwd: autograd is defined for whole rows only; on a vocabulary "
+                           "slice call the ops directly (as allo/ops/fused_linear.py does)")
     _, lse = output
     ctx.save_for_backward(logits, labels, lse)
     ctx.ignore_index = ignore_index
@@ -50,7 +54,7 @@ def _backward(ctx, grad_logp, _grad_lse):
         grad_logits = logits
     else:
         grad_logits = torch.ops.allo.token_logprob_bwd(grad, logits, labels, lse, ctx.ignore_index)
-    return grad_logits, None, None, None
+    return grad_logits, None, None, None, None, None
 
 
 def _register():
@@ -63,12 +67,12 @@ def _register():
         _load_module()
 
         @torch.library.register_fake("allo::token_logprob_fwd")
-        def _fwd_fake(logits, labels, ignore_index=-100, inplace_backward=False):
+        def _fwd_fake(logits, labels, ignore_index=-100, inplace_backward=False, vocab_start=0, vocab_size=-1):
             acc = _accumulate_dtype(logits.dtype)
             return logits.new_empty(labels.shape, dtype=acc), logits.new_empty(labels.shape, dtype=acc)
 
         @torch.library.register_fake("allo::token_logprob_bwd")
-        def _bwd_fake(grad_logp, logits, labels, lse, ignore_index=-100):
+        def _bwd_fake(grad_logp, logits, labels, lse, ignore_index=-100, vocab_start=0, vocab_size=-1):
             return logits.new_empty(logits.shape)
 
         @torch.library.register_fake("allo::token_logprob_bwd_inplace")
