@@ -38,7 +38,7 @@ from .logprob import _accumulate_dtype, ops, prepare_labels
 # there). A prediction for the GPU, to be checked by bench_logprob.py.
 _CHUNK_BYTES = {"cuda": 256 * 2**20}
 _CHUNK_BYTES_DEFAULT = 64 * 2**20
-# fp32 gradient bytes per backward row block. Smaller blocks hold less, but every block adds one fp32
+# fp32 gradient bytes per row block. Smaller blocks hold less, but every block adds one fp32
 # [tokens, H] product into the hidden states' gradient (~16 * tokens * H bytes of traffic: at
 # Llama-3.2-1B shape, 8 x 512 tokens, 134 MB a block; at 8192 tokens x H = 4096, 537 MB) and recasts
 # its rows of an fp32 weight. On a GPU 256 MiB gives 4 blocks at the 1B shape (0.26 GB of gradient
@@ -62,7 +62,7 @@ def default_chunk_size(num_tokens: int, columns: int, dtype: torch.dtype, device
 
 
 def default_vocab_chunk_size(vocab_size: int, hidden_size: int, device_type: str = "cpu") -> int:
-    """Weight rows per backward block: the block's fp32 gradient ``[rows, H]`` within ``_ROW_BLOCK_BYTES``,
+    """Weight rows per block: the block's fp32 gradient ``[rows, H]`` within ``_ROW_BLOCK_BYTES``,
     the vocabulary cut into blocks of equal size (a multiple of 64) rather than full blocks and a
     small remainder."""
     most = max(64, _ROW_BLOCK_BYTES.get(device_type, _ROW_BLOCK_BYTES_DEFAULT) // (4 * max(1, hidden_size)))
