@@ -175,7 +175,7 @@ class FusedLinearTokenLogprobs(torch.autograd.Function):
         (n, size), vocab = hidden.shape, weight.shape[0]
         rows, tokens = _block_sizes(n, vocab, ctx.chunk_size, ctx.vocab_chunk_size)
         acc = _accumulate_dtype(hidden.dtype)
-        grad_hidden = torch.zeros(n, size, dtype=acc, device=hidden.device) if need_hidden else None
+        grad_hidden = torch.empty(n, size, dtype=acc, device=hidden.device) if need_hidden else None
         grad_weight = torch.empty_like(weight) if need_weight and sink is None else None
         # the block's weight gradient accumulates in the weight's gradient itself when that has the
         # accumulation dtype (an fp32 model), else in fp32 rows handed on when finished
@@ -191,7 +191,7 @@ class FusedLinearTokenLogprobs(torch.autograd.Function):
                 op.token_logprob_bwd_inplace(grad[t0:t1], logits, labels[t0:t1], lse[t0:t1], ctx.ignore_index,
                                              r0, vocab)
                 if need_hidden:
-                    scratch.mm(logits, w, grad_hidden[t0:t1], accumulate=True)
+                    scratch.mm(logits, w, grad_hidden[t0:t1], accumulate=r0 > 0)
                 if need_weight:
                     grad_rows = scratch.mm(logits.t(), hidden[t0:t1], grad_rows, accumulate=t0 > 0, name="grad_rows")
             if sink is not None:
