@@ -107,6 +107,8 @@ def test_usual_route_where_nothing_to_save_and_errors():
     assert compact_row_grads(opt, model.head.weight) is not None
     with torch.no_grad():
         assert compact_row_grads(opt, model.head.weight) is None
+    frozen = nn.Parameter(torch.randn(V, H), requires_grad=False)  # not the optimizer's: nothing to route
+    assert compact_row_grads(opt, frozen) is None
     with pytest.raises(ValueError, match="compact_grads=True"):
         compact_row_grads(MaskedAdamW(named), model.head.weight)
     with pytest.raises(ValueError, match="not one of the optimizer's parameters"):

@@ -167,3 +167,24 @@ def test_masked_stages_route_the_embedding(tmp_path, monkeypatch):
     assert len(routed) == 2 and removed == routed  # forget and improve
     assert heads and all(heads)  # every training forward of those stages routed the output layer
     assert not routed[0]._forward_hooks
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_routed_head_frozen_or_fully_selected(tied):
+    """A masked stage freezes parameters with nothing selected (prepare_trainable) and leaves them out of
+    the optimizer: routing the head must then do nothing, as it must for a fully selected head."""
+    for head_mask in (None, True):
+        model = _llama(tied)
+        head = model.get_output_embeddings().weight
+        if head_mask is None:
+            head.requires_grad_(False)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        masks = {n: (torch.ones(p.shape, dtype=torch.bool) if p is head else torch.rand(p.shape) < 0.3)
+                 for n, p in named}
+        opt = MaskedAdamW(named, masks=masks, compact_grads=True)
+        scorer = TokenLogprobs(model)
+        scorer.route_head_grads(opt)
+        ids, attn, labels, w = _batch(1)
+        (scorer(ids, attn, labels) * w).sum().backward()
+        assert (opt.compact_grad(head) is None) and (head.grad is not None) == (head_mask is True)
+        opt.step()

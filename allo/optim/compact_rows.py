@@ -30,8 +30,8 @@ def compact_row_grads(optimizer, weight: torch.Tensor):
 
     ``optimizer`` is a :class:`~allo.optim.MaskedAdamW` with ``compact_grads=True`` holding ``weight``
     (a 2-D ``[V, H]`` output layer). Returns None where the weight's gradient should take the usual
-    route (every element or no element selected, or gradients disabled), so the call can be made on
-    every forward::
+    route or there is none (every element or no element selected, a frozen weight, gradients
+    disabled), so the call can be made on every forward::
 
         sink = compact_row_grads(opt, model.lm_head.weight)
         logp = fused_linear_token_logprobs(hidden, model.lm_head.weight, labels, weight_grad_sink=sink)
@@ -49,6 +49,8 @@ def compact_row_grads(optimizer, weight: torch.Tensor):
         raise ValueError(f"{where}: optimizer must be a MaskedAdamW built with compact_grads=True "
                          f"(got {type(optimizer).__name__}"
                          f"{'' if not isinstance(optimizer, MaskedAdamW) else ' with compact_grads=False'})")
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return None  # no gradient to route (a frozen output layer, or torch.no_grad())
     if not any(p is weight for p in optimizer._params()):
         raise ValueError(f"{where}: weight is not one of the optimizer's parameters; build the optimizer "
                          "with it (a frozen output layer needs no sink)")
@@ -57,10 +59,9 @@ def compact_row_grads(optimizer, weight: torch.Tensor):
     if sharding.is_sharded(weight):
         raise ValueError(f"{where}: weight is a DTensor shard (FSDP2); row blocks of a sharded weight are "
                          "not routed, leave it to the optimizer's hook")
-    indices = optimizer._selection.get(weight)
-    if not (torch.is_grad_enabled() and weight.requires_grad and isinstance(indices, torch.Tensor)):
+    if not isinstance(optimizer._selection.get(weight), torch.Tensor):
         return None  # every element (param.grad kept) or none selected (the hook records it): usual route
-    return _RowSink(optimizer, weight, indices)
+    return _RowSink(optimizer, weight, optimizer._selection[weight])
 
 
 class _RowSink:
