@@ -123,11 +123,16 @@ def test_only_needed_gradients_are_computed():
 def test_default_chunk_is_bounded_and_tensor_core_friendly():
     assert default_chunk_size(8192, 128256, torch.bfloat16) % 64 == 0
     assert default_chunk_size(8192, 128256, torch.bfloat16) * 128256 * 2 <= 64 * 2**20
-    # GPUs: chunks long enough that the weight-gradient addmm is not bound by re-reading [V, H]
     assert default_chunk_size(8192, 128256, torch.bfloat16, "cuda") == 1024
     assert default_chunk_size(8192, 128256, torch.bfloat16, "cuda") * 128256 * 2 <= 256 * 2**20
     assert default_chunk_size(10, 50, torch.float32) == 10
     assert default_chunk_size(10, 10**9, torch.float32) == 1
+    # the GPU step's shape (8 x 511 tokens, Llama-3.2-1B): one token chunk per row block, so each block's
+    # rows of the weight are read once per pass
+    from allo.ops.fused_linear import default_vocab_chunk_size
+
+    rows = default_vocab_chunk_size(128256, 2048, "cuda")
+    assert default_chunk_size(4088, rows, torch.bfloat16, "cuda") == 4088
 
 
 def test_bad_shapes_raise():
