@@ -226,7 +226,7 @@ def window_histogram(sources, shift: int, lows, bits: int, *, key32: bool, edge:
     int64, nonfinite [1] int64: tiles holding a non-finite score)`` on the scores' device; ``per`` when
     ``per_tensor``."""
     if not 1 <= len(lows) <= 2:
-        raise ValueError(f"radix_blocked.window_histogram: {len(lows)} windows; expected 1 or 2")
+        raise ValueError(f"radix_window.window_histogram: {len(lows)} windows; expected 1 or 2")
     src = rb._prepared(sources)
     bins = 1 << bits
     block = rb.hist_block(bits)

@@ -113,7 +113,8 @@ for name in bench_update bench_select bench_logprob bench_step; do
   fi
   args=("${quick[@]}" --json "$work/$name.json")
   [ "$name" = bench_select ] && [ -n "$select_skip" ] && args+=(--skip "$select_skip")
-  # the improve step as it was before session 4's memory fixes, in the same run (allo_improve_before)
+  # the improve step without the embedding/output-layer routing and with autocast's weight cache on
+  # (allo_improve_before), in the same run
   [ "$name" = bench_step ] && args+=(--before)
   step "$name" 100 "$py" "benchmarks/$name.py" "${args[@]}"
 done

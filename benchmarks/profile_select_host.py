@@ -7,9 +7,10 @@ run on CPU tensors of Llama-3.2-1B's 145 shapes, each dimension divided by ``--s
 depends on the number of tensors, not their size). The boundaries come from one real ``plan`` under
 the Triton interpreter first. Prints the median host time of ``write_masks`` (cache warm: repeated
 calls, as in a training loop; cold: the launch-table cache cleared before each call), of the three
-histogram passes of the radix search, and of the sampled start's sample + window pass (the sort and
-searches of the sample run on the CPU here, on uninitialized keys). What this cannot show: on CUDA, synchronous host->device copies also wait for the
-GPU queue (see ``benchmarks/profile_gpu.py`` for the GPU view).
+histogram passes of the radix search, and of the sampled start's sample + window pass (the searches
+of the sample's histogram run on the CPU here, on an empty histogram). What this cannot show: on
+CUDA, synchronous host->device copies also wait for the GPU queue (see ``benchmarks/profile_gpu.py``
+for the GPU view).
 """
 
 from __future__ import annotations

@@ -129,9 +129,16 @@ class _Scratch:
         return out.add_(product) if accumulate else out.copy_(product)
 
 
-def _block_sizes(tokens: int, vocab: int, chunk_size: int, vocab_chunk_size: int) -> tuple[int, int]:
-    """(weight rows, tokens) per block; at least 1 each, so empty inputs loop zero times."""
-    return max(1, min(vocab, vocab_chunk_size)), max(1, min(tokens, chunk_size))
+def _block_sizes(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype, device_type: str,
+                 chunk_size: int | None, vocab_chunk_size: int | None) -> tuple[int, int]:
+    """(weight rows, tokens) per block: the sizes asked for, else the defaults; at least 1 each, so
+    empty inputs loop zero times."""
+    if vocab_chunk_size is None:
+        vocab_chunk_size = default_vocab_chunk_size(vocab, hidden_size, device_type)
+    rows = max(1, min(vocab, int(vocab_chunk_size)))
+    if chunk_size is None:
+        chunk_size = default_chunk_size(tokens, rows, dtype, device_type)
+    return rows, max(1, min(tokens, int(chunk_size)))
 
 
 class FusedLinearTokenLogprobs(torch.autograd.Function):
@@ -140,9 +147,8 @@ class FusedLinearTokenLogprobs(torch.autograd.Function):
     # matmuls and their buffers keep the compute dtype whatever context backward runs in.
     @staticmethod
     @_autocast_off
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, vocab_chunk_size, sink):
+    def forward(ctx, hidden, weight, labels, ignore_index, rows, tokens, sink):
         (n, vocab), acc = (hidden.shape[0], weight.shape[0]), _accumulate_dtype(hidden.dtype)
-        rows, tokens = _block_sizes(n, vocab, chunk_size, vocab_chunk_size)
         lse = torch.full((n,), float("-inf"), dtype=acc, device=hidden.device)
         label_logit = torch.zeros(n, dtype=acc, device=hidden.device)
         op, scratch = ops(), _Scratch(hidden.device)
@@ -161,7 +167,7 @@ class FusedLinearTokenLogprobs(torch.autograd.Function):
         lse = torch.where(keep, lse, 0.0)
         logp = torch.where(keep, label_logit - lse, 0.0)
         ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.ignore_index, ctx.chunk_size, ctx.vocab_chunk_size, ctx.sink = ignore_index, chunk_size, vocab_chunk_size, sink
+        ctx.ignore_index, ctx.rows, ctx.tokens, ctx.sink = ignore_index, rows, tokens, sink
         return logp
 
     @staticmethod
@@ -173,7 +179,7 @@ class FusedLinearTokenLogprobs(torch.autograd.Function):
         grad = grad_logp.to(lse.dtype).contiguous()
         op = ops()
         (n, size), vocab = hidden.shape, weight.shape[0]
-        rows, tokens = _block_sizes(n, vocab, ctx.chunk_size, ctx.vocab_chunk_size)
+        rows, tokens = ctx.rows, ctx.tokens
         acc = _accumulate_dtype(hidden.dtype)
         grad_hidden = torch.empty(n, size, dtype=acc, device=hidden.device) if need_hidden else None
         grad_weight = torch.empty_like(weight) if need_weight and sink is None else None
@@ -270,15 +276,11 @@ def fused_linear_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tens
         return reference.fused_linear_token_logprobs(hidden, lm_head_weight.to(hidden.dtype), labels, ignore_index)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     flat_labels = prepare_labels(flat_hidden[:, :1], labels.reshape(-1, 1)[:, 0], "fused_linear_token_logprobs")
-    vocab = lm_head_weight.shape[0]
-    if vocab_chunk_size is None:
-        vocab_chunk_size = default_vocab_chunk_size(vocab, hidden.shape[-1], hidden.device.type)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(flat_hidden.shape[0], min(vocab, max(1, int(vocab_chunk_size))), hidden.dtype,
-                                        hidden.device.type)
     for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
-        if int(value) < 1:
+        if value is not None and int(value) < 1:
             raise ValueError(f"fused_linear_token_logprobs: {name} must be >= 1, got {value}")
-    logp = FusedLinearTokenLogprobs.apply(flat_hidden, lm_head_weight, flat_labels, ignore_index, int(chunk_size),
-                                          int(vocab_chunk_size), weight_grad_sink)
+    rows, tokens = _block_sizes(flat_hidden.shape[0], lm_head_weight.shape[0], hidden.shape[-1], hidden.dtype,
+                                hidden.device.type, chunk_size, vocab_chunk_size)
+    logp = FusedLinearTokenLogprobs.apply(flat_hidden, lm_head_weight, flat_labels, ignore_index, rows, tokens,
+                                          weight_grad_sink)
     return logp.reshape(labels.shape)

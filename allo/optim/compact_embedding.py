@@ -21,7 +21,6 @@ import weakref
 import torch
 from torch import nn
 
-from allo.optim import sharding
 
 
 def compact_embedding_grads(embedding: nn.Embedding, optimizer):
@@ -50,17 +49,10 @@ def compact_embedding_grads(embedding: nn.Embedding, optimizer):
         raise ValueError(f"{where}: max_norm, scale_grad_by_freq and sparse are not supported (they are "
                          f"{embedding.max_norm}, {embedding.scale_grad_by_freq}, {embedding.sparse}); "
                          "leave them at their defaults or do not route this embedding")
-    if not isinstance(optimizer, MaskedAdamW) or not optimizer.compact_grads:
+    if not isinstance(optimizer, MaskedAdamW):
         raise ValueError(f"{where}: optimizer must be a MaskedAdamW built with compact_grads=True "
-                         f"(got {type(optimizer).__name__}"
-                         f"{'' if not isinstance(optimizer, MaskedAdamW) else ' with compact_grads=False'})")
-    weight = embedding.weight
-    if not any(p is weight for p in optimizer._params()):
-        raise ValueError(f"{where}: embedding.weight is not one of the optimizer's parameters; build the "
-                         "optimizer with it (a frozen embedding needs no routing)")
-    if sharding.is_sharded(weight):
-        raise ValueError(f"{where}: embedding.weight is a DTensor shard (FSDP2); routing covers plain "
-                         "parameters only, leave sharded embeddings to the optimizer's hook")
+                         f"(got {type(optimizer).__name__})")
+    optimizer._check_routable(where, embedding.weight, "embedding.weight")
     return embedding.register_forward_hook(_RouteHook(optimizer), with_kwargs=True)
 
 
@@ -76,7 +68,7 @@ class _RouteHook:
         weight = module.weight
         if opt is None or not (torch.is_grad_enabled() and weight.requires_grad):
             return None
-        if not isinstance(opt._selection.get(weight), torch.Tensor):
+        if opt._partial_selection(weight) is None:
             return None  # every element (param.grad kept) or none selected: nothing to save
         # the output's values are kept (no second lookup); only its gradient's route changes, and
         # the plain lookup's graph, which would make the dense gradient, is dropped with `output`
@@ -96,8 +88,8 @@ class _RoutedEmbedding(torch.autograd.Function):
         (ids,) = ctx.saved_tensors
         opt = ctx.route.opt()
         weight = ctx.weight
-        sel = None if opt is None else opt._selection.get(weight)
-        if isinstance(sel, torch.Tensor):
+        sel = None if opt is None else opt._partial_selection(weight)
+        if sel is not None:
             part = selected_row_grads(grad_output, ids, sel, weight.shape, ctx.padding_idx)
             opt._add_compact_part(weight, part)
         return None, None, None, None, None

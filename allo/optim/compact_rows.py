@@ -17,7 +17,6 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from allo.optim import sharding
 
 # sorted flat indices (a selection tensor) -> {(first element, end element): (first position, end position)};
 # keyed weakly by the selection tensor, so a new selection never meets stale bounds
@@ -45,23 +44,17 @@ def compact_row_grads(optimizer, weight: torch.Tensor):
     from allo.optim import MaskedAdamW
 
     where = "compact_row_grads(optimizer, weight)"
-    if not isinstance(optimizer, MaskedAdamW) or not optimizer.compact_grads:
+    if not isinstance(optimizer, MaskedAdamW):
         raise ValueError(f"{where}: optimizer must be a MaskedAdamW built with compact_grads=True "
-                         f"(got {type(optimizer).__name__}"
-                         f"{'' if not isinstance(optimizer, MaskedAdamW) else ' with compact_grads=False'})")
+                         f"(got {type(optimizer).__name__})")
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return None  # no gradient to route (a frozen output layer, or torch.no_grad())
-    if not any(p is weight for p in optimizer._params()):
-        raise ValueError(f"{where}: weight is not one of the optimizer's parameters; build the optimizer "
-                         "with it (a frozen output layer needs no sink)")
+    optimizer._check_routable(where, weight, "weight")
     if weight.dim() != 2:
         raise ValueError(f"{where}: weight must be a [V, H] output layer, got shape {tuple(weight.shape)}")
-    if sharding.is_sharded(weight):
-        raise ValueError(f"{where}: weight is a DTensor shard (FSDP2); row blocks of a sharded weight are "
-                         "not routed, leave it to the optimizer's hook")
-    if not isinstance(optimizer._selection.get(weight), torch.Tensor):
-        return None  # every element (param.grad kept) or none selected (the hook records it): usual route
-    return _RowSink(optimizer, weight, optimizer._selection[weight])
+    indices = optimizer._partial_selection(weight)
+    # every element (param.grad kept) or none selected (the hook records it): the usual route
+    return None if indices is None else _RowSink(optimizer, weight, indices)
 
 
 class _RowSink:

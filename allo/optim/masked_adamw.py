@@ -81,8 +81,9 @@ class MaskedAdamW(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_unselected=decay_unselected)
         self._selection: dict[torch.Tensor, object] = {}
         self._compact: dict[torch.Tensor, torch.Tensor] = {}
-        # compact-size gradient parts that reached a parameter without a full gradient (rows written by
-        # allo.optim.compact_embedding_grads), waiting for the parameter's hook or the end of backward
+        # compact-size gradient parts that reached a parameter without a full gradient (written by
+        # allo.optim.compact_embedding_grads and compact_row_grads), waiting for the parameter's hook or
+        # the end of backward
         self._pending: dict[torch.Tensor, torch.Tensor] = {}
         self._hooks: list = []
         self._stepped_without_state: set = set()
@@ -250,8 +251,8 @@ class MaskedAdamW(Optimizer):
             selected = grad.reshape(-1).index_select(0, sel).float()  # int32 indices are fine for index_select
             part = self._pending.pop(p, None)
             if part is not None:
-                # a tied weight whose embedding rows were routed: autograd would have summed the dense
-                # gradients in this order (the output layer's first), then this hook would have gathered
+                # a tied weight with one use routed (embedding rows or output-layer blocks) and one dense:
+                # one addition of the two parts, as autograd's sum of the dense gradients would be
                 selected.add_(part)
             self._merge_compact(p, selected)
         p.grad = None  # the point of compact mode: the full gradient dies as soon as it is read
@@ -262,6 +263,26 @@ class MaskedAdamW(Optimizer):
             self._compact[p] = part
         else:
             held.add_(part)
+
+    def _check_routable(self, where: str, p: torch.Tensor, what: str) -> None:
+        """What routing ``p``'s gradient into the compact gradients needs (compact_embedding_grads,
+        compact_row_grads): compact-grad mode, and ``p`` one of this optimizer's plain parameters."""
+        if not self.compact_grads:
+            raise ValueError(f"{where}: optimizer must be a MaskedAdamW built with compact_grads=True "
+                             "(got MaskedAdamW with compact_grads=False)")
+        if p not in self._selection:  # every parameter has a selection (DENSE when unmasked)
+            raise ValueError(f"{where}: {what} is not one of the optimizer's parameters; build the optimizer "
+                             "with it (a frozen one needs no routing)")
+        if sharding.is_sharded(p):
+            raise ValueError(f"{where}: {what} is a DTensor shard (FSDP2); routing covers plain parameters "
+                             "only, leave sharded ones to the optimizer's hook")
+
+    def _partial_selection(self, p: torch.Tensor) -> torch.Tensor | None:
+        """``p``'s sorted flat indices when some but not all of its elements are selected, else None
+        (every element: the dense gradient is kept; none: the hook records the step): where routing
+        its gradient saves something."""
+        sel = self._selection.get(p)
+        return sel if isinstance(sel, torch.Tensor) else None
 
     def _add_compact_part(self, p: torch.Tensor, part: torch.Tensor, start: int = 0) -> None:
         """Add ``part`` (fp32, entries ``start, start + 1, ...`` of ``p``'s selected elements), computed

@@ -339,13 +339,9 @@ def _tie_starts(counts: dict, group):
     if group is None:  # one process: the order is the mapping's
         c = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
         return dict(zip(counts, (np.cumsum(c) - c).tolist()))
-    entries = [list(counts.items())]
-    if group is not None:
-        gathered = [None] * torch.distributed.get_world_size(group)
-        torch.distributed.all_gather_object(gathered, entries[0], group=group)
-        entries, rank = gathered, torch.distributed.get_rank(group)
-    else:
-        rank = 0
+    entries = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(entries, list(counts.items()), group=group)
+    rank = torch.distributed.get_rank(group)
     order = {}
     for per_rank in entries:
         for name, _ in per_rank:
