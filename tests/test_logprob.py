@@ -111,6 +111,19 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda t: token_logprobs(t, labels), (logits,))
 
 
+def test_double_backward_raises_instead_of_a_wrong_second_derivative():
+    logits = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 5, 2])
+    upstream = torch.randn(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(token_logprobs(logits, labels), logits, upstream, create_graph=True)
+    # the plain-PyTorch backend is the way to second derivatives, and agrees with the first ones
+    (first,) = torch.autograd.grad(token_logprobs(logits, labels, backend="reference"), logits, upstream,
+                                   create_graph=True)
+    torch.testing.assert_close(first, torch.autograd.grad(token_logprobs(logits, labels), logits, upstream)[0])
+    assert torch.autograd.gradgradcheck(lambda t: token_logprobs(t, labels, backend="reference"), (logits,))
+
+
 def test_fp64_kernel_matches_reference_tightly():
     _check(*_inputs((3, 4), 513, torch.float64, "cpu"))
 

@@ -120,6 +120,14 @@ def test_only_needed_gradients_are_computed():
     assert hidden.grad is not None and weight.grad is None
 
 
+def test_double_backward_raises():
+    hidden = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    logp = fused_linear_token_logprobs(hidden, weight, torch.tensor([1, -100, 8]), vocab_chunk_size=4)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(logp.sum(), (hidden, weight), create_graph=True)
+
+
 def test_default_chunk_is_bounded_and_tensor_core_friendly():
     assert default_chunk_size(8192, 128256, torch.bfloat16) % 64 == 0
     assert default_chunk_size(8192, 128256, torch.bfloat16) * 128256 * 2 <= 64 * 2**20

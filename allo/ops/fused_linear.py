@@ -29,7 +29,7 @@ import torch
 from allo._backend import resolve_backend
 
 from . import reference
-from .logprob import _accumulate_dtype, ops, prepare_labels
+from .logprob import _accumulate_dtype, ops, prepare_labels, refuse_double_backward
 
 # Logits bytes per block. A block's matmul streams its rows of the weight once per token chunk, so a
 # chunk of c tokens does about 2c flops per weight element moved: on an H100 (~800 TFLOP/s bf16,
@@ -174,6 +174,7 @@ class FusedLinearTokenLogprobs(torch.autograd.Function):
     @_autocast_off
     def backward(ctx, grad_logp):
         hidden, weight, labels, lse = ctx.saved_tensors
+        refuse_double_backward("allo.ops.fused_linear_token_logprobs", grad_logp, hidden, weight)
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         sink = ctx.sink if need_weight else None
         grad = grad_logp.to(lse.dtype).contiguous()

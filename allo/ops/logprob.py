@@ -42,8 +42,21 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+def refuse_double_backward(what: str, *tensors: torch.Tensor) -> None:
+    """The backward kernels have no derivative of their own. Under ``create_graph=True`` (a gradient
+    penalty, Hessian-vector products, ``gradgradcheck``) their output would be taken as a constant and
+    the second derivative silently wrong (``once_differentiable`` only raises when the graph reaches
+    it, which a gradient with respect to the inputs never does): raise instead."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"{what}: double backward (create_graph=True) is not supported: the backward kernels are not "
+            "differentiable. Use backend='reference' (plain PyTorch) where second derivatives are needed"
+        )
+
+
 def _backward(ctx, grad_logp, _grad_lse):
     logits, labels, lse = ctx.saved_tensors
+    refuse_double_backward("allo.ops.token_logprobs", grad_logp, logits)
     grad = grad_logp.to(lse.dtype).contiguous()
     if ctx.inplace_backward:
         # The caller promised nothing else reads these logits after backward: reuse their buffer.
