@@ -8,7 +8,7 @@ selection plan and mask writing (973M bf16 scores in Llama-3.2-1B shapes) and fo
 launches, measured with the GPU idle), the top functions by host time (cProfile) and the kernels by
 GPU time (torch.profiler); then wall times over a few launch configurations of the Triton kernels
 (module constants ``TILE``/``BLOCK``/``NUM_WARPS``). ``matmul`` times the LM-head matmuls that bound
-the fused-linear op (8192 x 4096 -> 128256, bf16). ``step-memory`` (not in the default list) prints the
+the fused-linear op (8192 x 4096 -> 128256, bf16), alone and in the fused op's row blocks. ``step-memory`` (not in the default list) prints the
 allocations alive at the peak of one ALLO improve step (bench_step's Llama-3.2-1B shape).
 """
 
@@ -180,6 +180,23 @@ def profile_matmul():
                 gw.addmm_(logits[s:s + chunk].t(), x[s:s + chunk])
         ms = wall_ms(chunked, 1, 3)
         print(f"matmul grad_W accumulated over chunks of {chunk}: {ms:.3f} ms", flush=True)
+    # allo.ops.fused_linear's backward since 2026-11-27 (row blocks of the weight; one token chunk per
+    # block at this size): per block, recompute the block's logits, then grad_x += dlogits @ W_block and
+    # grad_W_block = dlogits^T @ x, both products written as fp32 by cuBLAS
+    grad_x = torch.empty(t, h, device="cuda", dtype=torch.float32)
+    for rows in (32064, 16032):
+        def row_blocks(rows=rows):
+            for r0 in range(0, v, rows):
+                wb = w[r0:r0 + rows]
+                blk = x @ wb.t()
+                if r0:
+                    grad_x.add_(torch.mm(blk, wb, out_dtype=torch.float32))
+                else:
+                    grad_x.copy_(torch.mm(blk, wb, out_dtype=torch.float32))
+                torch.mm(blk.t(), x, out_dtype=torch.float32)
+        ms = wall_ms(row_blocks, 1, 3)
+        print(f"matmul fused-linear backward in row blocks of {rows} (3 products each): {ms:.3f} ms "
+              f"({3 * flop / ms / 1e9:.0f} TFLOP/s)", flush=True)
 
 
 def alive_at_peak(trace: list) -> tuple[int, list]:
