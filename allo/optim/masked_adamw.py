@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
-from allo._backend import resolve_backend
+from allo._backend import BACKENDS, resolve_backend
 from allo.optim import _cpu_kernel, sharding
 from allo.optim.masks import DENSE, EMPTY, normalize_mask, same_selection
 from allo.optim.reference import masked_adamw_step_reference
@@ -78,6 +78,8 @@ class MaskedAdamW(Optimizer):
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if backend is not None and backend not in BACKENDS:  # else the first step, much later, would say it
+            raise ValueError(f"MaskedAdamW(backend=...) is {backend!r}; expected None or one of {', '.join(BACKENDS)}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_unselected=decay_unselected)
         self._selection: dict[torch.Tensor, object] = {}
         self._compact: dict[torch.Tensor, torch.Tensor] = {}
@@ -125,15 +127,18 @@ class MaskedAdamW(Optimizer):
             names = self._names()
             for i, p in enumerate(self._params()):
                 if p not in self._selection:
+                    label = self._label(i, names[i])
                     if sharding.is_sharded(p):
-                        sharding.check_placement(p, self._label(i, names[i]))
-                    self._select(p, sharding.localize(DENSE, p) if sharding.is_sharded(p) else DENSE)
+                        sharding.check_placement(p, label)
+                    self._select(p, sharding.localize(DENSE, p) if sharding.is_sharded(p) else DENSE, label)
             self._group = sharding.mesh_group(self._params())
             self._register_hooks()
 
     def set_masks(self, masks) -> None:
         """Set which elements train (forms as in the class docstring). A parameter whose selection
-        changes starts from fresh state (zero moments, step 0); an unchanged one keeps its state."""
+        changes starts from fresh state (zero moments, step 0); an unchanged one keeps its state (and,
+        in compact-grad mode, the compact gradient gathered since the last step). In compact-grad mode
+        a selection cannot change between backward and :meth:`step` (the full gradient is gone)."""
         params, names = self._params(), self._names()
         if masks is None:
             chosen = [None] * len(params)
@@ -168,30 +173,48 @@ class MaskedAdamW(Optimizer):
                 sharding.check_placement(p, label)
             sel = normalize_mask(m, p, label)  # over the global shape: what allo.select writes
             selections.append(sharding.localize(sel, p) if sharding.is_sharded(p) else sel)
+        self._check_gathered_grads(selections, "set_masks")
         self._group = sharding.mesh_group(params)
-        for p, sel in zip(params, selections):
-            self._select(p, sel)
+        for i, (p, sel) in enumerate(zip(params, selections)):
+            self._select(p, sel, self._label(i, names[i]))
         self._register_hooks()
 
-    def _select(self, p: torch.Tensor, sel) -> None:
-        """``sel`` is over ``p``'s local block when ``p`` is sharded (see :mod:`allo.optim.sharding`)."""
+    def _check_gathered_grads(self, selections: list, where: str) -> None:
+        """Refuse new selections (aligned with :meth:`_params`) that the gradients gathered in
+        compact-grad mode since the last step cannot serve: the hook kept only the old selection's
+        elements and freed the full gradient. Dropping them would silently skip the parameter's step."""
+        if not (self._compact or self._pending or self._stepped_without_state):
+            return
+        names = self._names()
+        for i, (p, sel) in enumerate(zip(self._params(), selections)):
+            gathered = p in self._compact or p in self._pending or p in self._stepped_without_state
+            if gathered and sel != EMPTY and not same_selection(self._selection.get(p), sel):
+                raise ValueError(
+                    f"{where}: parameter {self._label(i, names[i])} would change its selection, but this "
+                    "optimizer (compact_grads=True) already gathered its gradient for the old selection and freed "
+                    "the full gradient; change selections before backward, or after step() / zero_grad()"
+                )
+
+    def _select(self, p: torch.Tensor, sel, label: str) -> None:
+        """``sel`` is over ``p``'s local block when ``p`` is sharded (see :mod:`allo.optim.sharding`);
+        ``label`` names ``p`` in errors."""
         self._plan_version += 1
         param = p
         old = self._selection.get(p)
         self._selection[p] = sel
+        if old is not None and same_selection(old, sel) and (sel == EMPTY or p in self.state):
+            return  # state and gathered compact gradient still fit
         self._compact.pop(p, None)
         self._pending.pop(p, None)
-        if old is not None and same_selection(old, sel) and (sel == EMPTY or p in self.state):
-            return
         self.state.pop(p, None)
         if sel == EMPTY:
             return
         p = sharding.local(p)  # state, indices and master copy cover this rank's block only
         if not p.is_contiguous():
-            raise ValueError("MaskedAdamW needs contiguous parameters (flat indices address param.reshape(-1)); "
-                             "make the parameter contiguous before building the optimizer")
+            raise ValueError(f"parameter {label} is not contiguous; MaskedAdamW needs contiguous parameters (flat "
+                             "indices address param.reshape(-1)): make it contiguous before building the optimizer")
         if p.dtype not in (torch.float32, *_LOW_PRECISION):
-            raise TypeError(f"MaskedAdamW trains fp32, bf16 and fp16 parameters; one parameter is {p.dtype}")
+            raise TypeError(f"parameter {label} is {p.dtype}; MaskedAdamW trains fp32, bf16 and fp16 parameters")
         k = p.numel() if sel == DENSE else sel.numel()
         state = {"step": torch.tensor(0.0, dtype=torch.float32),
                  "exp_avg": torch.zeros(k, dtype=torch.float32, device=p.device),
@@ -237,6 +260,24 @@ class MaskedAdamW(Optimizer):
     def __del__(self):
         if getattr(self, "_hooks", None):
             self.remove_hooks()
+
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickle: torch's Optimizer keeps only defaults, state and param_groups, which
+        # leaves a MaskedAdamW without its selections. Everything goes but what cannot be copied: the
+        # hooks (registered on the copy's parameters in __setstate__), the numpy view of the step
+        # counts and the step plans (they hold the original's tensor addresses)
+        state = self.__dict__.copy()
+        for key in ("_hooks", "_step_np", "_plans"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_step_buf" in state:  # a whole optimizer (copy or pickle), not torch's load_state_dict
+            self._step_np = self._step_buf.numpy()
+            self._plans, self._hooks = {}, []
+            self._plan_version += 1
+            self._register_hooks()
 
     def _compact_hook(self, p: torch.Tensor) -> None:
         grad = p.grad
@@ -591,21 +632,56 @@ class MaskedAdamW(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a :meth:`state_dict`: masks, compact state and hyper-parameters. Tensors keep their
         saved dtypes (torch's loader would cast fp32 moments to a bf16 parameter's dtype, which would
-        break bit-for-bit resume), and move to each parameter's device."""
-        saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
+        break bit-for-bit resume), and move to each parameter's device. As in torch, pre-hooks
+        (:meth:`register_load_state_dict_pre_hook`) may rewrite the state dict first, post-hooks run
+        once the state is loaded, and a state dict that does not fit changes nothing. Compact
+        gradients gathered since the last step are kept where the selection stays the same."""
+        state_dict = state_dict.copy()  # shallow, as torch's: a pre-hook may rewrite it
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            rewritten = hook(self, state_dict)
+            if rewritten is not None:
+                state_dict = rewritten
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        if len(groups) != len(saved_groups) or any(len(g["params"]) != len(s["params"])
+                                                   for g, s in zip(groups, saved_groups)):
+            raise ValueError(
+                f"loaded state dict has parameter groups of {[len(s['params']) for s in saved_groups]} parameters, "
+                f"this optimizer of {[len(g['params']) for g in groups]}; build the optimizer with the parameters "
+                "(and groups) it was saved with"
+            )
+        loaded = self._loaded_states(state_dict["state"], [pid for g in saved_groups for pid in g["params"]])
+        self._check_gathered_grads([sel for sel, _ in loaded], "load_state_dict")
+        # nothing below fails on a state dict that fits: torch's loader takes the groups (hyper-
+        # parameters), without its hooks (run here around the whole load) and without the state
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+        try:
+            super().load_state_dict({**state_dict, "state": {}})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
         self._plan_version += 1
-        ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        params = self._params()
-        names = self._names()
         self.state = defaultdict(dict)
-        self._compact.clear()
-        self._pending.clear()
-        for i, (pid, param) in enumerate(zip(ids, params)):
+        for param, (sel, state) in zip(self._params(), loaded):
+            if not same_selection(self._selection.get(param), sel):
+                self._compact.pop(param, None)
+                self._pending.pop(param, None)
+            self._selection[param] = sel
+            if state is not None:
+                self.state[param] = state
+        self._register_hooks()
+        for hook in post.values():
+            hook(self)
+
+    def _loaded_states(self, saved_state: dict, ids: list) -> list[tuple]:
+        """(selection, state or None) per parameter from a state dict's ``state`` (``ids``: the saved
+        parameter ids in the optimizer's order), checked against the parameters; changes nothing."""
+        loaded = []
+        names = self._names()
+        for i, (pid, param) in enumerate(zip(ids, self._params())):
             label = self._label(i, names[i])
             saved = saved_state.get(pid)
             if not saved:
-                self._selection[param] = EMPTY
+                loaded.append((EMPTY, None))
                 continue
             p = sharding.local(param)  # sharded: the state is this rank's block's
             if sharding.is_sharded(param) and tuple(saved.get("shard_rows", ())) != sharding.row_block(param):
@@ -631,14 +707,13 @@ class MaskedAdamW(Optimizer):
                 if indices.dim() != 1 or (k and (int(indices.min()) < 0 or int(indices.max()) >= p.numel())):
                     raise ValueError(f"state_dict 'indices' for parameter {label} do not index a tensor of "
                                      f"{p.numel()} elements; the checkpoint does not match this model")
-                self._selection[param] = indices
+                loaded.append((indices, state))
             else:
-                self._selection[param] = DENSE
                 for key in ("exp_avg", "exp_avg_sq", "master"):
                     if key in state:
                         state[key] = state[key].view(p.shape)
-            self.state[param] = state
-        self._register_hooks()
+                loaded.append((DENSE, state))
+        return loaded
 
 
 class _CompactHook:

@@ -1,0 +1,138 @@
+"""MaskedAdamW against the torch.optim contract where the other tests do not reach: what set_masks and
+load_state_dict do to gradients already gathered in compact-grad mode, load_state_dict hooks, copies
+of the optimizer, and errors that name the parameter."""
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from allo.optim import MaskedAdamW
+
+
+def _model(dtype=torch.float32):
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)).to(dtype)
+
+
+def _masks(model):
+    g = torch.Generator().manual_seed(3)
+    return {n: torch.rand(p.shape, generator=g) > 0.5 for n, p in model.named_parameters()}
+
+
+def _backward(model, seed=0):
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(seed))
+    model(x).pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("between", ["set_masks", "load_state_dict"])
+def test_compact_grads_survive_unchanged_selection_between_backward_and_step(between):
+    """torch's optimizers never touch gradients outside step/zero_grad; in compact-grad mode the
+    gradients live in the optimizer, so re-setting the same masks (or loading a checkpoint with the
+    same selection) between backward and step must keep them."""
+    results = []
+    for interrupt in (False, True):
+        model = _model()
+        masks = _masks(model)
+        opt = MaskedAdamW(model.named_parameters(), lr=0.05, masks=masks, compact_grads=True)
+        saved = copy.deepcopy(opt.state_dict())
+        _backward(model)
+        if interrupt:
+            opt.set_masks(masks) if between == "set_masks" else opt.load_state_dict(saved)
+        opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_set_masks_changing_a_selection_with_compact_grads_pending_is_an_error():
+    model = _model()
+    masks = _masks(model)
+    opt = MaskedAdamW(model.named_parameters(), lr=0.05, masks=masks, compact_grads=True)
+    _backward(model)
+    with pytest.raises(ValueError, match="'0.weight'.*before backward"):
+        opt.set_masks({**masks, "0.weight": ~masks["0.weight"]})
+    opt.step()  # nothing was changed by the refused call: the step uses the gathered gradients
+    assert all(float(st["step"]) == 1 for st in opt.state.values())
+    opt.set_masks({**masks, "0.weight": ~masks["0.weight"]})  # after step: fine
+
+
+def test_load_state_dict_runs_hooks_around_the_loaded_state():
+    """torch documents load_state_dict pre-hooks as the way to adapt a saved state dict (e.g. remap
+    it by parameter names) and post-hooks as running after the state is loaded."""
+    model = _model()
+    opt = MaskedAdamW(model.named_parameters(), lr=0.05, masks=_masks(model))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    params = list(model.parameters())
+    # the second optimizer holds the parameters in another order; a pre-hook maps the saved state
+    fresh = MaskedAdamW([params[1], params[0], params[3], params[2]], lr=0.05)
+    order = [1, 0, 3, 2]
+
+    def remap(optimizer, state_dict):
+        ids = state_dict["param_groups"][0]["params"]
+        return {**state_dict, "state": {ids[i]: state_dict["state"][ids[j]] for i, j in enumerate(order)}}
+
+    seen = []
+    fresh.register_load_state_dict_pre_hook(remap)
+    fresh.register_load_state_dict_post_hook(lambda o: seen.append(sum(int(st["step"]) for st in o.state.values())))
+    fresh.load_state_dict(saved)
+    assert seen == [4]
+    for p in params:
+        assert torch.equal(fresh.state[p]["indices"], opt.state[p]["indices"])
+
+
+def test_failed_load_state_dict_leaves_the_optimizer_as_it_was():
+    model = _model()
+    opt = MaskedAdamW(model.named_parameters(), lr=0.05, masks=_masks(model))
+    saved = copy.deepcopy(opt.state_dict())
+    first = next(iter(saved["state"]))
+    saved["state"][first]["exp_avg"] = saved["state"][first]["exp_avg"][:-1]
+    saved["param_groups"][0]["lr"] = 1.0
+    before = {p: {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
+    with pytest.raises(ValueError, match="'0.weight'"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 0.05
+    assert set(opt.state) == set(before)
+    for p, st in before.items():
+        for k, v in st.items():
+            assert torch.equal(opt.state[p][k], v)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_deepcopy_of_the_optimizer_trains_like_the_original(compact):
+    """copy.deepcopy(optimizer) works for torch.optim.AdamW (a snapshot of model and optimizer)."""
+    model = _model()
+    opt = MaskedAdamW(model.named_parameters(), lr=0.05, masks=_masks(model), compact_grads=compact)
+    _backward(model)
+    opt.step()
+    opt.zero_grad()
+    twin_model, twin = copy.deepcopy((model, opt))
+    for m, o in ((model, opt), (twin_model, twin)):
+        for seed in (1, 2):
+            _backward(m, seed)
+            o.step()
+            o.zero_grad()
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b)
+    assert [float(s["step"]) for s in twin.state.values()] == [3.0] * 4
+    if compact:  # the copy's hooks feed the copy, the original's the original
+        _backward(twin_model)
+        assert twin.compact_grad(next(twin_model.parameters())) is not None
+        assert opt.compact_grad(next(model.parameters())) is None
+
+
+def test_parameter_errors_name_the_parameter():
+    weight = torch.nn.Parameter(torch.randn(4, 3).t())
+    with pytest.raises(ValueError, match="'w'.*contiguous"):
+        MaskedAdamW([("w", weight)])
+    with pytest.raises(TypeError, match=r"params\[1\].*float64"):
+        MaskedAdamW([torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3).double())])
+
+
+def test_unknown_backend_is_refused_at_construction():
+    with pytest.raises(ValueError, match="backend.*'cuda'"):
+        MaskedAdamW([torch.nn.Parameter(torch.randn(3))], backend="cuda")
