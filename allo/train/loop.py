@@ -39,6 +39,7 @@ Gradient synchronisation:
 
 from __future__ import annotations
 
+import filecmp
 import glob
 import json
 import math
@@ -159,6 +160,33 @@ def latest_checkpoint(stage_dir) -> str | None:
     return found[-1] if found else None
 
 
+def checkpoint_stage(ckpt: str) -> str | None:
+    """The stage that wrote checkpoint folder ``ckpt`` (its trainer_state.json says; checkpoints
+    written before it did are named by the folder they sit in: ``<stage>/checkpoints/checkpoint-N``),
+    or None where neither tells. Raises FileNotFoundError, saying what to give, if ``ckpt`` is no
+    complete checkpoint."""
+    state_file = os.path.join(ckpt, "trainer_state.json")
+    if not os.path.isfile(state_file):
+        what = "no such folder" if not os.path.exists(ckpt) else "not a complete checkpoint (no trainer_state.json)"
+        raise FileNotFoundError(f"--resume_from_checkpoint {ckpt}: {what}; give a checkpoint-N folder under "
+                                "<output_dir>/<stage>/checkpoints, or 'true' for each stage's latest")
+    with open(state_file) as f:
+        stage = json.load(f).get("stage")
+    parent = os.path.dirname(os.path.normpath(os.path.abspath(ckpt)))
+    if stage is None and os.path.basename(parent) == "checkpoints":
+        stage = os.path.basename(os.path.dirname(parent))
+    return stage
+
+
+def resume_mode(resume) -> str | None:
+    """``--resume_from_checkpoint`` read: None (start fresh), "latest", or a checkpoint folder."""
+    if resume is None or resume is False or str(resume).lower() in ("false", "0", "none", ""):
+        return None
+    if resume is True or str(resume).lower() in ("true", "1", "yes"):
+        return "latest"
+    return str(resume)
+
+
 def _optimizer_file(accelerator, sharded: bool) -> str:
     # FSDP2: each rank's optimizer state covers its own rows of every parameter
     return f"optimizer_{accelerator.process_index}.pt" if sharded else "optimizer.pt"
@@ -195,12 +223,43 @@ def _save_checkpoint(accelerator, stage_dir, step, model, tokenizer, opt, sched,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"global_step": step, "world_size": accelerator.num_processes}, f)
+            json.dump({"global_step": step, "world_size": accelerator.num_processes,
+                       "stage": os.path.basename(os.path.normpath(stage_dir))}, f)
+        if os.path.exists(final):  # left by an abandoned run (os.replace cannot replace a folder with files)
+            shutil.rmtree(final)
         os.replace(tmp, final)
         old = sorted(glob.glob(os.path.join(root, "checkpoint-*[0-9]")), key=lambda p: int(p.rsplit("-", 1)[1]))
         for p in old[:-total_limit] if total_limit > 0 else []:
             shutil.rmtree(p, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _checkpoint_to_resume(accelerator, cfg, stage_dir: str, masks_file: str | None) -> str | None:
+    """The checkpoint this stage resumes from (None: it starts fresh). A checkpoint folder given by
+    name must be this stage's, and one of a masked stage must hold the selection it trains now
+    (MaskedAdamW's state carries its masks: a changed selection would be replaced by the old one).
+    Starting fresh removes the checkpoints an abandoned run left here: a later 'true' would resume
+    from them, mixing two runs."""
+    stage = os.path.basename(os.path.normpath(stage_dir))
+    mode = resume_mode(cfg.resume_from_checkpoint)
+    ckpt = latest_checkpoint(stage_dir) if mode == "latest" else mode
+    if ckpt is None:
+        old = os.path.join(stage_dir, "checkpoints")
+        if accelerator.is_main_process and os.path.isdir(old) and os.listdir(old):
+            print(f"[allo-train] {stage}: starting fresh; removing the checkpoints of an earlier run in {old} "
+                  "(--resume_from_checkpoint true continues from them instead)", flush=True)
+            shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return None
+    owner = checkpoint_stage(ckpt)
+    if owner is not None and owner != stage:
+        raise ValueError(f"--resume_from_checkpoint {ckpt} is a checkpoint of the `{owner}` stage, not of `{stage}`; "
+                         f"give one under {os.path.join(stage_dir, 'checkpoints')}, or 'true' for its latest")
+    saved_masks = os.path.join(ckpt, "masks.safetensors")
+    if masks_file and os.path.exists(saved_masks) and not filecmp.cmp(saved_masks, masks_file, shallow=False):
+        raise ValueError(f"--resume_from_checkpoint {ckpt}: its selection differs from {masks_file} (the select stage "
+                         "ran again since); start the stage fresh, or restore the selection it was trained with")
+    return ckpt
 
 
 def _load_checkpoint_weights(accelerator, ckpt, model, *, load: bool = True) -> int:
@@ -264,13 +323,9 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
                          "accelerator, model, prepare=...)" if sharded else
                          f"{desc}: scorer= is the FSDP2 sharded module; other setups train `model` itself")
     start = 0
-    resume = cfg.resume_from_checkpoint
-    ckpt = None
-    if resume and str(resume).lower() not in ("false", "0", "none"):
-        ckpt = latest_checkpoint(stage_dir) if str(resume).lower() in ("true", "1", "yes") else resume
-        if ckpt is not None:  # weights first: into the plain model, before DDP or FSDP2 take it over
-            start = _load_checkpoint_weights(accelerator, ckpt, model,
-                                             load=not sharded or accelerator.is_main_process)
+    ckpt = _checkpoint_to_resume(accelerator, cfg, stage_dir, masks_file)
+    if ckpt is not None:  # weights first: into the plain model, before DDP or FSDP2 take it over
+        start = _load_checkpoint_weights(accelerator, ckpt, model, load=not sharded or accelerator.is_main_process)
     if not sharded:
         model.to(device)
         prepare_trainable(model, None if dense or masks is None else {nm: _any_selected(m) for nm, m in masks.items()},

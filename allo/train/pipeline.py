@@ -64,6 +64,15 @@ def _link_reused(ctx: Context) -> None:
             os.symlink(os.path.abspath(src), dst)
 
 
+def _checkpoint_owner(cfg: TrainConfig) -> str | None:
+    """The stage whose checkpoint ``--resume_from_checkpoint`` names (None: 'true', not set, or a
+    checkpoint that does not say)."""
+    from .loop import checkpoint_stage, resume_mode
+
+    mode = resume_mode(cfg.resume_from_checkpoint)
+    return None if mode in (None, "latest") else checkpoint_stage(mode)
+
+
 def run_stage(stage: str, config, *, accelerator=None, on_step_end=None, context: Context | None = None):
     """Run one stage (even if it was completed before; its folder is reused). Returns its output."""
     if stage not in STAGE_FUNCS:
@@ -91,15 +100,21 @@ def run(config, *, accelerator=None, on_step_end=None) -> dict:
 
     t0 = time.time()
     results = {}
+    owner = _checkpoint_owner(cfg)
     for stage in cfg.stage_list():
         if stage == "prepare" and not uses_builtin_data(cfg) and not cfg.problems_file:
             continue  # preference pairs are given: nothing to prepare
         if is_done(ctx.dir(stage)):
-            ctx.log(f"{stage}: already complete, skipped")
+            ctx.log(f"{stage}: already complete, skipped"
+                    + (f" (--resume_from_checkpoint {cfg.resume_from_checkpoint} is its checkpoint: not used)"
+                       if owner == stage else ""))
             if stage == "eval":
                 results = done_info(ctx.dir(stage)).get("results", {})
             continue
-        out = run_stage(stage, cfg, context=ctx, on_step_end=on_step_end)
+        # a checkpoint folder given by name resumes its own stage; the others start as without it
+        stage_ctx = ctx if owner in (None, stage) else \
+            dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, resume_from_checkpoint=None))
+        out = run_stage(stage, cfg, context=stage_ctx, on_step_end=on_step_end)
         if stage == "eval":
             results = out
     ctx.log(f"finished in {time.time() - t0:.1f} s; outputs in {cfg.output_dir}")

@@ -1,0 +1,76 @@
+"""allo-train edge cases found by the session-6 audit: resuming (which stage a checkpoint belongs to,
+a stage restarted over an abandoned run's checkpoints), caches of a stage run again, data and
+config errors. Reuses test_train's tiny model and files."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from allo.train import pipeline
+from test_train import _cfg, _weights, tiny  # noqa: F401  (tiny: the module's fixture)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(stage, step):
+    def boom(st, s):
+        if st == stage and s == step:
+            raise _Interrupt
+    return boom
+
+
+def _same_weights(a, b):
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+
+
+def test_resume_checkpoint_folder_is_its_own_stages(tiny, tmp_path):  # noqa: F811
+    shared = tmp_path / "shared"
+    pipeline.run(_cfg(tiny, shared, stages="warmup,select", max_steps=2))
+    kw = dict(stages="forget,improve", save_steps=2, reuse_from=str(shared), reuse_stages="warmup,select")
+    pipeline.run(_cfg(tiny, tmp_path / "full", **kw))
+
+    cut = tmp_path / "cut"
+    with pytest.raises(_Interrupt):
+        pipeline.run(_cfg(tiny, cut, **kw), on_step_end=_interrupt_at("forget", 3))
+    ckpt = cut / "forget" / "checkpoints" / "checkpoint-2"
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        pipeline.run(_cfg(tiny, cut, resume_from_checkpoint=str(cut / "forget" / "checkpoint-2"), **kw))
+    # a selection other than the checkpoint's: MaskedAdamW would train the checkpoint's instead
+    altered = tmp_path / "altered"
+    shutil.copytree(ckpt, altered)
+    shutil.copy(shared / "select" / "improve_mask.safetensors", altered / "masks.safetensors")
+    with pytest.raises(ValueError, match="selection differs"):
+        pipeline.run(_cfg(tiny, cut, resume_from_checkpoint=str(altered), **kw))
+
+    # the forget checkpoint resumes forget; improve (not started) starts fresh, as without the flag
+    pipeline.run(_cfg(tiny, cut, resume_from_checkpoint=str(ckpt), **kw))
+    for stage in ("forget", "improve"):
+        _same_weights(_weights(tmp_path / "full", stage), _weights(cut, stage))
+    with pytest.raises(ValueError, match="checkpoint of the `forget` stage, not of `improve`"):
+        pipeline.run_stage("improve", _cfg(tiny, cut, resume_from_checkpoint=str(ckpt), **kw))
+
+
+def test_stage_restarted_without_resume_replaces_an_abandoned_runs_checkpoints(tiny, tmp_path):  # noqa: F811
+    kw = dict(stages="warmup", max_steps=6, save_steps=2)
+    out = tmp_path / "run"
+    with pytest.raises(_Interrupt):
+        pipeline.run(_cfg(tiny, out, **kw), on_step_end=_interrupt_at("warmup", 5))
+    assert (out / "warmup" / "checkpoints" / "checkpoint-4").exists()
+
+    def boom(stage, step):  # the restarted stage is interrupted before it saves step 4 again
+        if step == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        pipeline.run(_cfg(tiny, out, **kw), on_step_end=boom)  # saved checkpoint-2 over the old one
+    # 'true' resumes the restarted run's checkpoint-2, not the abandoned run's checkpoint-4
+    pipeline.run(_cfg(tiny, out, resume_from_checkpoint="true", **kw))
+    pipeline.run(_cfg(tiny, tmp_path / "full", **kw))
+    _same_weights(_weights(tmp_path / "full", "warmup"), _weights(out, "warmup"))
+    steps = [json.loads(line)["step"] for line in open(out / "warmup" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
