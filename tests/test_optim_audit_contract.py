@@ -136,3 +136,18 @@ def test_parameter_errors_name_the_parameter():
 def test_unknown_backend_is_refused_at_construction():
     with pytest.raises(ValueError, match="backend.*'cuda'"):
         MaskedAdamW([torch.nn.Parameter(torch.randn(3))], backend="cuda")
+
+
+@pytest.mark.parametrize("change", ["unsorted", "repeated", "float"])
+def test_load_state_dict_refuses_indices_the_kernels_cannot_take(change):
+    """The kernels treat a run of k indices spanning k elements as contiguous rows: unsorted or
+    repeated indices from an altered checkpoint would update the wrong elements."""
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    mask = torch.tensor([0, 5, 2, 3]) if change == "unsorted" else torch.tensor([1, 2, 3, 6])
+    opt = MaskedAdamW([p], masks=[torch.tensor([1, 2, 3, 6])])
+    saved = copy.deepcopy(opt.state_dict())
+    pid = next(iter(saved["state"]))
+    indices = {"unsorted": mask, "repeated": torch.tensor([1, 2, 2, 6]), "float": mask.float()}[change]
+    saved["state"][pid]["indices"] = indices.to(torch.int32 if change != "float" else torch.float32)
+    with pytest.raises(ValueError, match=r"params\[0\].*sorted, unique"):
+        MaskedAdamW([p]).load_state_dict(saved)

@@ -707,6 +707,12 @@ class MaskedAdamW(Optimizer):
                 if indices.dim() != 1 or (k and (int(indices.min()) < 0 or int(indices.max()) >= p.numel())):
                     raise ValueError(f"state_dict 'indices' for parameter {label} do not index a tensor of "
                                      f"{p.numel()} elements; the checkpoint does not match this model")
+                # the kernels take runs of consecutive indices for contiguous rows: unsorted or repeated
+                # ones would update the wrong elements, silently
+                if indices.dtype not in (torch.int32, torch.int64) or bool((indices[1:] <= indices[:-1]).any()):
+                    raise ValueError(f"state_dict 'indices' for parameter {label} are not sorted, unique int32/int64 "
+                                     "flat indices (as MaskedAdamW saves them); the checkpoint was not saved by "
+                                     "MaskedAdamW or was altered")
                 loaded.append((indices, state))
             else:
                 for key in ("exp_avg", "exp_avg_sq", "master"):
