@@ -151,3 +151,22 @@ def test_load_state_dict_refuses_indices_the_kernels_cannot_take(change):
     saved["state"][pid]["indices"] = indices.to(torch.int32 if change != "float" else torch.float32)
     with pytest.raises(ValueError, match=r"params\[0\].*sorted, unique"):
         MaskedAdamW([p]).load_state_dict(saved)
+
+
+def test_row_sink_made_for_an_older_selection_is_an_error():
+    """compact_row_grads' sink serves the selection it was made for; used after set_masks changed the
+    selection, it would add the old selection's elements at the new selection's positions."""
+    from allo.optim import compact_row_grads
+
+    weight = torch.nn.Parameter(torch.randn(6, 4))
+    old = torch.zeros(6, 4, dtype=torch.bool)
+    old[1, :2] = old[4] = True
+    opt = MaskedAdamW([("w", weight)], masks={"w": old}, compact_grads=True)
+    sink = compact_row_grads(opt, weight)
+    new = old.clone()
+    new[0, 3] = True  # 7 selected now, so the old sink's 6 values would fit at the wrong positions
+    opt.set_masks({"w": new})
+    x = torch.ones(1, requires_grad=True)
+    x.register_hook(lambda g: sink(0, torch.randn(6, 4)))  # a sink runs during backward
+    with pytest.raises(RuntimeError, match="set_masks"):
+        x.sum().backward()

@@ -69,6 +69,11 @@ class _RowSink:
         opt = self.opt()
         if opt is None:
             return
+        if opt._selection.get(self.weight) is not self.indices:
+            # positions into the old selection would land on other elements of the new one
+            raise RuntimeError("compact_row_grads: this sink was made for an earlier selection of the weight "
+                               "(set_masks or load_state_dict changed it since); call compact_row_grads(opt, weight) "
+                               "again, on every forward")
         lo = first_row * self.row_len
         start, end = self._positions(lo, lo + grad_rows.numel())
         if end > start:
