@@ -43,7 +43,11 @@ class MaskedAdamW(Optimizer):
         cannot reach them). Parameters with an empty mask have their gradient freed; fully
         selected ones keep ``param.grad``. Clip with :meth:`clip_grad_norm_` (``param.grad`` is None,
         so ``torch.nn.utils.clip_grad_norm_`` and loss scalers cannot see these gradients) and
-        average across ranks with :meth:`all_reduce_grads`.
+        average across ranks with :meth:`all_reduce_grads`. The norm it measures is then that of the
+        gradients the step uses (selected elements); in dense mode it is every ``param.grad``'s, as
+        torch's, so with partial masks the same ``max_norm`` clips more in dense mode than in compact
+        mode. ``transformers.Trainer`` clips with torch's function, which would see only the fully
+        selected parameters' gradients: set ``max_grad_norm=0`` there and clip with this method.
     backend: ``None``/``"auto"`` (Triton on CUDA, fused C loop on CPU), ``"triton"``, ``"cpu"`` or
         ``"reference"`` (plain PyTorch); the environment variable ``ALLO_BACKEND`` sets the default.
 
@@ -51,7 +55,10 @@ class MaskedAdamW(Optimizer):
     selected element, ``indices`` (sorted flat int32/int64; absent when every element is selected)
     and, for bf16/fp16 parameters, ``master``: an fp32 copy of the selected elements that the update
     is applied to, so that small updates (say lr 5e-7 on bf16) accumulate instead of rounding away.
-    A parameter with an empty mask holds no state.
+    A parameter with an empty mask holds no state. Unlike ``torch.optim.AdamW``, which makes state at a
+    parameter's first gradient, state is made when a selection is set, for every parameter given:
+    leave frozen parameters out of the optimizer (or give them the mask ``False``).
+    Parameters added later with :meth:`add_param_group` train every element until :meth:`set_masks`.
 
     FSDP2: parameters may be ``DTensor`` shards from ``torch.distributed.fsdp.fully_shard``
     (``Shard(0)`` on a 1-D mesh; other layouts are refused). Masks are still given over the GLOBAL
@@ -64,6 +71,8 @@ class MaskedAdamW(Optimizer):
     NaN/inf gradients are not filtered: as in ``torch.optim.AdamW``, they propagate into the moments
     and weights of the selected elements they hit (unselected elements are never read or written).
     Skip such steps upstream (e.g. with a loss scaler) or check the norm from :meth:`clip_grad_norm_`.
+    In compact-grad mode loss scalers cannot see the gradients, and to skip a step call this
+    optimizer's :meth:`zero_grad`: ``model.zero_grad()`` leaves the compact gradients to the next step.
     """
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
