@@ -21,7 +21,7 @@ def _flat64(s) -> torch.Tensor:
 def reference_band_masks(scores, ratio, exclude_ratio=0.0) -> dict[str, torch.Tensor]:
     """Masks of the elements ranked in [k(exclude_ratio), k(ratio)) by (score desc, tensor order,
     flat index): a stable descending sort of the concatenation."""
-    check_ratios(ratio, exclude_ratio, "reference_band_masks")
+    ratio, exclude_ratio = check_ratios(ratio, exclude_ratio, "reference_band_masks")
     sources = normalize_scores(scores, "reference_band_masks")
     flats = [_flat64(s) for s in sources.values()]
     allv = torch.cat(flats) if flats else torch.zeros(0, dtype=torch.float64)

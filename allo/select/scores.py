@@ -12,11 +12,12 @@ rank's own block of every tensor (``to_local()``), so each rank's scores are its
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Iterable, Mapping
 
 import torch
 
-from allo._dtensor import local
+from allo._dtensor import is_sharded, local
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -31,6 +32,10 @@ class AbsDiff:
     __slots__ = ("a", "b")
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, *, name: str = "?"):
+        for t, which in ((a, "first"), (b, "second")):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"weight_delta_scores: {name!r} of the {which} model is a {type(t).__name__}, not a "
+                                "tensor; exclude= that name")
         a, b = local(a), local(b)  # sharded (FSDP2) models: this rank's rows
         if a.shape != b.shape:
             raise ValueError(f"weight_delta_scores: parameter {name!r} has shape {tuple(a.shape)} in the first "
@@ -89,6 +94,16 @@ def name_filter(include=None, exclude=None):
     return keep
 
 
+def _warn_unmatched(include, exclude, names, what) -> None:
+    """A pattern that matches no name is most likely a typo (``exclude="embeddings"`` for
+    ``embed_tokens``): say so instead of silently scoring what the user meant to leave out."""
+    for kind, patterns in (("include", include), ("exclude", exclude)):
+        for p in _compile(patterns, kind):
+            if not any(p.search(n) for n in names):
+                warnings.warn(f"{what}: {kind} pattern {p.pattern!r} matches no parameter name (e.g. "
+                              f"{names[:3]}); check it against model.named_parameters()", UserWarning, stacklevel=3)
+
+
 def _named_tensors(obj, what) -> dict[str, torch.Tensor]:
     if isinstance(obj, torch.nn.Module):
         return dict(obj.named_parameters())
@@ -97,16 +112,40 @@ def _named_tensors(obj, what) -> dict[str, torch.Tensor]:
     raise TypeError(f"weight_delta_scores: {what} is a {type(obj).__name__}; expected an nn.Module or a state dict")
 
 
+def _aliases(tensors: dict) -> dict[str, str]:
+    """name -> the earlier name whose tensor it is (same storage, offset, shape and strides): the tied
+    weights a state dict lists under every name, which ``named_parameters`` lists once."""
+    seen, out = {}, {}
+    for n, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.numel() == 0:
+            continue  # no data to share (empty tensors may all have a null data pointer)
+        t = local(t)
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+        if key in seen:
+            out[n] = seen[key]
+        else:
+            seen[key] = n
+    return out
+
+
 def weight_delta_scores(a, b, include=None, exclude=None) -> dict[str, AbsDiff]:
     """Lazy ``|theta_a - theta_b|`` per parameter (the ALLO importance score after warm-up).
 
     ``a`` and ``b`` are ``nn.Module`` s (their ``named_parameters``) or state dicts; for two models
-    sharded alike (FSDP2) each ``AbsDiff`` covers this rank's rows (the local shards). Names present in
+    sharded alike (FSDP2) each ``AbsDiff`` covers this rank's rows (the local shards). A state-dict name
+    whose tensor is the tensor of an earlier name in both state dicts (tied weights) is left out, as
+    ``named_parameters`` does. Names present in
     only one of them, or whose tensors are not floating point, are an error unless filtered out by
     ``include``/``exclude`` (regexes searched in the name). Nothing is computed here.
     """
     keep = name_filter(include, exclude)
     ta, tb = _named_tensors(a, "the first model"), _named_tensors(b, "the second model")
+    _warn_unmatched(include, exclude, list(ta), "weight_delta_scores")
+    # a name tied to the same earlier name in both is one tensor twice: scored once, as named_parameters does
+    tied_a, tied_b = _aliases(ta), _aliases(tb)
+    tied = {n for n, first in tied_a.items() if tied_b.get(n) == first}
+    ta = {n: t for n, t in ta.items() if n not in tied}
+    tb = {n: t for n, t in tb.items() if n not in tied}
     names = [n for n in ta if keep(n)]
     missing = [n for n in names if n not in tb]
     extra = [n for n in tb if keep(n) and n not in ta]
@@ -127,13 +166,20 @@ class GradientScoreAccumulator:
     gradient accumulated over the batches. ``mode="sum_of_magnitudes"``: ``sum_n |g_n|``, which does
     not let opposite gradients of different batches cancel.
 
-    Memory: one ``dtype`` (float32 by default) buffer per tracked parameter. With ``free_grads=True``
-    (default) the post-accumulate-grad hook folds each gradient into the buffer and drops ``p.grad``
-    right away, so no full gradient outlives its backward; do not step an optimizer meanwhile.
-    Call :meth:`remove` to detach the hooks.
+    Each backward's gradient counts once, whatever ``p.grad`` held before it (a stale gradient from
+    before the accumulator, or the earlier batches' when ``free_grads=False`` and the gradients are
+    not zeroed between backward passes): a tensor hook folds the gradient that arrives, before it is
+    added to ``p.grad``.
 
-    On a sharded model (FSDP2: the hook sees the reduced ``DTensor`` gradient of the rank's rows),
-    the buffers and the scores are this rank's rows only.
+    Memory: one ``dtype`` (float32 by default) buffer per tracked parameter. With ``free_grads=True``
+    (default) a post-accumulate-grad hook then drops ``p.grad`` right away, so no full gradient
+    outlives its backward; do not step an optimizer meanwhile. Call :meth:`remove` (or leave the
+    ``with`` block) to detach the hooks; :meth:`scores` stays readable after that.
+
+    On a sharded model (FSDP2: the post-accumulate-grad hook sees the reduced ``DTensor`` gradient of
+    the rank's rows; no tensor hook sees it), the buffers and the scores are this rank's rows only,
+    and ``p.grad`` is what is folded: with ``free_grads=False`` set the gradients to None between
+    backward passes there.
     """
 
     MODES = ("accumulated", "sum_of_magnitudes")
@@ -147,29 +193,42 @@ class GradientScoreAccumulator:
         self.num_backward = 0
         self._buffers: dict[str, torch.Tensor] = {}
         self._handles = []
-        self._params = {n: p for n, p in model.named_parameters() if p.requires_grad and keep(n)}
+        named = list(model.named_parameters())
+        _warn_unmatched(include, exclude, [n for n, _ in named], "GradientScoreAccumulator")
+        self._params = {n: p for n, p in named if p.requires_grad and keep(n)}
         if not self._params:
             raise ValueError("GradientScoreAccumulator: no trainable parameter passes include/exclude")
         for name, p in self._params.items():
-            self._handles.append(p.register_post_accumulate_grad_hook(self._hook(name)))
-
-    def _hook(self, name):
-        def hook(p: torch.Tensor):
-            g = p.grad
-            if g is None:
-                return
-            g = local(g)
-            buf = self._buffers.get(name)
-            if buf is None:
-                buf = self._buffers[name] = torch.zeros(g.shape, dtype=self.dtype, device=g.device)
-            if self.mode == "accumulated":
-                buf.add_(g.to(self.dtype))
+            if is_sharded(p):
+                self._handles.append(p.register_post_accumulate_grad_hook(self._accumulated_hook(name)))
             else:
-                buf.add_(g.to(self.dtype).abs_())
+                self._handles.append(p.register_hook(self._incoming_hook(name)))
+                if free_grads:
+                    self._handles.append(p.register_post_accumulate_grad_hook(_drop_grad))
+
+    def _fold(self, name, g):
+        buf = self._buffers.get(name)
+        if buf is None:
+            buf = self._buffers[name] = torch.zeros(g.shape, dtype=self.dtype, device=g.device)
+        if self.mode == "accumulated":
+            buf.add_(g.to(self.dtype))
+        else:
+            buf.add_(g.to(self.dtype).abs_())
+        if name == self._first:
+            self.num_backward += 1
+
+    def _incoming_hook(self, name):
+        def hook(grad: torch.Tensor):
+            self._fold(name, grad)  # returns None: the gradient goes on to p.grad unchanged
+        return hook
+
+    def _accumulated_hook(self, name):
+        def hook(p: torch.Tensor):
+            if p.grad is None:
+                return
+            self._fold(name, local(p.grad))
             if self.free_grads:
                 p.grad = None
-            if name == self._first:
-                self.num_backward += 1
         return hook
 
     @property
@@ -198,6 +257,10 @@ class GradientScoreAccumulator:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+def _drop_grad(p: torch.Tensor) -> None:
+    p.grad = None
 
 
 def normalize_scores(scores, what="select_top") -> dict:

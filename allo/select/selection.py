@@ -3,8 +3,12 @@
 Granularity ``"element"`` ranks single weight elements (the paper). ``"row"`` ranks output neurons:
 a row is a slice along dim 0 (a row of a Linear weight ``[out, in]``), scored by the sum of its
 elements' scores (float32); a 1-D tensor (bias, norm) has one row per element, a 0-d tensor is one
-row. With rows, ``ratio`` is a fraction of all rows (counted as for elements) and a selected row keeps
-all its elements.
+row, a 3-D tensor's row is a ``[d1, d2]`` slab. dim 0 is the output dimension for ``nn.Linear``, not
+for every module: an ``nn.Embedding`` weight ``[vocab, hidden]`` has one row per token (its vector),
+and a ``Conv1D`` (GPT-2) weight ``[in, out]`` one per input feature; exclude= such tensors, or score
+them by element, if that is not the unit wanted. With rows, ``ratio`` is a fraction of all rows
+(counted as for elements) and a selected row keeps all its elements; rows compare by their sums, so a
+long row (a wide layer) tends to outrank a short one.
 
 A :class:`Selection` keeps sorted flat int64 indices per tensor (compact: 8 bytes per selected
 element); ``masks`` builds bool masks on demand. ``save`` writes a safetensors file with the indices
@@ -22,7 +26,7 @@ import tempfile
 import torch
 
 from .scores import AbsDiff, normalize_scores
-from .topk import band_masks, band_count
+from .topk import NonFiniteScoresError, band_count, band_masks, check_ratios, first_nonfinite, nonfinite_message
 
 GRANULARITIES = ("element", "row")
 FORMAT = "allo.selection"
@@ -58,6 +62,24 @@ def row_scores(sources: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def _row_band_masks(sources, ratio, exclude_ratio, *, what, **kw):
+    """:func:`band_masks` over the rows' scores; a non-finite row sum is reported where it comes from:
+    a NaN/inf element (its flat index in the tensor), or finite elements whose float32 sum overflows."""
+    try:
+        return band_masks(row_scores(sources), ratio, exclude_ratio, what=what, **kw)
+    except NonFiniteScoresError as e:
+        if e.name is None:  # on another rank
+            raise
+        name, row = e.name, e.index
+        _, per = _rows_view(tuple(sources[name].shape))
+        found = first_nonfinite(sources[name], row * per, (row + 1) * per)
+        if found is not None:
+            raise ValueError(nonfinite_message(what, name, *found) + f" (row {row})") from None
+        raise ValueError(f"{what}: row {row} of scores[{name!r}] overflows: its scores are finite but their float32 "
+                         "sum is not (granularity='row' ranks rows by the sum of their scores); scale the scores "
+                         "down") from None
+
+
 def _check_granularity(g, what):
     if g not in GRANULARITIES:
         raise ValueError(f"{what}(granularity={g!r}): expected one of {GRANULARITIES}")
@@ -72,15 +94,18 @@ def select_top(scores, ratio, *, exclude_ratio=0.0, granularity="element", backe
     """Masks of the exact global top-``ratio`` band (minus the top ``exclude_ratio``) of ``scores``.
 
     ``scores``: mapping name -> score tensor (fp32/bf16/fp16, any shape, any sign) or lazy ``AbsDiff``
-    (from :func:`weight_delta_scores`). Returns name -> bool mask of the same shape. Exactly
-    ``round(ratio*N) - round(exclude_ratio*N)`` elements (rows) are selected, halves rounded up;
-    ties are taken in (tensor order, flat index) order. See :mod:`allo.select.topk` for details.
+    (from :func:`weight_delta_scores`). ``ratio``, ``exclude_ratio``: fractions in [0, 1] (0.05 is the
+    top 5%; 5 is an error). Returns name -> bool mask of the same shape. Exactly
+    ``round(ratio*N) - round(exclude_ratio*N)`` elements (rows) are selected, halves rounded up
+    (computed exactly: 0.29 of 50 is 15); ties are taken in (tensor order, flat index) order. See
+    :mod:`allo.select.topk` for details.
     """
     _check_granularity(granularity, "select_top")
+    ratio, exclude_ratio = check_ratios(ratio, exclude_ratio, "select_top")  # before any row is scored
     sources = normalize_scores(scores, "select_top")
     if granularity == "element":
         return band_masks(sources, ratio, exclude_ratio, backend=backend, group=group)
-    masks = band_masks(row_scores(sources), ratio, exclude_ratio, backend=backend, group=group)
+    masks = _row_band_masks(sources, ratio, exclude_ratio, what="select_top", backend=backend, group=group)
     return {n: _expand_rows(masks[n], s.shape) for n, s in sources.items()}
 
 
@@ -92,6 +117,7 @@ def select(scores, ratio, *, exclude_ratio=0.0, granularity="element", metadata=
     tensor-sized mask exists at once.
     """
     _check_granularity(granularity, "select")
+    ratio, exclude_ratio = check_ratios(ratio, exclude_ratio, "select")  # floats in the metadata
     sources = normalize_scores(scores, "select")
     indices = {}
     rows = granularity == "row"
@@ -101,8 +127,8 @@ def select(scores, ratio, *, exclude_ratio=0.0, granularity="element", metadata=
             mask = _expand_rows(mask, sources[name].shape)
         indices[name] = mask.reshape(-1).nonzero().view(-1)
 
-    band_masks(row_scores(sources) if rows else sources, ratio, exclude_ratio, backend=backend, group=group,
-               what="select", emit=keep)
+    (_row_band_masks if rows else band_masks)(sources, ratio, exclude_ratio, backend=backend, group=group,
+                                              what="select", emit=keep)
     if score_source is None:
         kinds = {"weight_delta" if isinstance(s, AbsDiff) else "tensor" for s in sources.values()}
         score_source = "+".join(sorted(kinds))
@@ -246,7 +272,8 @@ class Selection:
             indices = {n: f.get_tensor(f"indices/{n}").to(torch.int64) for n in names}
         for n in names:
             idx, total = indices[n], _numel(shapes[n])
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= total):
+            _check_sorted(idx, n, path)
+            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= total):
                 raise ValueError(f"Selection.load: {path}: indices of {n!r} fall outside its {total} elements")
         sel = cls({n: indices[n].to(device) for n in names}, shapes, json.loads(meta.get("metadata", "{}")))
         if model is not None:
@@ -310,11 +337,16 @@ class Selection:
 @contextlib.contextmanager
 def _open(path: str, what: str):
     """The open safetensors file of a selection, checked, with its names, shapes and metadata."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what}: {path} does not exist")
-    with safe_open(path, framework="pt", device="cpu") as f:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: {path} does not exist" + (" as a file" if os.path.exists(path) else ""))
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{what}: {path} is not a readable safetensors file ({e}): it is truncated or damaged; "
+                         "write it again with Selection.save") from None
+    with handle as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ValueError(f"{what}: {path} is not an allo selection file (metadata format="
@@ -322,14 +354,44 @@ def _open(path: str, what: str):
         if meta.get("version") != VERSION:
             raise ValueError(f"{what}: {path} has format version {meta.get('version')!r}; this allo reads "
                              f"version {VERSION}")
-        names = json.loads(meta["names"])
-        shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
+        names, shapes = _header(meta, path, what)
         keys = set(f.keys())
         missing = [n for n in names if f"indices/{n}" not in keys]
         if missing:
             raise ValueError(f"{what}: {path} lists {missing[:3]} but holds no indices for them; "
                              "the file is damaged, write it again")
+        for n in names:
+            part = f.get_slice(f"indices/{n}")
+            if part.get_dtype() not in ("I32", "I64") or len(part.get_shape()) != 1:
+                raise ValueError(f"{what}: {path}: the indices of {n!r} are a {part.get_dtype()} tensor of shape "
+                                 f"{part.get_shape()}, not a 1-D int32/int64 one; the file is damaged, write it again")
         yield f, names, shapes, meta
+
+
+def _header(meta: dict, path: str, what: str):
+    """names (list) and shapes (name -> tuple) from a selection file's metadata, checked."""
+    try:
+        names = json.loads(meta["names"])
+        shapes = {n: tuple(int(d) for d in s) for n, s in json.loads(meta["shapes"]).items()}
+        json.loads(meta.get("metadata", "{}"))
+        ok = isinstance(names, list) and all(isinstance(n, str) for n in names) and set(names) == set(shapes)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        ok, names = False, repr(e)
+    if not ok:
+        raise ValueError(f"{what}: {path}: the metadata's names/shapes/metadata fields are missing or do not agree "
+                         f"({names if isinstance(names, str) else 'names and shapes differ'}); the file is damaged, "
+                         "write it again with Selection.save")
+    return names, shapes
+
+
+def _check_sorted(idx: torch.Tensor, name: str, path: str) -> None:
+    """Stored indices are strictly increasing (load_indices' binary search relies on it)."""
+    chunk = 1 << 24
+    for start in range(0, max(idx.numel() - 1, 0), chunk):
+        part = idx[start:start + chunk + 1]
+        if not bool((part[1:] > part[:-1]).all()):
+            raise ValueError(f"Selection.load: {path}: the indices of {name!r} are not strictly increasing; the file "
+                             "is damaged (or not written by Selection.save), write it again")
 
 
 def _lower_bound(part, size: int, value: int) -> int:

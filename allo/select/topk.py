@@ -3,7 +3,8 @@
 Semantics (the contract the tests check against :mod:`allo.select.reference`):
 
 * ``N`` = number of elements over all score tensors (all ranks under ``torch.distributed``).
-* ``k(ratio) = floor(ratio * N + 1/2)`` (round half up). The band keeps the elements ranked in
+* ``k(ratio) = floor(ratio * N + 1/2)`` (round half up), computed exactly with the ratio as written
+  (its shortest decimal form: 0.29 of 50 elements is 14.5, so 15). The band keeps the elements ranked in
   ``[k(exclude_ratio), k(ratio))`` of the total order below: exactly ``k(ratio) - k(exclude_ratio)``.
 * Total order: higher score first; equal scores (compared by value: -0.0 == +0.0, bf16 1.5 == fp32
   1.5) in the order of the tensors in the mapping, then of the flat (row-major) index. Under
@@ -33,8 +34,10 @@ the radix passes only. ``ALLO_SELECT_HISTOGRAM=blocked|blocked-radix|atomic`` (o
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -42,7 +45,7 @@ import torch
 from allo._backend import resolve_backend
 
 from . import radix_cpu, sampling
-from .scores import AbsDiff, iter_chunks, normalize_scores
+from .scores import AbsDiff, flat_chunk, normalize_scores
 
 _TIE_CHUNK = 1 << 20
 BINS = 65536  # 16 bits of key per pass (cpu backend and the atomic Triton variant)
@@ -65,17 +68,26 @@ def histogram_variant(histogram=None) -> str:
 
 
 def band_count(ratio: float, n: int) -> int:
-    """Number of elements in the top ``ratio`` of ``n``: round half up."""
-    return int(math.floor(ratio * n + 0.5))
+    """Number of elements in the top ``ratio`` of ``n``: round half up. Exact: in float arithmetic
+    0.29 * 50 is 14.499999999999998, which would round down; the ratio's shortest decimal form
+    (``repr``, what the user wrote) times ``n`` is 14.5 exactly."""
+    return math.floor(Fraction(repr(float(ratio))) * n + Fraction(1, 2))
 
 
 def check_ratios(ratio, exclude_ratio, what="select_top"):
+    """Both ratios as Python floats (NumPy scalars accepted), or a ValueError naming the bad one."""
+    out = []
     for name, r in (("ratio", ratio), ("exclude_ratio", exclude_ratio)):
-        if not isinstance(r, (int, float)) or isinstance(r, bool) or not (0.0 <= r <= 1.0):
-            raise ValueError(f"{what}({name}={r!r}): expected a fraction in [0, 1] (0.05 means the top 5%)")
+        if not isinstance(r, numbers.Real) or isinstance(r, (bool, np.bool_)) or not (0.0 <= r <= 1.0):
+            raise ValueError(f"{what}({name}={r!r}): expected a fraction in [0, 1] given as a Python or NumPy "
+                             "number (0.05 means the top 5%)")
+        # a NumPy float32 converts to its binary value (0.3 -> 0.30000001192092896); its str is what was meant
+        out.append(float(str(r)) if isinstance(r, np.floating) else float(r))
+    ratio, exclude_ratio = out
     if exclude_ratio > ratio:
         raise ValueError(f"{what}: exclude_ratio={exclude_ratio} is larger than ratio={ratio}; the band is the top "
                          "`ratio` minus the top `exclude_ratio`, so exclude_ratio <= ratio")
+    return ratio, exclude_ratio
 
 
 @dataclass
@@ -201,17 +213,40 @@ def _nonfinite_bins(hist, key32, dtype):
     return int(hist[edge + 32768:].sum()) + int(hist[: 32768 - edge].sum())
 
 
+class NonFiniteScoresError(ValueError):
+    """NaN or infinite scores; ``name`` and ``index`` (flat) say where on this rank (None: on another rank)."""
+
+    def __init__(self, message, name=None, index=None):
+        super().__init__(message)
+        self.name, self.index = name, index
+
+
+def first_nonfinite(s, start: int = 0, stop: int | None = None):
+    """(flat index, value) of the first NaN or infinite element of ``s`` in ``[start, stop)``, or None."""
+    stop = s.numel() if stop is None else stop
+    for first in range(start, stop, _TIE_CHUNK):
+        c = flat_chunk(s, first, min(stop, first + _TIE_CHUNK))
+        bad = ~torch.isfinite(c)
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            return first + i, c[i].item()
+    return None
+
+
+def nonfinite_message(what, name, index, value) -> str:
+    return (f"{what}: scores[{name!r}] holds a non-finite value ({value}) at flat index {index}; scores must be "
+            "finite (check the model or the gradients for NaN/inf, or exclude= that parameter)")
+
+
 def _name_nonfinite(sources, group, what):
+    # on every rank at the same point of the search: each raises, none is left waiting in a collective
     for name, s in sources.items():
-        for start, c in iter_chunks(s, _TIE_CHUNK):
-            bad = ~torch.isfinite(c)
-            if bad.any():
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(f"{what}: scores[{name!r}] holds a non-finite value ({c[i].item()}) at flat index "
-                                 f"{start + i}; scores must be finite (check the model or the gradients for NaN/inf, "
-                                 "or exclude= that parameter)")
+        found = first_nonfinite(s)
+        if found is not None:
+            raise NonFiniteScoresError(nonfinite_message(what, name, *found), name, found[0])
     rank = torch.distributed.get_rank(group) if group is not None else 0
-    raise ValueError(f"{what}: some scores are NaN or infinite on another rank than rank {rank}; scores must be finite")
+    raise NonFiniteScoresError(f"{what}: some scores are NaN or infinite on another rank than rank {rank}; scores "
+                               "must be finite")
 
 
 def _find_bin_flat(hist: torch.Tensor, k: int):
@@ -510,7 +545,7 @@ def band_masks(scores, ratio, exclude_ratio=0.0, *, backend=None, group=None, em
                histogram=None):
     """Element-granularity band masks (see the module docstring). ``emit`` streams them out.
     ``histogram``: the Triton variant (``"blocked"`` or ``"atomic"``, see :func:`histogram_variant`)."""
-    check_ratios(ratio, exclude_ratio, what)
+    ratio, exclude_ratio = check_ratios(ratio, exclude_ratio, what)
     sources = normalize_scores(scores, what)
     device = next(iter(sources.values())).device if sources else torch.device("cpu")
     backend = resolve_backend(backend, device, what=what)
