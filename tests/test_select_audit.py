@@ -171,3 +171,19 @@ def test_reference_agrees_on_counted_halves():
     ref = reference_band_masks(scores, 0.29, 0.07)
     assert all(torch.equal(got[n], ref[n]) for n in scores)
     assert sum(int(m.sum()) for m in got.values()) == 11
+
+
+def test_plot_leaves_the_users_matplotlib_backend_alone(tmp_path):
+    # plot() called matplotlib.use("Agg"): a notebook's backend switched under the user
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot as plt, torch\n"
+            "from allo.select import select\n"
+            "select({'layers.0.w': torch.rand(4, 4), 'layers.1.w': torch.rand(3)}, 0.3, backend='cpu')"
+            f".plot({str(tmp_path / 's.png')!r})\n"
+            "print(matplotlib.get_backend(), len(plt.get_fignums()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["svg", "0"]
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -56,16 +56,16 @@ def summary_table(sel, *, by: str = "module") -> str:
 def plot_selection(sel, path: str, *, title: str | None = None) -> None:
     """PNG with the selected fraction per module kind (layer numbers folded) and, for models with
     numbered layers, per layer. Written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # a Figure of its own, not pyplot: pyplot would need matplotlib.use("Agg"), which switches the
+    # backend of the user's whole session (a notebook's inline plots), and keeps figures in its registry
+    from matplotlib.figure import Figure
 
     kinds = _per_group(sel, kind_of)
     layers = _per_group(sel, lambda n: int(m.group(1)) if (m := _LAYER.search(n)) else -1)
     layers.pop(-1, None)
     ncols = 2 if layers else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(7 * ncols, max(3, 0.3 * len(kinds) + 1.5)), squeeze=False)
+    fig = Figure(figsize=(7 * ncols, max(3, 0.3 * len(kinds) + 1.5)))
+    axes = fig.subplots(1, ncols, squeeze=False)
     ax = axes[0][0]
     labels = list(kinds)
     ax.barh(range(len(labels)), [100.0 * s / t if t else 0 for s, t in kinds.values()])
@@ -91,6 +91,5 @@ def plot_selection(sel, path: str, *, title: str | None = None) -> None:
         fig.savefig(tmp, format="png", dpi=100)
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
