@@ -93,7 +93,7 @@ gpu_pytest_args=("${pytest_args[@]}")
 # uses other cores than the C++/CUDA build), then the CUDA extension's own tests once it is built
 triton_tests=(tests/test_optim_kernels.py tests/test_optim_masked_adamw.py tests/test_select_triton.py
               tests/test_select.py)
-extension_tests=(tests/test_logprob.py tests/test_logprob_fused.py)
+extension_tests=(tests/test_logprob.py tests/test_logprob_fused.py tests/test_optim_compact_rows.py)
 
 step "pytest Triton GPU tests" 200 "$py" -m pytest "${gpu_pytest_args[@]}" "${triton_tests[@]}" &
 triton_pid=$!

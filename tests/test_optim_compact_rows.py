@@ -12,6 +12,7 @@ from allo.ops import fused_linear_token_logprobs
 from allo.optim import MaskedAdamW, compact_embedding_grads, compact_row_grads
 
 from _allocations import Allocations
+from conftest import requires_cuda
 
 V, H = 101, 24  # odd sizes; row blocks of 32 leave a short last block
 
@@ -44,12 +45,12 @@ def _masks(model, g):
     return masks
 
 
-def _train(tied, route_head, route_embedding, *, steps=2, accum=2, seed=0):
+def _train(tied, route_head, route_embedding, *, steps=2, accum=2, seed=0, device="cpu", autocast=False):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = TinyLM(tied)
-    opt = MaskedAdamW(list(model.named_parameters()), lr=1e-2, weight_decay=0.1, masks=_masks(model, g),
-                      compact_grads=True)
+    model = TinyLM(tied).to(device)
+    masks = {n: m.to(device) for n, m in _masks(model, g).items()}
+    opt = MaskedAdamW(list(model.named_parameters()), lr=1e-2, weight_decay=0.1, masks=masks, compact_grads=True)
     if route_head:
         model.opt = opt
     if route_embedding:
@@ -57,10 +58,13 @@ def _train(tied, route_head, route_embedding, *, steps=2, accum=2, seed=0):
     compact = []
     for _ in range(steps):
         for _ in range(accum):
-            ids = torch.randint(0, V, (3, 11), generator=g)
+            ids = torch.randint(0, V, (3, 11), generator=g).to(device)
             labels = torch.randint(0, V, (3, 11), generator=g)
             labels[0, :3] = -100
-            (-(model(ids, labels) * torch.rand(3, 11, generator=g)).sum()).backward()
+            upstream = torch.rand(3, 11, generator=g).to(device)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                logp = model(ids, labels.to(device))
+            (-(logp * upstream).sum()).backward()
         compact.append({n: opt.compact_grad(p).clone() for n, p in model.named_parameters()})
         opt.clip_grad_norm_(5.0)
         opt.step()
@@ -79,6 +83,21 @@ def test_routed_head_equals_dense_path(tied, route_embedding):
             assert torch.equal(a[n], b[n]), n
     for (n, p), q in zip(dense_model.named_parameters(), routed_model.parameters()):
         assert torch.equal(p, q), n
+
+
+@requires_cuda
+@pytest.mark.parametrize("autocast", [False, True])
+def test_routed_head_equals_dense_path_cuda(autocast):
+    """The GPU route (Triton optimizer, CUDA kernels, cuBLAS fp32-output products of bf16 blocks under
+    autocast): the same compact gradients and weights as the dense route, to rounding."""
+    dense_model, dense = _train(True, False, True, device="cuda", autocast=autocast)
+    routed_model, routed = _train(True, True, True, device="cuda", autocast=autocast)
+    tol = dict(rtol=1e-3, atol=1e-5) if autocast else dict(rtol=1e-5, atol=1e-7)
+    for a, b in zip(dense, routed):
+        for n in a:
+            torch.testing.assert_close(b[n], a[n], **tol, msg=n)
+    for (n, p), q in zip(dense_model.named_parameters(), routed_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_tied_weight_gets_no_dense_gradient_when_both_uses_are_routed():
