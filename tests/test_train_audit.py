@@ -74,3 +74,25 @@ def test_stage_restarted_without_resume_replaces_an_abandoned_runs_checkpoints(t
     _same_weights(_weights(tmp_path / "full", "warmup"), _weights(out, "warmup"))
     steps = [json.loads(line)["step"] for line in open(out / "warmup" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_stage_run_again_recomputes_what_its_changed_inputs_make(tiny, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+
+    # warm-up run again on other data: its reference log-probs are those of the new data
+    out, other = tmp_path / "run", str(tiny / "eval.jsonl")
+    pipeline.run_stage("warmup", _cfg(tiny, out, max_steps=1))
+    pipeline.run_stage("warmup", _cfg(tiny, out, max_steps=1, train_file=other))
+    pipeline.run_stage("warmup", _cfg(tiny, tmp_path / "fresh", max_steps=1, train_file=other))
+    a, b = (load_file(str(d / "warmup" / "reference_logps.safetensors")) for d in (tmp_path / "fresh", out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _same_weights(_weights(tmp_path / "fresh", "warmup"), _weights(out, "warmup"))
+
+    # improve trained again (another learning rate), then `allo-train eval`: the new model's numbers
+    kw = dict(selection="none", skip_forget=True, eval_models="improve", max_steps=2, eval_problems_file=None)
+    pipeline.run(_cfg(tiny, out, stages="select,forget,improve,eval", **kw))
+    pipeline.run_stage("improve", _cfg(tiny, out, improve_learning_rate=0.1, **kw))
+    again = pipeline.run_stage("eval", _cfg(tiny, out, **kw))
+    fresh = pipeline.run(_cfg(tiny, tmp_path / "eval", stages="eval", reuse_from=str(out),
+                              reuse_stages="select,forget,improve", **kw))
+    assert again == fresh

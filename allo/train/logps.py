@@ -117,8 +117,9 @@ def pad_like(values: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def save_cache(path: str, named: dict[str, list[torch.Tensor]]) -> None:
-    """Ragged lists of 1-D tensors as flat tensors + offsets in one safetensors file (atomic)."""
+def save_cache(path: str, named: dict[str, list[torch.Tensor]], *, key: str | None = None) -> None:
+    """Ragged lists of 1-D tensors as flat tensors + offsets in one safetensors file (atomic);
+    ``key``: what they were computed from (allo.train.stages.common.inputs_key), kept in its metadata."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -126,8 +127,16 @@ def save_cache(path: str, named: dict[str, list[torch.Tensor]]) -> None:
         tensors[f"{name}.values"] = torch.cat(vals).contiguous() if vals else torch.zeros(0)
         tensors[f"{name}.lengths"] = torch.tensor([v.numel() for v in vals], dtype=torch.int64)
     tmp = path + ".tmp"
-    save_file(tensors, tmp)
+    save_file(tensors, tmp, metadata=None if key is None else {"inputs": key})
     os.replace(tmp, path)
+
+
+def cache_key(path: str) -> str | None:
+    """The ``key`` a cache was saved with (None: none)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return (f.metadata() or {}).get("inputs")
 
 
 def load_cache(path: str) -> dict[str, list[torch.Tensor]]:

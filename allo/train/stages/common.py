@@ -3,6 +3,7 @@ the SFT model's path) and the on-disk cache of reference log-probs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -14,7 +15,7 @@ import torch
 from .. import data as D
 from ..config import EVAL_MODELS, TrainConfig
 from ..fsdp import sharded_logps
-from ..logps import TokenLogprobs, compute_logps, load_cache, save_cache
+from ..logps import TokenLogprobs, cache_key, compute_logps, load_cache, save_cache
 
 
 DONE = "DONE"
@@ -142,16 +143,55 @@ def scorer_batch(ctx):
     return max(1, ctx.cfg.per_device_eval_batch_size)
 
 
+def _model_key(path: str | None):
+    """A local model folder by its weight files (name, size, modification time: saving a model again
+    changes them); a hub name by itself."""
+    if path is None or not os.path.isdir(path):
+        return path
+    return [os.path.abspath(path)] + sorted(
+        (f, st.st_size, st.st_mtime_ns) for f in os.listdir(path) if f.endswith((".safetensors", ".bin"))
+        for st in [os.stat(os.path.join(path, f))])
+
+
+def inputs_key(ctx: Context, *, models=(), examples=(), **values) -> str:
+    """A digest of what a cached result is computed from: ``models`` (paths, see _model_key), lists of
+    tokenized ``examples`` (their token ids) and other JSON ``values``; bf16 changes every number.
+    Caches written under another key are computed again: a stage run again after its inputs changed
+    (another data file, a retrained starting model) must not reuse them."""
+    h = hashlib.sha256(json.dumps([[_model_key(m) for m in models], values, ctx.cfg.bf16],
+                                  sort_keys=True, default=str).encode())
+    for group in examples:
+        for e in group:
+            for k in sorted(e):
+                v = e[k]
+                h.update(f"{k}:{len(v)}:".encode())
+                h.update(torch.as_tensor(v, dtype=torch.float64 if k == "weights" else torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_is_current(ctx: Context, path: str, key: str) -> bool:
+    """``path`` exists and was computed from the inputs ``key`` stands for (else it is logged as stale)."""
+    if not os.path.exists(path):
+        return False
+    if cache_key(path) == key:
+        return True
+    ctx.log(f"{path}: computed from other inputs (data, model or options changed since); computing it again")
+    return False
+
+
 def cached_reference(ctx: Context, stage_dir: str, model, named_examples: dict, name="reference_logps", *,
-                     sync: bool = True, scorer=None) -> dict:
-    """Reference log-probs of the stage's starting ``model`` on every example, computed once and
-    cached in ``stage_dir`` (written by the main process); a resumed stage reads the cache. One
-    process or DDP: the main process computes them with ``model``. ``scorer``: FSDP2, the stage's
-    sharded module holding ``model``'s weights: every rank scores its share of the examples through
-    it (``model`` is not used) and the main process gathers them and writes the same cache."""
+                     sync: bool = True, scorer=None, model_path: str | None = None) -> dict:
+    """Reference log-probs of the stage's starting ``model`` (loaded from ``model_path``) on every
+    example, computed once and cached in ``stage_dir`` (written by the main process); a resumed stage
+    reads the cache, a stage whose model or examples changed computes it again. One process or DDP:
+    the main process computes them with ``model``. ``scorer``: FSDP2, the stage's sharded module
+    holding ``model``'s weights: every rank scores its share of the examples through it (``model``
+    is not used) and the main process gathers them and writes the same cache."""
     path = os.path.join(stage_dir, f"{name}.safetensors")
+    key = inputs_key(ctx, models=[model_path], examples=named_examples.values(), names=list(named_examples)) \
+        if ctx.main else None
     # only the main process looks at the file: another rank could see it appear and skip the barrier
-    todo = ctx.main and not os.path.exists(path)
+    todo = ctx.main and not cache_is_current(ctx, path, key)
     if scorer is not None:  # FSDP2: every rank takes part in every forward, as the main process decides
         todo = main_decides(todo)
     if todo:
@@ -167,7 +207,7 @@ def cached_reference(ctx: Context, stage_dir: str, model, named_examples: dict, 
                             device=ctx.accelerator.device, autocast=ctx.accelerator.autocast, progress=bar)
                    for k, v in named_examples.items()}
         if ctx.main:
-            save_cache(path, out)
+            save_cache(path, out, key=key)
     if sync or scorer is not None:
         ctx.accelerator.wait_for_everyone()
     return load_cache(path)

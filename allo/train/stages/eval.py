@@ -13,8 +13,8 @@ from .. import model as models
 from ..fsdp import fsdp2_shards, load_weights, sharded_generate, sharded_logps, sharded_scorer
 from ..logps import TokenLogprobs, compute_logps
 from ..model import generate
-from .common import (EVALUATED, Context, cached_reference, from_main, is_done, load_pairs, mark_done, pair_views,
-                     scorer_batch, sft_model_path, uses_builtin_data)
+from .common import (EVALUATED, Context, cached_reference, from_main, inputs_key, is_done, load_pairs, mark_done,
+                     pair_views, scorer_batch, sft_model_path, uses_builtin_data)
 
 GENERATE_BATCH = 256  # prompts per greedy-generation batch
 
@@ -98,6 +98,34 @@ def evaluate_sharded(ctx: Context, scorer, pairs, ref, problems) -> dict | None:
                      answers=lambda prompts, **kw: sharded_generate(scorer, ctx.tokenizer, prompts, **kw))
 
 
+def _result_key(ctx: Context, path: str, pairs, problems) -> str:
+    """What a model's eval result is computed from (see inputs_key): its weights, the reference's,
+    the held-out pairs and problems, and the options that change the numbers."""
+    return inputs_key(ctx, models=[path, sft_model_path(ctx)], examples=pair_views(pairs).values() if pairs else (),
+                      problems=problems, beta=ctx.cfg.beta, max_new_tokens=ctx.cfg.max_new_tokens)
+
+
+def _saved_result(ctx: Context, out_path: str, key: str) -> dict | None:
+    """The result an earlier (interrupted) eval saved for these inputs, or None. A model trained again,
+    or other eval data, is evaluated again: `allo-train eval` must not report the old model's numbers."""
+    if not os.path.exists(out_path):
+        return None
+    key_path = out_path + ".inputs"
+    if not os.path.exists(key_path) or open(key_path).read() != key:
+        ctx.log(f"{out_path}: computed from other inputs (the model, data or options changed since); evaluating again")
+        return None
+    with open(out_path) as f:
+        return json.load(f)
+
+
+def _save_result(out_path: str, result: dict, key: str) -> None:
+    D.write_json(out_path, result)
+    tmp = out_path + ".inputs.tmp"  # after the result: a kill between the two leaves a result that is not reused
+    with open(tmp, "w") as f:
+        f.write(key)
+    os.replace(tmp, out_path + ".inputs")
+
+
 def _eval_sharded(ctx: Context, sdir: str) -> dict:
     """FSDP2: one sharded module; rank 0 loads each evaluated model whole on its CPU only (the other
     ranks on the meta device) and broadcasts its weights into the shards, which every rank then
@@ -107,7 +135,8 @@ def _eval_sharded(ctx: Context, sdir: str) -> dict:
     todo = [(name, _model_of(ctx, name)) for name in EVALUATED if name in ctx.cfg.eval_model_list()]
     plan = None
     if ctx.main:
-        plan = (_load_problems(ctx), [(n, p, os.path.exists(os.path.join(sdir, f"{n}.json"))) for n, p in todo if p])
+        problems = _load_problems(ctx)
+        plan = (problems, [(n, p, _result_key(ctx, p, pairs, problems)) for n, p in todo if p])
     problems, todo = from_main(plan)
     results, scorer, holds, ref = {}, None, None, None
 
@@ -121,21 +150,22 @@ def _eval_sharded(ctx: Context, sdir: str) -> dict:
                 load_weights(scorer, model)
             holds = name  # rank 0's whole copy is dropped here: the shards hold the weights
 
-    for name, path, done in todo:
+    for name, path, key in todo:
         out_path = os.path.join(sdir, f"{name}.json")
-        if done:
+        saved = _saved_result(ctx, out_path, key) if ctx.main else None
+        if from_main(saved is not None):
             if ctx.main:
-                with open(out_path) as f:
-                    results[name] = json.load(f)
+                results[name] = saved
             continue
         if ref is None and pairs:
             hold("sft", sft_model_path(ctx))
-            ref = cached_reference(ctx, sdir, None, pair_views(pairs), name="sft_reference_logps", scorer=scorer)
+            ref = cached_reference(ctx, sdir, None, pair_views(pairs), name="sft_reference_logps", scorer=scorer,
+                                   model_path=sft_model_path(ctx))
         hold(name, path)
         result = evaluate_sharded(ctx, scorer, pairs, ref, problems)
         if ctx.main:
             results[name] = result
-            D.write_json(out_path, result)
+            _save_result(out_path, result, key)
     return results
 
 
@@ -161,16 +191,18 @@ def stage_eval(ctx: Context) -> dict:
             if path is None:
                 continue
             out_path = os.path.join(sdir, f"{name}.json")
-            if os.path.exists(out_path):
-                with open(out_path) as f:
-                    results[name] = json.load(f)
+            key = _result_key(ctx, path, pairs, problems)
+            saved = _saved_result(ctx, out_path, key)
+            if saved is not None:
+                results[name] = saved
                 continue
             model = models.load_model(path).to(ctx.accelerator.device).eval()
             if ref is None and pairs:
                 sft = model if name == "sft" else models.load_model(sft_model_path(ctx)).to(ctx.accelerator.device)
-                ref = cached_reference(ctx, sdir, sft, pair_views(pairs), name="sft_reference_logps", sync=False)
+                ref = cached_reference(ctx, sdir, sft, pair_views(pairs), name="sft_reference_logps", sync=False,
+                                       model_path=sft_model_path(ctx))
             results[name] = evaluate_model(ctx, model, pairs, ref, problems)
-            D.write_json(out_path, results[name])
+            _save_result(out_path, results[name], key)
         write_report(ctx.cfg.output_dir, results)
     mark_done(ctx, sdir, {"results": results})
     return results

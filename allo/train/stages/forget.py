@@ -12,8 +12,8 @@ from ..fsdp import load_weights, sharded_logps
 from ..logps import TokenLogprobs, compute_logps, load_cache, save_cache
 from ..loop import StageData
 from ..model import save_model
-from .common import (Context, cached_reference, load_negatives, main_decides, mark_done, negatives_have, require,
-                     scorer_batch, seed_all, sft_model_path)
+from .common import (Context, cache_is_current, cached_reference, inputs_key, load_negatives, main_decides, mark_done,
+                     negatives_have, require, scorer_batch, seed_all, sft_model_path)
 from .masked import masked_stage_start
 
 
@@ -48,7 +48,9 @@ def _token_weights(ctx: Context, sdir: str, negs, ref, model=None, scorer=None) 
         return [w[i, :n] for i, n in enumerate(lengths)]
     # the warm-up model's implicit token reward; computed once and cached, like the reference
     path = os.path.join(sdir, "token_weights.safetensors")
-    todo = ctx.main and not os.path.exists(path)  # main only: see cached_reference
+    key = inputs_key(ctx, models=[require(ctx, "warmup", "model"), sft_model_path(ctx)], examples=[negs],
+                     fraction=cfg.implicit_token_fraction) if ctx.main else None
+    todo = ctx.main and not cache_is_current(ctx, path, key)  # main only: see cached_reference
     if scorer is not None:
         todo = main_decides(todo)
     if todo:
@@ -68,7 +70,7 @@ def _token_weights(ctx: Context, sdir: str, negs, ref, model=None, scorer=None) 
             w = token_weights_from_implicit_reward(pad_sequence(lp_warm, batch_first=True),
                                                    pad_sequence(ref["response"], batch_first=True), mask,
                                                    fraction=cfg.implicit_token_fraction)
-            save_cache(path, {"weights": [w[i, :n].contiguous() for i, n in enumerate(lengths)]})
+            save_cache(path, {"weights": [w[i, :n].contiguous() for i, n in enumerate(lengths)]}, key=key)
     ctx.accelerator.wait_for_everyone()
     return load_cache(path)["weights"]
 
@@ -88,7 +90,7 @@ def stage_forget(ctx: Context, *, on_step_end=None) -> dict:
     negs = load_negatives(ctx, field)
     desc = "forget (token-weighted NPO)"
     model, scorer, masks, mask_file = masked_stage_start(ctx, "forget", sft_model_path(ctx), desc)
-    ref = cached_reference(ctx, sdir, model, {"response": negs}, scorer=scorer)
+    ref = cached_reference(ctx, sdir, model, {"response": negs}, scorer=scorer, model_path=sft_model_path(ctx))
     weights = _token_weights(ctx, sdir, negs, ref, model=model, scorer=scorer)
     last = loop.train_stage(accelerator=ctx.accelerator, cfg=cfg, stage_dir=sdir, model=model, tokenizer=ctx.tokenizer,
                        data=StageData("forget", negs, ref, weights), lr=cfg.forget_learning_rate, masks=masks,

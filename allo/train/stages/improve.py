@@ -28,7 +28,7 @@ def stage_improve(ctx: Context, *, on_step_end=None) -> dict:
                              "--output_dir or delete that folder")
     desc = f"improve ({'key tokens' if cfg.key_tokens else 'DPO'})"
     model, scorer, masks, mask_file = masked_stage_start(ctx, "improve", start, desc)
-    ref = cached_reference(ctx, sdir, model, pair_views(pairs), scorer=scorer)
+    ref = cached_reference(ctx, sdir, model, pair_views(pairs), scorer=scorer, model_path=start)
     kind = "improve" if cfg.key_tokens else "dpo"
     last = loop.train_stage(accelerator=ctx.accelerator, cfg=cfg, stage_dir=sdir, model=model, tokenizer=ctx.tokenizer,
                        data=StageData(kind, pairs, ref), lr=cfg.improve_learning_rate, masks=masks, dense=False,

@@ -25,7 +25,7 @@ def stage_warmup(ctx: Context, *, on_step_end=None) -> dict:
     scorer = None
     if sharded:
         scorer = sharded_scorer(ctx.accelerator, model, prepare=lambda m: prepare_trainable(m, None, cfg))
-    ref = cached_reference(ctx, sdir, model, pair_views(pairs), scorer=scorer)
+    ref = cached_reference(ctx, sdir, model, pair_views(pairs), scorer=scorer, model_path=sft_model_path(ctx))
     last = loop.train_stage(accelerator=ctx.accelerator, cfg=cfg, stage_dir=sdir, model=model, tokenizer=ctx.tokenizer,
                        data=StageData("dpo", pairs, ref), lr=cfg.learning_rate, masks=None, dense=True,
                        desc="warmup (DPO, all parameters)", scorer=scorer, on_step_end=on_step_end)
