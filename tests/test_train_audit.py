@@ -96,3 +96,75 @@ def test_a_stage_run_again_recomputes_what_its_changed_inputs_make(tiny, tmp_pat
     fresh = pipeline.run(_cfg(tiny, tmp_path / "eval", stages="eval", reuse_from=str(out),
                               reuse_stages="select,forget,improve", **kw))
     assert again == fresh
+
+
+def test_data_source_errors_name_the_file_and_how_to_fix(tmp_path, capsys):
+    from allo.train import data as D
+    from allo.train.cli import main
+    from allo.train.tokenizer import load_builtin_tokenizer
+
+    tok = load_builtin_tokenizer()
+    # a mistyped file name is no hub dataset (asking the hub only says it cannot be reached)
+    with pytest.raises(FileNotFoundError, match="pairs.jsnol: no such file"):
+        D.load_pairs(str(tmp_path / "pairs.jsnol"), tok)
+    bad = tmp_path / "pairs.json"
+    bad.write_text('[{"prompt": "1?",\n "chosen": "1.", }]')
+    with pytest.raises(D.BadRowError, match=r"pairs.json:2: not valid JSON"):
+        D.load_pairs(str(bad), tok)
+    rc = main(["warmup", "--train_file", str(bad), "--output_dir", str(tmp_path / "out"), "--disable_tqdm"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pairs.json:2: not valid JSON" in err and "Traceback" not in err
+    # a dataset folder without the split asked for
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_text('{"prompt": "1?", "chosen": "1.", "rejected": "2."}\n')
+    with pytest.raises(D.DataError, match="split 'test'.*--dataset_test_split"):
+        D.load_pairs(str(tmp_path / "ds"), tok, split="test")
+    # per-token values that would turn the loss into NaN, or probabilities that are none
+    negs = tmp_path / "negs.jsonl"
+    negs.write_text('{"prompt": "1?", "response": "ab", "token_weights": [1, NaN], "keep_probs": [0.5, 1.5]}\n')
+    with pytest.raises(D.BadRowError, match=r"negs.jsonl:1: field 'token_weights': .*not a finite number"):
+        D.load_negatives(str(negs), tok, weight_field="token_weights")
+    with pytest.raises(D.BadRowError, match=r"negs.jsonl:1: field 'keep_probs': .*outside \[0, 1\]"):
+        D.load_negatives(str(negs), tok, weight_field="keep_probs")
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("learning_rate: [0.1]\n", r"c.yaml: key 'learning_rate': expected a float, got \[0.1\]"),
+    ("per_device_train_batch_size: 2.5\n", r"c.yaml: key 'per_device_train_batch_size': expected an int, got 2.5"),
+    ("learning_rate: abc\n", r"c.yaml: key 'learning_rate': expected a float, got 'abc'"),
+    ("bf16: maybe\n", r"c.yaml: key 'bf16': expected true or false, got 'maybe'"),
+    ("logging_steps: 0\n", r"--logging_steps is 0; expected >= 1"),
+])
+def test_config_values_of_the_wrong_type_name_the_file_and_key(tmp_path, capsys, yaml_text, message):
+    from allo.train.cli import parse
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml_text)
+    with pytest.raises(SystemExit):
+        parse(["--config", str(cfg_file)])
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_config_yaml_values_typed_like_flags(tmp_path, capsys):
+    from allo.train.cli import parse
+
+    cfg_file = tmp_path / "c.yaml"
+    # YAML reads 1e-5 as a string and 1 as an int: both are what the flag would give
+    cfg_file.write_text("learning_rate: 1e-5\nbeta: 1\nmax_prompt_length: null\nbf16: 'yes'\nresume_from_checkpoint: true\n")
+    _, cfg = parse(["--config", str(cfg_file), "--beta", "0.5"])
+    assert cfg.learning_rate == 1e-5 and cfg.beta == 0.5 and cfg.max_prompt_length is None and cfg.bf16 is True
+    assert cfg.resume_from_checkpoint == "true"
+    with pytest.raises(SystemExit):
+        parse(["--config", str(tmp_path / "missing.yaml")])
+    assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_report_to_tensorboard_without_it_fails_before_training(monkeypatch):
+    import sys
+
+    from allo.train import TrainConfig
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    with pytest.raises(ValueError, match="--report_to tensorboard needs `pip install tensorboard`"):
+        TrainConfig(report_to="tensorboard").validate()
+    TrainConfig(report_to="all").validate()  # all: TensorBoard when installed

@@ -56,21 +56,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_EXPECTED = {bool: "true or false", int: "an int", float: "a float", str: "a string"}
+
+
+def _yaml_value(parser, path: str, f: dataclasses.Field, value):
+    """A YAML ``--config`` value as its flag would give it, or a parser error naming the file and key.
+    argparse converts only string defaults, and without saying where they came from: a list, or 2.5
+    for an int, would reach the training loop as it is."""
+    tp = _base_type(f.type)
+    if value is None and f.default is None:
+        return None
+    try:
+        if isinstance(value, str):
+            return _bool(value) if tp is bool else tp(value)
+        if tp is str and isinstance(value, (bool, int, float)):
+            return str(value).lower() if isinstance(value, bool) else str(value)  # e.g. resume_from_checkpoint: true
+        if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
+            return value
+    except (ValueError, argparse.ArgumentTypeError):
+        pass
+    parser.error(f"{path}: key '{f.name}': expected {_EXPECTED.get(tp, tp.__name__)}, got {value!r}")
+
+
 def parse(argv=None) -> tuple[str, TrainConfig]:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
         import yaml
 
-        with open(args.config) as fh:
-            data = yaml.safe_load(fh) or {}
+        try:
+            with open(args.config) as fh:
+                data = yaml.safe_load(fh) or {}
+        except OSError as e:
+            parser.error(f"--config {args.config}: {e.strerror}")
+        except yaml.YAMLError as e:
+            parser.error(f"--config {args.config}: not valid YAML ({e})")
         if not isinstance(data, dict):
             parser.error(f"{args.config}: expected a mapping of flag names to values")
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(data) - names)
+        fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(data) - set(fields))
         if unknown:
             parser.error(f"{args.config}: unknown key(s) {unknown}; keys are the flag names of `allo-train --help`")
-        parser.set_defaults(**data)
+        parser.set_defaults(**{k: _yaml_value(parser, args.config, fields[k], v) for k, v in data.items()})
         args = parser.parse_args(argv)  # flags given on the command line still win
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     try:
@@ -83,14 +112,14 @@ def parse(argv=None) -> tuple[str, TrainConfig]:
 def main(argv=None) -> int:
     command, cfg = parse(argv)
     from . import pipeline
-    from .data import BadRowError
+    from .data import DataError
 
     try:
         if command == "run":
             pipeline.run(cfg)
         else:
             pipeline.run_stage(command, cfg)
-    except (BadRowError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError) as e:
         # the user's input is at fault and the message says how to fix it: no traceback
         print(f"allo-train: error: {e}", file=sys.stderr)
         return 2

@@ -139,6 +139,14 @@ class TrainConfig:
             raise ValueError(f"--stages names unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
         if self.report_to not in ("all", "jsonl", "tensorboard", "none"):
             raise ValueError(f"--report_to is {self.report_to!r}; expected all, jsonl, tensorboard or none")
+        if self.report_to == "tensorboard":
+            try:  # here, not after the first stage's reference pass
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ValueError("--report_to tensorboard needs `pip install tensorboard` (or --report_to jsonl)") from None
+        for name in ("logging_steps", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} is {getattr(self, name)}; expected >= 1")
         return self
 
     def stage_list(self) -> list[str]:

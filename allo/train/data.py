@@ -24,6 +24,7 @@ A malformed row raises :class:`BadRowError` naming the file, line and field; wit
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -32,8 +33,15 @@ import torch
 IGNORE_INDEX = -100
 
 
-class BadRowError(ValueError):
+class DataError(ValueError):
+    """A data source that cannot be read (no such file, not JSON, a dataset or split that is not there)."""
+
+
+class BadRowError(DataError):
     pass
+
+
+DATA_FILE_TYPES = (".jsonl", ".json", ".parquet")
 
 
 @dataclass
@@ -67,7 +75,10 @@ def read_rows(source: str, *, split: str = "train") -> list[tuple[str, dict]]:
             return rows
         if low.endswith(".json"):
             with open(source, encoding="utf-8") as f:
-                obj = json.load(f)
+                try:
+                    obj = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise BadRowError(f"{source}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
             if isinstance(obj, dict) and isinstance(obj.get("data"), list):
                 obj = obj["data"]
             if not isinstance(obj, list):
@@ -78,11 +89,19 @@ def read_rows(source: str, *, split: str = "train") -> list[tuple[str, dict]]:
 
             return [(f"{source}: row {i}", r) for i, r in enumerate(pq.read_table(source).to_pylist())]
         raise BadRowError(f"{source}: unknown file type; use .jsonl, .json or .parquet")
+    if source.lower().endswith(DATA_FILE_TYPES) or source.startswith((".", "/", "~")) and not os.path.isdir(source):
+        # a path, not a dataset name: asking the hub for it would only say it cannot be reached
+        raise FileNotFoundError(f"{source}: no such file")
     try:
         import datasets  # lazily: optional, and absent on some training machines
     except ImportError as e:
-        raise BadRowError(f"{source!r} is not a file, and reading it as a hub dataset needs `pip install datasets`") from e
-    ds = datasets.load_dataset(source, split=split)
+        raise DataError(f"{source!r} is not a file, and reading it as a hub dataset needs `pip install datasets`") from e
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # noqa: BLE001 - re-raised with what was asked for and how to choose otherwise
+        raise DataError(f"{source!r}: could not load split {split!r} as a `datasets` dataset ({type(e).__name__}: {e}). "
+                        "Give a local file (.jsonl/.json/.parquet), a dataset folder or hub name, and the split with "
+                        "--dataset_train_split / --dataset_test_split (held-out pairs: or --eval_file)") from e
     return [(f"{source}[{split}] row {i}", r) for i, r in enumerate(ds)]
 
 
@@ -208,6 +227,10 @@ def load_negatives(source, tokenizer, *, max_length=None, max_prompt_length=None
             weights = row.get(weight_field)
             if not isinstance(weights, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
                 raise _bad(where, weight_field, "expected a list of numbers, one per response token")
+            if not all(math.isfinite(w) for w in weights):
+                raise _bad(where, weight_field, "has a value that is not a finite number (NaN or infinity)")
+            if weight_field == "keep_probs" and not all(0.0 <= w <= 1.0 for w in weights):
+                raise _bad(where, weight_field, "has a value outside [0, 1] (probabilities of keeping each token)")
         p, r = _render(tokenizer, prompt, response, where, fld)
         return encode_text_pair(tokenizer, p, r, max_length=max_length, max_prompt_length=max_prompt_length,
                                 weights=weights, where=where, fld=weight_field or fld)
