@@ -168,3 +168,11 @@ def test_report_to_tensorboard_without_it_fails_before_training(monkeypatch):
     with pytest.raises(ValueError, match="--report_to tensorboard needs `pip install tensorboard`"):
         TrainConfig(report_to="tensorboard").validate()
     TrainConfig(report_to="all").validate()  # all: TensorBoard when installed
+
+
+def test_resumed_metrics_drop_a_line_cut_short_by_a_kill(tmp_path):
+    from allo.train.loop import MetricsSink
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.6}\n{"step": 3, "lo')
+    MetricsSink(str(tmp_path), "jsonl", enabled=True, resume_step=2).close()
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]

@@ -81,7 +81,8 @@ class MetricsSink:
             return
         if resume_step is not None and os.path.exists(self.path):
             # drop what was logged after the checkpoint: those steps run again
-            keep = [l for l in open(self.path) if json.loads(l).get("step", 0) <= resume_step]
+            # a kill mid-write can leave a last line cut short: it is after the checkpoint too
+            keep = [l for l in open(self.path) if _logged_step(l) <= resume_step]
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(keep)
             os.replace(self.path + ".tmp", self.path)
@@ -109,6 +110,14 @@ class MetricsSink:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line (infinity for a line cut short)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
 
 
 def _loss_units(kind, examples, weights, idx):
