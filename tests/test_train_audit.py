@@ -176,3 +176,16 @@ def test_resumed_metrics_drop_a_line_cut_short_by_a_kill(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.6}\n{"step": 3, "lo')
     MetricsSink(str(tmp_path), "jsonl", enabled=True, resume_step=2).close()
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(num_train_epochs=0), r"--num_train_epochs is 0; expected > 0"),
+    (dict(beta=0.0), r"--beta is 0.0; expected > 0"),
+    (dict(improve_learning_rate=-1e-5), r"--improve_learning_rate is -1e-05; expected >= 0"),
+])
+def test_values_that_would_fail_or_do_nothing_mid_run_are_refused_up_front(flags, message):
+    from allo.train import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**flags).validate()
+    TrainConfig(num_train_epochs=0, max_steps=3).validate()  # max_steps overrides the epochs

@@ -144,6 +144,13 @@ class TrainConfig:
                 import tensorboard  # noqa: F401
             except ImportError:
                 raise ValueError("--report_to tensorboard needs `pip install tensorboard` (or --report_to jsonl)") from None
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise ValueError(f"--num_train_epochs is {self.num_train_epochs}; expected > 0 (or set --max_steps)")
+        if not self.beta > 0:  # here, not in the loss after the first stage's reference pass
+            raise ValueError(f"--beta is {self.beta}; expected > 0")
+        for name in ("learning_rate", "forget_learning_rate", "improve_learning_rate", "sft_learning_rate"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name} is {getattr(self, name)}; expected >= 0")
         for name in ("logging_steps", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} is {getattr(self, name)}; expected >= 1")

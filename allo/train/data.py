@@ -250,6 +250,14 @@ def load_problems(source, *, skip_bad_rows=False, split="train"):
     return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split)
 
 
+def write_text(path: str, text: str) -> None:
+    """``text`` written atomically (a temporary file renamed over ``path``)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_json(path: str, obj) -> None:
     """``obj`` as indented JSON, written atomically (a temporary file renamed over ``path``)."""
     tmp = path + ".tmp"

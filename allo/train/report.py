@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from .data import write_text
+
 COLUMNS = [("eval_answer_accuracy", "answer acc"), ("eval_rewards/accuracies", "reward acc"),
            ("eval_rewards/margins", "reward margin"), ("eval_rewards/chosen", "reward chosen"),
            ("eval_rewards/rejected", "reward rejected"), ("eval_loss", "DPO loss")]
@@ -90,10 +92,7 @@ def write_report(output_dir: str, results: dict) -> str:
     curves = plot_curves(output_dir)
     bars = plot_eval(output_dir, results)
     text = "# allo-train results (held-out)\n\n" + table + "\n"
-    tmp = os.path.join(output_dir, "report.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(output_dir, "report.md"))
+    write_text(os.path.join(output_dir, "report.md"), text)
     print("\n" + table)
     print(f"\nreport: {os.path.join(output_dir, 'report.md')}; plots: {curves}, {bars}", flush=True)
     return table

@@ -120,10 +120,8 @@ def _saved_result(ctx: Context, out_path: str, key: str) -> dict | None:
 
 def _save_result(out_path: str, result: dict, key: str) -> None:
     D.write_json(out_path, result)
-    tmp = out_path + ".inputs.tmp"  # after the result: a kill between the two leaves a result that is not reused
-    with open(tmp, "w") as f:
-        f.write(key)
-    os.replace(tmp, out_path + ".inputs")
+    # after the result: a kill between the two leaves a result that is not reused
+    D.write_text(out_path + ".inputs", key)
 
 
 def _eval_sharded(ctx: Context, sdir: str) -> dict:

@@ -154,8 +154,7 @@ def stage_select(ctx: Context) -> dict:
 
 def _write_selection(ctx: Context, sdir: str, stage: str, sel, info: dict) -> None:
     sel.save(os.path.join(sdir, f"{stage}_mask.safetensors"))
-    with open(os.path.join(sdir, f"{stage}_mask_summary.txt"), "w") as f:
-        f.write(sel.summary())
+    D.write_text(os.path.join(sdir, f"{stage}_mask_summary.txt"), sel.summary())
     try:
         sel.plot(os.path.join(sdir, f"{stage}_mask.png"))
     except Exception as e:  # a plot is a nicety; the masks are what matter
