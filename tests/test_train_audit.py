@@ -189,3 +189,24 @@ def test_values_that_would_fail_or_do_nothing_mid_run_are_refused_up_front(flags
     with pytest.raises(ValueError, match=message):
         TrainConfig(**flags).validate()
     TrainConfig(num_train_epochs=0, max_steps=3).validate()  # max_steps overrides the epochs
+
+
+def test_run_reruns_a_complete_stage_whose_input_stage_finished_after_it(tiny, tmp_path):  # noqa: F811
+    import os
+
+    out = tmp_path / "run"
+    cfg = _cfg(tiny, out, stages="warmup,select", max_steps=1)
+    pipeline.run(cfg)
+    select_done = out / "select" / "DONE"
+    before = os.path.getmtime(select_done)
+    pipeline.run(cfg)  # nothing changed: both skipped
+    assert os.path.getmtime(select_done) == before
+    # warm-up run again after the selection (e.g. `allo-train warmup` with other options): the
+    # selection came from the old warm-up, so `run` makes it again (and then leaves it alone)
+    os.utime(select_done, (before - 100, before - 100))
+    warm = os.path.getmtime(out / "warmup" / "DONE")
+    pipeline.run(cfg)
+    rerun = os.path.getmtime(select_done)
+    assert rerun > warm and os.path.getmtime(out / "warmup" / "DONE") == warm
+    pipeline.run(cfg)
+    assert os.path.getmtime(select_done) == rerun

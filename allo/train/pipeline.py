@@ -13,6 +13,7 @@ import time
 
 from .config import STAGES, TrainConfig
 from .stages import STAGE_FUNCS, Context, is_done
+from .stages.common import DONE
 
 
 def _config(config) -> TrainConfig:
@@ -73,6 +74,14 @@ def _checkpoint_owner(cfg: TrainConfig) -> str | None:
     return None if mode in (None, "latest") else checkpoint_stage(mode)
 
 
+def _finished_at(stage_dir: str) -> float | None:
+    """When the stage last completed (its DONE marker's modification time), None if it has not."""
+    try:
+        return os.path.getmtime(os.path.join(stage_dir, DONE))
+    except FileNotFoundError:
+        return None
+
+
 def run_stage(stage: str, config, *, accelerator=None, on_step_end=None, context: Context | None = None):
     """Run one stage (even if it was completed before; its folder is reused). Returns its output."""
     if stage not in STAGE_FUNCS:
@@ -90,7 +99,8 @@ def run_stage(stage: str, config, *, accelerator=None, on_step_end=None, context
 
 def run(config, *, accelerator=None, on_step_end=None) -> dict:
     """Every stage of ``config.stages`` in order, skipping those already complete (their folder has
-    DONE); returns the eval stage's metrics per evaluated model: {"sft"|"warmup"|"forget"|"improve": {...}}.
+    DONE) unless an earlier stage completed after them (then they run again, from the start); returns
+    the eval stage's metrics per evaluated model: {"sft"|"warmup"|"forget"|"improve": {...}}.
     ``on_step_end(stage, step)`` is called after every optimizer step."""
     ctx = make_context(config, accelerator)
     _link_reused(ctx)
@@ -101,21 +111,35 @@ def run(config, *, accelerator=None, on_step_end=None) -> dict:
     t0 = time.time()
     results = {}
     owner = _checkpoint_owner(cfg)
+    upstream = None  # (finish time, stage): the latest-finished stage before this one
     for stage in cfg.stage_list():
         if stage == "prepare" and not uses_builtin_data(cfg) and not cfg.problems_file:
             continue  # preference pairs are given: nothing to prepare
-        if is_done(ctx.dir(stage)):
+        finished = _finished_at(ctx.dir(stage))
+        stale = finished is not None and upstream is not None and upstream[0] > finished
+        if stale:
+            # an earlier stage was run again after this one (e.g. `allo-train warmup` with other
+            # options): this stage's outputs come from the old inputs, so it runs again, as make
+            # would, from the start (its checkpoints are the old run's too)
+            ctx.log(f"{stage}: complete, but {upstream[1]} finished after it: running it again")
+            finished = None
+        if finished is not None:
             ctx.log(f"{stage}: already complete, skipped"
                     + (f" (--resume_from_checkpoint {cfg.resume_from_checkpoint} is its checkpoint: not used)"
                        if owner == stage else ""))
             if stage == "eval":
                 results = done_info(ctx.dir(stage)).get("results", {})
+            if upstream is None or finished > upstream[0]:
+                upstream = (finished, stage)
             continue
         # a checkpoint folder given by name resumes its own stage; the others start as without it
-        stage_ctx = ctx if owner in (None, stage) else \
+        stage_ctx = ctx if owner in (None, stage) and not stale else \
             dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, resume_from_checkpoint=None))
         out = run_stage(stage, cfg, context=stage_ctx, on_step_end=on_step_end)
         if stage == "eval":
             results = out
+        finished = _finished_at(ctx.dir(stage))
+        if finished is not None and (upstream is None or finished > upstream[0]):
+            upstream = (finished, stage)
     ctx.log(f"finished in {time.time() - t0:.1f} s; outputs in {cfg.output_dir}")
     return results
