@@ -170,3 +170,15 @@ def test_row_sink_made_for_an_older_selection_is_an_error():
     x.register_hook(lambda g: sink(0, torch.randn(6, 4)))  # a sink runs during backward
     with pytest.raises(RuntimeError, match="set_masks"):
         x.sum().backward()
+
+
+def test_a_torch_adamw_state_dict_is_refused():
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))
+    adamw = torch.optim.AdamW([a, b])
+    a.grad = torch.randn_like(a)  # b never gets a gradient: no state, it would have loaded as frozen
+    adamw.step()
+    opt = MaskedAdamW([a, b])
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="not saved by MaskedAdamW"):
+        opt.load_state_dict(adamw.state_dict())
+    assert opt.state_dict()["param_groups"] == before["param_groups"]

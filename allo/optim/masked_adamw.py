@@ -651,6 +651,14 @@ class MaskedAdamW(Optimizer):
             if rewritten is not None:
                 state_dict = rewritten
         groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        if saved_groups and not any("decay_unselected" in g for g in saved_groups):
+            # torch.optim.AdamW's, say: its parameters with state would load as fully selected and
+            # those without (never stepped) as frozen, silently
+            raise ValueError(
+                "load_state_dict: this state dict was not saved by MaskedAdamW (its param groups have no "
+                "'decay_unselected'; torch.optim.AdamW's?). MaskedAdamW loads only its own state dicts, which "
+                "carry the masks; to start from another optimizer's run, build MaskedAdamW with masks= instead"
+            )
         if len(groups) != len(saved_groups) or any(len(g["params"]) != len(s["params"])
                                                    for g, s in zip(groups, saved_groups)):
             raise ValueError(
