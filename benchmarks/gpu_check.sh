@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU session check, sized for a 15-minute lease (no network needed): run the Triton GPU tests
 # while the extension builds with its CUDA kernels in place, then the extension's GPU tests, then
-# bench_update/select/logprob/step at full size (alone on the GPU), a host-vs-kernel profile, then the
-# rest of the test suite if time is left, and print a short table last.
+# bench_update/select/logprob/step at full size (alone on the GPU), a host-vs-kernel profile, the built-in
+# allo-train task on the GPU, then the rest of the test suite if time is left, and print a short table last.
 #
 #   OUT=/some/dir benchmarks/gpu_check.sh
 #
@@ -120,6 +120,10 @@ for name in bench_update bench_select bench_logprob bench_step; do
 done
 # where the time of select and of an optimizer step goes (host vs kernels), for the record
 step "profile_gpu" 90 "$py" benchmarks/profile_gpu.py --only select,update,step-memory --no-sweep
+# the whole pipeline on the GPU (the tests below run it on tiny models only if time is left): the built-
+# in task end to end, bf16 autocast, Triton optimizer, CUDA log-prob kernels, routed output layer
+[ $built = 1 ] && step "allo-train built-in task (GPU, bf16)" 120 "$py" -m allo.train.cli \
+  --output_dir "$work/allo_output" --disable_tqdm --bf16 true
 if [ $built = 1 ]; then
   deselect=()
   for t in "${triton_tests[@]}" "${extension_tests[@]}"; do deselect+=(--ignore "$t"); done
