@@ -20,6 +20,8 @@ Peak memory is the extra memory over what was live before the call (inputs exclu
 from __future__ import annotations
 
 import importlib.util
+import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +90,34 @@ def _note_failure(case, impl, exc):
     print(f"note: {impl} failed on '{case}' ({type(exc).__name__}: {exc}); row skipped")
 
 
+def _tolerance(dtype):
+    # relative to the largest reference value: fp32 inputs agree to rounding; bf16/fp16 baselines such as
+    # cross_entropy on bf16 logits round their outputs to the input dtype
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+
+
+def _max_rel_err(got, want):
+    """Largest |got - want| over all outputs, relative to the largest |want| (inf if any got is not finite)."""
+    worst = 0.0
+    for g, w in zip(got, want):
+        g, w = g.detach().float(), w.detach().float()
+        if not bool(torch.isfinite(g).all()):
+            return math.inf
+        worst = max(worst, float((g - w).abs().max()) / max(1.0, float(w.abs().max())))
+    return worst
+
+
+MISMATCHES = []  # (case, impl, error): a wrong result must not look fast; main() exits 1 after the report
+
+
+def _check(case, name, got, want, dtype):
+    err = _max_rel_err(got, want)
+    if not err <= _tolerance(dtype):
+        MISMATCHES.append((case, name, err))
+        print(f"MISMATCH: {name} on '{case}': max relative error {err:.3g} vs torch (tolerance {_tolerance(dtype):g})")
+    return err
+
+
 def bench_tokens(args, device, liger, warmup, repeats):
     n, v, dtype = SIZES[(device.type, args.quick)]["token"]
     n, v = args.tokens or n, args.vocab or v
@@ -96,15 +126,29 @@ def bench_tokens(args, device, liger, warmup, repeats):
     labels = torch.randint(0, v, (n,), device=device)
     upstream = torch.rand(n, device=device)  # per-token weights: non-uniform
     rows = []
+    # the reference every impl is checked against (outside the timings): fp32 log_softmax + gather
+    ref_lp = torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    ref_grad = torch.autograd.grad(ref_lp, logits, upstream)[0]
+    ref_lp = ref_lp.detach()
     for name, fn in token_impls(device, liger).items():
-        def fwd():
-            return fn(logits, labels)
+        # in-place backward writes the logits' gradient into the logits themselves: it gets its own copy,
+        # so the other impls keep real logits (its repeats then run on its earlier gradients: the kernels'
+        # work does not depend on the values)
+        x = logits.detach().clone().requires_grad_(True) if name.endswith("inplace") else logits
 
-        def fwd_bwd():
-            return torch.autograd.grad(fn(logits, labels), logits, upstream.to(torch.float32))
+        def fwd(x=x):
+            return fn(x, labels)
+
+        def fwd_bwd(x=x):
+            return torch.autograd.grad(fn(x, labels), x, upstream.to(torch.float32))
 
         try:
-            out = fn(logits, labels)
+            checked = x.detach().clone().requires_grad_(True)
+            lp = fn(checked, labels)
+            err = _check(f"{n}x{v}", name, (lp, torch.autograd.grad(lp, checked, upstream)[0]), (ref_lp, ref_grad),
+                         dtype)
+            del checked, lp
+            out = fn(x, labels)
 
             def bwd():
                 return torch.autograd.grad(out, logits, upstream, retain_graph=True)
@@ -116,7 +160,7 @@ def bench_tokens(args, device, liger, warmup, repeats):
                 print(f"note: {name}: backward alone is not timed (it consumes its graph); see fwd+bwd")
             for mode, f in modes:
                 case = f"{mode} {n}x{v} {dtype_name}"
-                rows.append(measure(case, name, f, device=device, warmup=warmup, repeats=repeats))
+                rows.append(measure(case, name, f, device=device, warmup=warmup, repeats=repeats, max_rel_err=err))
             del out
         except Exception as exc:  # noqa: BLE001 - one broken impl must not hide the others
             _note_failure(f"{n}x{v}", name, exc)
@@ -134,12 +178,20 @@ def bench_fused(args, device, liger, warmup, repeats):
     upstream = torch.rand(n, device=device)
     rows = []
     case = f"fused fwd+bwd {n}x{hsize}->{v} {dtype_name}"
-    for name, fn in fused_impls(device, liger).items():
+    impls = fused_impls(device, liger)
+    ref_lp = impls["torch"](hidden, weight, labels)
+    ref = (ref_lp.detach(), *torch.autograd.grad(ref_lp, (hidden, weight), upstream.to(ref_lp.dtype)))
+    del ref_lp
+    for name, fn in impls.items():
         def fwd_bwd():
             return torch.autograd.grad(fn(hidden, weight, labels), (hidden, weight), upstream.to(torch.float32))
 
         try:
-            rows.append(measure(case, name, fwd_bwd, device=device, warmup=warmup, repeats=repeats))
+            lp = fn(hidden, weight, labels)
+            got = (lp, *torch.autograd.grad(lp, (hidden, weight), upstream.to(lp.dtype)))
+            err = _check(case, name, got, ref, dtype)
+            del lp, got
+            rows.append(measure(case, name, fwd_bwd, device=device, warmup=warmup, repeats=repeats, max_rel_err=err))
         except Exception as exc:  # noqa: BLE001
             _note_failure(case, name, exc)
     return rows
@@ -155,8 +207,10 @@ def main():
     rows = bench_tokens(args, device, liger, warmup, repeats)
     if not args.skip_fused:
         rows += bench_fused(args, device, liger, warmup, repeats)
-    report(rows, baseline="torch", json_path=args.json,
+    report(rows, baseline="torch", json_path=args.json, extra_columns=["max_rel_err"],
            title="per-token log-probs (torch = log_softmax+gather in fp32; fused: linear + cross_entropy)")
+    if MISMATCHES:
+        sys.exit(f"{len(MISMATCHES)} result(s) differ from torch's beyond tolerance: {MISMATCHES}")
 
 
 if __name__ == "__main__":

@@ -87,3 +87,18 @@ def test_peak_right_after_timing_equals_a_peak_without_timing():
     H.time_fn(fn, device="cpu", warmup=1, repeats=3)
     after_timing = H.peak_bytes(fn, device="cpu")
     assert abs(after_timing - untimed) <= 0.1 * untimed, (after_timing, untimed)
+
+
+def test_bench_logprob_flags_a_wrong_result():
+    # bench_logprob compared nothing: a fast wrong kernel would have looked good. Now every impl's
+    # log-probs and gradients are checked against fp32 log_softmax + gather before it is timed
+    import bench_logprob as B
+
+    want = (torch.randn(8), torch.randn(8, 5))
+    B.MISMATCHES.clear()
+    assert B._check("c", "right", (want[0] + 1e-7, want[1]), want, torch.float32) <= 1e-4
+    assert not B.MISMATCHES
+    B._check("c", "wrong", (want[0], torch.zeros(8, 5)), want, torch.float32)
+    B._check("c", "nan", (want[0] * float("nan"), want[1]), want, torch.float32)
+    assert [m[1] for m in B.MISMATCHES] == ["wrong", "nan"]
+    B.MISMATCHES.clear()
