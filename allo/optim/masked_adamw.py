@@ -43,7 +43,11 @@ class MaskedAdamW(Optimizer):
         cannot reach them). Parameters with an empty mask have their gradient freed; fully
         selected ones keep ``param.grad``. Clip with :meth:`clip_grad_norm_` (``param.grad`` is None,
         so ``torch.nn.utils.clip_grad_norm_`` and loss scalers cannot see these gradients) and
-        average across ranks with :meth:`all_reduce_grads`. The norm it measures is then that of the
+        average across ranks with :meth:`all_reduce_grads` before :meth:`step`: the hooks gather
+        each rank's own gradient before ``DistributedDataParallel`` could average it, so do not wrap
+        the model in DDP (``step`` raises when DDP has written a dense gradient back; a forgotten
+        ``all_reduce_grads`` without DDP cannot be told from per-rank training and is not caught).
+        FSDP2 shards need neither: their hooks see reduce-scattered gradients. The norm it measures is then that of the
         gradients the step uses (selected elements); in dense mode it is every ``param.grad``'s, as
         torch's, so with partial masks the same ``max_norm`` clips more in dense mode than in compact
         mode. ``transformers.Trainer`` clips with torch's function, which would see only the fully
@@ -481,6 +485,9 @@ class MaskedAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for p in self._compact:
+            if p.grad is not None:
+                self._raise_dense_grad_after_compact(p)
         for i, group in enumerate(self.param_groups):
             plan = self._plans.get(i)
             if plan is None or not plan.run(self, group, _fused_dense):
@@ -491,6 +498,19 @@ class MaskedAdamW(Optimizer):
         self._pending.clear()
         self._stepped_without_state.clear()
         return loss
+
+    def _raise_dense_grad_after_compact(self, p: torch.Tensor) -> None:
+        """A compact gradient and a dense one written after the hook took it: DistributedDataParallel
+        does that (its reducer writes the averaged gradient back at the end of backward). The compact
+        one is this rank's alone; stepping on it would let the ranks' weights drift apart, silently."""
+        i = next(j for j, q in enumerate(self._params()) if q is p)
+        raise RuntimeError(
+            f"parameter {self._label(i, self._names()[i])} has a compact gradient and also a dense .grad written "
+            "after compact mode took its gradient; DistributedDataParallel does this (it averages a dense copy at "
+            "the end of backward, after the compact gradients were gathered). Do not wrap the model in DDP in "
+            "compact mode: call opt.all_reduce_grads() after the backward passes and before step() instead (or "
+            "use compact_grads=False with DDP)"
+        )
 
     def _advance_steps(self, slots: np.ndarray) -> np.ndarray:
         """Add 1 to the step counts at ``slots`` of ``_step_buf`` (from :meth:`_step_slots`); return the
