@@ -38,10 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="allo-train",
         description="ALLO alignment: warm-up DPO, key-neuron selection, token-level forgetting, key-token DPO. "
-                    "Every stage writes to --output_dir/<stage>/ and is skipped by `run` once complete.",
+                    "Every stage writes to --output_dir/<stage>/ and is skipped by `run` once complete (unless an "
+                    "earlier stage completed after it).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("command", nargs="?", default="run", choices=COMMANDS,
-                   help="stage to run; `run` = every stage of --stages in order, skipping completed ones")
+                   help="stage to run; `run` = every stage of --stages in order, skipping completed ones "
+                        "(a completed stage runs again if an earlier stage completed after it)")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys are these flag names (flags override it)")
     for f in dataclasses.fields(TrainConfig):
         tp = _base_type(f.type)
