@@ -210,3 +210,20 @@ def test_run_reruns_a_complete_stage_whose_input_stage_finished_after_it(tiny, t
     assert rerun > warm and os.path.getmtime(out / "warmup" / "DONE") == warm
     pipeline.run(cfg)
     assert os.path.getmtime(select_done) == rerun
+
+
+def test_a_model_whose_forward_transforms_its_logits_is_refused():
+    """The fused path computes log_softmax(hidden @ W.T); Cohere scales its logits (logit_scale), Gemma 2
+    soft-caps them: their log-probs would be silently wrong."""
+    from transformers import CohereConfig, CohereForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from allo.train.logps import TokenLogprobs
+
+    dims = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=4, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    ids = torch.randint(0, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    torch.manual_seed(0)
+    assert TokenLogprobs(LlamaForCausalLM(LlamaConfig(**dims)))(ids, mask, ids).shape == (2, 8)
+    with pytest.raises(ValueError, match="CohereForCausalLM's logits are not its output layer's"):
+        TokenLogprobs(CohereForCausalLM(CohereConfig(logit_scale=0.25, **dims)))(ids, mask, ids)

@@ -38,6 +38,7 @@ class TokenLogprobs(nn.Module):
         self.model = model
         self.autocast_weight_cache = autocast_weight_cache  # True: autocast's default (for comparisons)
         self._head_grads_to = None  # weak reference to the optimizer of route_head_grads
+        self._head_checked = False
         head = model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
             raise ValueError("allo-train's fused log-prob path needs an output layer without bias "
@@ -56,6 +57,9 @@ class TokenLogprobs(nn.Module):
         cache = contextlib.nullcontext() if self.autocast_weight_cache else \
             _autocast_without_weight_cache(input_ids.device.type)
         with cache:
+            if not self._head_checked:
+                self._check_logits_are_the_heads(input_ids, attention_mask)
+                self._head_checked = True
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         param = weight = self.model.get_output_embeddings().weight
         if weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
@@ -64,6 +68,36 @@ class TokenLogprobs(nn.Module):
         sink = compact_row_grads(opt, param) if opt is not None else None
         return fused_linear_token_logprobs(hidden[:, :-1], weight, labels[:, 1:], ignore_index=IGNORE_INDEX,
                                            weight_grad_sink=sink)
+
+
+    @torch.no_grad()
+    def _check_logits_are_the_heads(self, input_ids, attention_mask) -> None:
+        """The fused path computes ``log_softmax(hidden @ W.T)``; some models' forward changes the logits
+        after the output layer (Gemma 2's final_logit_softcapping, Cohere's logit_scale, Granite's
+        logits_scaling, muP multipliers), and their log-probs would then be silently wrong. Once, on the
+        first sequence's first tokens, compare the model's own logits with the output layer's (eval mode:
+        no dropout, no random numbers drawn). Every process runs it (collectives under FSDP2)."""
+        ids, mask = input_ids[:1, :16], attention_mask[:1, :16]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            weight = self.model.get_output_embeddings().weight
+            if weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
+                weight = weight.to(hidden.dtype)
+            head = torch.nn.functional.linear(hidden, weight).float()
+        finally:
+            self.model.train(was_training)
+        scale = float(logits.abs().max().clamp(min=1e-3))
+        err = float((logits - head).abs().max()) / scale
+        if not err <= 2e-2:  # bf16 rounding of both: ~1e-2 at most; a NaN fails too
+            raise ValueError(
+                f"{type(self.model).__name__}'s logits are not its output layer's (hidden @ W.T): they differ by "
+                f"{err:.3g} of their largest value. Its forward transforms them (e.g. final_logit_softcapping, "
+                "logit_scale, logits_scaling in the config), which allo-train's fused log-prob path does not "
+                "reproduce; such models are not supported yet"
+            )
 
 
 @contextlib.contextmanager
