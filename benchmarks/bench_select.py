@@ -18,6 +18,14 @@ writing only (``-write``, given the threshold), so a GPU session sees which part
 * ``blocked-radix`` the same kernels, radix passes over 5-6-bit digits from the top one (no sample)
 * ``atomic``  one global atomic per element into a 65536-bin histogram, one launch per tensor per pass
 
+Every allo impl whose result is timed is checked first (outside the timings) against the exact
+selection, from ``torch.topk`` over the concatenated scores: its threshold ``t``, the count ``k``
+and the number of ties to take (``k`` minus the elements above ``t``). Masks: exactly ``k`` selected,
+every element strictly above ``t`` selected, none below, and the ties taken in the documented order
+(tensors in mapping order, then flat index). ``-plan``: the threshold, ``k``, the ties taken and their
+number. The ``exact`` column holds the result (``-``: not checked: the baselines); the script exits 1
+after the report if any check fails.
+
 ``peak`` counts the outputs; the ``extra`` column is peak minus the output masks (N bytes), the
 memory the selection itself needs. CPU default: 50M fp32 scores over many (477) tensors. CUDA
 default: 973M bf16 scores in the shapes of Llama-3.2-1B's 16 blocks (hidden 2048, MLP 8192, 8 KV
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,6 +101,58 @@ def authors(scores, k, ratio):
     return {n: s >= t.to(s.dtype) for n, s in scores.items()}
 
 
+def exact_threshold(scores, k):
+    """(threshold, elements above it, elements equal to it) of the top ``k`` over all scores, from
+    ``torch.topk`` on a concatenated fp32 copy: the yardstick of the checks."""
+    flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
+    thr = torch.topk(flat, k, sorted=False).values.min()
+    above, ties = int((flat > thr).count_nonzero()), int((flat == thr).count_nonzero())
+    return thr, above, ties
+
+
+@torch.no_grad()
+def check_masks(scores, masks, k, thr, above) -> str | None:
+    """None if ``masks`` are the exact top ``k`` (see the module docstring), else what is wrong."""
+    if not isinstance(masks, Mapping) or list(masks) != list(scores):
+        return f"expected a dict of masks with the scores' names in order, got {type(masks).__name__}"
+    stats = []
+    for name, s in scores.items():
+        m = masks[name]
+        if m.dtype != torch.bool or m.shape != s.shape:
+            return f"mask {name} is {m.dtype} {tuple(m.shape)}, expected torch.bool {tuple(s.shape)}"
+        t = thr.to(s.dtype)  # exact: the threshold is one of the scores
+        hi, tie = s > t, s == t
+        # count_nonzero: a bool sum() would first copy the mask to int64
+        stats.append(torch.stack([m.count_nonzero(), (hi & ~m).count_nonzero(), (m & ~hi & ~tie).count_nonzero(),
+                                  tie.count_nonzero(), (m & tie).count_nonzero()]))
+    stats = torch.stack(stats).cpu().tolist() if stats else []
+    selected = sum(r[0] for r in stats)
+    missed, below = sum(r[1] for r in stats), sum(r[2] for r in stats)
+    if selected != k or missed or below:
+        return f"selected {selected} of k={k}; {missed} above the threshold left out, {below} below it taken"
+    left = k - above  # ties to take: the first ones in mapping order, then flat index
+    for (name, s), (*_, n_tie, n_taken) in zip(scores.items(), stats):
+        want = min(left, n_tie)
+        if n_taken != want:
+            return f"tie rule: {name} has {n_taken} of its {n_tie} ties taken, expected {want}"
+        if 0 < want < n_tie:  # the cut tensor: its first `want` ties in flat order
+            pos = (s.reshape(-1) == thr.to(s.dtype)).nonzero().squeeze(1)
+            if not bool(masks[name].reshape(-1)[pos[:want]].all()):
+                return f"tie rule: {name} takes {want} ties but not its first {want} in flat order"
+        left -= want
+    return None
+
+
+def check_plan(boundaries, k, thr, above, ties, *, key32, dtype) -> str | None:
+    """None if ``plan``'s (top, excluded) boundaries are the exact ones for ratio k, exclude 0."""
+    from allo.select.topk import value_of_boundary
+
+    hi, ex = boundaries
+    got = (hi.k, value_of_boundary(hi, key32, dtype), hi.take, hi.n_eq, ex.k)
+    want = (k, float(thr), k - above, ties, 0)
+    return None if got == want else f"(k, threshold, ties taken, ties, excluded k) = {got}, expected {want}"
+
+
 def main():
     def extra(p):
         p.add_argument("--ratio", type=float, default=0.1)
@@ -100,8 +161,7 @@ def main():
         p.add_argument("--skip", default="", help="comma-separated impls to skip")
 
     args = parse_args(__doc__.splitlines()[0], extra)
-    from allo.select import select_top
-    from allo.select.topk import band_masks, key_domain, plan, write_masks
+    from allo.select.topk import band_count, band_masks, key_domain, plan, write_masks
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -113,7 +173,7 @@ def main():
         shapes, label = many_tensor_shapes(total), "many"
     scores = make_scores(shapes, dtype, device)
     n = sum(s.numel() for s in scores.values())
-    k = int(args.ratio * n + 0.5)
+    k = band_count(args.ratio, n)  # allo's count (round half up of the ratio as written)
     backend = "triton" if cuda else "cpu"
     case = f"{label} {n / 1e6:.0f}M {str(dtype).split('.')[-1]} x{len(shapes)} r={args.ratio}"
     warmup = args.warmup if args.warmup is not None else 1
@@ -128,9 +188,8 @@ def main():
     out_bytes = {"topk-concat": n, "kthvalue": n, "authors": n}
     variants = {"allo": None} if not cuda else {"allo-blocked": "blocked", "allo-blocked-radix": "blocked-radix",
                                                 "allo-atomic": "atomic"}
-    flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
-    thr = torch.topk(flat, k, sorted=False).values.min()
-    del flat
+    thr, above, ties = exact_threshold(scores, k)
+    checked = {}  # impl -> None (exact) or what is wrong, for every allo impl that is timed
     for label, variant in variants.items():
         def run_plan(v=variant):
             return plan(scores, (args.ratio, 0.0), key32=key32, dtype=kdt, backend=backend, histogram=v)[0]
@@ -143,23 +202,30 @@ def main():
             impls[f"{label}-write"] = lambda v=variant, hi=hi, ex=ex: write_masks(scores, hi, ex, key32=key32,
                                                                                 backend=backend, histogram=v)
             out_bytes[f"{label}-write"] = n
-        # exactness check, outside the timings: against torch.topk's selected count and threshold
-        masks = select_top(scores, args.ratio, backend=backend) if variant is None else impls[label]()
-        got = sum(int(m.sum()) for m in masks.values())
-        exact = got == k and all(bool((s.float()[m] >= thr).all()) for s, m in zip(scores.values(), masks.values()))
-        del masks
-        print(f"{case}: {label} selected {got} of k={k}; exact vs torch.topk threshold: {exact}")
+        # exactness, outside the timings, of exactly what is timed
+        for name in (label, f"{label}-write"):
+            if name in impls and name not in skip:
+                checked[name] = check_masks(scores, impls[name](), k, thr, above)
+        if f"{label}-plan" not in skip:
+            checked[f"{label}-plan"] = check_plan(run_plan(), k, thr, above, ties, key32=key32, dtype=kdt)
+    print(f"{case}: k={k}, threshold {float(thr)!r} ({above} above it, {ties} equal, {k - above} of them taken)")
+    for name, problem in checked.items():
+        print(f"{case}: {name} exact: {problem is None}" + ("" if problem is None else f" ({problem})"))
     rows = []
     for name, fn in impls.items():
         if name in skip:
             continue
-        row = measure(case, name, fn, device=device, warmup=warmup, repeats=repeats)
+        row = measure(case, name, fn, device=device, warmup=warmup, repeats=repeats,
+                      exact=(checked[name] is None) if name in checked else None)
         if row.get("peak_bytes") is not None:
             row["extra"] = max(0, row["peak_bytes"] - out_bytes[name])
             row["extra_vs_scores"] = row["extra"] / sum(s.numel() * s.element_size() for s in scores.values())
         rows.append(row)
     report(rows, baseline="topk-concat", json_path=args.json, title=f"bench_select ({device.type})",
-           extra_columns=["extra", "extra_vs_scores"])
+           extra_columns=["extra", "extra_vs_scores", "exact"])
+    wrong = {name: problem for name, problem in checked.items() if problem is not None}
+    if wrong:
+        sys.exit(f"{len(wrong)} allo selection(s) are not the exact top k: {wrong}")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 Cases: random element masks and whole-row masks at densities 1, 5, 10, 25 and 100% (100% is one case:
 every element). Implementations per case:
 
-* ``torch AdamW foreach`` (and ``fused`` on CUDA): dense AdamW; the baseline of the ratios (fused on
-  CUDA, foreach on CPU). Its work does not depend on the mask, so it is timed once and its row is
-  repeated in every case.
+* ``torch AdamW foreach`` and ``torch AdamW fused``: dense AdamW; the baseline of the ratios is fused
+  on CUDA, foreach on CPU (the issue's CPU target is stated against foreach; MaskedAdamW at a 100%
+  mask runs torch's fused kernel, so the fused row is what that case should match). Their work does
+  not depend on the mask, so they are timed once and their rows are repeated in every case.
 * ``authors``: the released code's optimizer: dense moments, the update multiplied by the mask,
   weight decay on every element, a Python loop over parameters; also mask-independent, timed once.
 * ``MaskedAdamW``: ours, automatic backend (Triton on CUDA, fused C loop on CPU), dense gradients.
@@ -21,6 +22,16 @@ every element). Implementations per case:
 ``state`` is optimizer-state bytes (moments, indices, master copies, masks for the authors' version);
 ``peak`` is the extra memory while one step runs (harness).
 
+Result check (so a fast but wrong kernel cannot look good): every optimizer starts from fresh state
+and the same weights (restored after each one), and every step uses the same gradient ``g``. So after
+the ``N`` steps that the timing and the peak measurement ran (counted), AdamW gives
+``exp_avg = (1 - beta1^N) g``, ``exp_avg_sq = (1 - beta2^N) g^2`` and, bias corrections cancelling, a
+weight moved by ``N lr g / (|g| + eps)`` (weight decay is 0 here) on every selected element, while every
+unselected element keeps its bits. ``max_rel_err`` is the largest relative error of the moments (per
+element) and of the weight moves (to ``N lr``); ``unselected_changed`` counts unselected elements whose
+bits changed. The check covers the torch baselines and every MaskedAdamW variant, runs outside the
+timings (``result checks took`` says how long), and the script exits 1 after the report if one fails.
+
 Default sizes: CPU, 3 x (4096 x 4096) fp32 = 50.3M parameters. CUDA, the 16 decoder layers of
 Llama-3.2-1B (hidden 2048, intermediate 8192, 32 query / 8 key-value heads of 64: q,o 2048x2048,
 k,v 512x2048, gate,up 8192x2048, down 2048x8192, two RMSNorm weights) = 973.1M fp32 parameters,
@@ -32,6 +43,8 @@ from __future__ import annotations
 import gc
 import math
 import os
+import sys
+import time
 
 import _harness as H  # noqa: I001  (puts the repo root on sys.path)
 import torch
@@ -131,6 +144,112 @@ def _floor_bytes(params, masks, device) -> int:
     return total
 
 
+TOLERANCE = 1e-4  # fp32 rounding over a few steps is ~1e-6 of the quantities compared
+MISMATCHES = []  # (case, impl, max_rel_err, unselected_changed): main() exits 1 after the report
+CHECK_SECONDS = [0.0]  # time the result checks (and weight restores) add to a run, reported at the end
+
+
+def _counted(fn):
+    """``fn`` that counts its calls in ``.calls``: how many steps the timing and peak measurement ran."""
+    def call():
+        call.calls += 1
+        return fn()
+
+    call.calls = 0
+    return call
+
+
+@torch.no_grad()
+def check_adamw(start, params, grads, masks, states, steps: int, *, lr: float, betas, eps: float) -> dict:
+    """Compare ``steps`` AdamW steps (weight decay 0, fresh state, the same gradients every step) with
+    their closed form; see the module docstring.
+
+    ``start``: the weights before the steps; ``masks``: bool tensors (None: every element selected);
+    ``states``: per parameter the optimizer's state (``exp_avg``, ``exp_avg_sq``, and ``indices`` when
+    compact), or None when it holds none. Returns ``max_rel_err`` (inf when a state does not cover
+    exactly the mask's elements; NaN when a result is not finite) and ``unselected_changed``. Cheap:
+    one comparison of each whole weight with its start (no full-size temporary); the rest runs at
+    the state's indices, checked first to be exactly the mask's elements."""
+    b1, b2 = betas
+    errs, changed = [], 0
+    wrong = lambda: errs.append(torch.tensor(math.inf))  # noqa: E731 - the state does not fit the mask
+    for w0, w, g, m, st in zip(start, params, grads, masks, states):
+        w0, w, g = w0.reshape(-1), w.detach().reshape(-1), g.reshape(-1)
+        m = None if m is None else m.reshape(-1)
+        idx = None if st is None else st.get("indices")
+        if st is None or idx is not None:
+            idx = torch.zeros(0, dtype=torch.long, device=w.device) if idx is None else idx.long()
+            if m is None or not _same_elements(idx, m):
+                wrong()
+                continue
+            # unselected elements keep their bits: with the selected ones put back to their start for a
+            # moment (no full-size copy), the whole weight equals its start bit for bit
+            w_sel, w0_sel = w.index_select(0, idx), w0.index_select(0, idx)
+            w.index_copy_(0, idx, w0_sel)
+            if not torch.equal(w.view(torch.int32), w0.view(torch.int32)):
+                changed += int((w.view(torch.int32) != w0.view(torch.int32)).sum())
+            w.index_copy_(0, idx, w_sel)
+            if st is None:
+                continue
+            w0, w, g = w0_sel, w_sel, g.index_select(0, idx)
+        elif m is not None and not bool(m.all()):
+            wrong()  # full-size state (every element stepping) for a partial mask
+            continue
+        # two scratch buffers for all three comparisons: on the CPU every new large temporary is page-faulted in
+        want, err = torch.empty_like(g), torch.empty_like(g)
+        for got, scale, square in ((st["exp_avg"], 1 - b1**steps, False), (st["exp_avg_sq"], 1 - b2**steps, True)):
+            torch.mul(g, g if square else 1.0, out=want).mul_(scale)
+            # elementwise relative error; NaN propagates through max()
+            torch.sub(got.reshape(-1), want, out=err).abs_().div_(want.abs_().clamp_min_(1e-30))
+            errs.append(err.max().cpu())
+        # the weights' moves, relative to the largest one (steps * lr): steps * lr * g / (|g| + eps)
+        torch.abs(g, out=want).add_(eps)
+        torch.div(g, want, out=want).mul_(steps * lr)
+        torch.sub(w0, w, out=err).sub_(want).abs_()
+        errs.append((err.max() / (steps * lr)).cpu())
+        del want, err
+    worst = float(torch.stack(errs).max()) if errs else 0.0
+    return {"max_rel_err": worst, "unselected_changed": changed}
+
+
+def _same_elements(idx: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether flat indices ``idx`` are exactly the True elements of the flat bool ``mask``."""
+    if idx.numel() != int(mask.count_nonzero()) or not bool(mask[idx].all()):
+        return False
+    # as many indices as selected elements, all selected: equal sets unless some repeat
+    ascending = idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all())
+    return ascending or torch.unique(idx).numel() == idx.numel()
+
+
+def _record_check(case, impl, result):
+    if not (result["max_rel_err"] <= TOLERANCE and result["unselected_changed"] == 0):
+        MISMATCHES.append((case, impl, result["max_rel_err"], result["unselected_changed"]))
+        print(f"MISMATCH: {impl} on '{case}': max relative error {result['max_rel_err']:.3g} vs AdamW's closed "
+              f"form (tolerance {TOLERANCE:g}), {result['unselected_changed']} unselected element(s) changed")
+
+
+@torch.no_grad()
+def _restore(start, params) -> None:
+    """Every optimizer starts from the same weights: the checks' fp32 rounding stays that of a few steps
+    from weights near 0 (weights drifting by lr per step over every optimizer of a run would grow it)."""
+    t0 = time.perf_counter()
+    for w0, p in zip(start, params):
+        p.copy_(w0)
+    if start:
+        H.synchronize(start[0].device)
+    CHECK_SECONDS[0] += time.perf_counter() - t0
+
+
+def _checked(case, impl, opt, start, params, grads, masks, states, steps) -> dict:
+    t0 = time.perf_counter()
+    group = opt.param_groups[0]
+    result = check_adamw(start, params, grads, masks, states, steps, lr=float(group["lr"]), betas=group["betas"],
+                         eps=group["eps"])
+    _record_check(case, impl, result)
+    CHECK_SECONDS[0] += time.perf_counter() - t0
+    return result
+
+
 def _arguments(parser):
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch and the C kernel (default: torch's). On a shared, "
@@ -165,15 +284,20 @@ def main():
 
     # mask-independent implementations: timed once, reported in every case
     shared = []
-    baselines = [("torch AdamW foreach", dict(foreach=True))]
+    start = [p.detach().clone() for p in params]  # the weights every optimizer starts from
+    baselines = [("torch AdamW foreach", dict(foreach=True)), ("torch AdamW fused", dict(fused=True))]
     if device.type == "cuda":
-        baselines.insert(0, ("torch AdamW fused", dict(fused=True)))
+        baselines.reverse()
     for impl, kw in baselines:
         opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, **kw)
         attach()
-        row = H.measure("-", impl, opt.step, **measure)
+        step = _counted(opt.step)
+        row = H.measure("-", impl, step, **measure)
         row["state"] = _state_bytes_torch(opt)
+        row.update(_checked("-", impl, opt, start, params, grads, [None] * len(params),
+                            [opt.state.get(p) for p in params], step.calls))
         shared.append(row)
+        _restore(start, params)
         del opt
         gc.collect()
     adamw_state = shared[0]["state"]
@@ -182,6 +306,7 @@ def main():
     row = H.measure("-", "authors (dense, update x mask)", authors.step, **measure)
     row["state"] = authors.state_bytes()
     shared.append(row)
+    _restore(start, params)
     del authors
     gc.collect()
 
@@ -209,9 +334,13 @@ def main():
                     opt.step()
             else:
                 attach()
+            step = _counted(step)
             row = H.measure(case, impl, step, **measure)
             row["state"] = opt.state_bytes()
+            row.update(_checked(case, impl, opt, start, params, grads, masks, [opt.state.get(p) for p in params],
+                                step.calls))
             rows.append(row)
+            _restore(start, params)
             del opt
             gc.collect()
         floor_ms = _floor_bytes(params, masks, device) / bandwidth * 1e3
@@ -224,10 +353,14 @@ def main():
         r["n_params"] = n_params
         r["threads"] = torch.get_num_threads()
     baseline = "torch AdamW fused" if device.type == "cuda" else "torch AdamW foreach"
-    print(f"load average at end {os.getloadavg()[0]:.2f} (other processes sharing the CPU skew timings)")
-    H.report(rows, baseline=baseline, json_path=args.json, extra_columns=["state", "state_ratio"],
+    print(f"load average at end {os.getloadavg()[0]:.2f} (other processes sharing the CPU skew timings); "
+          f"result checks took {CHECK_SECONDS[0]:.2f} s in all")
+    H.report(rows, baseline=baseline, json_path=args.json,
+             extra_columns=["state", "state_ratio", "max_rel_err", "unselected_changed"],
              title=f"bench_update: optimizer step, {n_params / 1e6:.1f}M fp32 params on {device}"
                    f" (baseline rows timed once per run, repeated per case)")
+    if MISMATCHES:
+        sys.exit(f"{len(MISMATCHES)} optimizer result(s) differ from AdamW's: {MISMATCHES}")
 
 
 if __name__ == "__main__":
