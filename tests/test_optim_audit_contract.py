@@ -3,7 +3,6 @@ load_state_dict do to gradients already gathered in compact-grad mode, load_stat
 of the optimizer, and errors that name the parameter."""
 
 import copy
-from collections import OrderedDict
 
 import pytest
 import torch
