@@ -485,9 +485,10 @@ class MaskedAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for p in self._compact:
-            if p.grad is not None:
-                self._raise_dense_grad_after_compact(p)
+        if self._compact and _several_processes():  # DDP needs them; one process never pays the check
+            for p in self._compact:
+                if p.grad is not None:
+                    self._raise_dense_grad_after_compact(p)
         for i, group in enumerate(self.param_groups):
             plan = self._plans.get(i)
             if plan is None or not plan.run(self, group, _fused_dense):
@@ -770,6 +771,12 @@ class _CompactHook:
         opt = self.opt()
         if opt is not None:
             opt._compact_hook(p)
+
+
+def _several_processes() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _check_grad(grad: torch.Tensor, p: torch.Tensor, opt: MaskedAdamW) -> None:
