@@ -67,7 +67,7 @@ class TrainConfig:
     seed: int = _f(42, "seed for data order, sampling and initialisation")
     logging_steps: int = _f(5, "log metrics every this many optimizer steps")
     save_steps: int = _f(0, "checkpoint every this many optimizer steps (0: only the final model)")
-    save_total_limit: int = _f(2, "checkpoints kept per stage (older ones are deleted)")
+    save_total_limit: int = _f(2, "checkpoints kept per stage (older ones are deleted; 0 keeps every one)")
     report_to: str = _f("all", "metrics sinks: all (JSONL + TensorBoard when installed) | jsonl | tensorboard | none "
                         "(metrics.jsonl is always written: the plots read it)")
     resume_from_checkpoint: str | None = _f(None, "continue an interrupted stage: 'true' for its latest checkpoint, "

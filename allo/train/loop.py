@@ -253,6 +253,9 @@ def _checkpoint_to_resume(accelerator, cfg, stage_dir: str, masks_file: str | No
     mode = resume_mode(cfg.resume_from_checkpoint)
     ckpt = latest_checkpoint(stage_dir) if mode == "latest" else mode
     if ckpt is None:
+        if mode == "latest" and accelerator.is_main_process:
+            print(f"[allo-train] {stage}: --resume_from_checkpoint true, but no checkpoint here yet: starting fresh",
+                  flush=True)
         old = os.path.join(stage_dir, "checkpoints")
         if accelerator.is_main_process and os.path.isdir(old) and os.listdir(old):
             print(f"[allo-train] {stage}: starting fresh; removing the checkpoints of an earlier run in {old} "
