@@ -84,7 +84,9 @@ def test_summary_and_plot(tmp_path):
     assert "layers.1" in text and "TOTAL" in text
     total_line = [line for line in text.splitlines() if line.startswith("TOTAL")][0]
     assert f"{sel.num_selected():,}" in total_line and f"{sel.num_total():,}" in total_line
-    assert "layers.*" in sel.summary(by="kind")
+    assert "layers.*" in sel.summary(by="kind") and total_line.rstrip().endswith("100.00%")
+    empty = select({n: p.detach().abs() for n, p in m.named_parameters()}, 0.0, backend="cpu")
+    assert [line for line in empty.summary().splitlines() if line.startswith("TOTAL")][0].rstrip().endswith("-")
     png = tmp_path / "sel.png"
     sel.plot(str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

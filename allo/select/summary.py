@@ -43,7 +43,8 @@ def summary_table(sel, *, by: str = "module") -> str:
     rows = [(g, f"{s:,}", f"{t:,}", f"{100.0 * s / t:.3f}%" if t else "-", f"{100.0 * s / n_sel:.2f}%")
             for g, (s, t) in groups.items()]
     tot_s, tot_t = sel.num_selected(), sel.num_total()
-    rows.append(("TOTAL", f"{tot_s:,}", f"{tot_t:,}", f"{100.0 * tot_s / tot_t:.3f}%" if tot_t else "-", "100.00%"))
+    rows.append(("TOTAL", f"{tot_s:,}", f"{tot_t:,}", f"{100.0 * tot_s / tot_t:.3f}%" if tot_t else "-",
+                 "100.00%" if tot_s else "-"))  # nothing selected: no share to speak of
     header = (by, "selected", "elements", "selected/elements", "share of selection")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     meta = ", ".join(f"{k}={v}" for k, v in sel.metadata.items())
