@@ -117,8 +117,19 @@ def test_data_source_errors_name_the_file_and_how_to_fix(tmp_path, capsys):
     # a dataset folder without the split asked for
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "train.jsonl").write_text('{"prompt": "1?", "chosen": "1.", "rejected": "2."}\n')
-    with pytest.raises(D.DataError, match="split 'test'.*--dataset_test_split"):
+    with pytest.raises(D.DataError, match="split 'test'.*--dataset_test_split none"):
         D.load_pairs(str(tmp_path / "ds"), tok, split="test")
+    # ... and the way out: no held-out pairs (TRL's eval is optional too)
+    import types
+
+    from allo.train import TrainConfig
+    from allo.train.stages.common import _pairs_source
+
+    def source(split, **kw):
+        return _pairs_source(types.SimpleNamespace(cfg=TrainConfig(dataset_name=str(tmp_path / "ds"), **kw)), split)
+
+    assert source("eval") == source("train") == str(tmp_path / "ds")
+    assert source("eval", dataset_test_split="none") is None and source("train", dataset_test_split="none")
     # per-token values that would turn the loss into NaN, or probabilities that are none
     negs = tmp_path / "negs.jsonl"
     negs.write_text('{"prompt": "1?", "response": "ab", "token_weights": [1, NaN], "keep_probs": [0.5, 1.5]}\n')
@@ -227,3 +238,19 @@ def test_a_model_whose_forward_transforms_its_logits_is_refused():
     assert TokenLogprobs(LlamaForCausalLM(LlamaConfig(**dims)))(ids, mask, ids).shape == (2, 8)
     with pytest.raises(ValueError, match="CohereForCausalLM's logits are not its output layer's"):
         TokenLogprobs(CohereForCausalLM(CohereConfig(logit_scale=0.25, **dims)))(ids, mask, ids)
+
+
+def test_a_dataset_without_a_test_split_runs_with_dataset_test_split_none(tiny, tmp_path):  # noqa: F811
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    shutil.copy(tiny / "train.jsonl", ds / "train.jsonl")
+    cfg = _cfg(tiny, tmp_path / "run", train_file=None, eval_file=None, dataset_name=str(ds), stages="warmup,eval",
+               max_steps=1)
+    with pytest.raises(Exception, match="--dataset_test_split none"):
+        pipeline.run(cfg)
+    import dataclasses
+
+    res = pipeline.run(dataclasses.replace(cfg, dataset_test_split="none"))
+    # no held-out pairs: the answers are still judged (eval_problems_file), no reward metrics
+    assert set(res) == {"sft", "warmup"}
+    assert "eval_answer_accuracy" in res["warmup"] and "eval_rewards/accuracies" not in res["warmup"]

@@ -34,7 +34,7 @@ class TrainConfig:
     task: str = _f("arithmetic", "built-in task with checkable answers (arithmetic | compare), used when no data is given")
     dataset_name: str | None = _f(None, "a `datasets` name with prompt/chosen/rejected columns (instead of --train_file)")
     dataset_train_split: str = _f("train", "split of --dataset_name to train on")
-    dataset_test_split: str = _f("test", "split of --dataset_name to evaluate on")
+    dataset_test_split: str = _f("test", "split of --dataset_name to evaluate on ('none': no held-out pairs)")
     train_file: str | None = _f(None, "preference pairs (.jsonl/.json/.parquet): prompt, chosen, rejected")
     eval_file: str | None = _f(None, "held-out preference pairs, same format")
     negatives_file: str | None = _f(None, "wrong responses to forget (prompt, response [, token_weights | keep_probs]). "

@@ -101,7 +101,8 @@ def read_rows(source: str, *, split: str = "train") -> list[tuple[str, dict]]:
     except Exception as e:  # noqa: BLE001 - re-raised with what was asked for and how to choose otherwise
         raise DataError(f"{source!r}: could not load split {split!r} as a `datasets` dataset ({type(e).__name__}: {e}). "
                         "Give a local file (.jsonl/.json/.parquet), a dataset folder or hub name, and the split with "
-                        "--dataset_train_split / --dataset_test_split (held-out pairs: or --eval_file)") from e
+                        "--dataset_train_split / --dataset_test_split (held-out pairs: or --eval_file, or "
+                        "--dataset_test_split none for none)") from e
     return [(f"{source}[{split}] row {i}", r) for i, r in enumerate(ds)]
 
 

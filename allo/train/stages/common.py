@@ -82,8 +82,8 @@ def _pairs_source(ctx: Context, split: str) -> str | None:
         return require(ctx, "prepare", "train_pairs.jsonl")
     if cfg.eval_file:
         return cfg.eval_file
-    if cfg.dataset_name:
-        return cfg.dataset_name
+    if cfg.dataset_name:  # "none": a dataset without held-out pairs (eval then scores answers only, if any)
+        return None if cfg.dataset_test_split.strip().lower() in ("", "none") else cfg.dataset_name
     if uses_builtin_data(cfg):
         return require(ctx, "prepare", "eval_pairs.jsonl")
     return None
