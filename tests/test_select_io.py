@@ -121,3 +121,66 @@ def test_gradient_score_accumulator(mode):
     model(batches[0]).sum().backward()  # hooks removed: grads accumulate normally again
     assert model.layers[0].weight.grad is not None
     assert select_top(scores, 0.1, backend="cpu")["head.weight"].shape == (5, 8)
+
+
+class _HeadLM(torch.nn.Module):
+    """An embedding, a layer and an output layer scored through the fused log-prob op."""
+
+    def __init__(self, tied, vocab=37, h=6):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, h)
+        self.mid = torch.nn.Linear(h, h)
+        self.head = torch.nn.Linear(h, vocab, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+        self.acc = None  # set: the output layer's gradient goes to this accumulator's row sink
+
+    def forward(self, ids):
+        from allo.ops import fused_linear_token_logprobs
+
+        sink = self.acc.row_grad_sink(self.head.weight) if self.acc is not None else None
+        return fused_linear_token_logprobs(torch.tanh(self.mid(self.embed(ids[:, :-1]))), self.head.weight,
+                                           ids[:, 1:], vocab_chunk_size=10, weight_grad_sink=sink)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_output_layer_gradient_folded_by_row_blocks_gives_the_same_scores(tied):
+    """allo-train's select stage folds the output layer's gradient into its score block by block (no
+    [V, H] gradient); the scores are the usual ones (bit-for-bit untied; tied: one addition reordered)."""
+    from _allocations import Allocations
+
+    def scores(route):
+        torch.manual_seed(0)
+        model = _HeadLM(tied)
+        g = torch.Generator().manual_seed(1)
+        with GradientScoreAccumulator(model) as acc:
+            model.acc = acc if route else None
+            allocated = []
+            for _ in range(3):
+                ids = torch.randint(0, 37, (2, 9), generator=g)
+                loss = -(model(ids) * torch.rand(2, 8, generator=g)).sum()
+                with Allocations() as seen:
+                    loss.backward()
+                allocated.append(seen.shaped((37, 6)))
+            assert model.head.weight.grad is None
+            return acc.scores(), allocated
+
+    dense, dense_allocs = scores(False)
+    routed, routed_allocs = scores(True)
+    # the usual route makes the output layer's [V, H] gradient every backward; routed, only the score
+    # buffer is made (at the first backward), and the embedding's own gradient (also [V, H] here)
+    head_grads = [[op for op, _ in seen if op != "embedding_dense_backward.default" and not op.startswith("add")]
+                  for seen in dense_allocs]
+    assert all(head_grads)
+    embedding_only = [[("embedding_dense_backward.default", torch.float32)] for _ in range(2)]
+    assert [[a for a in seen if not a[0].startswith("add")] for seen in routed_allocs[1:]] == embedding_only
+    for name in dense:
+        if tied:
+            torch.testing.assert_close(routed[name], dense[name], rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(routed[name], dense[name]), name
+    # where the sink would change the score, there is none
+    model = _HeadLM(tied)
+    assert GradientScoreAccumulator(model, mode="sum_of_magnitudes").row_grad_sink(model.head.weight) is None
+    assert GradientScoreAccumulator(model, free_grads=False).row_grad_sink(model.head.weight) is None
+    assert GradientScoreAccumulator(model, exclude="head|embed").row_grad_sink(model.head.weight) is None

@@ -218,8 +218,9 @@ class GradientScoreAccumulator:
             self.num_backward += 1
 
     def _incoming_hook(self, name):
-        def hook(grad: torch.Tensor):
-            self._fold(name, grad)  # returns None: the gradient goes on to p.grad unchanged
+        def hook(grad: torch.Tensor | None):
+            if grad is not None:  # None: the op routed this weight's gradient elsewhere (row_grad_sink)
+                self._fold(name, grad)  # returns None: the gradient goes on to p.grad unchanged
         return hook
 
     def _accumulated_hook(self, name):
@@ -230,6 +231,27 @@ class GradientScoreAccumulator:
             if self.free_grads:
                 p.grad = None
         return hook
+
+    def row_grad_sink(self, param: torch.Tensor):
+        """A ``weight_grad_sink`` for ``allo.ops.fused_linear_token_logprobs`` that folds the output
+        layer's gradient into ``param``'s score a row block at a time, so backward makes no ``[V, H]``
+        gradient for it (1.05 GB in fp32 at Llama-3.2-1B's shape; with tied embeddings autograd held it
+        through the whole backward). None (use the usual gradient) where that would change the score:
+        a parameter not tracked here or sharded, ``mode="sum_of_magnitudes"`` (``|g|`` of a tied
+        weight's two uses must be taken of their sum), ``free_grads=False`` (``p.grad`` is kept and must
+        be whole). Made for each forward, like the op's other arguments."""
+        name = next((n for n, p in self._params.items() if p is param), None)
+        if (name is None or is_sharded(param) or param.dim() != 2 or self.mode != "accumulated"
+                or not self.free_grads or not self._handles):
+            return None
+
+        def sink(first_row: int, grad_rows: torch.Tensor) -> None:
+            buf = self._buffers.get(name)
+            if buf is None:
+                buf = self._buffers[name] = torch.zeros(param.shape, dtype=self.dtype, device=grad_rows.device)
+            buf[first_row:first_row + grad_rows.shape[0]].add_(grad_rows.to(self.dtype))
+
+        return sink
 
     @property
     def _first(self):

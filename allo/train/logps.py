@@ -31,7 +31,8 @@ class TokenLogprobs(nn.Module):
     ``autocast_weight_cache=True`` leaves the cache on (the earlier behaviour, for comparisons).
 
     After :meth:`route_head_grads` the output layer's weight gradient goes to a MaskedAdamW's compact
-    gradients a row block at a time, so backward makes no ``[V, H]`` gradient for it."""
+    gradients (or a GradientScoreAccumulator's scores) a row block at a time, so backward makes no
+    ``[V, H]`` gradient for it."""
 
     def __init__(self, model, *, autocast_weight_cache: bool = False):
         super().__init__()
@@ -44,11 +45,12 @@ class TokenLogprobs(nn.Module):
             raise ValueError("allo-train's fused log-prob path needs an output layer without bias "
                              f"({type(model).__name__} has one)")
 
-    def route_head_grads(self, optimizer) -> None:
-        """Hand the output layer's weight gradient to ``optimizer`` (a MaskedAdamW with compact
-        gradients), keeping only its selected elements (``allo.optim.compact_row_grads``); ``None``
-        restores the usual gradient. Held weakly, like the optimizer's own hooks."""
-        self._head_grads_to = None if optimizer is None else weakref.ref(optimizer)
+    def route_head_grads(self, target) -> None:
+        """Hand the output layer's weight gradient to ``target``: a MaskedAdamW with compact gradients,
+        which keeps only its selected elements (``allo.optim.compact_row_grads``), or an
+        ``allo.select.GradientScoreAccumulator`` (its ``row_grad_sink``); ``None`` restores the usual
+        gradient. Held weakly, like the optimizer's own hooks."""
+        self._head_grads_to = None if target is None else weakref.ref(target)
 
     def forward(self, input_ids, attention_mask, labels):
         from allo.ops import fused_linear_token_logprobs
@@ -64,8 +66,13 @@ class TokenLogprobs(nn.Module):
         param = weight = self.model.get_output_embeddings().weight
         if weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
             weight = weight.to(hidden.dtype)
-        opt = self._head_grads_to() if self._head_grads_to is not None else None
-        sink = compact_row_grads(opt, param) if opt is not None else None
+        target = self._head_grads_to() if self._head_grads_to is not None else None
+        if target is None:
+            sink = None
+        elif hasattr(target, "row_grad_sink"):  # a GradientScoreAccumulator
+            sink = target.row_grad_sink(param)
+        else:
+            sink = compact_row_grads(target, param)
         return fused_linear_token_logprobs(hidden[:, :-1], weight, labels[:, 1:], ignore_index=IGNORE_INDEX,
                                            weight_grad_sink=sink)
 

@@ -43,6 +43,8 @@ def _gradient_scores(ctx: Context, scorer, model, *, sharded: bool) -> dict:
     bs = per * world
     model.train()
     with GradientScoreAccumulator(model) as acc:
+        if not sharded:  # the output layer's gradient folded into its score block by block: no [V, H] gradient
+            scorer.route_head_grads(acc)
         for b in range(cfg.score_batches):
             idx = order[(b * bs) % len(pairs):][:bs]
             scale = 1.0
@@ -61,6 +63,8 @@ def _gradient_scores(ctx: Context, scorer, model, *, sharded: bool) -> dict:
             loss, _ = dpo_loss(lp[:n], lp[n:], lp[:n].detach(), lp[n:].detach(), mask[:n], mask[n:], beta=cfg.beta)
             (loss * scale if sharded else loss).backward()
         scores = acc.scores()
+    if not sharded:
+        scorer.route_head_grads(None)
     model.zero_grad(set_to_none=True)
     return scores
 
