@@ -121,9 +121,11 @@ done
 # where the time of select and of an optimizer step goes (host vs kernels), for the record
 step "profile_gpu" 90 "$py" benchmarks/profile_gpu.py --only select,update,step-memory --no-sweep
 # the whole pipeline on the GPU (the tests below run it on tiny models only if time is left): the built-
-# in task end to end, bf16 autocast, Triton optimizer, CUDA log-prob kernels, routed output layer
+# in task end to end, bf16 autocast, Triton optimizer, CUDA log-prob kernels, routed output layer; a
+# smaller task than the default (a smoke test of the GPU paths: 42 s on a 2-core CPU, the default 110 s)
 [ $built = 1 ] && step "allo-train built-in task (GPU, bf16)" 120 "$py" -m allo.train.cli \
-  --output_dir "$work/allo_output" --disable_tqdm --bf16 true
+  --output_dir "$work/allo_output" --disable_tqdm --bf16 true --sft_steps 200 --num_train_problems 80 \
+  --num_eval_problems 40 --num_samples 4
 if [ $built = 1 ]; then
   deselect=()
   for t in "${triton_tests[@]}" "${extension_tests[@]}"; do deselect+=(--ignore "$t"); done
