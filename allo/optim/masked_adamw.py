@@ -132,6 +132,11 @@ class MaskedAdamW(Optimizer):
     def _label(self, i: int, name: str | None) -> str:
         return repr(name) if name is not None else f"params[{i}]"
 
+    def _label_of(self, p: torch.Tensor) -> str:
+        """How errors name parameter ``p`` (found by identity; the loops above have the index at hand)."""
+        i = next((j for j, q in enumerate(self._params()) if q is p), -1)
+        return self._label(i, self._names()[i] if i >= 0 else None)
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "_plan_version"):
@@ -331,6 +336,14 @@ class MaskedAdamW(Optimizer):
             raise ValueError(f"{where}: {what} is a DTensor shard (FSDP2); routing covers plain parameters "
                              "only, leave sharded ones to the optimizer's hook")
 
+    def row_grad_sink(self, weight: torch.Tensor):
+        """``allo.optim.compact_row_grads(self, weight)``: the sink that hands the fused log-prob op's
+        output-layer gradient to this optimizer's compact gradients (None: the usual route). The same
+        call as ``GradientScoreAccumulator.row_grad_sink``, so a caller can route to either."""
+        from allo.optim import compact_row_grads
+
+        return compact_row_grads(self, weight)
+
     def _partial_selection(self, p: torch.Tensor) -> torch.Tensor | None:
         """``p``'s sorted flat indices when some but not all of its elements are selected, else None
         (every element: the dense gradient is kept; none: the hook records the step): where routing
@@ -504,9 +517,8 @@ class MaskedAdamW(Optimizer):
         """A compact gradient and a dense one written after the hook took it: DistributedDataParallel
         does that (its reducer writes the averaged gradient back at the end of backward). The compact
         one is this rank's alone; stepping on it would let the ranks' weights drift apart, silently."""
-        i = next(j for j, q in enumerate(self._params()) if q is p)
         raise RuntimeError(
-            f"parameter {self._label(i, self._names()[i])} has a compact gradient and also a dense .grad written "
+            f"parameter {self._label_of(p)} has a compact gradient and also a dense .grad written "
             "after compact mode took its gradient; DistributedDataParallel does this (it averages a dense copy at "
             "the end of backward, after the compact gradients were gathered). Do not wrap the model in DDP in "
             "compact mode: call opt.all_reduce_grads() after the backward passes and before step() instead (or "
@@ -781,11 +793,8 @@ def _several_processes() -> bool:
 
 def _check_grad(grad: torch.Tensor, p: torch.Tensor, opt: MaskedAdamW) -> None:
     if grad.is_sparse:
-        names = opt._names()
-        params = opt._params()
-        i = next((j for j, q in enumerate(params) if q is p), -1)
         raise RuntimeError(
-            f"parameter {opt._label(i, names[i] if i >= 0 else None)} has a sparse gradient; MaskedAdamW needs dense "
+            f"parameter {opt._label_of(p)} has a sparse gradient; MaskedAdamW needs dense "
             "gradients (e.g. nn.Embedding(sparse=False)); for sparse embedding updates use torch.optim.SparseAdam"
         )
 

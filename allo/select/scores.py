@@ -206,10 +206,14 @@ class GradientScoreAccumulator:
                 if free_grads:
                     self._handles.append(p.register_post_accumulate_grad_hook(_drop_grad))
 
-    def _fold(self, name, g):
+    def _buffer(self, name, shape, device) -> torch.Tensor:
         buf = self._buffers.get(name)
         if buf is None:
-            buf = self._buffers[name] = torch.zeros(g.shape, dtype=self.dtype, device=g.device)
+            buf = self._buffers[name] = torch.zeros(shape, dtype=self.dtype, device=device)
+        return buf
+
+    def _fold(self, name, g):
+        buf = self._buffer(name, g.shape, g.device)
         if self.mode == "accumulated":
             buf.add_(g.to(self.dtype))
         else:
@@ -246,9 +250,7 @@ class GradientScoreAccumulator:
             return None
 
         def sink(first_row: int, grad_rows: torch.Tensor) -> None:
-            buf = self._buffers.get(name)
-            if buf is None:
-                buf = self._buffers[name] = torch.zeros(param.shape, dtype=self.dtype, device=grad_rows.device)
+            buf = self._buffer(name, param.shape, grad_rows.device)
             buf[first_row:first_row + grad_rows.shape[0]].add_(grad_rows.to(self.dtype))
 
         return sink
@@ -318,7 +320,8 @@ def flat_chunk(s, start: int, stop: int) -> torch.Tensor:
     return s.view(-1)[start:stop]
 
 
-def iter_chunks(s, chunk: int) -> Iterable[tuple[int, torch.Tensor]]:
-    n = s.numel()
-    for start in range(0, n, chunk):
-        yield start, flat_chunk(s, start, min(n, start + chunk))
+def iter_chunks(s, chunk: int, start: int = 0, stop: int | None = None) -> Iterable[tuple[int, torch.Tensor]]:
+    """(first flat index, flat chunk) over elements ``[start, stop)`` of ``s``, ``chunk`` at a time."""
+    stop = s.numel() if stop is None else stop
+    for first in range(start, stop, chunk):
+        yield first, flat_chunk(s, first, min(stop, first + chunk))

@@ -45,7 +45,7 @@ import torch
 from allo._backend import resolve_backend
 
 from . import radix_cpu, sampling
-from .scores import AbsDiff, flat_chunk, normalize_scores
+from .scores import AbsDiff, iter_chunks, normalize_scores
 
 _TIE_CHUNK = 1 << 20
 BINS = 65536  # 16 bits of key per pass (cpu backend and the atomic Triton variant)
@@ -223,9 +223,7 @@ class NonFiniteScoresError(ValueError):
 
 def first_nonfinite(s, start: int = 0, stop: int | None = None):
     """(flat index, value) of the first NaN or infinite element of ``s`` in ``[start, stop)``, or None."""
-    stop = s.numel() if stop is None else stop
-    for first in range(start, stop, _TIE_CHUNK):
-        c = flat_chunk(s, first, min(stop, first + _TIE_CHUNK))
+    for first, c in iter_chunks(s, _TIE_CHUNK, start, stop):
         bad = ~torch.isfinite(c)
         if bad.any():
             i = int(bad.nonzero()[0, 0])

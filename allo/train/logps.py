@@ -38,7 +38,7 @@ class TokenLogprobs(nn.Module):
         super().__init__()
         self.model = model
         self.autocast_weight_cache = autocast_weight_cache  # True: autocast's default (for comparisons)
-        self._head_grads_to = None  # weak reference to the optimizer of route_head_grads
+        self._head_grads_to = None  # weak reference to the target of route_head_grads
         self._head_checked = False
         head = model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
@@ -46,15 +46,14 @@ class TokenLogprobs(nn.Module):
                              f"({type(model).__name__} has one)")
 
     def route_head_grads(self, target) -> None:
-        """Hand the output layer's weight gradient to ``target``: a MaskedAdamW with compact gradients,
-        which keeps only its selected elements (``allo.optim.compact_row_grads``), or an
-        ``allo.select.GradientScoreAccumulator`` (its ``row_grad_sink``); ``None`` restores the usual
-        gradient. Held weakly, like the optimizer's own hooks."""
+        """Hand the output layer's weight gradient to ``target.row_grad_sink(weight)``: a MaskedAdamW
+        with compact gradients, which keeps only its selected elements (``allo.optim.compact_row_grads``),
+        or an ``allo.select.GradientScoreAccumulator``; ``None`` restores the usual gradient. Held
+        weakly, like the optimizer's own hooks."""
         self._head_grads_to = None if target is None else weakref.ref(target)
 
     def forward(self, input_ids, attention_mask, labels):
         from allo.ops import fused_linear_token_logprobs
-        from allo.optim import compact_row_grads
 
         cache = contextlib.nullcontext() if self.autocast_weight_cache else \
             _autocast_without_weight_cache(input_ids.device.type)
@@ -63,19 +62,19 @@ class TokenLogprobs(nn.Module):
                 self._check_logits_are_the_heads(input_ids, attention_mask)
                 self._head_checked = True
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        param = weight = self.model.get_output_embeddings().weight
+        param = self.model.get_output_embeddings().weight
+        target = self._head_grads_to() if self._head_grads_to is not None else None
+        sink = target.row_grad_sink(param) if target is not None else None
+        return fused_linear_token_logprobs(hidden[:, :-1], self._head_weight(hidden), labels[:, 1:],
+                                           ignore_index=IGNORE_INDEX, weight_grad_sink=sink)
+
+    def _head_weight(self, hidden):
+        """The output layer's weight as the fused op takes it: in ``hidden``'s dtype outside autocast
+        (under autocast the op casts it a block at a time)."""
+        weight = self.model.get_output_embeddings().weight
         if weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
             weight = weight.to(hidden.dtype)
-        target = self._head_grads_to() if self._head_grads_to is not None else None
-        if target is None:
-            sink = None
-        elif hasattr(target, "row_grad_sink"):  # a GradientScoreAccumulator
-            sink = target.row_grad_sink(param)
-        else:
-            sink = compact_row_grads(target, param)
-        return fused_linear_token_logprobs(hidden[:, :-1], weight, labels[:, 1:], ignore_index=IGNORE_INDEX,
-                                           weight_grad_sink=sink)
-
+        return weight
 
     @torch.no_grad()
     def _check_logits_are_the_heads(self, input_ids, attention_mask) -> None:
@@ -90,10 +89,7 @@ class TokenLogprobs(nn.Module):
         try:
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            weight = self.model.get_output_embeddings().weight
-            if weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
-                weight = weight.to(hidden.dtype)
-            head = torch.nn.functional.linear(hidden, weight).float()
+            head = torch.nn.functional.linear(hidden, self._head_weight(hidden)).float()
         finally:
             self.model.train(was_training)
         scale = float(logits.abs().max().clamp(min=1e-3))

@@ -196,6 +196,11 @@ def resume_mode(resume) -> str | None:
     return str(resume)
 
 
+def _stage_name(stage_dir: str) -> str:
+    """A stage's name is its folder's (``<output_dir>/<stage>``)."""
+    return os.path.basename(os.path.normpath(stage_dir))
+
+
 def _optimizer_file(accelerator, sharded: bool) -> str:
     # FSDP2: each rank's optimizer state covers its own rows of every parameter
     return f"optimizer_{accelerator.process_index}.pt" if sharded else "optimizer.pt"
@@ -233,7 +238,7 @@ def _save_checkpoint(accelerator, stage_dir, step, model, tokenizer, opt, sched,
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"global_step": step, "world_size": accelerator.num_processes,
-                       "stage": os.path.basename(os.path.normpath(stage_dir))}, f)
+                       "stage": _stage_name(stage_dir)}, f)
         if os.path.exists(final):  # left by an abandoned run (os.replace cannot replace a folder with files)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -249,7 +254,7 @@ def _checkpoint_to_resume(accelerator, cfg, stage_dir: str, masks_file: str | No
     (MaskedAdamW's state carries its masks: a changed selection would be replaced by the old one).
     Starting fresh removes the checkpoints an abandoned run left here: a later 'true' would resume
     from them, mixing two runs."""
-    stage = os.path.basename(os.path.normpath(stage_dir))
+    stage = _stage_name(stage_dir)
     mode = resume_mode(cfg.resume_from_checkpoint)
     ckpt = latest_checkpoint(stage_dir) if mode == "latest" else mode
     if ckpt is None:

@@ -12,8 +12,7 @@ import os
 import time
 
 from .config import STAGES, TrainConfig
-from .stages import STAGE_FUNCS, Context, is_done
-from .stages.common import DONE
+from .stages import STAGE_FUNCS, Context, finished_at, is_done
 
 
 def _config(config) -> TrainConfig:
@@ -74,14 +73,6 @@ def _checkpoint_owner(cfg: TrainConfig) -> str | None:
     return None if mode in (None, "latest") else checkpoint_stage(mode)
 
 
-def _finished_at(stage_dir: str) -> float | None:
-    """When the stage last completed (its DONE marker's modification time), None if it has not."""
-    try:
-        return os.path.getmtime(os.path.join(stage_dir, DONE))
-    except FileNotFoundError:
-        return None
-
-
 def run_stage(stage: str, config, *, accelerator=None, on_step_end=None, context: Context | None = None):
     """Run one stage (even if it was completed before; its folder is reused). Returns its output."""
     if stage not in STAGE_FUNCS:
@@ -115,30 +106,27 @@ def run(config, *, accelerator=None, on_step_end=None) -> dict:
     for stage in cfg.stage_list():
         if stage == "prepare" and not uses_builtin_data(cfg) and not cfg.problems_file:
             continue  # preference pairs are given: nothing to prepare
-        finished = _finished_at(ctx.dir(stage))
+        finished = finished_at(ctx.dir(stage))
         stale = finished is not None and upstream is not None and upstream[0] > finished
         if stale:
             # an earlier stage was run again after this one (e.g. `allo-train warmup` with other
             # options): this stage's outputs come from the old inputs, so it runs again, as make
             # would, from the start (its checkpoints are the old run's too)
             ctx.log(f"{stage}: complete, but {upstream[1]} finished after it: running it again")
-            finished = None
-        if finished is not None:
+        if finished is not None and not stale:
             ctx.log(f"{stage}: already complete, skipped"
                     + (f" (--resume_from_checkpoint {cfg.resume_from_checkpoint} is its checkpoint: not used)"
                        if owner == stage else ""))
             if stage == "eval":
                 results = done_info(ctx.dir(stage)).get("results", {})
-            if upstream is None or finished > upstream[0]:
-                upstream = (finished, stage)
-            continue
-        # a checkpoint folder given by name resumes its own stage; the others start as without it
-        stage_ctx = ctx if owner in (None, stage) and not stale else \
-            dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, resume_from_checkpoint=None))
-        out = run_stage(stage, cfg, context=stage_ctx, on_step_end=on_step_end)
-        if stage == "eval":
-            results = out
-        finished = _finished_at(ctx.dir(stage))
+        else:
+            # a checkpoint folder given by name resumes its own stage; the others start as without it
+            stage_ctx = ctx if owner in (None, stage) and not stale else \
+                dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, resume_from_checkpoint=None))
+            out = run_stage(stage, cfg, context=stage_ctx, on_step_end=on_step_end)
+            if stage == "eval":
+                results = out
+            finished = finished_at(ctx.dir(stage))
         if finished is not None and (upstream is None or finished > upstream[0]):
             upstream = (finished, stage)
     ctx.log(f"finished in {time.time() - t0:.1f} s; outputs in {cfg.output_dir}")

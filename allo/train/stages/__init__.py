@@ -21,7 +21,7 @@ Each stage is a module of this package (``prepare``, ``warmup``, ``select``, ``f
 how a masked stage starts. ``STAGE_FUNCS`` maps stage names to entry points, in pipeline order.
 """
 
-from .common import Context, done_info, is_done, mark_done, uses_builtin_data
+from .common import Context, done_info, finished_at, is_done, mark_done, uses_builtin_data
 from .eval import stage_eval
 from .forget import stage_forget
 from .improve import stage_improve
@@ -32,5 +32,5 @@ from .warmup import stage_warmup
 STAGE_FUNCS = {"prepare": stage_prepare, "warmup": stage_warmup, "select": stage_select, "forget": stage_forget,
                "improve": stage_improve, "eval": stage_eval}
 
-__all__ = ["STAGE_FUNCS", "Context", "build_pairs", "done_info", "is_done", "mark_done", "uses_builtin_data",
+__all__ = ["STAGE_FUNCS", "Context", "build_pairs", "done_info", "finished_at", "is_done", "mark_done", "uses_builtin_data",
            "stage_prepare", "stage_warmup", "stage_select", "stage_forget", "stage_improve", "stage_eval"]

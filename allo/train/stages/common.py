@@ -48,6 +48,14 @@ def is_done(stage_dir: str) -> bool:
     return os.path.exists(os.path.join(stage_dir, DONE))
 
 
+def finished_at(stage_dir: str) -> float | None:
+    """When the stage last completed (its DONE marker's modification time), None if it has not."""
+    try:
+        return os.path.getmtime(os.path.join(stage_dir, DONE))
+    except FileNotFoundError:
+        return None
+
+
 def mark_done(ctx: Context, stage_dir: str, info: dict) -> None:
     ctx.accelerator.wait_for_everyone()
     if ctx.main:
@@ -169,11 +177,12 @@ def inputs_key(ctx: Context, *, models=(), examples=(), **values) -> str:
     return h.hexdigest()
 
 
-def cache_is_current(ctx: Context, path: str, key: str) -> bool:
-    """``path`` exists and was computed from the inputs ``key`` stands for (else it is logged as stale)."""
+def cache_is_current(ctx: Context, path: str, key: str, stored_key=cache_key) -> bool:
+    """``path`` exists and was computed from the inputs ``key`` stands for (else it is logged as stale).
+    ``stored_key(path)``: the key it was saved with (default: a safetensors cache's metadata)."""
     if not os.path.exists(path):
         return False
-    if cache_key(path) == key:
+    if stored_key(path) == key:
         return True
     ctx.log(f"{path}: computed from other inputs (data, model or options changed since); computing it again")
     return False

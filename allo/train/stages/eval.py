@@ -13,8 +13,8 @@ from .. import model as models
 from ..fsdp import fsdp2_shards, load_weights, sharded_generate, sharded_logps, sharded_scorer
 from ..logps import TokenLogprobs, compute_logps
 from ..model import generate
-from .common import (EVALUATED, Context, cached_reference, from_main, inputs_key, is_done, load_pairs, mark_done,
-                     pair_views, scorer_batch, sft_model_path, uses_builtin_data)
+from .common import (EVALUATED, Context, cache_is_current, cached_reference, from_main, inputs_key, is_done,
+                     load_pairs, mark_done, pair_views, scorer_batch, sft_model_path, uses_builtin_data)
 
 GENERATE_BATCH = 256  # prompts per greedy-generation batch
 
@@ -108,14 +108,18 @@ def _result_key(ctx: Context, path: str, pairs, problems) -> str:
 def _saved_result(ctx: Context, out_path: str, key: str) -> dict | None:
     """The result an earlier (interrupted) eval saved for these inputs, or None. A model trained again,
     or other eval data, is evaluated again: `allo-train eval` must not report the old model's numbers."""
-    if not os.path.exists(out_path):
-        return None
-    key_path = out_path + ".inputs"
-    if not os.path.exists(key_path) or open(key_path).read() != key:
-        ctx.log(f"{out_path}: computed from other inputs (the model, data or options changed since); evaluating again")
+    if not cache_is_current(ctx, out_path, key, stored_key=_stored_key):
         return None
     with open(out_path) as f:
         return json.load(f)
+
+
+def _stored_key(out_path: str) -> str | None:
+    try:
+        with open(out_path + ".inputs") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def _save_result(out_path: str, result: dict, key: str) -> None:
