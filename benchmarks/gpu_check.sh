@@ -13,7 +13,9 @@
 #
 # Environment: PYTHON (default python3, a CUDA build of torch), TORCH_CUDA_ARCH_LIST (default 9.0),
 # ALLO_BUILD_CUDA (default 1: fail unless the CUDA kernels build), QUICK=1 (benches with --quick: a
-# plumbing check of this script on a CPU machine), GPU_CHECK_BUDGET_S.
+# plumbing check of this script on a CPU machine), GPU_CHECK_BUDGET_S. A follow-up run on a short lease can
+# narrow it: GPU_CHECK_TRITON_TESTS, GPU_CHECK_EXTENSION_TESTS (test files), GPU_CHECK_BENCHES (bench
+# names), GPU_CHECK_PROFILE=0, GPU_CHECK_REST (pytest node ids instead of the rest of the suite).
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-./gpu_results}
@@ -91,9 +93,11 @@ gpu_pytest_args=("${pytest_args[@]}")
 # the tests that exercise GPU code: every Triton kernel natively and the optimizer (these need no
 # allo._C, so they run while it builds: compiling ~100 Triton variants is the slow part of them and
 # uses other cores than the C++/CUDA build), then the CUDA extension's own tests once it is built
-triton_tests=(tests/test_optim_kernels.py tests/test_optim_masked_adamw.py tests/test_select_triton.py
-              tests/test_select.py)
-extension_tests=(tests/test_logprob.py tests/test_logprob_fused.py tests/test_optim_compact_rows.py)
+# (word-split on purpose: lists of paths)
+triton_tests=(${GPU_CHECK_TRITON_TESTS:-tests/test_optim_kernels.py tests/test_optim_masked_adamw.py
+              tests/test_select_triton.py tests/test_select.py})
+extension_tests=(${GPU_CHECK_EXTENSION_TESTS:-tests/test_logprob.py tests/test_logprob_fused.py
+                 tests/test_optim_compact_rows.py})
 
 step "pytest Triton GPU tests" 200 "$py" -m pytest "${gpu_pytest_args[@]}" "${triton_tests[@]}" &
 triton_pid=$!
@@ -106,7 +110,7 @@ fi
 wait "$triton_pid"  # the benchmarks need the GPU (and the cores) to themselves
 # the alignment study trains tiny models on the CPU for half an hour: nothing for the GPU lease.
 # bench_update and bench_select need no extension: they run even if the build failed
-for name in bench_update bench_select bench_logprob bench_step; do
+for name in ${GPU_CHECK_BENCHES:-bench_update bench_select bench_logprob bench_step}; do
   if [ $built = 0 ] && { [ $name = bench_logprob ] || [ $name = bench_step ]; }; then
     echo "SKIPPED        $name (allo._C did not build)" >>"$steps"
     continue
@@ -119,14 +123,18 @@ for name in bench_update bench_select bench_logprob bench_step; do
   step "$name" 100 "$py" "benchmarks/$name.py" "${args[@]}"
 done
 # where the time of select and of an optimizer step goes (host vs kernels), for the record
-step "profile_gpu" 90 "$py" benchmarks/profile_gpu.py --only select,update,step-memory --no-sweep
+[ "${GPU_CHECK_PROFILE:-1}" = 1 ] &&
+  step "profile_gpu" 90 "$py" benchmarks/profile_gpu.py --only select,update,step-memory --no-sweep
 # the whole pipeline on the GPU (the tests below run it on tiny models only if time is left): the built-
 # in task end to end, bf16 autocast, Triton optimizer, CUDA log-prob kernels, routed output layer; a
 # smaller task than the default (a smoke test of the GPU paths: 42 s on a 2-core CPU, the default 110 s)
 [ $built = 1 ] && step "allo-train built-in task (GPU, bf16)" 120 "$py" -m allo.train.cli \
   --output_dir "$work/allo_output" --disable_tqdm --bf16 true --sft_steps 200 --num_train_problems 80 \
   --num_eval_problems 40 --num_samples 4
-if [ $built = 1 ]; then
+if [ $built = 1 ] && [ -n "${GPU_CHECK_REST:-}" ]; then
+  rest=($GPU_CHECK_REST)
+  step "pytest chosen tests" 300 "$py" -m pytest "${pytest_args[@]}" "${rest[@]}"
+elif [ $built = 1 ]; then
   deselect=()
   for t in "${triton_tests[@]}" "${extension_tests[@]}"; do deselect+=(--ignore "$t"); done
   step "pytest rest of the suite" 300 "$py" -m pytest "${pytest_args[@]}" "${deselect[@]}" tests

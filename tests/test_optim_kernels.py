@@ -37,9 +37,18 @@ def _run(impl, rows):
         _cpu_kernel.masked_adamw_cpu(*_cpu_kernel.pack(rows))
 
 
-def _poisoned_state(k, device, tail=37):
-    buf = torch.full((k + tail,), math.nan, device=device)
-    return buf, buf[:k]
+def _poisoned_state(k, device, tail=37, offset=0):
+    buf = torch.full((offset + k + tail,), math.nan, device=device)
+    return buf, buf[offset:offset + k]
+
+
+def _placed(t: torch.Tensor, device, offset: int) -> torch.Tensor:
+    """``t`` on ``device``, as a view starting ``offset`` elements into its own buffer (offset 1: an
+    address the kernel must not take as 16-byte aligned)."""
+    poison = math.nan if t.is_floating_point() else -1
+    buf = torch.full((offset + t.numel(),), poison, dtype=t.dtype, device=device)
+    buf[offset:].copy_(t)
+    return buf[offset:]
 
 
 @needs_triton
@@ -54,16 +63,22 @@ def test_contiguous_block_starts():
 # (index dtype, compact grads); None = every element selected (dense), which never uses compact grads
 @pytest.mark.parametrize("index_dtype,compact", [(torch.int32, False), (torch.int64, False), (None, False),
                                                  (torch.int32, True), (torch.int64, True)])
-def test_kernel_matches_float64_reference_and_touches_nothing_else(impl, dtype, index_dtype, compact):
+# what the Triton launch may declare aligned (16-byte accesses on a GPU): everything; runs of selected
+# elements starting at odd elements; every tensor a view one element into its buffer (nothing aligned)
+@pytest.mark.parametrize("layout", ["aligned", "odd_runs", "misaligned"])
+def test_kernel_matches_float64_reference_and_touches_nothing_else(impl, dtype, index_dtype, compact, layout):
     # inputs drawn on the CPU (the same values on every machine), the kernel's tensors on its device;
     # the float64 reference stays on the CPU
     dev = device_for(impl)
+    shift = 1 if layout == "odd_runs" else 0
+    offset = 1 if layout == "misaligned" else 0
     rows, expected, checks = [], [], []
     # beta2 = 0.999 (the default): formed in the kernel from fp32 0.999, 1 - beta2 was 1.3e-5 off, which the
     # exp_avg_sq tolerance below catches; the host now passes 1 - beta2 computed in float64
     step, lr, b1, b2, eps, wd = 3, 1e-2, 0.9, 0.999, 1e-8, 0.1
     for n, k in CASES:
-        idx = _indices(n, k)
+        idx = _indices(n, k) + shift
+        n += shift
         if index_dtype is None:
             n = idx.numel()
             idx = torch.arange(n)
@@ -76,12 +91,12 @@ def test_kernel_matches_float64_reference_and_touches_nothing_else(impl, dtype, 
         full_grad[~sel] = math.nan
         grad = full_grad.to(dtype)[idx].float() if compact else full_grad.to(dtype)
         m0, v0 = torch.randn(k) * 0.1, torch.rand(k) * 0.01
-        m_buf, m = _poisoned_state(k, dev)
-        v_buf, v = _poisoned_state(k, dev)
+        m_buf, m = _poisoned_state(k, dev, offset=offset)
+        v_buf, v = _poisoned_state(k, dev, offset=offset)
         m.copy_(m0), v.copy_(v0)
         master = None
         if dtype != torch.float32:
-            master_buf, master = _poisoned_state(k, dev)
+            master_buf, master = _poisoned_state(k, dev, offset=offset)
             master.copy_(weight[idx].float() + torch.randn(k) * 1e-3)  # master differs from the weight: it is the source
         # float64 reference on the same inputs
         ref_w = torch.zeros(k, dtype=torch.float64)
@@ -92,8 +107,8 @@ def test_kernel_matches_float64_reference_and_touches_nothing_else(impl, dtype, 
         masked_adamw_step_reference(ref_w, full_grad[idx].to(dtype).double(), None, ref_m, ref_v, ref_master, step=step,
                                     lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd)
         bc2_sqrt = math.sqrt(1 - b2**step)
-        indices = None if index_dtype is None else idx.to(dev, index_dtype)
-        rows.append((weight.to(dev), grad.to(dev), indices, m, v, master, compact,
+        indices = None if index_dtype is None else _placed(idx.to(index_dtype), dev, offset)
+        rows.append((_placed(weight, dev, offset), _placed(grad, dev, offset), indices, m, v, master, compact,
                      (1 - b1, b2, 1 - b2, lr / (1 - b1**step), bc2_sqrt, 1 - lr * wd, eps)))
         expected.append((ref_w if master is None else ref_master, ref_m, ref_v))
         checks.append((sel, idx, m_buf, v_buf, None if master is None else master_buf))
@@ -106,7 +121,7 @@ def test_kernel_matches_float64_reference_and_touches_nothing_else(impl, dtype, 
         torch.testing.assert_close(v, ref_v.float(), rtol=1e-6, atol=5e-9)
         for buf in (m_buf, v_buf, master_buf):
             if buf is not None:
-                assert torch.isnan(buf[k:]).all()  # nothing written past the selection
+                assert torch.isnan(buf[offset + k:]).all() and torch.isnan(buf[:offset]).all()  # nothing written outside
         assert torch.isnan(weight[~sel].float()).all()  # unselected untouched
         if master is not None:
             torch.testing.assert_close(master, ref_p.float(), rtol=5e-6, atol=3e-7)
@@ -126,3 +141,28 @@ def test_cpu_backend_without_a_compiler_is_an_error_not_a_fallback(tmp_path, mon
     monkeypatch.setattr(_native, "_loaded", {})
     with pytest.raises(RuntimeError, match="no-such-cc"):
         _cpu_kernel.load()
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["aligned", "odd_runs", "misaligned"])
+def test_launch_declares_alignment_only_where_it_holds(layout):
+    # the interpreter ignores the hints, so the tests above cannot catch a false one here (on a GPU a false
+    # one is a misaligned 16-byte access): check what the launch declares
+    import numpy as np
+
+    from allo_kernels import masked_adamw as K
+
+    dev = device_for("triton")
+    shift, offset = (1, 0) if layout == "odd_runs" else (0, 1) if layout == "misaligned" else (0, 0)
+    idx = _indices(9 * BLOCK + 5, None) + shift
+    n, k = 9 * BLOCK + 5 + shift, idx.numel()
+    weight = _placed(torch.zeros(n), dev, offset)
+    row = (weight, _placed(torch.zeros(n), dev, offset), _placed(idx.int(), dev, offset),
+           _poisoned_state(k, dev, offset=offset)[1], _poisoned_state(k, dev, offset=offset)[1], None, False,
+           (0.1, 0.999, 1e-3, 1e-3, 1.0, 1.0, 1e-8))
+    (key, positions), = K.bucket_rows([row]).items()
+    launch = K.Launch(key, [row])
+    launch.run(None, np.array([row[7]], dtype=np.float32))
+    # runs start at BLOCK, 4 * BLOCK and 9 * BLOCK - 200 (a multiple of 8), or one element later
+    assert launch.constexprs["RUN_ALIGN"] == {"aligned": 8, "odd_runs": 1, "misaligned": 8}[layout]
+    assert launch._uploaded[2] == (layout != "misaligned")

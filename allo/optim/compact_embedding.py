@@ -99,8 +99,8 @@ def selected_row_grads(grad_output: torch.Tensor, ids: torch.Tensor, indices: to
                        padding_idx: int | None = None) -> torch.Tensor:
     """The selected elements (sorted flat ``indices`` of a ``shape = [V, H]`` weight) of the
     embedding gradient ``embedding_dense_backward(grad_output, ids)``, as fp32 ``[len(indices)]``,
-    without the dense ``[V, H]`` gradient: rows are summed over their tokens in token order (as the
-    CPU kernel does), in ``grad_output``'s dtype, then the selected elements of those rows are
+    without the dense ``[V, H]`` gradient: rows are summed over their tokens by the same kernel as the
+    dense embedding backward, in ``grad_output``'s dtype, then the selected elements of those rows are
     gathered (rows of a ``[V, H]`` weight are contiguous ranges of ``indices``)."""
     hidden = shape[1]
     flat_ids = ids.reshape(-1)
@@ -109,7 +109,10 @@ def selected_row_grads(grad_output: torch.Tensor, ids: torch.Tensor, indices: to
         keep = flat_ids != padding_idx
         flat_ids, grads = flat_ids[keep], grads[keep]
     rows, inverse = torch.unique(flat_ids, sorted=True, return_inverse=True)
-    row_sums = torch.zeros(rows.numel(), hidden, dtype=grads.dtype, device=grads.device).index_add_(0, inverse, grads)
+    # torch's own embedding backward over the looked-up rows only: on CUDA it sums each row's tokens in a
+    # fixed order (sort + segment sums), where index_add_ adds with atomics in whatever order they land,
+    # so a step, and a run resumed from a checkpoint, would not be reproducible bit for bit
+    row_sums = torch.ops.aten.embedding_dense_backward(grads, inverse, rows.numel(), -1, False)
     # each looked-up row's selected elements: the range of `indices` inside [row * H, (row + 1) * H)
     bounds = torch.stack([rows * hidden, (rows + 1) * hidden]).to(indices.dtype)
     starts, ends = torch.searchsorted(indices, bounds).long()
