@@ -23,7 +23,6 @@ the wrapper groups tensors into such buckets, usually one.
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import numpy as np
@@ -46,99 +45,18 @@ N_SCAL = 7
 
 
 @triton.jit
-def _address(row, column: tl.constexpr, T: tl.constexpr):
-    """Column ``column`` of a table row as a pointer to T."""
-    return tl.load(row + column).to(tl.pointer_type(T))
-
-
-@triton.jit
-def _span(base, offsets, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
-    """``base + offsets`` for BLOCK contiguous offsets, declared to start on an ALIGN-byte boundary
-    (ALIGN > 1: the host checked it). The compiler uses 16-byte accesses only where it can prove
-    alignment, and an address loaded from a table proves nothing."""
-    pointers = base + offsets
-    if ALIGN > 1:
-        pointers = tl.max_contiguous(tl.multiple_of(pointers, ALIGN), BLOCK)
-    return pointers
-
-
-@triton.jit
-def _adamw_elements(weight_at, grad_at, exp_avg_at, exp_avg_sq_at, master_at, live, one_minus_beta1, beta2,
-                    one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T: tl.constexpr,
-                    HAS_MASTER: tl.constexpr):
-    """The AdamW update of one block of selected elements: ``*_at`` are the blocks of pointers to
-    their weight, gradient (full or compact), moments and master copy; ``live`` masks the block's tail."""
-    g = tl.load(grad_at, mask=live, other=0.0).to(tl.float32)
-    m = tl.load(exp_avg_at, mask=live, other=0.0)
-    v = tl.load(exp_avg_sq_at, mask=live, other=0.0)
-    if HAS_MASTER:
-        p = tl.load(master_at, mask=live, other=0.0)
-    else:
-        p = tl.load(weight_at, mask=live, other=0.0).to(tl.float32)
-
-    m = m + one_minus_beta1 * (g - m)
-    v = beta2 * v + one_minus_beta2 * g * g
-    p = p * decay
-    # IEEE-rounded sqrt and division (tl.sqrt and "/" are approximate on NVIDIA GPUs): the kernel is
-    # memory-bound, so exactness is free and the CUDA, CPU and reference paths agree to the last ulp or two
-    p = p - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
-
-    tl.store(exp_avg_at, m, mask=live)
-    tl.store(exp_avg_sq_at, v, mask=live)
-    if HAS_MASTER:
-        tl.store(master_at, p, mask=live)
-    tl.store(weight_at, p.to(PARAM_T), mask=live)
-
-
-@triton.jit
-def _adamw_block(weight, grad, exp_avg, exp_avg_sq, master, row, first_ptr, j, live, one_minus_beta1, beta2,
-                 one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T: tl.constexpr, GRAD_T: tl.constexpr,
-                 INDEX_T: tl.constexpr, DENSE: tl.constexpr, COMPACT_GRAD: tl.constexpr, HAS_MASTER: tl.constexpr,
-                 BLOCK: tl.constexpr, ALIGNED: tl.constexpr, RUN_ALIGN: tl.constexpr):
-    """One block: where its selected elements are in the weight (all of it, one contiguous run, or
-    listed in the index set), then the update. Compact arrays (moments, master, compact gradient,
-    indices) start at a multiple of BLOCK elements from addresses the host found 16-byte aligned."""
-    A: tl.constexpr = 16 if ALIGNED else 1
-    exp_avg_at = _span(exp_avg, j, A, BLOCK)
-    exp_avg_sq_at = _span(exp_avg_sq, j, A, BLOCK)
-    master_at = _span(master, j, A, BLOCK)
-    if DENSE:
-        grad_at = _span(grad, j, A, BLOCK)
-        _adamw_elements(_span(weight, j, A, BLOCK), grad_at, exp_avg_at, exp_avg_sq_at, master_at, live,
-                        one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T, HAS_MASTER)
-    else:
-        # A block whose selected elements are one contiguous run (whole selected rows, say) has its
-        # first element address in the table: no index reads, coalesced weight/grad accesses.
-        first = tl.load(first_ptr)
-        if first >= 0:
-            e = first + tl.arange(0, BLOCK).to(tl.int64)
-            # every run starts at a multiple of RUN_ALIGN elements (the host checked)
-            WA: tl.constexpr = min(A, RUN_ALIGN * (PARAM_T.primitive_bitwidth // 8))
-            GA: tl.constexpr = min(A, RUN_ALIGN * (GRAD_T.primitive_bitwidth // 8))
-            grad_at = _span(grad, j, A, BLOCK) if COMPACT_GRAD else _span(grad, e, GA, BLOCK)
-            _adamw_elements(_span(weight, e, WA, BLOCK), grad_at, exp_avg_at, exp_avg_sq_at, master_at, live,
-                            one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T, HAS_MASTER)
-        else:
-            e = tl.load(_span(_address(row, 2, INDEX_T), j, A, BLOCK), mask=live, other=0).to(tl.int64)
-            grad_at = _span(grad, j, A, BLOCK) if COMPACT_GRAD else grad + e
-            _adamw_elements(weight + e, grad_at, exp_avg_at, exp_avg_sq_at, master_at, live,
-                            one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T, HAS_MASTER)
-
-
-@triton.jit
 def masked_adamw_kernel(addr_ptr, scal_ptr, block_tensor_ptr, block_start_ptr, block_element_ptr,
                         PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, INDEX_T: tl.constexpr,
                         DENSE: tl.constexpr, COMPACT_GRAD: tl.constexpr, HAS_MASTER: tl.constexpr,
-                        BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False, RUN_ALIGN: tl.constexpr = 1):
+                        BLOCK: tl.constexpr):
     b = tl.program_id(0)
     t = tl.load(block_tensor_ptr + b).to(tl.int64)
     start = tl.load(block_start_ptr + b)  # int64: first selected element of this block
     row = addr_ptr + t * 8
-    weight = _address(row, 0, PARAM_T)
-    grad = _address(row, 1, GRAD_T)
-    exp_avg = _address(row, 3, tl.float32)
-    exp_avg_sq = _address(row, 4, tl.float32)
-    master = _address(row, 5, tl.float32)  # 0 (never read) without a master copy
+    weight = tl.load(row + 0).to(tl.pointer_type(PARAM_T))
+    grad = tl.load(row + 1).to(tl.pointer_type(GRAD_T))
+    exp_avg = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    exp_avg_sq = tl.load(row + 4).to(tl.pointer_type(tl.float32))
     k = tl.load(row + 6)
 
     srow = scal_ptr + t * 7  # N_SCAL columns
@@ -151,24 +69,47 @@ def masked_adamw_kernel(addr_ptr, scal_ptr, block_tensor_ptr, block_start_ptr, b
     eps = tl.load(srow + 6)
 
     j = start + tl.arange(0, BLOCK)
-    # Every block but a tensor's last is full: an all-true mask lets the compiler use 16-byte accesses,
-    # which a mask computed from k (of unknown alignment) forbids. Each case is its own code path (the
-    # helpers are inlined) because what the compiler knows about addresses is lost where branches merge.
-    if start + BLOCK <= k:
-        _adamw_block(weight, grad, exp_avg, exp_avg_sq, master, row, block_element_ptr + b, j,
-                     tl.full((BLOCK,), 1, tl.int1), one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt,
-                     decay, eps, PARAM_T, GRAD_T, INDEX_T, DENSE, COMPACT_GRAD, HAS_MASTER, BLOCK, ALIGNED, RUN_ALIGN)
+    live = j < k
+    if DENSE:
+        e = j
     else:
-        _adamw_block(weight, grad, exp_avg, exp_avg_sq, master, row, block_element_ptr + b, j, j < k,
-                     one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T, GRAD_T, INDEX_T,
-                     DENSE, COMPACT_GRAD, HAS_MASTER, BLOCK, ALIGNED, RUN_ALIGN)
+        # A block whose selected elements are one contiguous run (whole selected rows, say) has its
+        # first element address in the table: no index reads, coalesced weight/grad accesses.
+        first = tl.load(block_element_ptr + b)
+        if first >= 0:
+            e = first + tl.arange(0, BLOCK).to(tl.int64)
+        else:
+            indices = tl.load(row + 2).to(tl.pointer_type(INDEX_T))
+            e = tl.load(indices + j, mask=live, other=0).to(tl.int64)
+
+    if COMPACT_GRAD:
+        g = tl.load(grad + j, mask=live, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(grad + e, mask=live, other=0.0).to(tl.float32)
+    m = tl.load(exp_avg + j, mask=live, other=0.0)
+    v = tl.load(exp_avg_sq + j, mask=live, other=0.0)
+    if HAS_MASTER:
+        master = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+        p = tl.load(master + j, mask=live, other=0.0)
+    else:
+        p = tl.load(weight + e, mask=live, other=0.0).to(tl.float32)
+
+    m = m + one_minus_beta1 * (g - m)
+    v = beta2 * v + one_minus_beta2 * g * g
+    p = p * decay
+    # IEEE-rounded sqrt and division (tl.sqrt and "/" are approximate on NVIDIA GPUs): the kernel is
+    # memory-bound, so exactness is free and the CUDA, CPU and reference paths agree to the last ulp or two
+    p = p - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
+
+    tl.store(exp_avg + j, m, mask=live)
+    tl.store(exp_avg_sq + j, v, mask=live)
+    if HAS_MASTER:
+        tl.store(master + j, p, mask=live)
+    tl.store(weight + e, p.to(PARAM_T), mask=live)
 
 
 BLOCK = 1024
 NUM_WARPS = 4
-# ALLO_ADAMW_ALIGNMENT_HINTS=0: launch without the alignment hints (scalar 4-byte accesses), to measure
-# what they are worth; the results are the same either way
-ALIGNMENT_HINTS = os.environ.get("ALLO_ADAMW_ALIGNMENT_HINTS", "1") != "0"
 _tables: dict = {}
 
 
@@ -184,11 +125,10 @@ def contiguous_block_starts(indices: torch.Tensor) -> torch.Tensor:
     return torch.where(idx[last] - first == last - pos, first, torch.full_like(first, -1))
 
 
-def _block_table(bucket: list, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(tensor id, first selected element, first weight element or -1) per program, and the largest
-    power of two up to 16 that divides every run's first weight element (the kernel's RUN_ALIGN).
-    Depends only on the selections, so it is cached, keyed by the index tensors (held weakly: a new
-    selection is a new tensor, and a dead one never matches)."""
+def _block_table(bucket: list, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tensor id, first selected element, first weight element or -1) per program. Depends only on
+    the selections, so it is cached, keyed by the index tensors (held weakly: a new selection is a
+    new tensor, and a dead one never matches)."""
     key = tuple((id(r[2]), r[3].numel()) for r in bucket)
     hit = _tables.get(key)
     if hit is not None and all(ref is None or ref() is r[2] for ref, r in zip(hit[0], bucket)):
@@ -199,11 +139,7 @@ def _block_table(bucket: list, device) -> tuple[torch.Tensor, torch.Tensor, torc
              - torch.tensor(first, dtype=torch.int64, device=device)[tensor_of_block.long()]) * BLOCK
     elements = [start[f:f + (r[3].numel() + BLOCK - 1) // BLOCK] if r[2] is None else contiguous_block_starts(r[2])
                 for f, r in zip(first, bucket)]
-    element = torch.cat(elements) if elements else start
-    runs = element[element >= 0]
-    divides = torch.stack([(runs % a == 0).all() for a in (16, 8, 4, 2)]).tolist()  # one sync, once per selection
-    run_align = next((a for a, ok in zip((16, 8, 4, 2), divides) if ok), 1)
-    table = (tensor_of_block, start, element, run_align)
+    table = (tensor_of_block, start, torch.cat(elements) if elements else start)
     if len(_tables) > 64:  # selections change rarely; keep the cache small anyway
         _tables.clear()
     _tables[key] = ([None if r[2] is None else weakref.ref(r[2]) for r in bucket], table)
@@ -236,9 +172,8 @@ class Launch:
         self.blocks = _block_table(bucket, device)
         self.constexprs = dict(PARAM_T=_TL_DTYPES[wdt], GRAD_T=_TL_DTYPES[gdt if not compact else torch.float32],
                                INDEX_T=_TL_DTYPES[idt] if idt is not None else tl.int32, DENSE=idt is None,
-                               COMPACT_GRAD=compact, HAS_MASTER=has_master, BLOCK=BLOCK, num_warps=NUM_WARPS,
-                               RUN_ALIGN=self.blocks[3] if ALIGNMENT_HINTS else 1)
-        self._uploaded = None  # (host copy, device table, every address 16-byte aligned) of the last upload
+                               COMPACT_GRAD=compact, HAS_MASTER=has_master, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        self._uploaded = None  # (host copy, device table) of the last upload
 
     def run(self, grad_ptrs, scal: np.ndarray) -> None:
         """Launch with the gradients at ``grad_ptrs`` (one per row, or None: those given at
@@ -248,13 +183,11 @@ class Launch:
         if self._uploaded is None or not np.array_equal(self._uploaded[0], self.addr):
             # the caching allocator usually hands a step's gradients the addresses of the last step's:
             # then the table on the device is still right
-            # (views of a larger buffer can start anywhere: then no 16-byte accesses for this launch)
-            aligned = ALIGNMENT_HINTS and bool((self.addr[:, :6] % 16 == 0).all())
-            self._uploaded = (self.addr.copy(), upload_table(torch.from_numpy(self.addr.copy()), self.device), aligned)
+            self._uploaded = (self.addr.copy(), upload_table(torch.from_numpy(self.addr.copy()), self.device))
         scal_dev = upload(torch.from_numpy(np.ascontiguousarray(scal, dtype=np.float32)), self.device)
-        tensor_of_block, start, element, _ = self.blocks
+        tensor_of_block, start, element = self.blocks
         masked_adamw_kernel[(tensor_of_block.numel(),)](self._uploaded[1], scal_dev, tensor_of_block, start, element,
-                                                        ALIGNED=self._uploaded[2], **self.constexprs)
+                                                        **self.constexprs)
 
 
 def masked_adamw_triton(rows: list[tuple]) -> None:

@@ -1,7 +1,6 @@
 """The MaskedAdamW Triton kernel compiles for an H100 (sm_90) even where no GPU is present: the
 interpreter tests check what it computes (the interpreter accepts more than the compiler), this checks
-that the compiler accepts every variant the wrapper launches, and that the alignment hints give
-16-byte accesses (the interpreter ignores hints)."""
+that the compiler accepts every variant the wrapper launches."""
 
 import textwrap
 
@@ -18,20 +17,17 @@ SCRIPT = textwrap.dedent('''
     C = "constexpr"
     sig = {"addr_ptr": "*i64", "scal_ptr": "*fp32", "block_tensor_ptr": "*i32", "block_start_ptr": "*i64",
            "block_element_ptr": "*i64", "PARAM_T": C, "GRAD_T": C, "INDEX_T": C, "DENSE": C, "COMPACT_GRAD": C,
-           "HAS_MASTER": C, "BLOCK": C, "ALIGNED": C, "RUN_ALIGN": C}
+           "HAS_MASTER": C, "BLOCK": C}
     n = 0
-    for (param_t, master), index_t, (dense, compact), (aligned, run_align) in itertools.product(
+    for (param_t, master), index_t, (dense, compact) in itertools.product(
             ((tl.float32, False), (tl.bfloat16, True), (tl.float16, True)), (tl.int32, tl.int64),
-            ((False, False), (False, True), (True, False)), ((False, 1), (True, 16))):
+            ((False, False), (False, True), (True, False))):
         grad_t = tl.float32 if compact else param_t
         consts = {"PARAM_T": param_t, "GRAD_T": grad_t, "INDEX_T": index_t, "DENSE": dense, "COMPACT_GRAD": compact,
-                  "HAS_MASTER": master, "BLOCK": BLOCK, "ALIGNED": aligned, "RUN_ALIGN": run_align}
+                  "HAS_MASTER": master, "BLOCK": BLOCK}
         k = triton.compile(ASTSource(fn=masked_adamw_kernel, signature=sig, constexprs=consts),
                            target=GPUTarget("cuda", 90, 32))
-        ptx = k.asm["ptx"]
-        assert "sqrt" in ptx, consts
-        # the alignment hints take effect: full blocks move the moments with 16-byte accesses
-        assert ("ld.global.v4" in ptx and "st.global.v4" in ptx) == aligned, consts
+        assert "sqrt" in k.asm["ptx"], consts
         n += 1
     print("compiled", n)
 ''')
@@ -39,4 +35,4 @@ SCRIPT = textwrap.dedent('''
 
 def test_masked_adamw_kernel_compiles_for_sm90():
     proc = compile_in_subprocess(SCRIPT)
-    assert proc.returncode == 0 and "compiled 36" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "compiled 18" in proc.stdout, proc.stderr[-3000:]

@@ -43,8 +43,7 @@ def _poisoned_state(k, device, tail=37, offset=0):
 
 
 def _placed(t: torch.Tensor, device, offset: int) -> torch.Tensor:
-    """``t`` on ``device``, as a view starting ``offset`` elements into its own buffer (offset 1: an
-    address the kernel must not take as 16-byte aligned)."""
+    """``t`` on ``device``, as a view starting ``offset`` elements into its own buffer."""
     poison = math.nan if t.is_floating_point() else -1
     buf = torch.full((offset + t.numel(),), poison, dtype=t.dtype, device=device)
     buf[offset:].copy_(t)
@@ -63,8 +62,8 @@ def test_contiguous_block_starts():
 # (index dtype, compact grads); None = every element selected (dense), which never uses compact grads
 @pytest.mark.parametrize("index_dtype,compact", [(torch.int32, False), (torch.int64, False), (None, False),
                                                  (torch.int32, True), (torch.int64, True)])
-# what the Triton launch may declare aligned (16-byte accesses on a GPU): everything; runs of selected
-# elements starting at odd elements; every tensor a view one element into its buffer (nothing aligned)
+# memory layouts: tensors at the start of their buffers; runs of selected elements starting at odd
+# elements; every tensor a view one element into its buffer (no 16-byte aligned address anywhere)
 @pytest.mark.parametrize("layout", ["aligned", "odd_runs", "misaligned"])
 def test_kernel_matches_float64_reference_and_touches_nothing_else(impl, dtype, index_dtype, compact, layout):
     # inputs drawn on the CPU (the same values on every machine), the kernel's tensors on its device;
@@ -142,27 +141,3 @@ def test_cpu_backend_without_a_compiler_is_an_error_not_a_fallback(tmp_path, mon
     with pytest.raises(RuntimeError, match="no-such-cc"):
         _cpu_kernel.load()
 
-
-@needs_triton
-@pytest.mark.parametrize("layout", ["aligned", "odd_runs", "misaligned"])
-def test_launch_declares_alignment_only_where_it_holds(layout):
-    # the interpreter ignores the hints, so the tests above cannot catch a false one here (on a GPU a false
-    # one is a misaligned 16-byte access): check what the launch declares
-    import numpy as np
-
-    from allo_kernels import masked_adamw as K
-
-    dev = device_for("triton")
-    shift, offset = (1, 0) if layout == "odd_runs" else (0, 1) if layout == "misaligned" else (0, 0)
-    idx = _indices(9 * BLOCK + 5, None) + shift
-    n, k = 9 * BLOCK + 5 + shift, idx.numel()
-    weight = _placed(torch.zeros(n), dev, offset)
-    row = (weight, _placed(torch.zeros(n), dev, offset), _placed(idx.int(), dev, offset),
-           _poisoned_state(k, dev, offset=offset)[1], _poisoned_state(k, dev, offset=offset)[1], None, False,
-           (0.1, 0.999, 1e-3, 1e-3, 1.0, 1.0, 1e-8))
-    (key, positions), = K.bucket_rows([row]).items()
-    launch = K.Launch(key, [row])
-    launch.run(None, np.array([row[7]], dtype=np.float32))
-    # runs start at BLOCK, 4 * BLOCK and 9 * BLOCK - 200 (a multiple of 8), or one element later
-    assert launch.constexprs["RUN_ALIGN"] == {"aligned": 8, "odd_runs": 1, "misaligned": 8}[layout]
-    assert launch._uploaded[2] == (layout != "misaligned")
