@@ -54,9 +54,11 @@ def test_peak_bytes_still_sees_a_temporary_the_timed_calls_reused():
         return torch.log_softmax(x, -1).sum()
 
     H.time_fn(fn, device="cpu", warmup=2, repeats=3)
-    # the temporary is 4.19 MB; a reused block would read ~0. The high-water mark has read 7% under it on
-    # the shared CI machine (3899392 bytes, 1 run in 10), so the floor leaves room below 3.9e6
-    assert 3.5e6 <= H.peak_bytes(fn, device="cpu") <= 12e6
+    # the temporary is 4.19 MB; a reused block would read ~0. The high-water mark reads low by up to
+    # cpu_peak_shortfall_bytes (per-CPU RSS counters): 7% under on the 2-core CI machine (3899392 bytes,
+    # 1 run in 10), 26% under on a 16-core GPU host (3092480 bytes)
+    floor = max(1.0e6, 4.19e6 - H.cpu_peak_shortfall_bytes())
+    assert floor <= H.peak_bytes(fn, device="cpu") <= 12e6
 
 
 @linux_only

@@ -275,9 +275,11 @@ def write_jsonl(path: str, rows) -> None:
     os.replace(tmp, path)
 
 
-def collate(examples, pad_id: int) -> dict:
+def collate(examples, pad_id: int, device=None) -> dict:
     """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (IGNORE_INDEX outside responses)
-    and, when the examples carry per-token weights, ``weights`` aligned with ``labels[:, 1:]``."""
+    and, when the examples carry per-token weights, ``weights`` aligned with ``labels[:, 1:]``; on
+    ``device`` (built on the CPU, then moved; default: left there). Every batch goes through here, so a
+    model on a GPU never meets a CPU batch."""
     length = max(len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples)
     b = len(examples)
     ids = torch.full((b, length), pad_id, dtype=torch.long)
@@ -295,7 +297,7 @@ def collate(examples, pad_id: int) -> dict:
     out = {"input_ids": ids, "attention_mask": attn, "labels": labels}
     if weights is not None:
         out["weights"] = weights
-    return out
+    return out if device is None else {k: v.to(device) for k, v in out.items()}
 
 
 def pair_examples(pairs):

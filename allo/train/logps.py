@@ -140,10 +140,10 @@ def compute_logps(scorer: TokenLogprobs, examples, *, pad_id, batch_size, device
 
 def score_batch(scorer, examples, idx, *, pad_id, device, autocast) -> list[torch.Tensor]:
     """Response-token log-probs (1-D fp32 on CPU) of ``examples[i]`` for ``i`` in ``idx``, one batch."""
-    batch = collate([examples[i] for i in idx], pad_id)
+    batch = collate([examples[i] for i in idx], pad_id, device)
     with autocast():
-        lp = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
-    mask = response_mask(batch).to(device)
+        lp = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    mask = response_mask(batch)
     return [lp[row][mask[row]].float().cpu() for row in range(len(idx))]
 
 

@@ -131,16 +131,16 @@ def _forward_loss(kind, scorer, examples, data: StageData, idx, cfg, device, pad
     from allo.losses import dpo_loss, forget_loss, improve_loss
 
     if kind == "forget":
-        batch = collate([examples[i] for i in idx], pad_id)
-        mask = response_mask(batch).to(device)
-        lp = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
+        batch = collate([examples[i] for i in idx], pad_id, device)
+        mask = response_mask(batch)
+        lp = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
         ref = pad_like([data.reference["response"][i] for i in idx], mask)
         w = pad_like([data.weights[i] for i in idx], mask)
         return forget_loss(lp, ref, w, beta=cfg.beta)
     pairs = [examples[i] for i in idx]
-    batch = collate(pair_examples(pairs), pad_id)
-    mask = response_mask(batch).to(device)
-    lp = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
+    batch = collate(pair_examples(pairs), pad_id, device)
+    mask = response_mask(batch)
+    lp = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
     n = len(idx)
     ref = pad_like([data.reference["chosen"][i] for i in idx] + [data.reference["rejected"][i] for i in idx], mask)
     args = (lp[:n], lp[n:], ref[:n], ref[n:], mask[:n], mask[n:])

@@ -90,15 +90,14 @@ def sft_train(model, tokenizer, problems, *, steps: int, lr: float, batch_size: 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, max(1, steps // 20), steps)
     gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device  # collate builds CPU tensors
+    device = next(model.parameters()).device
     model.train()
     bar = tqdm(range(steps), desc="sft", disable=not progress, leave=False)
     order, pos = torch.randperm(len(examples), generator=gen), 0
     for _ in bar:
         if pos + batch_size > len(order):
             order, pos = torch.randperm(len(examples), generator=gen), 0
-        batch = collate([examples[i] for i in order[pos:pos + batch_size].tolist()], tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = collate([examples[i] for i in order[pos:pos + batch_size].tolist()], tokenizer.pad_token_id, device)
         pos += batch_size
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         out.loss.backward()

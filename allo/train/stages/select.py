@@ -54,7 +54,8 @@ def _gradient_scores(ctx: Context, scorer, model, *, sharded: bool) -> dict:
                 # A rank with no part (a short last batch) still runs a backward (collectives), worth 0
                 scale = len(mine) * world / len(idx)
                 idx = mine or idx[:1]
-            batch = D.collate(D.pair_examples([pairs[i] for i in idx]), ctx.tokenizer.pad_token_id)
+            batch = D.collate(D.pair_examples([pairs[i] for i in idx]), ctx.tokenizer.pad_token_id,
+                              ctx.accelerator.device)
             mask = batch["labels"][:, 1:] != D.IGNORE_INDEX
             with ctx.accelerator.autocast():
                 lp = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
