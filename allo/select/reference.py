@@ -30,7 +30,7 @@ def reference_band_masks(scores, ratio, exclude_ratio=0.0) -> dict[str, torch.Te
     if n and not torch.isfinite(allv).all():
         raise ValueError("reference_band_masks: scores must be finite")
     order = torch.sort(allv, descending=True, stable=True).indices
-    flat_mask = torch.zeros(n, dtype=torch.bool)
+    flat_mask = torch.zeros(n, dtype=torch.bool, device=allv.device)  # `order` is on the scores' device
     flat_mask[order[k_ex:k_hi]] = True
     out, start = {}, 0
     for (name, s), f in zip(sources.items(), flats):

@@ -302,9 +302,13 @@ def _load_checkpoint_state(accelerator, ckpt, opt, sched, sharded: bool) -> None
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: {ckpt} was written {'without' if sharded else 'with'} FSDP2 "
                                 "sharding; resume with the distributed setup that wrote it")
-    opt.load_state_dict(torch.load(path, weights_only=False))
-    sched.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=False))
-    _set_rng_state(torch.load(os.path.join(ckpt, f"rng_state_{accelerator.process_index}.pth"), weights_only=False))
+    # onto the CPU: saved tensors would otherwise return to the GPU that saved them (every DDP rank loading
+    # the main process's optimizer.pt onto cuda:0; a machine without it cannot load it at all). The
+    # optimizers move their state to each parameter's device; RNG states are CPU tensors anyway
+    opt.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+    sched.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), map_location="cpu", weights_only=False))
+    _set_rng_state(torch.load(os.path.join(ckpt, f"rng_state_{accelerator.process_index}.pth"), map_location="cpu",
+                              weights_only=False))
 
 
 def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: StageData, lr: float,
