@@ -271,6 +271,22 @@ def _fmt_bytes(n):
     return f"{n} B"
 
 
+# Wrong results found by a script's checks: (case, impl, what is wrong). A wrong result must not look
+# fast: each is printed at once, the table is still reported, then exit_if_mismatched() exits with 1.
+MISMATCHES: list[tuple[str, str, str]] = []
+
+
+def mismatch(case: str, impl: str, what: str) -> None:
+    MISMATCHES.append((case, impl, what))
+    print(f"MISMATCH: {impl} on '{case}': {what}")
+
+
+def exit_if_mismatched() -> None:
+    """Exit with status 1 (after the report) if any result was wrong."""
+    if MISMATCHES:
+        sys.exit(f"{len(MISMATCHES)} wrong result(s):\n" + "\n".join(f"  {i} on '{c}': {w}" for c, i, w in MISMATCHES))
+
+
 def report(rows: Iterable[dict], *, baseline: str, json_path: str | None = None, title: str = "",
            extra_columns: Iterable[str] = ()) -> list[dict]:
     """Print a table with ``speedup`` (baseline time / this time) and ``mem_ratio`` (this peak /

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from _harness import measure, parse_args, report
+from _harness import exit_if_mismatched, measure, mismatch, parse_args, report
 
 from allo.ops import extension_info, fused_linear_token_logprobs, token_logprobs
 
@@ -107,14 +106,10 @@ def _max_rel_err(got, want):
     return worst
 
 
-MISMATCHES = []  # (case, impl, error): a wrong result must not look fast; main() exits 1 after the report
-
-
 def _check(case, name, got, want, dtype):
     err = _max_rel_err(got, want)
     if not err <= _tolerance(dtype):
-        MISMATCHES.append((case, name, err))
-        print(f"MISMATCH: {name} on '{case}': max relative error {err:.3g} vs torch (tolerance {_tolerance(dtype):g})")
+        mismatch(case, name, f"max relative error {err:.3g} vs torch (tolerance {_tolerance(dtype):g})")
     return err
 
 
@@ -209,8 +204,7 @@ def main():
         rows += bench_fused(args, device, liger, warmup, repeats)
     report(rows, baseline="torch", json_path=args.json, extra_columns=["max_rel_err"],
            title="per-token log-probs (torch = log_softmax+gather in fp32; fused: linear + cross_entropy)")
-    if MISMATCHES:
-        sys.exit(f"{len(MISMATCHES)} result(s) differ from torch's beyond tolerance: {MISMATCHES}")
+    exit_if_mismatched()
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _harness import measure, parse_args, report  # noqa: E402
+from _harness import exit_if_mismatched, measure, mismatch, parse_args, report  # noqa: E402
 
 
 def llama1b_shapes():
@@ -210,7 +210,10 @@ def main():
             checked[f"{label}-plan"] = check_plan(run_plan(), k, thr, above, ties, key32=key32, dtype=kdt)
     print(f"{case}: k={k}, threshold {float(thr)!r} ({above} above it, {ties} equal, {k - above} of them taken)")
     for name, problem in checked.items():
-        print(f"{case}: {name} exact: {problem is None}" + ("" if problem is None else f" ({problem})"))
+        if problem is None:
+            print(f"{case}: {name} exact: True")
+        else:
+            mismatch(case, name, f"not the exact top k: {problem}")
     rows = []
     for name, fn in impls.items():
         if name in skip:
@@ -223,9 +226,7 @@ def main():
         rows.append(row)
     report(rows, baseline="topk-concat", json_path=args.json, title=f"bench_select ({device.type})",
            extra_columns=["extra", "extra_vs_scores", "exact"])
-    wrong = {name: problem for name, problem in checked.items() if problem is not None}
-    if wrong:
-        sys.exit(f"{len(wrong)} allo selection(s) are not the exact top k: {wrong}")
+    exit_if_mismatched()
 
 
 if __name__ == "__main__":

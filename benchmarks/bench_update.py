@@ -43,7 +43,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import sys
 import time
 
 import _harness as H  # noqa: I001  (puts the repo root on sys.path)
@@ -145,7 +144,6 @@ def _floor_bytes(params, masks, device) -> int:
 
 
 TOLERANCE = 1e-4  # fp32 rounding over a few steps is ~1e-6 of the quantities compared
-MISMATCHES = []  # (case, impl, max_rel_err, unselected_changed): main() exits 1 after the report
 CHECK_SECONDS = [0.0]  # time the result checks (and weight restores) add to a run, reported at the end
 
 
@@ -223,9 +221,8 @@ def _same_elements(idx: torch.Tensor, mask: torch.Tensor) -> bool:
 
 def _record_check(case, impl, result):
     if not (result["max_rel_err"] <= TOLERANCE and result["unselected_changed"] == 0):
-        MISMATCHES.append((case, impl, result["max_rel_err"], result["unselected_changed"]))
-        print(f"MISMATCH: {impl} on '{case}': max relative error {result['max_rel_err']:.3g} vs AdamW's closed "
-              f"form (tolerance {TOLERANCE:g}), {result['unselected_changed']} unselected element(s) changed")
+        H.mismatch(case, impl, f"max relative error {result['max_rel_err']:.3g} vs AdamW's closed form (tolerance "
+                   f"{TOLERANCE:g}), {result['unselected_changed']} unselected element(s) changed")
 
 
 @torch.no_grad()
@@ -359,8 +356,7 @@ def main():
              extra_columns=["state", "state_ratio", "max_rel_err", "unselected_changed"],
              title=f"bench_update: optimizer step, {n_params / 1e6:.1f}M fp32 params on {device}"
                    f" (baseline rows timed once per run, repeated per case)")
-    if MISMATCHES:
-        sys.exit(f"{len(MISMATCHES)} optimizer result(s) differ from AdamW's: {MISMATCHES}")
+    H.exit_if_mismatched()
 
 
 if __name__ == "__main__":

@@ -99,13 +99,13 @@ def test_bench_logprob_flags_a_wrong_result():
     import bench_logprob as B
 
     want = (torch.randn(8), torch.randn(8, 5))
-    B.MISMATCHES.clear()
+    H.MISMATCHES.clear()
     assert B._check("c", "right", (want[0] + 1e-7, want[1]), want, torch.float32) <= 1e-4
-    assert not B.MISMATCHES
+    assert not H.MISMATCHES
     B._check("c", "wrong", (want[0], torch.zeros(8, 5)), want, torch.float32)
     B._check("c", "nan", (want[0] * float("nan"), want[1]), want, torch.float32)
-    assert [m[1] for m in B.MISMATCHES] == ["wrong", "nan"]
-    B.MISMATCHES.clear()
+    assert [m[1] for m in H.MISMATCHES] == ["wrong", "nan"]
+    H.MISMATCHES.clear()
 
 
 def test_bench_update_check_flags_a_wrong_step():
@@ -147,10 +147,10 @@ def test_bench_update_check_flags_a_wrong_step():
         params[1][selected] = start[1][selected] - 1e-3 * sum((1 - 0.9**t) / (1 - 0.999**t) ** 0.5
                                                                for t in (1, 2, 3)) * grads[1][selected].sign()
         assert check()["max_rel_err"] > 0.1
-    B.MISMATCHES.clear()
+    H.MISMATCHES.clear()
     B._record_check("c", "wrong", check())
-    assert [m[1] for m in B.MISMATCHES] == ["wrong"]
-    B.MISMATCHES.clear()
+    assert [m[1] for m in H.MISMATCHES] == ["wrong"]
+    H.MISMATCHES.clear()
 
 
 def test_bench_select_check_flags_a_wrong_selection():
@@ -184,3 +184,14 @@ def test_bench_select_check_flags_a_wrong_selection():
     assert B.check_plan(bounds, k, thr, above, ties, key32=key32, dtype=dtype) is None
     bounds[0].take -= 1
     assert B.check_plan(bounds, k, thr, above, ties, key32=key32, dtype=dtype) is not None
+
+
+def test_a_wrong_result_ends_the_script_with_status_1_after_the_report(capsys):
+    H.MISMATCHES.clear()
+    H.exit_if_mismatched()  # nothing wrong: returns
+    H.mismatch("case", "fast-but-wrong", "max relative error 1")
+    assert "MISMATCH: fast-but-wrong on 'case'" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        H.exit_if_mismatched()
+    assert exc.value.code != 0 and "fast-but-wrong" in str(exc.value.code)
+    H.MISMATCHES.clear()
