@@ -53,6 +53,10 @@ DIGITS = {False: (6, 5, 5), True: (6, 6, 5, 5, 5, 5)}  # bits per pass, most sig
 TILE = 32768  # elements per program: global atomics per pass <= (elements / TILE) x bins
 BLOCK = 1024  # elements per step inside a tile
 NUM_WARPS = 4
+# software-pipelining depth of the tile loops (None: Triton's default); a knob for profile_gpu.py's sweep:
+# the passes ran at ~3.5x the time it takes to read the scores, and loads not in flight early enough
+# are one explanation (not measured yet)
+NUM_STAGES = None
 PER_TENSOR_BYTES = 8 << 20  # largest per-tensor histogram of the last pass; beyond it, a counting pass
 _NCOL = 8  # table columns: x, y, numel, first tile, source index, out, ties limit (hi), ties limit (ex)
 NO_LIMIT = 1 << 62  # "every tied element of this tensor is taken"
@@ -348,6 +352,8 @@ def _run(kernel, group_key, layout, grid_args, *, block=None, **constexprs):
     assert TILE % block == 0, (TILE, block)  # the masked tail step must stay inside its tile
     ntiles = tile_rows.numel()
     if ntiles:
+        if NUM_STAGES is not None:
+            constexprs["num_stages"] = NUM_STAGES
         kernel[(ntiles,)](table, tile_rows, *grid_args, X_T=_TL[xdt], Y_T=_TL[ydt], IS_DIFF=diff,
                           X_BF16=xdt == torch.bfloat16, Y_BF16=ydt == torch.bfloat16, ALIGNED=aligned, TILE=TILE,
                           BLOCK=block, num_warps=NUM_WARPS, **constexprs)

@@ -15,7 +15,8 @@
 # ALLO_BUILD_CUDA (default 1: fail unless the CUDA kernels build), QUICK=1 (benches with --quick: a
 # plumbing check of this script on a CPU machine), GPU_CHECK_BUDGET_S. A follow-up run on a short lease can
 # narrow it: GPU_CHECK_TRITON_TESTS, GPU_CHECK_EXTENSION_TESTS (test files), GPU_CHECK_BENCHES (bench
-# names), GPU_CHECK_PROFILE=0, GPU_CHECK_REST (pytest node ids instead of the rest of the suite).
+# names), GPU_CHECK_PROFILE=0, GPU_CHECK_REST (pytest node ids instead of the rest of the suite);
+# GPU_CHECK_SWEEP=1 adds the launch-configuration sweeps to the profile.
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-./gpu_results}
@@ -123,8 +124,13 @@ for name in ${GPU_CHECK_BENCHES:-bench_update bench_select bench_logprob bench_s
   step "$name" 100 "$py" "benchmarks/$name.py" "${args[@]}"
 done
 # where the time of select and of an optimizer step goes (host vs kernels), for the record
+# GPU_CHECK_SWEEP=1: also time the Triton kernels over launch configurations (select: TILE, BLOCK, warps,
+# pipelining stages; MaskedAdamW: BLOCK, warps), about a minute more
+sweep=(--no-sweep)
+[ "${GPU_CHECK_SWEEP:-0}" = 1 ] && sweep=()
 [ "${GPU_CHECK_PROFILE:-1}" = 1 ] &&
-  step "profile_gpu" 90 "$py" benchmarks/profile_gpu.py --only select,update,step-memory --no-sweep
+  step "profile_gpu" $([ ${#sweep[@]} = 0 ] && echo 180 || echo 90) "$py" benchmarks/profile_gpu.py \
+    --only select,update,step-memory "${sweep[@]}"
 # the whole pipeline on the GPU (the tests below run it on tiny models only if time is left): the built-
 # in task end to end, bf16 autocast, Triton optimizer, CUDA log-prob kernels, routed output layer; a
 # smaller task than the default (a smoke test of the GPU paths: 42 s on a 2-core CPU, the default 110 s)
