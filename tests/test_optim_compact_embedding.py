@@ -182,3 +182,43 @@ def test_handle_remove_and_errors():
         compact_embedding_grads(model.mid, opt)
     with pytest.raises(ValueError, match="scale_grad_by_freq"):
         compact_embedding_grads(nn.Embedding(5, 3, scale_grad_by_freq=True), opt)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("change", ["every", "other", "none"])
+def test_selection_changed_between_forward_and_backward(tied, change):
+    """set_masks between a routed forward and its backward (allowed: nothing is gathered yet). The
+    routed backward must give what the plain path gives for the new selection: the dense gradient
+    once every element is selected (it used to be dropped, silently), the new selection's elements,
+    or, for none, the record that the weight took a step (decay_unselected decays it)."""
+    results = []
+    for route in (False, True):
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        model = TinyLM(tied, padding_idx=7)  # token 7 is frequent in _batches
+        masks = _masks(model, g)
+        opt = MaskedAdamW(list(model.named_parameters()), lr=1e-2, weight_decay=0.1, masks=masks,
+                          compact_grads=True, decay_unselected=change == "none")
+        if route:
+            compact_embedding_grads(model.embed, opt)
+        seen = []  # runs after the routing hook: sees the output the model goes on with
+        model.embed.register_forward_hook(lambda m, args, out: seen.append(out.grad_fn.name()))
+        ids, labels, w = _batches(g, 1)[0]
+        lp = model(ids).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        assert ("Routed" in seen[0]) == route
+        new = {"every": True, "other": torch.rand(V, H, generator=g) < 0.5, "none": False}[change]
+        opt.set_masks({**masks, "embed.weight": new})
+        (-(lp * w).sum()).backward()
+        weight = model.embed.weight
+        grad = weight.grad if change == "every" else opt.compact_grad(weight)
+        if change != "none":
+            assert grad is not None and bool(grad.abs().sum() > 0)
+        results.append((None if grad is None else grad.clone(), weight.detach().clone()))
+        opt.step()
+        results[-1] += (weight.detach().clone(),)
+    (plain_grad, before, plain_after), (routed_grad, _, routed_after) = results
+    assert (plain_grad is None) == (routed_grad is None)
+    if plain_grad is not None:
+        assert torch.equal(plain_grad, routed_grad)
+    assert not torch.equal(plain_after, before)  # the embedding did change in the step
+    assert torch.equal(plain_after, routed_after)

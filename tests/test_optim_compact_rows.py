@@ -4,6 +4,8 @@ bit-for-bit (fp32 on the CPU: the op computes the same blocks either way, and th
 additions), tied and untied, with the input embedding routed or not, with gradient accumulation; and
 with both routed a tied [V, H] weight never gets a dense gradient."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -134,3 +136,42 @@ def test_usual_route_where_nothing_to_save_and_errors():
         compact_row_grads(opt, nn.Parameter(torch.randn(V, H)))
     with pytest.raises(ValueError, match=r"must be a \[V, H\] output layer"):
         compact_row_grads(MaskedAdamW([("b", model.mid.bias)], compact_grads=True), model.mid.bias)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sink_made_before_loading_the_same_selection_stays_valid(tied):
+    """allo-train makes the head's sink at forward time; a checkpoint with the same selection loaded
+    before backward (or a resume that reloads what the optimizer already holds) must leave it valid
+    (it used to be refused as stale: the loaded index tensor replaced the equal current one) and
+    give the gradients of a run without the load. A different selection still makes it stale."""
+    results = []
+    for load in (False, True):
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        model = TinyLM(tied)
+        masks = _masks(model, g)
+        opt = MaskedAdamW(list(model.named_parameters()), lr=1e-2, weight_decay=0.1, masks=masks, compact_grads=True)
+        model.opt = opt
+        saved = copy.deepcopy(opt.state_dict())
+        ids, labels = torch.randint(0, V, (3, 11), generator=g), torch.randint(0, V, (3, 11), generator=g)
+        logp = model(ids, labels)  # the sink is made here
+        if load:
+            before = opt.state[model.head.weight]["indices"]
+            opt.load_state_dict(saved)
+            assert opt.state[model.head.weight]["indices"] is before
+        (-logp.sum()).backward()
+        results.append({n: opt.compact_grad(p).clone() for n, p in model.named_parameters()})
+        opt.step()
+        results[-1].update({n + ":weight": p.detach().clone() for n, p in model.named_parameters()})
+    assert results[0].keys() == results[1].keys()
+    for n in results[0]:
+        assert torch.equal(results[0][n], results[1][n]), n
+    sink = compact_row_grads(opt, model.head.weight)
+    other = copy.deepcopy(opt.state_dict())
+    head = next(i for i, p in enumerate(model.parameters()) if p is model.head.weight)  # state dict id
+    other["state"][head]["indices"] = torch.arange(0, V * H, 3, dtype=torch.int32)
+    for key in ("exp_avg", "exp_avg_sq"):
+        other["state"][head][key] = torch.zeros(len(range(0, V * H, 3)))
+    opt.load_state_dict(other)
+    with pytest.raises(RuntimeError, match="earlier selection"):
+        sink(0, torch.randn(32, H))

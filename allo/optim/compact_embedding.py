@@ -34,7 +34,9 @@ def compact_embedding_grads(embedding: nn.Embedding, optimizer):
     runs as before. Results equal the dense path's: bit-for-bit for fp32 weights on the CPU (the
     same sums in the same order), within rounding elsewhere. Tied output layers, gradient
     accumulation, :meth:`~allo.optim.MaskedAdamW.clip_grad_norm_` and ``all_reduce_grads`` work
-    as before. ``embedding.weight.grad`` stays None for an untied embedding.
+    as before. ``embedding.weight.grad`` stays None for an untied embedding. A selection changed
+    between forward and backward (``set_masks``) is honoured: backward gathers the new selection's
+    elements, or gives the weight the plain module's dense gradient if it is no longer partial.
 
     Returns a handle; ``handle.remove()`` restores the plain module.
     """
@@ -90,9 +92,18 @@ class _RoutedEmbedding(torch.autograd.Function):
         weight = ctx.weight
         sel = None if opt is None else opt._partial_selection(weight)
         if sel is not None:
+            # the selection now, not the forward's: set_masks between forward and backward is allowed,
+            # and the rows' gradient does not depend on it
             part = selected_row_grads(grad_output, ids, sel, weight.shape, ctx.padding_idx)
             opt._add_compact_part(weight, part)
-        return None, None, None, None, None
+            return None, None, None, None, None
+        # the selection stopped being partial since the forward (set_masks / load_state_dict before
+        # backward to every or no element; or the optimizer is gone): nothing to route, so give the weight
+        # the plain module's dense gradient (nn.Embedding's backward, bit for bit). Returning None here lost
+        # it silently: a fully selected weight kept no gradient, an empty one missed its step record
+        dense = torch.ops.aten.embedding_dense_backward(
+            grad_output, ids, weight.shape[0], -1 if ctx.padding_idx is None else ctx.padding_idx, False)
+        return None, dense, None, None, None
 
 
 def selected_row_grads(grad_output: torch.Tensor, ids: torch.Tensor, indices: torch.Tensor, shape,

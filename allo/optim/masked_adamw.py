@@ -677,7 +677,8 @@ class MaskedAdamW(Optimizer):
         break bit-for-bit resume), and move to each parameter's device. As in torch, pre-hooks
         (:meth:`register_load_state_dict_pre_hook`) may rewrite the state dict first, post-hooks run
         once the state is loaded, and a state dict that does not fit changes nothing. Compact
-        gradients gathered since the last step are kept where the selection stays the same."""
+        gradients gathered since the last step are kept where the selection stays the same, and so is
+        the index tensor (row sinks from :func:`~allo.optim.compact_row_grads` made before stay valid)."""
         state_dict = state_dict.copy()  # shallow, as torch's: a pre-hook may rewrite it
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             rewritten = hook(self, state_dict)
@@ -712,9 +713,14 @@ class MaskedAdamW(Optimizer):
         self._plan_version += 1
         self.state = defaultdict(dict)
         for param, (sel, state) in zip(self._params(), loaded):
-            if not same_selection(self._selection.get(param), sel):
+            current = self._selection.get(param)
+            if not same_selection(current, sel):
                 self._compact.pop(param, None)
                 self._pending.pop(param, None)
+            elif isinstance(current, torch.Tensor):
+                # the same selection: keep the current index tensor, which row sinks (compact_row_grads)
+                # made before the load check by identity; the loaded copy would make them stale
+                sel = state["indices"] = current
             self._selection[param] = sel
             if state is not None:
                 self.state[param] = state
