@@ -720,7 +720,9 @@ class MaskedAdamW(Optimizer):
             elif isinstance(current, torch.Tensor):
                 # the same selection: keep the current index tensor, which row sinks (compact_row_grads)
                 # made before the load check by identity; the loaded copy would make them stale
-                sel = state["indices"] = current
+                sel = current
+                if state is not None:
+                    state["indices"] = current
             self._selection[param] = sel
             if state is not None:
                 self.state[param] = state
