@@ -138,12 +138,14 @@ def test_usual_route_where_nothing_to_save_and_errors():
         compact_row_grads(MaskedAdamW([("b", model.mid.bias)], compact_grads=True), model.mid.bias)
 
 
+@pytest.mark.parametrize("how", ["load_state_dict", "set_masks"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_sink_made_before_loading_the_same_selection_stays_valid(tied):
+def test_sink_made_before_setting_the_same_selection_stays_valid(tied, how):
     """allo-train makes the head's sink at forward time; a checkpoint with the same selection loaded
-    before backward (or a resume that reloads what the optimizer already holds) must leave it valid
-    (it used to be refused as stale: the loaded index tensor replaced the equal current one) and
-    give the gradients of a run without the load. A different selection still makes it stale."""
+    before backward (or a resume that reloads what the optimizer already holds), or set_masks with the
+    same masks, must leave it valid (it used to be refused as stale: the new index tensor replaced the
+    equal current one) and give the gradients of a run without it. A different selection still makes
+    it stale."""
     results = []
     for load in (False, True):
         g = torch.Generator().manual_seed(0)
@@ -157,7 +159,10 @@ def test_sink_made_before_loading_the_same_selection_stays_valid(tied):
         logp = model(ids, labels)  # the sink is made here
         if load:
             before = opt.state[model.head.weight]["indices"]
-            opt.load_state_dict(saved)
+            if how == "load_state_dict":
+                opt.load_state_dict(saved)
+            else:
+                opt.set_masks(masks)
             assert opt.state[model.head.weight]["indices"] is before
         (-logp.sum()).backward()
         results.append({n: opt.compact_grad(p).clone() for n, p in model.named_parameters()})

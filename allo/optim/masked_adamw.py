@@ -219,9 +219,11 @@ class MaskedAdamW(Optimizer):
         self._plan_version += 1
         param = p
         old = self._selection.get(p)
-        self._selection[p] = sel
         if old is not None and same_selection(old, sel) and (sel == EMPTY or p in self.state):
-            return  # state and gathered compact gradient still fit
+            # state and gathered compact gradient still fit; the current index tensor stays too: row sinks
+            # (compact_row_grads) made before check it by identity, and state["indices"] is that tensor
+            return
+        self._selection[p] = sel
         self._compact.pop(p, None)
         self._pending.pop(p, None)
         self.state.pop(p, None)
