@@ -195,3 +195,13 @@ def test_a_wrong_result_ends_the_script_with_status_1_after_the_report(capsys):
         H.exit_if_mismatched()
     assert exc.value.code != 0 and "fast-but-wrong" in str(exc.value.code)
     H.MISMATCHES.clear()
+
+
+def test_interleaved_timing_alternates_the_order_every_round():
+    # drift must fall on both implementations alike: A B, B A, A B, ... after the warm-up rounds
+    calls = []
+    out = H.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, device="cpu",
+                             warmup=1, repeats=4)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert set(out) == {"a", "b"} and all(r["repeats"] == 4 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+                                          for r in out.values())
