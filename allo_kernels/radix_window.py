@@ -7,16 +7,20 @@ it into windows) puts each threshold in a window of ``2**WINDOW_BITS`` values of
 (:func:`window_histogram`) counts the keys above the window and histograms those inside (few: the window holds ~0.5% of them, so the
 shared-memory atomics of ``tl.histogram`` are rare). For 16-bit keys on a large model the window is
 usually single keys (``shift`` 0): that one pass finds the exact threshold, where the radix passes
-take three; float32 keys leave ~12 bits, two prefix passes. A window of one key (a huge group of
-equal scores) is counted in registers, without a histogram. A window above zero (the usual case:
+take three; float32 keys leave ~12 bits, two prefix passes. A window above zero (the usual case:
 scores are magnitudes) compares the scores' raw bits, which order every key that can reach it, and
-skips the key transform and the lane mask: the 973M-score passes measured ~3.5x the time it takes to
-read the scores, so a pass is taken to be bound by integer instructions per element. In the sm_90
-PTX of the loop (8 elements per thread): 108 instructions for the window pass, against 124 and 164
-for the radix passes (static counts, the rare atomic path included). Predicted, not yet measured on
-a GPU. Tried and dropped before any GPU measurement: global atomics for the in-window keys (Triton
-moves the scattered pointers through shared memory into another layout: four barriers per step,
-against three for ``tl.histogram``).
+skips the key transform and the lane mask.
+
+Windows of up to ``2**REGISTER_BITS`` bins (the sample asks for the narrowest window at its shift; for
+973M bf16 scores the six-sigma window spans ~4 keys) and one-key windows are counted in registers:
+8-bit counters packed in each lane's int64, unpacked once per tile. On the H100 (2026-11-27) the
+32-bin pass took 2.06 ms of kernel time for 973M bf16 scores, 3.3x the time to read them, with
+full occupancy: its loop body is 439 sm_90 PTX instructions and 3 barriers per step of 8 elements a
+thread (``tl.histogram`` zeroes, fills and reads back shared memory at every step); the register-
+counted loop is 122 instructions and no barrier (static counts). Predicted, not yet measured on a
+GPU: the pass near the time it takes to read the scores. Tried and dropped before any GPU
+measurement: global atomics for the in-window keys (Triton moves the scattered pointers through
+shared memory into another layout: four barriers per step, against three for ``tl.histogram``).
 
 The kernels use the launch tables, tiles and step helpers of :mod:`allo_kernels.radix_blocked`
 (read through the module, so that tests shrinking its ``TILE`` reach these launches too).
@@ -34,6 +38,11 @@ from .radix_select import _keys
 
 SAMPLES = 16  # keys sampled per tile for the window pass (one per 2048 elements of a full tile)
 WINDOW_BITS = {False: 5, True: 6}  # bins of the window pass: 32 for 16-bit keys, 64 for 32-bit ones
+# Windows of up to 2**REGISTER_BITS bins are counted in registers instead (see _window_count); the sample
+# asks for the narrowest window that needs no larger shift (sampling.windows). For 973M bf16 scores the
+# six-sigma window spans ~4 keys, so the usual large-model pass makes no shared-memory histogram at all
+REGISTER_BITS = 3
+REGISTER_BINS = tl.constexpr(1 << REGISTER_BITS)
 
 
 @triton.jit
@@ -95,18 +104,38 @@ def _window_step(x, y, base, n, h0, h1, acc0, acc1, low0, low1, shift, edge, IS_
 
 
 @triton.jit
+def _window_zero(BINS: tl.constexpr, BLOCK: tl.constexpr):
+    """The in-window counts a program starts from: packed per-lane counters (a [BLOCK] int64, 8 bits per
+    bin) for windows of up to REGISTER_BINS bins, else a [BINS] histogram."""
+    if BINS > 1 and BINS <= REGISTER_BINS:
+        h = tl.zeros([BLOCK], dtype=tl.int64)
+    else:
+        h = tl.zeros([BINS], dtype=tl.int32)
+    return h
+
+
+@triton.jit
 def _window_count(high, m, low, h, acc, BINS: tl.constexpr, POSITIVE: tl.constexpr):
     if BINS == 1:
-        return h, acc + (m & (high > low)).to(tl.int32) + ((m & (high == low)).to(tl.int32) << 8)
-    acc += (m & (high >= low + BINS)).to(tl.int32)
-    if POSITIVE:
-        # high - low wraps around only for raw bits far below the window (low > 0): still not in it
-        d = high - low
-        w = d.to(tl.uint32, bitcast=True) < BINS
+        acc += (m & (high > low)).to(tl.int32) + ((m & (high == low)).to(tl.int32) << 8)
     else:
-        w = m & (high >= low) & (high < low + BINS)
-        d = tl.where(w, high - low, 0)
-    return h + tl.histogram(d, BINS, mask=w), acc
+        acc += (m & (high >= low + BINS)).to(tl.int32)
+        if POSITIVE:
+            # high - low wraps around only for raw bits far below the window (low > 0): still not in it
+            d = high - low
+            w = d.to(tl.uint32, bitcast=True) < BINS
+        else:
+            w = m & (high >= low) & (high < low + BINS)
+            d = tl.where(w, high - low, 0)
+        if BINS <= REGISTER_BINS:
+            # one 8-bit counter per bin in each lane's int64 (a lane sees at most TILE / BLOCK + 1 keys):
+            # a shift and an add per key, where tl.histogram zeroes, fills (shared-memory atomics) and
+            # reads back its bins with barriers at every step
+            one = tl.full(h.shape, 1, dtype=tl.int64)
+            h += tl.where(w, one << (tl.where(w, d, 0).to(tl.int64) * 8), 0)
+        else:
+            h += tl.histogram(d, BINS, mask=w)
+    return h, acc
 
 
 @triton.jit
@@ -114,6 +143,12 @@ def _window_flush(out, h, acc, counter_ptr, BINS: tl.constexpr):
     above = tl.sum(acc & 0xFF, axis=0).to(tl.int64)
     if BINS == 1:
         h = tl.zeros([1], dtype=tl.int32) + tl.sum((acc >> 8) & 0xFF, axis=0)  # a one-key window: its count
+    elif BINS <= REGISTER_BINS:  # unpack the per-lane counters into the window's histogram
+        bins = tl.arange(0, BINS)
+        counts = tl.zeros([BINS], dtype=tl.int32)
+        for b in tl.static_range(BINS):
+            counts = tl.where(bins == b, tl.sum(((h >> (8 * b)) & 0xFF).to(tl.int32), axis=0), counts)
+        h = counts
     tl.atomic_add(out + tl.arange(0, BINS), h.to(tl.int64), mask=h > 0, sem="relaxed")
     tl.atomic_add(counter_ptr, above, mask=above > 0, sem="relaxed")
 
@@ -131,8 +166,8 @@ def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, low
     both windows start above zero (``low > 0``)."""
     row, x, y, n, start, count, full = _row(table_ptr, tile_tensor_ptr, X_T, Y_T, ALIGNED, TILE, BLOCK)
     BINS: tl.constexpr = 1 << BITS
-    h0 = tl.zeros([BINS], dtype=tl.int32)
-    h1 = tl.zeros([BINS], dtype=tl.int32)
+    h0 = _window_zero(BINS, BLOCK)
+    h1 = _window_zero(BINS, BLOCK)
     acc0 = tl.zeros([BLOCK], dtype=tl.int32)
     acc1 = tl.zeros([BLOCK], dtype=tl.int32)
     big = tl.zeros([BLOCK], dtype=tl.int32)

@@ -282,9 +282,11 @@ def test_blocked_window_histogram(dtype, device, small_tiles):
     keys = [keys_torch(s.reshape(-1).cpu(), key32).long() for s in scores]
     one, neg, big = (int(keys_torch(torch.tensor([v]).to(dtype), key32)) for v in (1.0, -0.5, 1.5))
     # windows at shift 0 around the ties at 1.0 and at -0.5 (one pair crosses zero: the kernel's general path;
-    # windows above zero take the raw-bits path), a coarse one, one-key windows
+    # windows above zero take the raw-bits path), a coarse one, one-key windows; and windows of 2-8 bins,
+    # which the kernel counts in registers (packed per-lane counters), through both paths and shifted
     for shift, lows, bits in ((0, [one - 3, neg - 30], 5), (0, [one - 3, big - 1], 5), (3, [(one >> 3) - 1], 6),
-                              (0, [one, 0], 0), (0, [one, big], 0)):
+                              (0, [one, 0], 0), (0, [one, big], 0), (0, [one - 3, neg - 3], 3),
+                              (0, [one - 1, big - 1], 2), (3, [(one >> 3) - 1], 3), (0, [one], 1)):
         hist, per, above, bad = RW.window_histogram(scores, shift, lows, bits, key32=key32, edge=edge,
                                                     per_tensor=True)
         assert int(bad) == 0
@@ -353,6 +355,14 @@ def test_windowed_plan_paths(device, small_tiles, window_spy, monkeypatch):
             for i, n in enumerate((700, 1, 650))}
     _check_band(ties, ((0.5, 0.2),), histogram="blocked")
     assert window_spy["ok"] == [True] and window_spy["windows"][0][2] == 0 and not window_spy["prefix"]
+    # bf16 with ~125 scores per key over 16 consecutive keys: the six-sigma window spans a few keys, so the
+    # sample asks for a window of at most 8 single-key bins (counted in registers), and no prefix pass
+    for log in window_spy.values():
+        log.clear()
+    steps = {f"s{i}": (1.0 + torch.randint(0, 16, (n,), device=device) / 128).bfloat16() for i, n in enumerate((990, 1010))}
+    _check_band(steps, ((0.5, 0.0),), histogram="blocked")
+    shift, _, bits = window_spy["windows"][0]
+    assert window_spy["ok"] == [True] and shift == 0 and 1 <= bits <= RW.REGISTER_BITS and not window_spy["prefix"]
     # a window that misses the threshold: the search starts over from the top digit, still exact
     for log in window_spy.values():
         log.clear()

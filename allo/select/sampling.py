@@ -90,6 +90,11 @@ def windows(ops, sources, ks, n: int, *, key32: bool, edge: int, reduce=None):
     shift = max(window_shift(u, lo, bits) for u, lo in keys)
     if shift == 0 and all(u == lo for u, lo in keys):
         bits = 0  # every window is one key (a large group of equal scores): counted without a histogram
+    else:
+        # the narrowest window at that shift: up to 2**REGISTER_BITS bins the pass counts in registers,
+        # without a shared-memory histogram (the same keys are counted: the window still spans [L, U])
+        bits = next((b for b in range(1, ops.REGISTER_BITS + 1)
+                     if max(window_shift(u, lo, b) for u, lo in keys) == shift), bits)
     return shift, [lo >> shift for _, lo in keys], bits
 
 
