@@ -53,9 +53,8 @@ DIGITS = {False: (6, 5, 5), True: (6, 6, 5, 5, 5, 5)}  # bits per pass, most sig
 TILE = 32768  # elements per program: global atomics per pass <= (elements / TILE) x bins
 BLOCK = 1024  # elements per step inside a tile
 NUM_WARPS = 4
-# software-pipelining depth of the tile loops (None: Triton's default); a knob for profile_gpu.py's sweep:
-# the passes ran at ~3.5x the time it takes to read the scores, and loads not in flight early enough
-# are one explanation (not measured yet)
+# software-pipelining depth of the tile loops (None: Triton's default): a knob for profile_gpu.py's sweep
+# (whether loads issued earlier speed up the passes is not measured yet)
 NUM_STAGES = None
 PER_TENSOR_BYTES = 8 << 20  # largest per-tensor histogram of the last pass; beyond it, a counting pass
 _NCOL = 8  # table columns: x, y, numel, first tile, source index, out, ties limit (hi), ties limit (ex)
