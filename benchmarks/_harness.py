@@ -165,8 +165,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, device, warmup: in
         for _ in range(warmup):
             for name in names:
                 fns[name]()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         for r in range(repeats):
             for name in (names if r % 2 == 0 else names[::-1]):
                 times[name].append(call_ms(fns[name]))

@@ -45,18 +45,15 @@ def scalar_table(steps, *, lr, beta1, beta2, eps, decay) -> np.ndarray:
     ``steps``: 1 - beta1, beta2, 1 - beta2 (float64 on the host), step_size, sqrt of the second bias
     correction, decay, eps."""
     steps = np.asarray(steps, dtype=np.int64)
-    if len(steps) and steps.min() == steps.max():
-        # the usual case, every parameter at the same count: one row, repeated (a step's host time is
-        # paid before its kernels start, and this is ~5x cheaper than the general form)
-        t = int(steps[0])
-        row = np.array([1.0 - beta1, beta2, 1.0 - beta2, lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t),
-                        decay, eps], dtype=np.float64).astype(np.float32)
-        return np.repeat(row[None, :], len(steps), axis=0)
-    bc2, size = bias_corrections(steps, lr, beta1, beta2)
+    # the usual case, every parameter at the same count: one row, repeated (a step's host time is paid
+    # before its kernels start, and this is ~5x cheaper than a row per parameter)
+    uniform = len(steps) > 1 and steps.min() == steps.max()
+    bc2, size = bias_corrections(steps[:1] if uniform else steps, lr, beta1, beta2)
     table = np.empty((len(bc2), 7), dtype=np.float64)
     table[:, 0], table[:, 1], table[:, 2] = 1.0 - beta1, beta2, 1.0 - beta2
     table[:, 3], table[:, 4], table[:, DECAY_COLUMN], table[:, 6] = size, bc2, decay, eps
-    return table.astype(np.float32)
+    table = table.astype(np.float32)
+    return np.repeat(table, len(steps), axis=0) if uniform else table
 
 
 class StepPlan:

@@ -260,19 +260,13 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, obj) -> None:
-    """``obj`` as indented JSON, written atomically (a temporary file renamed over ``path``)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    """``obj`` as indented JSON, written atomically (see :func:`write_text`)."""
+    write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def write_jsonl(path: str, rows) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    """One JSON object per line, written atomically (see :func:`write_text`)."""
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def collate(examples, pad_id: int, device=None) -> dict:

@@ -53,7 +53,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import collate, pair_examples
+from .data import collate, pair_examples, write_text
 from .fsdp import fsdp2_shards, gather_into, load_weights, masked_stage_shards
 from .logps import TokenLogprobs, pad_like, response_mask
 
@@ -82,10 +82,9 @@ class MetricsSink:
         if resume_step is not None and os.path.exists(self.path):
             # drop what was logged after the checkpoint: those steps run again
             # a kill mid-write can leave a last line cut short: it is after the checkpoint too
-            keep = [l for l in open(self.path) if _logged_step(l) <= resume_step]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(self.path + ".tmp", self.path)
+            with open(self.path) as f:
+                keep = "".join(l for l in f if _logged_step(l) <= resume_step)
+            write_text(self.path, keep)
         elif os.path.exists(self.path):
             os.remove(self.path)
         if report_to in ("all", "tensorboard"):

@@ -45,7 +45,7 @@ class Context:
 
 
 def is_done(stage_dir: str) -> bool:
-    return os.path.exists(os.path.join(stage_dir, DONE))
+    return finished_at(stage_dir) is not None
 
 
 def finished_at(stage_dir: str) -> float | None:
