@@ -237,6 +237,19 @@ def _write_step(x, y, out, base, n, run_hi, run_ex, key_hi, key_ex, lim_hi, lim_
 
 
 @triton.jit
+def _write_tile(x, y, out, start, n, count, full, run_hi, run_ex, key_hi, key_ex, lim_hi, lim_ex,
+                IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr, Y_BF16: tl.constexpr,
+                HAS_HI: tl.constexpr, HAS_EX: tl.constexpr, CUT: tl.constexpr, POSITIVE: tl.constexpr,
+                BLOCK: tl.constexpr):
+    for off in range(0, full, BLOCK):
+        run_hi, run_ex = _write_step(x, y, out, start + off, n, run_hi, run_ex, key_hi, key_ex, lim_hi, lim_ex,
+                                     IS_DIFF, KEY32, X_BF16, Y_BF16, HAS_HI, HAS_EX, CUT, POSITIVE, False, BLOCK)
+    if full < count:
+        run_hi, run_ex = _write_step(x, y, out, start + full, n, run_hi, run_ex, key_hi, key_ex, lim_hi, lim_ex,
+                                     IS_DIFF, KEY32, X_BF16, Y_BF16, HAS_HI, HAS_EX, CUT, POSITIVE, True, BLOCK)
+
+
+@triton.jit
 def _blocked_write_kernel(table_ptr, tile_tensor_ptr, prefix_ptr, key_hi, key_ex, X_T: tl.constexpr,
                           Y_T: tl.constexpr, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr,
                           Y_BF16: tl.constexpr, HAS_HI: tl.constexpr, HAS_EX: tl.constexpr, CUT: tl.constexpr,
@@ -254,12 +267,46 @@ def _blocked_write_kernel(table_ptr, tile_tensor_ptr, prefix_ptr, key_hi, key_ex
         # ties of this tensor before this tile (for the tie rank inside a cut tensor)
         run_hi += tl.load(prefix_ptr + 2 * p)
         run_ex += tl.load(prefix_ptr + 2 * p + 1)
-    for off in range(0, full, BLOCK):
-        run_hi, run_ex = _write_step(x, y, out, start + off, n, run_hi, run_ex, key_hi, key_ex, lim_hi, lim_ex,
-                                     IS_DIFF, KEY32, X_BF16, Y_BF16, HAS_HI, HAS_EX, CUT, POSITIVE, False, BLOCK)
-    if full < count:
-        run_hi, run_ex = _write_step(x, y, out, start + full, n, run_hi, run_ex, key_hi, key_ex, lim_hi, lim_ex,
-                                     IS_DIFF, KEY32, X_BF16, Y_BF16, HAS_HI, HAS_EX, CUT, POSITIVE, True, BLOCK)
+    _write_tile(x, y, out, start, n, count, full, run_hi, run_ex, key_hi, key_ex, lim_hi, lim_ex, IS_DIFF, KEY32,
+                X_BF16, Y_BF16, HAS_HI, HAS_EX, CUT, POSITIVE, BLOCK)
+
+
+@triton.jit
+def _blocked_write_ranked_kernel(table_ptr, tile_tensor_ptr, ties_ptr, bounds_ptr, X_T: tl.constexpr,
+                                 Y_T: tl.constexpr, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
+                                 X_BF16: tl.constexpr, Y_BF16: tl.constexpr, HAS_HI: tl.constexpr,
+                                 HAS_EX: tl.constexpr, POSITIVE: tl.constexpr, ALIGNED: tl.constexpr,
+                                 TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """The write pass with the boundaries in device memory: ``bounds_ptr`` = [key_hi, take_hi, key_ex,
+    take_ex] (take: how many elements equal to the key are in the top k, over all tensors), and per
+    tile ``ties_ptr[4 p:4 p + 4]`` = [global tie rank of the tile's first element equal to key_hi, its
+    count of them, the same for key_ex]. A tile whose ties a boundary cuts ranks them (prefix sums);
+    every other tile takes its ties whole or not at all."""
+    row, x, y, n, start, count, full = _row(table_ptr, tile_tensor_ptr, X_T, Y_T, ALIGNED, TILE, BLOCK)
+    out = tl.load(row + 5).to(tl.pointer_type(tl.uint8))
+    if ALIGNED:
+        out = tl.multiple_of(out, 16)
+    p = tl.program_id(0).to(tl.int64)
+    # keys fit in int32: compared with the int32 keys (or raw bits) of the scores, not widened
+    key_hi = tl.load(bounds_ptr + 0).to(tl.int32)
+    take_hi = tl.load(bounds_ptr + 1)
+    key_ex = tl.load(bounds_ptr + 2).to(tl.int32)
+    take_ex = tl.load(bounds_ptr + 3)
+    run_hi = tl.load(ties_ptr + 4 * p)
+    run_ex = tl.load(ties_ptr + 4 * p + 2)
+    cut = tl.zeros([], dtype=tl.int1)
+    if HAS_HI:
+        cut = cut | ((run_hi < take_hi) & (run_hi + tl.load(ties_ptr + 4 * p + 1) > take_hi))
+    if HAS_EX:
+        cut = cut | ((run_ex < take_ex) & (run_ex + tl.load(ties_ptr + 4 * p + 3) > take_ex))
+    if cut:
+        _write_tile(x, y, out, start, n, count, full, run_hi, run_ex, key_hi, key_ex, take_hi, take_ex, IS_DIFF,
+                    KEY32, X_BF16, Y_BF16, HAS_HI, HAS_EX, True, POSITIVE, BLOCK)
+    else:
+        # the tile's ties are all before a boundary's take (all in) or all after it (all out)
+        _write_tile(x, y, out, start, n, count, full, run_hi, run_ex, key_hi, key_ex, (run_hi < take_hi).to(tl.int64),
+                    (run_ex < take_ex).to(tl.int64), IS_DIFF, KEY32, X_BF16, Y_BF16, HAS_HI, HAS_EX, False, POSITIVE,
+                    BLOCK)
 
 
 class Sources:
@@ -493,3 +540,30 @@ def write_band(sources, outs, key_hi, limits_hi, key_ex, limits_ex, cut, *, key3
                 prefix = table  # any int64 tensor: not read when CUT is False
             _run(_blocked_write_kernel, gkey, layout, (prefix, *scalars), KEY32=key32, HAS_HI=key_hi is not None,
                  HAS_EX=key_ex is not None, CUT=cut_launch, POSITIVE=positive)
+
+
+def write_band_ranked(sources, outs, bounds, tile_ties, *, has_hi: bool, has_ex: bool, positive: bool,
+                      key32: bool) -> None:
+    """Band masks of ``sources`` (one launch group) into ``outs``, the boundaries read from device
+    memory (nothing here waits for the GPU): ``bounds`` int64 [4] = (key_hi, take_hi, key_ex,
+    take_ex), ``take`` counting the elements equal to ``key`` that are in the top k over all sources;
+    ``tile_ties`` int64 [tiles, 4], per tile in launch order: (tie rank of the tile's first element
+    equal to key_hi among all of them, in source then flat order; how many the tile holds; the same
+    for key_ex). ``positive``: every boundary present is above zero (raw bits are compared)."""
+    src = _prepared(sources)
+    groups = src.groups()
+    if len(groups) != 1:
+        raise ValueError(f"radix_blocked.write_band_ranked: {len(groups)} launch groups; expected one (the tile "
+                         "order must be the source order)")
+    (gkey, members), = groups.items()
+    if len(outs) != len(src):
+        raise ValueError(f"radix_blocked.write_band_ranked: {len(outs)} outs for {len(src)} sources; pass one mask "
+                         "per source")
+    extra = np.zeros((len(members), 3), dtype=np.int64)
+    extra[:, 0] = [outs[i].data_ptr() for i in members]
+    layout = _layout(src, members, extra)
+    if tile_ties.shape != (layout[1].numel(), 4) or bounds.shape != (4,):
+        raise ValueError(f"radix_blocked.write_band_ranked: tile_ties {tuple(tile_ties.shape)} and bounds "
+                         f"{tuple(bounds.shape)}; expected ({layout[1].numel()}, 4) and (4,)")
+    _run(_blocked_write_ranked_kernel, gkey, layout, (tile_ties, bounds), KEY32=key32, HAS_HI=has_hi, HAS_EX=has_ex,
+         POSITIVE=positive)

@@ -139,8 +139,9 @@ def _window_count(high, m, low, h, acc, BINS: tl.constexpr, POSITIVE: tl.constex
 
 
 @triton.jit
-def _window_flush(out, h, acc, counter_ptr, BINS: tl.constexpr):
-    above = tl.sum(acc & 0xFF, axis=0).to(tl.int64)
+def _window_totals(h, acc, BINS: tl.constexpr):
+    """A program's (window histogram [BINS] int32, keys above the window) from its running counts."""
+    above = tl.sum(acc & 0xFF, axis=0)
     if BINS == 1:
         h = tl.zeros([1], dtype=tl.int32) + tl.sum((acc >> 8) & 0xFF, axis=0)  # a one-key window: its count
     elif BINS <= REGISTER_BINS:  # unpack the per-lane counters into the window's histogram
@@ -149,8 +150,23 @@ def _window_flush(out, h, acc, counter_ptr, BINS: tl.constexpr):
         for b in tl.static_range(BINS):
             counts = tl.where(bins == b, tl.sum(((h >> (8 * b)) & 0xFF).to(tl.int32), axis=0), counts)
         h = counts
+    return h, above
+
+
+@triton.jit
+def _window_flush(out, h, acc, counter_ptr, BINS: tl.constexpr):
+    h, above = _window_totals(h, acc, BINS)
+    above = above.to(tl.int64)
     tl.atomic_add(out + tl.arange(0, BINS), h.to(tl.int64), mask=h > 0, sem="relaxed")
     tl.atomic_add(counter_ptr, above, mask=above > 0, sem="relaxed")
+
+
+@triton.jit
+def _window_store(out, h, acc, BINS: tl.constexpr):
+    # this tile's row of the per-tile output: BINS counts, then the keys above the window
+    h, above = _window_totals(h, acc, BINS)
+    tl.store(out + tl.arange(0, BINS), h.to(tl.int32))
+    tl.store(out + BINS, above.to(tl.int32))
 
 
 @triton.jit
@@ -158,12 +174,13 @@ def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, low
                            X_T: tl.constexpr, Y_T: tl.constexpr, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
                            X_BF16: tl.constexpr, Y_BF16: tl.constexpr, BITS: tl.constexpr, TWO: tl.constexpr,
                            POSITIVE: tl.constexpr, SHIFTED: tl.constexpr, PER_TENSOR: tl.constexpr,
-                           ALIGNED: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
+                           PER_TILE: tl.constexpr, ALIGNED: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
     """Per window (one or two): the keys with ``key >> shift`` in ``[low, low + BINS)`` by bin, and how
     many are above the window; also whether the tile holds a non-finite score. ``counts_ptr``:
     [above0, above1, tiles with a non-finite score]. ``BITS == 0``: one-key windows (``shift`` 0),
     counted without a histogram (a huge group of equal scores costs nothing extra). ``POSITIVE``:
-    both windows start above zero (``low > 0``)."""
+    both windows start above zero (``low > 0``). ``PER_TILE``: no atomics; each program writes its
+    own row of ``hist_ptr`` (int32: window 0's bins and above-count, window 1's, the non-finite flag)."""
     row, x, y, n, start, count, full = _row(table_ptr, tile_tensor_ptr, X_T, Y_T, ALIGNED, TILE, BLOCK)
     BINS: tl.constexpr = 1 << BITS
     h0 = _window_zero(BINS, BLOCK)
@@ -181,15 +198,25 @@ def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, low
                                                IS_DIFF, KEY32, X_BF16, Y_BF16, BINS, TWO, POSITIVE, SHIFTED, True,
                                                BLOCK)
         big = tl.maximum(big, mag)
-    if PER_TENSOR:
-        out = hist_ptr + tl.load(row + 4) * (2 * BINS)
-    else:
-        out = hist_ptr
-    _window_flush(out, h0, acc0, counts_ptr, BINS)
-    if TWO:
-        _window_flush(out + BINS, h1, acc1, counts_ptr + 1, BINS)
     bad = (tl.max(big, axis=0) >= edge).to(tl.int64)
-    tl.atomic_add(counts_ptr + 2, bad, mask=bad > 0, sem="relaxed")
+    if PER_TILE:
+        out = hist_ptr + tl.program_id(0).to(tl.int64) * (2 * BINS + 3)
+        _window_store(out, h0, acc0, BINS)
+        # one window: the second one's columns get the first one's counts (every column written)
+        if TWO:
+            _window_store(out + BINS + 1, h1, acc1, BINS)
+        else:
+            _window_store(out + BINS + 1, h0, acc0, BINS)
+        tl.store(out + 2 * BINS + 2, bad.to(tl.int32))
+    else:
+        if PER_TENSOR:
+            out = hist_ptr + tl.load(row + 4) * (2 * BINS)
+        else:
+            out = hist_ptr
+        _window_flush(out, h0, acc0, counts_ptr, BINS)
+        if TWO:
+            _window_flush(out + BINS, h1, acc1, counts_ptr + 1, BINS)
+        tl.atomic_add(counts_ptr + 2, bad, mask=bad > 0, sem="relaxed")
 
 
 def sample(sources, *, key32: bool, seed: int = 0, highs=None):
@@ -274,7 +301,35 @@ def window_histogram(sources, shift: int, lows, bits: int, *, key32: bool, edge:
     for key, members in src.groups().items():
         rb._run(_blocked_window_kernel, key, rb._layout(src, members), (buf, counters, lo0, lo1, int(shift), int(edge)),
              block=block, KEY32=key32, BITS=bits, TWO=len(lows) == 2, POSITIVE=min(lo0, lo1) > 0,
-             SHIFTED=shift > 0, PER_TENSOR=per_tensor)
+             SHIFTED=shift > 0, PER_TENSOR=per_tensor, PER_TILE=False)
     per = buf[:, :len(lows)]
     hist = per.sum(0) if per_tensor else per[0]
     return hist, (per if per_tensor else None), counters[:len(lows)], counters[2:]
+
+
+def window_tile_counts(sources, lows, bits: int, *, key32: bool, edge: int):
+    """The window pass at ``shift`` 0 (each bin one key) with its counts kept per tile, for a search
+    that goes on on the device (:mod:`allo.select.device_plan`). ``sources``: one launch group only
+    (their tiles, in source order, are the rows).
+
+    Returns int32 ``[tiles, 2 * (2**bits + 1) + 1]``: per tile, window 0's bins (bin ``j``: the keys
+    equal to ``lows[0] + j``) and the keys above it, the same for window 1 (window 0 again when there
+    is one), and 1 when the tile holds a non-finite score. No atomics, no zero fill, no synchronization."""
+    if not 1 <= len(lows) <= 2:
+        raise ValueError(f"radix_window.window_tile_counts: {len(lows)} windows; expected 1 or 2")
+    src = rb._prepared(sources)
+    groups = src.groups()
+    if len(groups) != 1:
+        raise ValueError(f"radix_window.window_tile_counts: {len(groups)} launch groups (score dtypes, or scores "
+                         "mixed with weight deltas); expected one")
+    (key, members), = groups.items()
+    bins = 1 << bits
+    block = rb.hist_block(bits)
+    assert rb.TILE // block < 255, (rb.TILE, block)  # the kernel's 8-bit per-lane counters
+    layout = rb._layout(src, members)
+    out = torch.empty(layout[1].numel(), 2 * bins + 3, dtype=torch.int32, device=src.device)
+    lo0, lo1 = int(lows[0]), int(lows[-1])
+    rb._run(_blocked_window_kernel, key, layout, (out, out, lo0, lo1, 0, int(edge)), block=block, KEY32=key32,
+            BITS=bits, TWO=len(lows) == 2, POSITIVE=min(lo0, lo1) > 0, SHIFTED=False, PER_TENSOR=False,
+            PER_TILE=True)
+    return out

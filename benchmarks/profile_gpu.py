@@ -95,6 +95,10 @@ def profile_select(sweep):
     def run_write():
         return write_masks(scores, hi, ex, key32=key32, backend="triton", histogram="blocked")
 
+    from allo.select.topk import band_masks
+
+    # the default: finished on the device (allo.select.device_plan); then the host-read search's two parts
+    report("select band_masks (finished on the device)", lambda: band_masks(scores, 0.1, backend="triton"))
     report("select plan (threshold search)", run_plan)
     report("select write_masks", run_write)
     # the default plan's parts: the sample and its windows (one sync), the window pass alone
@@ -130,7 +134,8 @@ def profile_select(sweep):
             hi2, ex2 = run_plan()[0]
             assert (hi2.key, hi2.take) == (hi.key, hi.take), "sweep config changed the result"
             print(f"sweep select {label}: plan {wall_ms(run_plan, 1, 5):.3f} ms, write {wall_ms(run_write, 1, 5):.3f} ms, "
-                  f"window pass {wall_ms(window_pass, 1, 5):.3f} ms", flush=True)
+                  f"window pass {wall_ms(window_pass, 1, 5):.3f} ms, band_masks "
+                  f"{wall_ms(lambda: band_masks(scores, 0.1, backend='triton'), 1, 5):.3f} ms", flush=True)
         except Exception as exc:  # a config the compiler rejects: report and go on
             print(f"sweep select {label}: FAILED {type(exc).__name__}: {exc}"[:300])
     rb.TILE, rb.BLOCK, rb.NUM_WARPS, rb.NUM_STAGES = base

@@ -53,11 +53,21 @@ SCRIPT = textwrap.dedent('''
         variants.append((B._blocked_hist_kernel, hist_sig, {"SHIFT": 6, "BITS": 6 if key32 else 4, "FIRST": False,
                                                             "TWO": True, "POSITIVE": True, "PER_TENSOR": True}))
         window_sig = {**tab, "hist_ptr": "*i64", "counts_ptr": "*i64", "low0": "i32", "low1": "i32", "shift": "i32",
-                      "edge": "i32", **{c: C for c in list(flags) + ["BITS", "TWO", "PER_TENSOR", "POSITIVE", "SHIFTED"]}}
+                      "edge": "i32", **{c: C for c in list(flags) + ["BITS", "TWO", "PER_TENSOR", "POSITIVE", "SHIFTED",
+                                                                      "PER_TILE"]}}
         variants += [(W._blocked_window_kernel, window_sig, {"BITS": b, "TWO": two, "PER_TENSOR": two, "POSITIVE": pos,
-                                                             "SHIFTED": b > 0 and not two})
+                                                             "SHIFTED": b > 0 and not two, "PER_TILE": False})
                      for b in (W.WINDOW_BITS[key32], W.REGISTER_BITS, 0) for two in (False, True)
                      for pos in (False, True)]
+        if not key32:  # the search finished on the device (16-bit keys): per-tile counts, the ranked write
+            variants += [(W._blocked_window_kernel, window_sig, {"BITS": b, "TWO": two, "PER_TENSOR": False,
+                                                                 "POSITIVE": pos, "SHIFTED": False, "PER_TILE": True})
+                         for b in (W.WINDOW_BITS[key32], W.REGISTER_BITS, 0) for two in (False, True)
+                         for pos in (False, True)]
+            ranked_sig = {**tab, "ties_ptr": "*i64", "bounds_ptr": "*i64",
+                          **{c: C for c in list(flags) + ["HAS_HI", "HAS_EX", "POSITIVE"]}}
+            variants += [(B._blocked_write_ranked_kernel, ranked_sig, {"HAS_HI": True, "HAS_EX": ex, "POSITIVE": pos})
+                         for ex in (False, True) for pos in (False, True)]
         sample_sig = {**tab, "hist_ptr": "*i64", "high0": "i32", "high1": "i32", "seed": "i64",
                       **{c: C for c in list(flags) + ["LOW", "SAMPLES"]}}
         variants += [(W._blocked_sample_kernel, sample_sig, {"LOW": low, "SAMPLES": W.SAMPLES})
@@ -77,9 +87,10 @@ SCRIPT = textwrap.dedent('''
                                target=GPUTarget("cuda", 90, 32))
             ptx = k.asm["ptx"]
             if fn is B._blocked_hist_kernel or (fn is W._blocked_window_kernel and extra["BITS"] > W.REGISTER_BITS):
-                # block-local: shared-memory atomics per element, global atomics only per bin
+                # block-local: shared-memory atomics per element, global atomics only per bin (none when
+                # each tile writes its own row)
                 assert "atom.relaxed.sys.shared" in ptx or "atom.shared" in ptx, extra
-                assert "atom.global" in ptx, extra
+                assert ("atom.global" in ptx) != extra.get("PER_TILE", False), extra
             if fn is W._blocked_window_kernel and extra["BITS"] <= W.REGISTER_BITS:
                 # one-key windows and windows of up to 2**REGISTER_BITS bins: counted in registers, no
                 # histogram in the loop
@@ -98,7 +109,8 @@ def test_kernels_compile_for_sm90():
     proc = compile_in_subprocess(SCRIPT)
     # every variant the script builds: per dtype group, 2 histogram kernels per digit and one more prefix pass,
     # 12 window kernels, the sample kernel (twice for 32-bit keys: high and low halves), the count kernel and 8
-    # write kernels; the bf16 group twice (aligned and not); groups with 32-bit keys: 4, with 16-bit keys: 2
-    per_group = {key32: 2 * len(B.digits(key32)) + 23 + key32 for key32 in (True, False)}
+    # write kernels, and for 16-bit keys 12 per-tile window kernels and 4 ranked write kernels; the bf16
+    # group twice (aligned and not); groups with 32-bit keys: 4, with 16-bit keys: 2
+    per_group = {key32: 2 * len(B.digits(key32)) + 23 + key32 + (0 if key32 else 16) for key32 in (True, False)}
     expected = 3 * per_group[True] + 2 * per_group[False] + per_group[False]
     assert proc.returncode == 0 and f"compiled {expected}" in proc.stdout, proc.stderr[-3000:] + proc.stdout[-500:]

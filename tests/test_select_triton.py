@@ -238,7 +238,7 @@ def test_blocked_histogram_levels(dtype, device, small_tiles):
 
 # ---- the sampled window pass (allo.select.sampling): the blocked variant's first pass ----
 
-from allo.select import sampling, topk  # noqa: E402
+from allo.select import device_plan, sampling, topk  # noqa: E402
 from allo_kernels import radix_window as RW  # noqa: E402
 
 
@@ -320,8 +320,14 @@ def test_window_shift_and_digits():
 @pytest.fixture
 def window_spy(monkeypatch):
     """Records each windowed plan's windows, its outcome, and the prefix passes that followed."""
-    log = {"windows": [], "ok": [], "prefix": []}
+    log = {"windows": [], "ok": [], "prefix": [], "device": []}
     windows, planned, prefix = sampling.windows, topk._plan_windowed, RB.prefix_histogram
+    on_device = device_plan.band_masks_on_device
+
+    def spy_device(*a, **k):
+        out = on_device(*a, **k)
+        log["device"].append(out is not None)  # False: not applicable, or the window missed
+        return out
 
     def spy_windows(*a, **k):
         out = windows(*a, **k)
@@ -340,6 +346,7 @@ def window_spy(monkeypatch):
     monkeypatch.setattr(sampling, "windows", spy_windows)
     monkeypatch.setattr(topk, "_plan_windowed", spy_plan)
     monkeypatch.setattr(RB, "prefix_histogram", spy_prefix)
+    monkeypatch.setattr(device_plan, "band_masks_on_device", spy_device)
     return log
 
 
@@ -354,7 +361,9 @@ def test_windowed_plan_paths(device, small_tiles, window_spy, monkeypatch):
     ties = {f"t{i}": torch.where(torch.rand(n, device=device) < 0.9, 1.0, torch.rand(n, device=device)).bfloat16()
             for i, n in enumerate((700, 1, 650))}
     _check_band(ties, ((0.5, 0.2),), histogram="blocked")
-    assert window_spy["ok"] == [True] and window_spy["windows"][0][2] == 0 and not window_spy["prefix"]
+    # (finished on the device: no host-side windowed plan)
+    assert window_spy["device"] == [True] and not window_spy["ok"] and window_spy["windows"][0][2] == 0
+    assert not window_spy["prefix"]
     # bf16 with ~125 scores per key over 16 consecutive keys: the six-sigma window spans a few keys, so the
     # sample asks for a window of at most 8 single-key bins (counted in registers), and no prefix pass
     for log in window_spy.values():
@@ -362,13 +371,23 @@ def test_windowed_plan_paths(device, small_tiles, window_spy, monkeypatch):
     steps = {f"s{i}": (1.0 + torch.randint(0, 16, (n,), device=device) / 128).bfloat16() for i, n in enumerate((990, 1010))}
     _check_band(steps, ((0.5, 0.0),), histogram="blocked")
     shift, _, bits = window_spy["windows"][0]
-    assert window_spy["ok"] == [True] and shift == 0 and 1 <= bits <= RW.REGISTER_BITS and not window_spy["prefix"]
-    # a window that misses the threshold: the search starts over from the top digit, still exact
+    assert window_spy["device"] == [True] and shift == 0 and 1 <= bits <= RW.REGISTER_BITS
+    assert not window_spy["prefix"]
+    # the same search with the thresholds read back between the passes
+    for log in window_spy.values():
+        log.clear()
+    monkeypatch.setattr(topk, "FINISH_ON_DEVICE", False)
+    _check_band(steps, ((0.5, 0.0), (0.4, 0.1)), histogram="blocked")
+    assert window_spy["ok"] == [True, True] and not window_spy["device"]
+    monkeypatch.setattr(topk, "FINISH_ON_DEVICE", True)
+    # a window that misses the threshold: the search starts over from the top digit, still exact (the
+    # device-finished search gives up first, its masks are overwritten)
     for log in window_spy.values():
         log.clear()
     monkeypatch.setattr(sampling, "Z", -40.0)  # windows far from the estimate
     _check_band(scores, ((0.1, 0.0), (0.5, 0.25)), histogram="blocked")
-    assert window_spy["ok"] == [False, False]
+    _check_band(steps, ((0.5, 0.0), (0.4, 0.1)), histogram="blocked")
+    assert window_spy["ok"] == [False] * 4 and window_spy["device"] == [False, False]
 
 
 @pytest.mark.parametrize("variant", ["blocked", "blocked-radix"])

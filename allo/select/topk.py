@@ -26,8 +26,10 @@ on GPU) uses block-local histograms and one launch per pass over all tensors
 (:mod:`allo_kernels.radix_blocked`), and starts from a sample (:mod:`allo.select.sampling`): one pass
 over the window where the sample puts each threshold (for 16-bit scores usually the exact key), then
 prefix passes over 5-6-bit digits for the bits the window left; if a threshold turns out to be
-outside its window, it starts over with radix passes from the top digit. ``blocked-radix`` does
-the radix passes only. ``ALLO_SELECT_HISTOGRAM=blocked|blocked-radix|atomic`` (or ``histogram=`` of
+outside its window, it starts over with radix passes from the top digit. When every window is single
+keys (16-bit scores on a large model), in one process, the search is finished on the device without
+reading the window pass back (:mod:`allo.select.device_plan`). ``blocked-radix`` does the radix
+passes only. ``ALLO_SELECT_HISTOGRAM=blocked|blocked-radix|atomic`` (or ``histogram=`` of
 :func:`band_masks`) picks the Triton variant; results are identical.
 """
 
@@ -52,6 +54,9 @@ BINS = 65536  # 16 bits of key per pass (cpu backend and the atomic Triton varia
 HISTOGRAM_VARIANTS = ("blocked", "blocked-radix", "atomic")
 HISTOGRAM_ENV = "ALLO_SELECT_HISTOGRAM"
 _WRITE_WAVE = 1 << 26  # elements of masks written per launch when they are streamed out one by one
+# the blocked Triton search for 16-bit scores finished on the device when it can (allo.select.device_plan);
+# False: the thresholds are read back between the passes (benchmarks/bench_select.py times both)
+FINISH_ON_DEVICE = True
 
 
 def histogram_variant(histogram=None) -> str:
@@ -566,8 +571,21 @@ def band_masks(scores, ratio, exclude_ratio=0.0, *, backend=None, group=None, em
     early = {}
 
     def allocate_masks():
-        early["masks"] = _new_masks(list(sources.values()))
+        if "masks" not in early:
+            early["masks"] = _new_masks(list(sources.values()))
+        return early["masks"]
 
+    if FINISH_ON_DEVICE and emit is None and group is None and backend == "triton" and histogram == "blocked" \
+            and not key32:
+        # the usual large-model case, finished without reading the passes back (None: not applicable)
+        from .device_plan import band_masks_on_device
+
+        n = sum(s.numel() for s in sources.values())
+        search = _SearchBlocked(_ops(backend, histogram), list(sources.values()), key32, dtype)
+        masks = band_masks_on_device(sources, search, (band_count(ratio, n), band_count(exclude_ratio, n)), n,
+                                     allocate_masks=allocate_masks, what=what)
+        if masks is not None:
+            return dict(zip(sources, masks))
     # allocating ~150 masks costs ~1 ms of host time (H100 profile): done while the first pass runs
     overlap = allocate_masks if emit is None and backend == "triton" and histogram != "atomic" else None
     (hi, ex), _ = plan(sources, (ratio, exclude_ratio), key32=key32, dtype=dtype, backend=backend, group=group,
