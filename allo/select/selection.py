@@ -21,9 +21,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 
 import torch
+
+from allo._atomic import atomic_path
 
 from .scores import AbsDiff, normalize_scores
 from .topk import NonFiniteScoresError, band_count, band_masks, check_ratios, first_nonfinite, nonfinite_message
@@ -253,16 +254,8 @@ class Selection:
         meta = {"format": FORMAT, "version": VERSION, "names": json.dumps(self.names),
                 "shapes": json.dumps({n: list(s) for n, s in self.shapes.items()}),
                 "metadata": json.dumps(self.metadata, default=str)}
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
     @classmethod
     def load(cls, path: str, model=None, *, device="cpu") -> "Selection":

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections import OrderedDict
+
+from allo._atomic import atomic_path
 
 _LAYER = re.compile(r"\.(\d+)\.")
 _NUMBER = re.compile(r"(?:(?<=\.)|^)\d+(?=\.|$)")
@@ -85,12 +85,5 @@ def plot_selection(sel, path: str, *, title: str | None = None) -> None:
     fig.suptitle(title or f"selection: ratio={meta.get('ratio')} exclude={meta.get('exclude_ratio')} "
                           f"{meta.get('granularity', '')} ({meta.get('score_source', '')})")
     fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

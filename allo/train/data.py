@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from allo._atomic import atomic_path
+
 IGNORE_INDEX = -100
 
 
@@ -253,10 +255,8 @@ def load_problems(source, *, skip_bad_rows=False, split="train"):
 
 def write_text(path: str, text: str) -> None:
     """``text`` written atomically (a temporary file renamed over ``path``)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def write_json(path: str, obj) -> None:

@@ -9,11 +9,12 @@ stage's reference is the model it starts from), and cached on disk: no second mo
 from __future__ import annotations
 
 import contextlib
-import os
 import weakref
 
 import torch
 from torch import nn
+
+from allo._atomic import atomic_path
 
 from .data import IGNORE_INDEX, collate
 
@@ -163,9 +164,8 @@ def save_cache(path: str, named: dict[str, list[torch.Tensor]], *, key: str | No
     for name, vals in named.items():
         tensors[f"{name}.values"] = torch.cat(vals).contiguous() if vals else torch.zeros(0)
         tensors[f"{name}.lengths"] = torch.tensor([v.numel() for v in vals], dtype=torch.int64)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=None if key is None else {"inputs": key})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=None if key is None else {"inputs": key})
 
 
 def cache_key(path: str) -> str | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from allo._atomic import atomic_path
+
 from .data import write_text
 
 COLUMNS = [("eval_answer_accuracy", "answer acc"), ("eval_rewards/accuracies", "reward acc"),
@@ -62,9 +64,11 @@ def _save_figure(fig, path: str) -> str:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    try:
+        with atomic_path(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import string
 
+from allo._atomic import atomic_path
+
 ASSET = os.path.join(os.path.dirname(__file__), "assets", "tokenizer.json")
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = string.digits + string.ascii_letters + " .,:;?!'\"+-*/=<>()%$#\n"
@@ -35,9 +37,8 @@ def build_tokenizer():
 
 
 def write_asset(path: str = ASSET) -> None:
-    tmp = path + ".tmp"
-    build_tokenizer().save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        build_tokenizer().save(tmp)
 
 
 def load_builtin_tokenizer():
