@@ -145,6 +145,19 @@ def test_device_finish_with_the_real_sample(device, small_tiles):
             assert torch.equal(got[name].cpu(), ref[name]), (ratio, ex, name)
 
 
+def test_device_finish_allocates_masks_while_the_window_pass_runs(device, small_tiles, monkeypatch):
+    # queued in this order: window pass, then the masks' allocation (host work the GPU pass hides), then the write
+    events = []
+    window, new_masks, write = RW.window_tile_counts, topk._new_masks, RB.write_band_ranked
+    monkeypatch.setattr(RW, "window_tile_counts", lambda *a, **k: events.append("window") or window(*a, **k))
+    monkeypatch.setattr(topk, "_new_masks", lambda *a, **k: events.append("alloc") or new_masks(*a, **k))
+    monkeypatch.setattr(RB, "write_band_ranked", lambda *a, **k: events.append("write") or write(*a, **k))
+    scores = _clustered(torch.bfloat16, device)
+    _forced_windows(monkeypatch, scores, 3, 2, [])
+    _, taken = _device_masks(scores, 0.3, 0.1, monkeypatch)
+    assert taken == [True] and events == ["window", "alloc", "write"], events
+
+
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 def test_device_finish_nonfinite_names_the_tensor(value, device, small_tiles, monkeypatch):
     scores = _clustered(torch.bfloat16, device)
