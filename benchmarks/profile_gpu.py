@@ -142,6 +142,37 @@ def profile_select(sweep):
     rb._tables.clear()
 
 
+def l2_fetch_granularity(value: int):
+    """Set the current CUDA context's maximum L2 fetch granularity (bytes, a hint the driver may clamp:
+    cuCtxSetLimit(CU_LIMIT_MAX_L2_FETCH_GRANULARITY)); returns the previous value, or None when the
+    driver refuses."""
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    old = ctypes.c_size_t()
+    if cuda.cuCtxGetLimit(ctypes.byref(old), 0x05) != 0 or cuda.cuCtxSetLimit(0x05, ctypes.c_size_t(value)) != 0:
+        return None
+    return old.value
+
+
+def profile_l2_granularity(opt, label):
+    """A random 10% mask touches ~57% of the 32-byte sectors of the weights and gradients but ~81% of their
+    64-byte halves of a line: if the L2 fetches 64 bytes (sector promotion), the step moves ~1.4x the
+    sector bytes that bench_update's floor counts. Times the step at each granularity the driver takes."""
+    sync()
+    base = l2_fetch_granularity(32)
+    if base is None:
+        print(f"{label}: the driver does not take an L2 fetch granularity", flush=True)
+        return
+    try:
+        for value in (32, 64, 128, base):
+            l2_fetch_granularity(value)
+            print(f"{label} with L2 fetch granularity {value} B (default {base}): {wall_ms(opt.step, 1, 7):.3f} ms",
+                  flush=True)
+    finally:
+        l2_fetch_granularity(base)
+
+
 def profile_update(sweep):
     from bench_update import _make_masks, _shapes
 
@@ -159,6 +190,8 @@ def profile_update(sweep):
         opt = MaskedAdamW(params, lr=1e-3, weight_decay=0.0, masks=masks)
         report(f"MaskedAdamW step {kind} {density}%", opt.step, deep=density in (1, 10) and kind != "rows" or
                (kind, density) == ("rows", 1) or density == 100)
+        if (kind, density) == ("random", 10):
+            profile_l2_granularity(opt, "MaskedAdamW step random 10%")
         if sweep and density == 10:
             base = (ka.BLOCK, ka.NUM_WARPS)
             for block, warps in [(512, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]:
