@@ -191,7 +191,10 @@ def profile_update(sweep):
         report(f"MaskedAdamW step {kind} {density}%", opt.step, deep=density in (1, 10) and kind != "rows" or
                (kind, density) == ("rows", 1) or density == 100)
         if (kind, density) == ("random", 10):
-            profile_l2_granularity(opt, "MaskedAdamW step random 10%")
+            try:  # (a driver call through ctypes: its failure must not end the update profile)
+                profile_l2_granularity(opt, "MaskedAdamW step random 10%")
+            except Exception as exc:
+                print(f"L2 fetch granularity probe: FAILED {type(exc).__name__}: {exc}"[:300], flush=True)
         if sweep and density == 10:
             base = (ka.BLOCK, ka.NUM_WARPS)
             for block, warps in [(512, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]:
