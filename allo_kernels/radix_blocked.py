@@ -315,12 +315,14 @@ class Sources:
     source, and an int64 table with one row per source in the launch table's columns (x, y, numel,
     source index; the first tile and the write columns are filled per launch)."""
 
-    __slots__ = ("rows", "group_of", "device")
+    __slots__ = ("rows", "group_of", "device", "_all_groups")
 
     def __init__(self, sources):
         cols, group_of = [], []  # (x address, y address, numel) per source
+        tensor = torch.Tensor
         for s in sources:
-            x, y, diff = _operands(s)
+            # (~150 sources, before the first launch: plain tensors skip _operands' attribute probe)
+            x, y, diff = (s, s, False) if type(s) is tensor else _operands(s)
             n = x.numel()
             if diff:
                 cols.append((x.data_ptr(), y.data_ptr(), n))
@@ -337,17 +339,23 @@ class Sources:
         self.group_of = group_of
         self.rows = rows
         self.device = sources[0].device if len(sources) else None
+        self._all_groups = None
 
     def __len__(self):
         return len(self.group_of)
 
     def groups(self, members=None) -> dict:
-        """Source indices (of ``members``, default all) per launch group, in order."""
+        """Source indices (of ``members``, default all) per launch group, in order. (For all sources:
+        computed once; every pass of a selection asks. Not to be modified.)"""
+        if members is None and self._all_groups is not None:
+            return self._all_groups
         out = {}
         for i in range(len(self.group_of)) if members is None else members:
             g = self.group_of[i]
             if g is not None:
                 out.setdefault(g, []).append(i)
+        if members is None:
+            self._all_groups = out
         return out
 
 

@@ -300,7 +300,11 @@ def normalize_scores(scores, what="select_top") -> dict:
         elif isinstance(s, torch.Tensor):
             if s.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"{what}: scores[{name!r}] has dtype {s.dtype}; expected float32, bfloat16 or float16")
-            s = s.detach().contiguous()
+            # (detach and contiguous only where they change something: ~150 tensors, before the first launch)
+            if s.requires_grad:
+                s = s.detach()
+            if not s.is_contiguous():
+                s = s.contiguous()
         else:
             raise TypeError(f"{what}: scores[{name!r}] is a {type(s).__name__}; expected a tensor or an AbsDiff "
                             "(from weight_delta_scores)")
