@@ -139,3 +139,26 @@ def test_replaced_state_tensor_retires_the_plan():
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.equal(a, b)
     assert torch.equal(opts[0].state[model[0].weight]["exp_avg"], opts[1].state[ref[0].weight]["exp_avg"])
+
+
+def test_replaced_state_dict_retires_the_plan():
+    # a parameter's whole state dict replaced by hand (e.g. restored from a copy): the plan must not keep
+    # updating the old dict's tensors
+    model = _model("cpu")
+    ref = copy.deepcopy(model)
+    opts = [MaskedAdamW(m.named_parameters(), lr=1e-2, masks=_masks()) for m in (model, ref)]
+    for i in range(4):
+        x = torch.randn(4, 13)
+        for m, o in zip((model, ref), opts):
+            if i == 2:
+                w = m[0].weight
+                o.state[w] = {k: v.clone() for k, v in o.state[w].items()}
+            _loss(m, x).backward()
+            o.step()
+            o.zero_grad()
+        opts[1]._plans.clear()  # the reference always takes the general path
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        sa, sb = opts[0].state.get(a, {}), opts[1].state.get(b, {})
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -660,7 +660,7 @@ class MaskedAdamW(Optimizer):
                        for param, p, state, grad, compact in stepping]
             self._plans[gi] = StepPlan(self._plan_version, group["params"], entries, launches,
                                        [(d, pos) for d, pos in dense_positions.items()],
-                                       (self._step_generation, slots), self.backend)
+                                       (self._step_generation, slots), self.backend, self.state)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

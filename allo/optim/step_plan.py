@@ -23,6 +23,7 @@ the same scalars with the same float64 formulas, so they give bit-identical resu
 from __future__ import annotations
 
 import math
+from operator import is_
 
 import numpy as np
 
@@ -64,8 +65,12 @@ class StepPlan:
     take torch's fused AdamW (fully selected parameters)."""
 
     def __init__(self, version: int, params: list, entries: list, launches: list, dense: list, step_slots,
-                 backend):
+                 backend, state):
         self.version, self.params, self.n_params = version, params, len(params)
+        # the optimizer's state mapping and its values (each parameter's state dict) when the plan was made:
+        # a state dict replaced by hand shows as a different value (compared by identity, in C: a lookup
+        # per entry would hash each parameter in Python)
+        self.state, self.state_values = state, list(state.values())
         self.entries, self.launches, self.dense = entries, launches, dense
         self.step_slots = step_slots  # (buffer generation, slot indices) of the entries' step counts
         self.backend = backend
@@ -74,6 +79,9 @@ class StepPlan:
         """Take the group's step if the plan still holds; False (nothing changed) if it does not."""
         if (opt._plan_version != self.version or group["params"] is not self.params or len(self.params) != self.n_params
                 or opt.backend != self.backend or (group.get("decay_unselected") and group["weight_decay"] != 0)):
+            return False
+        if (opt.state is not self.state or len(opt.state) != len(self.state_values)
+                or not all(map(is_, opt.state.values(), self.state_values))):
             return False
         compact = opt._compact
         grads, grad_ptrs = [], []
