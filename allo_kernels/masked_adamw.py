@@ -46,9 +46,10 @@ N_SCAL = 7
 
 @triton.jit
 def masked_adamw_kernel(addr_ptr, scal_ptr, block_tensor_ptr, block_start_ptr, block_element_ptr,
+                        u_one_minus_beta1, u_beta2, u_one_minus_beta2, u_step_size, u_bc2_sqrt, u_decay, u_eps,
                         PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, INDEX_T: tl.constexpr,
                         DENSE: tl.constexpr, COMPACT_GRAD: tl.constexpr, HAS_MASTER: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        UNIFORM: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     t = tl.load(block_tensor_ptr + b).to(tl.int64)
     start = tl.load(block_start_ptr + b)  # int64: first selected element of this block
@@ -59,14 +60,20 @@ def masked_adamw_kernel(addr_ptr, scal_ptr, block_tensor_ptr, block_start_ptr, b
     exp_avg_sq = tl.load(row + 4).to(tl.pointer_type(tl.float32))
     k = tl.load(row + 6)
 
-    srow = scal_ptr + t * 7  # N_SCAL columns
-    one_minus_beta1 = tl.load(srow + 0)
-    beta2 = tl.load(srow + 1)
-    one_minus_beta2 = tl.load(srow + 2)
-    step_size = tl.load(srow + 3)
-    bc2_sqrt = tl.load(srow + 4)
-    decay = tl.load(srow + 5)
-    eps = tl.load(srow + 6)
+    if UNIFORM:
+        # every tensor's scalars are the same (the usual case: equal step counts): kernel arguments, so
+        # the step uploads no scalar table
+        one_minus_beta1, beta2, one_minus_beta2 = u_one_minus_beta1, u_beta2, u_one_minus_beta2
+        step_size, bc2_sqrt, decay, eps = u_step_size, u_bc2_sqrt, u_decay, u_eps
+    else:
+        srow = scal_ptr + t * 7  # N_SCAL columns
+        one_minus_beta1 = tl.load(srow + 0)
+        beta2 = tl.load(srow + 1)
+        one_minus_beta2 = tl.load(srow + 2)
+        step_size = tl.load(srow + 3)
+        bc2_sqrt = tl.load(srow + 4)
+        decay = tl.load(srow + 5)
+        eps = tl.load(srow + 6)
 
     j = start + tl.arange(0, BLOCK)
     live = j < k
@@ -184,10 +191,17 @@ class Launch:
             # the caching allocator usually hands a step's gradients the addresses of the last step's:
             # then the table on the device is still right
             self._uploaded = (self.addr.copy(), upload_table(torch.from_numpy(self.addr.copy()), self.device))
-        scal_dev = upload(torch.from_numpy(np.ascontiguousarray(scal, dtype=np.float32)), self.device)
+        scal = np.asarray(scal, dtype=np.float32)
         tensor_of_block, start, element = self.blocks
+        uniform = bool((scal == scal[:1]).all())
+        if uniform:
+            # the same scalars for every row (equal step counts, one group): passed as arguments (float32
+            # values, exactly), so the step uploads nothing when its address table is unchanged
+            args, scal_dev = [float(x) for x in scal[0]], tensor_of_block  # (any pointer: not read)
+        else:
+            args, scal_dev = [0.0] * N_SCAL, upload(torch.from_numpy(np.ascontiguousarray(scal)), self.device)
         masked_adamw_kernel[(tensor_of_block.numel(),)](self._uploaded[1], scal_dev, tensor_of_block, start, element,
-                                                        **self.constexprs)
+                                                        *args, UNIFORM=uniform, **self.constexprs)
 
 
 def masked_adamw_triton(rows: list[tuple]) -> None:

@@ -16,18 +16,23 @@ SCRIPT = textwrap.dedent('''
 
     C = "constexpr"
     sig = {"addr_ptr": "*i64", "scal_ptr": "*fp32", "block_tensor_ptr": "*i32", "block_start_ptr": "*i64",
-           "block_element_ptr": "*i64", "PARAM_T": C, "GRAD_T": C, "INDEX_T": C, "DENSE": C, "COMPACT_GRAD": C,
-           "HAS_MASTER": C, "BLOCK": C}
+           "block_element_ptr": "*i64", **{a: "fp32" for a in ("u_one_minus_beta1", "u_beta2", "u_one_minus_beta2",
+                                                             "u_step_size", "u_bc2_sqrt", "u_decay", "u_eps")},
+           "PARAM_T": C, "GRAD_T": C, "INDEX_T": C, "DENSE": C, "COMPACT_GRAD": C, "HAS_MASTER": C, "UNIFORM": C,
+           "BLOCK": C}
     n = 0
-    for (param_t, master), index_t, (dense, compact) in itertools.product(
+    for (param_t, master), index_t, (dense, compact), uniform in itertools.product(
             ((tl.float32, False), (tl.bfloat16, True), (tl.float16, True)), (tl.int32, tl.int64),
-            ((False, False), (False, True), (True, False))):
+            ((False, False), (False, True), (True, False)), (True, False)):
         grad_t = tl.float32 if compact else param_t
         consts = {"PARAM_T": param_t, "GRAD_T": grad_t, "INDEX_T": index_t, "DENSE": dense, "COMPACT_GRAD": compact,
-                  "HAS_MASTER": master, "BLOCK": BLOCK}
+                  "HAS_MASTER": master, "UNIFORM": uniform, "BLOCK": BLOCK}
         k = triton.compile(ASTSource(fn=masked_adamw_kernel, signature=sig, constexprs=consts),
                            target=GPUTarget("cuda", 90, 32))
-        assert "sqrt" in k.asm["ptx"], consts
+        ptx = k.asm["ptx"]
+        assert "sqrt" in ptx, consts
+        if uniform:  # the scalars are kernel parameters (else loaded from the scalar table)
+            assert "ld.param.f32" in ptx or "ld.param.b32" in ptx, consts
         n += 1
     print("compiled", n)
 ''')
@@ -35,4 +40,4 @@ SCRIPT = textwrap.dedent('''
 
 def test_masked_adamw_kernel_compiles_for_sm90():
     proc = compile_in_subprocess(SCRIPT)
-    assert proc.returncode == 0 and "compiled 18" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "compiled 36" in proc.stdout, proc.stderr[-3000:]
