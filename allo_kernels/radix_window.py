@@ -170,18 +170,24 @@ def _window_store(out, h, acc, BINS: tl.constexpr):
 
 
 @triton.jit
-def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, low0, low1, shift, edge,
+def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, lows_ptr, low0, low1, shift, edge,
                            X_T: tl.constexpr, Y_T: tl.constexpr, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
                            X_BF16: tl.constexpr, Y_BF16: tl.constexpr, BITS: tl.constexpr, TWO: tl.constexpr,
                            POSITIVE: tl.constexpr, SHIFTED: tl.constexpr, PER_TENSOR: tl.constexpr,
-                           PER_TILE: tl.constexpr, ALIGNED: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
+                           PER_TILE: tl.constexpr, LOWS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr,
+                           TILE: tl.constexpr, BLOCK: tl.constexpr):
     """Per window (one or two): the keys with ``key >> shift`` in ``[low, low + BINS)`` by bin, and how
     many are above the window; also whether the tile holds a non-finite score. ``counts_ptr``:
     [above0, above1, tiles with a non-finite score]. ``BITS == 0``: one-key windows (``shift`` 0),
     counted without a histogram (a huge group of equal scores costs nothing extra). ``POSITIVE``:
     both windows start above zero (``low > 0``). ``PER_TILE``: no atomics; each program writes its
-    own row of ``hist_ptr`` (int32: window 0's bins and above-count, window 1's, the non-finite flag)."""
+    own row of ``hist_ptr`` (int32: window 0's bins and above-count, window 1's, the non-finite flag).
+    ``LOWS_ON_DEVICE``: ``low0`` and ``low1`` are read from ``lows_ptr`` (int64 [2]), which the device
+    computed from the sample (no wait for the host)."""
     row, x, y, n, start, count, full = _row(table_ptr, tile_tensor_ptr, X_T, Y_T, ALIGNED, TILE, BLOCK)
+    if LOWS_ON_DEVICE:
+        low0 = tl.load(lows_ptr).to(tl.int32)
+        low1 = tl.load(lows_ptr + 1).to(tl.int32)
     BINS: tl.constexpr = 1 << BITS
     h0 = _window_zero(BINS, BLOCK)
     h1 = _window_zero(BINS, BLOCK)
@@ -299,24 +305,30 @@ def window_histogram(sources, shift: int, lows, bits: int, *, key32: bool, edge:
     buf, counters = zeroed[:-3].view(rows, 2, bins), zeroed[-3:]
     lo0, lo1 = int(lows[0]), int(lows[-1])
     for key, members in src.groups().items():
-        rb._run(_blocked_window_kernel, key, rb._layout(src, members), (buf, counters, lo0, lo1, int(shift), int(edge)),
-             block=block, KEY32=key32, BITS=bits, TWO=len(lows) == 2, POSITIVE=min(lo0, lo1) > 0,
-             SHIFTED=shift > 0, PER_TENSOR=per_tensor, PER_TILE=False)
+        rb._run(_blocked_window_kernel, key, rb._layout(src, members),
+                (buf, counters, counters, lo0, lo1, int(shift), int(edge)), block=block, KEY32=key32, BITS=bits,
+                TWO=len(lows) == 2, POSITIVE=min(lo0, lo1) > 0, SHIFTED=shift > 0, PER_TENSOR=per_tensor,
+                PER_TILE=False, LOWS_ON_DEVICE=False)
     per = buf[:, :len(lows)]
     hist = per.sum(0) if per_tensor else per[0]
     return hist, (per if per_tensor else None), counters[:len(lows)], counters[2:]
 
 
-def window_tile_counts(sources, lows, bits: int, *, key32: bool, edge: int):
+def window_tile_counts(sources, lows, bits: int, *, key32: bool, edge: int, positive: bool | None = None):
     """The window pass at ``shift`` 0 (each bin one key) with its counts kept per tile, for a search
     that goes on on the device (:mod:`allo.select.device_plan`). ``sources``: one launch group only
-    (their tiles, in source order, are the rows).
+    (their tiles, in source order, are the rows). ``lows``: the windows' low ends, ints or an int64
+    tensor on the device (then ``positive``, whether they are above zero, is the caller's assumption to
+    check: the counts are meaningless for a window that is not).
 
     Returns int32 ``[tiles, 2 * (2**bits + 1) + 1]``: per tile, window 0's bins (bin ``j``: the keys
     equal to ``lows[0] + j``) and the keys above it, the same for window 1 (window 0 again when there
     is one), and 1 when the tile holds a non-finite score. No atomics, no zero fill, no synchronization."""
     if not 1 <= len(lows) <= 2:
         raise ValueError(f"radix_window.window_tile_counts: {len(lows)} windows; expected 1 or 2")
+    on_device = isinstance(lows, torch.Tensor)
+    if on_device == (positive is None):
+        raise ValueError("radix_window.window_tile_counts: positive= is given with lows on the device, and only then")
     src = rb._prepared(sources)
     groups = src.groups()
     if len(groups) != 1:
@@ -328,8 +340,11 @@ def window_tile_counts(sources, lows, bits: int, *, key32: bool, edge: int):
     assert rb.TILE // block < 255, (rb.TILE, block)  # the kernel's 8-bit per-lane counters
     layout = rb._layout(src, members)
     out = torch.empty(layout[1].numel(), 2 * bins + 3, dtype=torch.int32, device=src.device)
-    lo0, lo1 = int(lows[0]), int(lows[-1])
-    rb._run(_blocked_window_kernel, key, layout, (out, out, lo0, lo1, 0, int(edge)), block=block, KEY32=key32,
-            BITS=bits, TWO=len(lows) == 2, POSITIVE=min(lo0, lo1) > 0, SHIFTED=False, PER_TENSOR=False,
-            PER_TILE=True)
+    if on_device:
+        lows_dev, lo0, lo1 = lows.to(torch.int64).expand(2).contiguous(), 0, 0  # (one window: read twice)
+    else:
+        lows_dev, (lo0, lo1), positive = out, (int(lows[0]), int(lows[-1])), min(lows) > 0
+    rb._run(_blocked_window_kernel, key, layout, (out, out, lows_dev, lo0, lo1, 0, int(edge)), block=block,
+            KEY32=key32, BITS=bits, TWO=len(lows) == 2, POSITIVE=positive, SHIFTED=False, PER_TENSOR=False,
+            PER_TILE=True, LOWS_ON_DEVICE=on_device)
     return out

@@ -16,8 +16,10 @@ writing only (``-write``, given the threshold), so a GPU session sees which part
 * ``blocked`` (default) a sample of the keys, one pass over the window it points to (bf16: usually the
   exact key), prefix passes for the bits left; one launch per pass over all tensors. For bf16 it is
   finished on the device (thresholds, tie ranks and masks queued without reading the pass back:
-  :mod:`allo.select.device_plan`); ``allo-blocked-synced`` is the same search read back on the host
-  between the passes (``-plan`` and ``-write`` time that one's parts)
+  :mod:`allo.select.device_plan`; on a large model the windows come from the sample on the device too,
+  one wait in all); ``allo-blocked-host-windows`` has the host read the sample to size the windows,
+  ``allo-blocked-synced`` reads every pass back on the host (``-plan`` and ``-write`` time that one's
+  parts)
 * ``blocked-radix`` the same kernels, radix passes over 5-6-bit digits from the top one (no sample)
 * ``atomic``  one global atomic per element into a 65536-bin histogram, one launch per tensor per pass
 
@@ -211,19 +213,26 @@ def main():
                 checked[name] = check_masks(scores, impls[name](), k, thr, above)
         if f"{label}-plan" not in skip:
             checked[f"{label}-plan"] = check_plan(run_plan(), k, thr, above, ties, key32=key32, dtype=kdt)
-    if cuda:  # the default search with its passes read back on the host (before the device finish)
-        from allo.select import topk as topk_module
+    if cuda:  # the default search's earlier forms, in the same run: what each step of it gained
+        from allo.select import device_plan, topk as topk_module
 
-        def synced():
-            topk_module.FINISH_ON_DEVICE = False
-            try:
-                return band_masks(scores, args.ratio, backend=backend, histogram="blocked")
-            finally:
-                topk_module.FINISH_ON_DEVICE = True
+        def with_setting(module, name, value):
+            def run():
+                saved = getattr(module, name)
+                setattr(module, name, value)
+                try:
+                    return band_masks(scores, args.ratio, backend=backend, histogram="blocked")
+                finally:
+                    setattr(module, name, saved)
+            return run
 
-        impls["allo-blocked-synced"], out_bytes["allo-blocked-synced"] = synced, n
-        if "allo-blocked-synced" not in skip:
-            checked["allo-blocked-synced"] = check_masks(scores, synced(), k, thr, above)
+        # -synced: the passes read back on the host; -host-windows: finished on the device, but the host
+        # reads the sample to size the windows (the default for fewer than SPECULATE_MIN_SCORES scores)
+        for label, fn in (("allo-blocked-synced", with_setting(topk_module, "FINISH_ON_DEVICE", False)),
+                          ("allo-blocked-host-windows", with_setting(device_plan, "SPECULATE_MIN_SCORES", 1 << 62))):
+            impls[label], out_bytes[label] = fn, n
+            if label not in skip:
+                checked[label] = check_masks(scores, fn(), k, thr, above)
     print(f"{case}: k={k}, threshold {float(thr)!r} ({above} above it, {ties} equal, {k - above} of them taken)")
     for name, problem in checked.items():
         if problem is None:

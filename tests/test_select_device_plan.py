@@ -30,8 +30,9 @@ def _clustered(dtype, device, signed=False):
     """Scores on a few neighbouring keys (long runs of ties, cut inside tiles and tensors); 0- and
     1-element tensors; ``signed``: zeros and negative scores too, so windows can start at or below zero."""
     out = {}
+    step = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10  # one key apart near 1.0
     for i, n in enumerate((300, 0, 41, 1, 257, 130)):
-        v = 1.0 + torch.randint(0, 7, (n,)) / 128
+        v = 1.0 + torch.randint(0, 7, (n,)) * step
         if signed:
             v = v * torch.randint(-1, 2, (n,))
         out[f"t{i}"] = v.to(dtype).reshape(-1, 1).to(device) if n == 300 else v.to(dtype).to(device)
@@ -169,6 +170,51 @@ def test_device_finish_nonfinite_names_the_tensor(value, device, small_tiles, mo
         band_masks(scores, 0.3, 0.1, backend="triton", histogram="blocked")
 
 
+@pytest.fixture
+def speculate(monkeypatch):
+    # windows from the sample on the device, as for a large model, at any size
+    monkeypatch.setattr(device_plan, "SPECULATE_MIN_SCORES", 0)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_speculative_windows_match_reference(dtype, device, small_tiles, speculate, monkeypatch):
+    scores = _clustered(dtype, device)
+    cpu = {n: s.cpu() for n, s in scores.items()}
+    waits = []
+    windows = sampling.windows
+    monkeypatch.setattr(sampling, "windows", lambda *a, **k: waits.append(1) or windows(*a, **k))
+    for ratio, ex in CASES:
+        ref = reference_band_masks(cpu, ratio, ex)
+        got, taken = _device_masks(scores, ratio, ex, monkeypatch)
+        assert taken == [ratio * 1158 >= 0.5], (ratio, ex)  # (a count of 0 keeps nothing, without a pass)
+        for name in ref:
+            assert torch.equal(got[name].cpu(), ref[name]), (ratio, ex, name)
+    assert not waits  # the host never read the sample
+
+
+@pytest.mark.parametrize("shift", [100, -100, "signed"])
+def test_speculative_windows_that_miss_fall_back(shift, device, small_tiles, speculate, monkeypatch):
+    # windows far off the thresholds, or (signed scores) not above zero: the general search, same masks
+    scores = _clustered(torch.bfloat16, device, signed=shift == "signed")
+    if shift != "signed":
+        lows = sampling.speculative_lows
+        monkeypatch.setattr(sampling, "speculative_lows", lambda *a, **k: lows(*a, **k) + shift)
+    cpu = {n: s.cpu() for n, s in scores.items()}
+    for ratio, ex in ((0.3, 0.1), (0.3, 0.0)) if shift != "signed" else ((0.9, 0.0), (0.99, 0.5)):
+        ref = reference_band_masks(cpu, ratio, ex)
+        got, taken = _device_masks(scores, ratio, ex, monkeypatch)
+        assert taken == [False], (ratio, ex)
+        for name in ref:
+            assert torch.equal(got[name].cpu(), ref[name]), (ratio, ex, name)
+
+
+def test_speculative_windows_nonfinite_names_the_tensor(device, small_tiles, speculate):
+    scores = _clustered(torch.bfloat16, device)
+    scores["t2"].view(-1)[3] = float("nan")
+    with pytest.raises(NonFiniteScoresError, match="t2"):
+        band_masks(scores, 0.3, 0.0, backend="triton", histogram="blocked")
+
+
 def _tile_counts_ref(scores, lows, bits):
     """Per tile (TILE elements of one tensor, in source order): each window's bins and above-count,
     and the non-finite flag, as window_tile_counts lays them out."""
@@ -260,11 +306,15 @@ def test_write_band_ranked_against_reference(dtype, signed, device, small_tiles)
 
 
 @requires_cuda
-def test_device_finish_waits_once_after_the_sample(monkeypatch):
-    # after the sample's windows, the final check is the only read back from the GPU
+@pytest.mark.parametrize("speculative", [False, True])
+def test_device_finish_waits_once(speculative, monkeypatch):
+    # the final check is the only read back from the GPU after the sample's windows (read by the host,
+    # one more wait), or (speculative: windows from the sample on the device) at all
+    if speculative:
+        monkeypatch.setattr(device_plan, "SPECULATE_MIN_SCORES", 0)
     scores = {f"w{i}": (1.0 + torch.randint(0, 16, (int(n),)) / 128).bfloat16().cuda()
               for i, n in enumerate(torch.randint(100_000, 400_000, (30,)))}
-    # (an exclusion band whose sample window is narrow too: a top 1% would get a window up to the largest key)
+    # (an exclusion band the sample can window: a top 1% would get a window up to the largest key)
     ref = reference_band_masks({n: s.cpu() for n, s in scores.items()}, 0.3, 0.1)
     windows, marks = sampling.windows, []
     for attempt in range(2):  # the first call compiles the kernels
@@ -286,5 +336,6 @@ def test_device_finish_waits_once_after_the_sample(monkeypatch):
         assert taken == [True]
         for n in scores:
             assert torch.equal(got[n].cpu(), ref[n]), n
-    after = [str(w.message) for w in caught[marks[-1]:] if "synchroniz" in str(w.message)]
+    assert bool(marks) != speculative
+    after = [str(w.message) for w in caught[marks[-1] if marks else 0:] if "synchroniz" in str(w.message)]
     assert len(after) == 1, after
