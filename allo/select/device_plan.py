@@ -6,7 +6,7 @@ write pass: on an H100 (2026-11-27, 973M bf16 scores, top 10%) the search took 3
 passes. For 16-bit scores, when every window is single keys, the window pass already determines the
 exact thresholds, so here the rest is queued without reading anything back:
 
-0. the windows: on a large model (``SPECULATE_MIN_SCORES``) a window of ``2**REGISTER_BITS`` keys
+0. the windows: on a large bf16 model (:func:`speculates`) a window of ``2**REGISTER_BITS`` keys
    around the sample's estimate of each threshold, computed on the device
    (:func:`allo.select.sampling.speculative_lows`); otherwise the host reads the sample and sizes the
    windows (:func:`allo.select.sampling.windows`: one more wait), and only windows of single keys
@@ -59,10 +59,17 @@ def _boundary(counts, tiles, w, bins, low, k):
     return low + j, take, ok, ties.cumsum(0) - ties, ties
 
 
-# from this many scores on, the windows come from the sample on the device (no wait for it): the estimate
-# of a large model's thresholds is within a key or two, so a window of REGISTER_BITS keys around it
-# holds them; for fewer scores the host reads the sample and sizes the windows (sampling.windows)
+# from this many bf16 scores on, the windows come from the sample on the device (no wait for it): the
+# estimate of a large model's thresholds is within a key or two, so a window of 2**REGISTER_BITS keys
+# around it holds them; for fewer scores the host reads the sample and sizes the windows
+# (sampling.windows). Not fp16: its keys are 8x finer, so at 2^26 scores the estimate's standard
+# deviation is ~5 keys (a window of 8 would miss often, and each miss costs a second search)
 SPECULATE_MIN_SCORES = 1 << 26
+
+
+def speculates(n: int, dtype) -> bool:
+    """Whether ``n`` scores of ``dtype`` get their windows from the sample on the device."""
+    return dtype == torch.bfloat16 and n >= SPECULATE_MIN_SCORES
 
 
 def band_masks_on_device(sources: dict, search, ks, n: int, *, allocate_masks, what: str):
@@ -77,7 +84,7 @@ def band_masks_on_device(sources: dict, search, ks, n: int, *, allocate_masks, w
     if ks[0] == 0 or len(src.groups()) != 1:
         return None
     todo = [k for k in ks if k > 0]
-    if n >= SPECULATE_MIN_SCORES:
+    if speculates(n, search.dtype):
         # windows around the sample's estimates, computed on the device; above zero is assumed (scores are
         # usually magnitudes) and checked with the rest
         bits = search.window_ops.REGISTER_BITS

@@ -180,7 +180,7 @@ class _SearchBlocked:
     """Histogram passes of the blocked Triton variant: small digits, block-local histograms."""
 
     def __init__(self, ops, sources, key32, dtype):
-        self.ops, self.key32 = ops, key32
+        self.ops, self.key32, self.dtype = ops, key32, dtype
         self.sources = ops.Sources(sources)  # operands and addresses read once for all the passes
         self.digits = ops.digits(key32)
         self.edge = ops.nonfinite_edge(key32, dtype)
