@@ -275,22 +275,18 @@ def _blocked_write_kernel(table_ptr, tile_tensor_ptr, prefix_ptr, key_hi, key_ex
 def _blocked_write_ranked_kernel(table_ptr, tile_tensor_ptr, ties_ptr, bounds_ptr, X_T: tl.constexpr,
                                  Y_T: tl.constexpr, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
                                  X_BF16: tl.constexpr, Y_BF16: tl.constexpr, HAS_HI: tl.constexpr,
-                                 HAS_EX: tl.constexpr, POSITIVE: tl.constexpr, ALIGNED: tl.constexpr,
-                                 TILE: tl.constexpr, BLOCK: tl.constexpr):
+                                 HAS_EX: tl.constexpr, POSITIVE: tl.constexpr, CUT_TILES: tl.constexpr,
+                                 ALIGNED: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
     """The write pass with the boundaries in device memory: ``bounds_ptr`` = [key_hi, take_hi, key_ex,
     take_ex] (take: how many elements equal to the key are in the top k, over all tensors), and per
     tile ``ties_ptr[4 p:4 p + 4]`` = [global tie rank of the tile's first element equal to key_hi, its
     count of them, the same for key_ex]. A tile whose ties a boundary cuts ranks them (prefix sums);
-    every other tile takes its ties whole or not at all."""
+    every other tile takes its ties whole or not at all. Two launches over the same tiles: the tiles
+    no boundary cuts (``CUT_TILES`` False: nearly all of them, a kernel with few registers), then the
+    (one or two) cut ones; each program of a launch skips the other kind's tiles."""
     row, x, y, n, start, count, full = _row(table_ptr, tile_tensor_ptr, X_T, Y_T, ALIGNED, TILE, BLOCK)
-    out = tl.load(row + 5).to(tl.pointer_type(tl.uint8))
-    if ALIGNED:
-        out = tl.multiple_of(out, 16)
     p = tl.program_id(0).to(tl.int64)
-    # keys fit in int32: compared with the int32 keys (or raw bits) of the scores, not widened
-    key_hi = tl.load(bounds_ptr + 0).to(tl.int32)
     take_hi = tl.load(bounds_ptr + 1)
-    key_ex = tl.load(bounds_ptr + 2).to(tl.int32)
     take_ex = tl.load(bounds_ptr + 3)
     run_hi = tl.load(ties_ptr + 4 * p)
     run_ex = tl.load(ties_ptr + 4 * p + 2)
@@ -299,14 +295,20 @@ def _blocked_write_ranked_kernel(table_ptr, tile_tensor_ptr, ties_ptr, bounds_pt
         cut = cut | ((run_hi < take_hi) & (run_hi + tl.load(ties_ptr + 4 * p + 1) > take_hi))
     if HAS_EX:
         cut = cut | ((run_ex < take_ex) & (run_ex + tl.load(ties_ptr + 4 * p + 3) > take_ex))
-    if cut:
-        _write_tile(x, y, out, start, n, count, full, run_hi, run_ex, key_hi, key_ex, take_hi, take_ex, IS_DIFF,
-                    KEY32, X_BF16, Y_BF16, HAS_HI, HAS_EX, True, POSITIVE, BLOCK)
-    else:
-        # the tile's ties are all before a boundary's take (all in) or all after it (all out)
-        _write_tile(x, y, out, start, n, count, full, run_hi, run_ex, key_hi, key_ex, (run_hi < take_hi).to(tl.int64),
-                    (run_ex < take_ex).to(tl.int64), IS_DIFF, KEY32, X_BF16, Y_BF16, HAS_HI, HAS_EX, False, POSITIVE,
-                    BLOCK)
+    if cut == CUT_TILES:
+        out = tl.load(row + 5).to(tl.pointer_type(tl.uint8))
+        if ALIGNED:
+            out = tl.multiple_of(out, 16)
+        # keys fit in int32: compared with the int32 keys (or raw bits) of the scores, not widened
+        key_hi = tl.load(bounds_ptr + 0).to(tl.int32)
+        key_ex = tl.load(bounds_ptr + 2).to(tl.int32)
+        if CUT_TILES:
+            lim_hi, lim_ex = take_hi, take_ex
+        else:
+            # the tile's ties are all before a boundary's take (all in) or all after it (all out)
+            lim_hi, lim_ex = (run_hi < take_hi).to(tl.int64), (run_ex < take_ex).to(tl.int64)
+        _write_tile(x, y, out, start, n, count, full, run_hi, run_ex, key_hi, key_ex, lim_hi, lim_ex, IS_DIFF, KEY32,
+                    X_BF16, Y_BF16, HAS_HI, HAS_EX, CUT_TILES, POSITIVE, BLOCK)
 
 
 class Sources:
@@ -573,5 +575,6 @@ def write_band_ranked(sources, outs, bounds, tile_ties, *, has_hi: bool, has_ex:
     if tile_ties.shape != (layout[1].numel(), 4) or bounds.shape != (4,):
         raise ValueError(f"radix_blocked.write_band_ranked: tile_ties {tuple(tile_ties.shape)} and bounds "
                          f"{tuple(bounds.shape)}; expected ({layout[1].numel()}, 4) and (4,)")
-    _run(_blocked_write_ranked_kernel, gkey, layout, (tile_ties, bounds), KEY32=key32, HAS_HI=has_hi, HAS_EX=has_ex,
-         POSITIVE=positive)
+    for cut_tiles in (False, True):
+        _run(_blocked_write_ranked_kernel, gkey, layout, (tile_ties, bounds), KEY32=key32, HAS_HI=has_hi,
+             HAS_EX=has_ex, POSITIVE=positive, CUT_TILES=cut_tiles)
