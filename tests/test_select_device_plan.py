@@ -120,8 +120,8 @@ def test_device_finish_when_it_applies(device, small_tiles, monkeypatch):
     log = []
     _forced_windows(monkeypatch, bf16, 2, 1, log)
     assert _device_masks(bf16, 0.3, 0.0, monkeypatch)[1] == [True]
-    # float32 scores (32-bit keys: prefix passes need the host), mixed dtypes (two launch groups):
-    # not tried, the general search runs
+    # float32 scores, or bf16 mixed with fp16 (32-bit keys either way: prefix passes need the host): not
+    # tried, the general search runs
     f32 = {n: s.float() for n, s in bf16.items()}
     assert _device_masks(f32, 0.3, 0.0, monkeypatch)[1] == []
     mixed = dict(bf16, extra=torch.ones(40, dtype=torch.float16, device=device))
