@@ -117,6 +117,18 @@ def profile_select(sweep):
         return rw.window_histogram(src, shift, lows, bits, key32=key32, edge=edge, per_tensor=shift == 0)
 
     report("select window pass", window_pass)
+    # the default path's window pass (per-tile counts, windows from the sample on the device), without and
+    # with the loads a step ahead (radix_window.PREFETCH), and the whole selection each way
+    dev_lows = sampling.speculative_lows(rw, src, [k], rw.REGISTER_BITS)
+
+    def tile_pass():
+        return rw.window_tile_counts(src, dev_lows, rw.REGISTER_BITS, key32=key32, edge=edge, positive=True)
+
+    for prefetch in (False, True):
+        rw.PREFETCH = prefetch
+        print(f"select PREFETCH={prefetch}: window pass (per tile) {wall_ms(tile_pass, 2, 10):.3f} ms, band_masks "
+              f"{wall_ms(lambda: band_masks(scores, 0.1, backend='triton'), 2, 10):.3f} ms", flush=True)
+    rw.PREFETCH = False
     if not sweep:
         return
     # H100 2026-11-27: the (32-bin) window pass took 2.06 ms of kernel time where reading the scores takes
