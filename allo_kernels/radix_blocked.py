@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import tile_layout, upload_table
-from .radix_select import _bits, _keys, _operands
+from .radix_select import _bits_of, _keys, _keys_of, _load_scores, _operands
 
 DIGITS = {False: (6, 5, 5), True: (6, 6, 5, 5, 5, 5)}  # bits per pass, most significant first; sum = key bits
 TILE = 32768  # elements per program: global atomics per pass <= (elements / TILE) x bins
@@ -115,18 +115,30 @@ def _step_scores(x, y, base, n, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF
     in the comparisons (the mask for them is all true): a pass over 973M scores measured ~3.5x the
     time it takes to read them (H100, 2026-11-26), so passes are taken to be bound by integer
     instructions per element."""
+    offs = base + tl.arange(0, BLOCK)
+    if MASKED:
+        m = offs < n
+    else:
+        # whole steps have a constant mask, so the loads can be vectorized
+        m = tl.full([BLOCK], 1, tl.int1)
+    a, b = _load_scores(x, y, offs, m, IS_DIFF)
+    key = _comparable(a, b, IS_DIFF, KEY32, X_BF16, Y_BF16, POSITIVE)
     if POSITIVE:
-        offs = base + tl.arange(0, BLOCK)
-        if MASKED:
-            m = offs < n
-        else:
-            m = tl.full([BLOCK], 1, tl.int1)
-        key = _bits(x, y, offs, m, IS_DIFF, KEY32, X_BF16, Y_BF16)
         valid = tl.full([BLOCK], 1, tl.int1)
     else:
-        offs, m, key = _step_keys(x, y, base, n, IS_DIFF, KEY32, X_BF16, Y_BF16, MASKED, BLOCK)
         valid = m
     return offs, m, valid, key
+
+
+@triton.jit
+def _comparable(a, b, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr, Y_BF16: tl.constexpr,
+                POSITIVE: tl.constexpr):
+    """What a step compares, from scores already loaded (:func:`_load_scores`): the raw bits when
+    ``POSITIVE``, else the keys (see :func:`_step_scores`)."""
+    bits = _bits_of(a, b, IS_DIFF, KEY32, X_BF16, Y_BF16)
+    if POSITIVE:
+        return bits
+    return _keys_of(bits, KEY32)
 
 
 @triton.jit

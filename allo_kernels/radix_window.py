@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from . import radix_blocked as rb
-from .radix_blocked import _row, _step_scores
-from .radix_select import _bits_of, _keys, _keys_of, _load_scores
+from .radix_blocked import _comparable, _row, _step_scores
+from .radix_select import _keys, _load_scores
 
 SAMPLES = 16  # keys sampled per tile for the window pass (one per 2048 elements of a full tile)
 WINDOW_BITS = {False: 5, True: 6}  # bins of the window pass: 32 for 16-bit keys, 64 for 32-bit ones
@@ -216,9 +216,7 @@ def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, low
         for off in range(0, full, BLOCK):
             a, b = nxt_a, nxt_b
             nxt_a, nxt_b = _load_scores(x, y, start + off + BLOCK + lanes, every & (off + BLOCK < full), IS_DIFF)
-            key = _bits_of(a, b, IS_DIFF, KEY32, X_BF16, Y_BF16)
-            if not POSITIVE:
-                key = _keys_of(key, KEY32)
+            key = _comparable(a, b, IS_DIFF, KEY32, X_BF16, Y_BF16, POSITIVE)
             h0, h1, acc0, acc1, mag = _window_count_keys(key, every, h0, h1, acc0, acc1, low0, low1, shift, edge,
                                                          KEY32, BINS, TWO, POSITIVE, SHIFTED)
             big = tl.maximum(big, mag)

@@ -93,7 +93,7 @@ def band_masks_on_device(sources: dict, search, ks, n: int, *, allocate_masks, w
         tiles = RW.window_tile_counts(src, lows, bits, key32=search.key32, edge=search.edge, positive=True)
         window_of = [(i, lows[i:i + 1]) for i in range(len(todo))]
     else:
-        shift, lows, bits = sampling.windows(search.window_ops, src, todo, n, key32=search.key32, edge=search.edge)
+        shift, lows, bits = search.windows(todo, n)
         if shift != 0:
             return None
         windows, positive, checks = sorted(set(lows)), min(lows) > 0, []

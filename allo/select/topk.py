@@ -188,6 +188,18 @@ class _SearchBlocked:
         from allo_kernels import radix_window  # the sampled start: sample and window pass
 
         self.window_ops = radix_window
+        self._windows = None  # (boundaries, n) -> sampling.windows' result, for the last boundaries asked
+
+    def windows(self, ks, n: int, reduce=None):
+        """:func:`allo.select.sampling.windows` for boundaries ``ks`` over these sources. Kept (one process):
+        when the search finished on the device gives up, the general search asks for the same windows."""
+        if reduce is not None:
+            return sampling.windows(self.window_ops, self.sources, ks, n, key32=self.key32, edge=self.edge,
+                                    reduce=reduce)
+        if self._windows is None or self._windows[0] != (tuple(ks), n):
+            self._windows = ((tuple(ks), n), sampling.windows(self.window_ops, self.sources, ks, n, key32=self.key32,
+                                                              edge=self.edge))
+        return self._windows[1]
 
     def _per_tensor(self, per_tensor, bits):
         # per-tensor rows in the last pass give each tensor's tie count without a counting pass
@@ -270,10 +282,11 @@ def _find_bin(hist: torch.Tensor, k: int):
 
 
 def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None, what="select_top", histogram=None,
-         overlap=None):
+         overlap=None, search=None):
     """Exact boundaries (one per count in ``ratios``) over ``sources``; also returns N. ``overlap``: host
     work (e.g. allocating the masks) run once while the GPU does the first pass, before the search
-    waits for it."""
+    waits for it. ``search``: the passes' object already made for these sources (its operands and
+    sample are reused), else one is made."""
     n = torch.tensor([sum(s.numel() for s in sources.values())], dtype=torch.int64)
     device = next(iter(sources.values())).device if sources else torch.device("cpu")
     if group is not None:
@@ -283,9 +296,9 @@ def plan(sources: dict, ratios, *, key32: bool, dtype, backend: str, group=None,
     todo = [bd for bd in bounds if bd.k > 0]
     if not todo:
         return bounds, n
-    ops = _ops(backend, histogram)
-    srcs = list(sources.values())
-    search = (_SearchBlocked if hasattr(ops, "digits") else _Search16)(ops, srcs, key32, dtype)
+    if search is None:
+        ops = _ops(backend, histogram)
+        search = (_SearchBlocked if hasattr(ops, "digits") else _Search16)(ops, list(sources.values()), key32, dtype)
     if backend == "triton" and histogram_variant(histogram) == "blocked":
         if _plan_windowed(search, todo, n, sources, group, what, overlap):
             return bounds, n
@@ -336,8 +349,7 @@ def _plan_windowed(search, todo, n, sources, group, what, overlap=None) -> bool:
     window, then prefix passes over the bits the window left (none when its bins are single keys).
     False when some boundary's k-th element is outside its window: the caller starts over."""
     reduce = None if group is None else (lambda t: _all_reduce(t, group))  # every rank gets the same windows
-    shift, lows, bits = sampling.windows(search.window_ops, search.sources, [bd.k for bd in todo], n, key32=search.key32,
-                                         edge=search.edge, reduce=reduce)
+    shift, lows, bits = search.windows([bd.k for bd in todo], n, reduce)
     windows = sorted(set(lows))
     hist, per, above, bad = search.window_histogram(shift, windows, bits)
     if overlap is not None:
@@ -575,9 +587,11 @@ def band_masks(scores, ratio, exclude_ratio=0.0, *, backend=None, group=None, em
             early["masks"] = _new_masks(list(sources.values()))
         return early["masks"]
 
+    search = None
     if FINISH_ON_DEVICE and emit is None and group is None and backend == "triton" and histogram == "blocked" \
             and not key32:
-        # the usual large-model case, finished without reading the passes back (None: not applicable)
+        # the usual large-model case, finished without reading the passes back (None: not applicable; the
+        # general search below then reuses the search object, its operands and its sample's windows)
         from .device_plan import band_masks_on_device
 
         n = sum(s.numel() for s in sources.values())
@@ -589,7 +603,7 @@ def band_masks(scores, ratio, exclude_ratio=0.0, *, backend=None, group=None, em
     # allocating ~150 masks costs ~1 ms of host time (H100 profile): done while the first pass runs
     overlap = allocate_masks if emit is None and backend == "triton" and histogram != "atomic" else None
     (hi, ex), _ = plan(sources, (ratio, exclude_ratio), key32=key32, dtype=dtype, backend=backend, group=group,
-                       what=what, histogram=histogram, overlap=overlap)
+                       what=what, histogram=histogram, overlap=overlap, search=search)
     return write_masks(sources, hi, ex, key32=key32, backend=backend, group=group, emit=emit, histogram=histogram,
                        masks=early.get("masks"))
 
