@@ -23,7 +23,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-CPP_SOURCES = ["csrc/logprob.cpp"]
+CPP_SOURCES = ["csrc/logprob.cpp", "csrc/masks.cpp"]
 CUDA_SOURCES = ["csrc/logprob_cuda.cu"]
 
 

@@ -15,7 +15,8 @@
 # ALLO_BUILD_CUDA (default 1: fail unless the CUDA kernels build), QUICK=1 (benches with --quick: a
 # plumbing check of this script on a CPU machine), GPU_CHECK_BUDGET_S. A follow-up run on a short lease can
 # narrow it: GPU_CHECK_TRITON_TESTS, GPU_CHECK_EXTENSION_TESTS (test files), GPU_CHECK_BENCHES (bench
-# names), GPU_CHECK_PROFILE=0, GPU_CHECK_REST (pytest node ids instead of the rest of the suite);
+# names), GPU_CHECK_PROFILE=0 or GPU_CHECK_PROFILE_ONLY (profile_gpu.py's --only), GPU_CHECK_TRAIN=0 (no
+# allo-train run), GPU_CHECK_REST (pytest node ids instead of the rest of the suite);
 # GPU_CHECK_SWEEP=1 adds the launch-configuration sweeps to the profile.
 set -u
 cd "$(dirname "$0")/.."
@@ -130,11 +131,11 @@ sweep=(--no-sweep)
 [ "${GPU_CHECK_SWEEP:-0}" = 1 ] && sweep=()
 [ "${GPU_CHECK_PROFILE:-1}" = 1 ] &&
   step "profile_gpu" $([ ${#sweep[@]} = 0 ] && echo 180 || echo 90) "$py" benchmarks/profile_gpu.py \
-    --only select,update,step-memory "${sweep[@]}"
+    --only "${GPU_CHECK_PROFILE_ONLY:-select,update,step-memory}" --trace-dir "$work" "${sweep[@]}"
 # the whole pipeline on the GPU (the tests below run it on tiny models only if time is left): the built-
 # in task end to end, bf16 autocast, Triton optimizer, CUDA log-prob kernels, routed output layer; a
 # smaller task than the default (a smoke test of the GPU paths: 42 s on a 2-core CPU, the default 110 s)
-[ $built = 1 ] && step "allo-train built-in task (GPU, bf16)" 120 "$py" -m allo.train.cli \
+[ $built = 1 ] && [ "${GPU_CHECK_TRAIN:-1}" = 1 ] && step "allo-train built-in task (GPU, bf16)" 120 "$py" -m allo.train.cli \
   --output_dir "$work/allo_output" --disable_tqdm --bf16 true --sft_steps 200 --num_train_problems 80 \
   --num_eval_problems 40 --num_samples 4
 if [ $built = 1 ] && [ -n "${GPU_CHECK_REST:-}" ]; then
@@ -145,7 +146,8 @@ elif [ $built = 1 ]; then
   for t in "${triton_tests[@]}" "${extension_tests[@]}"; do deselect+=(--ignore "$t"); done
   # in parallel processes too (run 3, one process: 113 of these 156 tests in 162 s, the allo-train ones
   # slowest); the small models leave the GPU's memory to spare
-  step "pytest rest of the suite" 300 "$py" -m pytest "${gpu_pytest_args[@]}" "${deselect[@]}" tests
+  # -v: a line per test as it ends, so a run cut by the budget still names its failures
+  step "pytest rest of the suite" 300 "$py" -m pytest "${gpu_pytest_args[@]}" -v "${deselect[@]}" tests
 fi
 wait
 

@@ -71,6 +71,49 @@ def kernel_profile(fn, top=10):
     print(table)
 
 
+def timeline(label, fn, trace_dir=None):
+    """One call under torch.profiler as a timeline: the host's top-level ops and the GPU's kernels in
+    start order, runs of one op merged (``aten::empty x145``), times in microseconds from the first
+    host op; with the GPU's idle gaps, which is where host work is exposed. The profiler slows host ops
+    (a few microseconds each), so the host lane is an upper bound. ``trace_dir``: also a Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm (compiles, caches)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    events = [e for e in prof.events() if e.time_range.end > e.time_range.start]
+    gpu = sorted((e for e in events if e.device_type != torch.autograd.DeviceType.CPU),
+                 key=lambda e: e.time_range.start)
+    host = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None
+                   and "Synchronize" not in e.name), key=lambda e: e.time_range.start)
+    if not host:
+        return
+    t0 = host[0].time_range.start
+    print(f"\n##### timeline {label} (us from the first host op; host ops top-level only)", flush=True)
+    for lane, evs in (("host", host), ("gpu", gpu)):
+        runs = []
+        for e in evs:
+            if runs and runs[-1][0] == e.name:
+                runs[-1][1] += 1
+                runs[-1][3] = e.time_range.end
+            else:
+                runs.append([e.name, 1, e.time_range.start, e.time_range.end])
+        for name, count, a, b in runs:
+            print(f"  {lane:4s} {a - t0:8.1f} {b - t0:8.1f}  {name[:70]}{f' x{count}' if count > 1 else ''}")
+    idle, end = [], None
+    for e in gpu:
+        if end is not None and e.time_range.start - end > 5:
+            idle.append((end - t0, e.time_range.start - end))
+        end = max(end or 0, e.time_range.end)
+    first = gpu[0].time_range.start - t0 if gpu else float("nan")
+    print(f"  first kernel at {first:.1f} us; GPU idle gaps over 5 us: "
+          + ", ".join(f"{d:.0f} us at {a:.0f}" for a, d in idle), flush=True)
+    if trace_dir:
+        prof.export_chrome_trace(os.path.join(trace_dir, f"trace_{label.replace(' ', '_')}.json"))
+
+
 def report(label, fn, *, deep=True):
     print(f"\n##### {label}: wall {wall_ms(fn):.3f} ms, host {host_ms(fn):.3f} ms", flush=True)
     if deep:
@@ -78,7 +121,7 @@ def report(label, fn, *, deep=True):
         kernel_profile(fn)
 
 
-def profile_select(sweep):
+def profile_select(sweep, trace_dir=None):
     from bench_select import llama1b_shapes, make_scores
 
     import allo_kernels.radix_blocked as rb
@@ -99,6 +142,22 @@ def profile_select(sweep):
 
     # the default: finished on the device (allo.select.device_plan); then the host-read search's two parts
     report("select band_masks (finished on the device)", lambda: band_masks(scores, 0.1, backend="triton"))
+    timeline("select band_masks", lambda: band_masks(scores, 0.1, backend="triton"), trace_dir)
+    from allo.select import device_plan
+
+    device_plan.WINDOW_CODES = False  # the window pass, then a write pass over the scores
+    timeline("select band_masks without window codes", lambda: band_masks(scores, 0.1, backend="triton"), trace_dir)
+    device_plan.WINDOW_CODES = True
+    # the masks' allocation alone (host time, ~150 tensors): one C++ call (allo._C.empty_masks, when built)
+    # against torch.empty_like per mask
+    from allo.ops._extension import extension_if_ready
+
+    like = list(scores.values())
+    ext = extension_if_ready()
+    per_mask = lambda: [torch.empty_like(t, dtype=torch.bool) for t in like]  # noqa: E731
+    print(f"select mask allocation ({len(like)} masks): empty_like per mask {host_ms(per_mask, 9):.3f} ms, "
+          + (f"allo._C.empty_masks {host_ms(lambda: ext.empty_masks(like), 9):.3f} ms"
+             if hasattr(ext, "empty_masks") else "allo._C.empty_masks unavailable"), flush=True)
     report("select plan (threshold search)", run_plan)
     report("select write_masks", run_write)
     # the default plan's parts: the sample and its windows (one sync), the window pass alone
@@ -315,13 +374,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="select,update,matmul")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--trace-dir", default=None, help="write Chrome traces of the timelines here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_gpu.py: needs a CUDA GPU")
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
     parts = set(args.only.split(","))
     for name, fn in (("matmul", profile_matmul), ("update", lambda: profile_update(not args.no_sweep)),
-                     ("select", lambda: profile_select(not args.no_sweep)), ("step-memory", profile_step_memory)):
+                     ("select", lambda: profile_select(not args.no_sweep, args.trace_dir)), ("step-memory", profile_step_memory)):
         if name in parts:
             try:  # one part failing should not hide the others' findings
                 fn()

@@ -1,5 +1,6 @@
 // Per-token log-probabilities of labels under logits, and their gradient: C++ CPU kernels, the
-// torch custom-op schema (namespace ``allo``) and the Python module ``allo._C``.
+// torch custom-op schema (namespace ``allo``) and the Python module ``allo._C`` (which also carries
+// masks.h's empty_masks).
 //
 //   allo::token_logprob_fwd(logits, labels, ignore_index, inplace_backward, vocab_start, vocab_size) -> (logp, lse)
 //       logp[r] = logits[r, y_r] - logsumexp(logits[r, :]);  0 (and lse 0) where y_r == ignore_index.
@@ -27,6 +28,7 @@
 // for the running CPU. The exponential is a branch-free polynomial (relative error about 1e-7, below
 // fp32 rounding of the sums) because libm's expf does not vectorise without -ffast-math.
 #include <torch/extension.h>
+#include "masks.h"
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -413,6 +415,8 @@ TORCH_LIBRARY_IMPL(allo, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "allo's compiled kernels; the ops are registered as torch.ops.allo.*";
+  m.def("empty_masks", &allo::empty_masks, "uninitialized contiguous bool masks of the tensors' shapes, one call",
+        pybind11::arg("like"));
 #ifdef ALLO_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -191,3 +191,51 @@ def test_count_rule_rounds_half_up():
     assert band_count(0.05, 30) == 2 and band_count(0.25, 10) == 3 and band_count(0.29, 100) == 29
     assert band_count(0.0, 10**12) == 0 and band_count(1.0, 7) == 7
     assert band_count(0.1, 50_000_000) == 5_000_000 and math.isclose(band_count(1 / 3, 3), 1)
+
+
+def _mask_properties(masks, like):
+    return [(m.dtype, tuple(m.shape), m.is_contiguous(), m.device, m.requires_grad) for m in masks], \
+        [(torch.bool, tuple(t.shape), True, t.device, False) for t in like]
+
+
+@pytest.mark.parametrize("one_call", [True, False])
+def test_new_masks_have_the_shapes_and_their_own_storage(monkeypatch, one_call):
+    """The masks selection writes into: bool, contiguous, of each source's shape (an AbsDiff's too),
+    each with its own storage (safetensors refuses shared ones), whichever way they are allocated."""
+    from allo.ops import load_extension
+    from allo.select import topk
+
+    load_extension()  # the one-call path when allowed: allo._C.empty_masks
+    monkeypatch.setattr(topk, "ALLOCATE_IN_ONE_CALL", one_call)
+    w = torch.randn(7, 5, requires_grad=True)
+    like = [torch.randn(3, 4), torch.randn(6, 2).t(), torch.zeros(0, 3), torch.randn(()), w]
+    srcs = like[:-1] + [topk.AbsDiff(w, w.detach() + 1)]
+    masks = topk._new_masks(srcs)
+    got, want = _mask_properties(masks, like)
+    assert got == want
+    ptrs = [m.untyped_storage().data_ptr() for m in masks if m.numel()]
+    assert len(set(ptrs)) == len(ptrs)
+
+
+def test_new_masks_never_compile_the_extension(monkeypatch):
+    """Without a prebuilt allo._C, allocating masks uses torch.empty_like: selecting must not start a
+    just-in-time build of the extension (it is only faster host work)."""
+    import importlib
+
+    from allo.ops import _extension
+    from allo.select import topk
+
+    monkeypatch.setattr(_extension, "_module", None)
+    monkeypatch.setattr(_extension, "_prebuilt", None)
+    real_import = importlib.import_module
+
+    def no_prebuilt(name, *a, **k):
+        if name == "allo._C":
+            raise ModuleNotFoundError("No module named 'allo._C'", name="allo._C")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(_extension.importlib, "import_module", no_prebuilt)
+    monkeypatch.setattr(_extension, "_jit_build", lambda: pytest.fail("a mask allocation started a build"))
+    assert _extension.extension_if_ready() is None
+    masks = topk._new_masks([torch.randn(4, 3)])
+    assert masks[0].shape == (4, 3) and masks[0].dtype == torch.bool

@@ -29,6 +29,7 @@ def _jit_build():
 
     csrc = csrc_dir()
     cpp = os.path.join(csrc, "logprob.cpp")
+    masks = os.path.join(csrc, "masks.cpp")
     cu = os.path.join(csrc, "logprob_cuda.cu")
     if not os.path.exists(cpp):
         raise RuntimeError(
@@ -39,7 +40,7 @@ def _jit_build():
     cflags = ["-O3", "-std=c++20"] + (["-DALLO_WITH_CUDA=1"] if with_cuda else [])
     module = cpp_extension.load(
         name="allo_C_jit" + ("_cuda" if with_cuda else ""),
-        sources=[cpp] + ([cu] if with_cuda else []),
+        sources=[cpp, masks] + ([cu] if with_cuda else []),
         extra_cflags=cflags,
         extra_cuda_cflags=["-O3", "-std=c++20", "--use_fast_math"],
         with_cuda=with_cuda,
@@ -87,6 +88,26 @@ def load_extension():
                 ) from exc
         _module, _how = module, how
         return module
+
+
+_prebuilt = None  # whether allo._C is importable (looked up once)
+
+
+def extension_if_ready():
+    """The extension when it is loaded already or prebuilt (importing it), else None; never a just-in-time
+    build. For host-side helpers whose plain-Python version gives the same result, only slower
+    (:func:`allo.select.topk._new_masks`): selecting on a machine without a built extension must not
+    start a compile."""
+    global _prebuilt
+    if _module is not None:
+        return _module
+    if _prebuilt is None:
+        try:
+            importlib.import_module("allo._C")
+            _prebuilt = True
+        except ImportError:  # not built, or built against another torch: load_extension would compile
+            _prebuilt = False
+    return load_extension() if _prebuilt else None
 
 
 def extension_info() -> str:
