@@ -17,10 +17,16 @@ Windows of up to ``2**REGISTER_BITS`` bins (the sample asks for the narrowest wi
 32-bin pass took 2.06 ms of kernel time for 973M bf16 scores, 3.3x the time to read them, with
 full occupancy: its loop body is 439 sm_90 PTX instructions and 3 barriers per step of 8 elements a
 thread (``tl.histogram`` zeroes, fills and reads back shared memory at every step); the register-
-counted loop is 122 instructions and no barrier (static counts); measured on the H100 (run 6): 0.785 ms
-of kernel time with per-tile counts, 0.675 ms with atomics, 1.2-1.4x the time to read the scores. Tried and dropped before any GPU
-measurement: global atomics for the in-window keys (Triton moves the scattered pointers through
-shared memory into another layout: four barriers per step, against three for ``tl.histogram``).
+counted loop is 122 instructions and no barrier (static counts); measured on the H100 (run 6): 0.785
+ms of kernel time with per-tile counts, 0.675 ms with atomics, 1.2-1.4x the time to read the scores.
+
+Tried and dropped: global atomics for the in-window keys (before any GPU measurement: Triton moves the
+scattered pointers through shared memory into another layout, four barriers per step against three
+for ``tl.histogram``); and (measured in run 7) writing each score's code against the window into its
+mask during this pass, so that a pass over the masks (one byte per score) finishes them instead of a
+write pass over the scores: the pass with codes took 1.12 ms and the finishing pass 0.67 ms (1.5 TB/s
+for its bytes: no saving in kernel time) against 0.79 + 1.04 ms, and the masks' allocation moved in
+front of the window pass, where the GPU waits for it (the whole selection 4.08 against 2.94 ms).
 
 The kernels use the launch tables, tiles and step helpers of :mod:`allo_kernels.radix_blocked`
 (read through the module, so that tests shrinking its ``TILE`` reach these launches too).
@@ -28,13 +34,12 @@ The kernels use the launch tables, tiles and step helpers of :mod:`allo_kernels.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from . import radix_blocked as rb
-from .radix_blocked import _comparable, _row, _step_scores, _taken
+from .radix_blocked import _comparable, _row, _step_scores
 from .radix_select import _keys, _load_scores
 
 SAMPLES = 16  # keys sampled per tile for the window pass (one per 2048 elements of a full tile)
@@ -45,9 +50,9 @@ WINDOW_BITS = {False: 5, True: 6}  # bins of the window pass: 32 for 16-bit keys
 REGISTER_BITS = 3
 REGISTER_BINS = tl.constexpr(1 << REGISTER_BITS)
 # Load each step's scores one step ahead (two loads in flight per thread; Triton does not pipeline this
-# loop itself: no cp.async at any num_stages, triton 3.6, sm_90). Off: no gain on the H100 (run 6: the
-# per-tile window pass 0.907 ms with it, 0.913 without; the whole selection 3.69 against 3.45 ms).
-# profile_gpu.py times both
+# loop itself: no cp.async at any num_stages, triton 3.6, sm_90). Off: no gain on the H100 (the per-tile
+# window pass 0.907 ms with it, 0.913 without in run 6; 1.103 against 0.916 in run 7). profile_gpu.py
+# times both
 PREFETCH = False
 
 
@@ -82,29 +87,13 @@ def _blocked_sample_kernel(table_ptr, tile_tensor_ptr, hist_ptr, high0, high1, s
 
 
 @triton.jit
-def _window_step(x, y, codes, base, n, h0, h1, acc0, acc1, low0, low1, shift, edge, IS_DIFF: tl.constexpr,
+def _window_step(x, y, base, n, h0, h1, acc0, acc1, low0, low1, shift, edge, IS_DIFF: tl.constexpr,
                  KEY32: tl.constexpr, X_BF16: tl.constexpr, Y_BF16: tl.constexpr, BINS: tl.constexpr,
                  TWO: tl.constexpr, POSITIVE: tl.constexpr, SHIFTED: tl.constexpr, MASKED: tl.constexpr,
-                 CODES: tl.constexpr, BLOCK: tl.constexpr):
-    offs, lanes, m, key = _step_scores(x, y, base, n, IS_DIFF, KEY32, X_BF16, Y_BF16, POSITIVE, MASKED, BLOCK)
-    if CODES:
-        _store_codes(codes, offs, lanes, key, low0, BINS, POSITIVE)
+                 BLOCK: tl.constexpr):
+    _, _, m, key = _step_scores(x, y, base, n, IS_DIFF, KEY32, X_BF16, Y_BF16, POSITIVE, MASKED, BLOCK)
     return _window_count_keys(key, m, h0, h1, acc0, acc1, low0, low1, shift, edge, KEY32, BINS, TWO, POSITIVE,
                               SHIFTED)
-
-
-@triton.jit
-def _store_codes(codes, offs, lanes, key, low, BINS: tl.constexpr, POSITIVE: tl.constexpr):
-    """Each element's place against the window (``shift`` 0) as a byte in its mask: 0 below the window,
-    1 above it, ``2 + j`` on its bin ``j`` (:func:`finish_window_codes` turns these into the mask)."""
-    if POSITIVE:  # raw bits; see _window_count for the wrap-around
-        d = key - low
-        inside = d.to(tl.uint32, bitcast=True) < BINS
-    else:
-        inside = (key >= low) & (key < low + BINS)
-        d = tl.where(inside, key - low, 0)
-    code = tl.where(inside, d + 2, (key >= low + BINS).to(tl.int32))
-    tl.store(codes + offs, code.to(tl.uint8), mask=lanes)
 
 
 @triton.jit
@@ -205,7 +194,7 @@ def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, low
                            X_BF16: tl.constexpr, Y_BF16: tl.constexpr, BITS: tl.constexpr, TWO: tl.constexpr,
                            POSITIVE: tl.constexpr, SHIFTED: tl.constexpr, PER_TENSOR: tl.constexpr,
                            PER_TILE: tl.constexpr, LOWS_ON_DEVICE: tl.constexpr, PREFETCH: tl.constexpr,
-                           CODES: tl.constexpr, ALIGNED: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
+                           ALIGNED: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
     """Per window (one or two): the keys with ``key >> shift`` in ``[low, low + BINS)`` by bin, and how
     many are above the window; also whether the tile holds a non-finite score. ``counts_ptr``:
     [above0, above1, tiles with a non-finite score]. ``BITS == 0``: one-key windows (``shift`` 0),
@@ -213,19 +202,11 @@ def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, low
     both windows start above zero (``low > 0``). ``PER_TILE``: no atomics; each program writes its
     own row of ``hist_ptr`` (int32: window 0's bins and above-count, window 1's, the non-finite flag).
     ``LOWS_ON_DEVICE``: ``low0`` and ``low1`` are read from ``lows_ptr`` (int64 [2]), which the device
-    computed from the sample (no wait for the host). ``CODES`` (one window, ``shift`` 0): also each
-    element's code against window 0 (:func:`_store_codes`) into its mask, whose address is the table's
-    column 5."""
+    computed from the sample (no wait for the host)."""
     row, x, y, n, start, count, full = _row(table_ptr, tile_tensor_ptr, X_T, Y_T, ALIGNED, TILE, BLOCK)
     if LOWS_ON_DEVICE:
         low0 = tl.load(lows_ptr).to(tl.int32)
         low1 = tl.load(lows_ptr + 1).to(tl.int32)
-    if CODES:
-        codes = tl.load(row + 5).to(tl.pointer_type(tl.uint8))
-        if ALIGNED:
-            codes = tl.multiple_of(codes, 16)
-    else:
-        codes = table_ptr  # not written
     BINS: tl.constexpr = 1 << BITS
     h0 = _window_zero(BINS, BLOCK)
     h1 = _window_zero(BINS, BLOCK)
@@ -242,21 +223,19 @@ def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, low
             a, b = nxt_a, nxt_b
             nxt_a, nxt_b = _load_scores(x, y, start + off + BLOCK + lanes, every & (off + BLOCK < full), IS_DIFF)
             key = _comparable(a, b, IS_DIFF, KEY32, X_BF16, Y_BF16, POSITIVE)
-            if CODES:
-                _store_codes(codes, start + off + lanes, every, key, low0, BINS, POSITIVE)
             h0, h1, acc0, acc1, mag = _window_count_keys(key, every, h0, h1, acc0, acc1, low0, low1, shift, edge,
                                                          KEY32, BINS, TWO, POSITIVE, SHIFTED)
             big = tl.maximum(big, mag)
     else:
         for off in range(0, full, BLOCK):
-            h0, h1, acc0, acc1, mag = _window_step(x, y, codes, start + off, n, h0, h1, acc0, acc1, low0, low1,
-                                                   shift, edge, IS_DIFF, KEY32, X_BF16, Y_BF16, BINS, TWO, POSITIVE,
-                                                   SHIFTED, False, CODES, BLOCK)
+            h0, h1, acc0, acc1, mag = _window_step(x, y, start + off, n, h0, h1, acc0, acc1, low0, low1, shift,
+                                                   edge, IS_DIFF, KEY32, X_BF16, Y_BF16, BINS, TWO, POSITIVE, SHIFTED,
+                                                   False, BLOCK)
             big = tl.maximum(big, mag)
     if full < count:
-        h0, h1, acc0, acc1, mag = _window_step(x, y, codes, start + full, n, h0, h1, acc0, acc1, low0, low1, shift,
-                                               edge, IS_DIFF, KEY32, X_BF16, Y_BF16, BINS, TWO, POSITIVE, SHIFTED, True,
-                                               CODES, BLOCK)
+        h0, h1, acc0, acc1, mag = _window_step(x, y, start + full, n, h0, h1, acc0, acc1, low0, low1, shift, edge,
+                                               IS_DIFF, KEY32, X_BF16, Y_BF16, BINS, TWO, POSITIVE, SHIFTED, True,
+                                               BLOCK)
         big = tl.maximum(big, mag)
     bad = (tl.max(big, axis=0) >= edge).to(tl.int64)
     if PER_TILE:
@@ -277,50 +256,6 @@ def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, low
         if TWO:
             _window_flush(out + BINS, h1, acc1, counts_ptr + 1, BINS)
         tl.atomic_add(counts_ptr + 2, bad, mask=bad > 0, sem="relaxed")
-
-
-@triton.jit
-def _codes_step(out, base, n, j, limit, run, CUT: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
-    offs = base + tl.arange(0, BLOCK)
-    if MASKED:
-        m = offs < n
-    else:
-        m = tl.full([BLOCK], 1, tl.int1)
-    code = tl.load(out + offs, mask=m, other=0).to(tl.int32)
-    inside = code >= 2
-    keep, run = _taken(code - 2, inside, j, limit, run, CUT)
-    tl.store(out + offs, keep.to(tl.uint8), mask=m & inside)  # codes 0 and 1 are already the mask
-    return run
-
-
-@triton.jit
-def _window_codes_kernel(table_ptr, tile_tensor_ptr, ties_ptr, fix_ptr, X_T: tl.constexpr, Y_T: tl.constexpr,
-                         IS_DIFF: tl.constexpr, X_BF16: tl.constexpr, Y_BF16: tl.constexpr, CUT_TILES: tl.constexpr,
-                         ALIGNED: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
-    """The masks from the window pass's codes (:func:`_store_codes`): ``fix_ptr`` = [bin of the threshold key
-    in the window, take (how many elements on that key are in the top k)], ``ties_ptr[2 p:2 p + 2]`` =
-    [tie rank of tile ``p``'s first element on that key, its count of them]. Reads one byte per score,
-    writes only the elements that were in the window. Two launches over the same tiles, as
-    :func:`allo_kernels.radix_blocked._blocked_write_ranked_kernel`: the tiles the threshold does not
-    cut (``CUT_TILES`` False: no prefix sums), then the one it cuts."""
-    row, x, y, n, start, count, full = _row(table_ptr, tile_tensor_ptr, X_T, Y_T, ALIGNED, TILE, BLOCK)
-    p = tl.program_id(0).to(tl.int64)
-    take = tl.load(fix_ptr + 1)
-    run = tl.load(ties_ptr + 2 * p)
-    cut = (run < take) & (run + tl.load(ties_ptr + 2 * p + 1) > take)
-    if cut == CUT_TILES:
-        out = tl.load(row + 5).to(tl.pointer_type(tl.uint8))
-        if ALIGNED:
-            out = tl.multiple_of(out, 16)
-        j = tl.load(fix_ptr).to(tl.int32)
-        if CUT_TILES:
-            limit = take
-        else:  # the tile's ties are all in the top k or all out of it
-            limit = (run < take).to(tl.int64)
-        for off in range(0, full, BLOCK):
-            run = _codes_step(out, start + off, n, j, limit, run, CUT_TILES, False, BLOCK)
-        if full < count:
-            run = _codes_step(out, start + full, n, j, limit, run, CUT_TILES, True, BLOCK)
 
 
 def sample(sources, *, key32: bool, seed: int = 0, highs=None):
@@ -406,40 +341,37 @@ def window_histogram(sources, shift: int, lows, bits: int, *, key32: bool, edge:
         rb._run(_blocked_window_kernel, key, rb._layout(src, members),
                 (buf, counters, counters, lo0, lo1, int(shift), int(edge)), block=block, KEY32=key32, BITS=bits,
                 TWO=len(lows) == 2, POSITIVE=min(lo0, lo1) > 0, SHIFTED=shift > 0, PER_TENSOR=per_tensor,
-                PER_TILE=False, LOWS_ON_DEVICE=False, PREFETCH=PREFETCH, CODES=False)
+                PER_TILE=False, LOWS_ON_DEVICE=False, PREFETCH=PREFETCH)
     per = buf[:, :len(lows)]
     hist = per.sum(0) if per_tensor else per[0]
     return hist, (per if per_tensor else None), counters[:len(lows)], counters[2:]
 
 
-def window_tile_counts(sources, lows, bits: int, *, key32: bool, edge: int, positive: bool | None = None,
-                       codes_into=None):
+def window_tile_counts(sources, lows, bits: int, *, key32: bool, edge: int, positive: bool | None = None):
     """The window pass at ``shift`` 0 (each bin one key) with its counts kept per tile, for a search
     that goes on on the device (:mod:`allo.select.device_plan`). ``sources``: one launch group only
     (their tiles, in source order, are the rows). ``lows``: the windows' low ends, ints or an int64
     tensor on the device (then ``positive``, whether they are above zero, is the caller's assumption to
-    check: the counts are meaningless for a window that is not). ``codes_into`` (one window only): a
-    contiguous bool or uint8 tensor per source, of its numel, into which the pass also writes each
-    element's code against the window (0 below, 1 above, ``2 + j`` on bin ``j``), for
-    :func:`finish_window_codes`: the masks then need one more read of one byte per score, not a second
-    read of the scores.
+    check: the counts are meaningless for a window that is not).
 
     Returns int32 ``[tiles, 2 * (2**bits + 1) + 1]``: per tile, window 0's bins (bin ``j``: the keys
     equal to ``lows[0] + j``) and the keys above it, the same for window 1 (window 0 again when there
     is one), and 1 when the tile holds a non-finite score. No atomics, no zero fill, no synchronization."""
     if not 1 <= len(lows) <= 2:
         raise ValueError(f"radix_window.window_tile_counts: {len(lows)} windows; expected 1 or 2")
-    if codes_into is not None and (len(lows) != 1 or bits > 7):
-        raise ValueError(f"radix_window.window_tile_counts: codes_into= takes one window of at most 2**7 bins, not "
-                         f"{len(lows)} of 2**{bits}")
     on_device = isinstance(lows, torch.Tensor)
     if on_device == (positive is None):
         raise ValueError("radix_window.window_tile_counts: positive= is given with lows on the device, and only then")
     src = rb._prepared(sources)
-    key, members, layout = _one_group_layout(src, codes_into, "window_tile_counts")
+    groups = src.groups()
+    if len(groups) != 1:
+        raise ValueError(f"radix_window.window_tile_counts: {len(groups)} launch groups (score dtypes, or scores "
+                         "mixed with weight deltas); expected one")
+    (key, members), = groups.items()
     bins = 1 << bits
     block = rb.hist_block(bits)
     assert rb.TILE // block < 255, (rb.TILE, block)  # the kernel's 8-bit per-lane counters
+    layout = rb._layout(src, members)
     out = torch.empty(layout[1].numel(), 2 * bins + 3, dtype=torch.int32, device=src.device)
     if on_device:
         lows_dev, lo0, lo1 = lows.to(torch.int64).expand(2).contiguous(), 0, 0  # (one window: read twice)
@@ -447,46 +379,5 @@ def window_tile_counts(sources, lows, bits: int, *, key32: bool, edge: int, posi
         lows_dev, (lo0, lo1), positive = out, (int(lows[0]), int(lows[-1])), min(lows) > 0
     rb._run(_blocked_window_kernel, key, layout, (out, out, lows_dev, lo0, lo1, 0, int(edge)), block=block,
             KEY32=key32, BITS=bits, TWO=len(lows) == 2, POSITIVE=positive, SHIFTED=False, PER_TENSOR=False,
-            PER_TILE=True, LOWS_ON_DEVICE=on_device, PREFETCH=PREFETCH, CODES=codes_into is not None)
+            PER_TILE=True, LOWS_ON_DEVICE=on_device, PREFETCH=PREFETCH)
     return out
-
-
-def finish_window_codes(sources, masks, fix, tile_ties) -> None:
-    """Turn the codes that :func:`window_tile_counts` wrote into ``masks`` into the top k: codes 0 and 1
-    stay, an element on bin ``j`` of the window is kept when ``j`` is above the threshold's bin, or on it
-    and ranked below ``take`` among the elements on it (source order, then flat order). ``fix``: int64
-    [2] on the device = (the threshold's bin, take); ``tile_ties``: int64 [tiles, 2], per tile in launch
-    order, (tie rank of its first element on the threshold's bin, how many it holds). Nothing here waits
-    for the GPU."""
-    src = rb._prepared(sources)
-    key, members, layout = _one_group_layout(src, masks, "finish_window_codes")
-    if tile_ties.shape != (layout[1].numel(), 2) or fix.shape != (2,):
-        raise ValueError(f"radix_window.finish_window_codes: tile_ties {tuple(tile_ties.shape)} and fix "
-                         f"{tuple(fix.shape)}; expected ({layout[1].numel()}, 2) and (2,)")
-    # a byte per score: steps of 2 * BLOCK give each thread 16 bytes to load (sm_90, triton 3.6: 36 registers
-    # for the uncut tiles, 16-byte loads; 4 * BLOCK would take 142)
-    block = min(rb.TILE, 2 * rb.BLOCK)
-    for cut_tiles in (False, True):
-        rb._run(_window_codes_kernel, key, layout, (tile_ties, fix), block=block, CUT_TILES=cut_tiles)
-
-
-def _one_group_layout(src, masks, what):
-    """(group key, members, launch layout) of sources that form one launch group, with ``masks`` (one per
-    source, or None) in the table's mask column."""
-    groups = src.groups()
-    if len(groups) != 1:
-        raise ValueError(f"radix_window.{what}: {len(groups)} launch groups (score dtypes, or scores mixed with "
-                         "weight deltas); expected one")
-    (key, members), = groups.items()
-    if masks is None:
-        return key, members, rb._layout(src, members)
-    if len(masks) != len(src):
-        raise ValueError(f"radix_window.{what}: {len(masks)} masks for {len(src)} sources; pass one per source")
-    for i in members:
-        if masks[i].numel() != src.rows[i, 2] or not masks[i].is_contiguous() or masks[i].element_size() != 1:
-            raise ValueError(f"radix_window.{what}: masks[{i}] ({masks[i].dtype}, {masks[i].numel()} elements, "
-                             f"contiguous: {masks[i].is_contiguous()}) for a source of {int(src.rows[i, 2])}; each "
-                             "must be a contiguous bool or uint8 tensor with its source's numel")
-    extra = np.zeros((len(members), 3), dtype=np.int64)
-    extra[:, 0] = [masks[i].data_ptr() for i in members]
-    return key, members, rb._layout(src, members, extra)

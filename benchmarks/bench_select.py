@@ -20,9 +20,7 @@ writing only (``-write``, given the threshold), so a GPU session sees which part
   one wait in all); ``allo-blocked-host-windows`` has the host read the sample to size the windows,
   ``allo-blocked-synced`` reads every pass back on the host (``-plan`` and ``-write`` time that one's
   parts), ``allo-blocked-empty-like`` allocates the masks with one ``torch.empty_like`` each instead
-  of one call into the compiled extension (the default when it is built), ``allo-blocked-no-codes``
-  writes the masks from the scores after the window pass instead of finishing the codes that the
-  window pass wrote into them (``device_plan.WINDOW_CODES``)
+  of one call into the compiled extension (the default when it is built)
 * ``blocked-radix`` the same kernels, radix passes over 5-6-bit digits from the top one (no sample)
 * ``atomic``  one global atomic per element into a 65536-bin histogram, one launch per tensor per pass
 
@@ -233,8 +231,7 @@ def main():
         # reads the sample to size the windows (the default for fewer than SPECULATE_MIN_SCORES scores)
         for label, fn in (("allo-blocked-synced", with_setting(topk_module, "FINISH_ON_DEVICE", False)),
                           ("allo-blocked-host-windows", with_setting(device_plan, "SPECULATE_MIN_SCORES", 1 << 62)),
-                          ("allo-blocked-empty-like", with_setting(topk_module, "ALLOCATE_IN_ONE_CALL", False)),
-                          ("allo-blocked-no-codes", with_setting(device_plan, "WINDOW_CODES", False))):
+                          ("allo-blocked-empty-like", with_setting(topk_module, "ALLOCATE_IN_ONE_CALL", False))):
             impls[label], out_bytes[label] = fn, n
             if label not in skip:
                 checked[label] = check_masks(scores, fn(), k, thr, above)

@@ -146,8 +146,8 @@ elif [ $built = 1 ]; then
   for t in "${triton_tests[@]}" "${extension_tests[@]}"; do deselect+=(--ignore "$t"); done
   # in parallel processes too (run 3, one process: 113 of these 156 tests in 162 s, the allo-train ones
   # slowest); the small models leave the GPU's memory to spare
-  # -v: a line per test as it ends, so a run cut by the budget still names its failures
-  step "pytest rest of the suite" 300 "$py" -m pytest "${gpu_pytest_args[@]}" -v "${deselect[@]}" tests
+  # -vv (against -q): a line per test as it ends, so a run cut by the budget still names its failures
+  step "pytest rest of the suite" 300 "$py" -m pytest "${gpu_pytest_args[@]}" -vv "${deselect[@]}" tests
 fi
 wait
 

@@ -143,11 +143,6 @@ def profile_select(sweep, trace_dir=None):
     # the default: finished on the device (allo.select.device_plan); then the host-read search's two parts
     report("select band_masks (finished on the device)", lambda: band_masks(scores, 0.1, backend="triton"))
     timeline("select band_masks", lambda: band_masks(scores, 0.1, backend="triton"), trace_dir)
-    from allo.select import device_plan
-
-    device_plan.WINDOW_CODES = False  # the window pass, then a write pass over the scores
-    timeline("select band_masks without window codes", lambda: band_masks(scores, 0.1, backend="triton"), trace_dir)
-    device_plan.WINDOW_CODES = True
     # the masks' allocation alone (host time, ~150 tensors): one C++ call (allo._C.empty_masks, when built)
     # against torch.empty_like per mask
     from allo.ops._extension import extension_if_ready
@@ -244,7 +239,7 @@ def profile_l2_granularity(opt, label):
         l2_fetch_granularity(base)
 
 
-def profile_update(sweep):
+def profile_update(sweep, trace_dir=None):
     from bench_update import _make_masks, _shapes
 
     import allo_kernels.masked_adamw as ka
@@ -261,6 +256,8 @@ def profile_update(sweep):
         opt = MaskedAdamW(params, lr=1e-3, weight_decay=0.0, masks=masks)
         report(f"MaskedAdamW step {kind} {density}%", opt.step, deep=density in (1, 10) and kind != "rows" or
                (kind, density) == ("rows", 1) or density == 100)
+        if (kind, density) in (("rows", 10), ("all", 100)):  # where the host time before the kernel goes
+            timeline(f"MaskedAdamW step {kind} {density}%", opt.step, trace_dir)
         if (kind, density) == ("random", 10):
             try:  # (a driver call through ctypes: its failure must not end the update profile)
                 profile_l2_granularity(opt, "MaskedAdamW step random 10%")
@@ -279,6 +276,9 @@ def profile_update(sweep):
             ka.BLOCK, ka.NUM_WARPS = base
             ka._tables.clear()
         del opt, masks
+    # the 100% target's baseline, the same way
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)
+    timeline("torch fused AdamW step", opt.step, trace_dir)
 
 
 def profile_matmul():
@@ -380,7 +380,7 @@ def main():
         raise SystemExit("profile_gpu.py: needs a CUDA GPU")
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
     parts = set(args.only.split(","))
-    for name, fn in (("matmul", profile_matmul), ("update", lambda: profile_update(not args.no_sweep)),
+    for name, fn in (("matmul", profile_matmul), ("update", lambda: profile_update(not args.no_sweep, args.trace_dir)),
                      ("select", lambda: profile_select(not args.no_sweep, args.trace_dir)), ("step-memory", profile_step_memory)):
         if name in parts:
             try:  # one part failing should not hide the others' findings

@@ -82,9 +82,7 @@ CASES = ((0.3, 0.0), (0.3, 0.1), (0.5, 0.49), (1.0, 0.0), (0.2, 0.2), (0.004, 0.
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("bits,offset", [(0, 0), (2, 1), (3, 7), (5, 17)])
 @pytest.mark.parametrize("signed", [False, True])
-@pytest.mark.parametrize("codes", [True, False])
-def test_device_finish_matches_reference(dtype, bits, offset, signed, codes, device, small_tiles, monkeypatch):
-    monkeypatch.setattr(device_plan, "WINDOW_CODES", codes)  # (one boundary: codes in the window pass, or not)
+def test_device_finish_matches_reference(dtype, bits, offset, signed, device, small_tiles, monkeypatch):
     scores = _clustered(dtype, device, signed)
     cpu = {n: s.cpu() for n, s in scores.items()}
     log = []
@@ -107,7 +105,7 @@ def test_device_finish_matches_reference(dtype, bits, offset, signed, codes, dev
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("ex", [0.1, 0.0])  # (0.0: the masks already hold the window pass's codes)
+@pytest.mark.parametrize("ex", [0.1, 0.0])
 def test_device_finish_window_miss_falls_back(dtype, ex, device, small_tiles, monkeypatch):
     scores = _clustered(dtype, device)
     _forced_windows(monkeypatch, scores, 2, None, [])
@@ -161,26 +159,6 @@ def test_device_finish_allocates_masks_while_the_window_pass_runs(device, small_
     _forced_windows(monkeypatch, scores, 3, 2, [])
     _, taken = _device_masks(scores, 0.3, 0.1, monkeypatch)
     assert taken == [True] and events == ["window", "alloc", "write"], events
-
-
-@pytest.mark.parametrize("codes", [True, False])
-def test_device_finish_one_boundary_order(codes, device, small_tiles, monkeypatch):
-    # one boundary with WINDOW_CODES: the masks first (the window pass writes its codes into them), then the
-    # window pass, then the pass over the codes; without: as for a band
-    monkeypatch.setattr(device_plan, "WINDOW_CODES", codes)
-    events = []
-    for module, name in ((RW, "window_tile_counts"), (topk, "_new_masks"), (RB, "write_band_ranked"),
-                         (RW, "finish_window_codes")):
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: events.append(_name) or _real(*a, **k))
-    scores = _clustered(torch.bfloat16, device)
-    _forced_windows(monkeypatch, scores, 3, 2, [])
-    _, taken = _device_masks(scores, 0.3, 0.0, monkeypatch)
-    assert taken == [True]
-    if codes:
-        assert events == ["_new_masks", "window_tile_counts", "finish_window_codes"], events
-    else:
-        assert events == ["window_tile_counts", "_new_masks", "write_band_ranked"], events
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
@@ -287,70 +265,6 @@ def test_window_tile_counts(dtype, prefetch, device, small_tiles, monkeypatch):
                               edge=edge)
 
 
-def _codes_ref(scores, low, bits):
-    keys = torch.cat([keys_torch(s.reshape(-1).cpu()).long() for s in scores])
-    d = keys - low
-    inside = (d >= 0) & (d < (1 << bits))
-    return torch.where(inside, d + 2, (d >= (1 << bits)).long()).to(torch.uint8)
-
-
-@pytest.mark.parametrize("prefetch", [False, True])
-@pytest.mark.parametrize("dtype", HALF)
-def test_window_codes(dtype, prefetch, device, small_tiles, monkeypatch):
-    # the codes the window pass writes into the masks (every element: the masks are poisoned first), with the
-    # same counts as without them; windows above zero (raw bits) and not
-    monkeypatch.setattr(RW, "PREFETCH", prefetch)
-    scores = list(_clustered(dtype, device, signed=True).values())
-    one, neg = (int(keys_torch(torch.tensor([v]).to(dtype))) for v in (1.0, -1.0))
-    edge = RB.nonfinite_edge(False, dtype)
-    for low, bits in ((one, 0), (one + 2, 2), (one - 1, 3), (neg - 3, 3), (neg - 20, 5)):
-        masks = [torch.full(s.shape, 0xEE, dtype=torch.uint8, device=device) for s in scores]
-        got = RW.window_tile_counts(scores, [low], bits, key32=False, edge=edge, codes_into=masks)
-        assert torch.equal(got.cpu(), _tile_counts_ref(scores, [low], bits)), (low, bits)
-        codes = torch.cat([m.reshape(-1).cpu() for m in masks])
-        assert torch.equal(codes, _codes_ref(scores, low, bits)), (low, bits)
-        # lows on the device (assumed above zero)
-        if low > 0:
-            masks = [torch.full(s.shape, 0xEE, dtype=torch.uint8, device=device) for s in scores]
-            RW.window_tile_counts(scores, torch.tensor([low], device=device), bits, key32=False, edge=edge,
-                                  positive=True, codes_into=masks)
-            assert torch.equal(torch.cat([m.reshape(-1).cpu() for m in masks]), _codes_ref(scores, low, bits))
-    masks = [torch.empty(s.shape, dtype=torch.bool, device=device) for s in scores]
-    with pytest.raises(ValueError, match="one window"):
-        RW.window_tile_counts(scores, [one, one + 4], 2, key32=False, edge=edge, codes_into=masks)
-    with pytest.raises(ValueError, match=r"masks\[0\]"):
-        RW.window_tile_counts(scores, [one], 2, key32=False, edge=edge,
-                              codes_into=[masks[0].float()] + masks[1:])
-
-
-@pytest.mark.parametrize("dtype", HALF)
-def test_finish_window_codes_against_reference(dtype, device, small_tiles):
-    # arbitrary thresholds and tie ranks (not from a search): the kernel's rule, element by element, from codes
-    # written by the window pass
-    scores = list(_clustered(dtype, device).values())
-    keys = [keys_torch(s.reshape(-1).cpu()).long() for s in scores]
-    flat = torch.cat(keys)
-    distinct = flat.unique()
-    bits, low = 3, int(distinct[1])
-    edge = RB.nonfinite_edge(False, dtype)
-    for key in (int(distinct[1]), int(distinct[3]), int(distinct[-1])):
-        n_eq = int((flat == key).sum())
-        for take in (0, 1, n_eq // 3, n_eq - 1, n_eq):
-            masks = [torch.full(s.shape, 0xEE, dtype=torch.uint8, device=device) for s in scores]
-            RW.window_tile_counts(scores, [low], bits, key32=False, edge=edge, codes_into=masks)
-            ties = torch.tensor([row[:2] for row in _tie_ranks(keys, key, key)], dtype=torch.int64, device=device)
-            fix = torch.tensor([key - low, take], dtype=torch.int64, device=device)
-            RW.finish_window_codes(scores, masks, fix, ties)
-            eq = flat == key
-            rank = torch.zeros_like(flat)
-            rank[eq] = torch.arange(n_eq)
-            keep = (flat > key) | (eq & (rank < take))
-            got = torch.cat([m.reshape(-1).cpu() for m in masks])
-            assert torch.equal(got, keep.to(torch.uint8)), (key, take)
-    with pytest.raises(ValueError, match="expected \\("):
-        RW.finish_window_codes(scores, masks, fix, ties[1:])
-
-
 def _tie_ranks(keys, key_hi, key_ex):
     """Per tile, in source order: (rank of its first element equal to key_hi among all of them, their count
     in the tile, the same for key_ex)."""
@@ -401,7 +315,7 @@ def test_write_band_ranked_against_reference(dtype, signed, device, small_tiles)
 
 @requires_cuda
 @pytest.mark.parametrize("speculative", [False, True])
-@pytest.mark.parametrize("ex", [0.1, 0.0])  # a band (window pass, ranked write) or not (window codes)
+@pytest.mark.parametrize("ex", [0.1, 0.0])  # a band, or one boundary
 def test_device_finish_waits_once(speculative, ex, monkeypatch):
     # the final check is the only read back from the GPU after the sample's windows (read by the host,
     # one more wait), or (speculative: windows from the sample on the device) at all

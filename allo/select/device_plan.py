@@ -4,8 +4,9 @@
 write pass: on an H100 (2026-11-27, 973M bf16 scores, top 10%) the search took 3.1 ms and the write
 2.5 ms of wall time for 2.1 and 1.1 ms of kernels, the GPU idle while the host worked between the
 passes. For 16-bit scores, when every window is single keys, the window pass already determines the
-exact thresholds, so here the rest is queued without reading anything back (H100, run 6: 3.28 ms
-against 3.98 ms for the host-read path in the same run, for 1.97 ms of kernels):
+exact thresholds, so here the rest is queued without reading anything back (H100: 3.28 ms against 3.98
+ms for the host-read path in run 6, for 1.97 ms of kernels; 2.94 ms in run 7 with the masks allocated
+in one call, see :func:`allo.select.topk._new_masks`):
 
 0. the windows: on a large bf16 model (:func:`speculates`) a window of ``2**REGISTER_BITS`` keys
    around the sample's estimate of each threshold, computed on the device
@@ -13,14 +14,11 @@ against 3.98 ms for the host-read path in the same run, for 1.97 ms of kernels):
    windows (:func:`allo.select.sampling.windows`: one more wait), and only windows of single keys
    (``shift`` 0) go on here;
 1. the window pass keeps its counts per tile (:func:`allo_kernels.radix_window.window_tile_counts`);
-   with one boundary (no exclusion band, :data:`WINDOW_CODES`) it also writes each score's place
-   against the window into its mask (0 below, 1 above, ``2 + j`` on bin ``j``);
 2. a few small torch ops find, per boundary, its key (the bin where the count from the top reaches
    ``k``), ``take`` (how many elements equal to the key are in the top k) and each tile's first tie
    rank (an exclusive prefix sum of the tiles' counts of that key: tiles are in source order, so this
    is the documented tie order);
-3. a kernel reads those from device memory and finishes the masks: from the codes, reading one byte
-   per score (:func:`allo_kernels.radix_window.finish_window_codes`), or for a band, from the scores
+3. the write pass reads those from device memory
    (:func:`allo_kernels.radix_blocked.write_band_ranked`);
 4. the host reads back whether each boundary was inside its window (and, for windows from the device,
    above zero, which the raw-bits comparisons assume) and whether any score was non-finite: the wait.
@@ -48,7 +46,7 @@ from . import sampling
 def _boundary(counts, tiles, w, bins, low, k):
     """One boundary from window ``w``'s columns, all on the device (no wait; 1-element tensors, which
     index without a synchronization where a 0-d index would be read back): ``(key, take, ok, tie rank
-    of each tile's first tied element, each tile's tie count, the key's bin in the window)``. ``counts``: the column sums of
+    of each tile's first tied element, each tile's tie count)``. ``counts``: the column sums of
     ``tiles``. ``ok`` is False when the k-th largest key is not in the window (the rest is then
     meaningless)."""
     base = w * (bins + 1)
@@ -60,7 +58,7 @@ def _boundary(counts, tiles, w, bins, low, k):
     j = j.clamp(min=0)
     take = k - at_or_above.index_select(0, j) + hist.index_select(0, j)  # k minus the elements above the key
     ties = tiles.index_select(1, base + j).view(-1).to(torch.int64)
-    return low + j, take, ok, ties.cumsum(0) - ties, ties, j
+    return low + j, take, ok, ties.cumsum(0) - ties, ties
 
 
 # from this many bf16 scores on, the windows come from the sample on the device (no wait for it): the
@@ -69,14 +67,6 @@ def _boundary(counts, tiles, w, bins, low, k):
 # (sampling.windows). Not fp16: its keys are 8x finer, so at 2^26 scores the estimate's standard
 # deviation is ~5 keys (a window of 8 would miss often, and each miss costs a second search)
 SPECULATE_MIN_SCORES = 1 << 26
-
-
-# one boundary (no exclusion band): the window pass also writes each score's code against the window
-# into its mask, and a pass over the masks (one byte per score, not two) finishes them, instead of a
-# write pass that reads the scores again: ~1 GB less traffic for 973M bf16 scores, while the masks'
-# allocation moves before the window pass (one call into allo._C when it is built, see
-# topk._new_masks). False: the window pass, then the ranked write (bench_select times both)
-WINDOW_CODES = True
 
 
 def speculates(n: int, dtype) -> bool:
@@ -96,51 +86,33 @@ def band_masks_on_device(sources: dict, search, ks, n: int, *, allocate_masks, w
     if ks[0] == 0 or len(src.groups()) != 1:
         return None
     todo = [k for k in ks if k > 0]
-    codes = WINDOW_CODES and len(todo) == 1
     if speculates(n, search.dtype):
         # windows around the sample's estimates, computed on the device; above zero is assumed (scores are
         # usually magnitudes) and checked with the rest
         bits = search.window_ops.REGISTER_BITS
         lows = sampling.speculative_lows(search.window_ops, src, todo, bits)
         positive, checks = True, [(lows > 0).all().view(1)]
-
-        def count_window(**kw):
-            return RW.window_tile_counts(src, lows, bits, key32=search.key32, edge=search.edge, positive=True, **kw)
-
+        tiles = RW.window_tile_counts(src, lows, bits, key32=search.key32, edge=search.edge, positive=True)
         window_of = [(i, lows[i:i + 1]) for i in range(len(todo))]
     else:
         shift, lows, bits = search.windows(todo, n)
         if shift != 0:
             return None
         windows, positive, checks = sorted(set(lows)), min(lows) > 0, []
-
-        def count_window(**kw):
-            return RW.window_tile_counts(src, windows, bits, key32=search.key32, edge=search.edge, **kw)
-
+        tiles = RW.window_tile_counts(src, windows, bits, key32=search.key32, edge=search.edge)
         window_of = [(windows.index(low), low) for low in lows]
-    if codes:
-        masks = allocate_masks()  # the window pass writes into them
-        tiles = count_window(codes_into=masks)
-    else:
-        tiles = count_window()
-        masks = allocate_masks()  # host work while the GPU runs the window pass
+    masks = allocate_masks()  # host work while the GPU runs the window pass
     counts = tiles.sum(0, dtype=torch.int64)
     bins = 1 << bits
     found = [_boundary(counts, tiles, w, bins, low, k) for (w, low), k in zip(window_of, todo)]
-    if codes:
-        _, take, ok_hi, run, ties, j = found[0]
-        RW.finish_window_codes(src, masks, torch.cat([j, take]), torch.stack([run, ties], 1))
-        oks = [ok_hi]
-    else:
-        if len(found) == 1:  # no exclusion band: the ex columns are not read
-            found.append(found[0])
-        (key_hi, take_hi, ok_hi, run_hi, ties_hi, _), (key_ex, take_ex, ok_ex, run_ex, ties_ex, _) = found
-        bounds = torch.cat([key_hi, take_hi, key_ex, take_ex])
-        tile_ties = torch.stack([run_hi, ties_hi, run_ex, ties_ex], 1)
-        RB.write_band_ranked(src, masks, bounds, tile_ties, has_hi=True, has_ex=ks[1] > 0, positive=positive,
-                             key32=search.key32)
-        oks = [ok_hi, ok_ex]
-    ok = torch.cat(oks + checks).all().long()
+    if len(found) == 1:  # no exclusion band: the ex columns are not read
+        found.append(found[0])
+    (key_hi, take_hi, ok_hi, run_hi, ties_hi), (key_ex, take_ex, ok_ex, run_ex, ties_ex) = found
+    bounds = torch.cat([key_hi, take_hi, key_ex, take_ex])
+    tile_ties = torch.stack([run_hi, ties_hi, run_ex, ties_ex], 1)
+    RB.write_band_ranked(src, masks, bounds, tile_ties, has_hi=True, has_ex=ks[1] > 0, positive=positive,
+                         key32=search.key32)
+    ok = torch.cat([ok_hi, ok_ex] + checks).all().long()
     ok, bad = torch.cat([ok.view(1), counts[-1:]]).tolist()  # the one wait
     if bad:
         _name_nonfinite(sources, None, what)

@@ -422,10 +422,10 @@ ALLOCATE_IN_ONE_CALL = True
 def _new_masks(srcs) -> list[torch.Tensor]:
     """Uninitialized contiguous bool masks of the scores' shapes, on their device, each with its own
     storage (masks are saved with safetensors, which refuses tensors that share one). ~150 masks per
-    call: with the compiled extension loaded or prebuilt, one call allocates them all (in C++; a
-    ``torch.empty_like`` from Python costs several microseconds of host time each, ~1 ms for 145 masks
-    on the H100 machine, while the GPU waits for them); otherwise ``empty_like`` per mask (half of
-    ``torch.empty(shape, ...)``: no shape to parse). Both give the same masks."""
+    call: with the compiled extension loaded or prebuilt, one call allocates them all in C++ (H100
+    machine, 145 masks: 0.48 ms of host time against 0.58 ms for ``torch.empty_like`` each; the CUDA
+    caching allocator is most of it); otherwise ``empty_like`` per mask (half of ``torch.empty(shape,
+    ...)``: no shape to parse). Both give the same masks."""
     like = [s.a if isinstance(s, AbsDiff) else s for s in srcs]
     if ALLOCATE_IN_ONE_CALL and all(type(t) is torch.Tensor for t in like):
         from allo.ops._extension import extension_if_ready
@@ -614,7 +614,7 @@ def band_masks(scores, ratio, exclude_ratio=0.0, *, backend=None, group=None, em
                                      allocate_masks=allocate_masks, what=what)
         if masks is not None:
             return dict(zip(sources, masks))
-    # allocating ~150 masks costs ~1 ms of host time (H100 profile): done while the first pass runs
+    # allocating ~150 masks costs ~0.5 ms of host time (H100 profile): done while the first pass runs
     overlap = allocate_masks if emit is None and backend == "triton" and histogram != "atomic" else None
     (hi, ex), _ = plan(sources, (ratio, exclude_ratio), key32=key32, dtype=dtype, backend=backend, group=group,
                        what=what, histogram=histogram, overlap=overlap, search=search)
