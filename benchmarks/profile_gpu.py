@@ -178,6 +178,16 @@ def profile_select(sweep, trace_dir=None):
     def tile_pass():
         return rw.window_tile_counts(src, dev_lows, rw.REGISTER_BITS, key32=key32, edge=edge, positive=True)
 
+    # the single-program steps between the passes (allo_kernels.radix_boundary), each alone: GPU time
+    # (wall) and host time of the launch
+    import allo_kernels.radix_boundary as rbd
+
+    hist = rw.sample(src, key32=key32)
+    tiles = tile_pass()
+    for label, fn in (("lows_from_sample", lambda: rbd.lows_from_sample(hist, [k], rw.SAMPLES, rw.REGISTER_BITS)),
+                      ("boundaries", lambda: rbd.boundaries(tiles, rw.REGISTER_BITS, [k], [0], dev_lows,
+                                                            check_positive=True))):
+        print(f"select {label}: wall {wall_ms(fn, 2, 10):.3f} ms, host {host_ms(fn):.3f} ms", flush=True)
     for prefetch in (False, True):
         rw.PREFETCH = prefetch
         print(f"select PREFETCH={prefetch}: window pass (per tile) {wall_ms(tile_pass, 2, 10):.3f} ms, band_masks "

@@ -124,3 +124,38 @@ def test_kernels_compile_for_sm90():
     per_group = {key32: 2 * len(B.digits(key32)) + 23 + key32 + (0 if key32 else 24) for key32 in (True, False)}
     expected = 3 * per_group[True] + 2 * per_group[False] + per_group[False]
     assert proc.returncode == 0 and f"compiled {expected}" in proc.stdout, proc.stderr[-3000:] + proc.stdout[-500:]
+
+
+BOUNDARY_SCRIPT = textwrap.dedent('''
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from allo_kernels import radix_boundary as RBd
+
+    C = "constexpr"
+    n = 0
+    for two in (False, True):
+        cx = {"SAMPLES": 16, "OFFSET": 3, "TWO": two, "NBINS": RBd.SAMPLE_BINS, "BLOCK": 4096}
+        triton.compile(ASTSource(fn=RBd._lows_kernel, signature={"hist_ptr": "*i64", "out_ptr": "*i64", "k0": "i64",
+                                                                 "k1": "i64", **{c: C for c in cx}}, constexprs=cx),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        n += 1
+        for bits in (0, 3, 5):
+            cols = 2 * ((1 << bits) + 1) + 1
+            cp = triton.next_power_of_2(cols)
+            for on_device in (False, True):
+                cx = {"C": cols, "CP": cp, "BINS": 1 << bits, "TWO": two, "LOWS_ON_DEVICE": on_device,
+                      "CHECK_POSITIVE": on_device, "TIE_ROWS": 4096}
+                sig = {"tiles_ptr": "*i32", "counts_ptr": "*i64", "ntiles": "i32", "lows_ptr": "*i64", "low0": "i32", "low1": "i32",
+                       "base0": "i32", "base1": "i32", "k0": "i32", "k1": "i32", "bounds_ptr": "*i64",
+                       "ties_ptr": "*i64", "flags_ptr": "*i64", **{c: C for c in cx}}
+                triton.compile(ASTSource(fn=RBd._boundaries_kernel, signature=sig, constexprs=cx),
+                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+                n += 1
+    print("compiled", n)
+''')
+
+
+def test_boundary_kernels_compile_for_sm90():
+    proc = compile_in_subprocess(BOUNDARY_SCRIPT)
+    assert proc.returncode == 0 and "compiled 14" in proc.stdout, proc.stderr[-3000:] + proc.stdout[-500:]
