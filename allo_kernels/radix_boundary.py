@@ -20,6 +20,9 @@ import triton
 import triton.language as tl
 
 SAMPLE_BINS = 65536  # the sample's histogram (allo_kernels.radix_window.sample)
+# False: the plain-PyTorch references do the work instead (the glue these kernels replaced; bench_select
+# times both on a GPU, until one is measured better)
+USE_KERNELS = True
 
 
 @triton.jit
@@ -56,6 +59,8 @@ def lows_from_sample(hist: torch.Tensor, ks, samples: int, bits: int) -> torch.T
     if not 1 <= len(ks) <= 2 or hist.shape != (SAMPLE_BINS,) or hist.dtype != torch.int64:
         raise ValueError(f"radix_boundary.lows_from_sample: {len(ks)} boundaries over a {hist.dtype} "
                          f"{tuple(hist.shape)} histogram; expected 1 or 2 over int64 ({SAMPLE_BINS},)")
+    if not USE_KERNELS:
+        return lows_from_sample_reference(hist, ks, samples, bits)
     out = torch.empty(len(ks), dtype=torch.int64, device=hist.device)
     _lows_kernel[(1,)](hist, out, int(ks[0]), int(ks[-1]), SAMPLES=samples, OFFSET=(1 << bits) // 2 - 1,
                        TWO=len(ks) == 2, NBINS=SAMPLE_BINS, BLOCK=4096, num_warps=8)
@@ -63,7 +68,7 @@ def lows_from_sample(hist: torch.Tensor, ks, samples: int, bits: int) -> torch.T
 
 
 def lows_from_sample_reference(hist: torch.Tensor, ks, samples: int, bits: int) -> torch.Tensor:
-    """Plain-PyTorch :func:`lows_from_sample`."""
+    """Plain-PyTorch :func:`lows_from_sample` (no wait either: ~7 small torch ops)."""
     c = hist.cumsum(0)
     room = torch.cat([c[-1:] - k * samples for k in ks])
     b = torch.searchsorted(c - hist, room, right=True) - 1
@@ -157,6 +162,8 @@ def boundaries(tiles: torch.Tensor, bits: int, ks, windows, lows, *, check_posit
     window above zero; else 0 and the rest is meaningless, the number of tiles holding a non-finite
     score)."""
     _check_boundaries_args(tiles, bits, ks, windows, lows, "boundaries")
+    if not USE_KERNELS:
+        return boundaries_reference(tiles, bits, ks, windows, lows, check_positive=check_positive)
     bins = 1 << bits
     ncols = tiles.shape[1]
     ntiles = tiles.shape[0]
@@ -177,24 +184,30 @@ def boundaries(tiles: torch.Tensor, bits: int, ks, windows, lows, *, check_posit
 
 def boundaries_reference(tiles: torch.Tensor, bits: int, ks, windows, lows, *, check_positive: bool = False):
     """Plain-PyTorch :func:`boundaries` (the same results; only the meaningful ones when a key is outside
-    its window)."""
+    its window). Like the kernel it never waits for the GPU: ~25 small torch ops, the device path's glue
+    before the kernel (bench_select times both: :data:`USE_KERNELS`)."""
     _check_boundaries_args(tiles, bits, ks, windows, lows, "boundaries_reference")
     bins = 1 << bits
     counts = tiles.sum(0, dtype=torch.int64)
-    found, ok = [], True
-    for k, w, low in zip(ks, windows, lows):
+    on_device = isinstance(lows, torch.Tensor)
+    found, oks = [], []
+    for i, (k, w) in enumerate(zip(ks, windows)):
+        # 1-element tensors, which index without a synchronization where a 0-d index would be read back
+        low = lows[i:i + 1] if on_device else int(lows[i])
         base = w * (bins + 1)
-        hist, above = counts[base:base + bins], int(counts[base + bins])
+        hist, above = counts[base:base + bins], counts[base + bins:base + bins + 1]
+        # elements at or above each bin's key (bin j is key low + j): non-increasing in j
         at_or_above = above + hist.flip(0).cumsum(0).flip(0)
-        j = int((at_or_above >= k).sum()) - 1
-        ok = ok and above < k and j >= 0 and (not check_positive or int(low) > 0)
-        j = max(j, 0)
-        take = k - int(at_or_above[j]) + int(hist[j])
-        ties = tiles[:, base + j].to(torch.int64)
-        found.append((int(low) + j, take, ties.cumsum(0) - ties, ties))
-    if len(found) == 1:
+        j = (at_or_above >= k).sum(0, keepdim=True) - 1  # the largest bin reaching k; -1 when none does
+        oks.append((above < k) & (j >= 0))
+        if check_positive:
+            oks.append(low > 0 if on_device else torch.full_like(j, int(low) > 0, dtype=torch.bool))
+        j = j.clamp(min=0)
+        take = k - at_or_above.index_select(0, j) + hist.index_select(0, j)  # k minus the elements above the key
+        ties = tiles.index_select(1, base + j).view(-1).to(torch.int64)
+        found.append((low + j, take, ties.cumsum(0) - ties, ties))
+    if len(found) == 1:  # no exclusion band: its columns are the first boundary's
         found.append(found[0])
     (key0, take0, run0, ties0), (key1, take1, run1, ties1) = found
-    bounds = torch.tensor([key0, take0, key1, take1], dtype=torch.int64, device=tiles.device)
-    flags = torch.tensor([int(ok), int(counts[-1])], dtype=torch.int64, device=tiles.device)
-    return bounds, torch.stack([run0, ties0, run1, ties1], 1), flags
+    flags = torch.cat([torch.cat(oks).all().long().view(1), counts[-1:]])
+    return torch.cat([key0, take0, key1, take1]), torch.stack([run0, ties0, run1, ties1], 1), flags

@@ -20,7 +20,9 @@ writing only (``-write``, given the threshold), so a GPU session sees which part
   one wait in all); ``allo-blocked-host-windows`` has the host read the sample to size the windows,
   ``allo-blocked-synced`` reads every pass back on the host (``-plan`` and ``-write`` time that one's
   parts), ``allo-blocked-empty-like`` allocates the masks with one ``torch.empty_like`` each instead
-  of one call into the compiled extension (the default when it is built)
+  of one call into the compiled extension (the default when it is built), ``allo-blocked-torch-glue``
+  runs the steps between the passes as torch ops instead of single-program kernels
+  (``radix_boundary.USE_KERNELS``)
 * ``blocked-radix`` the same kernels, radix passes over 5-6-bit digits from the top one (no sample)
 * ``atomic``  one global atomic per element into a 65536-bin histogram, one launch per tensor per pass
 
@@ -216,6 +218,7 @@ def main():
             checked[f"{label}-plan"] = check_plan(run_plan(), k, thr, above, ties, key32=key32, dtype=kdt)
     if cuda:  # the default search's earlier forms, in the same run: what each step of it gained
         from allo.select import device_plan, topk as topk_module
+        from allo_kernels import radix_boundary
 
         def with_setting(module, name, value):
             def run():
@@ -231,7 +234,8 @@ def main():
         # reads the sample to size the windows (the default for fewer than SPECULATE_MIN_SCORES scores)
         for label, fn in (("allo-blocked-synced", with_setting(topk_module, "FINISH_ON_DEVICE", False)),
                           ("allo-blocked-host-windows", with_setting(device_plan, "SPECULATE_MIN_SCORES", 1 << 62)),
-                          ("allo-blocked-empty-like", with_setting(topk_module, "ALLOCATE_IN_ONE_CALL", False))):
+                          ("allo-blocked-empty-like", with_setting(topk_module, "ALLOCATE_IN_ONE_CALL", False)),
+                          ("allo-blocked-torch-glue", with_setting(radix_boundary, "USE_KERNELS", False))):
             impls[label], out_bytes[label] = fn, n
             if label not in skip:
                 checked[label] = check_masks(scores, fn(), k, thr, above)

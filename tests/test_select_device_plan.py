@@ -198,6 +198,27 @@ def test_speculative_windows_match_reference(prefetch, device, small_tiles, spec
     assert device_plan.speculates(1 << 30, torch.bfloat16) and not device_plan.speculates(1 << 30, torch.float16)
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_device_finish_with_torch_glue(speculative, device, small_tiles, monkeypatch):
+    # the steps between the passes as torch ops (radix_boundary.USE_KERNELS off: bench_select's comparison)
+    # give the same masks
+    from allo_kernels import radix_boundary
+
+    monkeypatch.setattr(radix_boundary, "USE_KERNELS", False)
+    scores = _clustered(torch.bfloat16, device)
+    if speculative:
+        monkeypatch.setattr(device_plan, "SPECULATE_MIN_SCORES", 0)
+    else:
+        _forced_windows(monkeypatch, scores, 2, 1, [])
+    cpu = {n: s.cpu() for n, s in scores.items()}
+    for ratio, ex in CASES:
+        ref = reference_band_masks(cpu, ratio, ex)
+        got, taken = _device_masks(scores, ratio, ex, monkeypatch)
+        assert taken == [ratio * 1158 >= 0.5], (ratio, ex)
+        for name in ref:
+            assert torch.equal(got[name].cpu(), ref[name]), (ratio, ex, name)
+
+
 @pytest.mark.parametrize("shift", [100, -100, "signed"])
 def test_speculative_windows_that_miss_fall_back(shift, device, small_tiles, speculate, monkeypatch):
     # windows far off the thresholds, or (signed scores) not above zero: the general search, same masks
