@@ -207,7 +207,7 @@ def test_new_masks_have_the_shapes_and_their_own_storage(monkeypatch, one_call):
 
     load_extension()  # the one-call path when allowed: allo._C.empty_masks
     monkeypatch.setattr(topk, "ALLOCATE_IN_ONE_CALL", one_call)
-    w = torch.randn(7, 5, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(7, 5))  # a weight delta's first operand is a model's parameter
     like = [torch.randn(3, 4), torch.randn(6, 2).t(), torch.zeros(0, 3), torch.randn(()), w]
     srcs = like[:-1] + [topk.AbsDiff(w, w.detach() + 1)]
     masks = topk._new_masks(srcs)

@@ -427,7 +427,8 @@ def _new_masks(srcs) -> list[torch.Tensor]:
     caching allocator is most of it); otherwise ``empty_like`` per mask (half of ``torch.empty(shape,
     ...)``: no shape to parse). Both give the same masks."""
     like = [s.a if isinstance(s, AbsDiff) else s for s in srcs]
-    if ALLOCATE_IN_ONE_CALL and all(type(t) is torch.Tensor for t in like):
+    plain = (torch.Tensor, torch.nn.Parameter)  # (weight deltas hold the models' parameters)
+    if ALLOCATE_IN_ONE_CALL and all(type(t) in plain for t in like):
         from allo.ops._extension import extension_if_ready
 
         empty_masks = getattr(extension_if_ready(), "empty_masks", None)  # (None: no extension, or one built
@@ -436,7 +437,7 @@ def _new_masks(srcs) -> list[torch.Tensor]:
     empty_like, dtype, fmt = torch.empty_like, torch.bool, torch.contiguous_format
     out = []
     for t in like:
-        if type(t) is torch.Tensor:
+        if type(t) in plain:
             out.append(empty_like(t, dtype=dtype, memory_format=fmt))
         else:  # a subclass (e.g. DTensor) would make its own kind of mask
             out.append(torch.empty(t.shape, dtype=dtype, device=t.device))
