@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import tile_layout, upload_table
-from .radix_select import _bits_of, _keys, _keys_of, _load_scores, _operands
+from .radix_select import _bits, _keys_of, _operands
 
 DIGITS = {False: (6, 5, 5), True: (6, 6, 5, 5, 5, 5)}  # bits per pass, most significant first; sum = key bits
 TILE = 32768  # elements per program: global atomics per pass <= (elements / TILE) x bins
@@ -96,13 +96,8 @@ def _row(table_ptr, tile_tensor_ptr, X_T: tl.constexpr, Y_T: tl.constexpr, ALIGN
 @triton.jit
 def _step_keys(x, y, base, n, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr,
                Y_BF16: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
-    offs = base + tl.arange(0, BLOCK)
-    if MASKED:
-        m = offs < n
-    else:
-        # whole steps have a constant mask, so the loads can be vectorized
-        m = tl.full([BLOCK], 1, tl.int1)
-    return offs, m, _keys(x, y, offs, m, IS_DIFF, KEY32, X_BF16, Y_BF16)
+    offs, m, _, key = _step_scores(x, y, base, n, IS_DIFF, KEY32, X_BF16, Y_BF16, False, MASKED, BLOCK)
+    return offs, m, key
 
 
 @triton.jit
@@ -121,24 +116,10 @@ def _step_scores(x, y, base, n, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF
     else:
         # whole steps have a constant mask, so the loads can be vectorized
         m = tl.full([BLOCK], 1, tl.int1)
-    a, b = _load_scores(x, y, offs, m, IS_DIFF)
-    key = _comparable(a, b, IS_DIFF, KEY32, X_BF16, Y_BF16, POSITIVE)
+    bits = _bits(x, y, offs, m, IS_DIFF, KEY32, X_BF16, Y_BF16)
     if POSITIVE:
-        valid = tl.full([BLOCK], 1, tl.int1)
-    else:
-        valid = m
-    return offs, m, valid, key
-
-
-@triton.jit
-def _comparable(a, b, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr, Y_BF16: tl.constexpr,
-                POSITIVE: tl.constexpr):
-    """What a step compares, from scores already loaded (:func:`_load_scores`): the raw bits when
-    ``POSITIVE``, else the keys (see :func:`_step_scores`)."""
-    bits = _bits_of(a, b, IS_DIFF, KEY32, X_BF16, Y_BF16)
-    if POSITIVE:
-        return bits
-    return _keys_of(bits, KEY32)
+        return offs, m, tl.full([BLOCK], 1, tl.int1), bits
+    return offs, m, m, _keys_of(bits, KEY32)
 
 
 @triton.jit

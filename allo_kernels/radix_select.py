@@ -72,36 +72,22 @@ def _f32(v, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def _load_scores(x_ptr, y_ptr, offs, m, IS_DIFF: tl.constexpr):
-    """The raw values behind ``offs`` (0 where ``m`` is False): x, and y for an AbsDiff (else x again)."""
-    a = tl.load(x_ptr + offs, mask=m, other=0)
-    if IS_DIFF:
-        b = tl.load(y_ptr + offs, mask=m, other=0)
-    else:
-        b = a
-    return a, b
-
-
-@triton.jit
-def _bits_of(a, b, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr, Y_BF16: tl.constexpr):
-    """:func:`_bits` of values already loaded by :func:`_load_scores`."""
-    if IS_DIFF:
-        bits = tl.abs(_f32(a, X_BF16) - _f32(b, Y_BF16)).to(tl.int32, bitcast=True)
-    elif KEY32:
-        # 16-bit scores mixed with wider ones compare by value: upcast exactly, then 32-bit keys
-        bits = _f32(a, X_BF16).to(tl.int32, bitcast=True)
-    else:
-        bits = a.to(tl.int16, bitcast=True).to(tl.int32)
-    return bits
-
-
-@triton.jit
 def _bits(x_ptr, y_ptr, offs, m, IS_DIFF: tl.constexpr, KEY32: tl.constexpr, X_BF16: tl.constexpr,
           Y_BF16: tl.constexpr):
     """The scores' bits as signed integers (16-bit ones sign-extended), 0 where ``m`` is False. For
     a score > 0 this is its key already."""
-    a, b = _load_scores(x_ptr, y_ptr, offs, m, IS_DIFF)
-    return _bits_of(a, b, IS_DIFF, KEY32, X_BF16, Y_BF16)
+    if IS_DIFF:
+        a = _f32(tl.load(x_ptr + offs, mask=m, other=0), X_BF16)
+        b = _f32(tl.load(y_ptr + offs, mask=m, other=0), Y_BF16)
+        bits = tl.abs(a - b).to(tl.int32, bitcast=True)
+    else:
+        s = tl.load(x_ptr + offs, mask=m, other=0)
+        if KEY32:
+            # 16-bit scores mixed with wider ones compare by value: upcast exactly, then 32-bit keys
+            bits = _f32(s, X_BF16).to(tl.int32, bitcast=True)
+        else:
+            bits = s.to(tl.int16, bitcast=True).to(tl.int32)
+    return bits
 
 
 @triton.jit

@@ -20,7 +20,9 @@ thread (``tl.histogram`` zeroes, fills and reads back shared memory at every ste
 counted loop is 122 instructions and no barrier (static counts); measured on the H100 (run 6): 0.785
 ms of kernel time with per-tile counts, 0.675 ms with atomics, 1.2-1.4x the time to read the scores.
 
-Tried and dropped: global atomics for the in-window keys (before any GPU measurement: Triton moves the
+Tried and dropped: loading each step's scores a step ahead (Triton does not pipeline this loop
+itself; on the H100 the per-tile pass took 0.907 ms with it and 0.913 without in run 6, 1.103 against
+0.916 in run 7); global atomics for the in-window keys (before any GPU measurement: Triton moves the
 scattered pointers through shared memory into another layout, four barriers per step against three
 for ``tl.histogram``); and (measured in run 7) writing each score's code against the window into its
 mask during this pass, so that a pass over the masks (one byte per score) finishes them instead of a
@@ -39,8 +41,8 @@ import triton
 import triton.language as tl
 
 from . import radix_blocked as rb
-from .radix_blocked import _comparable, _row, _step_scores
-from .radix_select import _keys, _load_scores
+from .radix_blocked import _row, _step_scores
+from .radix_select import _keys
 
 SAMPLES = 16  # keys sampled per tile for the window pass (one per 2048 elements of a full tile)
 WINDOW_BITS = {False: 5, True: 6}  # bins of the window pass: 32 for 16-bit keys, 64 for 32-bit ones
@@ -49,11 +51,6 @@ WINDOW_BITS = {False: 5, True: 6}  # bins of the window pass: 32 for 16-bit keys
 # six-sigma window spans ~4 keys, so the usual large-model pass makes no shared-memory histogram at all
 REGISTER_BITS = 3
 REGISTER_BINS = tl.constexpr(1 << REGISTER_BITS)
-# Load each step's scores one step ahead (two loads in flight per thread; Triton does not pipeline this
-# loop itself: no cp.async at any num_stages, triton 3.6, sm_90). Off: no gain on the H100 (the per-tile
-# window pass 0.907 ms with it, 0.913 without in run 6; 1.103 against 0.916 in run 7). profile_gpu.py
-# times both
-PREFETCH = False
 
 
 @triton.jit
@@ -193,8 +190,8 @@ def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, low
                            X_T: tl.constexpr, Y_T: tl.constexpr, IS_DIFF: tl.constexpr, KEY32: tl.constexpr,
                            X_BF16: tl.constexpr, Y_BF16: tl.constexpr, BITS: tl.constexpr, TWO: tl.constexpr,
                            POSITIVE: tl.constexpr, SHIFTED: tl.constexpr, PER_TENSOR: tl.constexpr,
-                           PER_TILE: tl.constexpr, LOWS_ON_DEVICE: tl.constexpr, PREFETCH: tl.constexpr,
-                           ALIGNED: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
+                           PER_TILE: tl.constexpr, LOWS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr,
+                           TILE: tl.constexpr, BLOCK: tl.constexpr):
     """Per window (one or two): the keys with ``key >> shift`` in ``[low, low + BINS)`` by bin, and how
     many are above the window; also whether the tile holds a non-finite score. ``counts_ptr``:
     [above0, above1, tiles with a non-finite score]. ``BITS == 0``: one-key windows (``shift`` 0),
@@ -213,25 +210,11 @@ def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, low
     acc0 = tl.zeros([BLOCK], dtype=tl.int32)
     acc1 = tl.zeros([BLOCK], dtype=tl.int32)
     big = tl.zeros([BLOCK], dtype=tl.int32)
-    if PREFETCH:
-        # the next step's scores are loaded before this step's are counted: two loads in flight per
-        # thread (Triton's pipeliner leaves this loop alone: its bounds and addresses come from the table)
-        lanes = tl.arange(0, BLOCK)
-        every = tl.full([BLOCK], 1, tl.int1)
-        nxt_a, nxt_b = _load_scores(x, y, start + lanes, every & (full > 0), IS_DIFF)
-        for off in range(0, full, BLOCK):
-            a, b = nxt_a, nxt_b
-            nxt_a, nxt_b = _load_scores(x, y, start + off + BLOCK + lanes, every & (off + BLOCK < full), IS_DIFF)
-            key = _comparable(a, b, IS_DIFF, KEY32, X_BF16, Y_BF16, POSITIVE)
-            h0, h1, acc0, acc1, mag = _window_count_keys(key, every, h0, h1, acc0, acc1, low0, low1, shift, edge,
-                                                         KEY32, BINS, TWO, POSITIVE, SHIFTED)
-            big = tl.maximum(big, mag)
-    else:
-        for off in range(0, full, BLOCK):
-            h0, h1, acc0, acc1, mag = _window_step(x, y, start + off, n, h0, h1, acc0, acc1, low0, low1, shift,
-                                                   edge, IS_DIFF, KEY32, X_BF16, Y_BF16, BINS, TWO, POSITIVE, SHIFTED,
-                                                   False, BLOCK)
-            big = tl.maximum(big, mag)
+    for off in range(0, full, BLOCK):
+        h0, h1, acc0, acc1, mag = _window_step(x, y, start + off, n, h0, h1, acc0, acc1, low0, low1, shift, edge,
+                                               IS_DIFF, KEY32, X_BF16, Y_BF16, BINS, TWO, POSITIVE, SHIFTED, False,
+                                               BLOCK)
+        big = tl.maximum(big, mag)
     if full < count:
         h0, h1, acc0, acc1, mag = _window_step(x, y, start + full, n, h0, h1, acc0, acc1, low0, low1, shift, edge,
                                                IS_DIFF, KEY32, X_BF16, Y_BF16, BINS, TWO, POSITIVE, SHIFTED, True,
@@ -341,7 +324,7 @@ def window_histogram(sources, shift: int, lows, bits: int, *, key32: bool, edge:
         rb._run(_blocked_window_kernel, key, rb._layout(src, members),
                 (buf, counters, counters, lo0, lo1, int(shift), int(edge)), block=block, KEY32=key32, BITS=bits,
                 TWO=len(lows) == 2, POSITIVE=min(lo0, lo1) > 0, SHIFTED=shift > 0, PER_TENSOR=per_tensor,
-                PER_TILE=False, LOWS_ON_DEVICE=False, PREFETCH=PREFETCH)
+                PER_TILE=False, LOWS_ON_DEVICE=False)
     per = buf[:, :len(lows)]
     hist = per.sum(0) if per_tensor else per[0]
     return hist, (per if per_tensor else None), counters[:len(lows)], counters[2:]
@@ -379,5 +362,5 @@ def window_tile_counts(sources, lows, bits: int, *, key32: bool, edge: int, posi
         lows_dev, (lo0, lo1), positive = out, (int(lows[0]), int(lows[-1])), min(lows) > 0
     rb._run(_blocked_window_kernel, key, layout, (out, out, lows_dev, lo0, lo1, 0, int(edge)), block=block,
             KEY32=key32, BITS=bits, TWO=len(lows) == 2, POSITIVE=positive, SHIFTED=False, PER_TENSOR=False,
-            PER_TILE=True, LOWS_ON_DEVICE=on_device, PREFETCH=PREFETCH)
+            PER_TILE=True, LOWS_ON_DEVICE=on_device)
     return out

@@ -171,8 +171,7 @@ def profile_select(sweep, trace_dir=None):
         return rw.window_histogram(src, shift, lows, bits, key32=key32, edge=edge, per_tensor=shift == 0)
 
     report("select window pass", window_pass)
-    # the default path's window pass (per-tile counts, windows from the sample on the device), without and
-    # with the loads a step ahead (radix_window.PREFETCH), and the whole selection each way
+    # the default path's window pass (per-tile counts, windows from the sample on the device)
     dev_lows = sampling.speculative_lows(rw, src, [k], rw.REGISTER_BITS)
 
     def tile_pass():
@@ -188,11 +187,8 @@ def profile_select(sweep, trace_dir=None):
                       ("boundaries", lambda: rbd.boundaries(tiles, rw.REGISTER_BITS, [k], [0], dev_lows,
                                                             check_positive=True))):
         print(f"select {label}: wall {wall_ms(fn, 2, 10):.3f} ms, host {host_ms(fn):.3f} ms", flush=True)
-    for prefetch in (False, True):
-        rw.PREFETCH = prefetch
-        print(f"select PREFETCH={prefetch}: window pass (per tile) {wall_ms(tile_pass, 2, 10):.3f} ms, band_masks "
-              f"{wall_ms(lambda: band_masks(scores, 0.1, backend='triton'), 2, 10):.3f} ms", flush=True)
-    rw.PREFETCH = False
+    print(f"select window pass (per tile) {wall_ms(tile_pass, 2, 10):.3f} ms, band_masks "
+          f"{wall_ms(lambda: band_masks(scores, 0.1, backend='triton'), 2, 10):.3f} ms", flush=True)
     if not sweep:
         return
     # H100 2026-11-27: the (32-bin) window pass took 2.06 ms of kernel time where reading the scores takes

@@ -177,9 +177,7 @@ def speculate(monkeypatch):
     monkeypatch.setattr(device_plan, "SPECULATE_MIN_SCORES", 0)
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_speculative_windows_match_reference(prefetch, device, small_tiles, speculate, monkeypatch):
-    monkeypatch.setattr(RW, "PREFETCH", prefetch)
+def test_speculative_windows_match_reference(device, small_tiles, speculate, monkeypatch):
     scores = _clustered(torch.bfloat16, device)
     cpu = {n: s.cpu() for n, s in scores.items()}
     waits = []
@@ -260,10 +258,8 @@ def _tile_counts_ref(scores, lows, bits):
     return torch.tensor(rows, dtype=torch.int32).view(-1, 2 * (1 << bits) + 3)
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("dtype", HALF)
-def test_window_tile_counts(dtype, prefetch, device, small_tiles, monkeypatch):
-    monkeypatch.setattr(RW, "PREFETCH", prefetch)
+def test_window_tile_counts(dtype, device, small_tiles, monkeypatch):
     scores = list(_clustered(dtype, device, signed=True).values())
     one, neg = (int(keys_torch(torch.tensor([v]).to(dtype))) for v in (1.0, -1.0))
     scores[2].view(-1)[5] = float("inf")  # a non-finite flag in one tile

@@ -274,10 +274,8 @@ def _window_ref(keys, shift, low, bits):
     return torch.bincount(d[inside], minlength=1 << bits), int((d >= (1 << bits)).sum())
 
 
-@pytest.mark.parametrize("prefetch", [False, True])  # (the loop that loads each step's scores a step ahead)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_blocked_window_histogram(dtype, prefetch, device, small_tiles, monkeypatch):
-    monkeypatch.setattr(RW, "PREFETCH", prefetch)
+def test_blocked_window_histogram(dtype, device, small_tiles, monkeypatch):
     scores = list(_hard_scores(dtype, device).values())
     key32 = dtype == torch.float32
     edge = RB.nonfinite_edge(key32, dtype)
