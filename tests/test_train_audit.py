@@ -4,6 +4,7 @@ config errors. Reuses test_train's tiny model and files."""
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -114,22 +115,6 @@ def test_data_source_errors_name_the_file_and_how_to_fix(tmp_path, capsys):
     rc = main(["warmup", "--train_file", str(bad), "--output_dir", str(tmp_path / "out"), "--disable_tqdm"])
     err = capsys.readouterr().err
     assert rc == 2 and "pairs.json:2: not valid JSON" in err and "Traceback" not in err
-    # a dataset folder without the split asked for
-    (tmp_path / "ds").mkdir()
-    (tmp_path / "ds" / "train.jsonl").write_text('{"prompt": "1?", "chosen": "1.", "rejected": "2."}\n')
-    with pytest.raises(D.DataError, match="split 'test'.*--dataset_test_split none"):
-        D.load_pairs(str(tmp_path / "ds"), tok, split="test")
-    # ... and the way out: no held-out pairs (TRL's eval is optional too)
-    import types
-
-    from allo.train import TrainConfig
-    from allo.train.stages.common import _pairs_source
-
-    def source(split, **kw):
-        return _pairs_source(types.SimpleNamespace(cfg=TrainConfig(dataset_name=str(tmp_path / "ds"), **kw)), split)
-
-    assert source("eval") == source("train") == str(tmp_path / "ds")
-    assert source("eval", dataset_test_split="none") is None and source("train", dataset_test_split="none")
     # per-token values that would turn the loss into NaN, or probabilities that are none
     negs = tmp_path / "negs.jsonl"
     negs.write_text('{"prompt": "1?", "response": "ab", "token_weights": [1, NaN], "keep_probs": [0.5, 1.5]}\n')
@@ -240,7 +225,37 @@ def test_a_model_whose_forward_transforms_its_logits_is_refused():
         TokenLogprobs(CohereForCausalLM(CohereConfig(logit_scale=0.25, **dims)))(ids, mask, ids)
 
 
+def test_dataset_folder_errors_name_the_split_and_how_to_fix(tmp_path, monkeypatch):
+    from allo.train import data as D
+    from allo.train.tokenizer import load_builtin_tokenizer
+
+    tok = load_builtin_tokenizer()
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_text('{"prompt": "1?", "chosen": "1.", "rejected": "2."}\n')
+    # without `datasets` (the GPU image has none): a folder is named as one, with the way out
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+        with pytest.raises(D.DataError, match=r"/ds' is a dataset folder: that needs `pip install datasets`"):
+            D.load_pairs(str(tmp_path / "ds"), tok, split="test")
+    # the way out of a folder with no test split: no held-out pairs (TRL's eval is optional too)
+    import types
+
+    from allo.train import TrainConfig
+    from allo.train.stages.common import _pairs_source
+
+    def source(split, **kw):
+        return _pairs_source(types.SimpleNamespace(cfg=TrainConfig(dataset_name=str(tmp_path / "ds"), **kw)), split)
+
+    assert source("eval") == source("train") == str(tmp_path / "ds")
+    assert source("eval", dataset_test_split="none") is None and source("train", dataset_test_split="none")
+    pytest.importorskip("datasets")
+    # with `datasets`: the folder without the split asked for says so, and how to go on
+    with pytest.raises(D.DataError, match="split 'test'.*--dataset_test_split none"):
+        D.load_pairs(str(tmp_path / "ds"), tok, split="test")
+
+
 def test_a_dataset_without_a_test_split_runs_with_dataset_test_split_none(tiny, tmp_path):  # noqa: F811
+    pytest.importorskip("datasets")  # a dataset folder is read through `datasets`
     ds = tmp_path / "ds"
     ds.mkdir()
     shutil.copy(tiny / "train.jsonl", ds / "train.jsonl")

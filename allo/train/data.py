@@ -97,7 +97,9 @@ def read_rows(source: str, *, split: str = "train") -> list[tuple[str, dict]]:
     try:
         import datasets  # lazily: optional, and absent on some training machines
     except ImportError as e:
-        raise DataError(f"{source!r} is not a file, and reading it as a hub dataset needs `pip install datasets`") from e
+        what = "a dataset folder" if os.path.isdir(source) else "not a file, and reading it as a hub dataset"
+        raise DataError(f"{source!r} is {what}: that needs `pip install datasets` (or give a .jsonl/.json/.parquet "
+                        "file)") from e
     try:
         ds = datasets.load_dataset(source, split=split)
     except Exception as e:  # noqa: BLE001 - re-raised with what was asked for and how to choose otherwise
