@@ -19,6 +19,12 @@ busy whatever the tensor sizes (the same reason torch's fused AdamW uses multi-t
 
 All tensors in one launch share weight dtype, gradient kind and index dtype (they are constexpr);
 the wrapper groups tensors into such buckets, usually one.
+
+Access width. Addresses read from a table carry no alignment, so the compiler emits 4-byte accesses
+unless told otherwise; a lane mask that may change at any element does the same. When every address of
+a launch is 16-byte aligned (tensors of their own are) the host launches the ``ALIGNED`` variant, and
+whole blocks run without a mask: the compact state, the indices and the weight and gradient of
+contiguous runs (which start at multiples of RUN_ALIGN elements) then move in 16-byte accesses.
 """
 
 from __future__ import annotations
@@ -45,19 +51,81 @@ N_SCAL = 7
 
 
 @triton.jit
+def _update(weight, grad, exp_avg, exp_avg_sq, master, e, j, live, one_minus_beta1, beta2, one_minus_beta2,
+            step_size, bc2_sqrt, decay, eps, PARAM_T: tl.constexpr, COMPACT_GRAD: tl.constexpr,
+            HAS_MASTER: tl.constexpr, MASKED: tl.constexpr):
+    """AdamW on BLOCK selected elements: ``j`` their positions in the compact state, ``e`` in the weight.
+    ``MASKED``: the last block of a tensor, whose lanes past its count ``live`` leaves out (a lane mask
+    that may change every element also keeps the compiler from vector accesses: whole blocks go without)."""
+    if COMPACT_GRAD:
+        g = _ld(grad + j, live, MASKED).to(tl.float32)
+    else:
+        g = _ld(grad + e, live, MASKED).to(tl.float32)
+    m = _ld(exp_avg + j, live, MASKED)
+    v = _ld(exp_avg_sq + j, live, MASKED)
+    if HAS_MASTER:
+        p = _ld(master + j, live, MASKED)
+    else:
+        p = _ld(weight + e, live, MASKED).to(tl.float32)
+
+    m = m + one_minus_beta1 * (g - m)
+    v = beta2 * v + one_minus_beta2 * g * g
+    p = p * decay
+    # IEEE-rounded sqrt and division (tl.sqrt and "/" are approximate on NVIDIA GPUs): the kernel is
+    # memory-bound, so exactness is free and the CUDA, CPU and reference paths agree to the last ulp or two
+    p = p - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
+
+    _st(exp_avg + j, m, live, MASKED)
+    _st(exp_avg_sq + j, v, live, MASKED)
+    if HAS_MASTER:
+        _st(master + j, p, live, MASKED)
+    _st(weight + e, p.to(PARAM_T), live, MASKED)
+
+
+@triton.jit
+def _ld(ptrs, live, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptrs, mask=live, other=0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _st(ptrs, x, live, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptrs, x, mask=live)
+    else:
+        tl.store(ptrs, x)
+
+
+@triton.jit
+def _update_block(weight, grad, exp_avg, exp_avg_sq, master, e, j, live, full, one_minus_beta1, beta2,
+                  one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T: tl.constexpr, COMPACT_GRAD: tl.constexpr,
+                  HAS_MASTER: tl.constexpr):
+    if full:
+        _update(weight, grad, exp_avg, exp_avg_sq, master, e, j, live, one_minus_beta1, beta2, one_minus_beta2,
+                step_size, bc2_sqrt, decay, eps, PARAM_T, COMPACT_GRAD, HAS_MASTER, False)
+    else:
+        _update(weight, grad, exp_avg, exp_avg_sq, master, e, j, live, one_minus_beta1, beta2, one_minus_beta2,
+                step_size, bc2_sqrt, decay, eps, PARAM_T, COMPACT_GRAD, HAS_MASTER, True)
+
+
+@triton.jit
 def masked_adamw_kernel(addr_ptr, scal_ptr, block_tensor_ptr, block_start_ptr, block_element_ptr,
                         u_one_minus_beta1, u_beta2, u_one_minus_beta2, u_step_size, u_bc2_sqrt, u_decay, u_eps,
                         PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, INDEX_T: tl.constexpr,
                         DENSE: tl.constexpr, COMPACT_GRAD: tl.constexpr, HAS_MASTER: tl.constexpr,
-                        UNIFORM: tl.constexpr, BLOCK: tl.constexpr):
+                        UNIFORM: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     t = tl.load(block_tensor_ptr + b).to(tl.int64)
-    start = tl.load(block_start_ptr + b)  # int64: first selected element of this block
+    start = tl.load(block_start_ptr + b)  # int64: first selected element of this block (a multiple of BLOCK)
     row = addr_ptr + t * 8
     weight = tl.load(row + 0).to(tl.pointer_type(PARAM_T))
     grad = tl.load(row + 1).to(tl.pointer_type(GRAD_T))
     exp_avg = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     exp_avg_sq = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    master = tl.load(row + 5).to(tl.pointer_type(tl.float32))  # (0 without a master copy: not read then)
     k = tl.load(row + 6)
 
     if UNIFORM:
@@ -75,61 +143,78 @@ def masked_adamw_kernel(addr_ptr, scal_ptr, block_tensor_ptr, block_start_ptr, b
         decay = tl.load(srow + 5)
         eps = tl.load(srow + 6)
 
+    if ALIGNED:
+        # addresses and offsets read from tables carry no alignment: without these hints (true when the
+        # host sets ALIGNED, see Launch) every access is a 4-byte one; with them, and without a lane mask
+        # (whole blocks, see _update_block), the compact state (and the indices, and the weight and the
+        # gradient of contiguous runs) moves in 16-byte accesses
+        weight = tl.multiple_of(weight, 16)
+        grad = tl.multiple_of(grad, 16)
+        exp_avg = tl.multiple_of(exp_avg, 16)
+        exp_avg_sq = tl.multiple_of(exp_avg_sq, 16)
+        master = tl.multiple_of(master, 16)
+        start = tl.multiple_of(start, BLOCK)
     j = start + tl.arange(0, BLOCK)
     live = j < k
+    full = start + BLOCK <= k
     if DENSE:
-        e = j
+        _update_block(weight, grad, exp_avg, exp_avg_sq, master, j, j, live, full, one_minus_beta1, beta2,
+                      one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T, COMPACT_GRAD, HAS_MASTER)
     else:
         # A block whose selected elements are one contiguous run (whole selected rows, say) has its
-        # first element address in the table: no index reads, coalesced weight/grad accesses.
+        # first element in the table (a multiple of RUN_ALIGN, see contiguous_block_starts): no index
+        # reads, coalesced weight/grad accesses. The update is called in each branch, not once after
+        # them on a weight offset chosen by the branch: the compiler would take that offset's alignment
+        # from its least aligned source, the index loads.
         first = tl.load(block_element_ptr + b)
         if first >= 0:
-            e = first + tl.arange(0, BLOCK).to(tl.int64)
+            if ALIGNED:
+                first = tl.multiple_of(first, RUN_ALIGN)
+            run = first + tl.arange(0, BLOCK).to(tl.int64)
+            _update_block(weight, grad, exp_avg, exp_avg_sq, master, run, j, live, full, one_minus_beta1, beta2,
+                          one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T, COMPACT_GRAD, HAS_MASTER)
         else:
+            # scattered elements (4-byte gathers and scatters whatever the hints; sm_90 moves the indices
+            # and the new weights through shared memory between the vector and the gather layouts)
             indices = tl.load(row + 2).to(tl.pointer_type(INDEX_T))
-            e = tl.load(indices + j, mask=live, other=0).to(tl.int64)
-
-    if COMPACT_GRAD:
-        g = tl.load(grad + j, mask=live, other=0.0).to(tl.float32)
-    else:
-        g = tl.load(grad + e, mask=live, other=0.0).to(tl.float32)
-    m = tl.load(exp_avg + j, mask=live, other=0.0)
-    v = tl.load(exp_avg_sq + j, mask=live, other=0.0)
-    if HAS_MASTER:
-        master = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-        p = tl.load(master + j, mask=live, other=0.0)
-    else:
-        p = tl.load(weight + e, mask=live, other=0.0).to(tl.float32)
-
-    m = m + one_minus_beta1 * (g - m)
-    v = beta2 * v + one_minus_beta2 * g * g
-    p = p * decay
-    # IEEE-rounded sqrt and division (tl.sqrt and "/" are approximate on NVIDIA GPUs): the kernel is
-    # memory-bound, so exactness is free and the CUDA, CPU and reference paths agree to the last ulp or two
-    p = p - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
-
-    tl.store(exp_avg + j, m, mask=live)
-    tl.store(exp_avg_sq + j, v, mask=live)
-    if HAS_MASTER:
-        tl.store(master + j, p, mask=live)
-    tl.store(weight + e, p.to(PARAM_T), mask=live)
+            if ALIGNED:
+                indices = tl.multiple_of(indices, 16)
+            if full:
+                gathered = tl.load(indices + j).to(tl.int64)
+                _update(weight, grad, exp_avg, exp_avg_sq, master, gathered, j, live, one_minus_beta1, beta2,
+                        one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T, COMPACT_GRAD, HAS_MASTER, False)
+            else:
+                gathered = tl.load(indices + j, mask=live, other=0).to(tl.int64)
+                _update(weight, grad, exp_avg, exp_avg_sq, master, gathered, j, live, one_minus_beta1, beta2,
+                        one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T, COMPACT_GRAD, HAS_MASTER, True)
 
 
 BLOCK = 1024
 NUM_WARPS = 4
+# contiguous runs the kernel addresses without indices start at multiples of this many elements (16 bytes
+# of the narrowest weight or gradient dtype, 2-byte ones), so that it can move them in 16-byte vectors
+RUN_ALIGN_ELEMENTS = 8
+RUN_ALIGN = tl.constexpr(RUN_ALIGN_ELEMENTS)
+# False: never tell the kernel its addresses are aligned (4-byte accesses throughout, as before the hints;
+# benchmarks/profile_gpu.py times both until a GPU run has compared them)
+ALIGN_HINTS = True
 _tables: dict = {}
 
 
 def contiguous_block_starts(indices: torch.Tensor) -> torch.Tensor:
     """Per block of BLOCK selected elements: the flat index of its first element when the block's
-    elements are one contiguous run, else -1. ``indices`` sorted and unique."""
+    elements are one contiguous run starting at a multiple of RUN_ALIGN elements, else -1 (the block
+    reads its indices). ``indices`` sorted and unique. (Runs of whole rows start at such multiples when
+    the row length is one, as in every usual model; an odd-length row's runs read their indices, so
+    that the kernel may take every run's start as 16-byte aligned.)"""
     k = indices.numel()
     blocks = (k + BLOCK - 1) // BLOCK
     pos = torch.arange(blocks, device=indices.device, dtype=torch.int64) * BLOCK
     last = torch.clamp(pos + BLOCK - 1, max=k - 1)
     idx = indices.long()
     first = idx[pos]
-    return torch.where(idx[last] - first == last - pos, first, torch.full_like(first, -1))
+    run = (idx[last] - first == last - pos) & (first % RUN_ALIGN_ELEMENTS == 0)
+    return torch.where(run, first, torch.full_like(first, -1))
 
 
 def _block_table(bucket: list, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -200,8 +285,11 @@ class Launch:
             args, scal_dev = [float(x) for x in scal[0]], tensor_of_block  # (any pointer: not read)
         else:
             args, scal_dev = [0.0] * N_SCAL, upload(torch.from_numpy(np.ascontiguousarray(scal)), self.device)
+        # every address 16-byte aligned (tensors of their own are; a view into a larger buffer may not be):
+        # the kernel may then use 16-byte accesses (checked every step, gradients move; a few microseconds)
+        aligned = ALIGN_HINTS and not (self.addr[:, :6] % 16).any()
         masked_adamw_kernel[(tensor_of_block.numel(),)](self._uploaded[1], scal_dev, tensor_of_block, start, element,
-                                                        *args, UNIFORM=uniform, **self.constexprs)
+                                                        *args, UNIFORM=uniform, ALIGNED=aligned, **self.constexprs)
 
 
 def masked_adamw_triton(rows: list[tuple]) -> None:

@@ -245,6 +245,28 @@ def profile_l2_granularity(opt, label):
         l2_fetch_granularity(base)
 
 
+def compare_align_hints(opt, label):
+    """The step with the kernel's alignment hints (16-byte accesses; allo_kernels.masked_adamw.ALIGN_HINTS)
+    and without them (4-byte accesses, as before the hints), the two alternated."""
+    import allo_kernels.masked_adamw as ka
+
+    def with_hints(on):
+        def step():
+            ka.ALIGN_HINTS = on
+            opt.step()
+        return step
+
+    try:
+        t = H.time_interleaved({"hints": with_hints(True), "no hints": with_hints(False)}, device="cuda", warmup=2,
+                               repeats=20)
+        print(f"{label}: alignment hints {t['hints']['median_ms']:.3f} ms, without {t['no hints']['median_ms']:.3f} "
+              f"ms (alternated, medians of 20)", flush=True)
+    except Exception as exc:
+        print(f"{label}: alignment hints comparison FAILED {type(exc).__name__}: {exc}"[:300], flush=True)
+    finally:
+        ka.ALIGN_HINTS = True
+
+
 def profile_update(sweep, trace_dir=None):
     from bench_update import _make_masks, _shapes
 
@@ -269,6 +291,8 @@ def profile_update(sweep, trace_dir=None):
                 profile_l2_granularity(opt, "MaskedAdamW step random 10%")
             except Exception as exc:
                 print(f"L2 fetch granularity probe: FAILED {type(exc).__name__}: {exc}"[:300], flush=True)
+        if density == 10:
+            compare_align_hints(opt, f"MaskedAdamW step {kind} {density}%")
         if sweep and density == 10:
             base = (ka.BLOCK, ka.NUM_WARPS)
             for block, warps in [(512, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]:

@@ -55,6 +55,39 @@ def test_contiguous_block_starts():
     idx = _indices(9 * BLOCK + 5, None)
     starts = contiguous_block_starts(idx)
     assert starts.tolist() == [BLOCK, 4 * BLOCK, -1, 9 * BLOCK - 200]  # rows, rows, scattered, partial run
+    # a run is addressed by its start only from a multiple of 8 elements (the kernel may take it as 16-byte
+    # aligned); one element off, the same runs read their indices
+    assert contiguous_block_starts(idx + 1).tolist() == [-1] * 4
+    assert contiguous_block_starts(idx + 8).tolist() == [BLOCK + 8, 4 * BLOCK + 8, -1, 9 * BLOCK - 192]
+
+
+@needs_triton
+@pytest.mark.parametrize("misplaced", [None, "weight", "grad", "exp_avg", "indices"])
+def test_launch_hints_alignment_only_when_every_address_is_aligned(misplaced, monkeypatch):
+    # the kernel takes ALIGNED as a promise (16-byte accesses): a view one element into a buffer breaks it,
+    # whichever operand it is, and the launch must then not make it
+    import allo_kernels.masked_adamw as K
+
+    seen = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(kwargs["ALIGNED"])
+
+    monkeypatch.setattr(K, "masked_adamw_kernel", Recorder())
+    n, k = 3 * BLOCK, BLOCK + 7
+    idx = torch.randperm(n)[:k].sort().values.int()
+    tensors = dict(weight=torch.randn(n), grad=torch.randn(n), indices=idx, exp_avg=torch.zeros(k),
+                   exp_avg_sq=torch.zeros(k))
+    if misplaced is not None:
+        tensors[misplaced] = _placed(tensors[misplaced], "cpu", 1)
+    t = tensors
+    scalars = (0.1, 0.999, 0.001, 1e-3, 1.0, 1.0, 1e-8)
+    K.masked_adamw_triton([(t["weight"], t["grad"], t["indices"], t["exp_avg"], t["exp_avg_sq"], None, False, scalars)])
+    assert seen == [misplaced is None]
+    monkeypatch.setattr(K, "ALIGN_HINTS", False)  # the switch that turns the hints off
+    K.masked_adamw_triton([(t["weight"], t["grad"], t["indices"], t["exp_avg"], t["exp_avg_sq"], None, False, scalars)])
+    assert seen[-1] is False
 
 
 @pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), "cpu"])
