@@ -100,13 +100,20 @@ def _st(ptrs, x, live, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _update_block(weight, grad, exp_avg, exp_avg_sq, master, e, j, live, full, one_minus_beta1, beta2,
+def _update_block(weight, grad, exp_avg, exp_avg_sq, master, e, indices, j, live, full, one_minus_beta1, beta2,
                   one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T: tl.constexpr, COMPACT_GRAD: tl.constexpr,
-                  HAS_MASTER: tl.constexpr):
+                  HAS_MASTER: tl.constexpr, GATHER: tl.constexpr):
+    """:func:`_update` of a whole block without a lane mask, of a tensor's last block with one.
+    ``GATHER``: the weight offsets are ``indices[j]`` (loaded here, masked alike), else ``e`` (and
+    ``indices`` is not read)."""
     if full:
+        if GATHER:
+            e = tl.load(indices + j).to(tl.int64)
         _update(weight, grad, exp_avg, exp_avg_sq, master, e, j, live, one_minus_beta1, beta2, one_minus_beta2,
                 step_size, bc2_sqrt, decay, eps, PARAM_T, COMPACT_GRAD, HAS_MASTER, False)
     else:
+        if GATHER:
+            e = tl.load(indices + j, mask=live, other=0).to(tl.int64)
         _update(weight, grad, exp_avg, exp_avg_sq, master, e, j, live, one_minus_beta1, beta2, one_minus_beta2,
                 step_size, bc2_sqrt, decay, eps, PARAM_T, COMPACT_GRAD, HAS_MASTER, True)
 
@@ -158,8 +165,8 @@ def masked_adamw_kernel(addr_ptr, scal_ptr, block_tensor_ptr, block_start_ptr, b
     live = j < k
     full = start + BLOCK <= k
     if DENSE:
-        _update_block(weight, grad, exp_avg, exp_avg_sq, master, j, j, live, full, one_minus_beta1, beta2,
-                      one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T, COMPACT_GRAD, HAS_MASTER)
+        _update_block(weight, grad, exp_avg, exp_avg_sq, master, j, grad, j, live, full, one_minus_beta1, beta2,
+                      one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T, COMPACT_GRAD, HAS_MASTER, False)
     else:
         # A block whose selected elements are one contiguous run (whole selected rows, say) has its
         # first element in the table (a multiple of RUN_ALIGN, see contiguous_block_starts): no index
@@ -171,22 +178,18 @@ def masked_adamw_kernel(addr_ptr, scal_ptr, block_tensor_ptr, block_start_ptr, b
             if ALIGNED:
                 first = tl.multiple_of(first, RUN_ALIGN)
             run = first + tl.arange(0, BLOCK).to(tl.int64)
-            _update_block(weight, grad, exp_avg, exp_avg_sq, master, run, j, live, full, one_minus_beta1, beta2,
-                          one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T, COMPACT_GRAD, HAS_MASTER)
+            _update_block(weight, grad, exp_avg, exp_avg_sq, master, run, grad, j, live, full, one_minus_beta1,
+                          beta2, one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T, COMPACT_GRAD, HAS_MASTER,
+                          False)
         else:
             # scattered elements (4-byte gathers and scatters whatever the hints; sm_90 moves the indices
             # and the new weights through shared memory between the vector and the gather layouts)
             indices = tl.load(row + 2).to(tl.pointer_type(INDEX_T))
             if ALIGNED:
                 indices = tl.multiple_of(indices, 16)
-            if full:
-                gathered = tl.load(indices + j).to(tl.int64)
-                _update(weight, grad, exp_avg, exp_avg_sq, master, gathered, j, live, one_minus_beta1, beta2,
-                        one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T, COMPACT_GRAD, HAS_MASTER, False)
-            else:
-                gathered = tl.load(indices + j, mask=live, other=0).to(tl.int64)
-                _update(weight, grad, exp_avg, exp_avg_sq, master, gathered, j, live, one_minus_beta1, beta2,
-                        one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T, COMPACT_GRAD, HAS_MASTER, True)
+            _update_block(weight, grad, exp_avg, exp_avg_sq, master, j, indices, j, live, full, one_minus_beta1,
+                          beta2, one_minus_beta2, step_size, bc2_sqrt, decay, eps, PARAM_T, COMPACT_GRAD, HAS_MASTER,
+                          True)
 
 
 BLOCK = 1024
@@ -265,7 +268,7 @@ class Launch:
         self.constexprs = dict(PARAM_T=_TL_DTYPES[wdt], GRAD_T=_TL_DTYPES[gdt if not compact else torch.float32],
                                INDEX_T=_TL_DTYPES[idt] if idt is not None else tl.int32, DENSE=idt is None,
                                COMPACT_GRAD=compact, HAS_MASTER=has_master, BLOCK=BLOCK, num_warps=NUM_WARPS)
-        self._uploaded = None  # (host copy, device table) of the last upload
+        self._uploaded = None  # (host copy, device table, all addresses aligned) of the last upload
 
     def run(self, grad_ptrs, scal: np.ndarray) -> None:
         """Launch with the gradients at ``grad_ptrs`` (one per row, or None: those given at
@@ -274,8 +277,11 @@ class Launch:
             self.addr[:, 1] = grad_ptrs
         if self._uploaded is None or not np.array_equal(self._uploaded[0], self.addr):
             # the caching allocator usually hands a step's gradients the addresses of the last step's:
-            # then the table on the device is still right
-            self._uploaded = (self.addr.copy(), upload_table(torch.from_numpy(self.addr.copy()), self.device))
+            # then the table on the device is still right. Whether every address is 16-byte aligned
+            # (tensors of their own are; a view into a larger buffer may not be) goes with the table: the
+            # kernel may then use 16-byte accesses
+            self._uploaded = (self.addr.copy(), upload_table(torch.from_numpy(self.addr.copy()), self.device),
+                              not (self.addr[:, :6] % 16).any())
         scal = np.asarray(scal, dtype=np.float32)
         tensor_of_block, start, element = self.blocks
         uniform = bool((scal == scal[:1]).all())
@@ -285,9 +291,7 @@ class Launch:
             args, scal_dev = [float(x) for x in scal[0]], tensor_of_block  # (any pointer: not read)
         else:
             args, scal_dev = [0.0] * N_SCAL, upload(torch.from_numpy(np.ascontiguousarray(scal)), self.device)
-        # every address 16-byte aligned (tensors of their own are; a view into a larger buffer may not be):
-        # the kernel may then use 16-byte accesses (checked every step, gradients move; a few microseconds)
-        aligned = ALIGN_HINTS and not (self.addr[:, :6] % 16).any()
+        aligned = ALIGN_HINTS and self._uploaded[2]
         masked_adamw_kernel[(tensor_of_block.numel(),)](self._uploaded[1], scal_dev, tensor_of_block, start, element,
                                                         *args, UNIFORM=uniform, ALIGNED=aligned, **self.constexprs)
 

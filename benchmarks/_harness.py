@@ -182,6 +182,19 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, device, warmup: in
     return out
 
 
+def with_setting(module, name: str, value, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with ``module.name`` set to ``value`` (restored after each call): a module-level switch
+    timed against its default in the same run."""
+    def run():
+        saved = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return fn()
+        finally:
+            setattr(module, name, saved)
+    return run
+
+
 def host_times_ms(fn: Callable[[], object], repeats: int, before: Callable[[], object] | None = None) -> list[float]:
     """How long each of ``repeats`` calls of ``fn()`` takes to return (ms), ``before()`` run untimed
     ahead of each: the host side of launch-bound code (with ``before`` synchronizing a GPU, the time

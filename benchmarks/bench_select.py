@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _harness import exit_if_mismatched, measure, mismatch, parse_args, report  # noqa: E402
+from _harness import exit_if_mismatched, measure, mismatch, parse_args, report, with_setting  # noqa: E402
 
 
 def llama1b_shapes():
@@ -220,22 +220,16 @@ def main():
         from allo.select import device_plan, topk as topk_module
         from allo_kernels import radix_boundary
 
-        def with_setting(module, name, value):
-            def run():
-                saved = getattr(module, name)
-                setattr(module, name, value)
-                try:
-                    return band_masks(scores, args.ratio, backend=backend, histogram="blocked")
-                finally:
-                    setattr(module, name, saved)
-            return run
+        def default():
+            return band_masks(scores, args.ratio, backend=backend, histogram="blocked")
 
         # -synced: the passes read back on the host; -host-windows: finished on the device, but the host
         # reads the sample to size the windows (the default for fewer than SPECULATE_MIN_SCORES scores)
-        for label, fn in (("allo-blocked-synced", with_setting(topk_module, "FINISH_ON_DEVICE", False)),
-                          ("allo-blocked-host-windows", with_setting(device_plan, "SPECULATE_MIN_SCORES", 1 << 62)),
-                          ("allo-blocked-empty-like", with_setting(topk_module, "ALLOCATE_IN_ONE_CALL", False)),
-                          ("allo-blocked-torch-glue", with_setting(radix_boundary, "USE_KERNELS", False))):
+        for label, fn in (("allo-blocked-synced", with_setting(topk_module, "FINISH_ON_DEVICE", False, default)),
+                          ("allo-blocked-host-windows",
+                           with_setting(device_plan, "SPECULATE_MIN_SCORES", 1 << 62, default)),
+                          ("allo-blocked-empty-like", with_setting(topk_module, "ALLOCATE_IN_ONE_CALL", False, default)),
+                          ("allo-blocked-torch-glue", with_setting(radix_boundary, "USE_KERNELS", False, default))):
             impls[label], out_bytes[label] = fn, n
             if label not in skip:
                 checked[label] = check_masks(scores, fn(), k, thr, above)

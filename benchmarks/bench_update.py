@@ -82,6 +82,21 @@ def _make_masks(shapes, density: int, kind: str, device) -> list[torch.Tensor]:
     return masks
 
 
+def held_compact_step(opt, params, grads):
+    """The step of ``opt`` (compact-grad mode) with the compact gradients of ``grads``: its hooks gather
+    them in one backward, and each call hands the same ones back (step() consumes them; a dict update,
+    ~1 us) before stepping."""
+    for p in params:
+        p.grad = None
+    (sum((p * g).sum() for p, g in zip(params, grads))).backward()  # the hooks fill compact grads
+    held = dict(opt._compact)
+
+    def step():
+        opt._compact.update(held)
+        opt.step()
+    return step
+
+
 class AuthorsMaskedAdamW:
     """The released code's update: dense AdamW moments, update multiplied by the mask, unmasked weight
     decay, one parameter at a time."""
@@ -350,18 +365,10 @@ def main():
             variants = variants[:1] + variants[2:]  # every element: dense path, no compact grads
         for impl, kw, compact in variants:
             opt = MaskedAdamW(params, lr=1e-3, weight_decay=0.0, masks=masks, **kw)
-            step = opt.step
             if compact:
-                for p in params:
-                    p.grad = None
-                (sum((p * g).sum() for p, g in zip(params, grads))).backward()  # the hooks fill compact grads
-                held = dict(opt._compact)
-
-                def step(opt=opt, held=held):
-                    # step() consumes the compact grads; hand the same ones back (a dict update, ~1 us)
-                    opt._compact.update(held)
-                    opt.step()
+                step = held_compact_step(opt, params, grads)
             else:
+                step = opt.step
                 attach()
             step = _counted(step)
             row = H.measure(case, impl, step, **measure)

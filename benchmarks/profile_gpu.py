@@ -245,47 +245,22 @@ def profile_l2_granularity(opt, label):
         l2_fetch_granularity(base)
 
 
-def compact_grads_step(params, grads, masks):
-    """A compact-gradient MaskedAdamW's step over ``params``, as bench_update times it: the hooks gather
-    the gradient ``grads`` once, and each step is handed the same compact gradients again."""
-    from allo.optim import MaskedAdamW
-
-    opt = MaskedAdamW(params, lr=1e-3, weight_decay=0.0, masks=masks, compact_grads=True)
-    for p in params:
-        p.grad = None
-    (sum((p * g).sum() for p, g in zip(params, grads))).backward()
-    held = dict(opt._compact)
-
-    def step():
-        opt._compact.update(held)
-        opt.step()
-    return step
-
-
 def compare_align_hints(step, label):
     """The step with the kernel's alignment hints (16-byte accesses; allo_kernels.masked_adamw.ALIGN_HINTS)
     and without them (4-byte accesses, as before the hints), the two alternated."""
     import allo_kernels.masked_adamw as ka
 
-    def with_hints(on):
-        def hinted():
-            ka.ALIGN_HINTS = on
-            step()
-        return hinted
-
     try:
-        t = H.time_interleaved({"hints": with_hints(True), "no hints": with_hints(False)}, device="cuda", warmup=2,
-                               repeats=20)
+        t = H.time_interleaved({"hints": step, "no hints": H.with_setting(ka, "ALIGN_HINTS", False, step)},
+                               device="cuda", warmup=2, repeats=20)
         print(f"{label}: alignment hints {t['hints']['median_ms']:.3f} ms, without {t['no hints']['median_ms']:.3f} "
               f"ms (alternated, medians of 20)", flush=True)
     except Exception as exc:
         print(f"{label}: alignment hints comparison FAILED {type(exc).__name__}: {exc}"[:300], flush=True)
-    finally:
-        ka.ALIGN_HINTS = True
 
 
 def profile_update(sweep, trace_dir=None):
-    from bench_update import _make_masks, _shapes
+    from bench_update import _make_masks, _shapes, held_compact_step
 
     import allo_kernels.masked_adamw as ka
     from allo.optim import MaskedAdamW
@@ -310,7 +285,10 @@ def profile_update(sweep, trace_dir=None):
                 print(f"L2 fetch granularity probe: FAILED {type(exc).__name__}: {exc}"[:300], flush=True)
         if density == 10:
             compare_align_hints(opt.step, f"MaskedAdamW step {kind} {density}%")
-            compare_align_hints(compact_grads_step(params, grads, masks), f"MaskedAdamW compact-grads step {kind} {density}%")
+            compact = MaskedAdamW(params, lr=1e-3, weight_decay=0.0, masks=masks, compact_grads=True)
+            compare_align_hints(held_compact_step(compact, params, grads),
+                                f"MaskedAdamW compact-grads step {kind} {density}%")
+            del compact
             for p, g in zip(params, grads):  # (the compact optimizer's hooks took them)
                 p.grad = g
         if sweep and density == 10:

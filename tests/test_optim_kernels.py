@@ -81,12 +81,12 @@ def test_launch_hints_alignment_only_when_every_address_is_aligned(misplaced, mo
                    exp_avg_sq=torch.zeros(k))
     if misplaced is not None:
         tensors[misplaced] = _placed(tensors[misplaced], "cpu", 1)
-    t = tensors
     scalars = (0.1, 0.999, 0.001, 1e-3, 1.0, 1.0, 1e-8)
-    K.masked_adamw_triton([(t["weight"], t["grad"], t["indices"], t["exp_avg"], t["exp_avg_sq"], None, False, scalars)])
+    row = tuple(tensors[name] for name in ("weight", "grad", "indices", "exp_avg", "exp_avg_sq")) + (None, False, scalars)
+    K.masked_adamw_triton([row])
     assert seen == [misplaced is None]
     monkeypatch.setattr(K, "ALIGN_HINTS", False)  # the switch that turns the hints off
-    K.masked_adamw_triton([(t["weight"], t["grad"], t["indices"], t["exp_avg"], t["exp_avg_sq"], None, False, scalars)])
+    K.masked_adamw_triton([row])
     assert seen[-1] is False
 
 
