@@ -207,7 +207,29 @@ def test_ablation_switches_and_gradient_scores(tiny, tmp_path):
     assert res == {}  # no eval stage asked for
 
 
-def test_eval_models_scores_only_the_models_asked_for(tiny, tmp_path):
+class _LiveModels:
+    """Stands in for allo.train.model in the eval stage: records every model it loads, and how many models
+    it had loaded were still alive at each load."""
+
+    def __init__(self):
+        import weakref
+
+        from allo.train import model as real
+        self.real, self.loaded, self.alive_at_load = real, weakref.WeakSet(), []
+
+    def load_model(self, path, **kw):
+        import gc
+
+        gc.collect()
+        self.alive_at_load.append(len(self.loaded))
+        m = self.real.load_model(path, **kw)
+        self.loaded.add(m)
+        return m
+
+
+def test_eval_models_scores_only_the_models_asked_for(tiny, tmp_path, monkeypatch):
+    from allo.train.stages import eval as eval_stage
+
     base = tmp_path / "base"
     pipeline.run(_cfg(tiny, base, stages="warmup"))
     out = tmp_path / "run"
@@ -215,10 +237,14 @@ def test_eval_models_scores_only_the_models_asked_for(tiny, tmp_path):
                             reuse_from=str(base), reuse_stages="warmup"))
     assert set(res) == {"improve"} and 0.0 <= res["improve"]["eval_answer_accuracy"] <= 1.0
     assert sorted(p.name for p in (out / "eval").glob("*.json")) == ["improve.json"]
-    # the same models, scored in one run with every model, give the same numbers
+    # the same models, scored in one run with every model, give the same numbers; the eval stage holds one
+    # model at a time (the SFT model for the reference, then each evaluated model: a 7B model is 28 GB)
+    live = _LiveModels()
+    monkeypatch.setattr(eval_stage, "models", live)
     full = pipeline.run(_cfg(tiny, tmp_path / "full", selection="none", skip_forget=True, key_tokens=False,
                              reuse_from=str(base), reuse_stages="warmup"))
     assert set(full) == {"sft", "warmup", "improve"} and full["improve"] == res["improve"]
+    assert live.alive_at_load == [0, 0, 0], live.alive_at_load  # sft (reference and eval), warmup, improve
     with pytest.raises(ValueError, match="--eval_models names unknown model"):
         TrainConfig(eval_models="sft,final").validate()
 

@@ -189,13 +189,14 @@ def cache_is_current(ctx: Context, path: str, key: str, stored_key=cache_key) ->
 
 
 def cached_reference(ctx: Context, stage_dir: str, model, named_examples: dict, name="reference_logps", *,
-                     sync: bool = True, scorer=None, model_path: str | None = None) -> dict:
+                     sync: bool = True, scorer=None, model_path: str | None = None, load=None) -> dict:
     """Reference log-probs of the stage's starting ``model`` (loaded from ``model_path``) on every
     example, computed once and cached in ``stage_dir`` (written by the main process); a resumed stage
     reads the cache, a stage whose model or examples changed computes it again. One process or DDP:
-    the main process computes them with ``model``. ``scorer``: FSDP2, the stage's sharded module
-    holding ``model``'s weights: every rank scores its share of the examples through it (``model``
-    is not used) and the main process gathers them and writes the same cache."""
+    the main process computes them with ``model``, or with ``load()`` when ``model`` is None (a model
+    loaded only if the cache must be computed, and dropped after). ``scorer``: FSDP2, the stage's
+    sharded module holding ``model``'s weights: every rank scores its share of the examples through it
+    (``model`` is not used) and the main process gathers them and writes the same cache."""
     path = os.path.join(stage_dir, f"{name}.safetensors")
     key = inputs_key(ctx, models=[model_path], examples=named_examples.values(), names=list(named_examples)) \
         if ctx.main else None
@@ -207,6 +208,8 @@ def cached_reference(ctx: Context, stage_dir: str, model, named_examples: dict, 
         from tqdm.auto import tqdm
 
         if scorer is None:
+            if model is None:
+                model = load()
             scorer, score = TokenLogprobs(model.to(ctx.accelerator.device)), compute_logps
         else:
             score = sharded_logps

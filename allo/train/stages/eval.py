@@ -28,6 +28,10 @@ def _model_of(ctx: Context, name: str) -> str | None:
     return None
 
 
+def _load_for_eval(ctx: Context, path: str):
+    return models.load_model(path).to(ctx.accelerator.device).eval()
+
+
 def _load_problems(ctx: Context):
     cfg = ctx.cfg
     prob_src = cfg.eval_problems_file or (os.path.join(ctx.dir("prepare"), "eval_problems.jsonl")
@@ -198,11 +202,17 @@ def stage_eval(ctx: Context) -> dict:
             if saved is not None:
                 results[name] = saved
                 continue
-            model = models.load_model(path).to(ctx.accelerator.device).eval()
+            # one model on the device at a time (a 7B model is 28 GB in fp32): the last one is dropped before
+            # the next loads, and the SFT model is loaded for the reference only when its cache is not current
+            model = None
+            if name == "sft":
+                model = _load_for_eval(ctx, path)
             if ref is None and pairs:
-                sft = model if name == "sft" else models.load_model(sft_model_path(ctx)).to(ctx.accelerator.device)
-                ref = cached_reference(ctx, sdir, sft, pair_views(pairs), name="sft_reference_logps", sync=False,
-                                       model_path=sft_model_path(ctx))
+                ref = cached_reference(ctx, sdir, model, pair_views(pairs), name="sft_reference_logps", sync=False,
+                                       model_path=sft_model_path(ctx),
+                                       load=lambda: _load_for_eval(ctx, sft_model_path(ctx)))
+            if model is None:
+                model = _load_for_eval(ctx, path)
             results[name] = evaluate_model(ctx, model, pairs, ref, problems)
             _save_result(out_path, results[name], key)
         write_report(ctx.cfg.output_dir, results)
