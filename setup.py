@@ -23,8 +23,11 @@ import sys
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-CPP_SOURCES = ["csrc/logprob.cpp", "csrc/masks.cpp"]
-CUDA_SOURCES = ["csrc/logprob_cuda.cu"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from allo import _sources  # noqa: E402  (the extension's sources and flags, shared with the just-in-time build)
+
+CPP_SOURCES = [f"csrc/{name}" for name in _sources.EXTENSION_CPP_SOURCES]
+CUDA_SOURCES = [f"csrc/{name}" for name in _sources.EXTENSION_CUDA_SOURCES]
 
 
 def _toolkit_problem(cuda_home):
@@ -67,14 +70,14 @@ def _extensions():
     if mode == "auto" and problem is not None:
         print(f"allo setup: building the C++ CPU kernels only: {problem}", file=sys.stderr)
 
-    cxx_flags = ["-O3", "-std=c++20"]  # torch >= 2.10 headers need C++20
+    cxx_flags = list(_sources.EXTENSION_CXX_FLAGS)
     if build_cuda:
         print(f"allo setup: building C++ and CUDA kernels (CUDA_HOME={cpp_extension.CUDA_HOME})", file=sys.stderr)
         ext = cpp_extension.CUDAExtension(
             "allo._C",
             CPP_SOURCES + CUDA_SOURCES,
-            define_macros=[("ALLO_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]},
+            define_macros=[(_sources.EXTENSION_CUDA_MACRO, "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": list(_sources.EXTENSION_NVCC_FLAGS)},
         )
     else:
         ext = cpp_extension.CppExtension("allo._C", CPP_SOURCES, extra_compile_args={"cxx": cxx_flags})
@@ -83,7 +86,6 @@ def _extensions():
 
 def _checked(build_ext):
     """``build_ext`` that refuses an extension linking libstdc++ statically (see allo/_linkcheck.py)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from allo._linkcheck import checked_build_ext
 
     return checked_build_ext(build_ext)

@@ -29,6 +29,34 @@ def test_a_checkout_compiles_its_own_csrc():
     assert sources.csrc_dir() == os.path.join(ROOT, "csrc")
 
 
+def test_the_extension_sources_are_one_list_for_both_builds(monkeypatch):
+    # every C++/CUDA file at the top of csrc/ is in allo._sources' lists (csrc/cpu holds the C loops that
+    # allo._native builds), which setup.py builds from; the just-in-time build compiles the same files
+    top = sorted(f for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith((".cpp", ".cu")))
+    assert top == sorted(sources.EXTENSION_CPP_SOURCES + sources.EXTENSION_CUDA_SOURCES)
+    from torch.utils import cpp_extension
+
+    from allo.ops import _extension
+
+    class Captured(Exception):
+        pass
+
+    def fake_load(**kwargs):
+        raise Captured(kwargs)
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    try:
+        _extension._jit_build()
+    except Captured as e:
+        kwargs = e.args[0]
+    else:
+        raise AssertionError("the just-in-time build did not call cpp_extension.load")
+    built = [os.path.relpath(path, os.path.join(ROOT, "csrc")) for path in kwargs["sources"]]
+    with_cuda = kwargs["with_cuda"]
+    assert built == list(sources.EXTENSION_CPP_SOURCES) + (list(sources.EXTENSION_CUDA_SOURCES) if with_cuda else [])
+    assert kwargs["extra_cflags"][:len(sources.EXTENSION_CXX_FLAGS)] == list(sources.EXTENSION_CXX_FLAGS)
+
+
 _SETUP = """
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension

@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from .. import _sources
 from .._linkcheck import static_libstdcxx_problem
 from .._sources import csrc_dir
 
@@ -28,21 +29,23 @@ def _jit_build():
     from torch.utils import cpp_extension
 
     csrc = csrc_dir()
-    cpp = os.path.join(csrc, "logprob.cpp")
-    masks = os.path.join(csrc, "masks.cpp")
-    cu = os.path.join(csrc, "logprob_cuda.cu")
-    if not os.path.exists(cpp):
+    cpp = [os.path.join(csrc, name) for name in _sources.EXTENSION_CPP_SOURCES]
+    cu = [os.path.join(csrc, name) for name in _sources.EXTENSION_CUDA_SOURCES]
+    missing = [path for path in cpp if not os.path.exists(path)]
+    if missing:
         raise RuntimeError(
             f"allo's compiled extension allo._C is not installed and its sources are not at {csrc} to build it "
-            "just in time; reinstall from a checkout with `pip install --no-build-isolation -e .`"
+            f"just in time (missing: {', '.join(os.path.basename(p) for p in missing)}); reinstall from a "
+            "checkout with `pip install --no-build-isolation -e .`"
         )
-    with_cuda = bool(torch.cuda.is_available() and torch.version.cuda and cpp_extension.CUDA_HOME and os.path.exists(cu))
-    cflags = ["-O3", "-std=c++20"] + (["-DALLO_WITH_CUDA=1"] if with_cuda else [])
+    with_cuda = bool(torch.cuda.is_available() and torch.version.cuda and cpp_extension.CUDA_HOME
+                     and all(os.path.exists(path) for path in cu))
+    cflags = list(_sources.EXTENSION_CXX_FLAGS) + ([f"-D{_sources.EXTENSION_CUDA_MACRO}=1"] if with_cuda else [])
     module = cpp_extension.load(
         name="allo_C_jit" + ("_cuda" if with_cuda else ""),
-        sources=[cpp, masks] + ([cu] if with_cuda else []),
+        sources=cpp + (cu if with_cuda else []),
         extra_cflags=cflags,
-        extra_cuda_cflags=["-O3", "-std=c++20", "--use_fast_math"],
+        extra_cuda_cflags=list(_sources.EXTENSION_NVCC_FLAGS),
         with_cuda=with_cuda,
         verbose=os.environ.get("ALLO_VERBOSE_BUILD", "0") == "1",
     )
