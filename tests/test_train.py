@@ -4,6 +4,7 @@ Everything runs on the CPU with a ~30k-parameter Llama; the expensive fixture (a
 preference files) is built once per module.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 
 from allo.train import TrainConfig, pipeline
 from allo.train import data as D
+from allo.train import model as models
 from allo.train.cli import build_parser, parse
 from allo.train.config import STAGES
 from allo.train.stages import build_pairs
@@ -159,9 +161,33 @@ def test_cli_help_documents_every_flag_and_yaml_config(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ stages
-def test_every_stage_on_a_tiny_model(tiny, tmp_path):
+def test_every_stage_on_a_tiny_model(tiny, tmp_path, monkeypatch):
+    from allo.train.stages import forget as forget_stage
+
+    # forget's implicit token weights score with the warm-up model while the stage's model waits on the CPU
+    parked, loads = [], []
+    real_parked = forget_stage.parked_on_cpu
+
+    @contextlib.contextmanager
+    def spy_parked(model):
+        with real_parked(model):
+            parked.append(model)
+            yield model
+            parked.pop()
+
+    class SpyModels:
+        def __getattr__(self, name):
+            return getattr(models, name)
+
+        def load_model(self, path, **kw):
+            loads.append((os.path.basename(os.path.dirname(path)), len(parked)))
+            return models.load_model(path, **kw)
+
+    monkeypatch.setattr(forget_stage, "parked_on_cpu", spy_parked)
+    monkeypatch.setattr(forget_stage, "models", SpyModels())
     res = pipeline.run(_cfg(tiny, tmp_path / "run"))
     out = tmp_path / "run"
+    assert (out / "forget" / "token_weights.safetensors").exists() and ("warmup", 1) in loads, loads
     for stage in ("warmup", "select", "forget", "improve", "eval"):
         assert (out / stage / "DONE").exists(), stage
     assert set(res) == {"sft", "warmup", "forget", "improve"}

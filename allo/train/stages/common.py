@@ -3,6 +3,7 @@ the SFT model's path) and the on-disk cache of reference log-probs."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -223,6 +224,18 @@ def cached_reference(ctx: Context, stage_dir: str, model, named_examples: dict, 
     if sync or scorer is not None:
         ctx.accelerator.wait_for_everyone()
     return load_cache(path)
+
+
+@contextlib.contextmanager
+def parked_on_cpu(model):
+    """``model`` moved to the CPU for the duration, back to its device after (the same parameter
+    objects): a second model can then use the device without two models' weights on it at once."""
+    device = next(model.parameters()).device
+    model.to("cpu")
+    try:
+        yield model
+    finally:
+        model.to(device)
 
 
 def main_decides(flag: bool) -> bool:

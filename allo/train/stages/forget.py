@@ -13,7 +13,7 @@ from ..logps import TokenLogprobs, compute_logps, load_cache, save_cache
 from ..loop import StageData
 from ..model import save_model
 from .common import (Context, cache_is_current, cached_reference, inputs_key, load_negatives, main_decides, mark_done,
-                     negatives_have, require, scorer_batch, seed_all, sft_model_path)
+                     negatives_have, parked_on_cpu, require, scorer_batch, seed_all, sft_model_path)
 from .masked import masked_stage_start
 
 
@@ -57,8 +57,11 @@ def _token_weights(ctx: Context, sdir: str, negs, ref, model=None, scorer=None) 
         kw = dict(pad_id=ctx.tokenizer.pad_token_id, batch_size=scorer_batch(ctx), device=ctx.accelerator.device,
                   autocast=ctx.accelerator.autocast)
         if scorer is None:
-            warm = models.load_model(require(ctx, "warmup", "model")).to(ctx.accelerator.device)
-            lp_warm = compute_logps(TokenLogprobs(warm), negs, **kw)
+            # the stage's model waits on the CPU while the warm-up model scores: one model on the device
+            with parked_on_cpu(model):
+                warm = models.load_model(require(ctx, "warmup", "model")).to(ctx.accelerator.device)
+                lp_warm = compute_logps(TokenLogprobs(warm), negs, **kw)
+                del warm
         else:
             # FSDP2: the stage's sharded module scores with the warm-up weights (the main process loads
             # them whole, on its CPU only), then gets the stage's own back: no second model anywhere
