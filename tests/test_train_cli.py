@@ -18,3 +18,29 @@ def test_stage_without_its_inputs_says_which_stage_to_run(tmp_path, capsys):
     rc = main(["improve", "--output_dir", str(tmp_path / "empty"), "--disable_tqdm"])
     err = capsys.readouterr().err
     assert rc == 2 and "run the `prepare` stage first" in err
+
+
+def test_a_bad_model_path_is_refused_before_any_stage(tmp_path, capsys):
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text("{}")
+    a_file = tmp_path / "model.bin"
+    a_file.write_text("")
+    cases = [(str(tmp_path / "missing"), "no such folder"), ("./missing_model", "no such folder"),
+             (str(empty), "no config.json"), (str(no_tokenizer), "no tokenizer files"), (str(a_file), "is a file")]
+    for path, says in cases:
+        try:
+            main(["--model_name_or_path", path, "--output_dir", str(tmp_path / "out"), "--disable_tqdm"])
+        except SystemExit as e:
+            assert e.code == 2, path
+        else:
+            raise AssertionError(f"{path} was accepted")
+        err = capsys.readouterr().err
+        assert f"--model_name_or_path {path}: " in err and says in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    # a hub name is left to the hub (checked when loaded); so is the built-in model (no flag)
+    from allo.train.config import model_source_problem
+
+    assert model_source_problem("meta-llama/Llama-3.2-1B") is None and model_source_problem("gpt2") is None

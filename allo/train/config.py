@@ -15,6 +15,7 @@ three for real models.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 STAGES = ("prepare", "warmup", "select", "forget", "improve", "eval")
@@ -119,6 +120,10 @@ class TrainConfig:
     max_new_tokens: int = _f(40, "longest sampled / generated response")
 
     def validate(self) -> "TrainConfig":
+        if self.model_name_or_path is not None:
+            problem = model_source_problem(self.model_name_or_path)
+            if problem:
+                raise ValueError(f"--model_name_or_path {self.model_name_or_path}: {problem}")
         for name in ("forget_ratio", "improve_ratio", "exclude_ratio", "eps", "implicit_token_fraction", "warmup_ratio"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -166,3 +171,29 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# what a local model folder must hold for AutoModelForCausalLM / AutoTokenizer.from_pretrained
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def model_source_problem(path: str) -> str | None:
+    """Why ``path`` cannot be the starting model, or None. Checked before any stage runs: a local folder
+    needs a config.json and tokenizer files (else transformers fails later with a message about hub
+    names or tokenizer conversion); a path that names no folder is an error when it looks like a path
+    (starts with /, ./, ../ or ~, or has more than one /), and is left to the hub otherwise."""
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            return ("the folder has no config.json, so it is not a Hugging Face model folder; save one with "
+                    "model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
+        if not any(os.path.isfile(os.path.join(local, f)) for f in _TOKENIZER_FILES):
+            return (f"the folder has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the model's tokenizer "
+                    "into it with tokenizer.save_pretrained(folder)")
+        return None
+    if os.path.exists(local):
+        return "is a file; expected a model folder (with config.json) or a hub name"
+    if path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:
+        return ("no such folder; expected a local model folder (with config.json) or a hub name such as "
+                "meta-llama/Llama-3.2-1B")
+    return None
