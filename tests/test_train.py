@@ -253,6 +253,78 @@ class _LiveModels:
         return m
 
 
+@pytest.mark.parametrize("variant", ["fp32", "bf16_tied"])
+def test_select_reads_weight_deltas_from_the_files_and_selects_what_loaded_models_select(tiny, tmp_path, monkeypatch,
+                                                                                         variant):
+    # the select stage maps the two models' safetensors files instead of loading both models whole (fp32:
+    # 8 bytes of memory per parameter); the masks must be the same. bf16_tied: an SFT model stored in bf16
+    # (the warm-up model is saved in fp32: mixed operands) with tied embeddings (one tensor in the file)
+    from allo.select import Selection
+    from allo.train.model import save_model, tiny_llama_config
+    from allo.train.stages import select as select_stage
+
+    sft = str(tiny / "sft")
+    if variant == "bf16_tied":
+        from transformers import LlamaForCausalLM
+
+        tok = load_builtin_tokenizer()
+        config = tiny_llama_config(len(tok), hidden_size=32, num_layers=1)
+        config.tie_word_embeddings = True
+        torch.manual_seed(1)
+        sft = str(tmp_path / "sft_bf16_tied")
+        save_model(LlamaForCausalLM(config).to(torch.bfloat16), tok, sft)
+    loads = []
+
+    class SpyModels:
+        mapped = True
+
+        def __getattr__(self, name):
+            return getattr(models, name)
+
+        def load_model(self, path, **kw):
+            loads.append(kw.get("empty", False))
+            return models.load_model(path, **kw)
+
+        def mapped_weights(self, path, model):
+            return models.mapped_weights(path, model) if self.mapped else None
+
+    spy = SpyModels()
+    monkeypatch.setattr(select_stage, "models", spy)
+    a, b = tmp_path / "mapped", tmp_path / "loaded"
+    pipeline.run(_cfg(tiny, a, model_name_or_path=sft, stages="warmup,select"))
+    assert loads == [True], loads  # the architecture only (meta device): no model loaded whole
+    spy.mapped = False
+    pipeline.run(_cfg(tiny, b, model_name_or_path=sft, stages="warmup,select", reuse_from=str(a),
+                      reuse_stages="warmup"))
+    assert loads == [True, True, False, False], loads  # then both models loaded whole
+    for stage in ("forget", "improve"):
+        ma = Selection.load(str(a / "select" / f"{stage}_mask.safetensors")).masks
+        mb = Selection.load(str(b / "select" / f"{stage}_mask.safetensors")).masks
+        assert ma.keys() == mb.keys() and all(torch.equal(ma[n], mb[n]) for n in ma), stage
+        assert sum(int(m.sum()) for m in ma.values()) > 0
+
+
+def test_mapped_weights_of_sharded_files_and_what_they_refuse(tiny, tmp_path):
+    from allo.train.model import empty_model, mapped_weights, tiny_llama_config
+
+    sft = models.load_model(str(tiny / "sft"))
+    meta = models.load_model(str(tiny / "sft"), empty=True)
+    shards = tmp_path / "shards"
+    sft.save_pretrained(shards, max_shard_size="20KB")  # several files and an index
+    assert (shards / "model.safetensors.index.json").exists() and len(list(shards.glob("*.safetensors"))) > 1
+    for folder in (tiny / "sft", shards):
+        w = mapped_weights(str(folder), meta)
+        assert w.keys() == dict(sft.named_parameters()).keys()
+        assert all(torch.equal(w[n], p) for n, p in sft.named_parameters())
+    # not the model's names (a second layer) or shapes (wider), or no safetensors: None (the caller then
+    # loads the model whole)
+    vocab = meta.config.vocab_size
+    for other in (tiny_llama_config(vocab, hidden_size=32, num_layers=2), tiny_llama_config(vocab, hidden_size=48,
+                                                                                              num_layers=1)):
+        assert mapped_weights(str(tiny / "sft"), empty_model(other)) is None
+    assert mapped_weights(str(tmp_path), meta) is None
+
+
 def test_eval_models_scores_only_the_models_asked_for(tiny, tmp_path, monkeypatch):
     from allo.train.stages import eval as eval_stage
 

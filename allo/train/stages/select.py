@@ -17,13 +17,27 @@ from ..logps import TokenLogprobs
 from .common import Context, load_pairs, mark_done, require, sft_model_path
 
 
-def _scores(ctx: Context, base):
+def _scores(ctx: Context):
+    """(scores, parameter shapes) in one process: the whole model(s) on this process."""
     from allo.select import weight_delta_scores
 
+    sft_path = sft_model_path(ctx)
     if ctx.cfg.score_source == "weight_delta":
-        warm = models.load_model(os.path.join(require(ctx, "warmup", "model")))
-        return weight_delta_scores(warm, base)
-    return _gradient_scores(ctx, TokenLogprobs(base.to(ctx.accelerator.device)), base, sharded=False)
+        warm_path = require(ctx, "warmup", "model")
+        # the two models' weights read from their files' memory maps, not loaded: names and shapes from the
+        # architecture alone (meta device). Weights that are not such files: both models loaded whole
+        base = models.load_model(sft_path, empty=True)
+        sft, warm = models.mapped_weights(sft_path, base), models.mapped_weights(warm_path, base)
+        if sft is None or warm is None:
+            ctx.log("select: the models' weights are not safetensors files under their parameter names; "
+                    "loading both models whole for the weight deltas")
+            base = models.load_model(sft_path)
+            sft, warm = base, models.load_model(warm_path)
+        scores = weight_delta_scores(warm, sft)
+    else:
+        base = models.load_model(sft_path)
+        scores = _gradient_scores(ctx, TokenLogprobs(base.to(ctx.accelerator.device)), base, sharded=False)
+    return scores, {n: tuple(p.shape) for n, p in base.named_parameters()}
 
 
 def _gradient_scores(ctx: Context, scorer, model, *, sharded: bool) -> dict:
@@ -139,9 +153,7 @@ def stage_select(ctx: Context) -> dict:
         if sharded:
             scores, shapes, blocks = _sharded_scores(ctx)
         else:
-            base = models.load_model(sft_model_path(ctx))
-            scores, blocks = _scores(ctx, base), None
-            shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+            (scores, shapes), blocks = _scores(ctx), None
         scores = _ranked(cfg, scores, shapes, blocks)
         for stage, ratio in (("forget", cfg.forget_ratio), ("improve", cfg.improve_ratio)):
             kw = dict(exclude_ratio=cfg.exclude_ratio, metadata={"stage": stage, "selection": cfg.selection},
