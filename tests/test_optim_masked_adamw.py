@@ -489,3 +489,37 @@ def test_cuda_triton_and_fused_dense_paths_match_reference(dtype):
         # so masters that cross zero need atol too.
         tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-6)
         torch.testing.assert_close(t.detach(), r.detach(), **tol)
+
+
+def test_a_bool_mask_and_its_flat_indices_give_the_same_selection():
+    # allo-train hands MaskedAdamW a Selection's stored flat indices (no bool mask of the model's size):
+    # the optimizer must keep exactly what the bool mask would give it, full and empty masks included
+    from allo.optim.masks import DENSE, EMPTY, normalize_mask, same_selection
+
+    g = torch.Generator().manual_seed(5)
+    p = torch.zeros(7, 13)
+    for mask in (torch.rand(7, 13, generator=g) < 0.3, torch.ones(7, 13, dtype=torch.bool),
+                 torch.zeros(7, 13, dtype=torch.bool)):
+        from_bool = normalize_mask(mask, p, "p")
+        from_indices = normalize_mask(mask.reshape(-1).nonzero().squeeze(1)[torch.randperm(int(mask.sum()))], p, "p")
+        assert same_selection(from_bool, from_indices), (from_bool, from_indices)
+    assert normalize_mask(torch.ones(7, 13, dtype=torch.bool), p, "p") == DENSE
+    assert normalize_mask(torch.zeros(0, dtype=torch.int64), p, "p") == EMPTY
+
+
+def test_construction_with_masks_makes_only_the_compact_state():
+    # the masks' state is made once: not dense state for every parameter first (all of AdamW's 8 bytes per
+    # parameter, which on a GPU would have to fit beside the model before the masks replaced it)
+    from _allocations import Allocations
+
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 50))
+    masks = {"0.weight": torch.rand(200, 300) < 0.1, "0.bias": torch.tensor([3, 7]), "1.weight": False}
+    with Allocations() as made:
+        opt = MaskedAdamW(model.named_parameters(), lr=1e-3, masks=masks)
+    sizes = [math.prod(shape) for _, shape, _ in made.made]
+    assert max(sizes) <= 300 * 200 // 5, sorted(sizes)[-5:]  # nothing of a weight's size (60000)
+    assert opt.state_bytes() == (int(masks["0.weight"].sum()) + 2) * 12  # "1.bias", not named: frozen
+    # a group added later trains densely, as documented
+    extra = torch.nn.Parameter(torch.randn(5))
+    opt.add_param_group({"params": [extra], "param_names": ["extra"]})
+    assert opt.state[extra]["exp_avg"].shape == (5,) and "indices" not in opt.state[extra]

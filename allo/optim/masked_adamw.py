@@ -116,7 +116,12 @@ class MaskedAdamW(Optimizer):
         # bumped whenever selections or states change, which retires every plan
         self._plans: dict = {}
         self._plan_version = 0
+        # torch's Optimizer.__init__ adds the groups through add_param_group, which gives a new parameter
+        # dense state; here set_masks makes each parameter's state once, for its mask: dense state first
+        # would be 8 bytes per parameter (all of AdamW's state) held until the masks replaced it
+        self._constructing = True
         super().__init__(params, defaults)
+        self._constructing = False
         self.set_masks(masks)
 
     # ------------------------------------------------------------------ parameters and masks
@@ -141,7 +146,8 @@ class MaskedAdamW(Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "_plan_version"):
             self._plan_version += 1
-        if hasattr(self, "_selection") and "params" in param_group:  # after __init__: new params train densely
+        # after __init__ (not during it: see there), a group's new parameters train densely
+        if not getattr(self, "_constructing", True) and "params" in param_group:
             names = self._names()
             for i, p in enumerate(self._params()):
                 if p not in self._selection:

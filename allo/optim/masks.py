@@ -59,9 +59,12 @@ def normalize_mask(mask, param: torch.Tensor, name: str):
                     f"index mask for parameter {name} holds index {lo if lo < 0 else hi}, outside "
                     f"[0, {numel}) (the parameter has {numel} elements; indices are into param.reshape(-1))"
                 )
-            indices = indices.sort().values
-            if indices.numel() > 1 and bool((indices[1:] == indices[:-1]).any()):
-                raise ValueError(f"index mask for parameter {name} holds duplicate indices; pass each index once")
+            # sorted and unique already (what allo.select and Selection give): one comparison pass instead
+            # of a sort (a sort of 10% of a 1B-element model's indices takes seconds on a CPU)
+            if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+                indices = indices.sort().values
+                if bool((indices[1:] == indices[:-1]).any()):
+                    raise ValueError(f"index mask for parameter {name} holds duplicate indices; pass each index once")
     else:
         raise TypeError(
             f"mask for parameter {name} has dtype {mask.dtype}; a mask must be a bool tensor of the parameter's "
