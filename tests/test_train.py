@@ -220,6 +220,16 @@ def test_every_stage_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     # run again: every stage is complete and skipped, same results
     assert pipeline.run(_cfg(tiny, out)) == res
 
+    # a masked stage starts from the selection's flat indices, not from bool masks of the model's size
+    from allo.train.pipeline import make_context
+    from allo.train.stages.masked import masked_stage_start
+
+    ctx = make_context(_cfg(tiny, out))
+    model, scorer, start_masks, mask_file = masked_stage_start(ctx, "improve", str(out / "forget" / "model"), "improve")
+    saved = Selection.load(mask_file).indices
+    assert scorer is None and start_masks.keys() == saved.keys()
+    assert all(m.dtype == torch.int64 and torch.equal(m, saved[n]) for n, m in start_masks.items())
+
 
 def test_ablation_switches_and_gradient_scores(tiny, tmp_path):
     base = tmp_path / "base"

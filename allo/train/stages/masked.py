@@ -26,7 +26,8 @@ def masked_stage_start(ctx: Context, stage: str, path: str, desc: str):
     """The starting point of a masked stage: (model, scorer, masks, mask file).
 
     One process or DDP: the model loaded whole, no scorer (``train_stage`` wraps the model), the
-    selection's bool masks. FSDP2: only the main process reads the weights (its model stays on the
+    selection's sorted flat indices (MaskedAdamW's index sets as stored: no bool mask of the model's
+    size, one byte per parameter, is built). FSDP2: only the main process reads the weights (its model stays on the
     CPU, for saving); the others build the model on the meta device from its config (names and
     shapes, no memory) and never use it. The scorer is the stage's sharded module (holding the
     weights, every rank its shards; the reference pass and the training run through it) and
@@ -39,7 +40,7 @@ def masked_stage_start(ctx: Context, stage: str, path: str, desc: str):
     model = models.load_model(path, empty=sharded and not ctx.main)
     mask_file = _mask_file(ctx, stage)
     if not sharded:
-        return model, None, None if mask_file is None else Selection.load(mask_file, model).masks, mask_file
+        return model, None, None if mask_file is None else Selection.load(mask_file, model).indices, mask_file
     # which parameters train must agree on every rank (FSDP2's collectives): the whole selection's counts
     counts = None if mask_file is None else Selection.load_counts(mask_file, model)
     trainable = None if counts is None else {n: c > 0 for n, c in counts.items()}
