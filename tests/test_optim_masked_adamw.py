@@ -505,6 +505,10 @@ def test_a_bool_mask_and_its_flat_indices_give_the_same_selection():
         assert same_selection(from_bool, from_indices), (from_bool, from_indices)
     assert normalize_mask(torch.ones(7, 13, dtype=torch.bool), p, "p") == DENSE
     assert normalize_mask(torch.zeros(0, dtype=torch.int64), p, "p") == EMPTY
+    # indices are narrowed to int32 before they move to the parameter's device, but checked first: an index
+    # past 2**32 (which int32 would wrap to 1) is refused, not taken as element 1
+    with pytest.raises(ValueError, match="outside"):
+        normalize_mask(torch.tensor([0, 2**32 + 1]), p, "p")
 
 
 def test_construction_with_masks_makes_only_the_compact_state():

@@ -51,20 +51,22 @@ def normalize_mask(mask, param: torch.Tensor, name: str):
                 f"index mask for parameter {name} has shape {tuple(mask.shape)}; flat indices must be a 1-D "
                 f"tensor (use mask.reshape(-1), or a bool mask of shape {tuple(param.shape)})"
             )
-        indices = mask.to(device=param.device, dtype=torch.int64)
-        if indices.numel():
-            lo, hi = int(indices.min()), int(indices.max())
+        if mask.numel():
+            lo, hi = int(mask.min()), int(mask.max())
             if lo < 0 or hi >= numel:
                 raise ValueError(
                     f"index mask for parameter {name} holds index {lo if lo < 0 else hi}, outside "
                     f"[0, {numel}) (the parameter has {numel} elements; indices are into param.reshape(-1))"
                 )
-            # sorted and unique already (what allo.select and Selection give): one comparison pass instead
-            # of a sort (a sort of 10% of a 1B-element model's indices takes seconds on a CPU)
-            if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
-                indices = indices.sort().values
-                if bool((indices[1:] == indices[:-1]).any()):
-                    raise ValueError(f"index mask for parameter {name} holds duplicate indices; pass each index once")
+        # in range: narrowed (int32 below 2**31 elements) where the mask is, then moved: the parameter's
+        # device never holds the wider copy
+        indices = mask.to(dtype=index_dtype(numel)).to(param.device)
+        # sorted and unique already (what allo.select and Selection give): one comparison pass instead of a
+        # sort (a sort of 10% of a 1B-element model's indices takes seconds on a CPU)
+        if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+            indices = indices.sort().values
+            if bool((indices[1:] == indices[:-1]).any()):
+                raise ValueError(f"index mask for parameter {name} holds duplicate indices; pass each index once")
     else:
         raise TypeError(
             f"mask for parameter {name} has dtype {mask.dtype}; a mask must be a bool tensor of the parameter's "

@@ -371,8 +371,8 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
         if not sharded:
             scorer = TokenLogprobs(model)
         named = [(nm, p) for nm, p in scorer.model.named_parameters() if p.requires_grad]
-        if masks is not None:  # sharded: kept where they are; the optimizer moves one at a time to cut it
-            masks = {nm: masks[nm] if sharded else masks[nm].to(device) for nm, _ in named}
+        if masks is not None:  # left where they are: the optimizer moves one at a time (and cuts it, sharded)
+            masks = {nm: masks[nm] for nm, _ in named}
         opt = MaskedAdamW(named, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon, masks=masks,
                           compact_grads=True)
         if not sharded:  # the embedding's and the output layer's gradients go straight to compact form
