@@ -123,6 +123,30 @@ def test_gradient_score_accumulator(mode):
     assert select_top(scores, 0.1, backend="cpu")["head.weight"].shape == (5, 8)
 
 
+@pytest.mark.parametrize("mode", ["accumulated", "sum_of_magnitudes"])
+def test_in_place_scores_make_no_second_copy_and_finish_the_accumulator(mode):
+    from _allocations import Allocations
+
+    torch.manual_seed(0)
+    model = Tiny()
+    batches = [torch.randint(0, 11, (3, 4)) for _ in range(2)]
+    acc = GradientScoreAccumulator(model, exclude="norm", mode=mode)
+    for ids in batches:
+        model(ids).pow(2).mean().backward()
+    copies = acc.scores()
+    with Allocations() as made:
+        scores = acc.scores(in_place=True)
+    shapes = {tuple(p.shape) for n, p in model.named_parameters() if "norm" not in n}
+    # no tensor of a parameter's size is made (in-place ops, which Allocations also lists, write into the buffers)
+    assert not [m for m in made.made if m[1] in shapes and not m[0].split(".")[0].endswith("_")], made.made
+    assert scores.keys() == copies.keys() and all(torch.equal(scores[n], copies[n]) for n in scores)
+    # finished: hooks gone (gradients accumulate as usual), nothing folded, the same values again
+    model(batches[0]).pow(2).mean().backward()
+    assert model.head.weight.grad is not None
+    again = acc.scores()
+    assert all(torch.equal(again[n], copies[n]) for n in again)
+
+
 class _HeadLM(torch.nn.Module):
     """An embedding, a layer and an output layer scored through the fused log-prob op."""
 

@@ -206,6 +206,8 @@ class GradientScoreAccumulator:
                 if free_grads:
                     self._handles.append(p.register_post_accumulate_grad_hook(_drop_grad))
 
+    _finished = False  # scores(in_place=True) turned the buffers into magnitudes: no more folding
+
     def _buffer(self, name, shape, device) -> torch.Tensor:
         buf = self._buffers.get(name)
         if buf is None:
@@ -250,6 +252,9 @@ class GradientScoreAccumulator:
             return None
 
         def sink(first_row: int, grad_rows: torch.Tensor) -> None:
+            if self._finished:  # the buffer holds magnitudes now; folding a signed gradient would corrupt it
+                raise RuntimeError("GradientScoreAccumulator: scores(in_place=True) finished this accumulator; a "
+                                   "row_grad_sink made before it cannot take a later backward's gradient")
             buf = self._buffer(name, param.shape, grad_rows.device)
             buf[first_row:first_row + grad_rows.shape[0]].add_(grad_rows.to(self.dtype))
 
@@ -259,16 +264,26 @@ class GradientScoreAccumulator:
     def _first(self):
         return next(iter(self._params))
 
-    def scores(self) -> dict[str, torch.Tensor]:
-        """Scores per tracked parameter (parameters that never received a gradient score 0)."""
+    def scores(self, *, in_place: bool = False) -> dict[str, torch.Tensor]:
+        """Scores per tracked parameter (parameters that never received a gradient score 0): copies, so
+        accumulation may go on. ``in_place=True``: the buffers become the scores (the magnitudes taken in
+        them), so the scores cost no second copy (``dtype``'s bytes per tracked parameter, beside the
+        model on its device); the accumulator is finished then: its hooks are removed, no later backward
+        is folded, and a later ``scores()`` gives the same values."""
+        magnitudes = self.mode == "sum_of_magnitudes" or self._finished  # the buffers hold magnitudes
+        if in_place:
+            self.remove()
+            self._finished = True
         out = {}
         for name, p in self._params.items():
             buf = self._buffers.get(name)
             if buf is None:
                 shard = local(p)
                 out[name] = torch.zeros(shard.shape, dtype=self.dtype, device=shard.device)
+            elif magnitudes:
+                out[name] = buf if in_place else buf.clone()
             else:
-                out[name] = buf.abs() if self.mode == "accumulated" else buf.clone()
+                out[name] = buf.abs_() if in_place else buf.abs()
         return out
 
     def remove(self):
