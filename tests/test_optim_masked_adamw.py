@@ -527,3 +527,20 @@ def test_construction_with_masks_makes_only_the_compact_state():
     extra = torch.nn.Parameter(torch.randn(5))
     opt.add_param_group({"params": [extra], "param_names": ["extra"]})
     assert opt.state[extra]["exp_avg"].shape == (5,) and "indices" not in opt.state[extra]
+
+
+@requires_cuda
+def test_construction_on_cuda_never_holds_dense_state():
+    # the GPU view of test_construction_with_masks_makes_only_the_compact_state: the device's peak while the
+    # optimizer is built stays near the compact state, far below AdamW's dense moments (8 bytes an element)
+    p = torch.nn.Parameter(torch.zeros(4096, 4096, device="cuda"))
+    mask = torch.rand(4096, 4096, generator=torch.Generator().manual_seed(0)) < 0.1  # on the CPU, as Selection's
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    opt = MaskedAdamW([p], lr=1e-3, masks=[mask])
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    dense = p.numel() * 8
+    # (the bool mask moved to the device and its nonzero() are ~30 MB of it; dense moments alone are 134 MB)
+    assert opt.state_bytes() < dense // 8 and peak < dense // 2, (peak, opt.state_bytes(), dense)
