@@ -39,6 +39,9 @@ def load_model(path: str, *, dtype=torch.float32, empty: bool = False):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
+_SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what allo.select reads
+
+
 def mapped_weights(path: str, model) -> dict[str, torch.Tensor] | None:
     """The weights of the model folder ``path`` by ``model``'s parameter names, as tensors that map the
     folder's safetensors files (read from disk on use, held as page cache, which the OS may drop: no
@@ -78,8 +81,8 @@ def mapped_weights(path: str, model) -> dict[str, torch.Tensor] | None:
                 if name not in keys:
                     return None
                 t = f.get_tensor(name)  # a view of the file's memory map: nothing read yet
-                if tuple(t.shape) != tuple(wanted[name].shape) or not t.is_floating_point():
-                    return None
+                if tuple(t.shape) != tuple(wanted[name].shape) or t.dtype not in _SCORE_DTYPES:
+                    return None  # (another dtype, fp8 say: loading the model converts it)
                 out[name] = t
     return out
 
