@@ -335,6 +335,27 @@ def test_mapped_weights_of_sharded_files_and_what_they_refuse(tiny, tmp_path):
     assert mapped_weights(str(tmp_path), meta) is None
 
 
+def test_every_stage_with_bfloat16_weights(tiny, tmp_path):
+    # --dtype bfloat16 (TRL's --dtype / --torch_dtype): the models are loaded, trained and saved in bf16;
+    # MaskedAdamW keeps fp32 master copies of the selected elements, so the masked stages still change
+    # only selected elements, and do change some
+    from allo.select import Selection
+
+    out = tmp_path / "run"
+    res = pipeline.run(_cfg(tiny, out, dtype="bfloat16"))
+    assert set(res) == {"sft", "warmup", "forget", "improve"}
+    for stage in ("warmup", "forget", "improve"):
+        assert {t.dtype for t in _weights(out, stage).values()} == {torch.bfloat16}, stage
+    sft = {n: t.to(torch.bfloat16) for n, t in load_file(str(tiny / "sft" / "model.safetensors")).items()}
+    for stage, start in (("forget", sft), ("improve", _weights(out, "forget"))):
+        masks = Selection.load(str(out / "select" / f"{stage}_mask.safetensors")).masks
+        after = _weights(out, stage)
+        diff = {n: after[n] != start[n] for n in after}
+        assert not any((d & ~masks[n]).any() for n, d in diff.items()), stage
+        assert sum(int(d.sum()) for d in diff.values()) > 0, stage
+    assert parse(["--torch_dtype", "bfloat16"])[1].dtype == "bfloat16"  # TRL's older spelling
+
+
 def test_eval_models_scores_only_the_models_asked_for(tiny, tmp_path, monkeypatch):
     from allo.train.stages import eval as eval_stage
 

@@ -283,6 +283,10 @@ def _two_process_runs(tiny, out):
     _select_made_up_shards(out)
     _write_json(os.path.join(out, f"loads_{os.environ['RANK']}.json"), loads)
     _write_json(os.path.join(out, f"selects_{os.environ['RANK']}.json"), selects)
+    # (after the recorded runs) --dtype bfloat16: bf16 shards, MaskedAdamW's fp32 master copies of each
+    # rank's selected elements
+    pipeline.run(_cfg(tiny, os.path.join(out, "bf16"), stages="select,forget,improve", per_device_train_batch_size=2,
+                      skip_forget=False, dtype="bfloat16"))
     _sharding_memory(os.path.join(tiny, "big"), out)
 
 
@@ -352,6 +356,7 @@ def two(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_two")
     _fake_warmup(tiny, out / "two")
     _fake_warmup(tiny, out / "wd")
+    _fake_warmup(tiny, out / "bf16")
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
            "ACCELERATE_USE_CPU": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     # --standalone: torchrun's own store binds a port the OS picks and holds it (a port picked here
@@ -361,6 +366,23 @@ def two(tiny, tmp_path_factory):
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-5000:]
     return out
+
+
+def test_fsdp2_with_bfloat16_weights_trains_only_the_selected_elements(tiny, two):
+    from safetensors.torch import load_file
+
+    from allo.select import Selection
+
+    run = os.path.join(two, "bf16")
+    weights = {stage: load_file(os.path.join(run, stage, "model", "model.safetensors")) for stage in ("forget", "improve")}
+    sft = {n: t.to(torch.bfloat16) for n, t in load_file(os.path.join(tiny, "sft", "model.safetensors")).items()}
+    for stage, start in (("forget", sft), ("improve", weights["forget"])):
+        after = weights[stage]
+        assert {t.dtype for t in after.values()} == {torch.bfloat16}, stage
+        masks = Selection.load(os.path.join(run, "select", f"{stage}_mask.safetensors")).masks
+        diff = {n: after[n] != start[n] for n in after}
+        assert not any((d & ~masks[n]).any() for n, d in diff.items()), stage
+        assert sum(int(d.sum()) for d in diff.values()) > 0, stage
 
 
 def test_fsdp2_improve_matches_one_process_and_resumes_exactly(tiny, two, tmp_path):

@@ -34,6 +34,10 @@ def _base_type(tp):
     return args[0] if args else tp
 
 
+# other spellings users know a flag by (TRL's older name)
+_ALIASES = {"dtype": ("--torch_dtype",)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="allo-train",
@@ -54,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
             kw.update(type=tp)
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
-        p.add_argument(f"--{f.name}", **kw)
+        p.add_argument(f"--{f.name}", *_ALIASES.get(f.name, ()), **kw)
     return p
 
 

@@ -63,7 +63,12 @@ class TrainConfig:
     adam_epsilon: float = _f(1e-6, "AdamW epsilon (released scripts: 1e-6)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     beta: float = _f(0.1, "DPO / NPO temperature beta (released scripts: 0.1)")
-    bf16: bool = _f(False, "bf16 autocast (fp32 master weights)")
+    bf16: bool = _f(False, "bf16 autocast (over the weights of --dtype: fp32 master weights by default)")
+    dtype: str = _f("float32", "dtype the models are loaded and trained in (TRL's --dtype; --torch_dtype is the same "
+                    "flag): float32 (the default: fp32 master weights, --bf16 autocasts over them), bfloat16 or "
+                    "float16 (half the weights' memory; MaskedAdamW keeps fp32 copies of the selected elements, the "
+                    "warm-up's AdamW keeps its moments in the weights' dtype, as TRL's does), or auto (as stored)",
+                    choices=("float32", "bfloat16", "float16", "auto"))
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     seed: int = _f(42, "seed for data order, sampling and initialisation")
     logging_steps: int = _f(5, "log metrics every this many optimizer steps")

@@ -30,13 +30,23 @@ def build_tiny_model(tokenizer, *, hidden_size: int, num_layers: int, seed: int)
 
 
 def load_model(path: str, *, dtype=torch.float32, empty: bool = False):
-    """A causal LM from a local folder or hub name (fp32 master weights by default: bf16 runs autocast).
-    ``empty``: read only the config and build the model with :func:`empty_model` (no weights read)."""
+    """A causal LM from a local folder or hub name (fp32 master weights by default: bf16 runs autocast;
+    ``dtype="auto"``: as stored). ``empty``: read only the config and build the model with
+    :func:`empty_model` (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if empty:
-        return empty_model(AutoConfig.from_pretrained(path), dtype=dtype)
+        config = AutoConfig.from_pretrained(path)
+        return empty_model(config, dtype=stored_dtype(config) if dtype == "auto" else dtype)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def stored_dtype(config) -> torch.dtype:
+    """The dtype a checkpoint's config says its weights are stored in (float32 when it does not say)."""
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else torch.float32
 
 
 _SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what allo.select reads

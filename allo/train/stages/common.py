@@ -40,6 +40,13 @@ class Context:
     def progress(self) -> bool:
         return not self.cfg.disable_tqdm and self.accelerator.is_local_main_process
 
+    @property
+    def weights_dtype(self):
+        """What the stages load the models they train, score with and evaluate in (``--dtype``)."""
+        import torch
+
+        return "auto" if self.cfg.dtype == "auto" else getattr(torch, self.cfg.dtype)
+
     def log(self, msg: str):
         if self.main:
             print(f"[allo-train] {msg}", flush=True)

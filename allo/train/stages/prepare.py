@@ -68,7 +68,9 @@ def _sampling_plan(ctx: Context, sdir: str, info: dict, *, load: bool):
     if not cfg.problems_file:
         raise ValueError("`prepare` with --model_name_or_path needs --problems_file (prompt, answer rows), "
                          "or give preference pairs directly with --train_file")
-    model = models.load_model(cfg.model_name_or_path).to(ctx.accelerator.device) if load else None
+    model = None
+    if load:
+        model = models.load_model(cfg.model_name_or_path, dtype=ctx.weights_dtype).to(ctx.accelerator.device)
     train_rows, rep = D.load_problems(cfg.problems_file, skip_bad_rows=cfg.skip_bad_rows)
     ctx.log(str(rep))
     if cfg.eval_problems_file:
@@ -118,7 +120,7 @@ def _prepare_sharded(ctx: Context, sdir: str, info: dict) -> None:
         return path, {"train": train_rows, "eval": eval_rows}
 
     path, rows = _on_main(ctx, plan)
-    model = models.load_model(path, empty=not ctx.main)
+    model = models.load_model(path, dtype=ctx.weights_dtype, empty=not ctx.main)
     scorer = sharded_scorer(ctx.accelerator, model)
     del model  # rank 0's whole copy: the shards hold the weights now
     samples = {}

@@ -35,7 +35,7 @@ def _scores(ctx: Context):
             sft, warm = base, models.load_model(warm_path)
         scores = weight_delta_scores(warm, sft)
     else:
-        base = models.load_model(sft_path)
+        base = models.load_model(sft_path, dtype=ctx.weights_dtype)
         scores = _gradient_scores(ctx, TokenLogprobs(base.to(ctx.accelerator.device)), base, sharded=False)
     return scores, {n: tuple(p.shape) for n, p in base.named_parameters()}
 
@@ -103,7 +103,7 @@ def _sharded_scores(ctx: Context):
         del model
         scores = weight_delta_scores(warm.model, base.model)
     else:
-        model = models.load_model(sft_model_path(ctx), empty=not ctx.main)
+        model = models.load_model(sft_model_path(ctx), dtype=ctx.weights_dtype, empty=not ctx.main)
         base = sharded_scorer(acc, model)
         del model
         scores = _gradient_scores(ctx, base, base.model, sharded=True)
