@@ -65,10 +65,10 @@ class TrainConfig:
     beta: float = _f(0.1, "DPO / NPO temperature beta (released scripts: 0.1)")
     bf16: bool = _f(False, "bf16 autocast (over the weights of --dtype: fp32 master weights by default)")
     dtype: str = _f("float32", "dtype the models are loaded and trained in (TRL's --dtype; --torch_dtype is the same "
-                    "flag): float32 (the default: fp32 master weights, --bf16 autocasts over them), bfloat16 or "
-                    "float16 (half the weights' memory; MaskedAdamW keeps fp32 copies of the selected elements, the "
-                    "warm-up's AdamW keeps its moments in the weights' dtype, as TRL's does), or auto (as stored)",
-                    choices=("float32", "bfloat16", "float16", "auto"))
+                    "flag): float32 (the default: fp32 master weights, --bf16 autocasts over them), bfloat16 (half "
+                    "the weights' memory; MaskedAdamW keeps fp32 copies of the selected elements, the warm-up's AdamW "
+                    "keeps its moments in bf16, as TRL's does), or auto (as stored; float16 weights would train "
+                    "without loss scaling: prefer bfloat16)", choices=("float32", "bfloat16", "auto"))
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     seed: int = _f(42, "seed for data order, sampling and initialisation")
     logging_steps: int = _f(5, "log metrics every this many optimizer steps")
