@@ -356,6 +356,27 @@ def test_every_stage_with_bfloat16_weights(tiny, tmp_path):
     assert parse(["--torch_dtype", "bfloat16"])[1].dtype == "bfloat16"  # TRL's older spelling
 
 
+def test_dense_warmup_adamw_is_fused_on_cuda_only():
+    # fused: no temporary of the weights' size per step (torch's foreach AdamW makes one: _foreach_sqrt)
+    from _allocations import Allocations
+
+    from allo.train.loop import dense_adamw_kind
+
+    assert dense_adamw_kind([torch.zeros(3)]) == {} and dense_adamw_kind([]) == {}
+    p = torch.nn.Parameter(torch.randn(30, 20))
+    p.grad = torch.randn(30, 20)
+    for kind, temporaries in (({"foreach": True}, 1), ({"fused": True}, 0)):
+        opt = torch.optim.AdamW([p], lr=1e-3, **kind)
+        opt.step()
+        with Allocations() as made:
+            opt.step()
+        full = [op for op, shape, _ in made.made if shape == (30, 20) and not op.split(".")[0].endswith("_")]
+        assert len(full) == temporaries, (kind, full)
+    if torch.cuda.is_available():
+        q = [torch.nn.Parameter(torch.zeros(4, device="cuda"))]
+        assert dense_adamw_kind(q) == {"fused": True} and dense_adamw_kind(q + [torch.nn.Parameter(torch.zeros(2))]) == {}
+
+
 def test_eval_models_scores_only_the_models_asked_for(tiny, tmp_path, monkeypatch):
     from allo.train.stages import eval as eval_stage
 
