@@ -356,6 +356,24 @@ def test_every_stage_with_bfloat16_weights(tiny, tmp_path):
     assert parse(["--torch_dtype", "bfloat16"])[1].dtype == "bfloat16"  # TRL's older spelling
 
 
+def test_generation_batch_size_sets_the_generate_calls(tiny, tmp_path, monkeypatch):
+    # --generation_batch_size bounds every generate call (eval's greedy answers here): the KV cache of 256
+    # sequences of a 7B model is tens of GB, so users must be able to lower it
+    from allo.train.stages import eval as eval_stage
+
+    sizes = []
+    real = eval_stage.generate
+
+    def spy(model, tokenizer, prompts, **kw):
+        sizes.append(kw["batch_size"])
+        return real(model, tokenizer, prompts, **kw)
+
+    monkeypatch.setattr(eval_stage, "generate", spy)
+    pipeline.run(_cfg(tiny, tmp_path / "run", selection="none", skip_forget=True, key_tokens=False, stages="eval",
+                      eval_models="sft", generation_batch_size=3))
+    assert sizes == [3], sizes
+
+
 def test_dense_warmup_adamw_is_fused_on_cuda_only():
     # fused: no temporary of the weights' size per step (torch's foreach AdamW makes one: _foreach_sqrt)
     from _allocations import Allocations

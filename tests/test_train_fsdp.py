@@ -229,7 +229,9 @@ def _cut_and_resume(tiny, out_dir, **kw):
     pipeline.run(_cfg(tiny, out_dir, resume_from_checkpoint="true", **kw))
 
 
-PREPARE = dict(num_samples=4, max_new_tokens=20)  # 7 problems: 6 to sample for train (3 per rank), 1 for eval
+# 7 problems: 6 to sample for train (3 per rank), 1 for eval; 2 problems (8 sequences) per generate call, so each
+# rank samples its 3 train problems in 2 batches
+PREPARE = dict(num_samples=4, max_new_tokens=20, generation_batch_size=8)
 
 
 def _prepare_kw(tiny):
@@ -239,23 +241,23 @@ def _prepare_kw(tiny):
 
 def _prepare_runs(tiny, out):
     """Under torchrun: prepare (sampling on the shards) twice, with what build_pairs was given recorded
-    (rank 1: nothing); 4 sequences per batch, so each rank samples its 3 train problems in 2 batches."""
+    (rank 1: nothing); see PREPARE for the batches."""
     from allo.train.stages import prepare
 
-    calls, build, batch = [], prepare.build_pairs, prepare.SAMPLE_BATCH
+    calls, build = [], prepare.build_pairs
 
     def recording(problems, samples, **kw):
         calls.append([problems, samples])
         return build(problems, samples, **kw)
 
-    prepare.build_pairs, prepare.SAMPLE_BATCH = recording, 2 * PREPARE["num_samples"]
+    prepare.build_pairs = recording
     try:
         from allo.train import pipeline
 
         for name in ("prep", "prep_again"):
             pipeline.run(_cfg(tiny, os.path.join(out, name), **_prepare_kw(tiny)))
     finally:
-        prepare.build_pairs, prepare.SAMPLE_BATCH = build, batch
+        prepare.build_pairs = build
     _write_json(os.path.join(out, f"prepare_{os.environ['RANK']}.json"), calls)
 
 

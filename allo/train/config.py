@@ -54,6 +54,10 @@ class TrainConfig:
                                       "task's default is warm-up x 1: larger rates lower its answer accuracy)")
     per_device_train_batch_size: int = _f(16, "pairs (or wrong responses) per device per micro-batch")
     per_device_eval_batch_size: int = _f(64, "sequences per device per evaluation batch")
+    generation_batch_size: int = _f(256, "sequences per device per generate call: prepare's samples (prompts x "
+                                    "--num_samples) and eval's greedy answers. Lower it if generation runs out of "
+                                    "memory: its KV cache is about batch x tokens x layers x 2 x hidden x bytes "
+                                    "(256 x 300 tokens of a 7B Llama in bf16: 38 GB)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     num_train_epochs: float = _f(1.0, "epochs per training stage (released scripts: 1)")
     max_steps: int = _f(-1, "if > 0: optimizer steps per training stage, overriding --num_train_epochs")

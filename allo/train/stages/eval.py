@@ -16,7 +16,6 @@ from ..model import generate
 from .common import (EVALUATED, Context, cache_is_current, cached_reference, from_main, inputs_key, is_done,
                      load_pairs, mark_done, pair_views, scorer_batch, sft_model_path, uses_builtin_data)
 
-GENERATE_BATCH = 256  # prompts per greedy-generation batch
 
 
 def _model_of(ctx: Context, name: str) -> str | None:
@@ -73,7 +72,7 @@ def _evaluate(ctx: Context, pairs, ref, problems, *, logps, answers) -> dict | N
         if ctx.main:
             out.update(_reward_metrics(ctx, pol, ref))
     if problems:
-        texts = answers([p["prompt"] for p in problems], batch_size=GENERATE_BATCH,
+        texts = answers([p["prompt"] for p in problems], batch_size=ctx.cfg.generation_batch_size,
                         max_new_tokens=ctx.cfg.max_new_tokens, progress=ctx.progress, desc="eval: greedy answers")
         if ctx.main:
             out["eval_answer_accuracy"] = _answer_accuracy(texts, problems)

@@ -14,7 +14,6 @@ from ..fsdp import fsdp2_shards, sharded_generate, sharded_scorer
 from ..model import build_tiny_model, generate, save_model, sft_train
 from .common import Context, from_main, mark_done, seed_all
 
-SAMPLE_BATCH = 256  # sequences per sampling batch (prompts x num_samples)
 
 
 def build_pairs(problems: list[dict], samples: list[list[str]], *, max_pairs: int, seed: int):
@@ -84,7 +83,7 @@ def _sampling_plan(ctx: Context, sdir: str, info: dict, *, load: bool):
 def _sample_kwargs(ctx: Context, split: str) -> dict:
     cfg = ctx.cfg
     return dict(num_return_sequences=cfg.num_samples, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                max_new_tokens=cfg.max_new_tokens, batch_size=SAMPLE_BATCH, seed=cfg.seed + (split == "eval"),
+                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size, seed=cfg.seed + (split == "eval"),
                 progress=ctx.progress, desc=f"prepare: sampling {split}")
 
 
