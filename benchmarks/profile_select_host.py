@@ -8,9 +8,10 @@ depends on the number of tensors, not their size). The boundaries come from one 
 the Triton interpreter first. Prints the median host time of ``write_masks`` (cache warm: repeated
 calls, as in a training loop; cold: the launch-table cache cleared before each call), of the three
 histogram passes of the radix search, and of the sampled start's sample + window pass (the searches
-of the sample's histogram run on the CPU here, on an empty histogram). What this cannot show: on
-CUDA, synchronous host->device copies also wait for the GPU queue (see ``benchmarks/profile_gpu.py``
-for the GPU view).
+of the sample's histogram run on the CPU here, on an empty histogram), then when each launch of the
+device-finished selection (allo.select.device_plan, the default on a GPU) leaves the host. What this
+cannot show: on CUDA, synchronous host->device copies also wait for the GPU queue (see
+``benchmarks/profile_gpu.py`` for the GPU view).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import pstats
 import statistics
 import sys
+import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -120,6 +122,63 @@ def main():
     finally:
         for (mod, k), v in kernels.items():
             setattr(mod, k, v)
+    device_plan_timeline(scores, args.ratio, args.repeats)
+
+
+class _Marked:
+    """A kernel stand-in that records when it is launched."""
+
+    def __init__(self, name, marks):
+        self.name, self.marks = name, marks
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.marks.append((self.name, time.perf_counter()))
+
+
+def device_plan_timeline(scores, ratio: float, repeats: int) -> None:
+    """When each launch of the default GPU selection (allo.select.device_plan) leaves the host, from the
+    start of the call, with every kernel stubbed: the host time in front of the first kernel, and between
+    launches, is what the GPU waits for (on a GPU it adds to the wall time). The boundaries are taken as
+    found (the flags say so), so the call returns after its one wait. (On this CPU ~0.15 ms in front of the
+    first launch is torch.zeros of the sample's 65536-bin histogram, a fill kernel on a GPU.)"""
+    import allo.select.device_plan as dp
+    import allo_kernels.radix_boundary as rbd
+    from allo.select import topk
+
+    marks = []
+    stubs = {(rw, "_blocked_sample_kernel"), (rbd, "_lows_kernel"), (rw, "_blocked_window_kernel"),
+             (rbd, "_boundaries_kernel"), (rb, "_blocked_write_ranked_kernel")}
+    saved = {(mod, k): getattr(mod, k) for mod, k in stubs}
+    boundaries, speculate = dp.boundaries, dp.SPECULATE_MIN_SCORES
+
+    def found(*args, **kwargs):
+        bounds, ties, flags = boundaries(*args, **kwargs)
+        flags.fill_(0)[0] = 1  # inside the windows, every score finite
+        return bounds, ties, flags
+
+    try:
+        for mod, k in stubs:
+            setattr(mod, k, _Marked(k.strip("_").replace("_kernel", ""), marks))
+        dp.boundaries, dp.SPECULATE_MIN_SCORES = found, 0  # the windows from the sample, as for a large model
+        at: dict = {}
+        total = []
+        for r in range(repeats + 3):
+            marks.clear()
+            t0 = time.perf_counter()
+            topk.band_masks(scores, ratio, backend="triton", histogram="blocked")
+            t1 = time.perf_counter()
+            if r >= 3:
+                for name, t in marks:
+                    at.setdefault(name, []).append((t - t0) * 1e3)
+                total.append((t1 - t0) * 1e3)
+        print(f"device-finished selection, launches leave the host at (median ms from the call's start, of {repeats}):")
+        for name, ts in at.items():
+            print(f"  {name:24s} {statistics.median(ts):.3f}")
+        print(f"  {'return':24s} {statistics.median(total):.3f}")
+    finally:
+        for (mod, k), v in saved.items():
+            setattr(mod, k, v)
+        dp.boundaries, dp.SPECULATE_MIN_SCORES = boundaries, speculate
 
 
 def _cumsum0(xs):
