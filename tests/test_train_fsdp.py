@@ -289,6 +289,8 @@ def _two_process_runs(tiny, out):
     # rank's selected elements
     pipeline.run(_cfg(tiny, os.path.join(out, "bf16"), stages="select,forget,improve", per_device_train_batch_size=2,
                       skip_forget=False, dtype="bfloat16"))
+    pipeline.run(_cfg(tiny, os.path.join(out, "bf16_warm"), stages="warmup", per_device_train_batch_size=2,
+                      dtype="bfloat16", **WARMUP))
     _sharding_memory(os.path.join(tiny, "big"), out)
 
 
@@ -370,14 +372,18 @@ def two(tiny, tmp_path_factory):
     return out
 
 
-def test_fsdp2_with_bfloat16_weights_trains_only_the_selected_elements(tiny, two):
+def test_fsdp2_with_bfloat16_weights_warms_up_and_trains_only_the_selected_elements(tiny, two):
     from safetensors.torch import load_file
 
     from allo.select import Selection
 
+    # the dense warm-up (torch's AdamW on bf16 DTensor shards): saved in bf16, and it trained
+    warm = load_file(os.path.join(two, "bf16_warm", "warmup", "model", "model.safetensors"))
+    sft = {n: t.to(torch.bfloat16) for n, t in load_file(os.path.join(tiny, "sft", "model.safetensors")).items()}
+    assert {t.dtype for t in warm.values()} == {torch.bfloat16}
+    assert sum(int((warm[n] != sft[n]).sum()) for n in warm) > 0.5 * sum(t.numel() for t in warm.values())
     run = os.path.join(two, "bf16")
     weights = {stage: load_file(os.path.join(run, stage, "model", "model.safetensors")) for stage in ("forget", "improve")}
-    sft = {n: t.to(torch.bfloat16) for n, t in load_file(os.path.join(tiny, "sft", "model.safetensors")).items()}
     for stage, start in (("forget", sft), ("improve", weights["forget"])):
         after = weights[stage]
         assert {t.dtype for t in after.values()} == {torch.bfloat16}, stage
