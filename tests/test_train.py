@@ -161,11 +161,38 @@ def test_cli_help_documents_every_flag_and_yaml_config(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ stages
+class _SpyModels:
+    """Stands in for allo.train.model in one stage module (monkeypatch its ``models``): everything is the
+    real module's, and each load_model call is recorded as (path, keyword arguments, how many models of
+    earlier calls were still alive, ``context()`` at the call); ``mapped = False`` makes mapped_weights
+    answer None (the weights are then loaded whole)."""
+
+    def __init__(self, context=lambda: None):
+        import weakref
+
+        self.calls, self.mapped, self._loaded, self._context = [], True, weakref.WeakSet(), context
+
+    def __getattr__(self, name):
+        return getattr(models, name)
+
+    def load_model(self, path, **kw):
+        import gc
+
+        gc.collect()
+        self.calls.append((path, kw, len(self._loaded), self._context()))
+        model = models.load_model(path, **kw)
+        self._loaded.add(model)
+        return model
+
+    def mapped_weights(self, path, model):
+        return models.mapped_weights(path, model) if self.mapped else None
+
+
 def test_every_stage_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     from allo.train.stages import forget as forget_stage
 
     # forget's implicit token weights score with the warm-up model while the stage's model waits on the CPU
-    parked, loads = [], []
+    parked = []
     real_parked = forget_stage.parked_on_cpu
 
     @contextlib.contextmanager
@@ -175,18 +202,12 @@ def test_every_stage_on_a_tiny_model(tiny, tmp_path, monkeypatch):
             yield model
             parked.pop()
 
-    class SpyModels:
-        def __getattr__(self, name):
-            return getattr(models, name)
-
-        def load_model(self, path, **kw):
-            loads.append((os.path.basename(os.path.dirname(path)), len(parked)))
-            return models.load_model(path, **kw)
-
+    spy = _SpyModels(context=lambda: len(parked))
     monkeypatch.setattr(forget_stage, "parked_on_cpu", spy_parked)
-    monkeypatch.setattr(forget_stage, "models", SpyModels())
+    monkeypatch.setattr(forget_stage, "models", spy)
     res = pipeline.run(_cfg(tiny, tmp_path / "run"))
     out = tmp_path / "run"
+    loads = [(os.path.basename(os.path.dirname(path)), depth) for path, _, _, depth in spy.calls]
     assert (out / "forget" / "token_weights.safetensors").exists() and ("warmup", 1) in loads, loads
     for stage in ("warmup", "select", "forget", "improve", "eval"):
         assert (out / stage / "DONE").exists(), stage
@@ -243,26 +264,6 @@ def test_ablation_switches_and_gradient_scores(tiny, tmp_path):
     assert res == {}  # no eval stage asked for
 
 
-class _LiveModels:
-    """Stands in for allo.train.model in the eval stage: records every model it loads, and how many models
-    it had loaded were still alive at each load."""
-
-    def __init__(self):
-        import weakref
-
-        from allo.train import model as real
-        self.real, self.loaded, self.alive_at_load = real, weakref.WeakSet(), []
-
-    def load_model(self, path, **kw):
-        import gc
-
-        gc.collect()
-        self.alive_at_load.append(len(self.loaded))
-        m = self.real.load_model(path, **kw)
-        self.loaded.add(m)
-        return m
-
-
 @pytest.mark.parametrize("variant", ["fp32", "bf16_tied"])
 def test_select_reads_weight_deltas_from_the_files_and_selects_what_loaded_models_select(tiny, tmp_path, monkeypatch,
                                                                                          variant):
@@ -283,29 +284,16 @@ def test_select_reads_weight_deltas_from_the_files_and_selects_what_loaded_model
         torch.manual_seed(1)
         sft = str(tmp_path / "sft_bf16_tied")
         save_model(LlamaForCausalLM(config).to(torch.bfloat16), tok, sft)
-    loads = []
-
-    class SpyModels:
-        mapped = True
-
-        def __getattr__(self, name):
-            return getattr(models, name)
-
-        def load_model(self, path, **kw):
-            loads.append(kw.get("empty", False))
-            return models.load_model(path, **kw)
-
-        def mapped_weights(self, path, model):
-            return models.mapped_weights(path, model) if self.mapped else None
-
-    spy = SpyModels()
+    spy = _SpyModels()
     monkeypatch.setattr(select_stage, "models", spy)
     a, b = tmp_path / "mapped", tmp_path / "loaded"
     pipeline.run(_cfg(tiny, a, model_name_or_path=sft, stages="warmup,select"))
+    loads = [kw.get("empty", False) for _, kw, _, _ in spy.calls]
     assert loads == [True], loads  # the architecture only (meta device): no model loaded whole
     spy.mapped = False
     pipeline.run(_cfg(tiny, b, model_name_or_path=sft, stages="warmup,select", reuse_from=str(a),
                       reuse_stages="warmup"))
+    loads = [kw.get("empty", False) for _, kw, _, _ in spy.calls]
     assert loads == [True, True, False, False], loads  # then both models loaded whole
     for stage in ("forget", "improve"):
         ma = Selection.load(str(a / "select" / f"{stage}_mask.safetensors")).masks
@@ -407,12 +395,13 @@ def test_eval_models_scores_only_the_models_asked_for(tiny, tmp_path, monkeypatc
     assert sorted(p.name for p in (out / "eval").glob("*.json")) == ["improve.json"]
     # the same models, scored in one run with every model, give the same numbers; the eval stage holds one
     # model at a time (the SFT model for the reference, then each evaluated model: a 7B model is 28 GB)
-    live = _LiveModels()
+    live = _SpyModels()
     monkeypatch.setattr(eval_stage, "models", live)
     full = pipeline.run(_cfg(tiny, tmp_path / "full", selection="none", skip_forget=True, key_tokens=False,
                              reuse_from=str(base), reuse_stages="warmup"))
     assert set(full) == {"sft", "warmup", "improve"} and full["improve"] == res["improve"]
-    assert live.alive_at_load == [0, 0, 0], live.alive_at_load  # sft (reference and eval), warmup, improve
+    alive_at_load = [alive for _, _, alive, _ in live.calls]
+    assert alive_at_load == [0, 0, 0], alive_at_load  # sft (reference and eval), warmup, improve
     with pytest.raises(ValueError, match="--eval_models names unknown model"):
         TrainConfig(eval_models="sft,final").validate()
 
