@@ -167,7 +167,7 @@ def test_report_to_tensorboard_without_it_fails_before_training(monkeypatch):
 
 
 def test_resumed_metrics_drop_a_line_cut_short_by_a_kill(tmp_path):
-    from allo.train.loop import MetricsSink
+    from allo.train.reporting import MetricsSink
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.6}\n{"step": 3, "lo')
     MetricsSink(str(tmp_path), "jsonl", enabled=True, resume_step=2).close()

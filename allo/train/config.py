@@ -18,6 +18,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from .reporting import report_problem
+
 STAGES = ("prepare", "warmup", "select", "forget", "improve", "eval")
 TRAINED_STAGES = ("warmup", "forget", "improve")
 EVAL_MODELS = ("sft", "warmup", "forget", "improve")  # models the eval stage can score, in pipeline order
@@ -78,8 +80,10 @@ class TrainConfig:
     logging_steps: int = _f(5, "log metrics every this many optimizer steps")
     save_steps: int = _f(0, "checkpoint every this many optimizer steps (0: only the final model)")
     save_total_limit: int = _f(2, "checkpoints kept per stage (older ones are deleted; 0 keeps every one)")
-    report_to: str = _f("all", "metrics sinks: all (JSONL + TensorBoard when installed) | jsonl | tensorboard | none "
-                        "(metrics.jsonl is always written: the plots read it)")
+    report_to: str = _f("all", "where metrics go besides each stage's metrics.jsonl (always written: the plots read "
+                        "it): all (TensorBoard when installed; hosted trackers only when named) | none | a "
+                        "comma-separated list of jsonl, tensorboard, wandb, mlflow (see allo.train.reporting: "
+                        "projects, run names, WANDB_*/MLFLOW_* variables)")
     resume_from_checkpoint: str | None = _f(None, "continue an interrupted stage: 'true' for its latest checkpoint, "
                                             "or a checkpoint folder")
     disable_tqdm: bool = _f(False, "no progress bars")
@@ -151,13 +155,9 @@ class TrainConfig:
         bad = [s for s in self.stage_list() if s not in STAGES]
         if bad:
             raise ValueError(f"--stages names unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
-        if self.report_to not in ("all", "jsonl", "tensorboard", "none"):
-            raise ValueError(f"--report_to is {self.report_to!r}; expected all, jsonl, tensorboard or none")
-        if self.report_to == "tensorboard":
-            try:  # here, not after the first stage's reference pass
-                import tensorboard  # noqa: F401
-            except ImportError:
-                raise ValueError("--report_to tensorboard needs `pip install tensorboard` (or --report_to jsonl)") from None
+        problem = report_problem(self.report_to)  # here, not after the first stage's reference pass
+        if problem:
+            raise ValueError(problem)
         if self.max_steps <= 0 and not self.num_train_epochs > 0:
             raise ValueError(f"--num_train_epochs is {self.num_train_epochs}; expected > 0 (or set --max_steps)")
         if not self.beta > 0:  # here, not in the loss after the first stage's reference pass

@@ -53,9 +53,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import collate, pair_examples, write_text
+from .data import collate, pair_examples
 from .fsdp import fsdp2_shards, gather_into, load_weights, masked_stage_shards
 from .logps import TokenLogprobs, pad_like, response_mask
+from .reporting import MetricsSink
 
 
 @dataclass
@@ -68,55 +69,6 @@ class StageData:
     examples: list
     reference: dict
     weights: list | None = None
-
-
-class MetricsSink:
-    """metrics.jsonl (always: the plots read it) and TensorBoard when asked for and installed."""
-
-    def __init__(self, stage_dir, report_to, *, enabled, resume_step=None):
-        self.path = os.path.join(stage_dir, "metrics.jsonl")
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        if resume_step is not None and os.path.exists(self.path):
-            # drop what was logged after the checkpoint: those steps run again
-            # a kill mid-write can leave a last line cut short: it is after the checkpoint too
-            with open(self.path) as f:
-                keep = "".join(l for l in f if _logged_step(l) <= resume_step)
-            write_text(self.path, keep)
-        elif os.path.exists(self.path):
-            os.remove(self.path)
-        if report_to in ("all", "tensorboard"):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(stage_dir, "runs"))
-            except ImportError:
-                if report_to == "tensorboard":
-                    raise ImportError("--report_to tensorboard needs `pip install tensorboard`") from None
-
-    def log(self, row: dict):
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, row["step"])
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _logged_step(line: str) -> float:
-    """The step of a metrics.jsonl line (infinity for a line cut short)."""
-    try:
-        return json.loads(line).get("step", 0)
-    except json.JSONDecodeError:
-        return math.inf
 
 
 def _loss_units(kind, examples, weights, idx):
@@ -385,7 +337,7 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
     if ckpt is not None:
         _load_checkpoint_state(accelerator, ckpt, opt, sched, sharded)
     sink = MetricsSink(stage_dir, cfg.report_to, enabled=accelerator.is_main_process,
-                       resume_step=start if ckpt is not None else None)
+                       resume_step=start if ckpt is not None else None, config=cfg.to_dict())
 
     bar = tqdm(total=total, initial=start, desc=desc, disable=cfg.disable_tqdm or not accelerator.is_local_main_process,
                dynamic_ncols=True)
