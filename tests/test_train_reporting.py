@@ -121,15 +121,20 @@ def test_a_tracker_that_fails_to_start_leaves_none_running(tmp_path, wandb, mlfl
     assert len(wandb.runs) == 1
 
 
-def test_each_trained_stage_is_one_run_with_every_logged_row(tiny, tmp_path, wandb, monkeypatch):  # noqa: F811
+def test_each_trained_stage_and_the_eval_are_one_run_each(tiny, tmp_path, wandb, monkeypatch):  # noqa: F811
     monkeypatch.setenv("WANDB_PROJECT", "alignment")
     out = tmp_path / "run7"
-    pipeline.run(_cfg(tiny, out, report_to="wandb", stages="warmup,select,forget", max_steps=3,
-                      logging_steps=2).validate())
+    pipeline.run(_cfg(tiny, out, report_to="wandb", stages="warmup,select,forget,eval", eval_models="sft,forget",
+                      max_steps=3, logging_steps=2).validate())
+    stages = ("warmup", "forget", "eval")
     assert [r.kwargs for r in wandb.runs] == [{"project": "alignment", "name": f"run7-{s}", "group": "run7"}
-                                             for s in ("warmup", "forget")]
-    for run, stage in zip(wandb.runs, ("warmup", "forget")):
+                                             for s in stages]
+    for run, stage in zip(wandb.runs, stages):
         logged = [json.loads(line) for line in open(out / stage / "metrics.jsonl")]
-        assert [step for step, _ in run.rows] == [r["step"] for r in logged] == [2, 3]
-        assert run.rows[0][1]["loss"] == logged[0]["loss"] and "learning_rate" in run.rows[0][1]
+        assert [step for step, _ in run.rows] == [r["step"] for r in logged] == ([0] if stage == "eval" else [2, 3])
         assert run.config["report_to"] == "wandb" and run.config["forget_ratio"] == 0.03 and run.finished
+        if stage != "eval":
+            assert run.rows[0][1]["loss"] == logged[0]["loss"] and "learning_rate" in run.rows[0][1]
+    evaluated = {m: json.load(open(out / "eval" / f"{m}.json")) for m in ("sft", "forget")}
+    assert wandb.runs[-1].rows[0][1] == {f"{m}/{k}": v for m, res in evaluated.items() for k, v in res.items()}
+    assert "forget/eval_rewards/accuracies" in wandb.runs[-1].rows[0][1]

@@ -15,6 +15,9 @@ accelerate script.
 * ``mlflow``: experiment ``$MLFLOW_EXPERIMENT_NAME`` (default ``allo``), one run per stage named as
   for wandb, the options as its parameters; ``MLFLOW_TRACKING_URI`` says where.
 
+The eval stage reports its table the same way: one row, ``<model>/<metric>`` at step 0
+(:func:`report_results`), in a run of its own.
+
 A named tracker that is not installed is an error before any stage runs (``report_problem``), not a
 silent omission (accelerate itself skips an unavailable tracker with a debug message).
 """
@@ -140,3 +143,17 @@ class MetricsSink:
         trackers, self.trackers = self.trackers, []
         for tracker in trackers:
             tracker.finish()
+
+
+def report_results(stage_dir: str, report_to: str, results: dict, *, config: dict | None = None) -> None:
+    """The eval stage's ``results`` (model -> metric -> value) as one row (step 0, keys
+    ``<model>/<metric>``, e.g. ``improve/eval_rewards/accuracies``) of the stage's metrics.jsonl and of
+    one run of each tracker (``<output_dir name>-eval``)."""
+    row = {"step": 0}
+    for model, metrics in results.items():
+        row.update({f"{model}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    sink = MetricsSink(stage_dir, report_to, enabled=True, config=config)
+    try:
+        sink.log(row)
+    finally:
+        sink.close()

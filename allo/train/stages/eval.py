@@ -176,6 +176,7 @@ def _eval_sharded(ctx: Context, sdir: str) -> dict:
 
 def stage_eval(ctx: Context) -> dict:
     from ..report import write_report
+    from ..reporting import report_results
 
     cfg, sdir = ctx.cfg, ctx.dir("eval")
     os.makedirs(sdir, exist_ok=True)
@@ -184,6 +185,7 @@ def stage_eval(ctx: Context) -> dict:
         results = _eval_sharded(ctx, sdir)
         if ctx.main:
             write_report(ctx.cfg.output_dir, results)
+            report_results(sdir, cfg.report_to, results, config=cfg.to_dict())
     elif ctx.main:
         pairs = load_pairs(ctx, "eval")
         problems = _load_problems(ctx)
@@ -215,5 +217,6 @@ def stage_eval(ctx: Context) -> dict:
             results[name] = evaluate_model(ctx, model, pairs, ref, problems)
             _save_result(out_path, results[name], key)
         write_report(ctx.cfg.output_dir, results)
+        report_results(sdir, cfg.report_to, results, config=cfg.to_dict())
     mark_done(ctx, sdir, {"results": results})
     return results
