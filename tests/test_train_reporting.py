@@ -103,6 +103,8 @@ def test_trackers_get_the_config_every_row_and_are_finished(tmp_path, wandb, mlf
     (run,) = wandb.runs
     assert run.kwargs == {"project": "allo", "name": "my_run-improve", "group": "my_run"}
     assert run.config == config and run.rows == numbers and run.finished
+    MetricsSink(str(stage_dir), "wandb", enabled=True, config={**config, "run_name": "ablation-3"}).close()
+    assert wandb.runs[-1].kwargs == {"project": "allo", "name": "ablation-3-improve", "group": "ablation-3"}
     assert mlflow.calls == [("experiment", "allo"), ("start_run", "my_run-improve", "7"), ("params", config),
                             *[("metrics", step, vals) for step, vals in numbers], ("end_run",)]
     assert list((stage_dir / "runs").glob("events.out.tfevents.*"))  # all: TensorBoard (installed with --dev)

@@ -10,8 +10,8 @@ accelerate script.
   (``wandb`` would ask for a login on a machine that has it installed): name them (``all,wandb``).
 * ``tensorboard``: ``<stage folder>/runs``.
 * ``wandb``: project ``$WANDB_PROJECT`` (default ``allo``), one run per stage named
-  ``<output_dir name>-<stage>`` in the group ``<output_dir name>``, with the run's options as its
-  config. ``WANDB_MODE=offline`` and the other ``WANDB_*`` variables work as usual.
+  ``<run_name>-<stage>`` in the group ``<run_name>`` (``--run_name``, TRL's flag; default: the
+  output_dir's folder name), with the run's options as its config. ``WANDB_MODE=offline`` and the other ``WANDB_*`` variables work as usual.
 * ``mlflow``: experiment ``$MLFLOW_EXPERIMENT_NAME`` (default ``allo``), one run per stage named as
   for wandb, the options as its parameters; ``MLFLOW_TRACKING_URI`` says where.
 
@@ -73,12 +73,12 @@ def report_problem(value: str) -> str | None:
     return None
 
 
-def _tracker(name: str, stage_dir: str):
+def _tracker(name: str, stage_dir: str, run: str | None):
     """An accelerate tracker for one stage (not started)."""
     from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
 
     stage_dir = os.path.abspath(stage_dir)
-    run = os.path.basename(os.path.dirname(stage_dir))
+    run = run or os.path.basename(os.path.dirname(stage_dir))
     run_name = f"{run}-{os.path.basename(stage_dir)}"
     if name == "tensorboard":
         return TensorBoardTracker("runs", stage_dir)
@@ -99,7 +99,8 @@ def _logged_step(line: str) -> float:
 
 class MetricsSink:
     """One stage's metrics: ``metrics.jsonl`` and the trackers of ``report_to``. ``enabled``: this
-    process reports (the main one); ``config``: the run's options, stored with each tracker's run;
+    process reports (the main one); ``config``: the run's options, stored with each tracker's run
+    (its ``run_name``, if any, names the runs);
     ``resume_step``: the step a resumed stage continues from (later lines of metrics.jsonl are
     dropped: those steps run again)."""
 
@@ -121,7 +122,7 @@ class MetricsSink:
             raise ValueError(problem)
         try:
             for name in parse_report_to(report_to):
-                tracker = _tracker(name, stage_dir)
+                tracker = _tracker(name, stage_dir, (config or {}).get("run_name"))
                 tracker.start()
                 self.trackers.append(tracker)
                 if config:
@@ -148,7 +149,7 @@ class MetricsSink:
 def report_results(stage_dir: str, report_to: str, results: dict, *, config: dict | None = None) -> None:
     """The eval stage's ``results`` (model -> metric -> value) as one row (step 0, keys
     ``<model>/<metric>``, e.g. ``improve/eval_rewards/accuracies``) of the stage's metrics.jsonl and of
-    one run of each tracker (``<output_dir name>-eval``)."""
+    one run of each tracker (``<run_name>-eval``)."""
     row = {"step": 0}
     for model, metrics in results.items():
         row.update({f"{model}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
