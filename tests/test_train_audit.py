@@ -269,3 +269,23 @@ def test_a_dataset_without_a_test_split_runs_with_dataset_test_split_none(tiny, 
     # no held-out pairs: the answers are still judged (eval_problems_file), no reward metrics
     assert set(res) == {"sft", "warmup"}
     assert "eval_answer_accuracy" in res["warmup"] and "eval_rewards/accuracies" not in res["warmup"]
+
+
+def test_loss_type_reaches_every_dpo_loss_it_names(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """--loss_type: the warm-up, the gradient scores and improve with --key_tokens False use it; the
+    eval's yardstick stays sigmoid. (A spy on allo.losses.dpo_loss, which each caller imports per call.)"""
+    import allo.losses as losses
+    from allo.train import TrainConfig
+
+    real, seen = losses.dpo_loss, []
+
+    def spy(*args, loss_type="sigmoid", **kwargs):
+        seen.append((sys._getframe(1).f_code.co_name, loss_type))
+        return real(*args, loss_type=loss_type, **kwargs)
+
+    monkeypatch.setattr(losses, "dpo_loss", spy)
+    pipeline.run(_cfg(tiny, tmp_path, loss_type="ipo", score_source="gradient", score_batches=1, key_tokens=False,
+                      skip_forget=True, stages="warmup,select,improve,eval", eval_models="improve", max_steps=1).validate())
+    assert sorted(set(seen)) == [("_forward_loss", "ipo"), ("_gradient_scores", "ipo"), ("_reward_metrics", "sigmoid")]
+    with pytest.raises(ValueError, match=r"--loss_type is 'dpo'; expected one of sigmoid, ipo, hinge"):
+        TrainConfig(loss_type="dpo").validate()

@@ -69,6 +69,10 @@ class TrainConfig:
     adam_epsilon: float = _f(1e-6, "AdamW epsilon (released scripts: 1e-6)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     beta: float = _f(0.1, "DPO / NPO temperature beta (released scripts: 0.1)")
+    loss_type: str = _f("sigmoid", "DPO loss of the warm-up, of the gradient scores and of improve with --key_tokens "
+                        "False: sigmoid (the paper's) | ipo | hinge (TRL's forms, allo.losses.dpo_loss). The key-token "
+                        "improve loss and eval's eval_loss / eval_rewards stay the sigmoid form (runs stay comparable)",
+                        choices=("sigmoid", "ipo", "hinge"))
     bf16: bool = _f(False, "bf16 autocast (over the weights of --dtype: fp32 master weights by default)")
     dtype: str = _f("float32", "dtype the models are loaded and trained in (TRL's --dtype; --torch_dtype is the same "
                     "flag): float32 (the default: fp32 master weights, --bf16 autocasts over them), bfloat16 (half "
