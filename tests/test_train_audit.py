@@ -289,3 +289,43 @@ def test_loss_type_reaches_every_dpo_loss_it_names(tiny, tmp_path, monkeypatch):
     assert sorted(set(seen)) == [("_forward_loss", "ipo"), ("_gradient_scores", "ipo"), ("_reward_metrics", "sigmoid")]
     with pytest.raises(ValueError, match=r"--loss_type is 'dpo'; expected one of sigmoid, ipo, hinge"):
         TrainConfig(loss_type="dpo").validate()
+
+
+def test_a_warmup_model_trained_elsewhere_replaces_the_warmup_stage(tiny, tmp_path):  # noqa: F811
+    """--warmup_model_path (e.g. a TRL DPO model): select, forget and eval use it as allo's own warm-up
+    model would be used (same masks, token weights and numbers), the warmup stage is not run, and the
+    stages after it run again when it is replaced by a newer model."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from allo.train import TrainConfig
+
+    kw = dict(stages="warmup,select,forget,eval", eval_models="sft,warmup,forget", max_steps=2)
+    ours = tmp_path / "ours"
+    expected = pipeline.run(_cfg(tiny, ours, **kw).validate())
+    elsewhere = tmp_path / "trl_dpo_model"
+    shutil.copytree(ours / "warmup" / "model", elsewhere)
+    theirs = tmp_path / "theirs"
+    got = pipeline.run(_cfg(tiny, theirs, warmup_model_path=str(elsewhere), **kw).validate())
+    assert not (theirs / "warmup").exists()
+    assert got == expected  # the warm-up model evaluated, and the forget model trained the same way
+    for f in ("select/forget_mask.safetensors", "select/improve_mask.safetensors",
+              "forget/token_weights.safetensors"):
+        a, b = load_file(str(ours / f)), load_file(str(theirs / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+    # a newer model at that path: select (and what follows) run again; unchanged: all skipped
+    done = os.path.getmtime(theirs / "select" / "DONE")
+    pipeline.run(_cfg(tiny, theirs, warmup_model_path=str(elsewhere), **kw).validate())
+    assert os.path.getmtime(theirs / "select" / "DONE") == done
+    os.utime(elsewhere / "config.json", (done + 10, done + 10))
+    pipeline.run(_cfg(tiny, theirs, warmup_model_path=str(elsewhere), **kw).validate())
+    assert os.path.getmtime(theirs / "select" / "DONE") > done
+
+    with pytest.raises(ValueError, match="--warmup_model_path needs --model_name_or_path"):
+        TrainConfig(warmup_model_path=str(elsewhere)).validate()
+    with pytest.raises(ValueError, match=r"--warmup_model_path .*/nowhere: no such folder"):
+        _cfg(tiny, theirs, warmup_model_path=str(tmp_path / "nowhere")).validate()
+    with pytest.raises(ValueError, match="--warmup_model_path org/dpo-model: expected a local model folder"):
+        _cfg(tiny, theirs, warmup_model_path="org/dpo-model").validate()

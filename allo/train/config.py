@@ -34,6 +34,10 @@ class TrainConfig:
     # --- model and data (TRL names)
     model_name_or_path: str | None = _f(None, "starting (SFT) model: a local folder or hub name. Default: the built-in "
                                         "tiny Llama, SFT-trained on the built-in task during `prepare`")
+    warmup_model_path: str | None = _f(None, "a full-parameter DPO model trained from --model_name_or_path "
+                                       "elsewhere (e.g. with TRL's DPOTrainer; a local folder): ALLO's warm-up "
+                                       "model for the weight-delta scores, the implicit token weights and eval, "
+                                       "so the warmup stage is not run")
     task: str = _f("arithmetic", "built-in task with checkable answers (arithmetic | compare), used when no data is given")
     dataset_name: str | None = _f(None, "a `datasets` name with prompt/chosen/rejected columns (instead of --train_file)")
     dataset_train_split: str = _f("train", "split of --dataset_name to train on")
@@ -143,6 +147,15 @@ class TrainConfig:
             problem = model_source_problem(self.model_name_or_path)
             if problem:
                 raise ValueError(f"--model_name_or_path {self.model_name_or_path}: {problem}")
+        if self.warmup_model_path is not None:
+            if self.model_name_or_path is None:
+                raise ValueError("--warmup_model_path needs --model_name_or_path: the SFT model it was trained from "
+                                 "(the built-in model is trained by `prepare`, and its warm-up by the warmup stage)")
+            problem = model_source_problem(self.warmup_model_path)
+            if problem is None and not os.path.isdir(os.path.expanduser(self.warmup_model_path)):
+                problem = "expected a local model folder (the select stage reads its weight files)"
+            if problem:
+                raise ValueError(f"--warmup_model_path {self.warmup_model_path}: {problem}")
         for name in ("forget_ratio", "improve_ratio", "exclude_ratio", "eps", "implicit_token_fraction", "warmup_ratio"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:

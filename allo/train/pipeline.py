@@ -88,6 +88,11 @@ def run_stage(stage: str, config, *, accelerator=None, on_step_end=None, context
     return out
 
 
+def _latest_change(folder: str) -> float:
+    """The latest modification time of the files directly in ``folder`` (a model folder)."""
+    return max((e.stat().st_mtime for e in os.scandir(folder) if e.is_file()), default=0.0)
+
+
 def run(config, *, accelerator=None, on_step_end=None) -> dict:
     """Every stage of ``config.stages`` in order, skipping those already complete (their folder has
     DONE) unless an earlier stage completed after them (then they run again, from the start); returns
@@ -106,6 +111,14 @@ def run(config, *, accelerator=None, on_step_end=None) -> dict:
     for stage in cfg.stage_list():
         if stage == "prepare" and not uses_builtin_data(cfg) and not cfg.problems_file:
             continue  # preference pairs are given: nothing to prepare
+        if stage == "warmup" and cfg.warmup_model_path is not None:
+            # trained elsewhere: it counts as finished when its files last changed, so the stages after it
+            # run again (as make would) when it is replaced by a newer model
+            ctx.log(f"warmup: --warmup_model_path {cfg.warmup_model_path} is the warm-up model: not trained here")
+            changed = _latest_change(os.path.expanduser(cfg.warmup_model_path))
+            if upstream is None or changed > upstream[0]:
+                upstream = (changed, "the model of --warmup_model_path")
+            continue
         finished = finished_at(ctx.dir(stage))
         stale = finished is not None and upstream is not None and upstream[0] > finished
         if stale:

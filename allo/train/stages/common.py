@@ -88,6 +88,12 @@ def sft_model_path(ctx: Context) -> str:
     return ctx.cfg.model_name_or_path
 
 
+def warmup_model_path(ctx: Context) -> str:
+    """The warm-up model: --warmup_model_path (trained elsewhere), else the warmup stage's."""
+    path = ctx.cfg.warmup_model_path
+    return os.path.expanduser(path) if path is not None else require(ctx, "warmup", "model")
+
+
 def _pairs_source(ctx: Context, split: str) -> str | None:
     cfg = ctx.cfg
     if split == "train":

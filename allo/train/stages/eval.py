@@ -14,13 +14,16 @@ from ..fsdp import fsdp2_shards, load_weights, sharded_generate, sharded_logps, 
 from ..logps import TokenLogprobs, compute_logps
 from ..model import generate
 from .common import (EVALUATED, Context, cache_is_current, cached_reference, from_main, inputs_key, is_done,
-                     load_pairs, mark_done, pair_views, scorer_batch, sft_model_path, uses_builtin_data)
+                     load_pairs, mark_done, pair_views, scorer_batch, sft_model_path, uses_builtin_data,
+                     warmup_model_path)
 
 
 
 def _model_of(ctx: Context, name: str) -> str | None:
     if name == "sft":
         return sft_model_path(ctx)
+    if name == "warmup" and ctx.cfg.warmup_model_path is not None:
+        return warmup_model_path(ctx)
     d = ctx.dir(name)
     if is_done(d) and os.path.isdir(os.path.join(d, "model")):
         return os.path.join(d, "model")

@@ -13,7 +13,7 @@ from ..logps import TokenLogprobs, compute_logps, load_cache, save_cache
 from ..loop import StageData
 from ..model import save_model
 from .common import (Context, cache_is_current, cached_reference, inputs_key, load_negatives, main_decides, mark_done,
-                     negatives_have, parked_on_cpu, require, scorer_batch, seed_all, sft_model_path)
+                     negatives_have, parked_on_cpu, scorer_batch, seed_all, sft_model_path, warmup_model_path)
 from .masked import masked_stage_start
 
 
@@ -48,7 +48,7 @@ def _token_weights(ctx: Context, sdir: str, negs, ref, model=None, scorer=None) 
         return [w[i, :n] for i, n in enumerate(lengths)]
     # the warm-up model's implicit token reward; computed once and cached, like the reference
     path = os.path.join(sdir, "token_weights.safetensors")
-    key = inputs_key(ctx, models=[require(ctx, "warmup", "model"), sft_model_path(ctx)], examples=[negs],
+    key = inputs_key(ctx, models=[warmup_model_path(ctx), sft_model_path(ctx)], examples=[negs],
                      fraction=cfg.implicit_token_fraction) if ctx.main else None
     todo = ctx.main and not cache_is_current(ctx, path, key)  # main only: see cached_reference
     if scorer is not None:
@@ -59,14 +59,14 @@ def _token_weights(ctx: Context, sdir: str, negs, ref, model=None, scorer=None) 
         if scorer is None:
             # the stage's model waits on the CPU while the warm-up model scores: one model on the device
             with parked_on_cpu(model):
-                warm = models.load_model(require(ctx, "warmup", "model"), dtype=ctx.weights_dtype)
+                warm = models.load_model(warmup_model_path(ctx), dtype=ctx.weights_dtype)
                 warm = warm.to(ctx.accelerator.device)
                 lp_warm = compute_logps(TokenLogprobs(warm), negs, **kw)
                 del warm
         else:
             # FSDP2: the stage's sharded module scores with the warm-up weights (the main process loads
             # them whole, on its CPU only), then gets the stage's own back: no second model anywhere
-            warm_path = require(ctx, "warmup", "model")  # on every rank: all fail alike, none waits
+            warm_path = warmup_model_path(ctx)  # on every rank: all fail alike, none waits
             load_weights(scorer, models.load_model(warm_path, dtype=ctx.weights_dtype) if ctx.main else None)
             lp_warm = sharded_logps(scorer, negs, **kw)
             load_weights(scorer, model)

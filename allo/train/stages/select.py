@@ -14,7 +14,7 @@ from .. import model as models
 from ..config import TrainConfig
 from ..fsdp import fsdp2_shards, sharded_scorer
 from ..logps import TokenLogprobs
-from .common import Context, load_pairs, mark_done, require, sft_model_path
+from .common import Context, load_pairs, mark_done, sft_model_path, warmup_model_path
 
 
 def _scores(ctx: Context):
@@ -23,7 +23,7 @@ def _scores(ctx: Context):
 
     sft_path = sft_model_path(ctx)
     if ctx.cfg.score_source == "weight_delta":
-        warm_path = require(ctx, "warmup", "model")
+        warm_path = warmup_model_path(ctx)
         # the two models' weights read from their files' memory maps, not loaded: names and shapes from the
         # architecture alone (meta device). Weights that are not such files: both models loaded whole
         base = models.load_model(sft_path, empty=True)
@@ -95,7 +95,7 @@ def _sharded_scores(ctx: Context):
 
     acc = ctx.accelerator
     if ctx.cfg.score_source == "weight_delta":
-        warm_path = require(ctx, "warmup", "model")  # on every rank: all fail alike, none waits
+        warm_path = warmup_model_path(ctx)  # on every rank: all fail alike, none waits
         model = models.load_model(sft_model_path(ctx), empty=not ctx.main)
         base = sharded_scorer(acc, model)
         del model
