@@ -11,7 +11,8 @@ accelerate script.
 * ``tensorboard``: ``<stage folder>/runs``.
 * ``wandb``: project ``$WANDB_PROJECT`` (default ``allo``), one run per stage named
   ``<run_name>-<stage>`` in the group ``<run_name>`` (``--run_name``, TRL's flag; default: the
-  output_dir's folder name), with the run's options as its config. ``WANDB_MODE=offline`` and the other ``WANDB_*`` variables work as usual.
+  output_dir's folder name), with the run's options as its config. ``WANDB_MODE=offline`` and the
+  other ``WANDB_*`` variables work as usual.
 * ``mlflow``: experiment ``$MLFLOW_EXPERIMENT_NAME`` (default ``allo``), one run per stage named as
   for wandb, the options as its parameters; ``MLFLOW_TRACKING_URI`` says where.
 
@@ -100,9 +101,8 @@ def _logged_step(line: str) -> float:
 class MetricsSink:
     """One stage's metrics: ``metrics.jsonl`` and the trackers of ``report_to``. ``enabled``: this
     process reports (the main one); ``config``: the run's options, stored with each tracker's run
-    (its ``run_name``, if any, names the runs);
-    ``resume_step``: the step a resumed stage continues from (later lines of metrics.jsonl are
-    dropped: those steps run again)."""
+    (its ``run_name``, if any, names the runs); ``resume_step``: the step a resumed stage continues
+    from (later lines of metrics.jsonl are dropped: those steps run again)."""
 
     def __init__(self, stage_dir, report_to, *, enabled, resume_step=None, config: dict | None = None):
         self.path = os.path.join(stage_dir, "metrics.jsonl")
