@@ -285,7 +285,8 @@ def test_loss_type_reaches_every_dpo_loss_it_names(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(losses, "dpo_loss", spy)
     pipeline.run(_cfg(tiny, tmp_path, loss_type="ipo", score_source="gradient", score_batches=1, key_tokens=False,
-                      skip_forget=True, stages="warmup,select,improve,eval", eval_models="improve", max_steps=1).validate())
+                      skip_forget=True, stages="warmup,select,improve,eval", eval_models="improve",
+                      max_steps=1).validate())
     assert sorted(set(seen)) == [("_forward_loss", "ipo"), ("_gradient_scores", "ipo"), ("_reward_metrics", "sigmoid")]
     with pytest.raises(ValueError, match=r"--loss_type is 'dpo'; expected one of sigmoid, ipo, hinge"):
         TrainConfig(loss_type="dpo").validate()

@@ -48,7 +48,8 @@ class FakeMlflow:
         self.module = _module(
             "mlflow", utils=types.SimpleNamespace(validation=validation),
             search_experiments=lambda filter_string: [],
-            create_experiment=lambda name, artifact_location=None, tags=None: self.calls.append(("experiment", name)) or "7",
+            create_experiment=lambda name, artifact_location=None, tags=None:
+                self.calls.append(("experiment", name)) or "7",
             start_run=lambda **kw: self.calls.append(("start_run", kw["run_name"], kw["experiment_id"])),
             log_params=lambda params: self.calls.append(("params", dict(params))),
             log_metrics=lambda metrics, step=None: self.calls.append(("metrics", step, dict(metrics))),

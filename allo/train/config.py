@@ -92,8 +92,8 @@ class TrainConfig:
                         "it): all (TensorBoard when installed; hosted trackers only when named) | none | a "
                         "comma-separated list of jsonl, tensorboard, wandb, mlflow (see allo.train.reporting: "
                         "projects, run names, WANDB_*/MLFLOW_* variables)")
-    run_name: str | None = _f(None, "name of the run in wandb / mlflow: each stage is a run <run_name>-<stage>, grouped "
-                              "under <run_name> (default: the folder name of --output_dir)")
+    run_name: str | None = _f(None, "name of the run in wandb / mlflow: each stage is a run <run_name>-<stage>, "
+                              "grouped under <run_name> (default: the folder name of --output_dir)")
     resume_from_checkpoint: str | None = _f(None, "continue an interrupted stage: 'true' for its latest checkpoint, "
                                             "or a checkpoint folder")
     disable_tqdm: bool = _f(False, "no progress bars")
