@@ -330,3 +330,23 @@ def test_a_warmup_model_trained_elsewhere_replaces_the_warmup_stage(tiny, tmp_pa
         _cfg(tiny, theirs, warmup_model_path=str(tmp_path / "nowhere")).validate()
     with pytest.raises(ValueError, match="--warmup_model_path org/dpo-model: expected a local model folder"):
         _cfg(tiny, theirs, warmup_model_path="org/dpo-model").validate()
+
+
+@pytest.mark.parametrize("flags, warmup", [({}, 0), ({"warmup_steps": 2}, 2), ({"warmup_steps": 0.5}, 2),
+                                           ({"warmup_steps": 0.3, "warmup_ratio": 0.9}, 2)])
+def test_warmup_steps_as_transformers_5_reads_it(tiny, tmp_path, flags, warmup):  # noqa: F811
+    """--warmup_steps: whole steps, or a fraction of the stage's steps below 1 (transformers 5, whose
+    TrainingArguments has no warmup_ratio); it overrides --warmup_ratio (default 0.1: no warm-up step
+    of a 4-step stage). The loop's scheduler follows it: linear, lr 1e-2, 4 steps."""
+    from allo.train import TrainConfig
+
+    cfg = _cfg(tiny, tmp_path, stages="warmup", max_steps=4, lr_scheduler_type="linear", **flags).validate()
+    assert cfg.num_warmup_steps(4) == warmup
+    pipeline.run(cfg)
+    lrs = [json.loads(line)["learning_rate"] for line in open(tmp_path / "warmup" / "metrics.jsonl")]
+    expected = [1e-2 * (s / warmup if s < warmup else (4 - s) / (4 - warmup)) for s in (1, 2, 3, 4)]
+    assert lrs == pytest.approx(expected)
+    if not flags:
+        for bad in (-1, 2.5):
+            with pytest.raises(ValueError, match=f"--warmup_steps is {bad}; expected a whole number of steps"):
+                TrainConfig(warmup_steps=bad).validate()

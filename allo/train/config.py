@@ -15,6 +15,7 @@ three for real models.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -68,6 +69,8 @@ class TrainConfig:
     num_train_epochs: float = _f(1.0, "epochs per training stage (released scripts: 1)")
     max_steps: int = _f(-1, "if > 0: optimizer steps per training stage, overriding --num_train_epochs")
     warmup_ratio: float = _f(0.1, "fraction of steps of linear learning-rate warm-up before the cosine decay")
+    warmup_steps: float = _f(0, "if > 0, overrides --warmup_ratio as transformers 5 reads it: a whole number of "
+                             "warm-up steps, or a fraction of the stage's steps when below 1")
     lr_scheduler_type: str = _f("cosine", "cosine | linear | constant (transformers' schedulers, with warm-up)")
     weight_decay: float = _f(0.0, "AdamW weight decay (released scripts: 0)")
     adam_epsilon: float = _f(1e-6, "AdamW epsilon (released scripts: 1e-6)")
@@ -166,6 +169,9 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"--{f.name} is {getattr(self, f.name)!r}; expected one of {', '.join(choices)}")
+        if not self.warmup_steps >= 0 or (self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps)):
+            raise ValueError(f"--warmup_steps is {self.warmup_steps}; expected a whole number of steps, or a fraction "
+                             "in [0, 1) of each stage's steps")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
         bad = [m for m in self.eval_model_list() if m not in EVAL_MODELS]
@@ -188,6 +194,14 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} is {getattr(self, name)}; expected >= 1")
         return self
+
+    def num_warmup_steps(self, total: int) -> int:
+        """Learning-rate warm-up steps of a stage of ``total`` optimizer steps."""
+        if self.warmup_steps >= 1:
+            return int(self.warmup_steps)
+        if self.warmup_steps > 0:
+            return math.ceil(total * self.warmup_steps)
+        return int(self.warmup_ratio * total)
 
     def stage_list(self) -> list[str]:
         return list(STAGES) if self.stages == "all" else [s.strip() for s in self.stages.split(",") if s.strip()]

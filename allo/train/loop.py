@@ -332,7 +332,7 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
         if not sharded:  # the embedding's and the output layer's gradients go straight to compact form
             routed = _route_embedding_grads(scorer.model, opt)
             scorer.route_head_grads(opt)
-    sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=int(cfg.warmup_ratio * total),
+    sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=cfg.num_warmup_steps(total),
                           num_training_steps=total)
     if ckpt is not None:
         _load_checkpoint_state(accelerator, ckpt, opt, sched, sharded)
