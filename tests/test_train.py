@@ -134,6 +134,32 @@ def test_bad_rows_name_file_line_and_field_or_are_counted(tmp_path):
         D.encode_text_pair(tok, "Q: 12345\nA: ", "x", max_length=5, where="f.jsonl:1")
 
 
+def test_the_load_report_says_what_truncation_cut(tmp_path):
+    """Responses cut at --max_length, prompts cut to --max_prompt_length, and pairs that truncation
+    made identical (a wrong final answer past the cut) are counted and said; a skipped row's are not."""
+    tok = load_builtin_tokenizer()
+    long_prompt = "Q: " + "7" * 30 + "?\nA: "  # 36 characters = tokens (the built-in tokenizer)
+    solution = "First add the numbers, then carry. The answer is "
+    rows = [{"prompt": "Q: 1?\nA: ", "chosen": solution + "12.", "rejected": solution + "13."},  # same first 40
+            {"prompt": "Q: 1?\nA: ", "chosen": "The answer is 1.", "rejected": "It is 2."},  # nothing cut
+            {"prompt": long_prompt, "chosen": "The answer is 1.", "rejected": "The answer is 2."},  # prompt cut
+            {"prompt": long_prompt, "chosen": solution * 2, "rejected": 5}]  # skipped: no count from it
+    path = tmp_path / "pairs.jsonl"
+    _write_jsonl(path, rows)
+    pairs, rep = D.load_pairs(str(path), tok, max_length=48, max_prompt_length=24, skip_bad_rows=True)
+    assert (rep.rows, rep.skipped, rep.cut_responses, rep.cut_prompts, rep.identical_pairs) == (3, 1, 2, 1, 1)
+    assert pairs[0]["chosen_ids"] == pairs[0]["rejected_ids"] and pairs[1]["chosen_ids"] != pairs[1]["rejected_ids"]
+    assert str(rep) == (f"{path}: 3 rows, 1 skipped (--skip_bad_rows); first: {rep.reasons[0]}; 2 responses cut at "
+                        "--max_length 48; 1 prompts cut to their last --max_prompt_length 24 tokens; 1 pairs with "
+                        "chosen == rejected after truncation (no preference left: raise --max_length)")
+    _, rep = D.load_pairs(str(path), tok, skip_bad_rows=True)
+    assert str(rep) == f"{path}: 3 rows, 1 skipped (--skip_bad_rows); first: {rep.reasons[0]}"
+    negs = tmp_path / "negs.jsonl"
+    _write_jsonl(negs, [{"prompt": long_prompt, "response": solution}, {"prompt": "Q: 1?\nA: ", "response": "2."}])
+    _, rep = D.load_negatives(str(negs), tok, max_length=48, max_prompt_length=24)
+    assert (rep.rows, rep.cut_responses, rep.cut_prompts) == (2, 1, 1)
+
+
 def test_chat_messages_use_the_chat_template(tmp_path):
     tok = load_builtin_tokenizer()
     path = tmp_path / "chat.json"

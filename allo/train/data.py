@@ -48,15 +48,31 @@ DATA_FILE_TYPES = (".jsonl", ".json", ".parquet")
 
 @dataclass
 class LoadReport:
+    """What loading a source did: rows kept and skipped, and what truncation cut (said in the log, so
+    that a --max_length too small for the data shows before training: pairs that differ only past it,
+    as math solutions with a wrong final answer do, become identical and teach nothing)."""
+
     source: str
     rows: int = 0
     skipped: int = 0
     reasons: list[str] = field(default_factory=list)
+    cut_responses: int = 0  # responses that lost their end to --max_length
+    cut_prompts: int = 0  # prompts that lost their start to --max_prompt_length
+    identical_pairs: int = 0  # pairs whose chosen and rejected tokens are the same after truncation
+    max_length: int | None = None
+    max_prompt_length: int | None = None
 
     def __str__(self):
         s = f"{self.source}: {self.rows} rows"
         if self.skipped:
             s += f", {self.skipped} skipped (--skip_bad_rows); first: {self.reasons[0]}"
+        if self.cut_responses:
+            s += f"; {self.cut_responses} responses cut at --max_length {self.max_length}"
+        if self.cut_prompts:
+            s += f"; {self.cut_prompts} prompts cut to their last --max_prompt_length {self.max_prompt_length} tokens"
+        if self.identical_pairs:
+            s += (f"; {self.identical_pairs} pairs with chosen == rejected after truncation (no preference left: "
+                  "raise --max_length)")
         return s
 
 
@@ -152,9 +168,11 @@ def _render(tokenizer, prompt, response, where, fld):
 
 
 def encode_text_pair(tokenizer, prompt: str, response: str, *, max_length: int | None = None,
-                     max_prompt_length: int | None = None, weights=None, where="", fld="response"):
+                     max_prompt_length: int | None = None, weights=None, where="", fld="response",
+                     cuts: set | None = None):
     """Token ids of prompt and response (+ end-of-sequence unless the text already ends with it),
-    truncated by the module's policy; per-token ``weights`` follow the response's truncation."""
+    truncated by the module's policy; per-token ``weights`` follow the response's truncation.
+    ``cuts``: gets "prompt" and/or "response" when they were truncated."""
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if weights is not None and len(weights) != len(r_ids):
@@ -168,6 +186,8 @@ def encode_text_pair(tokenizer, prompt: str, response: str, *, max_length: int |
             weights = list(weights) + [0.0]  # the end-of-sequence token is never forgotten
     if max_prompt_length is not None and len(p_ids) > max_prompt_length:
         p_ids = p_ids[len(p_ids) - max_prompt_length:]
+        if cuts is not None:
+            cuts.add("prompt")
     if max_length is not None and len(p_ids) + len(r_ids) > max_length:
         keep = max_length - len(p_ids)
         if keep <= 0:
@@ -175,21 +195,23 @@ def encode_text_pair(tokenizer, prompt: str, response: str, *, max_length: int |
                        f"(the prompt alone has {len(p_ids)} tokens); raise --max_length or set --max_prompt_length")
         r_ids = r_ids[:keep]
         weights = None if weights is None else weights[:keep]
+        if cuts is not None:
+            cuts.add("response")
     ex = {"prompt_ids": p_ids, "response_ids": r_ids}
     if weights is not None:
         ex["weights"] = [float(w) for w in weights]
     return ex
 
 
-def _load(source, parse, *, skip_bad_rows, split="train"):
-    rep, out = LoadReport(source), []
+def _load(source, parse, *, skip_bad_rows, split="train", rep=None):
+    rep, out = rep or LoadReport(source), []
     for where, row in read_rows(source, split=split):
         try:
             if isinstance(row, _Unparsable):
                 raise BadRowError(f"{where}: not valid JSON ({row.why})")
             if not isinstance(row, dict):
                 raise BadRowError(f"{where}: expected an object with named fields, got {type(row).__name__}")
-            out.append(parse(row, where))
+            out.append(parse(row, where, rep))
             rep.rows += 1
         except BadRowError as e:
             if not skip_bad_rows:
@@ -203,7 +225,7 @@ def _load(source, parse, *, skip_bad_rows, split="train"):
 
 def load_pairs(source, tokenizer, *, max_length=None, max_prompt_length=None, skip_bad_rows=False, split="train"):
     """Tokenized preference pairs: dicts with prompt_ids, chosen_ids, rejected_ids."""
-    def parse(row, where):
+    def parse(row, where, rep):
         chosen = _text_field(row, where, "chosen")
         rejected = _text_field(row, where, "rejected")
         if "prompt" in row and row["prompt"] is not None:
@@ -213,17 +235,25 @@ def load_pairs(source, tokenizer, *, max_length=None, max_prompt_length=None, sk
         else:
             raise _bad(where, "prompt", "missing")
         kw = dict(max_length=max_length, max_prompt_length=max_prompt_length, where=where)
-        c = encode_text_pair(tokenizer, *_render(tokenizer, prompt, chosen, where, "chosen"), fld="chosen", **kw)
-        r = encode_text_pair(tokenizer, *_render(tokenizer, prompt, rejected, where, "rejected"), fld="rejected", **kw)
+        c_cuts, r_cuts = set(), set()
+        c = encode_text_pair(tokenizer, *_render(tokenizer, prompt, chosen, where, "chosen"), fld="chosen",
+                             cuts=c_cuts, **kw)
+        r = encode_text_pair(tokenizer, *_render(tokenizer, prompt, rejected, where, "rejected"), fld="rejected",
+                             cuts=r_cuts, **kw)
+        # (counted once the row is known to be good: a skipped row's cuts do not count)
+        rep.cut_prompts += "prompt" in c_cuts | r_cuts
+        rep.cut_responses += ("response" in c_cuts) + ("response" in r_cuts)
+        rep.identical_pairs += c["prompt_ids"] == r["prompt_ids"] and c["response_ids"] == r["response_ids"]
         return {"prompt_ids": c["prompt_ids"], "chosen_ids": c["response_ids"], "rejected_ids": r["response_ids"]}
-    return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split)
+    rep = LoadReport(source, max_length=max_length, max_prompt_length=max_prompt_length)
+    return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split, rep=rep)
 
 
 def load_negatives(source, tokenizer, *, max_length=None, max_prompt_length=None, skip_bad_rows=False,
                    weight_field=None, split="train"):
     """Tokenized wrong responses: dicts with prompt_ids, response_ids and, when ``weight_field``
     ("token_weights" or "keep_probs") is given, that field's per-token values as ``weights``."""
-    def parse(row, where):
+    def parse(row, where, rep):
         prompt = _text_field(row, where, "prompt")
         fld = "response" if "response" in row else "rejected"
         response = _text_field(row, where, fld)
@@ -237,14 +267,19 @@ def load_negatives(source, tokenizer, *, max_length=None, max_prompt_length=None
             if weight_field == "keep_probs" and not all(0.0 <= w <= 1.0 for w in weights):
                 raise _bad(where, weight_field, "has a value outside [0, 1] (probabilities of keeping each token)")
         p, r = _render(tokenizer, prompt, response, where, fld)
-        return encode_text_pair(tokenizer, p, r, max_length=max_length, max_prompt_length=max_prompt_length,
-                                weights=weights, where=where, fld=weight_field or fld)
-    return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split)
+        cuts = set()
+        ex = encode_text_pair(tokenizer, p, r, max_length=max_length, max_prompt_length=max_prompt_length,
+                              weights=weights, where=where, fld=weight_field or fld, cuts=cuts)
+        rep.cut_prompts += "prompt" in cuts
+        rep.cut_responses += "response" in cuts
+        return ex
+    rep = LoadReport(source, max_length=max_length, max_prompt_length=max_prompt_length)
+    return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split, rep=rep)
 
 
 def load_problems(source, *, skip_bad_rows=False, split="train"):
     """Problems with checkable answers: dicts with prompt (str) and answer (int)."""
-    def parse(row, where):
+    def parse(row, where, rep):
         prompt = _text_field(row, where, "prompt", messages_ok=False)
         ans = row.get("answer")
         try:
