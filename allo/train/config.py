@@ -50,7 +50,8 @@ class TrainConfig:
     problems_file: str | None = _f(None, "problems with checkable answers (prompt, answer) for `prepare` on your own model")
     eval_problems_file: str | None = _f(None, "held-out problems (prompt, answer) for answer accuracy in `eval`")
     output_dir: str = _f("allo_output", "every stage writes its own folder under this one")
-    max_length: int = _f(256, "longest prompt + response in tokens; the response loses its end (see allo.train.data)")
+    max_length: int = _f(1024, "longest prompt + response in tokens (TRL's default); the response loses its end "
+                         "(see allo.train.data; the data's log line counts what was cut)")
     max_prompt_length: int | None = _f(None, "the prompt keeps its last this-many tokens (default: all)")
     skip_bad_rows: bool = _f(False, "skip malformed data rows and count them, instead of stopping at the first")
 
