@@ -330,6 +330,14 @@ def test_a_warmup_model_trained_elsewhere_replaces_the_warmup_stage(tiny, tmp_pa
         _cfg(tiny, theirs, warmup_model_path=str(tmp_path / "nowhere")).validate()
     with pytest.raises(ValueError, match="--warmup_model_path org/dpo-model: expected a local model folder"):
         _cfg(tiny, theirs, warmup_model_path="org/dpo-model").validate()
+    # another architecture: refused before any stage (select would fail only after the reference passes)
+    from allo.train.model import build_tiny_model, load_tokenizer, save_model
+
+    tok = load_tokenizer(str(tiny / "sft"))
+    save_model(build_tiny_model(tok, hidden_size=48, num_layers=1, seed=0), tok, str(tmp_path / "wide"))
+    with pytest.raises(ValueError, match=r"--warmup_model_path .*wide: not the architecture of --model_name_or_path "
+                                         r".*sft \(hidden_size 48 vs 32; intermediate_size"):
+        _cfg(tiny, theirs, warmup_model_path=str(tmp_path / "wide")).validate()
 
 
 @pytest.mark.parametrize("flags, warmup", [({}, 0), ({"warmup_steps": 2}, 2), ({"warmup_steps": 0.5}, 2),

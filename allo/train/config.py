@@ -158,6 +158,7 @@ class TrainConfig:
             problem = model_source_problem(self.warmup_model_path)
             if problem is None and not os.path.isdir(os.path.expanduser(self.warmup_model_path)):
                 problem = "expected a local model folder (the select stage reads its weight files)"
+            problem = problem or architecture_difference(self.warmup_model_path, self.model_name_or_path)
             if problem:
                 raise ValueError(f"--warmup_model_path {self.warmup_model_path}: {problem}")
         for name in ("forget_ratio", "improve_ratio", "exclude_ratio", "eps", "implicit_token_fraction", "warmup_ratio"):
@@ -239,4 +240,29 @@ def model_source_problem(path: str) -> str | None:
     if path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:
         return ("no such folder; expected a local model folder (with config.json) or a hub name such as "
                 "meta-llama/Llama-3.2-1B")
+    return None
+
+
+# config.json keys that fix the parameters' names and shapes of a Hugging Face causal LM
+_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+
+
+def architecture_difference(path: str, base: str) -> str | None:
+    """How the model folder ``path`` differs in architecture from ``base`` (a folder; a hub name is
+    not checked here), or None: a warm-up model must have the starting model's parameters, element for
+    element, for the weight deltas (else the select stage fails after the reference passes). Compared
+    as transformers reads the configs (defaults filled in: a config saved again by transformers may
+    write keys the original left out)."""
+    folders = [os.path.expanduser(p) for p in (path, base)]
+    if not all(os.path.isfile(os.path.join(f, "config.json")) for f in folders):
+        return None
+    from transformers import AutoConfig
+
+    configs = [AutoConfig.from_pretrained(f) for f in folders]
+    diff = [f"{k} {getattr(configs[0], k, None)!r} vs {getattr(configs[1], k, None)!r}" for k in _SHAPE_KEYS
+            if getattr(configs[0], k, None) != getattr(configs[1], k, None)]
+    if diff:
+        return (f"not the architecture of --model_name_or_path {base} ({'; '.join(diff)}); the warm-up model must be "
+                "that model after DPO, with the same parameters")
     return None
