@@ -109,6 +109,36 @@ def test_build_pairs_pairs_correct_with_wrong_capped_per_problem():
     assert stats["pairs"] == 6 and stats["negatives"] == 4 and stats["problems_with_pairs"] == 2
 
 
+def test_answer_pattern_judges_other_answer_formats(tmp_path, tiny, monkeypatch):
+    """--answer_pattern: GSM8K's "#### N" (numbers compare as numbers), multiple-choice letters (text,
+    case ignored); problems files may hold text answers; prepare's pairs and eval's accuracy use it."""
+    from allo.train import tasks
+
+    gsm, letter = r"#### (\S+)", r"answer is \(?([A-E])"
+    assert is_correct("48 / 2 = 24\n#### 1,024", 1024, gsm) and not is_correct("#### 1024", 1025, gsm)
+    assert is_correct("#### 2.50", "2.5", gsm) and not is_correct("no marker", 0, gsm)
+    assert is_correct("the answer is (B), not (C).", "b", letter) and not is_correct("the answer is (C).", "B", letter)
+    assert extract_answer("#### 3 then #### 4.", gsm) == "4."  # the last match; its final period is ignored
+    assert is_correct("#### 3 then #### 4.", 4, gsm) and extract_answer("The answer is 7.") == 7
+    probs = [{"prompt": "a", "answer": "B"}]
+    pairs, _, _ = build_pairs(probs, [["answer is (B)", "answer is (C)"]], max_pairs=5, seed=0, pattern=letter)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("answer is (B)", "answer is (C)")]
+
+    f = tmp_path / "problems.jsonl"
+    _write_jsonl(f, [{"prompt": "Q: 1?", "answer": "B"}, {"prompt": "Q: 2?", "answer": 7},
+                     {"prompt": "Q: 3?", "answer": "12"}, {"prompt": "Q: 4?", "answer": True}])
+    rows, rep = D.load_problems(str(f), skip_bad_rows=True)
+    assert [r["answer"] for r in rows] == ["B", 7, 12] and rep.skipped == 1 and "problems.jsonl:4" in rep.reasons[0]
+
+    seen, judge = [], tasks.is_correct
+    monkeypatch.setattr(tasks, "is_correct", lambda r, a, *p: seen.append(p) or judge(r, a, *p))
+    pipeline.run(_cfg(tiny, tmp_path / "run", stages="eval", eval_models="sft", answer_pattern=gsm,
+                      eval_file=None).validate())
+    assert seen and set(seen) == {(gsm,)}
+    with pytest.raises(ValueError, match=r"--answer_pattern '####' has 0 groups; expected exactly one"):
+        TrainConfig(answer_pattern="####").validate()
+
+
 def test_bad_rows_name_file_line_and_field_or_are_counted(tmp_path):
     tok = load_builtin_tokenizer()
     good = {"prompt": "Q: 1?\nA: ", "chosen": "The answer is 1.", "rejected": "The answer is 2."}

@@ -132,9 +132,9 @@ def _record_judged(patch=setattr) -> list:
 
     calls, judge = [], tasks.is_correct
 
-    def recording(response, answer):
+    def recording(response, answer, *pattern):
         calls.append([response, answer])
-        return judge(response, answer)
+        return judge(response, answer, *pattern)
 
     patch(tasks, "is_correct", recording)  # the eval stage imports it from allo.train.tasks when it judges
     return calls

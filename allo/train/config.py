@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 
 from .reporting import report_problem
+from .tasks import ANSWER_PATTERN, answer_pattern_problem
 
 STAGES = ("prepare", "warmup", "select", "forget", "improve", "eval")
 TRAINED_STAGES = ("warmup", "forget", "improve")
@@ -49,6 +50,11 @@ class TrainConfig:
                                     "Default: every distinct rejected response of the training pairs")
     problems_file: str | None = _f(None, "problems with checkable answers (prompt, answer) for `prepare` on your own model")
     eval_problems_file: str | None = _f(None, "held-out problems (prompt, answer) for answer accuracy in `eval`")
+    answer_pattern: str = _f(ANSWER_PATTERN, "regular expression whose one group is the answer in a "
+                             "response (its last match counts), for judging samples in `prepare` and answers in "
+                             "`eval`; compared with the problem's answer as numbers when both are, else as text "
+                             "(case, space and a final period ignored). E.g. '#### (\\S+)' for GSM8K, "
+                             "'answer is \\(?([A-E])' for multiple choice")
     output_dir: str = _f("allo_output", "every stage writes its own folder under this one")
     max_length: int = _f(1024, "longest prompt + response in tokens (TRL's default); the response loses its end "
                          "(see allo.train.data; the data's log line counts what was cut)")
@@ -161,6 +167,9 @@ class TrainConfig:
             problem = problem or architecture_difference(self.warmup_model_path, self.model_name_or_path)
             if problem:
                 raise ValueError(f"--warmup_model_path {self.warmup_model_path}: {problem}")
+        problem = answer_pattern_problem(self.answer_pattern)
+        if problem:
+            raise ValueError(f"--answer_pattern {self.answer_pattern!r} {problem}")
         for name in ("forget_ratio", "improve_ratio", "exclude_ratio", "eps", "implicit_token_fraction", "warmup_ratio"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:

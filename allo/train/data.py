@@ -278,14 +278,17 @@ def load_negatives(source, tokenizer, *, max_length=None, max_prompt_length=None
 
 
 def load_problems(source, *, skip_bad_rows=False, split="train"):
-    """Problems with checkable answers: dicts with prompt (str) and answer (int)."""
+    """Problems with checkable answers: dicts with prompt (str) and answer (an int when it is a whole
+    number, else the text, e.g. "B" or "yes"; see --answer_pattern for how responses are judged)."""
     def parse(row, where, rep):
         prompt = _text_field(row, where, "prompt", messages_ok=False)
         ans = row.get("answer")
+        if isinstance(ans, bool) or not isinstance(ans, (int, float, str)) or not str(ans).strip():
+            raise _bad(where, "answer", f"expected a number or a non-empty string, got {ans!r}")
         try:
             ans = int(str(ans).strip())
-        except (TypeError, ValueError):
-            raise _bad(where, "answer", f"expected an integer, got {ans!r}") from None
+        except ValueError:
+            ans = ans if isinstance(ans, float) else str(ans).strip()
         return {"prompt": prompt, "answer": ans}
     return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split)
 

@@ -1,6 +1,8 @@
 """Built-in synthetic tasks whose answers can be checked, so the pipeline runs with no data or hub.
 
-Every response ends with "The answer is N." and is judged by that final number (METHOD.md, stage 0).
+Every response ends with "The answer is N." and is judged by that final number (METHOD.md, stage 0):
+``extract_answer`` / ``is_correct`` with the default ``ANSWER_PATTERN``; the same functions judge the
+responses to a user's problems (``--problems_file``, ``--eval_problems_file``) with ``--answer_pattern``.
 Two tasks need different skills, so a result on one is not an artefact of the other:
 
 * ``arithmetic``: word problems with one addition or subtraction ("Ann has 17 pens. She gets 25
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 ANSWER_PREFIX = "The answer is"
-_ANSWER_RE = re.compile(re.escape(ANSWER_PREFIX) + r"\s*(-?\d+)")
+ANSWER_PATTERN = ANSWER_PREFIX + r"\s*(-?\d+)"  # (the prefix has no regex metacharacters)
 
 
 @dataclass(frozen=True)
@@ -31,14 +33,42 @@ def format_prompt(question: str) -> str:
     return f"Q: {question}\nA: "
 
 
-def extract_answer(response: str) -> int | None:
-    """The integer after the last "The answer is", or None when the response gives none."""
-    found = _ANSWER_RE.findall(response)
-    return int(found[-1]) if found else None
+def answer_pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` cannot pick answers out of responses, or None."""
+    try:
+        groups = re.compile(pattern).groups
+    except re.error as e:
+        return f"is not a regular expression ({e})"
+    if groups != 1:
+        return f"has {groups} groups; expected exactly one, around the answer (e.g. '#### (\\S+)')"
+    return None
 
 
-def is_correct(response: str, answer: int) -> bool:
-    return extract_answer(response) == answer
+def extract_answer(response: str, pattern: str = ANSWER_PATTERN) -> str | int | None:
+    """The answer the response gives: the group of the LAST match of ``pattern``, or None when there
+    is none. With the default pattern, the integer after the last "The answer is"."""
+    found = re.findall(pattern, response)
+    if not found:
+        return None
+    return int(found[-1]) if pattern == ANSWER_PATTERN else found[-1]
+
+
+def _normalized(answer) -> str | float:
+    """Answers compare as numbers when both are numbers (1,000 == 1000.0), else as text without case,
+    surrounding space or a final period."""
+    text = str(answer).strip().rstrip(".").strip()
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return text.casefold()
+
+
+def is_correct(response: str, answer, pattern: str = ANSWER_PATTERN) -> bool:
+    """Whether ``response`` gives ``answer`` (an int, or a string such as "B" or "yes")."""
+    found = extract_answer(response, pattern)
+    if pattern == ANSWER_PATTERN and isinstance(answer, int):
+        return found == answer
+    return found is not None and _normalized(found) == _normalized(answer)
 
 
 _NAMES = [("Ann", "She"), ("Bob", "He"), ("Cid", "He"), ("Dee", "She"), ("Eve", "She"), ("Max", "He")]

@@ -58,10 +58,10 @@ def _reward_metrics(ctx: Context, pol: dict, ref: dict) -> dict:
     return {"eval_loss": float(loss), **{f"eval_{k}": float(v) for k, v in metrics.items()}}
 
 
-def _answer_accuracy(texts, problems) -> float:
+def _answer_accuracy(texts, problems, pattern) -> float:
     from ..tasks import is_correct
 
-    return sum(is_correct(t[0], p["answer"]) for t, p in zip(texts, problems)) / len(problems)
+    return sum(is_correct(t[0], p["answer"], pattern) for t, p in zip(texts, problems)) / len(problems)
 
 
 @torch.no_grad()
@@ -78,7 +78,7 @@ def _evaluate(ctx: Context, pairs, ref, problems, *, logps, answers) -> dict | N
         texts = answers([p["prompt"] for p in problems], batch_size=ctx.cfg.generation_batch_size,
                         max_new_tokens=ctx.cfg.max_new_tokens, progress=ctx.progress, desc="eval: greedy answers")
         if ctx.main:
-            out["eval_answer_accuracy"] = _answer_accuracy(texts, problems)
+            out["eval_answer_accuracy"] = _answer_accuracy(texts, problems, ctx.cfg.answer_pattern)
     return out if ctx.main else None
 
 
@@ -108,7 +108,8 @@ def _result_key(ctx: Context, path: str, pairs, problems) -> str:
     """What a model's eval result is computed from (see inputs_key): its weights, the reference's,
     the held-out pairs and problems, and the options that change the numbers."""
     return inputs_key(ctx, models=[path, sft_model_path(ctx)], examples=pair_views(pairs).values() if pairs else (),
-                      problems=problems, beta=ctx.cfg.beta, max_new_tokens=ctx.cfg.max_new_tokens)
+                      problems=problems, beta=ctx.cfg.beta, max_new_tokens=ctx.cfg.max_new_tokens,
+                      answer_pattern=ctx.cfg.answer_pattern)
 
 
 def _saved_result(ctx: Context, out_path: str, key: str) -> dict | None:

@@ -16,11 +16,14 @@ from .common import Context, from_main, mark_done, seed_all
 
 
 
-def build_pairs(problems: list[dict], samples: list[list[str]], *, max_pairs: int, seed: int):
-    """Judge samples by their final answer; pair every correct with every wrong response (distinct
-    ones), keep at most ``max_pairs`` per problem (a seeded random choice); negatives are the
-    distinct wrong responses. Returns (pairs, negatives, stats)."""
-    from ..tasks import is_correct
+def build_pairs(problems: list[dict], samples: list[list[str]], *, max_pairs: int, seed: int, pattern=None):
+    """Judge samples by their final answer (``pattern``: see --answer_pattern); pair every correct with
+    every wrong response (distinct ones), keep at most ``max_pairs`` per problem (a seeded random
+    choice); negatives are the distinct wrong responses. Returns (pairs, negatives, stats)."""
+    from .. import tasks
+
+    def is_correct(response, answer):  # looked up per call: tests wrap tasks.is_correct
+        return tasks.is_correct(response, answer, pattern or tasks.ANSWER_PATTERN)
 
     rng = random.Random(seed)
     pairs, negatives, n_correct, n_total = [], [], 0, 0
@@ -92,7 +95,7 @@ def _judge_and_write(ctx: Context, sdir: str, info: dict, rows: dict, samples: d
     cfg, outputs = ctx.cfg, {}
     for split in ("train", "eval"):
         pairs, negs, stats = build_pairs(rows[split], samples[split], max_pairs=cfg.max_pairs_per_problem,
-                                         seed=cfg.seed)
+                                         seed=cfg.seed, pattern=cfg.answer_pattern)
         outputs[split] = (pairs, negs)
         info[split] = stats
     D.write_jsonl(os.path.join(sdir, "train_pairs.jsonl"), outputs["train"][0])
