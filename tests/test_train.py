@@ -358,6 +358,30 @@ def test_select_reads_weight_deltas_from_the_files_and_selects_what_loaded_model
         assert sum(int(m.sum()) for m in ma.values()) > 0
 
 
+def test_a_hub_models_weights_are_mapped_from_its_snapshot_in_the_cache(tiny, tmp_path, monkeypatch):
+    """--model_name_or_path org/name: select maps the snapshot that loading the model put in the Hugging
+    Face cache (else it would load the model whole: 4 bytes a parameter); nothing is downloaded."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    from allo.train.model import empty_model, local_folder, mapped_weights
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--allo-test--tiny-sft"
+    shutil.copytree(tiny / "sft", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    folder = local_folder("allo-test/tiny-sft")
+    assert folder == str(repo / "snapshots" / commit)
+    base = empty_model(models.load_model(str(tiny / "sft")).config)
+    weights = mapped_weights(folder, base)
+    assert weights is not None and weights.keys() == dict(base.named_parameters()).keys()
+    assert local_folder(str(tiny / "sft")) == str(tiny / "sft")
+    assert local_folder("allo-test/not-downloaded") is None and local_folder("not a/repo//id") is None
+
+
 def test_mapped_weights_of_sharded_files_and_what_they_refuse(tiny, tmp_path):
     from allo.train.model import empty_model, mapped_weights, tiny_llama_config
 

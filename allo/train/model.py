@@ -52,6 +52,20 @@ def stored_dtype(config) -> torch.dtype:
 _SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what allo.select reads
 
 
+def local_folder(name_or_path: str) -> str | None:
+    """The local folder with ``name_or_path``'s files: the folder itself, or for a hub name the snapshot
+    that loading it put in the Hugging Face cache (nothing is downloaded here); None when there is none."""
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name_or_path, local_files_only=True)
+    except (OSError, ValueError):  # not in the cache (LocalEntryNotFoundError), not a repo id (HFValidationError)
+        return None
+
+
 def mapped_weights(path: str, model) -> dict[str, torch.Tensor] | None:
     """The weights of the model folder ``path`` by ``model``'s parameter names, as tensors that map the
     folder's safetensors files (read from disk on use, held as page cache, which the OS may drop: no

@@ -25,9 +25,11 @@ def _scores(ctx: Context):
     if ctx.cfg.score_source == "weight_delta":
         warm_path = warmup_model_path(ctx)
         # the two models' weights read from their files' memory maps, not loaded: names and shapes from the
-        # architecture alone (meta device). Weights that are not such files: both models loaded whole
+        # architecture alone (meta device); a hub model's files are its snapshot in the Hugging Face cache.
+        # Weights that are not such files: both models loaded whole
         base = models.load_model(sft_path, empty=True)
-        sft, warm = models.mapped_weights(sft_path, base), models.mapped_weights(warm_path, base)
+        sft, warm = ((models.mapped_weights(folder, base) if folder else None)
+                     for folder in (models.local_folder(sft_path), models.local_folder(warm_path)))
         if sft is None or warm is None:
             ctx.log("select: the models' weights are not safetensors files under their parameter names; "
                     "loading both models whole for the weight deltas")
