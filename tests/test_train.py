@@ -442,13 +442,14 @@ def test_generation_batch_size_sets_the_generate_calls(tiny, tmp_path, monkeypat
     assert sizes == [3], sizes
 
 
-def test_dense_warmup_adamw_is_fused_on_cuda_only():
+def test_dense_warmup_adamw_is_fused_on_one_cpu_or_cuda_device(tiny, tmp_path, monkeypatch):
     # fused: no temporary of the weights' size per step (torch's foreach AdamW makes one: _foreach_sqrt)
     from _allocations import Allocations
 
     from allo.train.loop import dense_adamw_kind
 
-    assert dense_adamw_kind([torch.zeros(3)]) == {} and dense_adamw_kind([]) == {}
+    assert dense_adamw_kind([torch.zeros(3)]) == {"fused": True} and dense_adamw_kind([]) == {}
+    assert dense_adamw_kind([torch.zeros(3, device="meta")]) == {}
     p = torch.nn.Parameter(torch.randn(30, 20))
     p.grad = torch.randn(30, 20)
     for kind, temporaries in (({"foreach": True}, 1), ({"fused": True}, 0)):
@@ -461,6 +462,17 @@ def test_dense_warmup_adamw_is_fused_on_cuda_only():
     if torch.cuda.is_available():
         q = [torch.nn.Parameter(torch.zeros(4, device="cuda"))]
         assert dense_adamw_kind(q) == {"fused": True} and dense_adamw_kind(q + [torch.nn.Parameter(torch.zeros(2))]) == {}
+    # and the warm-up builds its AdamW so
+    built = []
+
+    class Spy(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            built.append(kw.get("fused"))
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    pipeline.run(_cfg(tiny, tmp_path, stages="warmup", max_steps=1))
+    assert built == [True]
 
 
 def test_eval_models_scores_only_the_models_asked_for(tiny, tmp_path, monkeypatch):
