@@ -7,6 +7,9 @@ response sequences, random token ids):
 
 * ``dense_dpo`` (baseline): a resident frozen reference model, ``torch.optim.AdamW`` on every
   parameter, log-probs from the full fp32 ``log_softmax`` of the logits (what a plain DPO loop does);
+* ``dense_dpo_fused``: the same with ``AdamW(fused=True)`` (transformers 5's Trainer picks the fused
+  AdamW by default where torch has one): the baseline stays the default AdamW, as in the GPU runs
+  recorded so far, and this row shows how much of the gap the optimizer alone is;
 * ``allo_improve``: what ``allo-train``'s improve stage runs: reference log-probs cached (no second
   model), ``MaskedAdamW`` on a ``--ratio`` mask in compact-gradient mode, the fused
   hidden-states x lm_head log-prob path, ``allo.losses.improve_loss`` on key tokens.
@@ -91,10 +94,11 @@ def resident_bytes(models, opt):
 class DenseDPO:
     """A plain DPO step: policy + resident reference, AdamW, full fp32 log_softmax."""
 
-    def __init__(self, model, batch, *, beta, autocast, checkpointing):
+    def __init__(self, model, batch, *, beta, autocast, checkpointing, fused=False):
         self.policy = model
         self.ref = copy.deepcopy(model).eval().requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=1e-6, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=1e-6, weight_decay=0.0,
+                                     **({"fused": True} if fused else {}))
         self.batch, self.beta, self.autocast = batch, beta, autocast
         if checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -209,13 +213,14 @@ def main():
     cfg = llama_config(name)
     case = f"{name} {2 * pairs}x{seq}" + (" bf16-autocast+ckpt" if gpu_like else " fp32")
     rows = []
-    for impl in ("dense_dpo", "allo_improve") + (("allo_improve_before",) if args.before else ()):
+    for impl in ("dense_dpo", "dense_dpo_fused", "allo_improve") + (("allo_improve_before",) if args.before else ()):
         torch.manual_seed(0)
         with torch.device(device):
             model = LlamaForCausalLM(cfg).float()
         batch = make_batch(cfg.vocab_size, pairs, seq, device)
-        if impl == "dense_dpo":
-            runner = DenseDPO(model, batch, beta=0.1, autocast=autocast, checkpointing=checkpointing)
+        if impl.startswith("dense_dpo"):
+            runner = DenseDPO(model, batch, beta=0.1, autocast=autocast, checkpointing=checkpointing,
+                              fused=impl == "dense_dpo_fused")
         else:
             before = impl == "allo_improve_before"
             runner = AlloImprove(model, batch, beta=0.1, eps=0.1, ratio=args.ratio, autocast=autocast,
