@@ -56,20 +56,21 @@ class FakeMlflow:
             end_run=lambda: self.calls.append(("end_run",)))
 
 
+def _installed_fake(monkeypatch, fake, env_var):
+    """``fake``'s module importable under its name, and the tracker's own environment variable unset."""
+    monkeypatch.setitem(sys.modules, fake.module.__name__, fake.module)
+    monkeypatch.delenv(env_var, raising=False)
+    return fake
+
+
 @pytest.fixture
 def wandb(monkeypatch):
-    fake = FakeWandb()
-    monkeypatch.setitem(sys.modules, "wandb", fake.module)
-    monkeypatch.delenv("WANDB_PROJECT", raising=False)
-    return fake
+    return _installed_fake(monkeypatch, FakeWandb(), "WANDB_PROJECT")
 
 
 @pytest.fixture
 def mlflow(monkeypatch):
-    fake = FakeMlflow()
-    monkeypatch.setitem(sys.modules, "mlflow", fake.module)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    return fake
+    return _installed_fake(monkeypatch, FakeMlflow(), "MLFLOW_EXPERIMENT_NAME")
 
 
 def test_report_to_is_checked_before_any_stage(monkeypatch):

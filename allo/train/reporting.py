@@ -32,9 +32,8 @@ import os
 
 from .data import write_text
 
-TRACKERS = ("tensorboard", "wandb", "mlflow")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # each one's package has its name
 SINKS = ("jsonl",) + TRACKERS
-_PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 def _installed(package: str) -> bool:
@@ -45,13 +44,14 @@ def _installed(package: str) -> bool:
 
 
 def parse_report_to(value: str) -> list[str]:
-    """The trackers ``value`` names (JSONL is implicit), or a ValueError naming the unknown ones."""
+    """The trackers ``value`` names (JSONL is implicit), or a ValueError naming the unknown ones (see
+    :func:`trackers_to_start` for the check that they are installed)."""
     names = {v.strip() for v in str(value).split(",") if v.strip()}
     if names == {"none"}:
         return []
     if "all" in names:  # (with others: those too, e.g. all,wandb)
         names.discard("all")
-        if _installed(_PACKAGE["tensorboard"]):
+        if _installed("tensorboard"):
             names.add("tensorboard")
         names.add("jsonl")
     bad = sorted(names - set(SINKS))
@@ -61,16 +61,22 @@ def parse_report_to(value: str) -> list[str]:
     return [t for t in TRACKERS if t in names]
 
 
+def trackers_to_start(value: str) -> list[str]:
+    """The trackers of ``--report_to value``, or a ValueError: a name that is unknown, or not installed."""
+    trackers = parse_report_to(value)
+    missing = [t for t in trackers if not _installed(t)]
+    if missing:
+        raise ValueError(f"--report_to {', '.join(missing)} needs `pip install {' '.join(missing)}` "
+                         "(or leave it out: metrics.jsonl is always written)")
+    return trackers
+
+
 def report_problem(value: str) -> str | None:
     """Why ``--report_to value`` cannot run here, or None (checked before any stage runs)."""
     try:
-        trackers = parse_report_to(value)
+        trackers_to_start(value)
     except ValueError as e:
         return str(e)
-    missing = [t for t in trackers if not _installed(_PACKAGE[t])]
-    if missing:
-        return (f"--report_to {', '.join(missing)} needs `pip install {' '.join(_PACKAGE[t] for t in missing)}` "
-                "(or leave it out: metrics.jsonl is always written)")
     return None
 
 
@@ -117,11 +123,9 @@ class MetricsSink:
             write_text(self.path, keep)
         elif os.path.exists(self.path):
             os.remove(self.path)
-        problem = report_problem(report_to)
-        if problem:  # (TrainConfig.validate says so before any stage; this is for direct callers)
-            raise ValueError(problem)
+        names = trackers_to_start(report_to)  # (TrainConfig.validate checked it before any stage already)
         try:
-            for name in parse_report_to(report_to):
+            for name in names:
                 tracker = _tracker(name, stage_dir, (config or {}).get("run_name"))
                 tracker.start()
                 self.trackers.append(tracker)

@@ -66,8 +66,6 @@ def _normalized(answer) -> str | float:
 def is_correct(response: str, answer, pattern: str = ANSWER_PATTERN) -> bool:
     """Whether ``response`` gives ``answer`` (an int, or a string such as "B" or "yes")."""
     found = extract_answer(response, pattern)
-    if pattern == ANSWER_PATTERN and isinstance(answer, int):
-        return found == answer
     return found is not None and _normalized(found) == _normalized(answer)
 
 

@@ -27,9 +27,9 @@ def masked_stage_start(ctx: Context, stage: str, path: str, desc: str):
 
     One process or DDP: the model loaded whole, no scorer (``train_stage`` wraps the model), the
     selection's sorted flat indices (MaskedAdamW's index sets as stored: no bool mask of the model's
-    size, one byte per parameter, is built). FSDP2: only the main process reads the weights (its model stays on the
-    CPU, for saving); the others build the model on the meta device from its config (names and
-    shapes, no memory) and never use it. The scorer is the stage's sharded module (holding the
+    size, one byte per parameter, is built). FSDP2: only the main process reads the weights (its model
+    stays on the CPU, for saving); the others build the model on the meta device from its config
+    (names and shapes, no memory) and never use it. The scorer is the stage's sharded module (holding the
     weights, every rank its shards; the reference pass and the training run through it) and
     ``masks`` this rank's part of the selection: the global flat indices of the selected elements in
     its own rows of each trained parameter, read from the file without building a mask."""

@@ -20,17 +20,16 @@ def build_pairs(problems: list[dict], samples: list[list[str]], *, max_pairs: in
     """Judge samples by their final answer (``pattern``: see --answer_pattern); pair every correct with
     every wrong response (distinct ones), keep at most ``max_pairs`` per problem (a seeded random
     choice); negatives are the distinct wrong responses. Returns (pairs, negatives, stats)."""
-    from .. import tasks
+    from ..tasks import ANSWER_PATTERN, is_correct
 
-    def is_correct(response, answer):  # looked up per call: tests wrap tasks.is_correct
-        return tasks.is_correct(response, answer, pattern or tasks.ANSWER_PATTERN)
+    pattern = pattern or ANSWER_PATTERN
 
     rng = random.Random(seed)
     pairs, negatives, n_correct, n_total = [], [], 0, 0
     for prob, outs in zip(problems, samples):
-        right = list(dict.fromkeys(o for o in outs if is_correct(o, prob["answer"])))
-        wrong = list(dict.fromkeys(o for o in outs if not is_correct(o, prob["answer"])))
-        n_correct += sum(is_correct(o, prob["answer"]) for o in outs)
+        right = list(dict.fromkeys(o for o in outs if is_correct(o, prob["answer"], pattern)))
+        wrong = list(dict.fromkeys(o for o in outs if not is_correct(o, prob["answer"], pattern)))
+        n_correct += sum(is_correct(o, prob["answer"], pattern) for o in outs)
         n_total += len(outs)
         combos = [(c, w) for c in right for w in wrong]
         rng.shuffle(combos)
