@@ -437,6 +437,10 @@ def _all_reduce_worker(rank, world, init_file, out_file):
     model(torch.randn(3, 13)).pow(2).sum().backward()
     opt.all_reduce_grads()
     torch.save([g.clone() for g in opt._grad_tensors()], f"{out_file}.{rank}")
+    # both ranks done with the group before either tears it down: a rank that destroys it while the other's
+    # gloo connection still has traffic in flight can abort the other ("terminate called without an active
+    # exception", SIGABRT: seen twice in CI runs, sessions 4 and 12)
+    dist.barrier()
     dist.destroy_process_group()
 
 
