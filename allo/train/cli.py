@@ -129,7 +129,20 @@ def main(argv=None) -> int:
         # the user's input is at fault and the message says how to fix it: no traceback
         print(f"allo-train: error: {e}", file=sys.stderr)
         return 2
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Several processes: every rank waits for the others, then the process group is torn down. Left to
+    the interpreter's exit, a rank could tear down its gloo group while another's traffic was still in
+    flight, and that rank aborted ("terminate called without an active exception", exit code -6) after
+    a successful run (seen in CI, 2026-11-27)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
