@@ -32,8 +32,10 @@ def _lows_kernel(hist_ptr, out_ptr, k0, k1, SAMPLES: tl.constexpr, OFFSET: tl.co
     # a prefix of the bins (the weight at or above b does not grow with b), so the estimate is their count
     # minus one. One pass from the top bin down, the weight above the block carried
     lanes = tl.arange(0, BLOCK)
-    t0 = k0.to(tl.int64) * SAMPLES  # (k of a large model times SAMPLES overflows int32)
-    t1 = k1.to(tl.int64) * SAMPLES
+    # tl.cast, not .to: the JIT passes an int argument equal to 1 as a Python constant, which has no .to
+    # (a GPU-only failure: the interpreter does not specialize; every k == 1 failed to compile on the H100)
+    t0 = tl.cast(k0, tl.int64) * SAMPLES  # (k of a large model times SAMPLES overflows int32)
+    t1 = tl.cast(k1, tl.int64) * SAMPLES
     carry = tl.zeros([], dtype=tl.int64)
     n0 = tl.zeros([], dtype=tl.int64)
     n1 = tl.zeros([], dtype=tl.int64)
@@ -97,8 +99,8 @@ def _boundaries_kernel(tiles_ptr, counts_ptr, ntiles, lows_ptr, low0, low1, base
                        ties_ptr, flags_ptr, C: tl.constexpr, CP: tl.constexpr, BINS: tl.constexpr, TWO: tl.constexpr,
                        LOWS_ON_DEVICE: tl.constexpr, CHECK_POSITIVE: tl.constexpr, TIE_ROWS: tl.constexpr):
     cols = tl.arange(0, CP)
-    k0 = k0.to(tl.int64)
-    k1 = k1.to(tl.int64)
+    k0 = tl.cast(k0, tl.int64)  # (not .to: a k of 1 arrives as a Python constant, see _lows_kernel)
+    k1 = tl.cast(k1, tl.int64)
     acc = tl.load(counts_ptr + cols, mask=cols < C, other=0)  # every column's sum over the tiles
     if LOWS_ON_DEVICE:
         low0 = tl.load(lows_ptr)

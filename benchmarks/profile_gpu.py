@@ -189,6 +189,14 @@ def profile_select(sweep, trace_dir=None):
         print(f"select {label}: wall {wall_ms(fn, 2, 10):.3f} ms, host {host_ms(fn):.3f} ms", flush=True)
     print(f"select window pass (per tile) {wall_ms(tile_pass, 2, 10):.3f} ms, band_masks "
           f"{wall_ms(lambda: band_masks(scores, 0.1, backend='triton'), 2, 10):.3f} ms", flush=True)
+    # the kernels against the torch glue they replaced, alternated: run to run, bench_select's rows for the
+    # two moved by +-0.4 ms (run 8 on the H100: 3.50 kernels, 2.95 glue; the next run 2.80 and 3.55), more
+    # than the difference, which only alternated calls in one process showed (3.23 against 3.98 ms)
+    default = lambda: band_masks(scores, 0.1, backend="triton")  # noqa: E731
+    t = H.time_interleaved({"kernels": default, "glue": H.with_setting(rbd, "USE_KERNELS", False, default)},
+                           device="cuda", warmup=2, repeats=30)
+    print(f"select band_masks: radix_boundary kernels {t['kernels']['median_ms']:.3f} ms, torch glue "
+          f"{t['glue']['median_ms']:.3f} ms (alternated, medians of 30)", flush=True)
     if not sweep:
         return
     # H100 2026-11-27: the (32-bin) window pass took 2.06 ms of kernel time where reading the scores takes

@@ -546,5 +546,7 @@ def test_construction_on_cuda_never_holds_dense_state():
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
     dense = p.numel() * 8
-    # (the bool mask moved to the device and its nonzero() are ~30 MB of it; dense moments alone are 134 MB)
-    assert opt.state_bytes() < dense // 8 and peak < dense // 2, (peak, opt.state_bytes(), dense)
+    # 12 bytes a selected element (int32 index, fp32 exp_avg and exp_avg_sq: 20 MB); the bool mask moved to
+    # the device and its nonzero() are most of the rest (30 MB measured on an H100); dense moments: 134 MB
+    assert opt.state_bytes() == int(mask.sum()) * 12, opt.state_bytes()
+    assert peak < dense // 2, (peak, opt.state_bytes(), dense)

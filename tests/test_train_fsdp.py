@@ -362,7 +362,10 @@ def two(tiny, tmp_path_factory):
     _fake_warmup(tiny, out / "wd")
     _fake_warmup(tiny, out / "bf16")
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
-           "ACCELERATE_USE_CPU": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+           "ACCELERATE_USE_CPU": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+           # CPU processes on a GPU machine too (on the H100, 2026-11-27, this launch failed with the GPU
+           # visible to both ranks; the cut log did not say why)
+           "CUDA_VISIBLE_DEVICES": ""}
     # --standalone: torchrun's own store binds a port the OS picks and holds it (a port picked here
     # beforehand could be taken by another process meanwhile)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
