@@ -198,12 +198,15 @@ def _blocked_window_kernel(table_ptr, tile_tensor_ptr, hist_ptr, counts_ptr, low
     counted without a histogram (a huge group of equal scores costs nothing extra). ``POSITIVE``:
     both windows start above zero (``low > 0``). ``PER_TILE``: no atomics; each program writes its
     own row of ``hist_ptr`` (int32: window 0's bins and above-count, window 1's, the non-finite flag).
-    ``LOWS_ON_DEVICE``: ``low0`` and ``low1`` are read from ``lows_ptr`` (int64 [2]), which the device
-    computed from the sample (no wait for the host)."""
+    ``LOWS_ON_DEVICE``: ``low0`` and ``low1`` are read from ``lows_ptr`` (int64 [2], or [1] without
+    ``TWO``), which the device computed from the sample (no wait for the host)."""
     row, x, y, n, start, count, full = _row(table_ptr, tile_tensor_ptr, X_T, Y_T, ALIGNED, TILE, BLOCK)
     if LOWS_ON_DEVICE:
         low0 = tl.load(lows_ptr).to(tl.int32)
-        low1 = tl.load(lows_ptr + 1).to(tl.int32)
+        if TWO:
+            low1 = tl.load(lows_ptr + 1).to(tl.int32)
+        else:  # one window: read as both (an expanded copy of the one low cost a kernel and host time)
+            low1 = low0
     BINS: tl.constexpr = 1 << BITS
     h0 = _window_zero(BINS, BLOCK)
     h1 = _window_zero(BINS, BLOCK)
@@ -357,7 +360,9 @@ def window_tile_counts(sources, lows, bits: int, *, key32: bool, edge: int, posi
     layout = rb._layout(src, members)
     out = torch.empty(layout[1].numel(), 2 * bins + 3, dtype=torch.int32, device=src.device)
     if on_device:
-        lows_dev, lo0, lo1 = lows.to(torch.int64).expand(2).contiguous(), 0, 0  # (one window: read twice)
+        # (one window: the kernel reads its low for both; before, an expanded copy took a kernel launch
+        # between the sample's kernels and this pass, and the GPU waited ~0.1 ms for it: H100 profile)
+        lows_dev, lo0, lo1 = lows.to(torch.int64).contiguous(), 0, 0
     else:
         lows_dev, (lo0, lo1), positive = out, (int(lows[0]), int(lows[-1])), min(lows) > 0
     rb._run(_blocked_window_kernel, key, layout, (out, out, lows_dev, lo0, lo1, 0, int(edge)), block=block,

@@ -276,6 +276,10 @@ def test_window_tile_counts(dtype, device, small_tiles, monkeypatch):
         expect = _tile_counts_ref(scores, lows, bits)
         assert got.dtype == torch.int32 and got.shape == expect.shape, (lows, bits)
         assert torch.equal(got.cpu(), expect), (lows, bits)
+        if min(lows) > 0:  # the lows as the device path passes them: an int64 tensor of 1 or 2 on the device
+            got = RW.window_tile_counts(scores, torch.tensor(lows, device=device), bits, key32=False, edge=edge,
+                                        positive=True)
+            assert torch.equal(got.cpu(), expect), ("on the device", lows, bits)
     monkeypatch.setattr(RW.torch, "empty", empty)
     with pytest.raises(ValueError, match="launch groups"):
         RW.window_tile_counts(scores + [torch.ones(3, dtype=torch.float32, device=device)], [one], 0, key32=True,
