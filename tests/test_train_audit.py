@@ -271,6 +271,42 @@ def test_a_dataset_without_a_test_split_runs_with_dataset_test_split_none(tiny, 
     assert "eval_answer_accuracy" in res["warmup"] and "eval_rewards/accuracies" not in res["warmup"]
 
 
+def test_dataset_config_picks_a_configuration_of_the_dataset(tiny, tmp_path):  # noqa: F811
+    """--dataset_config (TRL's flag): the configuration of a dataset with several (GSM8K's 'main' and
+    'socratic'), here a local folder whose README declares two; before, `load_dataset` got no name and
+    such a dataset could not be read at all."""
+    pytest.importorskip("datasets")
+    import types
+
+    from allo.train import TrainConfig
+    from allo.train import data as D
+    from allo.train.stages import common
+    from allo.train.tokenizer import load_builtin_tokenizer
+
+    with open(tiny / "train.jsonl") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    ds = tmp_path / "ds"
+    for name, part in (("easy", rows[:3]), ("hard", rows[3:8])):
+        (ds / name).mkdir(parents=True)
+        with open(ds / name / "train.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    (ds / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {n}\n  data_files:\n  - split: train\n    path: {n}/train.jsonl\n" for n in ("easy", "hard"))
+        + "---\n")
+    tok = load_builtin_tokenizer()
+    logged = []
+    for config, n in (("hard", 5), ("easy", 3)):
+        cfg = TrainConfig(dataset_name=str(ds), dataset_config=config, dataset_test_split="none")
+        cfg.validate()
+        ctx = types.SimpleNamespace(cfg=cfg, tokenizer=tok, log=logged.append)
+        assert len(common.load_pairs(ctx, "train")) == n, config
+    # a configuration the dataset does not have: named in the error, with the flag to choose another
+    with pytest.raises(D.DataError, match=r"configuration 'medium'.*--dataset_config"):
+        D.load_pairs(str(ds), tok, config="medium")
+    with pytest.raises(ValueError, match=r"--dataset_config 'hard' needs --dataset_name"):
+        TrainConfig(dataset_config="hard").validate()
+
+
 def test_loss_type_reaches_every_dpo_loss_it_names(tiny, tmp_path, monkeypatch):  # noqa: F811
     """--loss_type: the warm-up, the gradient scores and improve with --key_tokens False use it; the
     eval's yardstick stays sigmoid. (A spy on allo.losses.dpo_loss, which each caller imports per call.)"""

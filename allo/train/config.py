@@ -42,6 +42,9 @@ class TrainConfig:
                                        "so the warmup stage is not run")
     task: str = _f("arithmetic", "built-in task with checkable answers (arithmetic | compare), used when no data is given")
     dataset_name: str | None = _f(None, "a `datasets` name with prompt/chosen/rejected columns (instead of --train_file)")
+    dataset_config: str | None = _f(None, "configuration (subset) of --dataset_name, as "
+                                          "`datasets.load_dataset(name, config)` takes it (e.g. 'main' for "
+                                          "openai/gsm8k)")
     dataset_train_split: str = _f("train", "split of --dataset_name to train on")
     dataset_test_split: str = _f("test", "split of --dataset_name to evaluate on ('none': no held-out pairs)")
     train_file: str | None = _f(None, "preference pairs (.jsonl/.json/.parquet): prompt, chosen, rejected")
@@ -170,6 +173,9 @@ class TrainConfig:
         problem = answer_pattern_problem(self.answer_pattern)
         if problem:
             raise ValueError(f"--answer_pattern {self.answer_pattern!r} {problem}")
+        if self.dataset_config and not self.dataset_name:
+            raise ValueError(f"--dataset_config {self.dataset_config!r} needs --dataset_name (the dataset it is a "
+                             "configuration of)")
         for name in ("forget_ratio", "improve_ratio", "exclude_ratio", "eps", "implicit_token_fraction", "warmup_ratio"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:

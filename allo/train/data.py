@@ -76,8 +76,9 @@ class LoadReport:
         return s
 
 
-def read_rows(source: str, *, split: str = "train") -> list[tuple[str, dict]]:
-    """``[(where, row)]`` with ``where`` like ``file.jsonl:12`` (1-based line) for error messages."""
+def read_rows(source: str, *, split: str = "train", config: str | None = None) -> list[tuple[str, dict]]:
+    """``[(where, row)]`` with ``where`` like ``file.jsonl:12`` (1-based line) for error messages.
+    ``config``: the `datasets` configuration of a dataset name or folder (not used for files)."""
     if os.path.isfile(source):
         low = source.lower()
         if low.endswith(".jsonl"):
@@ -117,13 +118,15 @@ def read_rows(source: str, *, split: str = "train") -> list[tuple[str, dict]]:
         raise DataError(f"{source!r} is {what}: that needs `pip install datasets` (or give a .jsonl/.json/.parquet "
                         "file)") from e
     try:
-        ds = datasets.load_dataset(source, split=split)
+        ds = datasets.load_dataset(source, config, split=split)
     except Exception as e:  # noqa: BLE001 - re-raised with what was asked for and how to choose otherwise
-        raise DataError(f"{source!r}: could not load split {split!r} as a `datasets` dataset ({type(e).__name__}: {e}). "
+        of = f"split {split!r}" + (f" of configuration {config!r}" if config else "")
+        raise DataError(f"{source!r}: could not load {of} as a `datasets` dataset ({type(e).__name__}: {e}). "
                         "Give a local file (.jsonl/.json/.parquet), a dataset folder or hub name, and the split with "
                         "--dataset_train_split / --dataset_test_split (held-out pairs: or --eval_file, or "
-                        "--dataset_test_split none for none)") from e
-    return [(f"{source}[{split}] row {i}", r) for i, r in enumerate(ds)]
+                        "--dataset_test_split none for none), the configuration with --dataset_config") from e
+    name = f"{source}:{config}" if config else source
+    return [(f"{name}[{split}] row {i}", r) for i, r in enumerate(ds)]
 
 
 class _Unparsable:
@@ -203,9 +206,9 @@ def encode_text_pair(tokenizer, prompt: str, response: str, *, max_length: int |
     return ex
 
 
-def _load(source, parse, *, skip_bad_rows, split="train", rep=None):
+def _load(source, parse, *, skip_bad_rows, split="train", config=None, rep=None):
     rep, out = rep or LoadReport(source), []
-    for where, row in read_rows(source, split=split):
+    for where, row in read_rows(source, split=split, config=config):
         try:
             if isinstance(row, _Unparsable):
                 raise BadRowError(f"{where}: not valid JSON ({row.why})")
@@ -223,7 +226,8 @@ def _load(source, parse, *, skip_bad_rows, split="train", rep=None):
     return out, rep
 
 
-def load_pairs(source, tokenizer, *, max_length=None, max_prompt_length=None, skip_bad_rows=False, split="train"):
+def load_pairs(source, tokenizer, *, max_length=None, max_prompt_length=None, skip_bad_rows=False, split="train",
+               config=None):
     """Tokenized preference pairs: dicts with prompt_ids, chosen_ids, rejected_ids."""
     def parse(row, where, rep):
         chosen = _text_field(row, where, "chosen")
@@ -246,7 +250,7 @@ def load_pairs(source, tokenizer, *, max_length=None, max_prompt_length=None, sk
         rep.identical_pairs += c["prompt_ids"] == r["prompt_ids"] and c["response_ids"] == r["response_ids"]
         return {"prompt_ids": c["prompt_ids"], "chosen_ids": c["response_ids"], "rejected_ids": r["response_ids"]}
     rep = LoadReport(source, max_length=max_length, max_prompt_length=max_prompt_length)
-    return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split, rep=rep)
+    return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split, config=config, rep=rep)
 
 
 def load_negatives(source, tokenizer, *, max_length=None, max_prompt_length=None, skip_bad_rows=False,

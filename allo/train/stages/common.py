@@ -125,7 +125,8 @@ def load_pairs(ctx: Context, split: str):
         return None
     ds_split = ctx.cfg.dataset_train_split if split == "train" else ctx.cfg.dataset_test_split
     pairs, rep = D.load_pairs(src, ctx.tokenizer, max_length=ctx.cfg.max_length, max_prompt_length=ctx.cfg.max_prompt_length,
-                              skip_bad_rows=ctx.cfg.skip_bad_rows, split=ds_split)
+                              skip_bad_rows=ctx.cfg.skip_bad_rows, split=ds_split,
+                              config=ctx.cfg.dataset_config if src == ctx.cfg.dataset_name else None)
     ctx.log(str(rep))
     return pairs
 
