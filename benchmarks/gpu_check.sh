@@ -87,6 +87,9 @@ cat "$work/environment.txt"
 pack
 
 pytest_args=(-q -rs -p no:cacheprovider)
+# every failure's traceback as it happens (tests/conftest.py): a step cut by the budget never prints
+# pytest's summary
+export ALLO_TEST_FAILURES="$work/test_failures.txt"
 "$py" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=240)
 gpu_pytest_args=("${pytest_args[@]}")
 # compiling the Triton kernels (~100 variants) is the slow part of the GPU tests and is single-threaded
@@ -157,6 +160,10 @@ wait
   cat "$work/environment.txt"
   echo "=== steps (budget ${budget}s, used ${SECONDS}s; logs and JSON in $out/gpu_check.tar.gz)"
   sed 's/^/  /' "$steps"
+  if [ -s "$ALLO_TEST_FAILURES" ]; then
+    echo "=== failed tests (tracebacks: test_failures.txt in the archive)"
+    grep '^=== ' "$ALLO_TEST_FAILURES" | sed 's/^=== /  /'
+  fi
   for bench in "$work"/bench_*.json; do
     [ -e "$bench" ] || continue
     "$py" - "$bench" <<'PY' || true

@@ -18,6 +18,17 @@ if not torch.cuda.is_available():
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def pytest_runtest_logreport(report):
+    # ALLO_TEST_FAILURES=FILE: each failure's report appended to FILE as it happens, not in pytest's summary
+    # at the end, which a run cut by a time limit never prints (benchmarks/gpu_check.sh on a 15-minute GPU
+    # lease: the tracebacks of a whole test file's errors were lost that way). Under pytest-xdist only the
+    # controlling process writes (it receives every worker's reports)
+    path = os.environ.get("ALLO_TEST_FAILURES")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 @pytest.fixture
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
