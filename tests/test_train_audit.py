@@ -307,6 +307,70 @@ def test_dataset_config_picks_a_configuration_of_the_dataset(tiny, tmp_path):  #
         TrainConfig(dataset_config="hard").validate()
 
 
+_PROBE_CONFIG = """
+from transformers import LlamaConfig
+
+
+class ProbeLlamaConfig(LlamaConfig):
+    model_type = "allo_probe_llama"
+"""
+
+_PROBE_MODEL = """
+import os
+
+from transformers import LlamaForCausalLM
+
+from .configuration_allo_probe import ProbeLlamaConfig
+
+
+class ProbeLlamaForCausalLM(LlamaForCausalLM):
+    config_class = ProbeLlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        with open(os.environ["ALLO_PROBE_RECORD"], "a") as f:  # every model built, and its attention
+            f.write(config._attn_implementation + "\\n")
+"""
+
+
+def _model_with_its_own_code(tiny, folder):
+    """tiny's SFT model as a model folder that brings its own code (an architecture transformers does
+    not have, as some hub models do): config.json's auto_map names the two files beside it."""
+    shutil.copytree(tiny / "sft", folder)
+    (folder / "configuration_allo_probe.py").write_text(_PROBE_CONFIG)
+    (folder / "modeling_allo_probe.py").write_text(_PROBE_MODEL)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="allo_probe_llama", architectures=["ProbeLlamaForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_allo_probe.ProbeLlamaConfig",
+                            "AutoModelForCausalLM": "modeling_allo_probe.ProbeLlamaForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_trust_remote_code_and_attn_implementation_reach_every_model_load(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """--trust_remote_code and --attn_implementation (TRL's ModelConfig flags) reach every model the
+    stages load or build (whole, or empty for the weights of other ranks), and the models the stages
+    save carry the code on: a model folder with its own code runs the whole pipeline."""
+    custom = tmp_path / "custom"
+    _model_with_its_own_code(tiny, custom)
+    record = tmp_path / "built.txt"
+    monkeypatch.setenv("ALLO_PROBE_RECORD", str(record))
+    stages = "warmup,select,forget,improve,eval"
+    # without the flag: refused before any stage, naming it (transformers alone would ask on the terminal)
+    with pytest.raises(ValueError, match=r"--model_name_or_path .*custom: the model brings its own code .*"
+                                         r"'allo_probe_llama'.*pass --trust_remote_code true"):
+        pipeline.run(_cfg(tiny, tmp_path / "refused", model_name_or_path=str(custom), stages=stages, max_steps=1))
+    assert not record.exists()
+    res = pipeline.run(_cfg(tiny, tmp_path / "run", model_name_or_path=str(custom), stages=stages, max_steps=1,
+                            trust_remote_code=True, attn_implementation="eager"))
+    assert set(res) == {"sft", "warmup", "forget", "improve"}
+    built = record.read_text().split()
+    assert len(built) >= 8 and set(built) == {"eager"}, built
+    for stage in ("warmup", "forget", "improve"):
+        saved = tmp_path / "run" / stage / "model"
+        assert (saved / "modeling_allo_probe.py").is_file(), stage
+        assert json.loads((saved / "config.json").read_text())["model_type"] == "allo_probe_llama", stage
+
+
 def test_loss_type_reaches_every_dpo_loss_it_names(tiny, tmp_path, monkeypatch):  # noqa: F811
     """--loss_type: the warm-up, the gradient scores and improve with --key_tokens False use it; the
     eval's yardstick stays sigmoid. (A spy on allo.losses.dpo_loss, which each caller imports per call.)"""

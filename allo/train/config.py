@@ -15,6 +15,7 @@ three for real models.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -40,6 +41,11 @@ class TrainConfig:
                                        "elsewhere (e.g. with TRL's DPOTrainer; a local folder): ALLO's warm-up "
                                        "model for the weight-delta scores, the implicit token weights and eval, "
                                        "so the warmup stage is not run")
+    attn_implementation: str | None = _f(None, "attention kernel the models run with, as transformers' "
+                                         "attn_implementation takes it ('sdpa', 'eager', 'flash_attention_2', "
+                                         "'flex_attention', a hub kernel); default: transformers' choice")
+    trust_remote_code: bool = _f(False, "let a model folder or hub model run its own code (an architecture "
+                                 "transformers does not have); only for models whose code you trust")
     task: str = _f("arithmetic", "built-in task with checkable answers (arithmetic | compare), used when no data is given")
     dataset_name: str | None = _f(None, "a `datasets` name with prompt/chosen/rejected columns (instead of --train_file)")
     dataset_config: str | None = _f(None, "configuration (subset) of --dataset_name, as "
@@ -158,6 +164,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.model_name_or_path is not None:
             problem = model_source_problem(self.model_name_or_path)
+            problem = problem or (None if self.trust_remote_code else remote_code_problem(self.model_name_or_path))
             if problem:
                 raise ValueError(f"--model_name_or_path {self.model_name_or_path}: {problem}")
         if self.warmup_model_path is not None:
@@ -167,7 +174,8 @@ class TrainConfig:
             problem = model_source_problem(self.warmup_model_path)
             if problem is None and not os.path.isdir(os.path.expanduser(self.warmup_model_path)):
                 problem = "expected a local model folder (the select stage reads its weight files)"
-            problem = problem or architecture_difference(self.warmup_model_path, self.model_name_or_path)
+            problem = problem or architecture_difference(self.warmup_model_path, self.model_name_or_path,
+                                                         trust_remote_code=self.trust_remote_code)
             if problem:
                 raise ValueError(f"--warmup_model_path {self.warmup_model_path}: {problem}")
         problem = answer_pattern_problem(self.answer_pattern)
@@ -258,12 +266,33 @@ def model_source_problem(path: str) -> str | None:
     return None
 
 
+def remote_code_problem(path: str) -> str | None:
+    """Why a local model folder cannot be read without --trust_remote_code (its config.json names code of
+    its own for an architecture transformers does not have), or None. A hub name is not checked here:
+    transformers refuses it when it is loaded."""
+    config_file = os.path.join(os.path.expanduser(path), "config.json")
+    if not os.path.isfile(config_file):
+        return None
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    auto_map = config.get("auto_map") or {}
+    if not {"AutoConfig", "AutoModelForCausalLM"} & set(auto_map):
+        return None
+    from transformers import CONFIG_MAPPING
+
+    if config.get("model_type") in CONFIG_MAPPING:  # transformers has the architecture: its own code is used
+        return None
+    return (f"the model brings its own code (config.json's auto_map: {', '.join(sorted(set(auto_map.values())))}) for "
+            f"an architecture transformers does not have ({config.get('model_type')!r}); pass --trust_remote_code true "
+            "to run it, if you trust that code")
+
+
 # config.json keys that fix the parameters' names and shapes of a Hugging Face causal LM
 _SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
 
 
-def architecture_difference(path: str, base: str) -> str | None:
+def architecture_difference(path: str, base: str, *, trust_remote_code: bool = False) -> str | None:
     """How the model folder ``path`` differs in architecture from ``base`` (a folder; a hub name is
     not checked here), or None: a warm-up model must have the starting model's parameters, element for
     element, for the weight deltas (else the select stage fails after the reference passes). Compared
@@ -274,7 +303,7 @@ def architecture_difference(path: str, base: str) -> str | None:
         return None
     from transformers import AutoConfig
 
-    configs = [AutoConfig.from_pretrained(f) for f in folders]
+    configs = [AutoConfig.from_pretrained(f, trust_remote_code=trust_remote_code) for f in folders]
     diff = [f"{k} {getattr(configs[0], k, None)!r} vs {getattr(configs[1], k, None)!r}" for k in _SHAPE_KEYS
             if getattr(configs[0], k, None) != getattr(configs[1], k, None)]
     if diff:

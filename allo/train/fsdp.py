@@ -139,7 +139,7 @@ def sharded_scorer(accelerator, model, *, prepare: Callable | None = None):
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
     kwargs = _fully_shard_kwargs(accelerator, mesh)
     # FSDP2 cannot be undone in place, and the main process saves `model` whole: a new module is sharded
-    shadow = empty_model(model.config, dtype=next(model.parameters()).dtype)
+    shadow = empty_model(model.config, dtype=next(model.parameters()).dtype, model_class=type(model))
     if prepare is not None:
         prepare(shadow)
     classes = _layer_classes(accelerator, shadow)

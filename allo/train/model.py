@@ -3,11 +3,31 @@ architecture, on the meta device, for the processes that receive FSDP2 shards), 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
 
 import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """How every model, config and tokenizer of a run is read (TRL's ModelConfig flags): the attention
+    kernel the models run with (None: transformers' default) and whether a model's own code may run."""
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+
+    def config_kwargs(self) -> dict:
+        # always explicit: left unset, transformers asks on the terminal before running a model's code
+        # (once per load, and a run loads its models many times), where False refuses at once
+        return {"trust_remote_code": self.trust_remote_code}
+
+    def model_kwargs(self) -> dict:
+        kw = self.config_kwargs()
+        if self.attn_implementation:
+            kw["attn_implementation"] = self.attn_implementation
+        return kw
 
 
 def tiny_llama_config(vocab_size: int, *, hidden_size: int = 96, num_layers: int = 2, max_len: int = 128):
@@ -29,16 +49,16 @@ def build_tiny_model(tokenizer, *, hidden_size: int, num_layers: int, seed: int)
     return model.float()
 
 
-def load_model(path: str, *, dtype=torch.float32, empty: bool = False):
+def load_model(path: str, *, dtype=torch.float32, empty: bool = False, options: LoadOptions = LoadOptions()):
     """A causal LM from a local folder or hub name (fp32 master weights by default: bf16 runs autocast;
     ``dtype="auto"``: as stored). ``empty``: read only the config and build the model with
     :func:`empty_model` (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if empty:
-        config = AutoConfig.from_pretrained(path)
-        return empty_model(config, dtype=stored_dtype(config) if dtype == "auto" else dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        config = AutoConfig.from_pretrained(path, **options.config_kwargs())
+        return empty_model(config, dtype=stored_dtype(config) if dtype == "auto" else dtype, options=options)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options.model_kwargs())
 
 
 def stored_dtype(config) -> torch.dtype:
@@ -111,20 +131,25 @@ def mapped_weights(path: str, model) -> dict[str, torch.Tensor] | None:
     return out
 
 
-def empty_model(config, *, dtype=torch.float32):
+def empty_model(config, *, dtype=torch.float32, options: LoadOptions = LoadOptions(), model_class=None):
     """The causal LM of ``config`` with every parameter on the meta device: no memory, no init.
     Buffers are built for real by the model's own ``__init__``: non-persistent ones (rotary
-    ``inv_freq``) are in no state dict, so no weight broadcast would ever fill them in."""
+    ``inv_freq``) are in no state dict, so no weight broadcast would ever fill them in. ``model_class``:
+    the class to build (a loaded model's own, e.g. one from a model folder's code), else the one
+    transformers maps ``config`` to."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if model_class is not None:
+            model = model_class._from_config(config, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **options.model_kwargs())
     model.tie_weights()  # init_empty_weights gives every module its own meta parameter, untying them
     return model
 
 
-def load_tokenizer(path: str | None):
+def load_tokenizer(path: str | None, options: LoadOptions = LoadOptions()):
     """The tokenizer saved with ``path`` (or the built-in one for the built-in tiny model)."""
     if path is None:
         from .tokenizer import load_builtin_tokenizer
@@ -132,7 +157,7 @@ def load_tokenizer(path: str | None):
         return load_builtin_tokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, **options.config_kwargs())
     if tok.pad_token is None:  # Llama-style tokenizers ship without one; padding is masked anyway
         tok.pad_token = tok.eos_token
     return tok

@@ -47,6 +47,13 @@ class Context:
 
         return "auto" if self.cfg.dtype == "auto" else getattr(torch, self.cfg.dtype)
 
+    @property
+    def load_options(self):
+        """How the stages read models and tokenizers (--attn_implementation, --trust_remote_code)."""
+        from ..model import LoadOptions
+
+        return LoadOptions(self.cfg.attn_implementation, self.cfg.trust_remote_code)
+
     def log(self, msg: str):
         if self.main:
             print(f"[allo-train] {msg}", flush=True)

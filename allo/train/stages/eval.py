@@ -31,7 +31,7 @@ def _model_of(ctx: Context, name: str) -> str | None:
 
 
 def _load_for_eval(ctx: Context, path: str):
-    return models.load_model(path, dtype=ctx.weights_dtype).to(ctx.accelerator.device).eval()
+    return models.load_model(path, dtype=ctx.weights_dtype, options=ctx.load_options).to(ctx.accelerator.device).eval()
 
 
 def _load_problems(ctx: Context):
@@ -152,7 +152,7 @@ def _eval_sharded(ctx: Context, sdir: str) -> dict:
     def hold(name: str, path: str):
         nonlocal scorer, holds
         if holds != name:
-            model = models.load_model(path, dtype=ctx.weights_dtype, empty=not ctx.main)
+            model = models.load_model(path, dtype=ctx.weights_dtype, empty=not ctx.main, options=ctx.load_options)
             if scorer is None:
                 scorer = sharded_scorer(ctx.accelerator, model)
             else:

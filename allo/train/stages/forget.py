@@ -59,7 +59,7 @@ def _token_weights(ctx: Context, sdir: str, negs, ref, model=None, scorer=None) 
         if scorer is None:
             # the stage's model waits on the CPU while the warm-up model scores: one model on the device
             with parked_on_cpu(model):
-                warm = models.load_model(warmup_model_path(ctx), dtype=ctx.weights_dtype)
+                warm = models.load_model(warmup_model_path(ctx), dtype=ctx.weights_dtype, options=ctx.load_options)
                 warm = warm.to(ctx.accelerator.device)
                 lp_warm = compute_logps(TokenLogprobs(warm), negs, **kw)
                 del warm
@@ -67,7 +67,8 @@ def _token_weights(ctx: Context, sdir: str, negs, ref, model=None, scorer=None) 
             # FSDP2: the stage's sharded module scores with the warm-up weights (the main process loads
             # them whole, on its CPU only), then gets the stage's own back: no second model anywhere
             warm_path = warmup_model_path(ctx)  # on every rank: all fail alike, none waits
-            load_weights(scorer, models.load_model(warm_path, dtype=ctx.weights_dtype) if ctx.main else None)
+            load_weights(scorer, models.load_model(warm_path, dtype=ctx.weights_dtype, options=ctx.load_options)
+                         if ctx.main else None)
             lp_warm = sharded_logps(scorer, negs, **kw)
             load_weights(scorer, model)
         if ctx.main:

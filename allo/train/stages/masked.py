@@ -37,7 +37,7 @@ def masked_stage_start(ctx: Context, stage: str, path: str, desc: str):
 
     # asked on every rank: FSDP1 / DeepSpeed stop all of them here with the same error
     sharded = masked_stage_shards(ctx.accelerator, desc)
-    model = models.load_model(path, dtype=ctx.weights_dtype, empty=sharded and not ctx.main)
+    model = models.load_model(path, dtype=ctx.weights_dtype, empty=sharded and not ctx.main, options=ctx.load_options)
     mask_file = _mask_file(ctx, stage)
     if not sharded:
         return model, None, None if mask_file is None else Selection.load(mask_file, model).indices, mask_file

@@ -71,7 +71,8 @@ def _sampling_plan(ctx: Context, sdir: str, info: dict, *, load: bool):
                          "or give preference pairs directly with --train_file")
     model = None
     if load:
-        model = models.load_model(cfg.model_name_or_path, dtype=ctx.weights_dtype).to(ctx.accelerator.device)
+        model = models.load_model(cfg.model_name_or_path, dtype=ctx.weights_dtype,
+                                  options=ctx.load_options).to(ctx.accelerator.device)
     train_rows, rep = D.load_problems(cfg.problems_file, skip_bad_rows=cfg.skip_bad_rows)
     ctx.log(str(rep))
     if cfg.eval_problems_file:
@@ -121,7 +122,7 @@ def _prepare_sharded(ctx: Context, sdir: str, info: dict) -> None:
         return path, {"train": train_rows, "eval": eval_rows}
 
     path, rows = _on_main(ctx, plan)
-    model = models.load_model(path, dtype=ctx.weights_dtype, empty=not ctx.main)
+    model = models.load_model(path, dtype=ctx.weights_dtype, empty=not ctx.main, options=ctx.load_options)
     scorer = sharded_scorer(ctx.accelerator, model)
     del model  # rank 0's whole copy: the shards hold the weights now
     samples = {}

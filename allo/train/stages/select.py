@@ -27,17 +27,17 @@ def _scores(ctx: Context):
         # the two models' weights read from their files' memory maps, not loaded: names and shapes from the
         # architecture alone (meta device); a hub model's files are its snapshot in the Hugging Face cache.
         # Weights that are not such files: both models loaded whole
-        base = models.load_model(sft_path, empty=True)
+        base = models.load_model(sft_path, empty=True, options=ctx.load_options)
         sft, warm = ((models.mapped_weights(folder, base) if folder else None)
                      for folder in (models.local_folder(sft_path), models.local_folder(warm_path)))
         if sft is None or warm is None:
             ctx.log("select: the models' weights are not safetensors files under their parameter names; "
                     "loading both models whole for the weight deltas")
-            base = models.load_model(sft_path)
-            sft, warm = base, models.load_model(warm_path)
+            base = models.load_model(sft_path, options=ctx.load_options)
+            sft, warm = base, models.load_model(warm_path, options=ctx.load_options)
         scores = weight_delta_scores(warm, sft)
     else:
-        base = models.load_model(sft_path, dtype=ctx.weights_dtype)
+        base = models.load_model(sft_path, dtype=ctx.weights_dtype, options=ctx.load_options)
         scores = _gradient_scores(ctx, TokenLogprobs(base.to(ctx.accelerator.device)), base, sharded=False)
     return scores, {n: tuple(p.shape) for n, p in base.named_parameters()}
 
@@ -98,15 +98,15 @@ def _sharded_scores(ctx: Context):
     acc = ctx.accelerator
     if ctx.cfg.score_source == "weight_delta":
         warm_path = warmup_model_path(ctx)  # on every rank: all fail alike, none waits
-        model = models.load_model(sft_model_path(ctx), empty=not ctx.main)
+        model = models.load_model(sft_model_path(ctx), empty=not ctx.main, options=ctx.load_options)
         base = sharded_scorer(acc, model)
         del model
-        model = models.load_model(warm_path, empty=not ctx.main)
+        model = models.load_model(warm_path, empty=not ctx.main, options=ctx.load_options)
         warm = sharded_scorer(acc, model)
         del model
         scores = weight_delta_scores(warm.model, base.model)
     else:
-        model = models.load_model(sft_model_path(ctx), dtype=ctx.weights_dtype, empty=not ctx.main)
+        model = models.load_model(sft_model_path(ctx), dtype=ctx.weights_dtype, empty=not ctx.main, options=ctx.load_options)
         base = sharded_scorer(acc, model)
         del model
         scores = _gradient_scores(ctx, base, base.model, sharded=True)

@@ -21,7 +21,8 @@ def stage_warmup(ctx: Context, *, on_step_end=None) -> dict:
     # FSDP2: only the main process reads the weights (its model stays whole on its CPU, for saving);
     # the sharded module computes the reference and trains. Elsewhere accelerate wraps the model
     sharded = fsdp2_shards(ctx.accelerator)
-    model = models.load_model(sft_model_path(ctx), dtype=ctx.weights_dtype, empty=sharded and not ctx.main)
+    model = models.load_model(sft_model_path(ctx), dtype=ctx.weights_dtype, empty=sharded and not ctx.main,
+                              options=ctx.load_options)
     scorer = None
     if sharded:
         scorer = sharded_scorer(ctx.accelerator, model, prepare=lambda m: prepare_trainable(m, None, cfg))
