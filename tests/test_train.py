@@ -190,6 +190,27 @@ def test_the_load_report_says_what_truncation_cut(tmp_path):
     assert (rep.rows, rep.cut_responses, rep.cut_prompts) == (2, 1, 1)
 
 
+def test_max_completion_length_keeps_a_responses_start(tmp_path):
+    """--max_completion_length (TRL's): each response keeps its first N tokens, its per-token weights with
+    it, before --max_length cuts prompt + response; counted in the load report."""
+    tok = load_builtin_tokenizer()
+    ex = D.encode_text_pair(tok, "Q: 1?\nA: ", "The answer is 1.", max_completion_length=6)
+    assert tok.decode(ex["response_ids"]) == "The an" and tok.decode(ex["prompt_ids"]) == "Q: 1?\nA: "
+    # both limits: the tighter one wins
+    ex = D.encode_text_pair(tok, "Q: 1?\nA: ", "The answer is 1.", max_completion_length=12, max_length=15)
+    assert len(ex["prompt_ids"]) + len(ex["response_ids"]) == 15 and len(ex["response_ids"]) == 6
+    ex = D.encode_text_pair(tok, "Q: 1?\nA: ", "ab", weights=[0.5, 0.25], max_completion_length=1)
+    assert ex["weights"] == [0.5] and len(ex["response_ids"]) == 1
+    path = tmp_path / "pairs.jsonl"
+    _write_jsonl(path, [{"prompt": "Q: 1?\nA: ", "chosen": "The answer is 12.", "rejected": "The answer is 13."},
+                        {"prompt": "Q: 1?\nA: ", "chosen": "1.", "rejected": "2."}])
+    pairs, rep = D.load_pairs(str(path), tok, max_completion_length=14)
+    assert (rep.cut_responses, rep.identical_pairs) == (2, 1) and pairs[0]["chosen_ids"] == pairs[0]["rejected_ids"]
+    assert "; 2 responses cut at --max_completion_length 14;" in str(rep)
+    with pytest.raises(ValueError, match=r"--max_completion_length is 0; expected a positive number of tokens"):
+        TrainConfig(max_completion_length=0).validate()
+
+
 def test_chat_messages_use_the_chat_template(tmp_path):
     tok = load_builtin_tokenizer()
     path = tmp_path / "chat.json"

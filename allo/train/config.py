@@ -68,6 +68,8 @@ class TrainConfig:
     max_length: int = _f(1024, "longest prompt + response in tokens (TRL's default); the response loses its end "
                          "(see allo.train.data; the data's log line counts what was cut)")
     max_prompt_length: int | None = _f(None, "the prompt keeps its last this-many tokens (default: all)")
+    max_completion_length: int | None = _f(None, "a response keeps its first this-many tokens, end of sequence "
+                                           "included (default: all; --max_length still applies)")
     skip_bad_rows: bool = _f(False, "skip malformed data rows and count them, instead of stopping at the first")
 
     # --- training (TRL names)
@@ -181,6 +183,10 @@ class TrainConfig:
         problem = answer_pattern_problem(self.answer_pattern)
         if problem:
             raise ValueError(f"--answer_pattern {self.answer_pattern!r} {problem}")
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name} is {v}; expected a positive number of tokens (or leave it out)")
         if self.dataset_config and not self.dataset_name:
             raise ValueError(f"--dataset_config {self.dataset_config!r} needs --dataset_name (the dataset it is a "
                              "configuration of)")

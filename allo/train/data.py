@@ -13,9 +13,9 @@ Rows:
              token) or ``keep_probs`` (a token-level reward model's probability of keeping each token);
 * problems:  ``prompt`` and ``answer`` (for ``prepare`` on your own model).
 
-Truncation policy: the prompt keeps its LAST ``max_prompt_length`` tokens (the question usually sits
-at its end); then prompt + response keeps its FIRST ``max_length`` tokens (the response loses its
-end). A row with no response token left is malformed.
+Truncation policy (TRL's): the prompt keeps its LAST ``max_prompt_length`` tokens (the question usually
+sits at its end), the response its FIRST ``max_completion_length``; then prompt + response keeps its
+FIRST ``max_length`` tokens (the response loses its end). A row with no response token left is malformed.
 
 A malformed row raises :class:`BadRowError` naming the file, line and field; with
 ``skip_bad_rows=True`` it is skipped and counted instead.
@@ -56,18 +56,22 @@ class LoadReport:
     rows: int = 0
     skipped: int = 0
     reasons: list[str] = field(default_factory=list)
-    cut_responses: int = 0  # responses that lost their end to --max_length
+    cut_responses: int = 0  # responses that lost their end to --max_completion_length or --max_length
     cut_prompts: int = 0  # prompts that lost their start to --max_prompt_length
     identical_pairs: int = 0  # pairs whose chosen and rejected tokens are the same after truncation
     max_length: int | None = None
     max_prompt_length: int | None = None
+    max_completion_length: int | None = None
 
     def __str__(self):
         s = f"{self.source}: {self.rows} rows"
         if self.skipped:
             s += f", {self.skipped} skipped (--skip_bad_rows); first: {self.reasons[0]}"
         if self.cut_responses:
-            s += f"; {self.cut_responses} responses cut at --max_length {self.max_length}"
+            limits = [f"--{name} {v}" for name, v in (("max_length", self.max_length),
+                                                       ("max_completion_length", self.max_completion_length))
+                      if v is not None]
+            s += f"; {self.cut_responses} responses cut at {' or '.join(limits)}"
         if self.cut_prompts:
             s += f"; {self.cut_prompts} prompts cut to their last --max_prompt_length {self.max_prompt_length} tokens"
         if self.identical_pairs:
@@ -171,8 +175,8 @@ def _render(tokenizer, prompt, response, where, fld):
 
 
 def encode_text_pair(tokenizer, prompt: str, response: str, *, max_length: int | None = None,
-                     max_prompt_length: int | None = None, weights=None, where="", fld="response",
-                     cuts: set | None = None):
+                     max_prompt_length: int | None = None, max_completion_length: int | None = None,
+                     weights=None, where="", fld="response", cuts: set | None = None):
     """Token ids of prompt and response (+ end-of-sequence unless the text already ends with it),
     truncated by the module's policy; per-token ``weights`` follow the response's truncation.
     ``cuts``: gets "prompt" and/or "response" when they were truncated."""
@@ -191,6 +195,11 @@ def encode_text_pair(tokenizer, prompt: str, response: str, *, max_length: int |
         p_ids = p_ids[len(p_ids) - max_prompt_length:]
         if cuts is not None:
             cuts.add("prompt")
+    if max_completion_length is not None and len(r_ids) > max_completion_length:
+        r_ids = r_ids[:max_completion_length]
+        weights = None if weights is None else weights[:max_completion_length]
+        if cuts is not None:
+            cuts.add("response")
     if max_length is not None and len(p_ids) + len(r_ids) > max_length:
         keep = max_length - len(p_ids)
         if keep <= 0:
@@ -226,8 +235,8 @@ def _load(source, parse, *, skip_bad_rows, split="train", config=None, rep=None)
     return out, rep
 
 
-def load_pairs(source, tokenizer, *, max_length=None, max_prompt_length=None, skip_bad_rows=False, split="train",
-               config=None):
+def load_pairs(source, tokenizer, *, max_length=None, max_prompt_length=None, max_completion_length=None,
+               skip_bad_rows=False, split="train", config=None):
     """Tokenized preference pairs: dicts with prompt_ids, chosen_ids, rejected_ids."""
     def parse(row, where, rep):
         chosen = _text_field(row, where, "chosen")
@@ -238,7 +247,8 @@ def load_pairs(source, tokenizer, *, max_length=None, max_prompt_length=None, sk
             prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]  # implicit prompt (TRL)
         else:
             raise _bad(where, "prompt", "missing")
-        kw = dict(max_length=max_length, max_prompt_length=max_prompt_length, where=where)
+        kw = dict(max_length=max_length, max_prompt_length=max_prompt_length,
+                  max_completion_length=max_completion_length, where=where)
         c_cuts, r_cuts = set(), set()
         c = encode_text_pair(tokenizer, *_render(tokenizer, prompt, chosen, where, "chosen"), fld="chosen",
                              cuts=c_cuts, **kw)
@@ -249,12 +259,13 @@ def load_pairs(source, tokenizer, *, max_length=None, max_prompt_length=None, sk
         rep.cut_responses += ("response" in c_cuts) + ("response" in r_cuts)
         rep.identical_pairs += c["prompt_ids"] == r["prompt_ids"] and c["response_ids"] == r["response_ids"]
         return {"prompt_ids": c["prompt_ids"], "chosen_ids": c["response_ids"], "rejected_ids": r["response_ids"]}
-    rep = LoadReport(source, max_length=max_length, max_prompt_length=max_prompt_length)
+    rep = LoadReport(source, max_length=max_length, max_prompt_length=max_prompt_length,
+                     max_completion_length=max_completion_length)
     return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split, config=config, rep=rep)
 
 
-def load_negatives(source, tokenizer, *, max_length=None, max_prompt_length=None, skip_bad_rows=False,
-                   weight_field=None, split="train"):
+def load_negatives(source, tokenizer, *, max_length=None, max_prompt_length=None, max_completion_length=None,
+                   skip_bad_rows=False, weight_field=None, split="train"):
     """Tokenized wrong responses: dicts with prompt_ids, response_ids and, when ``weight_field``
     ("token_weights" or "keep_probs") is given, that field's per-token values as ``weights``."""
     def parse(row, where, rep):
@@ -273,11 +284,13 @@ def load_negatives(source, tokenizer, *, max_length=None, max_prompt_length=None
         p, r = _render(tokenizer, prompt, response, where, fld)
         cuts = set()
         ex = encode_text_pair(tokenizer, p, r, max_length=max_length, max_prompt_length=max_prompt_length,
-                              weights=weights, where=where, fld=weight_field or fld, cuts=cuts)
+                              max_completion_length=max_completion_length, weights=weights, where=where,
+                              fld=weight_field or fld, cuts=cuts)
         rep.cut_prompts += "prompt" in cuts
         rep.cut_responses += "response" in cuts
         return ex
-    rep = LoadReport(source, max_length=max_length, max_prompt_length=max_prompt_length)
+    rep = LoadReport(source, max_length=max_length, max_prompt_length=max_prompt_length,
+                     max_completion_length=max_completion_length)
     return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split, rep=rep)
 
 

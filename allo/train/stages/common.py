@@ -132,7 +132,7 @@ def load_pairs(ctx: Context, split: str):
         return None
     ds_split = ctx.cfg.dataset_train_split if split == "train" else ctx.cfg.dataset_test_split
     pairs, rep = D.load_pairs(src, ctx.tokenizer, max_length=ctx.cfg.max_length, max_prompt_length=ctx.cfg.max_prompt_length,
-                              skip_bad_rows=ctx.cfg.skip_bad_rows, split=ds_split,
+                              max_completion_length=ctx.cfg.max_completion_length, skip_bad_rows=ctx.cfg.skip_bad_rows, split=ds_split,
                               config=ctx.cfg.dataset_config if src == ctx.cfg.dataset_name else None)
     ctx.log(str(rep))
     return pairs
@@ -156,6 +156,7 @@ def load_negatives(ctx: Context, weight_field):
             raise ValueError(f"--token_weight_source needs {weight_field} in a --negatives_file")
         return out
     negs, rep = D.load_negatives(src, ctx.tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                                 max_completion_length=cfg.max_completion_length,
                                  skip_bad_rows=cfg.skip_bad_rows, weight_field=weight_field)
     ctx.log(str(rep))
     return negs
