@@ -463,6 +463,19 @@ def test_generation_batch_size_sets_the_generate_calls(tiny, tmp_path, monkeypat
     assert sizes == [3], sizes
 
 
+def test_generate_with_a_tokenizer_that_returns_token_type_ids():
+    # some tokenizers (Falcon's; the slow ones of transformers 4.x) return token_type_ids, which a causal LM's
+    # generate refuses as an unused argument: only the ids and their attention mask go to the model
+    from allo.train.model import build_tiny_model, generate
+
+    tok = load_builtin_tokenizer()
+    tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    assert "token_type_ids" in tok(["Q: 1?\nA: "], add_special_tokens=False)
+    model = build_tiny_model(tok, hidden_size=32, num_layers=1, seed=0)
+    (answers,) = generate(model, tok, ["Q: 1?\nA: "], max_new_tokens=3, progress=False)
+    assert len(answers) == 1 and isinstance(answers[0], str)
+
+
 def test_dense_warmup_adamw_is_fused_on_one_cpu_or_cuda_device(tiny, tmp_path, monkeypatch):
     # fused: no temporary of the weights' size per step (torch's foreach AdamW makes one: _foreach_sqrt)
     from _allocations import Allocations

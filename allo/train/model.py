@@ -233,7 +233,9 @@ def generate(model, tokenizer, prompts: list[str], *, num_return_sequences: int 
             kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
             if synced_gpus:
                 kwargs["synced_gpus"] = True
-            seqs = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+            # only the ids and their mask: a tokenizer's token_type_ids (Falcon's) make generate refuse
+            seqs = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                  max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
             texts = tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             for i in range(len(chunk)):
