@@ -242,6 +242,12 @@ class TrainConfig:
             return list(EVAL_MODELS)
         return [m.strip() for m in self.eval_models.split(",") if m.strip()]
 
+    def load_options(self):
+        """How a run reads its models, configs and tokenizers (--attn_implementation, --trust_remote_code)."""
+        from .model import LoadOptions
+
+        return LoadOptions(self.attn_implementation, self.trust_remote_code)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -38,7 +38,7 @@ def _set_cpu_threads() -> None:
 def make_context(config, accelerator=None) -> Context:
     from accelerate import Accelerator
 
-    from .model import LoadOptions, load_tokenizer
+    from .model import load_tokenizer
 
     cfg = _config(config)
     _set_cpu_threads()
@@ -49,8 +49,7 @@ def make_context(config, accelerator=None) -> Context:
     if accelerator is None:
         accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
     os.makedirs(cfg.output_dir, exist_ok=True)
-    return Context(cfg, accelerator, load_tokenizer(cfg.model_name_or_path,
-                                                    LoadOptions(cfg.attn_implementation, cfg.trust_remote_code)))
+    return Context(cfg, accelerator, load_tokenizer(cfg.model_name_or_path, cfg.load_options()))
 
 
 def _link_reused(ctx: Context) -> None:

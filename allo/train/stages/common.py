@@ -50,9 +50,7 @@ class Context:
     @property
     def load_options(self):
         """How the stages read models and tokenizers (--attn_implementation, --trust_remote_code)."""
-        from ..model import LoadOptions
-
-        return LoadOptions(self.cfg.attn_implementation, self.cfg.trust_remote_code)
+        return self.cfg.load_options()
 
     def log(self, msg: str):
         if self.main:
@@ -132,8 +130,8 @@ def load_pairs(ctx: Context, split: str):
         return None
     ds_split = ctx.cfg.dataset_train_split if split == "train" else ctx.cfg.dataset_test_split
     pairs, rep = D.load_pairs(src, ctx.tokenizer, max_length=ctx.cfg.max_length, max_prompt_length=ctx.cfg.max_prompt_length,
-                              max_completion_length=ctx.cfg.max_completion_length, skip_bad_rows=ctx.cfg.skip_bad_rows, split=ds_split,
-                              config=ctx.cfg.dataset_config if src == ctx.cfg.dataset_name else None)
+                              max_completion_length=ctx.cfg.max_completion_length, skip_bad_rows=ctx.cfg.skip_bad_rows,
+                              split=ds_split, config=ctx.cfg.dataset_config if src == ctx.cfg.dataset_name else None)
     ctx.log(str(rep))
     return pairs
 
