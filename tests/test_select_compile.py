@@ -28,6 +28,10 @@ SCRIPT = textwrap.dedent('''
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs={**flags, **extra}),
                                target=GPUTarget("cuda", 90, 32))
             assert "atom" in k.asm["ptx"] or fn is R._radix_write_kernel, fn.__name__
+            if key32 and not diff:  # every integer argument 1: a constant to the JIT (see the blocked kernels)
+                ones = {a: 1 for a, t in sig.items() if t in ("i32", "i64")}
+                triton.compile(ASTSource(fn=fn, signature={**sig, **{a: C for a in ones}},
+                                         constexprs={**flags, **extra, **ones}), target=GPUTarget("cuda", 90, 32))
 
     # the blocked variant: every (digit width, pass kind) the wrappers launch, per dtype group
     import itertools
@@ -36,7 +40,7 @@ SCRIPT = textwrap.dedent('''
     from allo_kernels import radix_window as W
 
     tab = {"table_ptr": "*i64", "tile_tensor_ptr": "*i32"}
-    n = 0
+    n = ones_n = 0
     for key32, dt, ydt, diff in ((True, tl.float32, tl.float32, False), (False, tl.bfloat16, tl.bfloat16, False),
                                  (False, tl.float16, tl.float16, False), (True, tl.bfloat16, tl.float32, True),
                                  (True, tl.float16, tl.float16, False)):
@@ -109,7 +113,24 @@ SCRIPT = textwrap.dedent('''
                 # aligned launches read the scores with 16-byte vector loads (else 2- or 4-byte ones)
                 assert ("ld.global.v4" in ptx) == aligned, (fn.__name__, extra, aligned)
             n += 1
-    print("compiled", n)
+        if dt == tl.bfloat16 and not diff:
+            # each kernel once more with every integer argument equal to 1, which the JIT passes as a constant
+            # (specialization), not as a typed scalar: code that only works on a typed scalar (a method call
+            # like .to()) fails there, and only on a GPU (radix_boundary's kernels did, for k == 1)
+            seen = set()
+            for fn, sig, extra in variants:
+                if fn in seen:
+                    continue
+                seen.add(fn)
+                ones = {a: 1 for a, t in sig.items() if t in ("i32", "i64")}
+                if not ones:  # (the ranked write takes its scalars from the device)
+                    continue
+                block = B.hist_block(extra["BITS"]) if "BITS" in extra else B.BLOCK
+                triton.compile(ASTSource(fn=fn, signature={**sig, **{a: C for a in ones}, "ALIGNED": C},
+                                         constexprs={**flags, **extra, **ones, "ALIGNED": True, "BLOCK": block}),
+                               target=GPUTarget("cuda", 90, 32))
+                ones_n += 1
+    print("compiled", n, "and", ones_n, "with ones")
 ''')
 
 
@@ -123,7 +144,8 @@ def test_kernels_compile_for_sm90():
     # group twice (aligned and not); groups with 32-bit keys: 4, with 16-bit keys: 2
     per_group = {key32: 2 * len(B.digits(key32)) + 23 + key32 + (0 if key32 else 22) for key32 in (True, False)}
     expected = 3 * per_group[True] + 2 * per_group[False] + per_group[False]
-    assert proc.returncode == 0 and f"compiled {expected}" in proc.stdout, proc.stderr[-3000:] + proc.stdout[-500:]
+    assert proc.returncode == 0 and f"compiled {expected} and 5 with ones" in proc.stdout, \
+        proc.stderr[-3000:] + proc.stdout[-500:]
 
 
 BOUNDARY_SCRIPT = textwrap.dedent('''
@@ -133,33 +155,32 @@ BOUNDARY_SCRIPT = textwrap.dedent('''
     from allo_kernels import radix_boundary as RBd
 
     C = "constexpr"
-    # k typed as the JIT types it, and k == 1, which the JIT passes as a constant (specialization), not a
-    # typed scalar: k.to(...) compiled for the former and failed for the latter (seen only on the H100)
-    K_FORMS = ({"k0": "i64", "k1": "i64"}, {"k0": C, "k1": C})
+
+    def compiled(fn, sig, cx, ones):
+        # ones: every integer argument 1, which the JIT passes as a constant (specialization), not as a typed
+        # scalar: k.to(...) compiled for the latter and failed for the former (k == 1; seen only on the H100)
+        consts = {a: 1 for a, t in sig.items() if t in ("i32", "i64")} if ones else {}
+        triton.compile(ASTSource(fn=fn, signature={**sig, **{a: C for a in consts}}, constexprs={**cx, **consts}),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        return 1
+
     n = 0
     for two in (False, True):
-        for ks in K_FORMS:
+        for ones in (False, True):
             cx = {"SAMPLES": 16, "OFFSET": 3, "TWO": two, "NBINS": RBd.SAMPLE_BINS, "BLOCK": 4096}
-            sig = {"hist_ptr": "*i64", "out_ptr": "*i64", **ks, **{c: C for c in cx}}
-            kc = {k: 1 for k, t in ks.items() if t == C}
-            triton.compile(ASTSource(fn=RBd._lows_kernel, signature=sig, constexprs={**cx, **kc}),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-            n += 1
+            n += compiled(RBd._lows_kernel, {"hist_ptr": "*i64", "out_ptr": "*i64", "k0": "i64", "k1": "i64",
+                                             **{c: C for c in cx}}, cx, ones)
         for bits in (0, 3, 5):
             cols = 2 * ((1 << bits) + 1) + 1
             cp = triton.next_power_of_2(cols)
             for on_device in (False, True):
-                for ks in K_FORMS if bits == 3 else K_FORMS[:1]:
+                for ones in (False, True) if bits == 3 else (False,):
                     cx = {"C": cols, "CP": cp, "BINS": 1 << bits, "TWO": two, "LOWS_ON_DEVICE": on_device,
                           "CHECK_POSITIVE": on_device, "TIE_ROWS": 4096}
                     sig = {"tiles_ptr": "*i32", "counts_ptr": "*i64", "ntiles": "i32", "lows_ptr": "*i64",
-                           "low0": "i32", "low1": "i32", "base0": "i32", "base1": "i32",
-                           **{k: "i32" if t != C else C for k, t in ks.items()}, "bounds_ptr": "*i64",
-                           "ties_ptr": "*i64", "flags_ptr": "*i64", **{c: C for c in cx}}
-                    kc = {k: 1 for k, t in ks.items() if t == C}
-                    triton.compile(ASTSource(fn=RBd._boundaries_kernel, signature=sig, constexprs={**cx, **kc}),
-                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-                    n += 1
+                           "low0": "i32", "low1": "i32", "base0": "i32", "base1": "i32", "k0": "i32", "k1": "i32",
+                           "bounds_ptr": "*i64", "ties_ptr": "*i64", "flags_ptr": "*i64", **{c: C for c in cx}}
+                    n += compiled(RBd._boundaries_kernel, sig, cx, ones)
     print("compiled", n)
 ''')
 
