@@ -56,6 +56,30 @@ def test_dpo_hinge_and_ipo_by_hand():
         dpo_loss(*_pair(), loss_type="kto")
 
 
+def test_dpo_label_smoothing_conservative_and_robust_by_hand():
+    # h = 1.5 (see test_dpo_sigmoid_by_hand), beta h = 0.15, e = 0.2
+    e, x = 0.2, 0.15
+    loss, _ = dpo_loss(*_pair(), beta=0.1, label_smoothing=e)
+    assert loss.item() == pytest.approx(-(1 - e) * logsigmoid(x) - e * logsigmoid(-x), rel=1e-6)
+    args = _pair()
+    loss, metrics = dpo_loss(*args, beta=0.1, loss_type="robust", label_smoothing=e)
+    assert loss.item() == pytest.approx((-(1 - e) * logsigmoid(x) + e * logsigmoid(-x)) / (1 - 2 * e), rel=1e-6)
+    assert metrics["rewards/margins"].item() == pytest.approx(0.15, abs=1e-6)
+    loss.backward()
+    sig = 1 / (1 + math.exp(-x))
+    # d/dx of the robust loss: (-(1 - e)(1 - sigma(x)) - e sigma(x)) / (1 - 2e); dx/d(policy chosen token) = beta
+    g = 0.1 * (-(1 - e) * (1 - sig) - e * sig) / (1 - 2 * e)
+    torch.testing.assert_close(args[0].grad, torch.tensor([[g, g, 0.0]]))
+    # without smoothing, robust is plain sigmoid DPO
+    plain, _ = dpo_loss(*_pair(), beta=0.1)
+    robust, _ = dpo_loss(*_pair(), beta=0.1, loss_type="robust")
+    assert robust.item() == pytest.approx(plain.item(), rel=1e-7)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\), got 0.5"):
+        dpo_loss(*_pair(), label_smoothing=0.5)
+    with pytest.raises(ValueError, match="label_smoothing applies to the sigmoid and robust losses, not 'ipo'"):
+        dpo_loss(*_pair(), loss_type="ipo", label_smoothing=0.1)
+
+
 def test_forget_loss_normalises_by_number_of_nonzero_weights():
     policy = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, NEG_INF]], requires_grad=True)
     ref = torch.tensor([[-1.5, -2.0, -2.0], [-1.0, -2.0, NEG_INF]])

@@ -372,24 +372,31 @@ def test_trust_remote_code_and_attn_implementation_reach_every_model_load(tiny, 
 
 
 def test_loss_type_reaches_every_dpo_loss_it_names(tiny, tmp_path, monkeypatch):  # noqa: F811
-    """--loss_type: the warm-up, the gradient scores and improve with --key_tokens False use it; the
-    eval's yardstick stays sigmoid. (A spy on allo.losses.dpo_loss, which each caller imports per call.)"""
+    """--loss_type and --label_smoothing: the warm-up, the gradient scores and improve with --key_tokens
+    False use them; the eval's yardstick stays sigmoid. (A spy on allo.losses.dpo_loss, which each caller imports per call.)"""
     import allo.losses as losses
     from allo.train import TrainConfig
 
     real, seen = losses.dpo_loss, []
 
-    def spy(*args, loss_type="sigmoid", **kwargs):
-        seen.append((sys._getframe(1).f_code.co_name, loss_type))
-        return real(*args, loss_type=loss_type, **kwargs)
+    def spy(*args, loss_type="sigmoid", label_smoothing=0.0, **kwargs):
+        seen.append((sys._getframe(1).f_code.co_name, loss_type, label_smoothing))
+        return real(*args, loss_type=loss_type, label_smoothing=label_smoothing, **kwargs)
 
     monkeypatch.setattr(losses, "dpo_loss", spy)
-    pipeline.run(_cfg(tiny, tmp_path, loss_type="ipo", score_source="gradient", score_batches=1, key_tokens=False,
-                      skip_forget=True, stages="warmup,select,improve,eval", eval_models="improve",
-                      max_steps=1).validate())
-    assert sorted(set(seen)) == [("_forward_loss", "ipo"), ("_gradient_scores", "ipo"), ("_reward_metrics", "sigmoid")]
-    with pytest.raises(ValueError, match=r"--loss_type is 'dpo'; expected one of sigmoid, ipo, hinge"):
+    for loss_type, smoothing in (("ipo", 0.0), ("robust", 0.2)):
+        seen.clear()
+        pipeline.run(_cfg(tiny, tmp_path / loss_type, loss_type=loss_type, label_smoothing=smoothing,
+                          score_source="gradient", score_batches=1, key_tokens=False, skip_forget=True,
+                          stages="warmup,select,improve,eval", eval_models="improve", max_steps=1).validate())
+        assert sorted(set(seen)) == [("_forward_loss", loss_type, smoothing), ("_gradient_scores", loss_type, smoothing),
+                                     ("_reward_metrics", "sigmoid", 0.0)], loss_type
+    with pytest.raises(ValueError, match=r"--loss_type is 'dpo'; expected one of sigmoid, ipo, hinge, robust"):
         TrainConfig(loss_type="dpo").validate()
+    with pytest.raises(ValueError, match=r"--label_smoothing applies to --loss_type sigmoid and robust, not hinge"):
+        TrainConfig(loss_type="hinge", label_smoothing=0.1).validate()
+    with pytest.raises(ValueError, match=r"--label_smoothing is 0.5; expected a probability in \[0, 0.5\)"):
+        TrainConfig(label_smoothing=0.5).validate()
 
 
 def test_a_warmup_model_trained_elsewhere_replaces_the_warmup_stage(tiny, tmp_path):  # noqa: F811

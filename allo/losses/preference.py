@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ._common import check_same_shape, masked_sum, preference_metrics
 from .token_weights import top_fraction_mask
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
 def _check_pair(what, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_mask, rejected_mask, beta):
@@ -29,17 +29,25 @@ def _check_pair(what, policy_chosen, policy_rejected, ref_chosen, ref_rejected, 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, chosen_mask: torch.Tensor, rejected_mask: torch.Tensor, beta: float = 0.1,
-             loss_type: str = "sigmoid"):
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0):
     """DPO on whole responses: ``h = sum_{y_w} d_t - sum_{y_l} d_t`` with ``d_t = lp_t(policy) - lp_t(ref)``.
 
     ``sigmoid``: ``-log sigma(beta h)`` (the paper's L_DPO); ``hinge``: ``relu(1 - beta h)``;
     ``ipo``: ``(h - 1/(2 beta))^2`` where, as in TRL, the log-probs are averaged over each response's
-    tokens instead of summed (the rewards metrics then use the averages too).
+    tokens instead of summed (the rewards metrics then use the averages too). ``label_smoothing``
+    ``e`` (TRL's, for labels flipped with probability ``e``): ``sigmoid`` becomes conservative DPO,
+    ``-(1 - e) log sigma(beta h) - e log sigma(-beta h)``, and ``robust`` is robust DPO,
+    ``(-(1 - e) log sigma(beta h) + e log sigma(-beta h)) / (1 - 2e)`` (``e < 0.5``); ``ipo`` and ``hinge``
+    take none.
     """
     what = "dpo_loss"
     _check_pair(what, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_mask, rejected_mask, beta)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"dpo_loss: loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type in ("ipo", "hinge"):
+        raise ValueError(f"dpo_loss: label_smoothing applies to the sigmoid and robust losses, not {loss_type!r}")
     pc, rc = masked_sum(policy_chosen, chosen_mask), masked_sum(ref_chosen, chosen_mask)
     pr, rr = masked_sum(policy_rejected, rejected_mask), masked_sum(ref_rejected, rejected_mask)
     if loss_type == "ipo":
@@ -49,7 +57,10 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     chosen_ratio, rejected_ratio = pc - rc, pr - rr
     h = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * h)
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = ((-(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h))
+                  / (1 - 2 * label_smoothing))
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
     else:

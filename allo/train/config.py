@@ -95,9 +95,11 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     beta: float = _f(0.1, "DPO / NPO temperature beta (released scripts: 0.1)")
     loss_type: str = _f("sigmoid", "DPO loss of the warm-up, of the gradient scores and of improve with --key_tokens "
-                        "False: sigmoid (the paper's) | ipo | hinge (TRL's forms, allo.losses.dpo_loss). The key-token "
-                        "improve loss and eval's eval_loss / eval_rewards stay the sigmoid form (runs stay comparable)",
-                        choices=("sigmoid", "ipo", "hinge"))
+                        "False: sigmoid (the paper's) | ipo | hinge | robust (TRL's forms, allo.losses.dpo_loss). The "
+                        "key-token improve loss and eval's eval_loss / eval_rewards stay the sigmoid form (runs stay "
+                        "comparable)", choices=("sigmoid", "ipo", "hinge", "robust"))
+    label_smoothing: float = _f(0.0, "TRL's: the probability that a pair's preference is flipped, for the sigmoid "
+                                "(conservative DPO) and robust losses of --loss_type; in [0, 0.5)")
     bf16: bool = _f(False, "bf16 autocast (over the weights of --dtype: fp32 master weights by default)")
     dtype: str = _f("float32", "dtype the models are loaded and trained in (TRL's --dtype; --torch_dtype is the same "
                     "flag): float32 (the default: fp32 master weights, --bf16 autocasts over them), bfloat16 (half "
@@ -187,6 +189,10 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name} is {v}; expected a positive number of tokens (or leave it out)")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--label_smoothing is {self.label_smoothing}; expected a probability in [0, 0.5)")
+        if self.label_smoothing and self.loss_type in ("ipo", "hinge"):
+            raise ValueError(f"--label_smoothing applies to --loss_type sigmoid and robust, not {self.loss_type}")
         if self.dataset_config and not self.dataset_name:
             raise ValueError(f"--dataset_config {self.dataset_config!r} needs --dataset_name (the dataset it is a "
                              "configuration of)")

@@ -97,7 +97,7 @@ def _forward_loss(kind, scorer, examples, data: StageData, idx, cfg, device, pad
     args = (lp[:n], lp[n:], ref[:n], ref[n:], mask[:n], mask[n:])
     if kind == "improve":
         return improve_loss(*args, beta=cfg.beta, eps=cfg.eps)
-    return dpo_loss(*args, beta=cfg.beta, loss_type=cfg.loss_type)
+    return dpo_loss(*args, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
 
 
 def _rng_state():

@@ -78,7 +78,7 @@ def _gradient_scores(ctx: Context, scorer, model, *, sharded: bool) -> dict:
             n = len(idx)
             # at theta_0 the reference is the policy itself: d_t = 0, the gradient is not
             loss, _ = dpo_loss(lp[:n], lp[n:], lp[:n].detach(), lp[n:].detach(), mask[:n], mask[n:], beta=cfg.beta,
-                              loss_type=cfg.loss_type)
+                              loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
             (loss * scale if sharded else loss).backward()
         scores = acc.scores(in_place=True)  # no second copy of the scores beside the model
     if not sharded:
