@@ -1,7 +1,7 @@
 """The ALLO losses on per-token log-probs, with TRL's metric names.
 
     lp = token_logprobs(logits, labels)                       # [B, T] fp32, 0 where ignored
-    loss, metrics = dpo_loss(...)      # warm-up (stage 1): plain DPO (sigmoid / ipo / hinge)
+    loss, metrics = dpo_loss(...)      # warm-up (stage 1): plain DPO (sigmoid / ipo / hinge / robust)
     loss, metrics = forget_loss(...)   # stage 2: token-weighted NPO on wrong responses
     loss, metrics = improve_loss(...)  # stage 3: DPO with the rejected response's key tokens only
 """
