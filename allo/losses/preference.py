@@ -56,11 +56,12 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         pc, rc, pr, rr = pc / n_chosen, rc / n_chosen, pr / n_rejected, rr / n_rejected
     chosen_ratio, rejected_ratio = pc - rc, pr - rr
     h = chosen_ratio - rejected_ratio
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == "robust":
-        losses = ((-(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h))
-                  / (1 - 2 * label_smoothing))
+    if loss_type in ("sigmoid", "robust"):
+        losses = -F.logsigmoid(beta * h)
+        if label_smoothing:  # (the flipped label's term only when there is one: this is every step's loss)
+            flipped = label_smoothing * F.logsigmoid(-beta * h)
+            losses = (1 - label_smoothing) * losses
+            losses = losses - flipped if loss_type == "sigmoid" else (losses + flipped) / (1 - 2 * label_smoothing)
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
     else:

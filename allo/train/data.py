@@ -195,16 +195,14 @@ def encode_text_pair(tokenizer, prompt: str, response: str, *, max_length: int |
         p_ids = p_ids[len(p_ids) - max_prompt_length:]
         if cuts is not None:
             cuts.add("prompt")
-    if max_completion_length is not None and len(r_ids) > max_completion_length:
-        r_ids = r_ids[:max_completion_length]
-        weights = None if weights is None else weights[:max_completion_length]
-        if cuts is not None:
-            cuts.add("response")
-    if max_length is not None and len(p_ids) + len(r_ids) > max_length:
+    # the response keeps its first `keep` tokens: at most max_completion_length, and what max_length leaves
+    keep = len(r_ids) if max_completion_length is None else min(len(r_ids), max_completion_length)
+    if max_length is not None and len(p_ids) + keep > max_length:
         keep = max_length - len(p_ids)
         if keep <= 0:
             raise _bad(where, fld, f"nothing of the response is left after truncating to max_length={max_length} "
                        f"(the prompt alone has {len(p_ids)} tokens); raise --max_length or set --max_prompt_length")
+    if keep < len(r_ids):
         r_ids = r_ids[:keep]
         weights = None if weights is None else weights[:keep]
         if cuts is not None:
@@ -238,6 +236,9 @@ def _load(source, parse, *, skip_bad_rows, split="train", config=None, rep=None)
 def load_pairs(source, tokenizer, *, max_length=None, max_prompt_length=None, max_completion_length=None,
                skip_bad_rows=False, split="train", config=None):
     """Tokenized preference pairs: dicts with prompt_ids, chosen_ids, rejected_ids."""
+    limits = dict(max_length=max_length, max_prompt_length=max_prompt_length,
+                  max_completion_length=max_completion_length)
+
     def parse(row, where, rep):
         chosen = _text_field(row, where, "chosen")
         rejected = _text_field(row, where, "rejected")
@@ -247,8 +248,7 @@ def load_pairs(source, tokenizer, *, max_length=None, max_prompt_length=None, ma
             prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]  # implicit prompt (TRL)
         else:
             raise _bad(where, "prompt", "missing")
-        kw = dict(max_length=max_length, max_prompt_length=max_prompt_length,
-                  max_completion_length=max_completion_length, where=where)
+        kw = dict(limits, where=where)
         c_cuts, r_cuts = set(), set()
         c = encode_text_pair(tokenizer, *_render(tokenizer, prompt, chosen, where, "chosen"), fld="chosen",
                              cuts=c_cuts, **kw)
@@ -259,15 +259,17 @@ def load_pairs(source, tokenizer, *, max_length=None, max_prompt_length=None, ma
         rep.cut_responses += ("response" in c_cuts) + ("response" in r_cuts)
         rep.identical_pairs += c["prompt_ids"] == r["prompt_ids"] and c["response_ids"] == r["response_ids"]
         return {"prompt_ids": c["prompt_ids"], "chosen_ids": c["response_ids"], "rejected_ids": r["response_ids"]}
-    rep = LoadReport(source, max_length=max_length, max_prompt_length=max_prompt_length,
-                     max_completion_length=max_completion_length)
-    return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split, config=config, rep=rep)
+    return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split, config=config,
+                 rep=LoadReport(source, **limits))
 
 
 def load_negatives(source, tokenizer, *, max_length=None, max_prompt_length=None, max_completion_length=None,
                    skip_bad_rows=False, weight_field=None, split="train"):
     """Tokenized wrong responses: dicts with prompt_ids, response_ids and, when ``weight_field``
     ("token_weights" or "keep_probs") is given, that field's per-token values as ``weights``."""
+    limits = dict(max_length=max_length, max_prompt_length=max_prompt_length,
+                  max_completion_length=max_completion_length)
+
     def parse(row, where, rep):
         prompt = _text_field(row, where, "prompt")
         fld = "response" if "response" in row else "rejected"
@@ -283,15 +285,12 @@ def load_negatives(source, tokenizer, *, max_length=None, max_prompt_length=None
                 raise _bad(where, weight_field, "has a value outside [0, 1] (probabilities of keeping each token)")
         p, r = _render(tokenizer, prompt, response, where, fld)
         cuts = set()
-        ex = encode_text_pair(tokenizer, p, r, max_length=max_length, max_prompt_length=max_prompt_length,
-                              max_completion_length=max_completion_length, weights=weights, where=where,
-                              fld=weight_field or fld, cuts=cuts)
+        ex = encode_text_pair(tokenizer, p, r, **limits, weights=weights, where=where, fld=weight_field or fld,
+                              cuts=cuts)
         rep.cut_prompts += "prompt" in cuts
         rep.cut_responses += "response" in cuts
         return ex
-    rep = LoadReport(source, max_length=max_length, max_prompt_length=max_prompt_length,
-                     max_completion_length=max_completion_length)
-    return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split, rep=rep)
+    return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split, rep=LoadReport(source, **limits))
 
 
 def load_problems(source, *, skip_bad_rows=False, split="train"):

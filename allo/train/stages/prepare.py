@@ -12,24 +12,23 @@ from .. import data as D
 from .. import model as models
 from ..fsdp import fsdp2_shards, sharded_generate, sharded_scorer
 from ..model import build_tiny_model, generate, save_model, sft_train
+from ..tasks import ANSWER_PATTERN, is_correct
 from .common import Context, from_main, mark_done, seed_all
 
 
 
-def build_pairs(problems: list[dict], samples: list[list[str]], *, max_pairs: int, seed: int, pattern=None):
+def build_pairs(problems: list[dict], samples: list[list[str]], *, max_pairs: int, seed: int,
+                pattern: str = ANSWER_PATTERN):
     """Judge samples by their final answer (``pattern``: see --answer_pattern); pair every correct with
     every wrong response (distinct ones), keep at most ``max_pairs`` per problem (a seeded random
     choice); negatives are the distinct wrong responses. Returns (pairs, negatives, stats)."""
-    from ..tasks import ANSWER_PATTERN, is_correct
-
-    pattern = pattern or ANSWER_PATTERN
-
     rng = random.Random(seed)
     pairs, negatives, n_correct, n_total = [], [], 0, 0
     for prob, outs in zip(problems, samples):
-        right = list(dict.fromkeys(o for o in outs if is_correct(o, prob["answer"], pattern)))
-        wrong = list(dict.fromkeys(o for o in outs if not is_correct(o, prob["answer"], pattern)))
-        n_correct += sum(is_correct(o, prob["answer"], pattern) for o in outs)
+        judged = [(o, is_correct(o, prob["answer"], pattern)) for o in outs]
+        right = list(dict.fromkeys(o for o, ok in judged if ok))
+        wrong = list(dict.fromkeys(o for o, ok in judged if not ok))
+        n_correct += sum(ok for _, ok in judged)
         n_total += len(outs)
         combos = [(c, w) for c in right for w in wrong]
         rng.shuffle(combos)
