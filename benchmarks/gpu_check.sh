@@ -17,7 +17,7 @@
 # narrow it: GPU_CHECK_TRITON_TESTS, GPU_CHECK_EXTENSION_TESTS (test files), GPU_CHECK_BENCHES (bench
 # names), GPU_CHECK_PROFILE=0 or GPU_CHECK_PROFILE_ONLY (profile_gpu.py's --only), GPU_CHECK_TRAIN=0 (no
 # allo-train run), GPU_CHECK_REST (pytest node ids instead of the rest of the suite);
-# GPU_CHECK_SWEEP=1 adds the launch-configuration sweeps to the profile.
+# GPU_CHECK_SWEEP=1 adds the launch-configuration sweeps to the profile (=update: only MaskedAdamW's).
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-./gpu_results}
@@ -130,9 +130,11 @@ for name in ${GPU_CHECK_BENCHES:-bench_update bench_select bench_logprob bench_s
 done
 # where the time of select and of an optimizer step goes (host vs kernels), for the record
 # GPU_CHECK_SWEEP=1: also time the Triton kernels over launch configurations (select: TILE, BLOCK, warps,
-# pipelining stages; MaskedAdamW: BLOCK, warps), about a minute more
+# pipelining stages; MaskedAdamW: BLOCK, warps, and at 100% torch's fused kernel), about a minute more;
+# GPU_CHECK_SWEEP=update (or select): that part's sweeps only
 sweep=(--no-sweep)
 [ "${GPU_CHECK_SWEEP:-0}" = 1 ] && sweep=()
+[ "${GPU_CHECK_SWEEP:-0}" != 0 ] && [ "${GPU_CHECK_SWEEP:-0}" != 1 ] && sweep=(--sweep-parts "$GPU_CHECK_SWEEP")
 [ "${GPU_CHECK_PROFILE:-1}" = 1 ] &&
   step "profile_gpu" $([ ${#sweep[@]} = 0 ] && echo 180 || echo 90) "$py" benchmarks/profile_gpu.py \
     --only "${GPU_CHECK_PROFILE_ONLY:-select,update,step-memory}" --trace-dir "$work" "${sweep[@]}"

@@ -1,6 +1,6 @@
 """Where the time of allo's GPU paths goes: host (Python) time vs kernel time, and launch-parameter sweeps.
 
-    python benchmarks/profile_gpu.py [--only select,update,matmul,step-memory] [--no-sweep]
+    python benchmarks/profile_gpu.py [--only select,update,matmul,step-memory] [--no-sweep | --sweep-parts update]
 
 A diagnostic for a GPU session, not a benchmark (``bench_*.py`` are the benchmarks): for the
 selection plan and mask writing (973M bf16 scores in Llama-3.2-1B shapes) and for MaskedAdamW steps
@@ -267,10 +267,71 @@ def compare_align_hints(step, label):
         print(f"{label}: alignment hints comparison FAILED {type(exc).__name__}: {exc}"[:300], flush=True)
 
 
+# (BLOCK, num_warps) of the MaskedAdamW kernel; the first is the default. Registers per thread grow with the
+# elements a thread holds (~15 each: BLOCK 1024 / 4 warps takes 118-128, capping an SM at 16 resident warps;
+# BLOCK 512 / 4 warps 48), so the smaller configurations keep more programs in flight
+LAUNCH_CONFIGS = [(1024, 4), (512, 4), (256, 2), (512, 2), (1024, 8), (2048, 8)]
+
+
+def planned_with(make_opt, block, warps, full_on_torch=False):
+    """A MaskedAdamW (from ``make_opt()``) whose first step planned its launches with the kernel's BLOCK and
+    num_warps set to ``block``/``warps`` (and fully selected parameters on the Triton kernel unless
+    ``full_on_torch``); its step plan keeps them for later steps, while the module defaults are restored.
+    (Setting the module constants alone changes nothing for an optimizer that has a plan already: run 6's
+    sweep did that, and timed one configuration six times.)"""
+    import allo.optim.masked_adamw as om
+    import allo_kernels.masked_adamw as ka
+
+    saved = ka.BLOCK, ka.NUM_WARPS, om.FULL_MASKS_ON_TORCH_FUSED
+    ka.BLOCK, ka.NUM_WARPS, om.FULL_MASKS_ON_TORCH_FUSED = block, warps, full_on_torch
+    ka._tables.clear()
+    try:
+        opt = make_opt()
+        opt.step()
+        planned = {(launch.constexprs["BLOCK"], launch.constexprs["num_warps"])
+                   for plan in opt._plans.values() for launch, _ in plan.launches}
+        if not full_on_torch and planned != {(block, warps)}:
+            raise RuntimeError(f"the plan holds launches {planned}, not {(block, warps)}")
+    finally:
+        ka.BLOCK, ka.NUM_WARPS, om.FULL_MASKS_ON_TORCH_FUSED = saved
+        ka._tables.clear()
+    return opt
+
+
+def sweep_launch_configs(params, masks, label):
+    """The step at each of LAUNCH_CONFIGS, alternated (one optimizer each, planned with its
+    configuration); at 100% also MaskedAdamW on torch's fused kernel (FULL_MASKS_ON_TORCH_FUSED, the
+    default) and torch.optim.AdamW(fused=True), in the same rounds."""
+    from allo.optim import MaskedAdamW
+
+    def make():
+        return MaskedAdamW(params, lr=1e-3, weight_decay=0.0, masks=masks)
+
+    steps, opts = {}, []
+    try:
+        full = label.endswith("100%")
+        for block, warps in LAUNCH_CONFIGS[:4] if full else LAUNCH_CONFIGS:
+            opts.append(planned_with(make, block, warps))
+            steps[f"triton BLOCK={block} warps={warps}"] = opts[-1].step
+        if full:
+            opts.append(planned_with(make, *LAUNCH_CONFIGS[0], full_on_torch=True))
+            steps["MaskedAdamW on torch fused"] = opts[-1].step
+            opts.append(torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True))
+            steps["torch.optim.AdamW fused"] = opts[-1].step
+        t = H.time_interleaved(steps, device="cuda", warmup=2, repeats=15 if full else 25)
+        for name, r in t.items():
+            print(f"sweep adamw {label} {name}: {r['median_ms']:.3f} ms (p20 {r['p20_ms']:.3f}, p80 "
+                  f"{r['p80_ms']:.3f}; alternated)", flush=True)
+    except Exception as exc:
+        print(f"sweep adamw {label}: FAILED {type(exc).__name__}: {exc}"[:400], flush=True)
+    finally:
+        del opts, steps
+        torch.cuda.empty_cache()
+
+
 def profile_update(sweep, trace_dir=None):
     from bench_update import _make_masks, _shapes, held_compact_step
 
-    import allo_kernels.masked_adamw as ka
     from allo.optim import MaskedAdamW
 
     shapes = _shapes("cuda", False)
@@ -299,19 +360,10 @@ def profile_update(sweep, trace_dir=None):
             del compact
             for p, g in zip(params, grads):  # (the compact optimizer's hooks took them)
                 p.grad = g
-        if sweep and density == 10:
-            base = (ka.BLOCK, ka.NUM_WARPS)
-            for block, warps in [(512, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]:
-                ka.BLOCK, ka.NUM_WARPS = block, warps
-                ka._tables.clear()
-                try:
-                    print(f"sweep adamw {kind} {density}% BLOCK={block} warps={warps}: "
-                          f"{wall_ms(opt.step, 1, 5):.3f} ms", flush=True)
-                except Exception as exc:
-                    print(f"sweep adamw BLOCK={block} warps={warps}: FAILED {type(exc).__name__}: {exc}"[:300])
-            ka.BLOCK, ka.NUM_WARPS = base
-            ka._tables.clear()
-        del opt, masks
+        del opt  # (at 100% the sweep holds six optimizers' dense state, 7.6 GB each)
+        if sweep and density in (10, 100):
+            sweep_launch_configs(params, masks, f"{kind} {density}%")
+        del masks
     # the 100% target's baseline, the same way
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)
     timeline("torch fused AdamW step", opt.step, trace_dir)
@@ -410,14 +462,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="select,update,matmul")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep-parts", default="select,update", help="the parts whose sweeps run (without --no-sweep)")
     ap.add_argument("--trace-dir", default=None, help="write Chrome traces of the timelines here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_gpu.py: needs a CUDA GPU")
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
     parts = set(args.only.split(","))
-    for name, fn in (("matmul", profile_matmul), ("update", lambda: profile_update(not args.no_sweep, args.trace_dir)),
-                     ("select", lambda: profile_select(not args.no_sweep, args.trace_dir)), ("step-memory", profile_step_memory)):
+    swept = set() if args.no_sweep else set(args.sweep_parts.split(","))
+    for name, fn in (("matmul", profile_matmul), ("update", lambda: profile_update("update" in swept, args.trace_dir)),
+                     ("select", lambda: profile_select("select" in swept, args.trace_dir)), ("step-memory", profile_step_memory)):
         if name in parts:
             try:  # one part failing should not hide the others' findings
                 fn()

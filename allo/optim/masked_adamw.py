@@ -18,6 +18,13 @@ from allo.optim.step_plan import DECAY_COLUMN, StepPlan, scalar_table
 from allo_kernels.multi_tensor import upload
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Fully selected fp32 parameters on CUDA: True, torch's fused AdamW kernel (torch._fused_adamw_); False,
+# allo's Triton kernel in its dense mode (no indices). On the H100 (2026-11-27) torch's kernel took 10.38
+# ms for 953M parameters (~2.6 TB/s), the whole of a 100% step but host work; whether the Triton kernel,
+# with its 16-byte accesses since session 10, beats it is measured by benchmarks/profile_gpu.py (the two
+# alternated). (bf16/fp16 parameters with a master copy always take the Triton kernel; the CPU backend
+# always takes torch's fused loop.)
+FULL_MASKS_ON_TORCH_FUSED = True
 
 
 class MaskedAdamW(Optimizer):
@@ -625,7 +632,7 @@ class MaskedAdamW(Optimizer):
             if backend is None:
                 backend = backends[p.device] = resolve_backend(self.backend, p.device, what="MaskedAdamW")
             if indices is None and not compact and (backend == "cpu" or (
-                    backend == "triton" and p.device.type == "cuda" and master is None)):
+                    backend == "triton" and p.device.type == "cuda" and master is None and FULL_MASKS_ON_TORCH_FUSED)):
                 # every element selected: torch's own fused AdamW kernel (one multi-tensor pass), so a
                 # 100% mask costs what torch.optim.AdamW(fused=True) costs
                 dense_rows[p.device].append((p, grad, state, step))
