@@ -11,7 +11,7 @@ import os
 
 # The extension allo._C: its sources (relative to csrc/) and compiler flags, one list for both builds
 # (setup.py's, and allo.ops._extension's just-in-time one when allo._C is missing)
-EXTENSION_CPP_SOURCES = ("logprob.cpp", "masks.cpp")
+EXTENSION_CPP_SOURCES = ("logprob.cpp", "masks.cpp", "step_plan.cpp")
 EXTENSION_CUDA_SOURCES = ("logprob_cuda.cu",)
 EXTENSION_CXX_FLAGS = ("-O3", "-std=c++20")  # torch >= 2.10 headers need C++20
 EXTENSION_NVCC_FLAGS = ("-O3", "-std=c++20", "--use_fast_math", "-lineinfo")

@@ -284,7 +284,8 @@ class Launch:
                               not (self.addr[:, :6] % 16).any())
         scal = np.asarray(scal, dtype=np.float32)
         tensor_of_block, start, element = self.blocks
-        uniform = bool((scal == scal[:1]).all())
+        # (a table of one row broadcast, stride 0, is uniform without a look: allo.optim.step_plan.scalar_table)
+        uniform = scal.strides[0] == 0 or bool((scal == scal[:1]).all())
         if uniform:
             # the same scalars for every row (equal step counts, one group): passed as arguments (float32
             # values, exactly), so the step uploads nothing when its address table is unchanged

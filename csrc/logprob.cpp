@@ -29,6 +29,7 @@
 // fp32 rounding of the sums) because libm's expf does not vectorise without -ffast-math.
 #include <torch/extension.h>
 #include "masks.h"
+#include "step_plan.h"
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -417,6 +418,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "allo's compiled kernels; the ops are registered as torch.ops.allo.*";
   m.def("empty_masks", &allo::empty_masks, "uninitialized contiguous bool masks of the tensors' shapes, one call",
         pybind11::arg("like"));
+  m.def("plan_gradients", &allo::plan_gradients,
+        "a replayed MaskedAdamW step's per-parameter checks and gradients (allo/optim/step_plan.py), one call",
+        pybind11::arg("params"), pybind11::arg("states"), pybind11::arg("state_tensors"),
+        pybind11::arg("weight_ptrs"), pybind11::arg("grad_dtypes"), pybind11::arg("compact_entry"),
+        pybind11::arg("compact"));
 #ifdef ALLO_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

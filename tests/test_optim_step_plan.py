@@ -3,6 +3,7 @@ through everything that can change between steps."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,9 +37,21 @@ def _loss(model, x):
     return model[4](h).pow(2).mean()
 
 
+def _native():
+    return step_plan._native_checks()
+
+
+# the plan's per-parameter checks: in one call into allo._C (where built) and in Python
+CHECKS = [pytest.param(True, id="native-checks", marks=pytest.mark.skipif(
+    __import__("allo.ops._extension", fromlist=["x"]).extension_if_ready() is None, reason="allo._C is not built")),
+    pytest.param(False, id="python-checks")]
+
+
+@pytest.mark.parametrize("native", CHECKS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("compact", [False, True])
-def test_fast_path_matches_general_path(backend, compact, monkeypatch):
+def test_fast_path_matches_general_path(backend, compact, native, monkeypatch):
+    monkeypatch.setattr(step_plan, "NATIVE_CHECKS", native)
     device = device_for(backend)
     fast_model = _model(device)
     slow_model = copy.deepcopy(fast_model)
@@ -121,8 +134,10 @@ def test_switching_decay_unselected_on_retires_the_plan():
     assert not torch.equal(w, _model("cpu")[4].weight)
 
 
+@pytest.mark.parametrize("native", CHECKS)
 @pytest.mark.parametrize("replace", ["tensor", "dict"])
-def test_replaced_state_retires_the_plan(replace):
+def test_replaced_state_retires_the_plan(replace, native, monkeypatch):
+    monkeypatch.setattr(step_plan, "NATIVE_CHECKS", native)
     # e.g. a user moving or restoring one moment, or a whole state dict, by hand: the plan's tables hold the
     # old tensors' addresses, and must not keep updating them while the visible state goes stale
     model = _model("cpu")
@@ -145,3 +160,111 @@ def test_replaced_state_retires_the_plan(replace):
         assert torch.equal(a, b)
         sa, sb = opts[0].state.get(a, {}), opts[1].state.get(b, {})
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_prebuilt_extension_has_the_plan_checks():
+    # a stale allo._C (built before plan_gradients existed) would quietly leave every step on the Python checks
+    from allo.ops._extension import extension_if_ready
+
+    ext = extension_if_ready()
+    if ext is None:
+        pytest.skip("allo._C is not built")
+    assert _native() is ext.plan_gradients
+
+
+def _planned(compact=False):
+    model = _model("cpu")
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, masks=_masks(), compact_grads=compact, backend="cpu")
+    _loss(model, torch.randn(4, 13)).backward()
+    opt.step()
+    _loss(model, torch.randn(4, 13)).backward()
+    return model, opt, opt._plans[0]
+
+
+def _both(plan, compact):
+    """The plan's checks both ways; they must agree (None, or the same gradients and addresses)."""
+    got = {}
+    for native in (True, False):
+        step_plan.NATIVE_CHECKS = native
+        try:
+            got[native] = plan.gradients(compact)
+        finally:
+            step_plan.NATIVE_CHECKS = True
+    a, b = got[True], got[False]
+    assert (a is None) == (b is None)
+    if a is not None:
+        assert all(x is y for x, y in zip(a[0], b[0])) and len(a[0]) == len(b[0])
+        assert a[1].dtype == b[1].dtype == np.int64 and (a[1] == b[1]).all()
+    return b
+
+
+@pytest.mark.parametrize("change", ["none", "grad-none", "grad-noncontiguous", "grad-dtype", "grad-sparse",
+                                    "weight-moved", "now-compact", "state-tensor", "master-added"])
+def test_native_and_python_checks_agree(change):
+    if _native() is None:
+        pytest.skip("allo._C is not built")
+    model, opt, plan = _planned()
+    w = model[0].weight
+    compact = {}
+    if change == "grad-none":
+        w.grad = None
+    elif change == "grad-noncontiguous":
+        w.grad = torch.randn(w.shape[1], w.shape[0]).t()
+    elif change == "grad-dtype":
+        if hasattr(w, "grad_dtype"):
+            w.grad_dtype = None  # (torch >= 2.10 refuses a gradient of another dtype unless told)
+        w.grad = w.grad.double()
+    elif change == "grad-sparse":
+        w.grad = w.grad.to_sparse()
+    elif change == "weight-moved":
+        w.data = w.data.clone()
+    elif change == "now-compact":
+        compact = {w: torch.zeros(3)}
+    elif change == "state-tensor":
+        opt.state[w]["exp_avg_sq"] = opt.state[w]["exp_avg_sq"].clone()
+    elif change == "master-added":
+        opt.state[w]["master"] = torch.zeros(3)
+    got = _both(plan, compact)
+    assert (got is None) == (change != "none")
+    if got is not None:
+        assert [g.data_ptr() for g in got[0]] == got[1].tolist()
+
+
+def test_checks_of_compact_gradients_agree():
+    if _native() is None:
+        pytest.skip("allo._C is not built")
+    model, opt, plan = _planned(compact=True)
+    assert any(plan.columns[5]) and _both(plan, opt._compact) is not None  # (compact entries)
+    taken = dict(opt._compact)
+    del opt._compact[model[0].weight]
+    assert _both(plan, opt._compact) is None  # a compact gradient missing
+    opt._compact.update(taken)
+    model[0].weight.grad = torch.zeros_like(model[0].weight)  # harmless: compact entries read compact grads
+    assert _both(plan, opt._compact) is not None
+
+
+def test_native_checks_raise_as_python_does_on_a_state_without_moments():
+    if _native() is None:
+        pytest.skip("allo._C is not built")
+    model, opt, plan = _planned()
+    del opt.state[model[0].weight]["exp_avg"]
+    for native in (True, False):
+        step_plan.NATIVE_CHECKS = native
+        try:
+            with pytest.raises(KeyError, match="exp_avg"):
+                plan.gradients({})
+        finally:
+            step_plan.NATIVE_CHECKS = True
+
+
+def test_uniform_scalar_table_equals_the_general_formula():
+    kw = dict(lr=3e-4, beta1=0.9, beta2=0.999, eps=1e-8, decay=1 - 3e-4 * 0.01)
+    for t in (1, 2, 7, 1000):
+        uniform = step_plan.scalar_table([t] * 5, **kw)
+        assert uniform.strides[0] == 0 and uniform.dtype == np.float32
+        general = step_plan.scalar_table([t, t + 1], **kw)[:1]  # (counts differ: the general formula)
+        assert np.array_equal(uniform[0], general[0]), t
+        assert step_plan.rows_of(uniform, np.array([3, 1])).strides[0] == 0
+    mixed = step_plan.scalar_table([3, 5, 3], **kw)
+    assert np.array_equal(mixed[0], mixed[2]) and not np.array_equal(mixed[0], mixed[1])
+    assert np.array_equal(step_plan.rows_of(mixed, np.array([1, 0])), mixed[[1, 0]])

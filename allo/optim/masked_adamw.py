@@ -18,13 +18,13 @@ from allo.optim.step_plan import DECAY_COLUMN, StepPlan, scalar_table
 from allo_kernels.multi_tensor import upload
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-# Fully selected fp32 parameters on CUDA: True, torch's fused AdamW kernel (torch._fused_adamw_); False,
-# allo's Triton kernel in its dense mode (no indices). On the H100 (2026-11-27) torch's kernel took 10.38
-# ms for 953M parameters (~2.6 TB/s), the whole of a 100% step but host work; whether the Triton kernel,
-# with its 16-byte accesses since session 10, beats it is measured by benchmarks/profile_gpu.py (the two
-# alternated). (bf16/fp16 parameters with a master copy always take the Triton kernel; the CPU backend
-# always takes torch's fused loop.)
-FULL_MASKS_ON_TORCH_FUSED = True
+# Fully selected fp32 parameters on CUDA: False (the default), allo's Triton kernel in its dense mode (no
+# indices, 16-byte accesses); True, torch's fused AdamW kernel (torch._fused_adamw_). On the H100
+# (2026-11-27, run 13; benchmarks/profile_gpu.py, alternated, 953M fp32 parameters in 144 tensors) the
+# Triton step took 9.54 ms, torch's kernel 11.23 ms through MaskedAdamW and 11.05 ms as
+# torch.optim.AdamW(fused=True). (bf16/fp16 parameters with a master copy always take the Triton kernel;
+# the CPU backend always takes torch's fused loop.)
+FULL_MASKS_ON_TORCH_FUSED = False
 
 
 class MaskedAdamW(Optimizer):
@@ -621,7 +621,7 @@ class MaskedAdamW(Optimizer):
         slots = self._step_slots([(param, state) for param, _, state, _, _ in stepping])
         steps = self._advance_steps(slots).tolist()
         # the kernels' scalars per stepping parameter, computed as the plan computes them
-        table = scalar_table(steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, decay=decay)
+        table = np.array(scalar_table(steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, decay=decay))  # (writable)
         backends = {}
         positions_by_backend = defaultdict(list)  # each row's position in `stepping`, for the plan
         dense_positions = defaultdict(list)
@@ -633,8 +633,8 @@ class MaskedAdamW(Optimizer):
                 backend = backends[p.device] = resolve_backend(self.backend, p.device, what="MaskedAdamW")
             if indices is None and not compact and (backend == "cpu" or (
                     backend == "triton" and p.device.type == "cuda" and master is None and FULL_MASKS_ON_TORCH_FUSED)):
-                # every element selected: torch's own fused AdamW kernel (one multi-tensor pass), so a
-                # 100% mask costs what torch.optim.AdamW(fused=True) costs
+                # every element selected, on the CPU (or on CUDA with FULL_MASKS_ON_TORCH_FUSED): torch's own
+                # fused AdamW kernel (one multi-tensor pass)
                 dense_rows[p.device].append((p, grad, state, step))
                 dense_positions[p.device].append(i)
                 continue

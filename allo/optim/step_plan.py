@@ -44,17 +44,27 @@ DECAY_COLUMN = 5  # of the scalar table: the factor weights are multiplied by be
 def scalar_table(steps, *, lr, beta1, beta2, eps, decay) -> np.ndarray:
     """The kernels' [rows, 7] float32 scalars (see allo_kernels.masked_adamw.N_SCAL) for step counts
     ``steps``: 1 - beta1, beta2, 1 - beta2 (float64 on the host), step_size, sqrt of the second bias
-    correction, decay, eps."""
+    correction, decay, eps. When every count is the same (the usual case) the rows are one row
+    broadcast (read-only, stride 0: :func:`rows_of` keeps it so, and the launches then pass the row as
+    kernel arguments); the general path copies it before writing into it."""
     steps = np.asarray(steps, dtype=np.int64)
-    # the usual case, every parameter at the same count: one row, repeated (a step's host time is paid
-    # before its kernels start, and this is ~5x cheaper than a row per parameter)
-    uniform = len(steps) > 1 and steps.min() == steps.max()
-    bc2, size = bias_corrections(steps[:1] if uniform else steps, lr, beta1, beta2)
+    if len(steps) > 1 and steps.min() == steps.max():
+        # one row computed in Python floats: the general formula's numpy work (unique, per-column fills,
+        # repeat) cost ~30-60 us, paid by every step before its kernels start
+        t = int(steps[0])
+        row = np.array([1.0 - beta1, beta2, 1.0 - beta2, lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t),
+                        decay, eps], dtype=np.float64).astype(np.float32)
+        return np.broadcast_to(row, (len(steps), 7))
+    bc2, size = bias_corrections(steps, lr, beta1, beta2)
     table = np.empty((len(bc2), 7), dtype=np.float64)
     table[:, 0], table[:, 1], table[:, 2] = 1.0 - beta1, beta2, 1.0 - beta2
     table[:, 3], table[:, 4], table[:, DECAY_COLUMN], table[:, 6] = size, bc2, decay, eps
-    table = table.astype(np.float32)
-    return np.repeat(table, len(steps), axis=0) if uniform else table
+    return table.astype(np.float32)
+
+
+def rows_of(table: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """``table[positions]``, a broadcast table's rows without a copy (still stride 0)."""
+    return table[:len(positions)] if table.strides[0] == 0 else table[positions]
 
 
 class StepPlan:
@@ -72,6 +82,9 @@ class StepPlan:
         # per entry would hash each parameter in Python)
         self.state, self.state_values = state, list(state.values())
         self.entries, self.launches, self.dense = entries, launches, dense
+        # the entries by column, for the native checks (allo._C.plan_gradients)
+        self.columns = ([e[0] for e in entries], [e[1] for e in entries], [e[5] for e in entries],
+                        [e[4] for e in entries], [e[3] for e in entries], [bool(e[2]) for e in entries])
         self.step_slots = step_slots  # (buffer generation, slot indices) of the entries' step counts
         self.backend = backend
 
@@ -83,26 +96,10 @@ class StepPlan:
         if (opt.state is not self.state or len(opt.state) != len(self.state_values)
                 or not all(map(is_, opt.state.values(), self.state_values))):
             return False
-        compact = opt._compact
-        grads, grad_ptrs = [], []
-        for p, state, is_compact, dtype, weight_ptr, tensors in self.entries:
-            # the launch tables hold these tensors' addresses (and the plan holds the tensors, so a
-            # replaced one is never freed under a launch): any state tensor replaced retires the plan
-            if (state["exp_avg"] is not tensors[0] or state["exp_avg_sq"] is not tensors[1]
-                    or state.get("indices") is not tensors[2] or state.get("master") is not tensors[3]):
-                return False
-            if is_compact:
-                g = compact.get(p)
-                if g is None:
-                    return False
-            else:
-                g = p.grad
-                if g is None or (compact and p in compact) or g.is_sparse or not g.is_contiguous():
-                    return False
-            if g.dtype != dtype or p.data_ptr() != weight_ptr:
-                return False
-            grads.append(g)
-            grad_ptrs.append(g.data_ptr())
+        got = self.gradients(opt._compact)
+        if got is None:
+            return False
+        grads, grad_ptrs = got
         # from here on the step is taken
         generation, slots = self.step_slots
         if generation != opt._step_generation:
@@ -116,7 +113,50 @@ class StepPlan:
         for device, positions in self.dense:
             rows = [(self.entries[i][0], grads[i], self.entries[i][1], int(steps[i])) for i in positions]
             fused_dense(rows, device, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=wd)
-        grad_ptrs = np.array(grad_ptrs, dtype=np.int64)
         for launch, positions in self.launches:
-            launch.run(grad_ptrs[positions], table[positions])
+            launch.run(grad_ptrs[positions], rows_of(table, positions))
         return True
+
+    def gradients(self, compact: dict):
+        """(the entries' gradients, their data pointers as an int64 array), or None when the plan no longer
+        holds: a state tensor replaced (the launch tables hold the old one's address; the plan holds the
+        old tensor, so it is never freed under a launch), a gradient missing or of another kind than when
+        the plan was made (compact or full, dtype; a full one sparse or not contiguous), a weight moved.
+        In one call into allo._C when the extension is built (NATIVE_CHECKS), else in Python: the same
+        checks, ~1-2 us a parameter in Python, before any kernel of the step can start."""
+        native = _native_checks() if NATIVE_CHECKS else None
+        if native is not None:
+            got = native(*self.columns, compact)
+            return None if got is None else (got[0], got[1].numpy())
+        grads, grad_ptrs = [], []
+        for p, state, is_compact, dtype, weight_ptr, tensors in self.entries:
+            if (state["exp_avg"] is not tensors[0] or state["exp_avg_sq"] is not tensors[1]
+                    or state.get("indices") is not tensors[2] or state.get("master") is not tensors[3]):
+                return None
+            if is_compact:
+                g = compact.get(p)
+                if g is None:
+                    return None
+            else:
+                g = p.grad
+                if g is None or (compact and p in compact) or g.is_sparse or not g.is_contiguous():
+                    return None
+            if g.dtype != dtype or p.data_ptr() != weight_ptr:
+                return None
+            grads.append(g)
+            grad_ptrs.append(g.data_ptr())
+        return grads, np.array(grad_ptrs, dtype=np.int64)
+
+
+# False: the plan's checks run in Python even where allo._C has them (tests compare the two)
+NATIVE_CHECKS = True
+_native = []  # [allo._C.plan_gradients or None], looked up once
+
+
+def _native_checks():
+    if not _native:
+        from allo.ops._extension import extension_if_ready
+
+        # (None: no prebuilt extension, which is never built here, or one built before plan_gradients existed)
+        _native.append(getattr(extension_if_ready(), "plan_gradients", None))
+    return _native[0]
