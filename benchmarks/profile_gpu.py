@@ -329,6 +329,21 @@ def sweep_launch_configs(params, masks, label):
         torch.cuda.empty_cache()
 
 
+def compare_plan_checks(step, label):
+    """The replayed step with its per-parameter checks in allo._C (plan_gradients) and in Python
+    (allo.optim.step_plan.NATIVE_CHECKS), alternated: host time paid before the kernel starts."""
+    from allo.optim import step_plan
+
+    try:
+        t = H.time_interleaved({"native": step, "python": H.with_setting(step_plan, "NATIVE_CHECKS", False, step)},
+                               device="cuda", warmup=2, repeats=30)
+        print(f"{label}: plan checks in allo._C {t['native']['median_ms']:.3f} ms, in Python "
+              f"{t['python']['median_ms']:.3f} ms (alternated, medians of 30; allo._C has them: "
+              f"{step_plan._native_checks() is not None})", flush=True)
+    except Exception as exc:
+        print(f"{label}: plan checks comparison FAILED {type(exc).__name__}: {exc}"[:300], flush=True)
+
+
 def profile_update(sweep, trace_dir=None):
     from bench_update import _make_masks, _shapes, held_compact_step
 
@@ -352,6 +367,8 @@ def profile_update(sweep, trace_dir=None):
                 profile_l2_granularity(opt, "MaskedAdamW step random 10%")
             except Exception as exc:
                 print(f"L2 fetch granularity probe: FAILED {type(exc).__name__}: {exc}"[:300], flush=True)
+        if density in (1, 10):
+            compare_plan_checks(opt.step, f"MaskedAdamW step {kind} {density}%")
         if density == 10:
             compare_align_hints(opt.step, f"MaskedAdamW step {kind} {density}%")
             compact = MaskedAdamW(params, lr=1e-3, weight_decay=0.0, masks=masks, compact_grads=True)
