@@ -465,3 +465,20 @@ def test_warmup_steps_as_transformers_5_reads_it(tiny, tmp_path, flags, warmup):
         for bad in (-1, 2.5):
             with pytest.raises(ValueError, match=f"--warmup_steps is {bad}; expected a whole number of steps"):
                 TrainConfig(warmup_steps=bad).validate()
+
+
+@pytest.mark.parametrize("use_cpu", [True, False])
+def test_use_cpu_reaches_the_accelerator(tiny, tmp_path, monkeypatch, use_cpu):  # noqa: F811
+    # --use_cpu (transformers' TrainingArguments.use_cpu): the run stays on the CPU on a GPU machine
+    import accelerate
+
+    seen = {}
+
+    def accelerator(**kw):
+        seen.update(kw)
+        raise _Interrupt
+
+    monkeypatch.setattr(accelerate, "Accelerator", accelerator)
+    with pytest.raises(_Interrupt):
+        pipeline.make_context(_cfg(tiny, tmp_path / "out", use_cpu=use_cpu))
+    assert seen["cpu"] is use_cpu

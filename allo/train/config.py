@@ -101,6 +101,7 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "TRL's: the probability that a pair's preference is flipped, for the sigmoid "
                                 "(conservative DPO) and robust losses of --loss_type; in [0, 0.5)")
     bf16: bool = _f(False, "bf16 autocast (over the weights of --dtype: fp32 master weights by default)")
+    use_cpu: bool = _f(False, "run on the CPU even where a GPU is available (transformers' TrainingArguments.use_cpu)")
     dtype: str = _f("float32", "dtype the models are loaded and trained in (TRL's --dtype; --torch_dtype is the same "
                     "flag): float32 (the default: fp32 master weights, --bf16 autocasts over them), bfloat16 (half "
                     "the weights' memory; MaskedAdamW keeps fp32 copies of the selected elements, the warm-up's AdamW "

@@ -47,7 +47,7 @@ def make_context(config, accelerator=None) -> Context:
 
         hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars
     if accelerator is None:
-        accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+        accelerator = Accelerator(cpu=cfg.use_cpu, mixed_precision="bf16" if cfg.bf16 else "no")
     os.makedirs(cfg.output_dir, exist_ok=True)
     return Context(cfg, accelerator, load_tokenizer(cfg.model_name_or_path, cfg.load_options()))
 
