@@ -156,6 +156,25 @@ def test_improve_loss_ties_pick_earliest_tokens_and_eps_is_validated():
         improve_loss(*_improve_batch(), eps=0.0)
 
 
+def test_improve_loss_with_the_policy_at_the_reference_ignores_rounding_in_d():
+    # before the first step the policy is the reference: d = 0 by definition, but the two log-prob passes
+    # round differently (on a GPU ~1e-7 relative); the key tokens must be the tie rule's, not the noise's
+    g = torch.Generator().manual_seed(0)
+    ref_r = -torch.rand(2, 9, generator=g) * 5 - 0.5
+    ref_c = -torch.rand(2, 9, generator=g) * 5 - 0.5
+    noisy_r = ref_r * (1 + 1e-7 * torch.randn(2, 9, generator=g))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :3] = False  # the second response starts later: its earliest tokens are 3, 4
+    args = (ref_c.clone(), noisy_r.clone().requires_grad_(), ref_c, ref_r, mask, mask)
+    _, by_noise = improve_loss(*args, eps=0.25)
+    loss, at_ref = improve_loss(*args, eps=0.25, policy_is_reference=True)
+    loss.backward()
+    assert {tuple(i) for i in args[1].grad.nonzero().tolist()} == {(0, 0), (0, 1), (1, 3)}  # k = 2 of 9, 1 of 6
+    assert at_ref["improve/key_tokens"].item() == by_noise["improve/key_tokens"].item() == 1.5
+    noise_grad = torch.autograd.grad(improve_loss(*args, eps=0.25)[0], args[1])[0]
+    assert {tuple(i) for i in noise_grad.nonzero().tolist()} != {(0, 0), (0, 1), (1, 3)}  # (noise picks others)
+
+
 def test_token_weights_from_probs():
     p = torch.tensor([[0.2, 0.5, 0.7, 0.49]])
     mask = torch.tensor([[True, True, True, False]])

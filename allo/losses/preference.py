@@ -71,7 +71,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 def improve_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                  ref_rejected: torch.Tensor, chosen_mask: torch.Tensor, rejected_mask: torch.Tensor, beta: float = 0.1,
-                 eps: float = 0.1):
+                 eps: float = 0.1, *, policy_is_reference: bool = False):
     """ALLO's improving loss: DPO where the rejected response counts only its key tokens.
 
     ``L = -log sigma(beta * (sum_{t in y_w} d_t - sum_{t in K(y_l)} d_t))``, the reference being the
@@ -81,11 +81,20 @@ def improve_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref
     token (see ``allo.losses.token_weights``). Metrics: TRL's names, with ``rewards/rejected`` over the
     key tokens and ``logps/rejected`` over the whole rejected response, plus ``improve/key_tokens``
     (mean number of key tokens per rejected response).
+
+    ``policy_is_reference``: the policy's weights are the reference's (allo-train: before the stage's
+    first optimizer step). Then every ``d_t`` is 0 by definition and the key tokens are the tie rule's,
+    the earliest ones, whatever the two log-prob passes' rounding says: on a GPU the policy's pass and
+    the cached reference's differ by ~1e-7 (relative), and choosing key tokens by that noise changed
+    every trained weight of a 4-step improve stage by up to 4 x lr against a CPU run (H100, run 13;
+    reproduced on the CPU by perturbing the reference log-probs by 1e-7). The loss itself still uses
+    the computed ``d_t``.
     """
     what = "improve_loss"
     _check_pair(what, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_mask, rejected_mask, beta)
     rejected_ratio_tokens = policy_rejected - ref_rejected
-    key = top_fraction_mask(-rejected_ratio_tokens, rejected_mask, eps, what="improve_loss(eps)")
+    scores = torch.zeros_like(rejected_ratio_tokens) if policy_is_reference else -rejected_ratio_tokens
+    key = top_fraction_mask(scores, rejected_mask, eps, what="improve_loss(eps)")
     chosen_ratio = masked_sum(policy_chosen - ref_chosen, chosen_mask)
     rejected_ratio = masked_sum(rejected_ratio_tokens, key)
     losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))

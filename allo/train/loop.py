@@ -78,7 +78,7 @@ def _loss_units(kind, examples, weights, idx):
     return len(idx)
 
 
-def _forward_loss(kind, scorer, examples, data: StageData, idx, cfg, device, pad_id):
+def _forward_loss(kind, scorer, examples, data: StageData, idx, cfg, device, pad_id, policy_is_reference=False):
     from allo.losses import dpo_loss, forget_loss, improve_loss
 
     if kind == "forget":
@@ -96,7 +96,8 @@ def _forward_loss(kind, scorer, examples, data: StageData, idx, cfg, device, pad
     ref = pad_like([data.reference["chosen"][i] for i in idx] + [data.reference["rejected"][i] for i in idx], mask)
     args = (lp[:n], lp[n:], ref[:n], ref[n:], mask[:n], mask[n:])
     if kind == "improve":
-        return improve_loss(*args, beta=cfg.beta, eps=cfg.eps)
+        # (before the stage's first optimizer step the policy is the reference: see improve_loss)
+        return improve_loss(*args, beta=cfg.beta, eps=cfg.eps, policy_is_reference=policy_is_reference)
     return dpo_loss(*args, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
 
 
@@ -359,7 +360,7 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
                 sync_ctx = accelerator.no_sync(scorer) if dense and not sharded and micro < accum - 1 else _null()
                 with sync_ctx, accelerator.autocast():
                     loss, metrics = _forward_loss(data.kind, scorer, data.examples, data, idx, cfg, device,
-                                                  tokenizer.pad_token_id)
+                                                  tokenizer.pad_token_id, policy_is_reference=step == 0)
                     if units == 0:  # nothing to forget here: keep the graph, add nothing
                         loss = loss.nan_to_num(0.0) * 0.0
                     (loss * scale).backward()
