@@ -20,7 +20,7 @@ from allo_kernels.multi_tensor import upload
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Fully selected fp32 parameters on CUDA: False (the default), allo's Triton kernel in its dense mode (no
 # indices, 16-byte accesses); True, torch's fused AdamW kernel (torch._fused_adamw_). On the H100
-# (2026-11-27, run 13; benchmarks/profile_gpu.py, alternated, 953M fp32 parameters in 144 tensors) the
+# (2026-11-27, run 13; benchmarks/profile_gpu.py, alternated, 973M fp32 parameters in 144 tensors) the
 # Triton step took 9.54 ms, torch's kernel 11.23 ms through MaskedAdamW and 11.05 ms as
 # torch.optim.AdamW(fused=True). (bf16/fp16 parameters with a master copy always take the Triton kernel;
 # the CPU backend always takes torch's fused loop.)
