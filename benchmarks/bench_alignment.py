@@ -25,7 +25,7 @@ Mean and standard deviation over seeds go to a markdown table and a PNG bar char
 benchmarks/results/ (``--json FILE`` for the rows). Everything is reproducible from the seeds.
 
     python benchmarks/bench_alignment.py            # 2 tasks x 3 seeds (about 25 min on 2 CPU cores)
-    python benchmarks/bench_alignment.py --quick    # tiny model and data, 1 task, 3 seeds (smoke test, ~2 min)
+    python benchmarks/bench_alignment.py --quick    # tiny model and data, 1 task, 1 seed, 5 methods (smoke test, < 1 min)
 """
 
 from __future__ import annotations
@@ -62,12 +62,17 @@ METHODS = {
 SHARES_ALLO_FORGET = {"ALLO -key tokens"}
 
 # --quick: a smaller model, fewer problems and SFT steps, for CI's smoke test (the numbers mean little).
-QUICK = dict(num_sft_problems=600, sft_steps=100, num_train_problems=60, num_eval_problems=40, num_samples=6,
+QUICK = dict(num_sft_problems=600, sft_steps=100, num_train_problems=60, num_eval_problems=20, num_samples=6,
              model_hidden_size=48, max_new_tokens=32)
+# --quick: one seed and the methods that differ in code path (bottom and random 10% are top 10%'s path with
+# another selection, -forget ALLO's without a stage), unless --seeds / --methods say otherwise: under a
+# minute on 2 cores (every method over 3 seeds took 188 s in CI, 2026-11-27)
+QUICK_SEEDS = 1
+QUICK_METHODS = ("DPO all", "DPO top 10%", "ALLO", "ALLO -key tokens", "ALLO -selection")
 
 
 def _add_arguments(parser):
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
+    parser.add_argument("--seeds", type=int, default=None, help=f"seeds per method (default 3; --quick: {QUICK_SEEDS})")
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (default arithmetic,compare; "
                         "--quick: arithmetic)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of: " + ", ".join(METHODS))
@@ -110,9 +115,10 @@ def main():
     args = _harness.parse_args(__doc__.splitlines()[0], _add_arguments)
     import tempfile
 
-    seeds = list(range(1, 1 + args.seeds))
+    seeds = list(range(1, 1 + (args.seeds or (QUICK_SEEDS if args.quick else 3))))
     tasks = (args.tasks or ("arithmetic" if args.quick else "arithmetic,compare")).split(",")
-    methods = list(METHODS) if not args.methods else [m.strip() for m in args.methods.split(",")]
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else \
+        list(QUICK_METHODS if args.quick else METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
