@@ -101,8 +101,9 @@ py::object plan_gradients(const py::list& params, const py::list& states, const 
     if (!compact_entry[i] && (g.is_sparse() || !g.is_contiguous())) {
       return py::none();
     }
-    if (reinterpret_cast<int64_t>(THPVariable_Unpack(param).data_ptr()) != weight_ptrs[i]) {
-      return py::none();  // the weight moved
+    const at::Tensor& w = THPVariable_Unpack(param);
+    if (reinterpret_cast<int64_t>(w.data_ptr()) != weight_ptrs[i] || !w.is_contiguous()) {
+      return py::none();  // the weight moved, or is now a strided view (the kernels use flat offsets)
     }
     out[i] = reinterpret_cast<int64_t>(g.data_ptr());
     PyList_SET_ITEM(grads.ptr(), i, grad.release().ptr());

@@ -12,7 +12,7 @@ namespace allo {
 // "master" are the objects in state_tensors[i] (a 4-tuple; None for an absent optional key), fetches the
 // gradient (params[i].grad, or compact[params[i]] where compact_entry[i]) and checks that it exists, has
 // the dtype object grad_dtypes[i], is neither sparse nor non-contiguous (full gradients), that a full
-// gradient's parameter is not in `compact`, and that params[i]'s data pointer is still weight_ptrs[i].
+// gradient's parameter is not in `compact`, and that params[i] is still contiguous at weight_ptrs[i].
 // Returns (list of gradients, int64 CPU tensor of their data pointers), or None as soon as a check fails
 // (the plan no longer holds). A state without "exp_avg" or "exp_avg_sq" raises KeyError, as indexing it
 // in Python does. The Python loop doing the same cost ~1-2 us a parameter: 0.1-0.3 ms of host time before

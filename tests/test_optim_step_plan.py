@@ -199,7 +199,7 @@ def _both(plan, compact):
 
 
 @pytest.mark.parametrize("change", ["none", "grad-none", "grad-noncontiguous", "grad-dtype", "grad-sparse",
-                                    "weight-moved", "now-compact", "state-tensor", "master-added"])
+                                    "weight-moved", "weight-strided", "now-compact", "state-tensor", "master-added"])
 def test_native_and_python_checks_agree(change):
     if _native() is None:
         pytest.skip("allo._C is not built")
@@ -218,6 +218,8 @@ def test_native_and_python_checks_agree(change):
         w.grad = w.grad.to_sparse()
     elif change == "weight-moved":
         w.data = w.data.clone()
+    elif change == "weight-strided":  # the same address, now a transposed view: flat offsets would be wrong
+        w.data = w.data.view(w.shape[1], w.shape[0]).t()
     elif change == "now-compact":
         compact = {w: torch.zeros(3)}
     elif change == "state-tensor":
@@ -268,3 +270,12 @@ def test_uniform_scalar_table_equals_the_general_formula():
     mixed = step_plan.scalar_table([3, 5, 3], **kw)
     assert np.array_equal(mixed[0], mixed[2]) and not np.array_equal(mixed[0], mixed[1])
     assert np.array_equal(step_plan.rows_of(mixed, np.array([1, 0])), mixed[[1, 0]])
+
+
+def test_a_weight_made_strided_after_construction_is_refused():
+    model, opt, plan = _planned()
+    w = model[0].weight
+    w.data = w.data.view(w.shape[1], w.shape[0]).t()  # same storage and address, not contiguous
+    w.grad = torch.zeros(w.shape)
+    with pytest.raises(ValueError, match=r"'0\.weight' is no longer contiguous"):
+        opt.step()

@@ -614,6 +614,10 @@ class MaskedAdamW(Optimizer):
             if grad is None:
                 continue
             _check_grad(grad, param, self)
+            if not p.is_contiguous():  # (e.g. p.data replaced by a transposed view after construction)
+                raise ValueError(f"parameter {self._label_of(param)} is no longer contiguous; MaskedAdamW's kernels "
+                                 "address param.reshape(-1) by flat indices: keep it contiguous (p.data = "
+                                 "p.data.contiguous())")
             stepping.append((param, p, state, grad, compact))
         if not stepping:
             return

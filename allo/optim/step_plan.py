@@ -121,7 +121,8 @@ class StepPlan:
         """(the entries' gradients, their data pointers as an int64 array), or None when the plan no longer
         holds: a state tensor replaced (the launch tables hold the old one's address; the plan holds the
         old tensor, so it is never freed under a launch), a gradient missing or of another kind than when
-        the plan was made (compact or full, dtype; a full one sparse or not contiguous), a weight moved.
+        the plan was made (compact or full, dtype; a full one sparse or not contiguous), a weight moved or
+        made a strided view.
         In one call into allo._C when the extension is built (NATIVE_CHECKS), else in Python: the same
         checks, ~1-2 us a parameter in Python, before any kernel of the step can start."""
         native = _native_checks() if NATIVE_CHECKS else None
@@ -141,7 +142,7 @@ class StepPlan:
                 g = p.grad
                 if g is None or (compact and p in compact) or g.is_sparse or not g.is_contiguous():
                     return None
-            if g.dtype != dtype or p.data_ptr() != weight_ptr:
+            if g.dtype != dtype or p.data_ptr() != weight_ptr or not p.is_contiguous():
                 return None
             grads.append(g)
             grad_ptrs.append(g.data_ptr())
