@@ -115,7 +115,9 @@ def main():
     args = _harness.parse_args(__doc__.splitlines()[0], _add_arguments)
     import tempfile
 
-    seeds = list(range(1, 1 + (args.seeds or (QUICK_SEEDS if args.quick else 3))))
+    if args.seeds is not None and args.seeds < 1:
+        raise SystemExit(f"--seeds {args.seeds}: give at least 1 seed per method")
+    seeds = list(range(1, 1 + (args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 3))))
     tasks = (args.tasks or ("arithmetic" if args.quick else "arithmetic,compare")).split(",")
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else \
         list(QUICK_METHODS if args.quick else METHODS)
