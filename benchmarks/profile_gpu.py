@@ -192,11 +192,8 @@ def profile_select(sweep, trace_dir=None):
     # the kernels against the torch glue they replaced, alternated: run to run, bench_select's rows for the
     # two moved by +-0.4 ms (run 8 on the H100: 3.50 kernels, 2.95 glue; the next run 2.80 and 3.55), more
     # than the difference, which only alternated calls in one process showed (3.23 against 3.98 ms)
-    default = lambda: band_masks(scores, 0.1, backend="triton")  # noqa: E731
-    t = H.time_interleaved({"kernels": default, "glue": H.with_setting(rbd, "USE_KERNELS", False, default)},
-                           device="cuda", warmup=2, repeats=30)
-    print(f"select band_masks: radix_boundary kernels {t['kernels']['median_ms']:.3f} ms, torch glue "
-          f"{t['glue']['median_ms']:.3f} ms (alternated, medians of 30)", flush=True)
+    compare_switch("select band_masks", "radix_boundary ", lambda: band_masks(scores, 0.1, backend="triton"), rbd,
+                   "USE_KERNELS", False, ("kernels", "torch glue"), repeats=30)
     if not sweep:
         return
     # H100 2026-11-27: the (32-bin) window pass took 2.06 ms of kernel time where reading the scores takes
@@ -253,18 +250,34 @@ def profile_l2_granularity(opt, label):
         l2_fetch_granularity(base)
 
 
+def compare_switch(label, what, fn, module, name, off, names, repeats=20):
+    """``fn`` with the module-level switch ``module.name`` as it is and set to ``off``, the two calls
+    alternated; prints ``label: what <names[0]> X ms, <names[1]> Y ms``. A failure is printed, not
+    raised (one comparison must not end a profile)."""
+    try:
+        t = H.time_interleaved({names[0]: fn, names[1]: H.with_setting(module, name, off, fn)},
+                               device="cuda", warmup=2, repeats=repeats)
+        print(f"{label}: {what}{names[0]} {t[names[0]]['median_ms']:.3f} ms, {names[1]} "
+              f"{t[names[1]]['median_ms']:.3f} ms (alternated, medians of {repeats})", flush=True)
+    except Exception as exc:
+        print(f"{label}: {what}comparison FAILED {type(exc).__name__}: {exc}"[:300], flush=True)
+
+
 def compare_align_hints(step, label):
     """The step with the kernel's alignment hints (16-byte accesses; allo_kernels.masked_adamw.ALIGN_HINTS)
-    and without them (4-byte accesses, as before the hints), the two alternated."""
+    and without them (4-byte accesses, as before the hints)."""
     import allo_kernels.masked_adamw as ka
 
-    try:
-        t = H.time_interleaved({"hints": step, "no hints": H.with_setting(ka, "ALIGN_HINTS", False, step)},
-                               device="cuda", warmup=2, repeats=20)
-        print(f"{label}: alignment hints {t['hints']['median_ms']:.3f} ms, without {t['no hints']['median_ms']:.3f} "
-              f"ms (alternated, medians of 20)", flush=True)
-    except Exception as exc:
-        print(f"{label}: alignment hints comparison FAILED {type(exc).__name__}: {exc}"[:300], flush=True)
+    compare_switch(label, "alignment ", step, ka, "ALIGN_HINTS", False, ("hints", "without"))
+
+
+def compare_plan_checks(step, label):
+    """The replayed step with its per-parameter checks in allo._C (plan_gradients) and in Python
+    (allo.optim.step_plan.NATIVE_CHECKS): host time paid before the kernel starts."""
+    from allo.optim import step_plan
+
+    compare_switch(label, f"plan checks (allo._C has them: {step_plan._native_checks() is not None}) ", step,
+                   step_plan, "NATIVE_CHECKS", False, ("in allo._C", "in Python"), repeats=30)
 
 
 # (BLOCK, num_warps) of the MaskedAdamW kernel; the first is the default. Registers per thread grow with the
@@ -327,21 +340,6 @@ def sweep_launch_configs(params, masks, label):
     finally:
         del opts, steps
         torch.cuda.empty_cache()
-
-
-def compare_plan_checks(step, label):
-    """The replayed step with its per-parameter checks in allo._C (plan_gradients) and in Python
-    (allo.optim.step_plan.NATIVE_CHECKS), alternated: host time paid before the kernel starts."""
-    from allo.optim import step_plan
-
-    try:
-        t = H.time_interleaved({"native": step, "python": H.with_setting(step_plan, "NATIVE_CHECKS", False, step)},
-                               device="cuda", warmup=2, repeats=30)
-        print(f"{label}: plan checks in allo._C {t['native']['median_ms']:.3f} ms, in Python "
-              f"{t['python']['median_ms']:.3f} ms (alternated, medians of 30; allo._C has them: "
-              f"{step_plan._native_checks() is not None})", flush=True)
-    except Exception as exc:
-        print(f"{label}: plan checks comparison FAILED {type(exc).__name__}: {exc}"[:300], flush=True)
 
 
 def profile_update(sweep, trace_dir=None):

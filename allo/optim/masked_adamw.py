@@ -244,8 +244,7 @@ class MaskedAdamW(Optimizer):
             return
         p = sharding.local(p)  # state, indices and master copy cover this rank's block only
         if not p.is_contiguous():
-            raise ValueError(f"parameter {label} is not contiguous; MaskedAdamW needs contiguous parameters (flat "
-                             "indices address param.reshape(-1)): make it contiguous before building the optimizer")
+            raise _not_contiguous(label, "is not contiguous", "make it contiguous before building the optimizer")
         if p.dtype not in (torch.float32, *_LOW_PRECISION):
             raise TypeError(f"parameter {label} is {p.dtype}; MaskedAdamW trains fp32, bf16 and fp16 parameters")
         k = p.numel() if sel == DENSE else sel.numel()
@@ -615,9 +614,8 @@ class MaskedAdamW(Optimizer):
                 continue
             _check_grad(grad, param, self)
             if not p.is_contiguous():  # (e.g. p.data replaced by a transposed view after construction)
-                raise ValueError(f"parameter {self._label_of(param)} is no longer contiguous; MaskedAdamW's kernels "
-                                 "address param.reshape(-1) by flat indices: keep it contiguous (p.data = "
-                                 "p.data.contiguous())")
+                raise _not_contiguous(self._label_of(param), "is no longer contiguous",
+                                      "keep it contiguous (p.data = p.data.contiguous())")
             stepping.append((param, p, state, grad, compact))
         if not stepping:
             return
@@ -816,6 +814,11 @@ def _several_processes() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _not_contiguous(label: str, what: str, fix: str) -> ValueError:
+    return ValueError(f"parameter {label} {what}; MaskedAdamW needs contiguous parameters (flat indices address "
+                      f"param.reshape(-1)): {fix}")
 
 
 def _check_grad(grad: torch.Tensor, p: torch.Tensor, opt: MaskedAdamW) -> None:

@@ -22,19 +22,24 @@ the same scalars with the same float64 formulas, so they give bit-identical resu
 
 from __future__ import annotations
 
+import functools
 import math
 from operator import is_
 
 import numpy as np
 
 
+def _bias_correction(t: int, lr: float, beta1: float, beta2: float) -> tuple[float, float]:
+    """(sqrt(1 - beta2**t), lr / (1 - beta1**t)) for step count t, in Python float64 (numpy's pow may
+    differ in the last bit)."""
+    return math.sqrt(1.0 - beta2 ** t), lr / (1.0 - beta1 ** t)
+
+
 def bias_corrections(steps, lr: float, beta1: float, beta2: float) -> tuple[np.ndarray, np.ndarray]:
-    """(sqrt(1 - beta2**t), lr / (1 - beta1**t)) per step count t, in Python float64 as the general
-    path computes them (numpy's pow may differ in the last bit), once per distinct count."""
+    """:func:`_bias_correction` per step count, computed once per distinct count."""
     steps = np.asarray(steps, dtype=np.int64)
     uniq, inverse = np.unique(steps, return_inverse=True)
-    bc2 = np.array([math.sqrt(1.0 - beta2 ** int(t)) for t in uniq], dtype=np.float64)
-    size = np.array([lr / (1.0 - beta1 ** int(t)) for t in uniq], dtype=np.float64)
+    bc2, size = np.array([_bias_correction(int(t), lr, beta1, beta2) for t in uniq], dtype=np.float64).reshape(-1, 2).T
     return bc2[inverse], size[inverse]
 
 
@@ -51,9 +56,8 @@ def scalar_table(steps, *, lr, beta1, beta2, eps, decay) -> np.ndarray:
     if len(steps) > 1 and steps.min() == steps.max():
         # one row computed in Python floats: the general formula's numpy work (unique, per-column fills,
         # repeat) cost ~30-60 us, paid by every step before its kernels start
-        t = int(steps[0])
-        row = np.array([1.0 - beta1, beta2, 1.0 - beta2, lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t),
-                        decay, eps], dtype=np.float64).astype(np.float32)
+        bc2, size = _bias_correction(int(steps[0]), lr, beta1, beta2)
+        row = np.array([1.0 - beta1, beta2, 1.0 - beta2, size, bc2, decay, eps], dtype=np.float64).astype(np.float32)
         return np.broadcast_to(row, (len(steps), 7))
     bc2, size = bias_corrections(steps, lr, beta1, beta2)
     table = np.empty((len(bc2), 7), dtype=np.float64)
@@ -151,13 +155,12 @@ class StepPlan:
 
 # False: the plan's checks run in Python even where allo._C has them (tests compare the two)
 NATIVE_CHECKS = True
-_native = []  # [allo._C.plan_gradients or None], looked up once
 
 
+@functools.cache
 def _native_checks():
-    if not _native:
-        from allo.ops._extension import extension_if_ready
+    """allo._C.plan_gradients, looked up once; None without a prebuilt extension (never built here) or
+    with one built before plan_gradients existed."""
+    from allo.ops._extension import extension_if_ready
 
-        # (None: no prebuilt extension, which is never built here, or one built before plan_gradients existed)
-        _native.append(getattr(extension_if_ready(), "plan_gradients", None))
-    return _native[0]
+    return getattr(extension_if_ready(), "plan_gradients", None)
