@@ -7,7 +7,12 @@ above what was live before it). ``report`` prints a table with each row's ratio 
 baseline (measured in the same run) and writes ``--json FILE``.
 
 Timing: warm-up calls first, then ``repeats`` timed calls; the median is reported (p20/p80 too).
-On CUDA, device events around each call; on CPU, ``time.perf_counter``.
+On CUDA, device events around each call, after at least ``CUDA_WARMUP_MS`` of warm-up (a count of
+calls is no warm-up for a 0.3 ms step: the GPU's clocks are still rising) and with the L2 cache
+flushed before each timed call (as ``triton.testing.do_bench`` does: in training, forward and
+backward run between two optimizer steps, so a step never finds its tensors in L2; without the flush
+a 1% mask's ~50 MB of touched data would partly sit in the H100's 50 MB L2 and read as faster than
+any training step); on CPU, ``time.perf_counter``.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the call. On CPU there is no
 allocator counter, so we read the kernel's own high-water mark of the process (``VmHWM``, reset
@@ -118,7 +123,7 @@ def parse_args(description: str, add_arguments: Callable[[argparse.ArgumentParse
     parser.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list of objects to FILE")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per measurement")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (on CUDA, then more until CUDA_WARMUP_MS have passed)")
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args()
@@ -132,6 +137,24 @@ def parse_args(description: str, add_arguments: Callable[[argparse.ArgumentParse
 def synchronize(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+# CUDA timing (see the module docstring): warm-up time, and the bytes written before each timed call to
+# evict what the last call left in L2 (4x the H100's 50 MB L2)
+CUDA_WARMUP_MS = 25.0
+L2_FLUSH_BYTES = 256 * 2**20
+_l2_flush: dict = {}
+
+
+def flush_l2(device) -> None:
+    """Evict the L2 cache of ``device`` (a CUDA device) by writing ``L2_FLUSH_BYTES``; then wait, so the
+    next call starts on an idle GPU (its host work is timed, as before)."""
+    device = torch.device(device)
+    buf = _l2_flush.get(device)
+    if buf is None:
+        buf = _l2_flush[device] = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    buf.zero_()
+    torch.cuda.synchronize(device)
 
 
 def time_fn(fn: Callable[[], object], *, device, warmup: int = 3, repeats: int = 10) -> dict:
@@ -151,6 +174,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, device, warmup: in
 
     def call_ms(fn) -> float:
         if device.type == "cuda":
+            flush_l2(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -166,6 +190,12 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, device, warmup: in
             for name in names:
                 fns[name]()
         synchronize(device)
+        if device.type == "cuda":  # then until CUDA_WARMUP_MS have passed (clocks up)
+            t0 = time.perf_counter()
+            while (time.perf_counter() - t0) * 1e3 < CUDA_WARMUP_MS:
+                for name in names:
+                    fns[name]()
+                synchronize(device)
         for r in range(repeats):
             for name in (names if r % 2 == 0 else names[::-1]):
                 times[name].append(call_ms(fns[name]))
@@ -180,6 +210,20 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, device, warmup: in
         q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]  # noqa: E731
         out[name] = {"median_ms": statistics.median(ts), "p20_ms": q(0.2), "p80_ms": q(0.8), "repeats": repeats}
     return out
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second (read + written) of the faster of a large copy and a large in-place update,
+    the yardstick of the benchmarks' bandwidth floors. In-place counts too because a copy pays for
+    reading the destination lines before writing them, which an in-place update does not."""
+    n = 64 * 2**20  # 256 MB of fp32
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for fn in (lambda: dst.copy_(src), lambda: src.mul_(1.0)):
+        # the fastest of several runs: a floor must not inherit a slow moment of a shared machine
+        best = min([best] + [time_fn(fn, device=device, warmup=1, repeats=1)["median_ms"] for _ in range(6)])
+    return 2 * n * 4 / (best / 1e3)
 
 
 def with_setting(module, name: str, value, fn: Callable[[], object]) -> Callable[[], object]:

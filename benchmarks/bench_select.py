@@ -50,7 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _harness import exit_if_mismatched, measure, mismatch, parse_args, report, with_setting  # noqa: E402
+from _harness import (copy_bandwidth, exit_if_mismatched, measure, mismatch, parse_args, report,  # noqa: E402
+                      with_setting)
 
 
 def llama1b_shapes():
@@ -249,9 +250,26 @@ def main():
             row["extra"] = max(0, row["peak_bytes"] - out_bytes[name])
             row["extra_vs_scores"] = row["extra"] / sum(s.numel() * s.element_size() for s in scores.values())
         rows.append(row)
+    if cuda:
+        rows += floor_rows(case, scores, n, device)
     report(rows, baseline="topk-concat", json_path=args.json, title=f"bench_select ({device.type})",
            extra_columns=["extra", "extra_vs_scores", "exact"])
     exit_if_mismatched()
+
+
+def floor_rows(case, scores, n, device) -> list[dict]:
+    """The time the bytes alone take at the device's copy bandwidth: allo's two passes (the window pass
+    reads every score, the write pass reads them again and writes one byte of mask each), and any
+    exact selection's minimum (every score read once, every mask byte written once)."""
+    bandwidth = copy_bandwidth(device)
+    score_bytes = sum(s.numel() * s.element_size() for s in scores.values())
+    out = []
+    for impl, moved in (("bandwidth floor, two passes", 2 * score_bytes + n),
+                        ("bandwidth floor, one pass", score_bytes + n)):
+        ms = moved / bandwidth * 1e3
+        out.append({"case": case, "impl": impl, "device": str(device), "median_ms": ms, "p20_ms": ms, "p80_ms": ms,
+                    "peak_bytes": None})
+    return out
 
 
 if __name__ == "__main__":

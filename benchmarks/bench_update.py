@@ -130,21 +130,6 @@ def _state_bytes_torch(opt) -> int:
                if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
-def _copy_bandwidth(device) -> float:
-    """Bytes per second (read + written) of the faster of a large copy and a large in-place update,
-    the yardstick of the floor. In-place counts too because a copy pays for reading the destination
-    lines before writing them, which the optimizer's in-place weight update does not."""
-    n = 64 * 2**20  # 256 MB of fp32
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    best = math.inf
-    for fn in (lambda: dst.copy_(src), lambda: src.mul_(1.0)):
-        # the fastest of several runs: a floor must not inherit a slow moment of a shared machine
-        best = min([best] + [H.time_fn(fn, device=device, warmup=1, repeats=1)["median_ms"] for _ in range(6)])
-    del src, dst
-    return 2 * n * 4 / (best / 1e3)
-
-
 def _floor_bytes(params, masks, device) -> int:
     """Bytes a masked step must move: see the module docstring."""
     line = 64 if torch.device(device).type == "cpu" else 32  # CPU cache line / GPU sector
@@ -318,7 +303,7 @@ def main():
         for p, g in zip(params, grads):
             p.grad = g
 
-    bandwidth = _copy_bandwidth(device)
+    bandwidth = H.copy_bandwidth(device)
     print(f"{n_params / 1e6:.1f}M fp32 parameters in {len(shapes)} tensors on {device}; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {torch.get_num_threads()} threads; "
           f"load average at start {os.getloadavg()[0]:.2f}")
