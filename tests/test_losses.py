@@ -74,9 +74,9 @@ def test_dpo_label_smoothing_conservative_and_robust_by_hand():
     plain, _ = dpo_loss(*_pair(), beta=0.1)
     robust, _ = dpo_loss(*_pair(), beta=0.1, loss_type="robust")
     assert robust.item() == pytest.approx(plain.item(), rel=1e-7)
-    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\), got 0.5"):
+    with pytest.raises(ValueError, match=r"dpo_loss: label_smoothing is 0.5; expected a probability in \[0, 0.5\)"):
         dpo_loss(*_pair(), label_smoothing=0.5)
-    with pytest.raises(ValueError, match="label_smoothing applies to the sigmoid and robust losses, not 'ipo'"):
+    with pytest.raises(ValueError, match="dpo_loss: label_smoothing applies to the sigmoid and robust loss types, not 'ipo'"):
         dpo_loss(*_pair(), loss_type="ipo", label_smoothing=0.1)
 
 

@@ -393,7 +393,7 @@ def test_loss_type_reaches_every_dpo_loss_it_names(tiny, tmp_path, monkeypatch):
                                      ("_reward_metrics", "sigmoid", 0.0)], loss_type
     with pytest.raises(ValueError, match=r"--loss_type is 'dpo'; expected one of sigmoid, ipo, hinge, robust"):
         TrainConfig(loss_type="dpo").validate()
-    with pytest.raises(ValueError, match=r"--label_smoothing applies to --loss_type sigmoid and robust, not hinge"):
+    with pytest.raises(ValueError, match=r"--label_smoothing applies to the sigmoid and robust loss types, not 'hinge'"):
         TrainConfig(loss_type="hinge", label_smoothing=0.1).validate()
     with pytest.raises(ValueError, match=r"--label_smoothing is 0.5; expected a probability in \[0, 0.5\)"):
         TrainConfig(label_smoothing=0.5).validate()

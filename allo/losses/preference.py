@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from allo.loss_options import LOSS_TYPES, label_smoothing_problem
+
 from ._common import check_same_shape, masked_sum, preference_metrics
 from .token_weights import top_fraction_mask
-
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
 def _check_pair(what, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_mask, rejected_mask, beta):
@@ -44,10 +44,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     _check_pair(what, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_mask, rejected_mask, beta)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"dpo_loss: loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and loss_type in ("ipo", "hinge"):
-        raise ValueError(f"dpo_loss: label_smoothing applies to the sigmoid and robust losses, not {loss_type!r}")
+    problem = label_smoothing_problem(label_smoothing, loss_type)
+    if problem:
+        raise ValueError(f"dpo_loss: label_smoothing {problem}")
     pc, rc = masked_sum(policy_chosen, chosen_mask), masked_sum(ref_chosen, chosen_mask)
     pr, rr = masked_sum(policy_rejected, rejected_mask), masked_sum(ref_rejected, rejected_mask)
     if loss_type == "ipo":

@@ -20,6 +20,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from allo.loss_options import LOSS_TYPES, label_smoothing_problem
+
 from .reporting import report_problem
 from .tasks import ANSWER_PATTERN, answer_pattern_problem
 
@@ -97,7 +99,7 @@ class TrainConfig:
     loss_type: str = _f("sigmoid", "DPO loss of the warm-up, of the gradient scores and of improve with --key_tokens "
                         "False: sigmoid (the paper's) | ipo | hinge | robust (TRL's forms, allo.losses.dpo_loss). The "
                         "key-token improve loss and eval's eval_loss / eval_rewards stay the sigmoid form (runs stay "
-                        "comparable)", choices=("sigmoid", "ipo", "hinge", "robust"))
+                        "comparable)", choices=LOSS_TYPES)
     label_smoothing: float = _f(0.0, "TRL's: the probability that a pair's preference is flipped, for the sigmoid "
                                 "(conservative DPO) and robust losses of --loss_type; in [0, 0.5)")
     bf16: bool = _f(False, "bf16 autocast (over the weights of --dtype: fp32 master weights by default)")
@@ -190,10 +192,9 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name} is {v}; expected a positive number of tokens (or leave it out)")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"--label_smoothing is {self.label_smoothing}; expected a probability in [0, 0.5)")
-        if self.label_smoothing and self.loss_type in ("ipo", "hinge"):
-            raise ValueError(f"--label_smoothing applies to --loss_type sigmoid and robust, not {self.loss_type}")
+        problem = label_smoothing_problem(self.label_smoothing, self.loss_type)
+        if problem:
+            raise ValueError(f"--label_smoothing {problem}")
         if self.dataset_config and not self.dataset_name:
             raise ValueError(f"--dataset_config {self.dataset_config!r} needs --dataset_name (the dataset it is a "
                              "configuration of)")
