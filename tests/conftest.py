@@ -14,6 +14,33 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run this suite's kernels here, or None. numpy 2.4 stopped converting
+    1-element arrays to Python ints, which Triton's interpreter does for a loop bound loaded from memory
+    (`for off in range(0, full, BLOCK)`): with triton 3.4 and 3.6 every selection kernel then fails with
+    "only 0-dimensional arrays can be converted to Python scalars" (seen 2026-11-27); triton 3.8 works."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+    version = lambda v: tuple(int(x) for x in v.split("+")[0].split(".")[:2])  # noqa: E731
+    if version(numpy.__version__) >= (2, 4) and version(triton.__version__) < (3, 8):
+        return (f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1, how the Triton kernels are tested "
+                f"without a GPU) cannot run under numpy {numpy.__version__}: install numpy<2.4 "
+                "(pip install 'numpy<2.4') or triton>=3.8")
+    return None
+
+
+def pytest_configure(config):
+    problem = _interpreter_problem()
+    if problem:
+        pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 # Only tests that exercise the CUDA kernels need a GPU; everything else runs on the CPU in CI.
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
