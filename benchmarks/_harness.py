@@ -123,7 +123,8 @@ def parse_args(description: str, add_arguments: Callable[[argparse.ArgumentParse
     parser.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list of objects to FILE")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per measurement")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (on CUDA, then more until CUDA_WARMUP_MS have passed)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls before timing (on CUDA, then more until CUDA_WARMUP_MS have passed)")
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args()

@@ -26,6 +26,10 @@ writing only (``-write``, given the threshold), so a GPU session sees which part
 * ``blocked-radix`` the same kernels, radix passes over 5-6-bit digits from the top one (no sample)
 * ``atomic``  one global atomic per element into a 65536-bin histogram, one launch per tensor per pass
 
+On CUDA two ``bandwidth floor`` rows follow: the time the bytes alone take at the copy bandwidth
+measured in the same run, for allo's two passes (the scores read twice, the masks written once) and
+for any exact selection (the scores read once, the masks written once).
+
 Every allo impl whose result is timed is checked first (outside the timings) against the exact
 selection, from ``torch.topk`` over the concatenated scores: its threshold ``t``, the count ``k``
 and the number of ties to take (``k`` minus the elements above ``t``). Masks: exactly ``k`` selected,
