@@ -227,6 +227,71 @@ def copy_bandwidth(device) -> float:
     return 2 * n * 4 / (best / 1e3)
 
 
+def floor_row(case: str, impl: str, ms: float, device, **extra) -> dict:
+    """A computed (not timed) row: ``ms`` is what the bytes alone take at :func:`copy_bandwidth`."""
+    return {"case": case, "impl": impl, "device": str(device), "median_ms": ms, "p20_ms": ms, "p80_ms": ms,
+            "peak_bytes": None, **extra}
+
+
+# The Triton kernels of the default GPU selection (allo.select.device_plan), in launch order: the launches
+# benchmarks/profile_select_host.py and profile_gpu.py time
+DEVICE_PLAN_KERNELS = (("allo_kernels.radix_window", "_blocked_sample_kernel"),
+                       ("allo_kernels.radix_boundary", "_lows_kernel"),
+                       ("allo_kernels.radix_window", "_blocked_window_kernel"),
+                       ("allo_kernels.radix_boundary", "_boundaries_kernel"),
+                       ("allo_kernels.radix_blocked", "_blocked_write_ranked_kernel"))
+
+
+def launch_timeline(fn: Callable[[], object], kernels, repeats: int, *, launch: bool = True,
+                    before: Callable[[], object] | None = None, warmup: int = 2) -> tuple[dict, float]:
+    """When each launch of ``kernels`` ((module name, attribute) pairs: Triton kernels that their module
+    looks up at call time) leaves the host, in ms from the start of a call of ``fn``: ``({name: median},
+    median ms until the call returns)`` over ``repeats`` calls after ``warmup``, no profiler. A kernel
+    launched twice in a call shows as ``name`` and ``name#2``. ``launch=False``: the launches do nothing
+    (host time alone, e.g. on a CPU). ``before()`` runs untimed ahead of each call (a GPU sync)."""
+    import importlib
+
+    marks: list = []
+
+    class Marked:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            go = self.kernel[grid] if launch else None
+
+            def run(*args, **kwargs):
+                marks.append((self.name, time.perf_counter()))
+                return go(*args, **kwargs) if go is not None else None
+            return run
+
+    saved = {(importlib.import_module(mod), name): None for mod, name in kernels}
+    at: dict = {}
+    returned = []
+    try:
+        for mod, name in saved:
+            saved[(mod, name)] = getattr(mod, name)
+            setattr(mod, name, Marked(name.strip("_").replace("_kernel", ""), saved[(mod, name)]))
+        for r in range(warmup + repeats):
+            if before is not None:
+                before()
+            marks.clear()
+            t0 = time.perf_counter()
+            fn()
+            t1 = time.perf_counter()
+            if r >= warmup:
+                seen: dict = {}
+                for name, t in marks:
+                    seen[name] = seen.get(name, 0) + 1
+                    at.setdefault(name if seen[name] == 1 else f"{name}#{seen[name]}", []).append((t - t0) * 1e3)
+                returned.append((t1 - t0) * 1e3)
+    finally:
+        for (mod, name), kernel in saved.items():
+            if kernel is not None:
+                setattr(mod, name, kernel)
+    return {name: statistics.median(ts) for name, ts in at.items()}, statistics.median(returned)
+
+
 def with_setting(module, name: str, value, fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` run with ``module.name`` set to ``value`` (restored after each call): a module-level switch
     timed against its default in the same run."""

@@ -54,8 +54,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _harness import (copy_bandwidth, exit_if_mismatched, measure, mismatch, parse_args, report,  # noqa: E402
-                      with_setting)
+from _harness import (copy_bandwidth, exit_if_mismatched, floor_row, measure, mismatch, parse_args,  # noqa: E402
+                      report, with_setting)
 
 
 def llama1b_shapes():
@@ -267,13 +267,9 @@ def floor_rows(case, scores, n, device) -> list[dict]:
     exact selection's minimum (every score read once, every mask byte written once)."""
     bandwidth = copy_bandwidth(device)
     score_bytes = sum(s.numel() * s.element_size() for s in scores.values())
-    out = []
-    for impl, moved in (("bandwidth floor, two passes", 2 * score_bytes + n),
-                        ("bandwidth floor, one pass", score_bytes + n)):
-        ms = moved / bandwidth * 1e3
-        out.append({"case": case, "impl": impl, "device": str(device), "median_ms": ms, "p20_ms": ms, "p80_ms": ms,
-                    "peak_bytes": None})
-    return out
+    return [floor_row(case, impl, moved / bandwidth * 1e3, device)
+            for impl, moved in (("bandwidth floor, two passes", 2 * score_bytes + n),
+                                ("bandwidth floor, one pass", score_bytes + n))]
 
 
 if __name__ == "__main__":

@@ -369,8 +369,7 @@ def main():
                                             repeats=repeats)
             gc.collect()
         floor_ms = _floor_bytes(params, masks, device) / bandwidth * 1e3
-        rows.append({"case": case, "impl": "bandwidth floor", "device": str(device), "median_ms": floor_ms,
-                     "p20_ms": floor_ms, "p80_ms": floor_ms, "peak_bytes": None, "state": None})
+        rows.append(H.floor_row(case, "bandwidth floor", floor_ms, device, state=None))
         del masks
         gc.collect()
     for r in rows:

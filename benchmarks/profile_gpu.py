@@ -114,55 +114,6 @@ def timeline(label, fn, trace_dir=None):
         prof.export_chrome_trace(os.path.join(trace_dir, f"trace_{label.replace(' ', '_')}.json"))
 
 
-def launch_times(label, fn, kernels, repeats=20):
-    """When each launch of ``kernels`` ((module, attribute) pairs, Triton kernels looked up at call time)
-    leaves the host, in ms from the start of a call of ``fn`` on an idle GPU, and when the call returns;
-    medians of ``repeats`` calls, without a profiler (torch.profiler's timeline slows host ops ~2x).
-    With each kernel's GPU time (the kernel profile), a launch later than the GPU's work queued before it
-    is where the GPU waited for the host."""
-    import time
-
-    marks: list = []
-
-    class Marked:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            launch = self.kernel[grid]
-
-            def run(*args, **kwargs):
-                marks.append((self.name, time.perf_counter()))
-                return launch(*args, **kwargs)
-            return run
-
-    saved = {(mod, name): getattr(mod, name) for mod, name in kernels}
-    at: dict = {}
-    returned = []
-    try:
-        for (mod, name), kernel in saved.items():
-            setattr(mod, name, Marked(name.strip("_").replace("_kernel", ""), kernel))
-        for r in range(repeats + 2):
-            sync()
-            marks.clear()
-            t0 = time.perf_counter()
-            fn()
-            t1 = time.perf_counter()
-            sync()
-            if r >= 2:
-                seen: dict = {}
-                for name, t in marks:  # a kernel launched twice in a call: name, name#2
-                    seen[name] = seen.get(name, 0) + 1
-                    at.setdefault(name if seen[name] == 1 else f"{name}#{seen[name]}", []).append((t - t0) * 1e3)
-                returned.append((t1 - t0) * 1e3)
-    finally:
-        for (mod, name), kernel in saved.items():
-            setattr(mod, name, kernel)
-    print(f"{label}: launches leave the host at (median ms from the call's start, {repeats} calls, no profiler): "
-          + ", ".join(f"{name} {statistics.median(ts):.3f}" for name, ts in at.items())
-          + f"; returns at {statistics.median(returned):.3f} (after its one wait)", flush=True)
-
-
 def report(label, fn, *, deep=True):
     print(f"\n##### {label}: wall {wall_ms(fn):.3f} ms, host {host_ms(fn):.3f} ms", flush=True)
     if deep:
@@ -192,12 +143,16 @@ def profile_select(sweep, trace_dir=None):
     # the default: finished on the device (allo.select.device_plan); then the host-read search's two parts
     report("select band_masks (finished on the device)", lambda: band_masks(scores, 0.1, backend="triton"))
     timeline("select band_masks", lambda: band_masks(scores, 0.1, backend="triton"), trace_dir)
+    # when each launch leaves the host, without a profiler (its timeline above slows host ops ~2x): a launch
+    # later than the GPU's work queued before it is where the GPU waited for the host
+    at, returned = H.launch_timeline(lambda: band_masks(scores, 0.1, backend="triton"), H.DEVICE_PLAN_KERNELS, 20,
+                                     before=sync)
+    print("select band_masks: launches leave the host at (median ms from the call's start, 20 calls, no profiler): "
+          + ", ".join(f"{name} {ms:.3f}" for name, ms in at.items())
+          + f"; returns at {returned:.3f} (after its one wait)", flush=True)
     import allo_kernels.radix_boundary as rbd
     import allo_kernels.radix_window as rw
 
-    launch_times("select band_masks", lambda: band_masks(scores, 0.1, backend="triton"),
-                 [(rw, "_blocked_sample_kernel"), (rbd, "_lows_kernel"), (rw, "_blocked_window_kernel"),
-                  (rbd, "_boundaries_kernel"), (rb, "_blocked_write_ranked_kernel")])
     # the masks' allocation alone (host time, ~150 tensors): one C++ call (allo._C.empty_masks, when built)
     # against torch.empty_like per mask
     from allo.ops._extension import extension_if_ready

@@ -22,7 +22,6 @@ import os
 import pstats
 import statistics
 import sys
-import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,15 +36,10 @@ from bench_select import llama1b_shapes, make_scores  # noqa: E402
 
 
 class _NoLaunch:
-    """A kernel stand-in: launching it does nothing, or appends (name, when) to ``marks``."""
-
-    def __init__(self, name=None, marks=None):
-        self.name, self.marks = name, marks
+    """A kernel stand-in: launching it does nothing."""
 
     def __getitem__(self, grid):
-        if self.marks is None:
-            return lambda *args, **kwargs: None
-        return lambda *args, **kwargs: self.marks.append((self.name, time.perf_counter()))
+        return lambda *args, **kwargs: None
 
 
 def host_ms(fn, repeats, before=None):
@@ -139,13 +133,8 @@ def device_plan_timeline(scores, ratio: float, repeats: int) -> None:
     found (the flags say so), so the call returns after its one wait. (On this CPU ~0.15 ms in front of the
     first launch is torch.zeros of the sample's 65536-bin histogram, a fill kernel on a GPU.)"""
     import allo.select.device_plan as dp
-    import allo_kernels.radix_boundary as rbd
     from allo.select import topk
 
-    marks = []
-    stubs = {(rw, "_blocked_sample_kernel"), (rbd, "_lows_kernel"), (rw, "_blocked_window_kernel"),
-             (rbd, "_boundaries_kernel"), (rb, "_blocked_write_ranked_kernel")}
-    saved = {(mod, k): getattr(mod, k) for mod, k in stubs}
     boundaries, speculate = dp.boundaries, dp.SPECULATE_MIN_SCORES
 
     def found(*args, **kwargs):
@@ -154,28 +143,15 @@ def device_plan_timeline(scores, ratio: float, repeats: int) -> None:
         return bounds, ties, flags
 
     try:
-        for mod, k in stubs:
-            setattr(mod, k, _NoLaunch(k.strip("_").replace("_kernel", ""), marks))
         dp.boundaries, dp.SPECULATE_MIN_SCORES = found, 0  # the windows from the sample, as for a large model
-        at: dict = {}
-        total = []
-        for r in range(repeats + 3):
-            marks.clear()
-            t0 = time.perf_counter()
-            topk.band_masks(scores, ratio, backend="triton", histogram="blocked")
-            t1 = time.perf_counter()
-            if r >= 3:
-                for name, t in marks:
-                    at.setdefault(name, []).append((t - t0) * 1e3)
-                total.append((t1 - t0) * 1e3)
-        print(f"device-finished selection, launches leave the host at (median ms from the call's start, of {repeats}):")
-        for name, ts in at.items():
-            print(f"  {name:24s} {statistics.median(ts):.3f}")
-        print(f"  {'return':24s} {statistics.median(total):.3f}")
+        at, returned = H.launch_timeline(lambda: topk.band_masks(scores, ratio, backend="triton", histogram="blocked"),
+                                         H.DEVICE_PLAN_KERNELS, repeats, launch=False, warmup=3)
     finally:
-        for (mod, k), v in saved.items():
-            setattr(mod, k, v)
         dp.boundaries, dp.SPECULATE_MIN_SCORES = boundaries, speculate
+    print(f"device-finished selection, launches leave the host at (median ms from the call's start, of {repeats}):")
+    for name, ms in at.items():
+        print(f"  {name:24s} {ms:.3f}")
+    print(f"  {'return':24s} {returned:.3f}")
 
 
 def _cumsum0(xs):
