@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 import weakref
 from collections import defaultdict
+from operator import attrgetter
 
 import numpy as np
 import torch
@@ -18,6 +21,7 @@ from allo.optim.step_plan import DECAY_COLUMN, StepPlan, scalar_table
 from allo_kernels.multi_tensor import upload
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_VERSION = attrgetter("_version")
 # Fully selected fp32 parameters on CUDA: False (the default), allo's Triton kernel in its dense mode (no
 # indices, 16-byte accesses); True, torch's fused AdamW kernel (torch._fused_adamw_). On the H100
 # (2026-11-27, run 13; benchmarks/profile_gpu.py, alternated, 973M fp32 parameters in 144 tensors) the
@@ -61,6 +65,9 @@ class MaskedAdamW(Optimizer):
         selected parameters' gradients: set ``max_grad_norm=0`` there and clip with this method.
     backend: ``None``/``"auto"`` (Triton on CUDA, fused C loop on CPU), ``"triton"``, ``"cpu"`` or
         ``"reference"`` (plain PyTorch); the environment variable ``ALLO_BACKEND`` sets the default.
+    amsgrad, maximize, capturable, differentiable, foreach, fused: ``torch.optim.AdamW``'s, accepted so that
+        code spelling out its defaults runs; the first four only as ``False``, ``foreach``/``fused`` are
+        ignored (``backend`` picks the kernels).
 
     State per trained parameter: ``step``, fp32 ``exp_avg`` and ``exp_avg_sq`` with one entry per
     selected element, ``indices`` (sorted flat int32/int64; absent when every element is selected)
@@ -68,7 +75,16 @@ class MaskedAdamW(Optimizer):
     is applied to, so that small updates (say lr 5e-7 on bf16) accumulate instead of rounding away.
     A parameter with an empty mask holds no state. Unlike ``torch.optim.AdamW``, which makes state at a
     parameter's first gradient, state is made when a selection is set, for every parameter given:
-    leave frozen parameters out of the optimizer (or give them the mask ``False``).
+    leave frozen parameters out of the optimizer (or give them the mask ``False``). As in torch, state
+    removed by hand (``opt.state.clear()``, ``del opt.state[p]``) starts afresh at the next step (zero
+    moments, step 0), for the same selection.
+
+    The master copy follows the weight: where a bf16/fp16 weight was changed outside the optimizer
+    (``model.load_state_dict``, ``torch.nn.init``, any in-place op, which torch records in the tensor's
+    version counter) the next step first takes those elements' values into the master copy, so the
+    step continues from the new weights (elements the change left equal keep their master value).
+    Writes that torch does not record (through ``param.data``) are not seen: call
+    :meth:`sync_master_copies` after them. (Sharded FSDP2 parameters are not tracked.)
     Parameters added later with :meth:`add_param_group` train every element until :meth:`set_masks`.
 
     FSDP2: parameters may be ``DTensor`` shards from ``torch.distributed.fsdp.fully_shard``
@@ -87,8 +103,27 @@ class MaskedAdamW(Optimizer):
     """
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, masks=None, decay_unselected: bool = False,
-                 compact_grads: bool = False, backend: str | None = None):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, masks=None,
+                 decay_unselected: bool = False, compact_grads: bool = False, backend: str | None = None,
+                 maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None):
+        # torch.optim.AdamW's other arguments, accepted at the values that mean what this optimizer does
+        # (code that spells out torch's defaults keeps working); anything else is refused by name
+        for arg, value, why in (("amsgrad", amsgrad, "AMSGrad's running maximum is not implemented"),
+                                ("maximize", maximize, "negate the loss instead"),
+                                ("capturable", capturable, "CUDA-graph capture of the step is not supported"),
+                                ("differentiable", differentiable, "the step is not differentiable")):
+            if value is not False:
+                raise ValueError(f"MaskedAdamW({arg}={value!r}) is not supported ({why}); leave {arg} at False")
+        for arg, value in (("foreach", foreach), ("fused", fused)):
+            if value not in (None, True, False):
+                raise ValueError(f"MaskedAdamW({arg}={value!r}): expected None, True or False (it is ignored: the "
+                                 "kernels are chosen by backend=)")
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"MaskedAdamW(lr=...): Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        elif isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+            raise TypeError(f"MaskedAdamW(lr={lr!r}): expected a float or a 1-element tensor")
         if not 0.0 <= float(lr):
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= eps:
@@ -109,6 +144,10 @@ class MaskedAdamW(Optimizer):
         self._pending: dict[torch.Tensor, torch.Tensor] = {}
         self._hooks: list = []
         self._stepped_without_state: set = set()
+        # bf16/fp16 parameters with a master copy -> the weight's version counter when master and weight
+        # last agreed: a later in-place change of the weight shows as a new version (see _sync_changed_masters)
+        self._weight_versions: dict[torch.Tensor, int] = {}
+        self._versions_total = None  # their sum (None: to be computed)
         self.compact_grads = compact_grads
         self.backend = backend
         self._group = None  # process group of the FSDP2 mesh when parameters are sharded
@@ -156,12 +195,24 @@ class MaskedAdamW(Optimizer):
         # after __init__ (not during it: see there), a group's new parameters train densely
         if not getattr(self, "_constructing", True) and "params" in param_group:
             names = self._names()
-            for i, p in enumerate(self._params()):
-                if p not in self._selection:
-                    label = self._label(i, names[i])
-                    if sharding.is_sharded(p):
-                        sharding.check_placement(p, label)
-                    self._select(p, sharding.localize(DENSE, p) if sharding.is_sharded(p) else DENSE, label)
+            added = []
+            try:
+                for i, p in enumerate(self._params()):
+                    if p not in self._selection:
+                        label = self._label(i, names[i])
+                        if sharding.is_sharded(p):
+                            sharding.check_placement(p, label)
+                        added.append(p)
+                        self._select(p, sharding.localize(DENSE, p) if sharding.is_sharded(p) else DENSE, label)
+            except Exception:
+                # a group that cannot train is not left half-added (its parameters would never train, and
+                # adding them again would say they are in a group already)
+                self.param_groups.pop()
+                for p in added:
+                    self._selection.pop(p, None)
+                    self.state.pop(p, None)
+                    self._untrack_weight(p)
+                raise
             self._group = sharding.mesh_group(self._params())
             self._register_hooks()
 
@@ -180,6 +231,13 @@ class MaskedAdamW(Optimizer):
                     "with model.named_parameters() (or pass masks as a list aligned with the parameters)"
                 )
             position = {n: i for i, n in enumerate(names)}
+            twice = sorted({n for n in masks if names.count(n) > 1}) if len(position) < len(names) else []
+            if twice:
+                raise ValueError(
+                    f"masks names {twice[:5]!r}, which more than one of the optimizer's parameters {'has' if len(twice) == 1 else 'have'} "
+                    "(groups built from submodules' named_parameters()?); name the parameters uniquely (e.g. with "
+                    "the whole model's named_parameters()) or pass masks as a list aligned with the parameters"
+                )
             unknown = [k for k in masks if k not in position]
             if unknown:
                 known = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
@@ -187,6 +245,9 @@ class MaskedAdamW(Optimizer):
                     f"masks names {unknown[:5]!r}, which {'is' if len(unknown) == 1 else 'are'} not a parameter of "
                     f"this optimizer (its parameters: {known}); use the names of model.named_parameters()"
                 )
+            if not masks and params:
+                warnings.warn("MaskedAdamW: masks is an empty dict, so no parameter trains (parameters a dict does "
+                              "not name are frozen); pass masks=None to train every element", UserWarning, stacklevel=3)
             chosen = [masks.get(n, False) for n in names]
         elif isinstance(masks, (list, tuple)):
             if len(masks) != len(params):
@@ -230,7 +291,6 @@ class MaskedAdamW(Optimizer):
         """``sel`` is over ``p``'s local block when ``p`` is sharded (see :mod:`allo.optim.sharding`);
         ``label`` names ``p`` in errors."""
         self._plan_version += 1
-        param = p
         old = self._selection.get(p)
         if old is not None and same_selection(old, sel) and (sel == EMPTY or p in self.state):
             # state and gathered compact gradient still fit; the current index tensor stays too: row sinks
@@ -240,9 +300,14 @@ class MaskedAdamW(Optimizer):
         self._compact.pop(p, None)
         self._pending.pop(p, None)
         self.state.pop(p, None)
-        if sel == EMPTY:
-            return
-        p = sharding.local(p)  # state, indices and master copy cover this rank's block only
+        self._untrack_weight(p)
+        if sel != EMPTY:
+            self.state[p] = self._make_state(p, sel, label)
+
+    def _make_state(self, param: torch.Tensor, sel, label: str) -> dict:
+        """Fresh state (zero moments, step 0, master copy from the weight) for selection ``sel`` of
+        ``param`` (not EMPTY)."""
+        p = sharding.local(param)  # state, indices and master copy cover this rank's block only
         if not p.is_contiguous():
             raise _not_contiguous(label, "is not contiguous", "make it contiguous before building the optimizer")
         if p.dtype not in (torch.float32, *_LOW_PRECISION):
@@ -259,10 +324,58 @@ class MaskedAdamW(Optimizer):
         else:
             state["indices"] = sel
         if p.dtype in _LOW_PRECISION:
-            flat = p.detach().reshape(-1)
-            state["master"] = (flat if sel == DENSE else flat.index_select(0, sel.long())).float().view(
-                p.shape if sel == DENSE else (-1,)).clone()
-        self.state[param] = state
+            state["master"] = _master_from_weight(p, None if sel == DENSE else sel)
+            self._track_weight(param)
+        return state
+
+    # ------------------------------------------------------------------ master copies and the weights
+    def _track_weight(self, param: torch.Tensor) -> None:
+        """Record that ``param``'s master copy agrees with its weight now."""
+        if not sharding.is_sharded(param):
+            self._weight_versions[param] = param._version
+            self._versions_total = None
+
+    def _untrack_weight(self, param: torch.Tensor) -> None:
+        if self._weight_versions.pop(param, None) is not None:
+            self._versions_total = None
+
+    def _sync_changed_masters(self) -> None:
+        """Before a step: the master copy of every weight changed in place since it last agreed with it
+        (its version counter moved) takes the changed elements' values. Version counters only grow, so
+        an unchanged sum of them (one pass in C, ~150 parameters) says that none moved."""
+        versions = self._weight_versions
+        if sum(map(_VERSION, versions)) == self._versions_total:
+            return
+        for param, version in list(versions.items()):
+            if param._version != version:
+                state = self.state.get(param)
+                if state and "master" in state:
+                    _sync_master(param, state)
+                    versions[param] = param._version
+                else:  # (its state went: removed by hand, or a new selection)
+                    del versions[param]
+        self._versions_total = sum(map(_VERSION, versions))
+
+    def _note_weight_versions(self) -> None:
+        """After a step: the weights agree with their master copies again (the step wrote them; where it
+        wrote with torch ops, e.g. the CPU's fused loop for fully selected parameters, their version
+        counters moved)."""
+        versions = self._weight_versions
+        total = sum(map(_VERSION, versions))
+        if total != self._versions_total:
+            for param in versions:
+                versions[param] = param._version
+            self._versions_total = total
+
+    @torch.no_grad()
+    def sync_master_copies(self) -> None:
+        """Take into the fp32 master copies every bf16/fp16 weight element that no longer equals its master
+        rounded to the weight's dtype. Steps do this by themselves for changes torch records (in-place ops,
+        ``load_state_dict``); call this after writes through ``param.data``, which it does not record."""
+        for param, state in self.state.items():
+            if state and "master" in state:
+                _sync_master(param, state)
+                self._track_weight(param)
 
     def selected_count(self) -> int:
         """Number of elements that train, over all parameters (this rank's blocks of sharded ones)."""
@@ -516,16 +629,44 @@ class MaskedAdamW(Optimizer):
             for p in self._compact:
                 if p.grad is not None:
                     self._raise_dense_grad_after_compact(p)
+        if self._weight_versions:
+            self._sync_changed_masters()
         for i, group in enumerate(self.param_groups):
             plan = self._plans.get(i)
             if plan is None or not plan.run(self, group, _fused_dense):
                 self._step_group(i, group)
+        if self._weight_versions:
+            self._note_weight_versions()
         # The step consumes the compact gradients: model.zero_grad() (what transformers.Trainer calls)
         # cannot reach them, and they must not leak into the next step.
         self._compact.clear()
         self._pending.clear()
         self._stepped_without_state.clear()
         return loss
+
+    def _restored_state(self, param: torch.Tensor) -> dict | None:
+        """State for a parameter that has none: fresh state for its selection when that was removed by
+        hand (torch's optimizers start such a parameter afresh too), None when nothing is selected."""
+        sel = self._selection.get(param)
+        if sel is None:
+            raise ValueError(
+                f"parameter {self._label_of(param)} is in the optimizer's param_groups but was never given to it "
+                "(put into a group's 'params' list by hand?); add parameters with add_param_group"
+            )
+        if sel == EMPTY:
+            return None
+        state = self.state[param] = self._make_state(param, sel, self._label_of(param))
+        return state
+
+    def _state_does_not_fit(self, param: torch.Tensor, state: dict) -> Exception:
+        """The error for a parameter whose dtype or device changed after its state was made."""
+        p = sharding.local(param)
+        was = "bf16/fp16 (it has a master copy)" if "master" in state else "fp32"
+        return RuntimeError(
+            f"parameter {self._label_of(param)} is now {p.dtype} on {p.device}, but its optimizer state was made "
+            f"for a {was} parameter on {state['exp_avg'].device} (model.to(...) after building the optimizer?); "
+            "build MaskedAdamW after moving or casting the model, or load a state dict saved for it"
+        )
 
     def _raise_dense_grad_after_compact(self, p: torch.Tensor) -> None:
         """A compact gradient and a dense one written after the hook took it: DistributedDataParallel
@@ -594,6 +735,8 @@ class MaskedAdamW(Optimizer):
         plannable = not (decay_unselected and wd != 0)
         for p in group["params"]:
             state = all_state.get(p)
+            if not state:  # None, or {} where opt.state[p] was read (a defaultdict), or removed by hand
+                state = self._restored_state(p)
             compact = bool(compact_grads) and p in compact_grads
             grad = compact_grads[p] if compact else p.grad
             # FSDP2: the rank's block of the weight and of the (reduce-scattered) gradient; the
@@ -613,6 +756,8 @@ class MaskedAdamW(Optimizer):
             if grad is None:
                 continue
             _check_grad(grad, param, self)
+            if ("master" in state) != (p.dtype in _LOW_PRECISION) or state["exp_avg"].device != p.device:
+                raise self._state_does_not_fit(param, state)
             if not p.is_contiguous():  # (e.g. p.data replaced by a transposed view after construction)
                 raise _not_contiguous(self._label_of(param), "is no longer contiguous",
                                       "keep it contiguous (p.data = p.data.contiguous())")
@@ -741,8 +886,11 @@ class MaskedAdamW(Optimizer):
                 if state is not None:
                     state["indices"] = current
             self._selection[param] = sel
+            self._untrack_weight(param)
             if state is not None:
                 self.state[param] = state
+                if "master" in state:  # the loaded master copy is the truth until the weight changes
+                    self._track_weight(param)
         self._register_hooks()
         for hook in post.values():
             hook(self)
@@ -772,12 +920,23 @@ class MaskedAdamW(Optimizer):
                 state[key] = value
             indices = state.get("indices")
             k = p.numel() if indices is None else indices.numel()
-            for key in ("exp_avg", "exp_avg_sq") + (("master",) if p.dtype in _LOW_PRECISION else ()):
-                if key not in state or state[key].numel() != k or state[key].dtype != torch.float32:
+            if p.dtype not in _LOW_PRECISION:
+                # saved for a bf16/fp16 run of this parameter: an fp32 weight is its own master
+                state.pop("master", None)
+            for key in ("exp_avg", "exp_avg_sq", "master"):
+                if key in state and (state[key].numel() != k or state[key].dtype != torch.float32):
                     raise ValueError(
-                        f"state_dict state for parameter {label} has no fp32 {key!r} with {k} entries; the "
-                        "checkpoint does not match this model/optimizer (was it saved by MaskedAdamW for this model?)"
+                        f"state_dict {key!r} for parameter {label} is not fp32 with {k} entries; the checkpoint "
+                        "does not match this model/optimizer (was it saved by MaskedAdamW for this model?)"
                     )
+                if key not in state and key != "master":
+                    raise ValueError(
+                        f"state_dict state for parameter {label} has no {key!r}; the checkpoint does not match "
+                        "this model/optimizer (was it saved by MaskedAdamW for this model?)"
+                    )
+            if p.dtype in _LOW_PRECISION and "master" not in state:
+                # saved for an fp32 run of this parameter (no master then): the bf16/fp16 weight starts one
+                state["master"] = None  # made from the weight once the indices are checked (below)
             if indices is not None:
                 if indices.dim() != 1 or (k and (int(indices.min()) < 0 or int(indices.max()) >= p.numel())):
                     raise ValueError(f"state_dict 'indices' for parameter {label} do not index a tensor of "
@@ -788,8 +947,12 @@ class MaskedAdamW(Optimizer):
                     raise ValueError(f"state_dict 'indices' for parameter {label} are not sorted, unique int32/int64 "
                                      "flat indices (as MaskedAdamW saves them); the checkpoint was not saved by "
                                      "MaskedAdamW or was altered")
+                if state.get("master", False) is None:
+                    state["master"] = _master_from_weight(p, indices)
                 loaded.append((indices, state))
             else:
+                if state.get("master", False) is None:
+                    state["master"] = _master_from_weight(p, None)
                 for key in ("exp_avg", "exp_avg_sq", "master"):
                     if key in state:
                         state[key] = state[key].view(p.shape)
@@ -827,6 +990,26 @@ def _check_grad(grad: torch.Tensor, p: torch.Tensor, opt: MaskedAdamW) -> None:
             f"parameter {opt._label_of(p)} has a sparse gradient; MaskedAdamW needs dense "
             "gradients (e.g. nn.Embedding(sparse=False)); for sparse embedding updates use torch.optim.SparseAdam"
         )
+
+
+def _master_from_weight(p: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+    """An fp32 master copy of the weight's selected elements (all of them, in its shape, for ``None``)."""
+    flat = p.detach().reshape(-1)
+    if indices is None:
+        return flat.to(torch.float32, copy=True).view(p.shape)
+    return flat.index_select(0, indices.long()).to(torch.float32)
+
+
+def _sync_master(param: torch.Tensor, state: dict) -> None:
+    """Elements of ``param`` (bf16/fp16) that differ from their master copy rounded to the weight's dtype
+    were changed outside the optimizer: their master entries take the weight's value. The others keep
+    theirs (the precision below the weight's dtype is the master copy's point)."""
+    p = sharding.local(param).detach()
+    master, indices = state["master"], state.get("indices")
+    flat = p.reshape(-1)
+    weight = (flat if indices is None else flat.index_select(0, indices.long())).view(master.shape)
+    changed = weight != master.to(p.dtype)
+    master.copy_(torch.where(changed, weight.to(torch.float32), master))
 
 
 def _fused_dense(rows: list, device: torch.device, *, lr, beta1, beta2, eps, weight_decay) -> None:

@@ -47,6 +47,11 @@ def normalize_mask(mask, param: torch.Tensor, name: str):
         indices = mask.to(param.device).reshape(-1).nonzero().squeeze(1)
     elif mask.dtype in (torch.int64, torch.int32):
         if mask.dim() != 1:
+            if tuple(mask.shape) == tuple(param.shape):  # most likely a 0/1 mask made with an integer dtype
+                raise ValueError(
+                    f"mask for parameter {name} is an {mask.dtype} tensor of the parameter's shape; a mask of that "
+                    "shape must be bool (for a 0/1 tensor use mask.bool()); integer masks are 1-D flat indices"
+                )
             raise ValueError(
                 f"index mask for parameter {name} has shape {tuple(mask.shape)}; flat indices must be a 1-D "
                 f"tensor (use mask.reshape(-1), or a bool mask of shape {tuple(param.shape)})"

@@ -12,7 +12,8 @@ that the plan still holds, then a few numpy operations and the launches.
 
 The plan holds while the optimizer's selections and states are the ones it was built from
 (MaskedAdamW bumps ``_plan_version`` whenever they change: set_masks, load_state_dict,
-add_param_group), the group's parameter list is the same object, and each trained parameter has a
+add_param_group; a state dict or step count replaced by hand is seen by identity), the group's
+parameter list is the same object holding the same parameters, and each trained parameter has a
 gradient of the same kind as then (compact or full, dtype, contiguous, not sparse) and its weight at
 the same address. Anything else sends the step down the general path, which builds a new plan.
 Groups with sharded (DTensor) parameters, ``decay_unselected`` with weight decay, a parameter with
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from operator import is_
+from operator import is_, itemgetter
 
 import numpy as np
 
@@ -43,6 +44,7 @@ def bias_corrections(steps, lr: float, beta1: float, beta2: float) -> tuple[np.n
     return bc2[inverse], size[inverse]
 
 
+_STEP = itemgetter("step")
 DECAY_COLUMN = 5  # of the scalar table: the factor weights are multiplied by before the update
 
 
@@ -81,6 +83,8 @@ class StepPlan:
     def __init__(self, version: int, params: list, entries: list, launches: list, dense: list, step_slots,
                  backend, state):
         self.version, self.params, self.n_params = version, params, len(params)
+        # the group's parameters when the plan was made: the list object can be edited in place
+        self.param_snapshot = tuple(params)
         # the optimizer's state mapping and its values (each parameter's state dict) when the plan was made:
         # a state dict replaced by hand shows as a different value (compared by identity, in C: a lookup
         # per entry would hash each parameter in Python)
@@ -90,6 +94,10 @@ class StepPlan:
         self.columns = ([e[0] for e in entries], [e[1] for e in entries], [e[5] for e in entries],
                         [e[4] for e in entries], [e[3] for e in entries], [bool(e[2]) for e in entries])
         self.step_slots = step_slots  # (buffer generation, slot indices) of the entries' step counts
+        # each entry's state and its step count (a view into the optimizer's count buffer): a count replaced
+        # by hand (state["step"] = torch.tensor(0.)) must be read, as the general path does
+        self.entry_states = [e[1] for e in entries]
+        self.step_views = [e[1]["step"] for e in entries]
         self.backend = backend
 
     def run(self, opt, group, fused_dense) -> bool:
@@ -98,7 +106,9 @@ class StepPlan:
                 or opt.backend != self.backend or (group.get("decay_unselected") and group["weight_decay"] != 0)):
             return False
         if (opt.state is not self.state or len(opt.state) != len(self.state_values)
-                or not all(map(is_, opt.state.values(), self.state_values))):
+                or not all(map(is_, opt.state.values(), self.state_values))
+                or not all(map(is_, self.params, self.param_snapshot))
+                or not all(map(is_, map(_STEP, self.entry_states), self.step_views))):
             return False
         got = self.gradients(opt._compact)
         if got is None:
