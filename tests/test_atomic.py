@@ -1,7 +1,9 @@
 """allo._atomic.atomic_path: the one way results are written (selections, caches, reports, metrics)."""
 
+import contextlib
 import os
 import stat
+import tempfile
 
 import pytest
 
@@ -49,3 +51,51 @@ def test_suffix_ends_the_temporary_name(tmp_path):
         assert tmp.endswith(".png")
         open(tmp, "wb").close()
     assert os.listdir(tmp_path) == ["plot.png"]
+
+
+@contextlib.contextmanager
+def _umask(mask):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_writer_that_sets_its_own_mode_still_gives_the_usual_permissions(tmp_path, umask):
+    # safetensors writes a mkstemp file (0600) and renames it: the result must not keep that mode
+    path = str(tmp_path / "sel.safetensors")
+    with _umask(umask):
+        with atomic_path(path) as tmp:
+            fd, own = tempfile.mkstemp(dir=tmp_path)
+            os.close(fd)
+            os.chmod(own, 0o640)  # neither umask's default: only the fix gives the expected mode
+            os.replace(own, tmp)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask and not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_umask_is_read_as_set(umask):
+    from allo._atomic import _umask as read_umask
+
+    with _umask(umask):
+        assert read_umask() == umask
+        assert read_umask() == umask  # reading did not change it
+
+
+def test_a_missing_folder_is_named_before_anything_is_written(tmp_path):
+    ran = []
+    path = tmp_path / "no" / "such" / "sel.safetensors"
+    with pytest.raises(FileNotFoundError, match=rf"Selection\.save: cannot write {path}: its folder "
+                                                rf"{path.parent} does not exist; create it first"):
+        with atomic_path(str(path), what="Selection.save"):
+            ran.append(1)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        with atomic_path(str(tmp_path / "file" / "out.json")):
+            ran.append(1)
+    with pytest.raises(IsADirectoryError, match=rf"cannot write {tmp_path}: it is a folder"):
+        with atomic_path(str(tmp_path)):
+            ran.append(1)
+    assert not ran and os.listdir(tmp_path) == ["file"]

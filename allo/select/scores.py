@@ -72,8 +72,14 @@ def _compile(patterns, what):
         return []
     if isinstance(patterns, (str, re.Pattern)):
         patterns = [patterns]
+    expected = "expected a regular expression (str or compiled re.Pattern) or a list of them"
+    if isinstance(patterns, (bytes, Mapping)) or not isinstance(patterns, Iterable):
+        raise TypeError(f"{what}={patterns!r}: {expected}")
     out = []
     for p in patterns:
+        # (a bytes pattern compiles, then fails on the first str name it is searched in)
+        if not isinstance(p, str) and not (isinstance(p, re.Pattern) and isinstance(p.pattern, str)):
+            raise TypeError(f"{what} pattern {p!r} is a {type(p).__name__}; {expected}")
         try:
             out.append(re.compile(p) if isinstance(p, str) else p)
         except re.error as e:
@@ -132,18 +138,23 @@ def weight_delta_scores(a, b, include=None, exclude=None) -> dict[str, AbsDiff]:
     """Lazy ``|theta_a - theta_b|`` per parameter (the ALLO importance score after warm-up).
 
     ``a`` and ``b`` are ``nn.Module`` s (their ``named_parameters``) or state dicts; for two models
-    sharded alike (FSDP2) each ``AbsDiff`` covers this rank's rows (the local shards). A state-dict name
-    whose tensor is the tensor of an earlier name in both state dicts (tied weights) is left out, as
-    ``named_parameters`` does. Names present in
+    sharded alike (FSDP2) each ``AbsDiff`` covers this rank's rows (the local shards). Tied weights are
+    left out, as ``named_parameters`` does: a state-dict name whose tensor is the tensor of an earlier
+    name, when the other side ties it to that same name too or does not list it at all (a module, or a
+    state dict saved without the duplicates). Names present in
     only one of them, or whose tensors are not floating point, are an error unless filtered out by
     ``include``/``exclude`` (regexes searched in the name). Nothing is computed here.
     """
     keep = name_filter(include, exclude)
     ta, tb = _named_tensors(a, "the first model"), _named_tensors(b, "the second model")
     _warn_unmatched(include, exclude, list(ta), "weight_delta_scores")
-    # a name tied to the same earlier name in both is one tensor twice: scored once, as named_parameters does
+    # a tied name is one tensor twice: scored once, as named_parameters does. Dropped where it is tied to
+    # the same earlier name in both, or tied on one side and absent from the other (a module's
+    # named_parameters, or a state dict saved without duplicates, lists the tensor once); a name that
+    # the other side holds as a tensor of its own stays, and its two tensors are compared
     tied_a, tied_b = _aliases(ta), _aliases(tb)
-    tied = {n for n, first in tied_a.items() if tied_b.get(n) == first}
+    tied = {n for n, first in tied_a.items() if tied_b.get(n) == first or (n not in tb and first in tb)}
+    tied |= {n for n, first in tied_b.items() if n not in ta and first in ta}
     ta = {n: t for n, t in ta.items() if n not in tied}
     tb = {n: t for n, t in tb.items() if n not in tied}
     names = [n for n in ta if keep(n)]
@@ -180,6 +191,13 @@ class GradientScoreAccumulator:
     the rank's rows; no tensor hook sees it), the buffers and the scores are this rank's rows only,
     and ``p.grad`` is what is folded: with ``free_grads=False`` set the gradients to None between
     backward passes there.
+
+    ``num_backward`` counts the backward passes that reached at least one tracked parameter, each
+    once whichever (and however many) of them it reached: the first gradient of a pass to arrive asks
+    the autograd engine to count the pass when it ends. A backward run inside another one (reentrant
+    checkpointing, ``torch.utils.checkpoint(use_reentrant=True)``) is part of the enclosing pass.
+    ``dtype``: of the buffers and the scores, float32 (default), bfloat16 or float16 (what
+    :func:`select` ranks).
     """
 
     MODES = ("accumulated", "sum_of_magnitudes")
@@ -188,9 +206,13 @@ class GradientScoreAccumulator:
                  dtype: torch.dtype = torch.float32, free_grads: bool = True):
         if mode not in self.MODES:
             raise ValueError(f"GradientScoreAccumulator(mode={mode!r}): expected one of {self.MODES}")
+        if dtype not in FLOAT_DTYPES:  # an integer one would truncate the gradients, float64 select() refuses
+            raise ValueError(f"GradientScoreAccumulator(dtype={dtype!r}): expected torch.float32, torch.bfloat16 "
+                             "or torch.float16 (the score dtypes select() ranks)")
         keep = name_filter(include, exclude)
         self.mode, self.dtype, self.free_grads = mode, dtype, free_grads
         self.num_backward = 0
+        self._counting: set[int] = set()  # the autograd graph tasks whose end will count a backward pass
         self._buffers: dict[str, torch.Tensor] = {}
         self._handles = []
         named = list(model.named_parameters())
@@ -220,8 +242,27 @@ class GradientScoreAccumulator:
             buf.add_(g.to(self.dtype))
         else:
             buf.add_(g.to(self.dtype).abs_())
-        if name == self._first:
+        self._count_pass()
+
+    def _count_pass(self):
+        """Count the running backward pass once, when it ends (an engine callback), whichever tracked
+        parameters' gradients it brings: the first gradient of each pass queues the callback."""
+        task = torch._C._current_graph_task_id()
+        if task < 0:  # a gradient handed over outside any backward pass (no engine to wait for)
             self.num_backward += 1
+        elif task not in self._counting:
+            self._counting.add(task)
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._pass_ended(task))
+
+    def _pass_ended(self, task):
+        self._counting.discard(task)
+        outer = torch._C._current_autograd_node()
+        if outer is None:
+            self.num_backward += 1
+        else:
+            # a reentrant backward inside node `outer` of an enclosing pass (reentrant checkpointing): that
+            # pass counts instead, once `outer` has run (its post hook runs in the enclosing pass)
+            outer.register_hook(lambda grad_inputs, grad_outputs: self._count_pass())
 
     def _incoming_hook(self, name):
         def hook(grad: torch.Tensor | None):
@@ -257,12 +298,9 @@ class GradientScoreAccumulator:
                                    "row_grad_sink made before it cannot take a later backward's gradient")
             buf = self._buffer(name, param.shape, grad_rows.device)
             buf[first_row:first_row + grad_rows.shape[0]].add_(grad_rows.to(self.dtype))
+            self._count_pass()
 
         return sink
-
-    @property
-    def _first(self):
-        return next(iter(self._params))
 
     def scores(self, *, in_place: bool = False) -> dict[str, torch.Tensor]:
         """Scores per tracked parameter (parameters that never received a gradient score 0): copies, so

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import os
 
 import torch
@@ -30,6 +31,7 @@ from .scores import AbsDiff, normalize_scores
 from .topk import NonFiniteScoresError, band_count, band_masks, check_ratios, first_nonfinite, nonfinite_message
 
 GRANULARITIES = ("element", "row")
+RECORDED = ("ratio", "exclude_ratio", "granularity", "score_source")  # the metadata select writes itself
 FORMAT = "allo.selection"
 VERSION = "1"
 _ROW_CHUNK = 1 << 20
@@ -75,10 +77,12 @@ def _row_band_masks(sources, ratio, exclude_ratio, *, what, **kw):
         _, per = _rows_view(tuple(sources[name].shape))
         found = first_nonfinite(sources[name], row * per, (row + 1) * per)
         if found is not None:
-            raise ValueError(nonfinite_message(what, name, *found) + f" (row {row})") from None
-        raise ValueError(f"{what}: row {row} of scores[{name!r}] overflows: its scores are finite but their float32 "
-                         "sum is not (granularity='row' ranks rows by the sum of their scores); scale the scores "
-                         "down") from None
+            raise NonFiniteScoresError(nonfinite_message(what, name, *found) + f" (row {row})", name,
+                                       found[0]) from None
+        # the row's score (what is ranked) is infinite: the same error, at the row's first element
+        raise NonFiniteScoresError(f"{what}: row {row} of scores[{name!r}] overflows: its scores are finite but their "
+                                   "float32 sum is not (granularity='row' ranks rows by the sum of their scores); "
+                                   "scale the scores down", name, row * per) from None
 
 
 def _check_granularity(g, what):
@@ -100,6 +104,11 @@ def select_top(scores, ratio, *, exclude_ratio=0.0, granularity="element", backe
     ``round(ratio*N) - round(exclude_ratio*N)`` elements (rows) are selected, halves rounded up
     (computed exactly: 0.29 of 50 is 15); ties are taken in (tensor order, flat index) order. See
     :mod:`allo.select.topk` for details.
+
+    NaN or infinite scores raise :class:`~allo.select.topk.NonFiniteScoresError` naming the tensor (with
+    ``granularity="row"`` also a row whose float32 sum overflows), except when nothing is to be
+    selected (``round(ratio*N)`` is 0: ``ratio=0``, or a ratio below half an element): then the
+    ``"cpu"`` and ``"triton"`` backends do not read the scores, so they are not checked.
     """
     _check_granularity(granularity, "select_top")
     ratio, exclude_ratio = check_ratios(ratio, exclude_ratio, "select_top")  # before any row is scored
@@ -114,12 +123,21 @@ def select(scores, ratio, *, exclude_ratio=0.0, granularity="element", metadata=
            score_source=None) -> "Selection":
     """Like :func:`select_top`, returning a :class:`Selection` (compact indices + metadata).
 
+    The metadata records ``ratio``, ``exclude_ratio``, ``granularity`` and ``score_source`` (given, or
+    what the scores are: ``"tensor"``, ``"weight_delta"``); ``metadata`` adds other keys, not those.
+
     Masks are produced one tensor at a time and turned into indices right away, so at most one
     tensor-sized mask exists at once.
     """
     _check_granularity(granularity, "select")
     ratio, exclude_ratio = check_ratios(ratio, exclude_ratio, "select")  # floats in the metadata
+    taken = [k for k in (metadata or {}) if k in RECORDED]
+    if taken:  # the file would then say the selection is something it is not
+        raise ValueError(f"select(metadata=...): {taken} are recorded by select itself, from its arguments "
+                         "(score_source= names the scores); rename those metadata keys")
     sources = normalize_scores(scores, "select")
+    for name in sources:  # before the work: a Selection names tensors by str (what a model's names are)
+        _check_name(name, "select: scores")
     indices = {}
     rows = granularity == "row"
 
@@ -201,13 +219,23 @@ def select_shards(scores, ratio, *, shapes: dict, exclude_ratio=0.0, granularity
 
 
 class Selection:
-    """A selection of weight elements per parameter: sorted flat int64 ``indices`` and ``shapes``."""
+    """A selection of weight elements per parameter: sorted flat int64 ``indices`` and ``shapes``.
+
+    Built directly, ``indices`` maps each parameter name (a str) to a 1-D integer tensor of flat
+    (row-major) indices into the tensor of that name's shape, strictly increasing and in range.
+    Construction checks only what costs no pass over the indices (names, shapes, dtypes, counts);
+    :meth:`save` checks the order and the range before writing, :attr:`masks` the range.
+    """
 
     def __init__(self, indices: dict, shapes: dict, metadata: dict | None = None):
         if set(indices) != set(shapes):
             raise ValueError("Selection: indices and shapes must have the same names")
+        for n in shapes:
+            _check_name(n, "Selection: indices")
+        self.shapes = {n: _check_shape(n, shapes[n]) for n in shapes}
+        for n, shape in self.shapes.items():
+            _check_index_tensor(n, indices[n], _numel(shape))
         self.indices = {n: indices[n] for n in shapes}
-        self.shapes = {n: tuple(shapes[n]) for n in shapes}
         self.metadata = dict(metadata or {})
         self._masks = None
 
@@ -221,7 +249,14 @@ class Selection:
         if self._masks is None:
             masks = {}
             for n, shape in self.shapes.items():
-                idx = self.indices[n]
+                idx, total = self.indices[n], _numel(shape)
+                # (a negative index would wrap around silently; one too large fails without naming the
+                # tensor, on CUDA as a device-side assert)
+                if idx.numel():
+                    lo, hi = torch.aminmax(idx)
+                    if int(lo) < 0 or int(hi) >= total:
+                        raise ValueError(f"Selection.masks: the indices of {n!r} fall outside its {total} elements; "
+                                         "this Selection was built with bad indices")
                 m = torch.zeros(shape, dtype=torch.bool, device=idx.device)
                 m.view(-1)[idx] = True
                 masks[n] = m
@@ -249,12 +284,17 @@ class Selection:
         tensors = {}
         for n, shape in self.shapes.items():
             idx = self.indices[n].detach().to("cpu", torch.int64)
+            problem = _index_problem(idx, _numel(shape))
+            if problem:  # a file that load refuses is not written
+                raise ValueError(f"Selection.save: the indices of {n!r} {problem}; this Selection was built with "
+                                 "bad indices (each tensor's flat indices sorted, without repeats, each below its "
+                                 f"number of elements: torch.unique sorts and deduplicates); {path} is not written")
             small = _numel(shape) < 2**31
             tensors[f"indices/{n}"] = (idx.to(torch.int32) if small else idx).contiguous()
         meta = {"format": FORMAT, "version": VERSION, "names": json.dumps(self.names),
                 "shapes": json.dumps({n: list(s) for n, s in self.shapes.items()}),
                 "metadata": json.dumps(self.metadata, default=str)}
-        with atomic_path(path) as tmp:
+        with atomic_path(path, what="Selection.save") as tmp:
             save_file(tensors, tmp, metadata=meta)
 
     @classmethod
@@ -264,10 +304,10 @@ class Selection:
         with _open(path, "Selection.load") as (f, names, shapes, meta):
             indices = {n: f.get_tensor(f"indices/{n}").to(torch.int64) for n in names}
         for n in names:
-            idx, total = indices[n], _numel(shapes[n])
-            _check_sorted(idx, n, path)
-            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= total):
-                raise ValueError(f"Selection.load: {path}: indices of {n!r} fall outside its {total} elements")
+            problem = _index_problem(indices[n], _numel(shapes[n]))
+            if problem:
+                raise ValueError(f"Selection.load: {path}: the indices of {n!r} {problem}; the file is damaged (or "
+                                 "not written by Selection.save), write it again")
         sel = cls({n: indices[n].to(device) for n in names}, shapes, json.loads(meta.get("metadata", "{}")))
         if model is not None:
             sel.check(model, source=path)
@@ -322,6 +362,8 @@ class Selection:
         return summary_table(self, **kw)
 
     def plot(self, path: str, **kw) -> None:
+        """A chart of the selected share per module kind and per layer, in the format ``path``'s suffix
+        names (``.png``, ``.pdf``, ``.svg``, ...); see :func:`allo.select.summary.plot_selection`."""
         from .summary import plot_selection
 
         plot_selection(self, path, **kw)
@@ -377,14 +419,49 @@ def _header(meta: dict, path: str, what: str):
     return names, shapes
 
 
-def _check_sorted(idx: torch.Tensor, name: str, path: str) -> None:
-    """Stored indices are strictly increasing (load_indices' binary search relies on it)."""
+def _index_problem(idx: torch.Tensor, total: int) -> str | None:
+    """What is wrong with a tensor's flat indices, or None: they must be strictly increasing
+    (load_indices' binary search relies on it) and inside its ``total`` elements."""
     chunk = 1 << 24
     for start in range(0, max(idx.numel() - 1, 0), chunk):
         part = idx[start:start + chunk + 1]
         if not bool((part[1:] > part[:-1]).all()):
-            raise ValueError(f"Selection.load: {path}: the indices of {name!r} are not strictly increasing; the file "
-                             "is damaged (or not written by Selection.save), write it again")
+            return "are not strictly increasing"
+    if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= total):  # sorted: the ends are the extremes
+        return f"fall outside its {total} elements"
+    return None
+
+
+_INDEX_DTYPES = (torch.int64, torch.int32)  # what indexing takes (uint8 and bool tensors index as masks)
+
+
+def _check_name(name, what) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"{what} name {name!r} is a {type(name).__name__}; a selection names parameters by str, "
+                        "as model.named_parameters() does")
+
+
+def _check_shape(name: str, shape) -> tuple:
+    try:
+        dims = tuple(operator.index(d) for d in shape)  # (NumPy ints too; not floats)
+    except TypeError:
+        dims = None
+    if dims is None or any(d < 0 for d in dims):
+        raise ValueError(f"Selection: shapes[{name!r}] is {shape!r}; expected a tuple of non-negative ints "
+                         "(the parameter's shape)")
+    return dims
+
+
+def _check_index_tensor(name: str, idx, total: int) -> None:
+    """What construction can check without a pass over the indices."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in _INDEX_DTYPES:
+        got = (f"a {idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor)
+               else f"a {type(idx).__name__}")
+        raise TypeError(f"Selection: indices[{name!r}] is {got}; expected a 1-D int64 (or int32) tensor of flat "
+                        "indices")
+    if idx.numel() > total:
+        raise ValueError(f"Selection: indices[{name!r}] holds {idx.numel()} indices for a tensor of {total} elements; "
+                         "each element is selected at most once")
 
 
 def _lower_bound(part, size: int, value: int) -> int:

@@ -1,7 +1,8 @@
-"""Where the selected elements are: a per-module table and a PNG chart."""
+"""Where the selected elements are: a per-module table and a chart (PNG, or another image format)."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections import OrderedDict
 
@@ -55,11 +56,27 @@ def summary_table(sel, *, by: str = "module") -> str:
 
 
 def plot_selection(sel, path: str, *, title: str | None = None) -> None:
-    """PNG with the selected fraction per module kind (layer numbers folded) and, for models with
-    numbered layers, per layer. Written atomically."""
+    """A chart of the selected fraction per module kind (layer numbers folded) and, for models with
+    numbered layers, per layer, written atomically in the format ``path``'s suffix names: ``.png``, or
+    another one matplotlib writes (``.pdf``, ``.svg``, ...); a path without a known one is an error."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = os.path.splitext(os.fspath(path))[1][1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:  # matplotlib would otherwise write PNG bytes whatever the name says
+        raise ValueError(f"Selection.plot: {path} does not end in an image format's suffix; give a path ending in "
+                         f".png (or one of {', '.join('.' + f for f in sorted(formats))})")
+    fig = _figure(sel, title)
+    with atomic_path(path, "." + fmt, what="Selection.plot") as tmp:
+        fig.savefig(tmp, format=fmt, dpi=100)
+
+
+def _figure(sel, title):
+    """The chart of :func:`plot_selection`, a matplotlib Figure."""
     # a Figure of its own, not pyplot: pyplot would need matplotlib.use("Agg"), which switches the
     # backend of the user's whole session (a notebook's inline plots), and keeps figures in its registry
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     kinds = _per_group(sel, kind_of)
     layers = _per_group(sel, lambda n: int(m.group(1)) if (m := _LAYER.search(n)) else -1)
@@ -78,6 +95,7 @@ def plot_selection(sel, path: str, *, title: str | None = None) -> None:
         ax = axes[0][1]
         idx = sorted(layers)
         ax.bar(idx, [100.0 * layers[i][0] / layers[i][1] if layers[i][1] else 0 for i in idx])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layer numbers: no tick at 0.5
         ax.set_xlabel("layer")
         ax.set_ylabel("% of the layer's elements selected")
         ax.set_title("per layer")
@@ -85,5 +103,4 @@ def plot_selection(sel, path: str, *, title: str | None = None) -> None:
     fig.suptitle(title or f"selection: ratio={meta.get('ratio')} exclude={meta.get('exclude_ratio')} "
                           f"{meta.get('granularity', '')} ({meta.get('score_source', '')})")
     fig.tight_layout()
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    return fig
