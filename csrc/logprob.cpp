@@ -4,6 +4,9 @@
 //
 //   allo::token_logprob_fwd(logits, labels, ignore_index, inplace_backward, vocab_start, vocab_size) -> (logp, lse)
 //       logp[r] = logits[r, y_r] - logsumexp(logits[r, :]);  0 (and lse 0) where y_r == ignore_index.
+//       Non-finite logits follow log_softmax + gather: a NaN or +inf anywhere in a row makes its lse and
+//       logp NaN (and so its gradient); -inf entries have probability 0. Ignored rows are not read, so
+//       they stay 0 with zero gradient whatever they hold (log_softmax's gradient there is NaN).
 //       ``inplace_backward`` is not used by the kernels: autograd (allo/ops/logprob.py) reads it to
 //       decide whether backward may overwrite the logits with their gradient.
 //   allo::token_logprob_bwd(grad_logp, logits, labels, lse, ignore_index, vocab_start, vocab_size) -> grad_logits
@@ -155,6 +158,9 @@ __attribute__((always_inline)) inline vfloat exp_v(vfloat x) {
   return underflow ? splat(0.0f) : y;
 }
 
+// The block's maximum when it holds no NaN. With a NaN it may return NaN (a NaN in the last vector
+// or the tail) or a value below the true maximum (a lane's NaN replaces what it held before), and
+// forward_rows copes with both (see there): checking for NaNs here cost ~10% of forward's time.
 ALLO_SIMD_CLONES float block_max(const float* x, int64_t n) {
   vfloat acc = splat(-std::numeric_limits<float>::infinity());
   int64_t i = 0;
@@ -255,6 +261,13 @@ void block_grad(const double* x, double* out, int64_t n, double lse, double g) {
   for (int64_t i = 0; i < n; ++i) out[i] = -g * std::exp(x[i] - lse);
 }
 
+template <typename acc_t>
+bool has_nan(const acc_t* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (x[i] != x[i]) return true;
+  return false;
+}
+
 // scalar_t: the logits' dtype; acc_t: float (fp32/bf16/fp16 logits) or double (fp64 logits).
 // bf16/fp16 blocks are converted into a small fp32 buffer; fp32 and fp64 rows are used in place.
 template <typename scalar_t, typename acc_t>
@@ -287,12 +300,25 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignor
         } else {
           xb = row + b;
         }
+        // A NaN in the row makes lse and logp NaN, as log_softmax's. block_max may return it (then
+        // nothing later can change the result: stop), or miss it: a missed NaN makes the block's sum
+        // NaN (exp_v(NaN) is NaN), and so s for good, whenever m is not -inf; a block skipped with
+        // m = -inf (all -inf so far, as block_max saw it) is looked through for one instead.
         const acc_t bm = block_max(xb, n);
+        if (bm != bm) {
+          m = bm;
+          break;
+        }
         if (bm > m) {  // the running sum was taken relative to the old maximum: rescale it
           s = (s == acc_t(0)) ? acc_t(0) : s * std::exp(m - bm);
           m = bm;
         }
-        if (m != kNegInf) s += block_sum_exp(xb, n, m);
+        if (m != kNegInf) {
+          s += block_sum_exp(xb, n, m);
+        } else if (has_nan(xb, n)) {  // rare: a block of -inf and NaN only
+          m = std::numeric_limits<acc_t>::quiet_NaN();
+          break;
+        }
       }
       const acc_t l = m + std::log(s);
       const int64_t local = y - vocab_start;  // the label's column in this slice, if it is in it

@@ -37,10 +37,18 @@ __device__ __forceinline__ acc_t neg_inf() {
   return -INFINITY;
 }
 
+// NaN handling (as log_softmax + gather, and as the CPU kernel): a NaN anywhere in a row makes its lse
+// and logp NaN. The running maximum propagates NaN (fmax and `x > m` would drop it) and, once NaN,
+// stays NaN (`x > NaN` is false): then l = m + log(s) is NaN whatever s holds.
+template <typename acc_t>
+__device__ __forceinline__ acc_t nan_max(acc_t a, acc_t b) {
+  return (a > b || a != a) ? a : b;  // b when b is NaN and a is not
+}
+
 // Folds one value into the running (max m, sum s of exp(x - m)).
 template <typename acc_t>
 __device__ __forceinline__ void online_add(acc_t& m, acc_t& s, acc_t x) {
-  if (x > m) {
+  if (x > m || x != x) {
     s = (m == neg_inf<acc_t>()) ? acc_t(0) : s * exp_acc(m - x);
     m = x;
   }
@@ -49,7 +57,7 @@ __device__ __forceinline__ void online_add(acc_t& m, acc_t& s, acc_t x) {
 
 template <typename acc_t>
 __device__ __forceinline__ void online_merge(acc_t& m, acc_t& s, acc_t m2, acc_t s2) {
-  const acc_t mn = m > m2 ? m : m2;
+  const acc_t mn = nan_max(m, m2);
   if (mn == neg_inf<acc_t>()) return;  // both empty so far
   s = s * exp_acc(m - mn) + s2 * exp_acc(m2 - mn);
   m = mn;
@@ -93,8 +101,8 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(const scalar_t* __restrict
     memcpy(vals, &raw, 16);
     acc_t vm = static_cast<acc_t>(vals[0]);
 #pragma unroll
-    for (int j = 1; j < VEC; ++j) vm = fmax(vm, static_cast<acc_t>(vals[j]));
-    if (vm > m) {
+    for (int j = 1; j < VEC; ++j) vm = nan_max(vm, static_cast<acc_t>(vals[j]));
+    if (vm > m || vm != vm) {
       s = (m == neg_inf<acc_t>()) ? acc_t(0) : s * exp_acc(m - vm);
       m = vm;
     }

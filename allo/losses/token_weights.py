@@ -31,7 +31,9 @@ def top_fraction_mask(scores: torch.Tensor, mask: torch.Tensor, fraction: float,
     """Bool mask of the ``max(1, floor(fraction * n_row))`` highest ``scores`` among ``mask`` per row.
 
     ``scores`` and ``mask`` are ``[B, T]``; no gradient flows through the choice. Ties: earlier
-    position first.
+    position first. Only masked-in positions are counted, so a row with any masked-in token gets its
+    ``k`` even when their scores are ``-inf`` and masked-out positions come first. Scores are compared
+    in their own precision (fp64 stays fp64; fp16/bf16 are widened to fp32 exactly).
     """
     _check_fraction(fraction, what)
     if scores.shape != mask.shape or scores.dim() != 2:
@@ -41,11 +43,16 @@ def top_fraction_mask(scores: torch.Tensor, mask: torch.Tensor, fraction: float,
         lengths = mask.sum(-1)
         k = torch.floor(lengths.double() * float(fraction) + 1e-9).long().clamp(min=1)
         k = torch.where(lengths > 0, k, torch.zeros_like(k))
-        masked = scores.detach().float().masked_fill(~mask, float("-inf"))
-        order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
-        positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
-        rank = torch.empty_like(order).scatter_(-1, order, positions)
-        return (rank < k.unsqueeze(-1)) & mask
+        values = scores.detach()
+        if values.dtype in (torch.float16, torch.bfloat16, torch.bool):
+            values = values.float()
+        order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+        # walk each row in score order and take its first k masked-in positions: masked-out ones take
+        # no place in the count, whatever their score (filling them with -inf instead let them tie with,
+        # and come before, masked-in -inf scores)
+        in_order = mask.gather(-1, order)
+        picked = in_order & (in_order.cumsum(-1) <= k.unsqueeze(-1))
+        return torch.zeros_like(mask).scatter_(-1, order, picked)
 
 
 def token_weights_from_probs(keep_probs: torch.Tensor, mask: torch.Tensor | None = None, mode: str = "threshold",

@@ -29,7 +29,7 @@ import torch
 from allo._backend import resolve_backend
 
 from . import reference
-from .logprob import _accumulate_dtype, ops, prepare_labels, refuse_double_backward
+from .logprob import _accumulate_dtype, check_ignore_index, ops, prepare_labels, refuse_double_backward
 
 # Logits bytes per block. A block's matmul streams its rows of the weight once per token chunk, so a
 # chunk of c tokens does about 2c flops per weight element moved: on an H100 (~800 TFLOP/s bf16,
@@ -210,9 +210,9 @@ class FusedLinearTokenLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def fused_linear_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+def fused_linear_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, *,
                                 ignore_index: int = -100, chunk_size: int | None = None,
-                                backend: str | None = None, *, vocab_chunk_size: int | None = None,
+                                backend: str | None = None, vocab_chunk_size: int | None = None,
                                 weight_grad_sink: WeightGradSink | None = None) -> torch.Tensor:
     """``token_logprobs(hidden @ lm_head_weight.T, labels)`` without the full ``[tokens, V]`` logits.
 
@@ -221,6 +221,9 @@ def fused_linear_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tens
         lm_head_weight: ``[V, H]`` (``model.lm_head.weight``), same dtype and device as ``hidden``
             (under autocast it may be a higher-precision master weight: see below).
         labels: integer ``hidden.shape[:-1]``; ``ignore_index`` tokens get 0 and no gradient.
+        Every argument after ``labels`` is keyword-only. There is no bias: the LM head must have none
+            (unlike Liger-Kernel's ``(hidden, weight, labels, bias)`` order, a fourth positional
+            argument is refused rather than taken for ``ignore_index``).
         chunk_size: tokens per chunk; default: as many as keep a ``[tokens, vocab_chunk_size]`` logits
             block within 256 MiB on a GPU, 64 MiB on a CPU (a multiple of 64; see ``_CHUNK_BYTES``).
         backend: ``"reference"`` for the plain-PyTorch version; anything else runs the kernels.
@@ -236,12 +239,15 @@ def fused_linear_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tens
 
     Returns:
         fp32 log-probs of shape ``labels.shape``. Gradients flow to ``hidden`` and (without a sink)
-        to ``lm_head_weight``, in their own dtypes.
+        to ``lm_head_weight``, in their own dtypes. A NaN (or +inf) logit makes its token's log-prob
+        and gradients NaN, as with :func:`token_logprobs` on the full logits.
 
     Under autocast, ``hidden`` is cast to the autocast dtype, as ``nn.Linear``'s input would be, and
     the weight is used in that dtype, cast a block of rows at a time, so an fp32 master weight gets
     its fp32 gradient without a low-precision ``[V, H]`` copy of it or of its gradient.
     """
+    ignore_index = check_ignore_index(ignore_index, "fused_linear_token_logprobs",
+                                      " (there is no bias argument: the LM head must have no bias)")
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
         if not lm_head_weight.dtype.is_floating_point:
