@@ -99,10 +99,10 @@ gpu_pytest_args=("${pytest_args[@]}")
 # allo._C, so they run while it builds: compiling ~100 Triton variants is the slow part of them and
 # uses other cores than the C++/CUDA build), then the CUDA extension's own tests once it is built
 # (word-split on purpose: lists of paths)
-triton_tests=(${GPU_CHECK_TRITON_TESTS:-tests/test_optim_kernels.py tests/test_optim_masked_adamw.py
+triton_tests=(${GPU_CHECK_TRITON_TESTS:-tests/test_optim_kernels.py tests/test_optim_masked_adamw.py tests/test_optim_user_contract.py
               tests/test_select_triton.py tests/test_select_device_plan.py tests/test_select_boundary.py})
 # (tests/test_select.py allocates masks through allo._C: after the build, not while it runs)
-extension_tests=(${GPU_CHECK_EXTENSION_TESTS:-tests/test_logprob.py tests/test_logprob_fused.py
+extension_tests=(${GPU_CHECK_EXTENSION_TESTS:-tests/test_logprob.py tests/test_logprob_fused.py tests/test_ops_losses_edges.py
                  tests/test_optim_compact_rows.py tests/test_select.py})
 
 step "pytest Triton GPU tests" 200 "$py" -m pytest "${gpu_pytest_args[@]}" "${triton_tests[@]}" &

@@ -8,9 +8,11 @@ import torch
 from allo.losses import improve_loss, top_fraction_mask
 from allo.ops import fused_linear_token_logprobs, token_logprobs
 from allo.ops.logprob import _may_overlap, ops
+from conftest import requires_cuda
 
 NAN, INF = float("nan"), float("inf")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]  # the CUDA kernels on a GPU machine
 # 16 floats a vector, 2048 a block in the CPU kernel: first/last lane, vector and block edges, tail
 POSITIONS = [0, 1, 15, 16, 17, 98, 99, 2046, 2047, 2048, 2049, 4095, 4999]
 
@@ -46,21 +48,23 @@ def _special_rows(vocab, value, dtype):
     return torch.stack(rows).to(dtype), torch.tensor(labels)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", [7, 100, 4096, 5000])
 @pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "+inf", "-inf"])
-def test_token_logprobs_non_finite_logits_match_log_softmax(dtype, vocab, value):
+def test_token_logprobs_non_finite_logits_match_log_softmax(dtype, vocab, value, device):
     torch.manual_seed(vocab)
     logits, labels = _special_rows(vocab, value, dtype)
     upstream = torch.rand(labels.shape) + 0.5
     expected_logp, expected_grad = _reference(logits, labels, upstream)
-    x = logits.clone().requires_grad_(True)
-    logp = token_logprobs(x, labels)
-    logp.backward(upstream)
+    x = logits.to(device, copy=True).requires_grad_(True)
+    logp = token_logprobs(x, labels.to(device))
+    logp.backward(upstream.to(device))
+    logp = logp.cpu()
     if value != -INF:  # NaN and +inf poison their whole row, as in log_softmax
         assert torch.isnan(logp[:-1]).all() and torch.isfinite(logp[-1])
     torch.testing.assert_close(logp.double(), expected_logp, equal_nan=True, **_tol(dtype))
-    torch.testing.assert_close(x.grad.double(), expected_grad, equal_nan=True, **_tol(dtype))
+    torch.testing.assert_close(x.grad.cpu().double(), expected_grad, equal_nan=True, **_tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -95,16 +99,17 @@ def _hard_nan_rows():
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
-def test_token_logprobs_nan_that_block_maximum_misses(dtype):
+def test_token_logprobs_nan_that_block_maximum_misses(dtype, device):
     logits = _hard_nan_rows().to(dtype)
     labels = torch.tensor([3000, 3000, 3000, 40, 7])
-    x = logits.clone().requires_grad_(True)
-    logp = token_logprobs(x, labels)
+    x = logits.to(device, copy=True).requires_grad_(True)
+    logp = token_logprobs(x, labels.to(device))
     logp.sum().backward()
     expected_logp, expected_grad = _reference(logits, labels, torch.ones(5))
-    assert torch.isnan(logp).all() and torch.isnan(expected_logp).all()
-    torch.testing.assert_close(x.grad.double(), expected_grad, equal_nan=True)
+    assert torch.isnan(logp.cpu()).all() and torch.isnan(expected_logp).all()
+    torch.testing.assert_close(x.grad.cpu().double(), expected_grad, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
@@ -161,19 +166,21 @@ def _fused_reference(hidden, weight, labels, upstream):
     (5000, 4999, None), (5000, 16, 64),
 ])
 @pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "+inf", "-inf"])
-def test_fused_linear_non_finite_weight_row_matches_reference(dtype, vocab, position, vocab_chunk_size, value):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_linear_non_finite_weight_row_matches_reference(dtype, vocab, position, vocab_chunk_size, value, device):
     hidden, weight, labels = _fused_case(vocab, 16, position, value, dtype, "weight")
     upstream = torch.rand(labels.shape) + 0.5
-    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    logp = fused_linear_token_logprobs(h, w, labels, vocab_chunk_size=vocab_chunk_size, chunk_size=4)
-    logp.backward(upstream)
+    h, w = hidden.to(device, copy=True).requires_grad_(True), weight.to(device, copy=True).requires_grad_(True)
+    logp = fused_linear_token_logprobs(h, w, labels.to(device), vocab_chunk_size=vocab_chunk_size, chunk_size=4)
+    logp.backward(upstream.to(device))
+    logp = logp.cpu()
     expected = _fused_reference(hidden, weight, labels, upstream)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     if value != -INF:
         assert torch.isnan(logp).all()
     torch.testing.assert_close(logp.double(), expected[0], equal_nan=True, **tol)
-    torch.testing.assert_close(h.grad.double(), expected[1], equal_nan=True, **tol)
-    torch.testing.assert_close(w.grad.double(), expected[2], equal_nan=True, **tol)
+    torch.testing.assert_close(h.grad.cpu().double(), expected[1], equal_nan=True, **tol)
+    torch.testing.assert_close(w.grad.cpu().double(), expected[2], equal_nan=True, **tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
