@@ -90,6 +90,8 @@ def test_a_stage_run_again_recomputes_what_its_changed_inputs_make(tiny, tmp_pat
     _same_weights(_weights(tmp_path / "fresh", "warmup"), _weights(out, "warmup"))
 
     # improve trained again (another learning rate), then `allo-train eval`: the new model's numbers
+    # (another folder: `run` refuses one whose saved options differ, allo_config.json)
+    out = tmp_path / "run2"
     kw = dict(selection="none", skip_forget=True, eval_models="improve", max_steps=2, eval_problems_file=None)
     pipeline.run(_cfg(tiny, out, stages="select,forget,improve,eval", **kw))
     pipeline.run_stage("improve", _cfg(tiny, out, improve_learning_rate=0.1, **kw))

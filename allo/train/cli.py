@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import typing
 
@@ -38,20 +39,37 @@ def _base_type(tp):
 _ALIASES = {"dtype": ("--torch_dtype",)}
 
 
+class _Parser(argparse.ArgumentParser):
+    """An error is one line of usage hint and the error itself (not ~60 lines of usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"usage: {self.prog} [COMMAND] [--option VALUE ...]; run `{self.prog} --help` for the "
+                     f"commands and options\n{self.prog}: error: {message}\n")
+
+
+def _help(text: str, default) -> str:
+    """The field's help, with its default appended unless the text already gives it ("(default ...")
+    or it is None (which says nothing: the text tells what happens without the option)."""
+    if default is None or re.search(r"\(default", text, re.IGNORECASE):
+        return text
+    return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="allo-train",
+        usage="allo-train [COMMAND] [--option VALUE ...] [--config FILE.yaml]",
         description="ALLO alignment: warm-up DPO, key-neuron selection, token-level forgetting, key-token DPO. "
                     "Every stage writes to --output_dir/<stage>/ and is skipped by `run` once complete (unless an "
-                    "earlier stage completed after it).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("command", nargs="?", default="run", choices=COMMANDS,
-                   help="stage to run; `run` = every stage of --stages in order, skipping completed ones "
-                        "(a completed stage runs again if an earlier stage completed after it)")
+                    "earlier stage completed after it). COMMAND (default: run) is `run` (every stage of --stages in "
+                    "order, skipping completed ones) or one stage: " + ", ".join(STAGES) + ".",
+        formatter_class=argparse.HelpFormatter)
+    # COMMAND is not an argparse positional: an unknown flag's value (`--eval_steps 10`) would be taken for
+    # it ("invalid choice: '10'"); parse() picks it out of what the options left
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys are these flag names (flags override it)")
     for f in dataclasses.fields(TrainConfig):
         tp = _base_type(f.type)
-        kw = {"help": f.metadata["help"], "default": f.default}
+        kw = {"help": _help(f.metadata["help"], f.default), "default": f.default}
         if tp is bool:
             kw.update(type=_bool, nargs="?", const=True, metavar="BOOL")
         else:
@@ -60,6 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
                 kw["choices"] = f.metadata["choices"]
         p.add_argument(f"--{f.name}", *_ALIASES.get(f.name, ()), **kw)
     return p
+
+
+def _command(parser, extras: list[str]) -> str:
+    """The COMMAND among what the options left (``extras``, in order): a bare word that is not the
+    value of an unknown flag; anything else left is an unrecognized argument, named as given."""
+    command, rest = None, []
+    for i, tok in enumerate(extras):
+        after_unknown_flag = i > 0 and extras[i - 1].startswith("-") and "=" not in extras[i - 1]
+        if command is None and tok in COMMANDS and not after_unknown_flag:
+            command = tok
+        else:
+            rest.append(tok)
+    if rest:
+        bare = [t for t in rest if not t.startswith("-")]
+        if command is None and bare and not any(t.startswith("-") for t in rest):
+            parser.error(f"invalid command {bare[0]!r}; choose from {', '.join(COMMANDS)}")
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return command or "run"
 
 
 _EXPECTED = {bool: "true or false", int: "an int", float: "a float", str: "a string"}
@@ -88,7 +124,8 @@ def _yaml_value(parser, path: str, f: dataclasses.Field, value):
 
 def parse(argv=None) -> tuple[str, TrainConfig]:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    command = _command(parser, extras)
     if args.config:
         import yaml
 
@@ -106,18 +143,19 @@ def parse(argv=None) -> tuple[str, TrainConfig]:
         if unknown:
             parser.error(f"{args.config}: unknown key(s) {unknown}; keys are the flag names of `allo-train --help`")
         parser.set_defaults(**{k: _yaml_value(parser, args.config, fields[k], v) for k, v in data.items()})
-        args = parser.parse_args(argv)  # flags given on the command line still win
+        args, _ = parser.parse_known_args(argv)  # flags given on the command line still win
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     try:
         cfg = TrainConfig(**values).validate()
     except ValueError as e:
         parser.error(str(e))
-    return args.command, cfg
+    return command, cfg
 
 
 def main(argv=None) -> int:
     command, cfg = parse(argv)
     from . import pipeline
+    from .config import RunError
     from .data import DataError
 
     try:
@@ -125,7 +163,7 @@ def main(argv=None) -> int:
             pipeline.run(cfg)
         else:
             pipeline.run_stage(command, cfg)
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, RunError, FileNotFoundError) as e:
         # the user's input is at fault and the message says how to fix it: no traceback
         print(f"allo-train: error: {e}", file=sys.stderr)
         return 2

@@ -23,11 +23,27 @@ from dataclasses import dataclass, field
 from allo.loss_options import LOSS_TYPES, label_smoothing_problem
 
 from .reporting import report_problem
-from .tasks import ANSWER_PATTERN, answer_pattern_problem
+from .tasks import ANSWER_PATTERN, TASKS, answer_pattern_problem
 
 STAGES = ("prepare", "warmup", "select", "forget", "improve", "eval")
 TRAINED_STAGES = ("warmup", "forget", "improve")
 EVAL_MODELS = ("sft", "warmup", "forget", "improve")  # models the eval stage can score, in pipeline order
+# transformers' schedulers (SchedulerType values) that get_scheduler builds from a warm-up and a step count
+# alone; the others need lr_scheduler_kwargs (cosine_with_min_lr, warmup_stable_decay, ...) or a metric
+# each step (reduce_lr_on_plateau), which allo-train does not pass
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+# options that are counts, with their smallest meaningful value (a smaller one would fail mid-run, or
+# silently mean something else: per_device_eval_batch_size 0 was read as 1, score_batches 0 gave all-zero scores)
+_AT_LEAST = {"per_device_eval_batch_size": 1, "generation_batch_size": 1, "score_batches": 1, "save_steps": 0,
+             "save_total_limit": 0, "sft_steps": 0, "model_hidden_size": 1, "model_num_layers": 1,
+             "num_sft_problems": 1, "num_train_problems": 1, "num_eval_problems": 1, "num_samples": 1,
+             "max_pairs_per_problem": 1, "max_new_tokens": 1}
+
+
+class RunError(ValueError):
+    """The options or the output folder cannot make a run; the message names the option and how to fix it
+    (the CLI prints it as one ``allo-train: error:`` line)."""
 
 
 def _f(default, help, **kw):
@@ -48,7 +64,8 @@ class TrainConfig:
                                          "'flex_attention', a hub kernel); default: transformers' choice")
     trust_remote_code: bool = _f(False, "let a model folder or hub model run its own code (an architecture "
                                  "transformers does not have); only for models whose code you trust")
-    task: str = _f("arithmetic", "built-in task with checkable answers (arithmetic | compare), used when no data is given")
+    task: str = _f("arithmetic", "built-in task with checkable answers, used when no data is given",
+                   choices=tuple(TASKS))
     dataset_name: str | None = _f(None, "a `datasets` name with prompt/chosen/rejected columns (instead of --train_file)")
     dataset_config: str | None = _f(None, "configuration (subset) of --dataset_name, as "
                                           "`datasets.load_dataset(name, config)` takes it (e.g. 'main' for "
@@ -66,7 +83,13 @@ class TrainConfig:
                              "`eval`; compared with the problem's answer as numbers when both are, else as text "
                              "(case, space and a final period ignored). E.g. '#### (\\S+)' for GSM8K, "
                              "'answer is \\(?([A-E])' for multiple choice")
-    output_dir: str = _f("allo_output", "every stage writes its own folder under this one")
+    output_dir: str = _f("allo_output", "every stage writes its own folder under this one; a run saves its options "
+                         "in allo_config.json there, and a later run into it with other options is refused (see "
+                         "--overwrite_output_dir)")
+    overwrite_output_dir: bool = _f(False, "start over in an --output_dir that holds an earlier run: its outputs are "
+                                    "removed first (without this flag, a run whose options or data differ from "
+                                    "the saved ones is refused, and one with the same options skips completed "
+                                    "stages)")
     max_length: int = _f(1024, "longest prompt + response in tokens (TRL's default); the response loses its end "
                          "(see allo.train.data; the data's log line counts what was cut)")
     max_prompt_length: int | None = _f(None, "the prompt keeps its last this-many tokens (default: all)")
@@ -91,10 +114,11 @@ class TrainConfig:
     warmup_ratio: float = _f(0.1, "fraction of steps of linear learning-rate warm-up before the cosine decay")
     warmup_steps: float = _f(0, "if > 0, overrides --warmup_ratio as transformers 5 reads it: a whole number of "
                              "warm-up steps, or a fraction of the stage's steps when below 1")
-    lr_scheduler_type: str = _f("cosine", "cosine | linear | constant (transformers' schedulers, with warm-up)")
+    lr_scheduler_type: str = _f("cosine", "transformers' learning-rate schedule after the warm-up: "
+                                + " | ".join(LR_SCHEDULERS))
     weight_decay: float = _f(0.0, "AdamW weight decay (released scripts: 0)")
     adam_epsilon: float = _f(1e-6, "AdamW epsilon (released scripts: 1e-6)")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: no clipping)")
     beta: float = _f(0.1, "DPO / NPO temperature beta (released scripts: 0.1)")
     loss_type: str = _f("sigmoid", "DPO loss of the warm-up, of the gradient scores and of improve with --key_tokens "
                         "False: sigmoid (the paper's) | ipo | hinge | robust (TRL's forms, allo.losses.dpo_loss). The "
@@ -213,6 +237,19 @@ class TrainConfig:
                              "in [0, 1) of each stage's steps")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
+        for name, least in _AT_LEAST.items():
+            if getattr(self, name) < least:
+                raise ValueError(f"--{name} is {getattr(self, name)}; expected >= {least}")
+        for name, what in (("max_grad_norm", "0: no clipping"), ("adam_epsilon", "AdamW's epsilon"),
+                           ("weight_decay", "0: none")):
+            if not getattr(self, name) >= 0:  # (NaN too)
+                raise ValueError(f"--{name} is {getattr(self, name)}; expected >= 0 ({what})")
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
+            raise ValueError(f"--lr_scheduler_type is {self.lr_scheduler_type!r}; "
+                             + _scheduler_problem(self.lr_scheduler_type))
+        problem = output_dir_problem(self.output_dir)
+        if problem:
+            raise ValueError(f"--output_dir {self.output_dir}: {problem}")
         bad = [m for m in self.eval_model_list() if m not in EVAL_MODELS]
         if bad:
             raise ValueError(f"--eval_models names unknown model(s) {bad}; models: {', '.join(EVAL_MODELS)}")
@@ -258,6 +295,33 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _scheduler_problem(name: str) -> str:
+    try:
+        from transformers.trainer_utils import SchedulerType
+
+        known = {s.value for s in SchedulerType}
+    except ImportError:  # (transformers is a dependency; this only keeps the message right without it)
+        known = set()
+    why = ("a transformers scheduler that needs options allo-train does not pass (lr_scheduler_kwargs, or a metric "
+           "each step)") if name in known else "not one of transformers' schedulers (SchedulerType)"
+    return f"{why}; choose from {', '.join(LR_SCHEDULERS)}"
+
+
+def output_dir_problem(path: str) -> str | None:
+    """Why ``path`` cannot be the output folder, or None: it is a file, or a folder above it is (found
+    here, not after a model was loaded). A folder that cannot be created for other reasons (no
+    permission, a read-only or virtual file system) is found when the run creates it."""
+    local = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(local) and not os.path.isdir(local):
+        return "is a file; give a folder (it is created if missing)"
+    parent = os.path.dirname(local)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    if parent and not os.path.isdir(parent):
+        return f"{parent} is a file, so no folder can be made under it; give another --output_dir"
+    return None
 
 
 # what a local model folder must hold for AutoModelForCausalLM / AutoTokenizer.from_pretrained

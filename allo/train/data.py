@@ -18,7 +18,10 @@ sits at its end), the response its FIRST ``max_completion_length``; then prompt 
 FIRST ``max_length`` tokens (the response loses its end). A row with no response token left is malformed.
 
 A malformed row raises :class:`BadRowError` naming the file, line and field; with
-``skip_bad_rows=True`` it is skipped and counted instead.
+``skip_bad_rows=True`` it is skipped and counted instead. Rows are numbered from 1 everywhere: a
+``.jsonl`` file's line (``file.jsonl:5``), the n-th item of a ``.json`` list or row of a ``.parquet``
+file or dataset (``file.json: row 5``). :func:`check_source` checks a file's rows without a tokenizer,
+so a run finds a bad file before its first stage.
 """
 
 from __future__ import annotations
@@ -106,11 +109,11 @@ def read_rows(source: str, *, split: str = "train", config: str | None = None) -
                 obj = obj["data"]
             if not isinstance(obj, list):
                 raise BadRowError(f"{source}: expected a JSON list of objects (or {{\"data\": [...]}}), got {type(obj).__name__}")
-            return [(f"{source}: row {i}", r) for i, r in enumerate(obj)]
+            return [(f"{source}: row {i}", r) for i, r in enumerate(obj, 1)]
         if low.endswith(".parquet"):
             import pyarrow.parquet as pq
 
-            return [(f"{source}: row {i}", r) for i, r in enumerate(pq.read_table(source).to_pylist())]
+            return [(f"{source}: row {i}", r) for i, r in enumerate(pq.read_table(source).to_pylist(), 1)]
         raise BadRowError(f"{source}: unknown file type; use .jsonl, .json or .parquet")
     if source.lower().endswith(DATA_FILE_TYPES) or source.startswith((".", "/", "~")) and not os.path.isdir(source):
         # a path, not a dataset name: asking the hub for it would only say it cannot be reached
@@ -130,7 +133,7 @@ def read_rows(source: str, *, split: str = "train", config: str | None = None) -
                         "--dataset_train_split / --dataset_test_split (held-out pairs: or --eval_file, or "
                         "--dataset_test_split none for none), the configuration with --dataset_config") from e
     name = f"{source}:{config}" if config else source
-    return [(f"{name}[{split}] row {i}", r) for i, r in enumerate(ds)]
+    return [(f"{name}[{split}] row {i}", r) for i, r in enumerate(ds, 1)]
 
 
 class _Unparsable:
@@ -240,14 +243,7 @@ def load_pairs(source, tokenizer, *, max_length=None, max_prompt_length=None, ma
                   max_completion_length=max_completion_length)
 
     def parse(row, where, rep):
-        chosen = _text_field(row, where, "chosen")
-        rejected = _text_field(row, where, "rejected")
-        if "prompt" in row and row["prompt"] is not None:
-            prompt = _text_field(row, where, "prompt")
-        elif _is_messages(chosen) and _is_messages(rejected) and len(chosen) > 1:
-            prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]  # implicit prompt (TRL)
-        else:
-            raise _bad(where, "prompt", "missing")
+        prompt, chosen, rejected = _pair_texts(row, where)
         kw = dict(limits, where=where)
         c_cuts, r_cuts = set(), set()
         c = encode_text_pair(tokenizer, *_render(tokenizer, prompt, chosen, where, "chosen"), fld="chosen",
@@ -263,6 +259,26 @@ def load_pairs(source, tokenizer, *, max_length=None, max_prompt_length=None, ma
                  rep=LoadReport(source, **limits))
 
 
+def _pair_texts(row, where):
+    """A pair row's (prompt, chosen, rejected): strings or chat messages."""
+    chosen = _text_field(row, where, "chosen")
+    rejected = _text_field(row, where, "rejected")
+    if "prompt" in row and row["prompt"] is not None:
+        prompt = _text_field(row, where, "prompt")
+    elif _is_messages(chosen) and _is_messages(rejected) and len(chosen) > 1:
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]  # implicit prompt (TRL)
+    else:
+        raise _bad(where, "prompt", "missing")
+    return prompt, chosen, rejected
+
+
+def _negative_texts(row, where):
+    """A negative row's (prompt, the response's field name, response)."""
+    prompt = _text_field(row, where, "prompt")
+    fld = "response" if "response" in row else "rejected"
+    return prompt, fld, _text_field(row, where, fld)
+
+
 def load_negatives(source, tokenizer, *, max_length=None, max_prompt_length=None, max_completion_length=None,
                    skip_bad_rows=False, weight_field=None, split="train"):
     """Tokenized wrong responses: dicts with prompt_ids, response_ids and, when ``weight_field``
@@ -271,9 +287,7 @@ def load_negatives(source, tokenizer, *, max_length=None, max_prompt_length=None
                   max_completion_length=max_completion_length)
 
     def parse(row, where, rep):
-        prompt = _text_field(row, where, "prompt")
-        fld = "response" if "response" in row else "rejected"
-        response = _text_field(row, where, fld)
+        prompt, fld, response = _negative_texts(row, where)
         weights = None
         if weight_field is not None:
             weights = row.get(weight_field)
@@ -296,17 +310,34 @@ def load_negatives(source, tokenizer, *, max_length=None, max_prompt_length=None
 def load_problems(source, *, skip_bad_rows=False, split="train"):
     """Problems with checkable answers: dicts with prompt (str) and answer (an int when it is a whole
     number, else the text, e.g. "B" or "yes"; see --answer_pattern for how responses are judged)."""
-    def parse(row, where, rep):
-        prompt = _text_field(row, where, "prompt", messages_ok=False)
-        ans = row.get("answer")
-        if isinstance(ans, bool) or not isinstance(ans, (int, float, str)) or not str(ans).strip():
-            raise _bad(where, "answer", f"expected a number or a non-empty string, got {ans!r}")
-        try:
-            ans = int(str(ans).strip())
-        except ValueError:
-            ans = ans if isinstance(ans, float) else str(ans).strip()
-        return {"prompt": prompt, "answer": ans}
-    return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split)
+    return _load(source, lambda row, where, rep: _problem(row, where), skip_bad_rows=skip_bad_rows, split=split)
+
+
+def _problem(row, where) -> dict:
+    prompt = _text_field(row, where, "prompt", messages_ok=False)
+    ans = row.get("answer")
+    if isinstance(ans, bool) or not isinstance(ans, (int, float, str)) or not str(ans).strip():
+        raise _bad(where, "answer", f"expected a number or a non-empty string, got {ans!r}")
+    try:
+        ans = int(str(ans).strip())
+    except ValueError:
+        ans = ans if isinstance(ans, float) else str(ans).strip()
+    return {"prompt": prompt, "answer": ans}
+
+
+_ROW_CHECKS = {"pairs": _pair_texts, "negatives": _negative_texts, "problems": _problem}
+
+
+def check_source(source: str, kind: str, *, skip_bad_rows: bool = False) -> LoadReport | None:
+    """Read a local data file whole and check every row's fields as its loader will (``kind``: pairs,
+    negatives or problems), without tokenizing: the errors the stage would raise, before any stage
+    runs. A dataset name or folder is not checked here (None): loading it is the dataset's work."""
+    looks_like_a_path = source.lower().endswith(DATA_FILE_TYPES) or (source.startswith((".", "/", "~"))
+                                                                    and not os.path.isdir(source))
+    if not os.path.isfile(source) and not looks_like_a_path:
+        return None  # a dataset folder or hub name (read_rows says "no such file" for a missing path)
+    check = _ROW_CHECKS[kind]
+    return _load(source, lambda row, where, rep: check(row, where), skip_bad_rows=skip_bad_rows)[1]
 
 
 def write_text(path: str, text: str) -> None:

@@ -299,6 +299,9 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
     ckpt = _checkpoint_to_resume(accelerator, cfg, stage_dir, masks_file)
     if ckpt is not None:  # weights first: into the plain model, before DDP or FSDP2 take it over
         start = _load_checkpoint_weights(accelerator, ckpt, model, load=not sharded or accelerator.is_main_process)
+        if accelerator.is_main_process:
+            print(f"[allo-train] resuming {_stage_name(stage_dir)} from {os.path.basename(os.path.normpath(ckpt))} "
+                  f"(step {start} of {total}; {ckpt})", flush=True)
     if not sharded:
         model.to(device)
         prepare_trainable(model, None if dense or masks is None else {nm: _any_selected(m) for nm, m in masks.items()},

@@ -11,7 +11,7 @@ import dataclasses
 import os
 import time
 
-from .config import STAGES, TrainConfig
+from .config import STAGES, RunError, TrainConfig
 from .stages import STAGE_FUNCS, Context, finished_at, is_done
 
 
@@ -35,12 +35,72 @@ def _set_cpu_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 
 
-def make_context(config, accelerator=None) -> Context:
-    from accelerate import Accelerator
+_DATA_KINDS = {"train_file": "pairs", "eval_file": "pairs", "negatives_file": "negatives", "problems_file": "problems",
+               "eval_problems_file": "problems"}
 
+
+def check_data_files(cfg: TrainConfig) -> None:
+    """Every data file given is read and its rows checked (fields, not tokens) before any stage runs: a
+    missing or malformed file is found now, not when its stage starts after minutes of training."""
+    from .data import DataError, check_source
+
+    for name, kind in _DATA_KINDS.items():
+        path = getattr(cfg, name)
+        if path is None:
+            continue
+        try:
+            check_source(path, kind, skip_bad_rows=cfg.skip_bad_rows)
+        except (DataError, FileNotFoundError) as e:  # the same error, saying which option gave the file
+            msg = str(e)
+            raise type(e)(f"--{name} {msg}" if msg.startswith(path) else f"--{name} {path}: {msg}") from None
+
+
+def _load_tokenizer(cfg: TrainConfig):
     from .model import load_tokenizer
 
+    try:
+        return load_tokenizer(cfg.model_name_or_path, cfg.load_options())
+    except OSError as e:
+        name = cfg.model_name_or_path
+        if name is None or os.path.isdir(os.path.expanduser(name)):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"--model_name_or_path {name}: not a local folder, and transformers could not load it as a "
+                       f"Hugging Face Hub model ({first}); give a local model folder (with config.json and tokenizer "
+                       "files) or a hub name that exists (offline, HF_HUB_OFFLINE=1: one already in the Hugging Face "
+                       "cache)") from None
+
+
+def _prepare_output_dir(ctx: Context, stage: str | None) -> None:
+    """The saved options of an earlier run compared with these (run_config), --overwrite_output_dir, the
+    folder created and this run's options saved in it when it has none. Every process compares (reading
+    only) before the main process changes anything."""
+    from . import run_config
+
+    cfg = ctx.cfg
+    saved, inputs = run_config.check(cfg, explicit_stage=stage, log=ctx.log)
+    ctx.accelerator.wait_for_everyone()
+    if ctx.main:
+        try:
+            if cfg.overwrite_output_dir:
+                run_config.remove_outputs(cfg.output_dir, log=ctx.log)
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            if saved is None:
+                run_config.write(cfg, inputs)
+        except OSError as e:
+            raise RunError(f"--output_dir {cfg.output_dir}: cannot write there ({e.strerror or e}"
+                           f"{': ' + e.filename if e.filename else ''}); give a folder you can write to") from None
+    ctx.accelerator.wait_for_everyone()
+
+
+def make_context(config, accelerator=None, *, stage: str | None = None) -> Context:
+    """The run's context: options checked, data files checked, the output folder prepared (see
+    _prepare_output_dir; ``stage``: one stage run on purpose, which other options do not stop), the
+    tokenizer loaded."""
+    from accelerate import Accelerator
+
     cfg = _config(config)
+    check_data_files(cfg)
     _set_cpu_threads()
     if cfg.disable_tqdm:
         from transformers.utils import logging as hf_logging
@@ -48,8 +108,10 @@ def make_context(config, accelerator=None) -> Context:
         hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars
     if accelerator is None:
         accelerator = Accelerator(cpu=cfg.use_cpu, mixed_precision="bf16" if cfg.bf16 else "no")
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    return Context(cfg, accelerator, load_tokenizer(cfg.model_name_or_path, cfg.load_options()))
+    tokenizer = _load_tokenizer(cfg)
+    ctx = Context(cfg, accelerator, tokenizer)
+    _prepare_output_dir(ctx, stage)
+    return ctx
 
 
 def _link_reused(ctx: Context) -> None:
@@ -77,7 +139,7 @@ def run_stage(stage: str, config, *, accelerator=None, on_step_end=None, context
     """Run one stage (even if it was completed before; its folder is reused). Returns its output."""
     if stage not in STAGE_FUNCS:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    ctx = context or make_context(config, accelerator)
+    ctx = context or make_context(config, accelerator, stage=stage)
     fn = STAGE_FUNCS[stage]
     t = time.time()
     if stage in ("warmup", "forget", "improve"):

@@ -17,11 +17,16 @@ CURVES = [("loss", "loss"), ("rewards/margins", "reward margin"), ("rewards/accu
 
 
 def format_table(results: dict) -> str:
-    """Markdown table, one row per evaluated stage (sft = the starting model)."""
+    """Markdown table, one row per evaluated stage (sft = the starting model): every line has as many
+    cells as the header, whatever the results hold (a stage without metrics: "-" in each column)."""
     cols = [(k, h) for k, h in COLUMNS if any(k in r for r in results.values())]
-    lines = ["| stage | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
+
+    def line(cells):
+        return "| " + " | ".join(cells) + " |"
+
+    lines = [line(["stage"] + [h for _, h in cols]), line(["---"] * (1 + len(cols)))]
     for stage, r in results.items():
-        lines.append(f"| {stage} | " + " | ".join(f"{r[k]:.4f}" if k in r else "-" for k, _ in cols) + " |")
+        lines.append(line([stage] + [f"{r[k]:.4f}" if k in r else "-" for k, _ in cols]))
     return "\n".join(lines)
 
 
@@ -91,12 +96,15 @@ def plot_eval(output_dir: str, results: dict) -> str | None:
     return _save_figure(fig, os.path.join(output_dir, "eval_metrics.png"))
 
 
-def write_report(output_dir: str, results: dict) -> str:
-    table = format_table(results)
+def write_report(output_dir: str, results: dict, note: str | None = None) -> str:
+    """report.md: the table (or, with no results, ``note``: why there are none), and the plots; what
+    it wrote is printed (plots that were not made, for want of metrics, are not named)."""
+    table = format_table(results) if results else f"({note or 'no results'})"
     curves = plot_curves(output_dir)
     bars = plot_eval(output_dir, results)
     text = "# allo-train results (held-out)\n\n" + table + "\n"
     write_text(os.path.join(output_dir, "report.md"), text)
     print("\n" + table)
-    print(f"\nreport: {os.path.join(output_dir, 'report.md')}; plots: {curves}, {bars}", flush=True)
+    plots = [p for p in (curves, bars) if p]
+    print(f"\nreport: {os.path.join(output_dir, 'report.md')}; plots: {', '.join(plots) or 'none'}", flush=True)
     return table

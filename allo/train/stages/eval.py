@@ -19,6 +19,10 @@ from .common import (EVALUATED, Context, cache_is_current, cached_reference, fro
 
 
 
+NOTHING_HELD_OUT = ("no held-out pairs: pass --eval_file to evaluate (held-out preference pairs: reward accuracy and "
+                    "margins; --eval_problems_file: answer accuracy); nothing was evaluated")
+
+
 def _model_of(ctx: Context, name: str) -> str | None:
     if name == "sft":
         return sft_model_path(ctx)
@@ -135,10 +139,11 @@ def _save_result(out_path: str, result: dict, key: str) -> None:
     D.write_text(out_path + ".inputs", key)
 
 
-def _eval_sharded(ctx: Context, sdir: str) -> dict:
+def _eval_sharded(ctx: Context, sdir: str) -> dict | None:
     """FSDP2: one sharded module; rank 0 loads each evaluated model whole on its CPU only (the other
     ranks on the meta device) and broadcasts its weights into the shards, which every rank then
-    scores and generates with. The main process decides what is evaluated and writes the results."""
+    scores and generates with. The main process decides what is evaluated and writes the results.
+    None (on every rank): no held-out pairs or problems, nothing to evaluate."""
     pairs = load_pairs(ctx, "eval")  # every rank scores its share of them
     # on every rank (the SFT model's path may be missing): all fail alike, none waits
     todo = [(name, _model_of(ctx, name)) for name in EVALUATED if name in ctx.cfg.eval_model_list()]
@@ -148,6 +153,8 @@ def _eval_sharded(ctx: Context, sdir: str) -> dict:
         plan = (problems, [(n, p, _result_key(ctx, p, pairs, problems)) for n, p in todo if p])
     problems, todo = from_main(plan)
     results, scorer, holds, ref = {}, None, None, None
+    if not pairs and not problems:
+        return None
 
     def hold(name: str, path: str):
         nonlocal scorer, holds
@@ -187,14 +194,21 @@ def stage_eval(ctx: Context) -> dict:
     results = {}
     if fsdp2_shards(ctx.accelerator):
         results = _eval_sharded(ctx, sdir)
+        note = NOTHING_HELD_OUT if results is None else None  # (every rank agrees: None on all of them)
+        results = results or {}
         if ctx.main:
-            write_report(ctx.cfg.output_dir, results)
+            if note:
+                ctx.log(f"eval: {note}")
+            write_report(ctx.cfg.output_dir, results, note=note)
             report_results(sdir, cfg.report_to, results, config=cfg.to_dict())
     elif ctx.main:
         pairs = load_pairs(ctx, "eval")
         problems = _load_problems(ctx)
         ref = None
-        wanted = cfg.eval_model_list()
+        note = None if pairs or problems else NOTHING_HELD_OUT
+        wanted = [] if note else cfg.eval_model_list()
+        if note:
+            ctx.log(f"eval: {note}")
         for name in EVALUATED:
             if name not in wanted:
                 continue
@@ -220,7 +234,7 @@ def stage_eval(ctx: Context) -> dict:
                 model = _load_for_eval(ctx, path)
             results[name] = evaluate_model(ctx, model, pairs, ref, problems)
             _save_result(out_path, results[name], key)
-        write_report(ctx.cfg.output_dir, results)
+        write_report(ctx.cfg.output_dir, results, note=note)
         report_results(sdir, cfg.report_to, results, config=cfg.to_dict())
     mark_done(ctx, sdir, {"results": results})
     return results

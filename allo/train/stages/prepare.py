@@ -9,6 +9,7 @@ import random
 import time
 
 from .. import data as D
+from ..config import RunError
 from .. import model as models
 from ..fsdp import fsdp2_shards, sharded_generate, sharded_scorer
 from ..model import build_tiny_model, generate, save_model, sft_train
@@ -102,9 +103,21 @@ def _judge_and_write(ctx: Context, sdir: str, info: dict, rows: dict, samples: d
     D.write_jsonl(os.path.join(sdir, "eval_pairs.jsonl"), outputs["eval"][0])
     D.write_jsonl(os.path.join(sdir, "eval_problems.jsonl"), rows["eval"])
     if not outputs["train"][0]:
-        raise ValueError("prepare: no problem had both a correct and a wrong sample, so there are no pairs; "
-                         "sample more (--num_samples) or start from a better / worse model")
+        raise RunError(_no_pairs_message(ctx.cfg, info["train"]))
     ctx.log(f"prepare: {info}")
+
+
+def _no_pairs_message(cfg, stats: dict) -> str:
+    acc = stats.get("sample_accuracy")
+    seen = f" (sample accuracy {acc:.2f})" if isinstance(acc, (int, float)) else ""
+    if cfg.model_name_or_path is None:
+        fix = (f"the built-in model was SFT-trained for --sft_steps {cfg.sft_steps}: raise --sft_steps (default "
+               "600) if its samples are all wrong, or --num_samples (now " f"{cfg.num_samples}) for more samples a problem")
+    else:
+        fix = (f"sample more (--num_samples, now {cfg.num_samples}) or start from a model that solves some but not "
+               "all of the problems")
+    return (f"prepare: no problem had both a correct and a wrong sample{seen}, so there are no preference pairs; "
+            + fix)
 
 
 def _prepare_sharded(ctx: Context, sdir: str, info: dict) -> None:

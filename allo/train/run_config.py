@@ -1,0 +1,217 @@
+"""The options a run was made with, saved in ``<output_dir>/allo_config.json`` (as TRL saves its
+training arguments), so that a later run into the same folder cannot silently reuse results made with
+other options or other data.
+
+``allo_config.json`` holds every option (``options``) and the identity of every data file and local
+starting model (``inputs``: path, size, modification time and, for data files, a SHA-256 of the
+content). A run that finds one compares it with its own options: any difference in an option that
+changes results (every option but those in :data:`NOT_COMPARED`) or in a data file's content is refused,
+naming each difference (old -> new); ``--overwrite_output_dir`` removes the earlier run's outputs first.
+Only differences that a completed stage of this run (``--stages``) was made with are refused (USED_BY:
+``--eval_file`` changes eval, ``--improve_ratio`` select and after, the built-in task's options nothing
+when the pairs come from a file): when no completed stage was made with an old value, the new options
+replace the saved ones; when only stages outside ``--stages`` were, the run goes on and says so.
+
+``allo-train <stage>`` (one stage, run on purpose, e.g. again with other options) is not refused: it
+writes the file only if there is none, and says in the log which of its options differ from the saved
+ones (``allo-train run`` keeps comparing with the saved ones).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+
+from allo._atomic import atomic_path
+
+from .config import STAGES, RunError, TrainConfig
+
+CONFIG_FILE = "allo_config.json"
+# options that change where, how fast or how verbosely a run goes, or which stages it goes through,
+# not what its stages compute: a run may change them and still use the completed stages
+NOT_COMPARED = ("output_dir", "overwrite_output_dir", "report_to", "run_name", "disable_tqdm", "logging_steps",
+                "save_steps", "save_total_limit", "resume_from_checkpoint", "stages", "generation_batch_size",
+                "per_device_eval_batch_size", "gradient_checkpointing", "use_cpu", "attn_implementation",
+                "trust_remote_code")
+# the stages that use an option (any other option: every stage). A difference matters to the stages
+# from the first of them on (they take its output), and not at all when none of them runs (the built-in
+# task's options when the pairs come from --train_file, say)
+_BUILTIN = ("sft_steps", "sft_learning_rate", "model_hidden_size", "model_num_layers", "num_sft_problems",
+            "num_train_problems", "num_eval_problems", "num_samples", "max_pairs_per_problem", "temperature",
+            "top_p", "task", "problems_file")
+USED_BY = {**dict.fromkeys(("eval_file", "eval_problems_file", "dataset_test_split", "eval_models"), ("eval",)),
+           **dict.fromkeys(("max_new_tokens", "answer_pattern"), ("prepare", "eval")),
+           **dict.fromkeys(_BUILTIN, ("prepare",)),
+           **dict.fromkeys(("improve_learning_rate", "key_tokens", "eps"), ("improve",)),
+           **dict.fromkeys(("forget_learning_rate", "negatives_file", "token_weight_source", "raw_reward_probs",
+                            "implicit_token_fraction"), ("forget",)),
+           "skip_forget": ("forget", "improve"),
+           **dict.fromkeys(("score_source", "score_batches", "selection", "forget_ratio", "improve_ratio",
+                            "exclude_ratio"), ("select",)),
+           **dict.fromkeys(("learning_rate", "warmup_model_path"), ("warmup",)),
+           **dict.fromkeys(("beta", "loss_type", "label_smoothing"), ("warmup", "select", "forget", "improve", "eval"))}
+DATA_FILES = ("train_file", "eval_file", "negatives_file", "problems_file", "eval_problems_file")
+MODEL_PATHS = ("model_name_or_path",)
+# what allo-train writes directly in --output_dir (what --overwrite_output_dir removes)
+OUTPUTS = STAGES + ("report.md", "training_curves.png", "eval_metrics.png")
+_TRASH = ".allo_removing-"
+
+
+def _file_identity(path: str) -> dict:
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+
+
+def _model_identity(path: str) -> dict | str:
+    """A local model folder by its weight files (name, size, modification time); a hub name by itself."""
+    local = os.path.expanduser(path)
+    if not os.path.isdir(local):
+        return path
+    return {"path": os.path.abspath(local),
+            "weights": sorted([f, st.st_size, st.st_mtime_ns] for f in os.listdir(local)
+                              if f.endswith((".safetensors", ".bin")) for st in [os.stat(os.path.join(local, f))])}
+
+
+def input_identities(cfg: TrainConfig) -> dict:
+    """The data files by their content, the starting model by its weight files (a hub or dataset name,
+    or None, by itself): compared in place of the options' values, so that the same data at another
+    path is the same run, and other data at the same path is not."""
+    out = {}
+    for name in DATA_FILES:
+        path = getattr(cfg, name)
+        out[name] = _file_identity(path) if path is not None and os.path.isfile(path) else path
+    for name in MODEL_PATHS:
+        path = getattr(cfg, name)
+        out[name] = None if path is None else _model_identity(path)
+    return out
+
+
+def _same_input(old, new) -> bool:
+    if isinstance(old, dict) and isinstance(new, dict) and "sha256" in old and "sha256" in new:
+        return old["size"] == new["size"] and old["sha256"] == new["sha256"]  # moved or touched: the same data
+    return old == new
+
+
+def _describe(v) -> str:
+    if isinstance(v, dict) and "sha256" in v:
+        return f"{v['path']} ({v['size']} bytes, sha256 {v['sha256'][:12]})"
+    if isinstance(v, dict):
+        return f"{v.get('path')} (weights {v.get('weights')})"
+    return repr(v)
+
+
+def differences(saved: dict, cfg: TrainConfig, inputs: dict) -> dict[str, str]:
+    """{option: "--option: old -> new"} for every compared option and input that differs from ``saved``."""
+    old_opts, new_opts = saved.get("options", {}), cfg.to_dict()
+    diff = {k: f"--{k}: {old_opts.get(k)!r} -> {new_opts[k]!r}" for k in new_opts
+            if k not in NOT_COMPARED + DATA_FILES + MODEL_PATHS and k in old_opts and old_opts[k] != new_opts[k]}
+    old_inputs = saved.get("inputs", {})
+    for k in sorted(set(old_inputs) & set(inputs)):
+        if not _same_input(old_inputs[k], inputs[k]):
+            diff[k] = f"--{k}: {_describe(old_inputs[k])} -> {_describe(inputs[k])}"
+    return diff
+
+
+def read_saved(output_dir: str) -> dict | None:
+    path = os.path.join(output_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"{path}: cannot be read ({e}); pass --overwrite_output_dir to start over in {output_dir}, "
+                       "or use another --output_dir") from None
+    return saved if isinstance(saved, dict) else {}
+
+
+def check(cfg: TrainConfig, *, explicit_stage: str | None = None, log=print) -> tuple[dict | None, dict]:
+    """(the saved record or None, this run's input identities). Raises RunError when ``cfg`` differs from
+    the saved options in anything that changes results (``run``, not ``--overwrite_output_dir``).
+    Reads only: every process may call it."""
+    inputs = input_identities(cfg)
+    if cfg.overwrite_output_dir:
+        return None, inputs
+    saved = read_saved(cfg.output_dir)
+    if saved is None:
+        return None, inputs
+    diff = differences(saved, cfg, inputs)
+    holding = stages_holding_results(cfg.output_dir)
+    made_with_old = {k: holding & _affected(cfg, k) for k in diff}  # completed stages made with the old value
+    this_run = set(cfg.stage_list()) if explicit_stage is None else set()
+    refused = [text for k, text in diff.items() if made_with_old[k] & this_run]
+    if diff and not any(made_with_old.values()):
+        log(f"{CONFIG_FILE}: this run's options differ from the saved ones only where no completed stage used them "
+            "(" + "; ".join(diff.values()) + "): they replace the saved ones")
+        return None, inputs
+    if refused:
+        raise RunError(f"--output_dir {cfg.output_dir} holds a run made with other options or data "
+                       f"({os.path.join(cfg.output_dir, CONFIG_FILE)}); its completed stages would be reused as they "
+                       "are. Differences (saved -> now): " + "; ".join(refused) + ". Pass --overwrite_output_dir to "
+                       "start over in that folder, or use another --output_dir")
+    if diff:
+        who = explicit_stage or f"stages {','.join(cfg.stage_list())}"
+        log(f"{who}: runs with options that differ from the run saved in {CONFIG_FILE} ("
+            + "; ".join(diff.values()) + "), which completed stages outside this run were made with; "
+            "`allo-train run` keeps comparing with the saved ones")
+    return saved, inputs
+
+
+def _affected(cfg: TrainConfig, option: str) -> set[str]:
+    """The stages whose results ``option`` changes: from the first stage that uses it on (prepare only
+    runs for the built-in task or a --problems_file; a stage linked from --reuse_from was made by that
+    run, with its options)."""
+    reused = {s.strip() for s in cfg.reuse_stages.split(",")} if cfg.reuse_from else set()
+    users = [s for s in USED_BY.get(option, STAGES)
+             if (s != "prepare" or not (cfg.train_file or cfg.dataset_name) or cfg.problems_file) and s not in reused]
+    return set(STAGES[min(STAGES.index(s) for s in users):]) if users else set()
+
+
+def stages_holding_results(output_dir: str) -> set[str]:
+    """The stages in ``output_dir`` that completed (DONE) or saved a checkpoint: what a run would reuse."""
+    out = set()
+    for stage in STAGES:
+        d = os.path.join(output_dir, stage)
+        ckpts = os.path.join(d, "checkpoints")
+        if os.path.exists(os.path.join(d, "DONE")) or (os.path.isdir(ckpts) and os.listdir(ckpts)):
+            out.add(stage)
+    return out
+
+
+def write(cfg: TrainConfig, inputs: dict) -> None:
+    from .. import __version__ as version
+
+    record = {"allo_version": version, "options": cfg.to_dict(), "inputs": inputs,
+              "not_compared": list(NOT_COMPARED)}
+    with atomic_path(os.path.join(cfg.output_dir, CONFIG_FILE), what="allo-train") as tmp, \
+            open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1, default=str)
+
+
+def remove_outputs(output_dir: str, log=print) -> None:
+    """Remove what allo-train wrote in ``output_dir`` (the stage folders, reports, plots and
+    allo_config.json; other files are left). Each is first renamed into one trash folder inside
+    ``output_dir`` (a rename is atomic), allo_config.json last: a crash part-way leaves the saved
+    options with what is left, so a later run still compares against them (and a run with the new
+    options is still refused) and never takes the rest for a complete run of other options. The trash
+    folder is removed last (and an earlier one left by a crash, on the next overwrite)."""
+    if not os.path.isdir(output_dir):
+        return
+    present = [n for n in OUTPUTS + (CONFIG_FILE,) if os.path.lexists(os.path.join(output_dir, n))]
+    leftovers = [n for n in os.listdir(output_dir) if n.startswith(_TRASH)]
+    if not present and not leftovers:
+        return
+    trash = os.path.join(output_dir, f"{_TRASH}{uuid.uuid4().hex[:12]}")
+    os.mkdir(trash)
+    for name in present:  # CONFIG_FILE is last in OUTPUTS + (CONFIG_FILE,)
+        os.rename(os.path.join(output_dir, name), os.path.join(trash, name))
+    log(f"--overwrite_output_dir: removed the earlier run's outputs in {output_dir} ({', '.join(present) or 'none'})")
+    for name in leftovers + [os.path.basename(trash)]:
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)  # links inside are removed, not followed

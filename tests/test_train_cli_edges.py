@@ -1,0 +1,284 @@
+"""allo-train's edges found by the CLI review: a rerun into an existing --output_dir with other options,
+options refused at parse time, a run without held-out data, unknown TRL flags, clean errors before any
+stage, data files checked up front. Reuses test_train's tiny model and files."""
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+
+from allo.train import pipeline, run_config
+from allo.train import data as D
+from allo.train.cli import build_parser, main, parse
+from allo.train.config import LR_SCHEDULERS, RunError
+from test_train import _cfg, tiny  # noqa: F401  (tiny: the module's fixture)
+
+
+def _exit_code(argv):
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+# ------------------------------------------------------------------ 1. a rerun with other options
+def test_a_rerun_with_other_options_or_data_is_refused_and_overwrite_starts_over(tiny, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    kw = dict(stages="warmup", max_steps=1)
+    pipeline.run(_cfg(tiny, out, **kw))
+    saved = json.loads((out / "allo_config.json").read_text())
+    assert saved["options"]["learning_rate"] == 1e-2 and saved["inputs"]["train_file"]["sha256"]
+    done = os.path.getmtime(out / "warmup" / "DONE")
+
+    # the same options, or options that do not change results: completed stages are skipped
+    pipeline.run(_cfg(tiny, out, report_to="none", logging_steps=3, **kw))
+    # the same data at another path is the same data
+    moved = tmp_path / "moved.jsonl"
+    shutil.copy(tiny / "train.jsonl", moved)
+    pipeline.run(_cfg(tiny, out, train_file=str(moved), **kw))
+    assert os.path.getmtime(out / "warmup" / "DONE") == done
+
+    # other options, other data: refused, naming each difference and how to go on
+    with pytest.raises(RunError) as e:
+        pipeline.run(_cfg(tiny, out, learning_rate=2e-2, beta=0.2, **kw))
+    msg = str(e.value)
+    assert "--learning_rate: 0.01 -> 0.02" in msg and "--beta: 0.1 -> 0.2" in msg
+    assert "--overwrite_output_dir" in msg and "another --output_dir" in msg
+    moved.write_text(moved.read_text().replace("The answer is", "The answer is:", 1))
+    with pytest.raises(RunError, match=r"--train_file: .*moved.jsonl"):
+        pipeline.run(_cfg(tiny, out, train_file=str(moved), **kw))
+    assert os.path.getmtime(out / "warmup" / "DONE") == done
+    capsys.readouterr()
+    # the CLI: one error line, exit status 2
+    assert _exit_code(["--model_name_or_path", str(tiny / "sft"), "--train_file", str(tiny / "train.jsonl"),
+                       "--eval_file", str(tiny / "eval.jsonl"), "--output_dir", str(out), "--stages", "warmup",
+                       "--max_steps", "1", "--disable_tqdm", "--beta", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "allo-train: error: --output_dir" in err and "--beta: 0.1 -> 0.3" in err
+
+    # one stage run on purpose is not refused: it says how its options differ
+    pipeline.run_stage("warmup", _cfg(tiny, out, learning_rate=2e-2, **kw))
+    assert "differ from the run saved" in capsys.readouterr().out
+
+    # --overwrite_output_dir: the old outputs go, the stage runs again, the new options are saved
+    (out / "notes.txt").write_text("mine")
+    pipeline.run(_cfg(tiny, out, learning_rate=2e-2, overwrite_output_dir=True, **kw))
+    assert "removed the earlier run's outputs" in capsys.readouterr().out
+    assert json.loads((out / "allo_config.json").read_text())["options"]["learning_rate"] == 2e-2
+    assert (out / "notes.txt").read_text() == "mine"  # not allo-train's: left alone
+    assert not [n for n in os.listdir(out) if n.startswith(".allo_removing")]
+    pipeline.run(_cfg(tiny, out, learning_rate=2e-2, **kw))  # and now the same options again: skipped
+
+
+def test_options_no_completed_stage_used_may_differ(tmp_path, tiny):  # noqa: F811
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = _cfg(tiny, out)
+    run_config.write(cfg, run_config.input_identities(cfg))
+    other = _cfg(tiny, out, learning_rate=0.5)
+    logs = []
+    assert run_config.check(other, log=logs.append)[0] is None and "replace the saved ones" in logs[0]
+    (out / "warmup").mkdir()
+    (out / "warmup" / "DONE").write_text("{}")
+    assert run_config.check(_cfg(tiny, out, eval_file=None), log=logs.append)[0] is None  # only eval uses it
+    (out / "eval").mkdir()
+    (out / "eval" / "DONE").write_text("{}")
+    with pytest.raises(RunError, match=r"--eval_file: .*eval.jsonl .* -> None"):
+        run_config.check(_cfg(tiny, out, eval_file=None))
+    with pytest.raises(RunError, match="--learning_rate"):  # the completed warm-up used it
+        run_config.check(other)
+    # a run that goes through no stage made with the old value (--stages select) goes on, and says so
+    logs.clear()
+    saved, _ = run_config.check(_cfg(tiny, out, learning_rate=0.5, stages="select"), log=logs.append)
+    assert saved is not None and "outside this run" in logs[0]
+    # the built-in task's options change nothing when the pairs come from a file
+    assert run_config.check(_cfg(tiny, out, task="compare"), log=logs.append)[0] is None
+
+
+def test_overwrite_interrupted_part_way_leaves_the_saved_options_to_refuse_with(tmp_path, tiny, monkeypatch):  # noqa: F811
+    out = tmp_path / "run"
+    cfg = _cfg(tiny, out)
+    for stage in ("warmup", "select"):
+        (out / stage).mkdir(parents=True)
+        (out / stage / "DONE").write_text("{}")
+    run_config.write(cfg, run_config.input_identities(cfg))
+    real, moved = os.rename, []
+
+    def crash_after_one(src, dst):
+        if moved:
+            raise OSError("killed")
+        moved.append(src)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", crash_after_one)
+    with pytest.raises(OSError):
+        run_config.remove_outputs(str(out), log=lambda m: None)
+    monkeypatch.setattr(os, "rename", real)
+    assert (out / "allo_config.json").exists() and not (out / "warmup").exists() and (out / "select").exists()
+    with pytest.raises(RunError, match="--learning_rate"):  # still refused: the rest is not taken for a new run
+        run_config.check(_cfg(tiny, out, learning_rate=0.5))
+    run_config.remove_outputs(str(out), log=lambda m: None)  # the next overwrite finishes, leftovers included
+    assert os.listdir(out) == []
+
+
+def test_a_resumed_stage_says_which_checkpoint_it_picked_up(tiny, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    kw = dict(stages="warmup", max_steps=3, save_steps=2)
+
+    def boom(stage, step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(_cfg(tiny, out, **kw), on_step_end=boom)
+    capsys.readouterr()
+    pipeline.run(_cfg(tiny, out, resume_from_checkpoint="true", **kw))
+    assert "resuming warmup from checkpoint-2" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ 2, 5, 8. options refused at parse time
+@pytest.mark.parametrize("argv, message", [
+    (["--score_source", "gradient", "--score_batches", "0"], "--score_batches is 0; expected >= 1"),
+    (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size is 0; expected >= 1"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm is -1.0; expected >= 0 (0: no clipping)"),
+    (["--adam_epsilon=-1e-8"], "--adam_epsilon is -1e-08; expected >= 0"),
+    (["--num_samples", "0"], "--num_samples is 0; expected >= 1"),
+    (["--task", "foo"], "argument --task: invalid choice: 'foo'"),
+    (["--lr_scheduler_type", "foo"], "not one of transformers' schedulers"),
+    (["--lr_scheduler_type", "warmup_stable_decay"], "needs options allo-train does not pass"),
+    (["--eval_steps", "10"], "unrecognized arguments: --eval_steps 10"),
+    (["warmup", "--save_strategy", "steps"], "unrecognized arguments: --save_strategy steps"),
+    (["--logging_dir", "x", "--max_steps", "2"], "unrecognized arguments: --logging_dir x"),
+    (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    (["foo"], "invalid command 'foo'; choose from run, prepare"),
+])
+def test_bad_options_are_one_error_line_after_a_one_line_usage_hint(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and "allo-train --help" in lines[0], err
+    assert lines[1].startswith("allo-train: error: ") and message in lines[1], err
+
+
+def test_the_command_may_come_anywhere_and_max_grad_norm_0_means_no_clipping():
+    assert parse(["--max_steps", "3", "warmup"])[0] == "warmup"
+    assert parse(["eval", "--max_steps=2"])[0] == "eval"
+    assert parse(["--max_grad_norm", "0"])[1].max_grad_norm == 0
+
+
+def test_lr_schedulers_offered_are_transformers_own():
+    from transformers.trainer_utils import SchedulerType
+
+    assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+
+
+def test_help_gives_each_default_once():
+    parser = build_parser()
+    text = parser.format_help()
+    assert "(default: None)" not in text
+    for action in parser._actions:
+        if action.help and action.help != "==SUPPRESS==":
+            assert len(re.findall(r"\(default", action.help.replace("%(default)s", ""))) <= 1, action.option_strings
+    assert "(default: 5e-05)" in " ".join(text.split())  # a default the text does not give is still shown
+
+
+@pytest.mark.parametrize("where, says", [("file", "is a file"), ("under_file", "is a file, so no folder")])
+def test_an_output_dir_that_is_or_is_under_a_file_is_refused_at_parse_time(tmp_path, capsys, where, says):
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    path = str(a_file) if where == "file" else str(a_file / "x" / "y")
+    with pytest.raises(SystemExit):
+        parse(["--output_dir", path])
+    assert f"--output_dir {path}: " in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_an_output_dir_that_cannot_be_created_names_the_option(tiny, capsys):  # noqa: F811
+    assert _exit_code(["warmup", "--model_name_or_path", str(tiny / "sft"), "--train_file", str(tiny / "train.jsonl"),
+                       "--output_dir", "/proc/nope", "--disable_tqdm"]) == 2
+    err = capsys.readouterr().err
+    assert "allo-train: error: --output_dir /proc/nope: cannot write there" in err and "Traceback" not in err
+
+
+def test_a_hub_name_that_cannot_be_loaded_is_a_clean_error(tmp_path, monkeypatch, capsys):
+    from allo.train import model as models
+
+    def offline(path, options=None):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them "
+                      "in the cached files.\nCheck your internet connection")
+
+    monkeypatch.setattr(models, "load_tokenizer", offline)
+    assert _exit_code(["--model_name_or_path", "nonexistent-model-xyz", "--output_dir", str(tmp_path / "out"),
+                       "--disable_tqdm"]) == 2
+    err = capsys.readouterr().err
+    assert "--model_name_or_path nonexistent-model-xyz: not a local folder" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_built_in_run_whose_model_samples_no_pair_says_to_raise_sft_steps(tmp_path, capsys):
+    # an untrained built-in model: every sample is wrong, so no problem has a correct and a wrong one
+    rc = _exit_code(["prepare", "--sft_steps", "0", "--num_sft_problems", "1", "--num_train_problems", "3",
+                     "--num_eval_problems", "2", "--num_samples", "2", "--max_new_tokens", "4",
+                     "--model_hidden_size", "16", "--model_num_layers", "1", "--output_dir", str(tmp_path / "out"),
+                     "--disable_tqdm", "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no problem had both a correct and a wrong sample" in err and "raise --sft_steps" in err
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------ 3. no held-out data
+def test_without_held_out_data_eval_says_so_and_the_report_is_well_formed(tiny, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert pipeline.run(_cfg(tiny, out, stages="eval", eval_file=None, eval_problems_file=None)) == {}
+    printed = capsys.readouterr().out
+    assert "no held-out pairs: pass --eval_file to evaluate" in printed and "None" not in printed
+    assert "no held-out pairs: pass --eval_file" in (out / "report.md").read_text()
+    assert not (out / "eval" / "sft.json").exists()
+
+
+def test_report_tables_have_as_many_cells_in_every_line():
+    from allo.train.report import format_table
+
+    for results in ({"sft": {}}, {"sft": {"eval_loss": 0.5}, "warmup": {}},
+                    {"sft": {"eval_answer_accuracy": 0.1, "eval_loss": 0.7}}):
+        lines = format_table(results).splitlines()
+        assert len({line.count("|") for line in lines}) == 1, lines
+        assert len(lines) == 2 + len(results)
+
+
+# ------------------------------------------------------------------ 6, 7. data files checked up front
+@pytest.mark.parametrize("flag, text, says", [
+    ("--eval_file", '[{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}]',
+     "--eval_file {path}: row 2: field 'rejected': missing"),
+    ("--negatives_file", '{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n', "--negatives_file {path}:2: field 'rejected': missing"),
+    ("--eval_problems_file", '{"prompt": "a", "answer": ""}\n', "--eval_problems_file {path}:1: field 'answer'"),
+    ("--eval_file", None, "--eval_file {path}: no such file"),
+])
+def test_every_data_file_is_checked_before_any_stage_runs(tiny, tmp_path, capsys, flag, text, says):  # noqa: F811
+    path = tmp_path / ("data.json" if text and text.startswith("[") else "data.jsonl")
+    if text is not None:
+        path.write_text(text)
+    out = tmp_path / "out"
+    assert _exit_code(["--model_name_or_path", str(tiny / "sft"), "--train_file", str(tiny / "train.jsonl"),
+                       flag, str(path), "--output_dir", str(out), "--disable_tqdm", "--report_to", "none"]) == 2
+    err = capsys.readouterr().err
+    assert says.format(path=path) in err and "Traceback" not in err, err
+    assert not out.exists()  # before any stage (and before the folder is made)
+
+
+def test_json_items_are_numbered_from_1_like_jsonl_lines(tmp_path):
+    from allo.train.tokenizer import load_builtin_tokenizer
+
+    tok = load_builtin_tokenizer()
+    rows = [{"prompt": "1+1?", "chosen": "2", "rejected": "3"}, {"prompt": "1+2?", "chosen": 3, "rejected": "4"}]
+    as_json, as_jsonl = tmp_path / "p.json", tmp_path / "p.jsonl"
+    as_json.write_text(json.dumps(rows))
+    as_jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(D.BadRowError, match=r"p\.json: row 2: field 'chosen'"):
+        D.load_pairs(str(as_json), tok)
+    with pytest.raises(D.BadRowError, match=r"p\.jsonl:2: field 'chosen'"):
+        D.load_pairs(str(as_jsonl), tok)
