@@ -128,8 +128,15 @@ def bench_tokens(args, device, liger, warmup, repeats):
     for name, fn in token_impls(device, liger).items():
         # in-place backward writes the logits' gradient into the logits themselves: it gets its own copy,
         # so the other impls keep real logits (its repeats then run on its earlier gradients: the kernels'
-        # work does not depend on the values)
-        x = logits.detach().clone().requires_grad_(True) if name.endswith("inplace") else logits
+        # work does not depend on the values). The copy is made by the graph (`+ 0`), as an LM head's logits
+        # are: in-place backward refuses leaf logits, which belong to the caller
+        inplace = name.endswith("inplace")
+
+        def copy(t, inplace=inplace):
+            leaf = t.detach().clone().requires_grad_(True)
+            return leaf + 0 if inplace else leaf
+
+        x = copy(logits) if inplace else logits
 
         def fwd(x=x):
             return fn(x, labels)
@@ -138,7 +145,7 @@ def bench_tokens(args, device, liger, warmup, repeats):
             return torch.autograd.grad(fn(x, labels), x, upstream.to(torch.float32))
 
         try:
-            checked = x.detach().clone().requires_grad_(True)
+            checked = copy(x)
             lp = fn(checked, labels)
             err = _check(f"{n}x{v}", name, (lp, torch.autograd.grad(lp, checked, upstream)[0]), (ref_lp, ref_grad),
                          dtype)
@@ -149,7 +156,7 @@ def bench_tokens(args, device, liger, warmup, repeats):
                 return torch.autograd.grad(out, logits, upstream, retain_graph=True)
 
             modes = [("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)]
-            if name.endswith("inplace"):
+            if inplace:
                 # backward overwrites the saved logits, so it cannot be repeated on one graph
                 modes.pop(1)
                 print(f"note: {name}: backward alone is not timed (it consumes its graph); see fwd+bwd")

@@ -234,8 +234,9 @@ class MaskedAdamW(Optimizer):
             twice = sorted({n for n in masks if names.count(n) > 1}) if len(position) < len(names) else []
             if twice:
                 raise ValueError(
-                    f"masks names {twice[:5]!r}, which more than one of the optimizer's parameters {'has' if len(twice) == 1 else 'have'} "
-                    "(groups built from submodules' named_parameters()?); name the parameters uniquely (e.g. with "
+                    f"masks names {twice[:5]!r}, which more than one of the optimizer's parameters "
+                    f"{'has' if len(twice) == 1 else 'have'} (groups built from submodules' named_parameters()?); "
+                    "name the parameters uniquely (e.g. with "
                     "the whole model's named_parameters()) or pass masks as a list aligned with the parameters"
                 )
             unknown = [k for k in masks if k not in position]
