@@ -249,3 +249,11 @@ def test_select_refuses_metadata_it_records_itself():
     sel = select({"w": torch.rand(10)}, 0.5, metadata={"run": "a"}, score_source="gradient")
     assert sel.metadata == {"ratio": 0.5, "exclude_ratio": 0.0, "granularity": "element", "score_source": "gradient",
                             "run": "a"}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_every_backend_names_the_tensor_holding_a_nan_score(backend):
+    scores = {"a": torch.ones(3), "b": torch.tensor([1.0, float("nan"), 2.0])}
+    with pytest.raises(NonFiniteScoresError, match=r"scores\['b'\].*flat index 1") as err:
+        select_top(scores, 0.5, backend=backend)
+    assert (err.value.name, err.value.index) == ("b", 1)

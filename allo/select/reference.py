@@ -28,7 +28,9 @@ def reference_band_masks(scores, ratio, exclude_ratio=0.0) -> dict[str, torch.Te
     n = allv.numel()
     k_hi, k_ex = band_count(ratio, n), band_count(exclude_ratio, n)
     if n and not torch.isfinite(allv).all():
-        raise ValueError("reference_band_masks: scores must be finite")
+        from .topk import _name_nonfinite  # (topk imports this module's users lazily too)
+
+        _name_nonfinite(sources, None, "reference_band_masks")  # the backends' error, naming the tensor
     order = torch.sort(allv, descending=True, stable=True).indices
     flat_mask = torch.zeros(n, dtype=torch.bool, device=allv.device)  # `order` is on the scores' device
     flat_mask[order[k_ex:k_hi]] = True
