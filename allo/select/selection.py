@@ -245,7 +245,9 @@ class Selection:
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """bool masks, built on first access and cached."""
+        """bool masks, built on first access and cached: every access returns the same tensors, so do not
+        modify them (the selection is ``indices``; a changed mask would disagree with it and with a saved
+        file). Clone one to edit it."""
         if self._masks is None:
             masks = {}
             for n, shape in self.shapes.items():
