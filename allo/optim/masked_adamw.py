@@ -649,14 +649,15 @@ class MaskedAdamW(Optimizer):
         """State for a parameter that has none: fresh state for its selection when that was removed by
         hand (torch's optimizers start such a parameter afresh too), None when nothing is selected."""
         sel = self._selection.get(param)
+        if sel is not None and sel == EMPTY:
+            return None
+        label = self._label_of(param)
         if sel is None:
             raise ValueError(
-                f"parameter {self._label_of(param)} is in the optimizer's param_groups but was never given to it "
+                f"parameter {label} is in the optimizer's param_groups but was never given to it "
                 "(put into a group's 'params' list by hand?); add parameters with add_param_group"
             )
-        if sel == EMPTY:
-            return None
-        state = self.state[param] = self._make_state(param, sel, self._label_of(param))
+        state = self.state[param] = self._make_state(param, sel, label)
         return state
 
     def _state_does_not_fit(self, param: torch.Tensor, state: dict) -> Exception:
@@ -935,9 +936,6 @@ class MaskedAdamW(Optimizer):
                         f"state_dict state for parameter {label} has no {key!r}; the checkpoint does not match "
                         "this model/optimizer (was it saved by MaskedAdamW for this model?)"
                     )
-            if p.dtype in _LOW_PRECISION and "master" not in state:
-                # saved for an fp32 run of this parameter (no master then): the bf16/fp16 weight starts one
-                state["master"] = None  # made from the weight once the indices are checked (below)
             if indices is not None:
                 if indices.dim() != 1 or (k and (int(indices.min()) < 0 or int(indices.max()) >= p.numel())):
                     raise ValueError(f"state_dict 'indices' for parameter {label} do not index a tensor of "
@@ -948,12 +946,12 @@ class MaskedAdamW(Optimizer):
                     raise ValueError(f"state_dict 'indices' for parameter {label} are not sorted, unique int32/int64 "
                                      "flat indices (as MaskedAdamW saves them); the checkpoint was not saved by "
                                      "MaskedAdamW or was altered")
-                if state.get("master", False) is None:
-                    state["master"] = _master_from_weight(p, indices)
+            if p.dtype in _LOW_PRECISION and "master" not in state:
+                # saved for an fp32 run of this parameter (no master then): the bf16/fp16 weight starts one
+                state["master"] = _master_from_weight(p, indices)
+            if indices is not None:
                 loaded.append((indices, state))
             else:
-                if state.get("master", False) is None:
-                    state["master"] = _master_from_weight(p, None)
                 for key in ("exp_avg", "exp_avg_sq", "master"):
                     if key in state:
                         state[key] = state[key].view(p.shape)
@@ -1005,12 +1003,11 @@ def _sync_master(param: torch.Tensor, state: dict) -> None:
     """Elements of ``param`` (bf16/fp16) that differ from their master copy rounded to the weight's dtype
     were changed outside the optimizer: their master entries take the weight's value. The others keep
     theirs (the precision below the weight's dtype is the master copy's point)."""
-    p = sharding.local(param).detach()
-    master, indices = state["master"], state.get("indices")
-    flat = p.reshape(-1)
-    weight = (flat if indices is None else flat.index_select(0, indices.long())).view(master.shape)
-    changed = weight != master.to(p.dtype)
-    master.copy_(torch.where(changed, weight.to(torch.float32), master))
+    p = sharding.local(param)
+    master = state["master"]
+    weight = _master_from_weight(p, state.get("indices")).view(master.shape)  # the weight's values, exactly
+    changed = weight != master.to(p.dtype).to(torch.float32)
+    master.copy_(torch.where(changed, weight, master))
 
 
 def _fused_dense(rows: list, device: torch.device, *, lr, beta1, beta2, eps, weight_decay) -> None:

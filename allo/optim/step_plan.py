@@ -94,9 +94,8 @@ class StepPlan:
         self.columns = ([e[0] for e in entries], [e[1] for e in entries], [e[5] for e in entries],
                         [e[4] for e in entries], [e[3] for e in entries], [bool(e[2]) for e in entries])
         self.step_slots = step_slots  # (buffer generation, slot indices) of the entries' step counts
-        # each entry's state and its step count (a view into the optimizer's count buffer): a count replaced
-        # by hand (state["step"] = torch.tensor(0.)) must be read, as the general path does
-        self.entry_states = [e[1] for e in entries]
+        # each entry's step count (a view into the optimizer's count buffer): a count replaced by hand
+        # (state["step"] = torch.tensor(0.)) must be read, as the general path does
         self.step_views = [e[1]["step"] for e in entries]
         self.backend = backend
 
@@ -108,7 +107,7 @@ class StepPlan:
         if (opt.state is not self.state or len(opt.state) != len(self.state_values)
                 or not all(map(is_, opt.state.values(), self.state_values))
                 or not all(map(is_, self.params, self.param_snapshot))
-                or not all(map(is_, map(_STEP, self.entry_states), self.step_views))):
+                or not all(map(is_, map(_STEP, self.columns[1]), self.step_views))):
             return False
         got = self.gradients(opt._compact)
         if got is None:

@@ -115,7 +115,7 @@ def read_rows(source: str, *, split: str = "train", config: str | None = None) -
 
             return [(f"{source}: row {i}", r) for i, r in enumerate(pq.read_table(source).to_pylist(), 1)]
         raise BadRowError(f"{source}: unknown file type; use .jsonl, .json or .parquet")
-    if source.lower().endswith(DATA_FILE_TYPES) or source.startswith((".", "/", "~")) and not os.path.isdir(source):
+    if _names_a_file(source):
         # a path, not a dataset name: asking the hub for it would only say it cannot be reached
         raise FileNotFoundError(f"{source}: no such file")
     try:
@@ -325,6 +325,12 @@ def _problem(row, where) -> dict:
     return {"prompt": prompt, "answer": ans}
 
 
+def _names_a_file(source: str) -> bool:
+    """Whether ``source`` is written as a file path (a data file's suffix, or a path that is not a folder),
+    not a dataset name or folder."""
+    return source.lower().endswith(DATA_FILE_TYPES) or source.startswith((".", "/", "~")) and not os.path.isdir(source)
+
+
 _ROW_CHECKS = {"pairs": _pair_texts, "negatives": _negative_texts, "problems": _problem}
 
 
@@ -332,9 +338,7 @@ def check_source(source: str, kind: str, *, skip_bad_rows: bool = False) -> Load
     """Read a local data file whole and check every row's fields as its loader will (``kind``: pairs,
     negatives or problems), without tokenizing: the errors the stage would raise, before any stage
     runs. A dataset name or folder is not checked here (None): loading it is the dataset's work."""
-    looks_like_a_path = source.lower().endswith(DATA_FILE_TYPES) or (source.startswith((".", "/", "~"))
-                                                                    and not os.path.isdir(source))
-    if not os.path.isfile(source) and not looks_like_a_path:
+    if not os.path.isfile(source) and not _names_a_file(source):
         return None  # a dataset folder or hub name (read_rows says "no such file" for a missing path)
     check = _ROW_CHECKS[kind]
     return _load(source, lambda row, where, rep: check(row, where), skip_bad_rows=skip_bad_rows)[1]
