@@ -84,4 +84,6 @@ class Launch:
     def run(self, grad_ptrs, scal) -> None:
         if grad_ptrs is not None:
             self.addr[:, 1] = grad_ptrs
-        masked_adamw_cpu(torch.from_numpy(self.addr), torch.from_numpy(np.ascontiguousarray(scal, dtype=np.float32)))
+        # a 1-row broadcast view of the scalar table counts as contiguous but is read-only, which
+        # torch.from_numpy warns about: "W" copies it (the C loop only reads the table)
+        masked_adamw_cpu(torch.from_numpy(self.addr), torch.from_numpy(np.require(scal, np.float32, ("C", "W"))))

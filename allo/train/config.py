@@ -111,9 +111,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     num_train_epochs: float = _f(1.0, "epochs per training stage (released scripts: 1)")
     max_steps: int = _f(-1, "if > 0: optimizer steps per training stage, overriding --num_train_epochs")
-    warmup_ratio: float = _f(0.1, "fraction of steps of linear learning-rate warm-up before the cosine decay")
+    warmup_ratio: float = _f(0.1, "fraction of steps of linear learning-rate warm-up before the cosine decay, "
+                             "rounded down (transformers rounds up: a step of lr 0 first; --warmup_steps 0.1 reads "
+                             "a fraction as it does)")
     warmup_steps: float = _f(0, "if > 0, overrides --warmup_ratio as transformers 5 reads it: a whole number of "
-                             "warm-up steps, or a fraction of the stage's steps when below 1")
+                             "warm-up steps, or a fraction of the stage's steps when below 1 (rounded up)")
     lr_scheduler_type: str = _f("cosine", "transformers' learning-rate schedule after the warm-up: "
                                 + " | ".join(LR_SCHEDULERS))
     weight_decay: float = _f(0.0, "AdamW weight decay (released scripts: 0)")
@@ -272,7 +274,10 @@ class TrainConfig:
         return self
 
     def num_warmup_steps(self, total: int) -> int:
-        """Learning-rate warm-up steps of a stage of ``total`` optimizer steps."""
+        """Learning-rate warm-up steps of a stage of ``total`` optimizer steps. ``--warmup_ratio`` rounds
+        down, so a short stage (the built-in task's) gets no warm-up step whose learning rate is 0;
+        ``--warmup_steps`` below 1 rounds up, as transformers does for a fraction (TRL runs given
+        ``--warmup_ratio`` get one more step where the product is not whole)."""
         if self.warmup_steps >= 1:
             return int(self.warmup_steps)
         if self.warmup_steps > 0:
