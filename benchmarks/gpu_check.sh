@@ -103,7 +103,8 @@ triton_tests=(${GPU_CHECK_TRITON_TESTS:-tests/test_optim_kernels.py tests/test_o
               tests/test_select_triton.py tests/test_select_device_plan.py tests/test_select_boundary.py})
 # (tests/test_select.py allocates masks through allo._C: after the build, not while it runs)
 extension_tests=(${GPU_CHECK_EXTENSION_TESTS:-tests/test_logprob.py tests/test_logprob_fused.py tests/test_ops_losses_edges.py
-                 tests/test_optim_compact_rows.py tests/test_select.py})
+                 tests/test_optim_compact_rows.py tests/test_select.py tests/test_optim_exactness.py
+                 tests/test_select_exactness.py})
 
 step "pytest Triton GPU tests" 200 "$py" -m pytest "${gpu_pytest_args[@]}" "${triton_tests[@]}" &
 triton_pid=$!

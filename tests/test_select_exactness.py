@@ -20,6 +20,7 @@ from allo.select import Selection, select, select_top, weight_delta_scores
 from allo.select.reference import reference_band_masks
 from allo.select.topk import NonFiniteScoresError, band_masks
 from allo_kernels import radix_blocked as RB
+from conftest import device_for
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -30,6 +31,11 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(RB, "TILE", 128)
     monkeypatch.setattr(RB, "BLOCK", 32)
     monkeypatch.setattr(RB, "hist_block", lambda bits: 64)
+
+
+def _on_triton_device(scores: dict) -> dict:
+    # Triton runs CUDA tensors on a GPU machine, CPU tensors only under the interpreter
+    return {n: s.to(device_for("triton")) for n, s in scores.items()}
 
 
 def _assert_same(got, ref, what=""):
@@ -102,7 +108,7 @@ def test_bf16_and_fp16_scores_together_triton(small_tiles):
     vals = lambda n: torch.randint(-6, 7, (n,)).float() * 0.25  # noqa: E731
     scores = {"b0": vals(150).bfloat16(), "h0": vals(61).half(), "b1": vals(7).bfloat16()}
     f32 = {n: s.float() for n, s in scores.items()}  # exact: the values are multiples of 0.25
-    _assert_same(band_masks(scores, 0.37, 0.11, backend="triton", histogram="blocked"),
+    _assert_same(band_masks(_on_triton_device(scores), 0.37, 0.11, backend="triton", histogram="blocked"),
                  reference_band_masks(f32, 0.37, 0.11))
 
 
@@ -117,7 +123,8 @@ def test_masks_streamed_out_in_several_waves(small_tiles, monkeypatch):
     for ratio, ex in ((0.77, 0.35),):
         ref = reference_band_masks(scores, ratio, ex)
         got = {}
-        band_masks(scores, ratio, ex, backend="triton", histogram="blocked", emit=lambda n, m: got.__setitem__(n, m))
+        band_masks(_on_triton_device(scores), ratio, ex, backend="triton", histogram="blocked",
+                   emit=lambda n, m: got.__setitem__(n, m))
         _assert_same(got, ref, (ratio, ex))
 
 
@@ -129,7 +136,7 @@ def test_positive_infinity_is_refused_by_every_variant(variant, dtype, small_til
     x[97] = float("inf")
     scores = {"ok": torch.ones(20, dtype=dtype), "bad": x}
     with pytest.raises(NonFiniteScoresError, match=r"scores\['bad'\].*flat index 97"):
-        band_masks(scores, 0.3, backend="triton", histogram=variant)
+        band_masks(_on_triton_device(scores), 0.3, backend="triton", histogram=variant)
 
 
 def test_partial_reads_of_a_saved_selection(tmp_path):
@@ -226,7 +233,7 @@ def test_window_that_ends_just_below_present_keys(finish_on_device, bits, small_
 
     monkeypatch.setattr(sampling, "windows", windows)
     for ratio, ex in ((0.3, 0.0), (0.6, 0.2)):
-        _assert_same(band_masks(scores, ratio, ex, backend="triton", histogram="blocked"),
+        _assert_same(band_masks(_on_triton_device(scores), ratio, ex, backend="triton", histogram="blocked"),
                      reference_band_masks(scores, ratio, ex), (ratio, ex))
     assert len(tried) == 2 and all(all(t) for t in tried)  # the key above each window is present
 
@@ -271,7 +278,7 @@ def test_window_starting_at_zero_counts_negative_zero(finish_on_device, dtype, s
 
     monkeypatch.setattr(sampling, "windows", windows)
     for ratio, ex in ((0.5, 0.0), (0.7, 0.45)):  # ~20% of the scores are above zero: both boundaries on zeros
-        _assert_same(band_masks(scores, ratio, ex, backend="triton", histogram="blocked"),
+        _assert_same(band_masks(_on_triton_device(scores), ratio, ex, backend="triton", histogram="blocked"),
                      reference_band_masks(scores, ratio, ex), (ratio, ex))
     assert len(taken) == 2
 
@@ -300,7 +307,7 @@ def test_window_right_below_a_boundary_that_ends_a_tie_group(finish_on_device, s
 
     monkeypatch.setattr(sampling, "windows", windows)
     for ratio, ex in ((k_hi / n, 0.0), (k_hi / n, k_ex / n)):
-        _assert_same(band_masks(scores, ratio, ex, backend="triton", histogram="blocked"),
+        _assert_same(band_masks(_on_triton_device(scores), ratio, ex, backend="triton", histogram="blocked"),
                      reference_band_masks(scores, ratio, ex), (ratio, ex))
     assert asked == [[k_hi], [k_hi, k_ex]]
 

@@ -61,7 +61,8 @@ def data(tmp_path_factory):
 def _cfg(data, out, **kw):
     base = dict(model_name_or_path=str(data / "sft"), train_file=str(data / "train.jsonl"),
                 eval_file=str(data / "eval.jsonl"), output_dir=str(out), per_device_train_batch_size=4, max_steps=2,
-                logging_steps=1, disable_tqdm=True, report_to="jsonl", seed=5, eps=EPS, **LRS, **RATIOS)
+                logging_steps=1, disable_tqdm=True, report_to="jsonl", seed=5, eps=EPS, **LRS, **RATIOS,
+                use_cpu=True)  # the data flow is the point: on a GPU machine too, compared with CPU recomputations
     base.update(kw)
     return TrainConfig(**base)
 
