@@ -100,9 +100,17 @@ def test_shifted_view_is_read_without_copy_and_extreme_logits():
     full[1, 2, 7] = 0.0
     labels = torch.randint(0, 300, (2, 7))
     labels[1, 1] = 7  # row (1, 1) of the view is row (1, 2) of full: one finite logit
-    view = full[:, :-1]  # not viewable as [14, 300]
+    upstream = torch.randn(2, 7)
+    expected_logp, expected_grad = reference_logprobs_and_grad(full[:, :-1], labels, upstream, -100)
+    # the view itself goes to the op (_check's clone of a view that is not dense would be contiguous)
+    leaf = full.clone().requires_grad_(True)
+    view = leaf[:, :-1]  # not viewable as [14, 300]
     assert not view.is_contiguous()
-    _check(view, labels, torch.randn(2, 7))
+    logp = token_logprobs(view, labels)
+    torch.testing.assert_close(logp.double(), expected_logp, rtol=1e-5, atol=5e-5)
+    logp.backward(upstream)
+    torch.testing.assert_close(leaf.grad[:, :-1].double(), expected_grad, **tolerances(torch.float32))
+    assert torch.all(leaf.grad[:, -1] == 0)
 
 
 def test_gradcheck_float64():

@@ -1,0 +1,258 @@
+"""benchmarks/_harness.py's arithmetic, with a fake clock and a fake process memory so every number is exact.
+
+Every figure the project reports (RESULTS.md, benchmarks/results/*.json) goes through these functions: a
+median taken over the wrong calls, a peak that misses a temporary, an inverted ratio or a JSON row that
+loses a field would corrupt them silently. The real-timer and real-RSS behaviour is covered by
+tests/test_benchmarks_audit.py; here only what the harness computes from what it reads."""
+
+import json
+import math
+import os
+import sys
+import types
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import _harness as H  # noqa: E402
+
+
+class FakeClock:
+    """``time`` for the harness: ``perf_counter`` only moves when a fake call says how long it took."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self):
+        return self.now
+
+    @staticmethod
+    def strftime(fmt):
+        return "2000-01-01"
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = FakeClock()
+    monkeypatch.setattr(H, "time", types.SimpleNamespace(perf_counter=c.perf_counter, strftime=c.strftime))
+    return c
+
+
+def timed(clock, durations_ms):
+    """A function whose n-th call takes ``durations_ms[n]`` on the fake clock; ``.calls`` counts them."""
+    def fn():
+        clock.now += durations_ms[fn.calls] / 1e3
+        fn.calls += 1
+
+    fn.calls = 0
+    return fn
+
+
+def test_median_of_an_even_count_and_p20_p80_exclude_the_warmup(clock):
+    # warm-up calls take 1000 ms: counted with the timed ones, they would move every statistic
+    fn = timed(clock, [1000.0, 1000.0] + [4.0, 1.0, 3.0, 2.0])
+    out = H.time_fn(fn, device="cpu", warmup=2, repeats=4)
+    assert fn.calls == 6
+    assert out["repeats"] == 4
+    assert out["median_ms"] == pytest.approx(2.5, rel=1e-9)  # mean of the middle two, not the upper one
+    # p20/p80: sorted times [1, 2, 3, 4], element int(f * n) (clamped): 1 and 4
+    assert out["p20_ms"] == pytest.approx(1.0, rel=1e-9)
+    assert out["p80_ms"] == pytest.approx(4.0, rel=1e-9)
+
+
+def test_p20_p80_of_ten_repeats(clock):
+    times = [10.0, 1.0, 9.0, 2.0, 8.0, 3.0, 7.0, 4.0, 6.0, 5.0]
+    out = H.time_fn(timed(clock, [500.0] + times), device="cpu", warmup=1, repeats=10)
+    assert out["median_ms"] == pytest.approx(5.5, rel=1e-9)
+    assert out["p20_ms"] == pytest.approx(3.0, rel=1e-9)  # sorted[2]
+    assert out["p80_ms"] == pytest.approx(9.0, rel=1e-9)  # sorted[8]
+
+
+def test_interleaved_times_go_to_their_own_function(clock):
+    # a takes 1 ms, b 7 ms (order A B, B A, ...): each name's statistics are its own calls' only
+    a = timed(clock, [100.0] + [1.0] * 3)
+    b = timed(clock, [100.0] + [7.0] * 3)
+    out = H.time_interleaved({"a": a, "b": b}, device="cpu", warmup=1, repeats=3)
+    assert (a.calls, b.calls) == (4, 4)
+    assert {k: (v["median_ms"], v["p20_ms"], v["p80_ms"], v["repeats"]) for k, v in out.items()} == {
+        "a": (pytest.approx(1.0), pytest.approx(1.0), pytest.approx(1.0), 3),
+        "b": (pytest.approx(7.0), pytest.approx(7.0), pytest.approx(7.0), 3)}
+
+
+class FakeMemory:
+    """The process's VmRSS / VmHWM in KiB, as /proc reports them; ``reset()`` is clear_refs' "5"."""
+
+    def __init__(self, rss_kib):
+        self.rss = self.hwm = rss_kib
+        self.resets = 0
+
+    def alloc(self, kib):
+        self.rss += kib
+        self.hwm = max(self.hwm, self.rss)
+
+    def read(self, field):
+        return {"VmRSS": self.rss, "VmHWM": self.hwm}[field]
+
+    def open(self, path, mode="r"):
+        assert path == "/proc/self/clear_refs" and "w" in mode, path
+        mem = self
+
+        class Refs:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def write(self, text):
+                assert text == "5"
+                mem.hwm = mem.rss
+                mem.resets += 1
+
+        return Refs()
+
+
+@pytest.fixture
+def memory(monkeypatch):
+    mem = FakeMemory(rss_kib=50_000)
+    monkeypatch.setattr(H, "cpu_peak_supported", lambda: True)
+    monkeypatch.setattr(H, "_read_status_kib", mem.read)
+    monkeypatch.setattr(H, "open", mem.open, raising=False)  # module global: shadows the builtin in _harness
+    monkeypatch.setattr(H, "_timed_since_measured", [False])
+    return mem
+
+
+def allocating(mem, temporary_kib, result_kib):
+    """A call that allocates a temporary, frees it, and returns a result that stays allocated until dropped."""
+    class Result:
+        def __del__(self):
+            mem.rss -= result_kib
+
+    def fn():
+        fn.calls += 1
+        mem.alloc(temporary_kib)
+        mem.rss -= temporary_kib
+        mem.alloc(result_kib)
+        return Result()
+
+    fn.calls = 0
+    return fn
+
+
+def test_peak_bytes_is_the_high_water_mark_of_the_call_above_what_was_live(memory):
+    fn = allocating(memory, temporary_kib=3000, result_kib=200)
+    # the temporary is gone when the call returns: only the high-water mark of the call sees it
+    assert H.peak_bytes(fn, device="cpu") == 3000 * 1024
+    assert memory.rss == 50_000  # the result was dropped
+    assert fn.calls == 1 and memory.resets == 1
+    # a result larger than the temporary is the peak
+    assert H.peak_bytes(allocating(memory, temporary_kib=10, result_kib=700), device="cpu") == 700 * 1024
+    assert memory.rss == 50_000
+
+
+def test_peak_bytes_right_after_timing_settles_with_one_unmeasured_call(memory, clock):
+    # the first call after timed ones still finds blocks they left: peak_bytes calls fn once, unmeasured,
+    # then resets the high-water mark and measures the next call (and only then)
+    fn = allocating(memory, temporary_kib=3000, result_kib=200)
+    H.time_fn(fn, device="cpu", warmup=1, repeats=3)  # on the fake clock every call takes 0 ms
+    assert fn.calls == 4
+    first_settling = {"done": False}
+
+    def settling():
+        out = fn()
+        if not first_settling["done"]:  # the settling call leaves 5000 KiB behind in the heap, as timed
+            first_settling["done"] = True  # calls' leftover blocks would
+            memory.alloc(5000)
+            memory.rss -= 5000
+        return out
+
+    assert H.peak_bytes(settling, device="cpu") == 3000 * 1024
+    assert fn.calls == 6  # the settling call, then the measured one
+    assert H.peak_bytes(fn, device="cpu") == 3000 * 1024
+    assert fn.calls == 7  # no timing in between: measured at once
+
+
+def test_measure_row_has_timing_peak_and_extra_fields(memory, clock):
+    fn = allocating(memory, temporary_kib=1000, result_kib=24)
+    durations = [50.0] + [3.0, 1.0, 2.0]
+    clocked = timed(clock, durations)
+
+    def call():
+        clocked()
+        return fn()
+
+    durations += [0.0] * 5  # the settling and measured calls of peak_bytes
+    row = H.measure("case A", "allo", call, device="cpu", warmup=1, repeats=3, max_rel_err=1e-6, note="x")
+    assert clocked.calls == 6
+    assert row == {"case": "case A", "impl": "allo", "device": "cpu", "median_ms": pytest.approx(2.0),
+                   "p20_ms": pytest.approx(1.0), "p80_ms": pytest.approx(3.0), "repeats": 3,
+                   "peak_bytes": 1000 * 1024, "max_rel_err": 1e-6, "note": "x"}
+    no_memory = H.measure("case A", "allo", lambda: None, device="cpu", warmup=0, repeats=1, memory=False, k=1)
+    assert "peak_bytes" not in no_memory and no_memory["k"] == 1 and no_memory["repeats"] == 1
+
+
+def _rows():
+    return [
+        {"case": "c1", "impl": "torch", "median_ms": 10.0, "p20_ms": 9.0, "p80_ms": 11.0, "peak_bytes": 4000},
+        {"case": "c1", "impl": "allo", "median_ms": 2.5, "p20_ms": 2.0, "p80_ms": 3.0, "peak_bytes": 1000,
+         "max_rel_err": float("nan")},
+        {"case": "c2", "impl": "allo", "median_ms": 5.0, "p20_ms": 4.0, "p80_ms": 6.0, "peak_bytes": None},
+        {"case": "c3", "impl": "torch", "median_ms": 4.0, "p20_ms": 4.0, "p80_ms": 4.0, "peak_bytes": None},
+        {"case": "c3", "impl": "allo", "median_ms": 8.0, "p20_ms": 8.0, "p80_ms": 8.0, "peak_bytes": 123,
+         "max_rel_err": 2e-7},
+    ]
+
+
+def test_report_ratios_are_baseline_time_over_impl_and_impl_peak_over_baseline(clock, capsys):
+    rows = H.report(_rows(), baseline="torch", extra_columns=["max_rel_err"])
+    by = {(r["case"], r["impl"]): r for r in rows}
+    assert by["c1", "allo"]["speedup_vs_baseline"] == 4.0  # 10 ms / 2.5 ms: 4x faster
+    assert by["c1", "allo"]["mem_ratio_vs_baseline"] == 0.25  # 1000 B / 4000 B
+    assert by["c1", "torch"]["speedup_vs_baseline"] == 1.0 and by["c1", "torch"]["mem_ratio_vs_baseline"] == 1.0
+    assert by["c3", "allo"]["speedup_vs_baseline"] == 0.5  # slower than the baseline: below 1
+    assert by["c3", "allo"]["mem_ratio_vs_baseline"] is None  # the baseline's peak was not measured
+    assert by["c2", "allo"]["speedup_vs_baseline"] is None  # no baseline in this case
+    assert all(r["baseline"] == "torch" for r in rows)
+    table = capsys.readouterr().out.splitlines()
+    line = next(line for line in table if line.split()[:2] == ["c1", "allo"])
+    assert line.split()[2:] == ["2.500", "2.000-3.000", "1.00", "KB", "nan", "4.00", "0.250"]
+
+
+def test_json_keeps_every_row_and_field_strictly(clock, tmp_path, capsys):
+    path = tmp_path / "out.json"
+    rows = H.report(_rows(), baseline="torch", json_path=str(path))
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    written = json.loads(text)
+    assert len(written) == len(rows) == 5
+    assert not os.path.exists(str(path) + ".tmp")
+    for want, got in zip(_rows(), written):
+        for key, value in want.items():  # every field the script gave, non-finite floats as null
+            assert key in got, (key, got)
+            if isinstance(value, float) and not math.isfinite(value):
+                assert got[key] is None
+            else:
+                assert got[key] == value, key
+        assert {"baseline", "speedup_vs_baseline", "mem_ratio_vs_baseline", "env"} <= set(got)
+        assert got["env"]["date"] == "2000-01-01"
+    assert [r["speedup_vs_baseline"] for r in written] == [1.0, 4.0, None, 1.0, 0.5]
+    assert "wrote 5 rows" in capsys.readouterr().out
+
+
+def test_write_json_turns_non_finite_floats_into_null_at_any_depth(tmp_path):
+    path = tmp_path / "x.json"
+    H.write_json(str(path), [{"a": float("inf"), "b": [1.0, float("-inf"), {"c": float("nan")}], "d": (2, 3.5)}])
+    assert json.loads(path.read_text()) == [{"a": None, "b": [1.0, None, {"c": None}], "d": [2, 3.5]}]
+
+
+@pytest.mark.parametrize("argv, quick", [([], False), (["--quick"], True)])
+def test_parse_args_quick_json_repeats_warmup(monkeypatch, argv, quick):
+    monkeypatch.setattr(sys, "argv", ["bench_x.py", *argv, "--json", "f.json", "--device", "cpu", "--repeats", "7",
+                                      "--warmup", "2"])
+    args = H.parse_args("x", lambda p: p.add_argument("--ratio", type=float, default=0.1))
+    assert (args.quick, args.json, args.device, args.repeats, args.warmup, args.ratio) == (
+        quick, "f.json", "cpu", 7, 2, 0.1)
+    monkeypatch.setattr(sys, "argv", ["bench_x.py"])
+    args = H.parse_args("x")
+    assert (args.quick, args.json, args.repeats, args.warmup) == (False, None, None, None)
