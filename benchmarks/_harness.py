@@ -50,6 +50,11 @@ from typing import Callable, Iterable
 
 import torch
 
+try:
+    import resource  # page-fault counts of the timing thread (Linux, macOS)
+except ImportError:  # Windows
+    resource = None
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # running `python benchmarks/bench_x.py` from a checkout
     sys.path.insert(0, _ROOT)
@@ -146,6 +151,15 @@ CUDA_WARMUP_MS = 25.0
 L2_FLUSH_BYTES = 256 * 2**20
 _l2_flush: dict = {}
 
+# CPU timing: after the warm-up calls, more rounds while the timing thread still page-faults, until two
+# rounds in a row fault nothing, for at most this long. glibc's heap takes ~10 calls of a function with
+# MB-sized temporaries to settle (the heap grows for a while: the freed block does not take the next,
+# aligned request, and the new pages fault in; a 4 MB log_softmax output: 512 faults a call for 8-10
+# calls, one call between without, then none), so three warm-up calls left half the timed calls
+# faulting (seen 2026-11-28). A function still faulting after this long maps its blocks afresh each
+# call (>= 32 MiB), as it would in a user's process
+CPU_SETTLE_S = 2.0
+
 
 def flush_l2(device) -> None:
     """Evict the L2 cache of ``device`` (a CUDA device) by writing ``L2_FLUSH_BYTES``; then wait, so the
@@ -156,6 +170,12 @@ def flush_l2(device) -> None:
         buf = _l2_flush[device] = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
     buf.zero_()
     torch.cuda.synchronize(device)
+
+
+def _thread_page_faults() -> int:
+    """Minor page faults of the calling thread so far (0 where the OS does not say)."""
+    who = getattr(resource, "RUSAGE_THREAD", None) if resource is not None else None
+    return resource.getrusage(who).ru_minflt if who is not None else 0
 
 
 def time_fn(fn: Callable[[], object], *, device, warmup: int = 3, repeats: int = 10) -> dict:
@@ -186,10 +206,21 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, device, warmup: in
         fn()
         return (time.perf_counter() - t0) * 1e3
 
+    def warm_round() -> int:
+        faults = _thread_page_faults()
+        for name in names:
+            fns[name]()
+        return _thread_page_faults() - faults
+
     def loop():
+        faults = [0, 0]  # of the last two warm-up rounds
         for _ in range(warmup):
-            for name in names:
-                fns[name]()
+            faults = [faults[1], warm_round()]
+        if device.type == "cpu" and warmup and any(faults):
+            # until two rounds in a row fault nothing (one may, between two that do): CPU_SETTLE_S at most
+            deadline = time.perf_counter() + CPU_SETTLE_S
+            while any(faults) and time.perf_counter() < deadline:
+                faults = [faults[1], warm_round()]
         synchronize(device)
         if device.type == "cuda":  # then until CUDA_WARMUP_MS have passed (clocks up)
             t0 = time.perf_counter()

@@ -34,16 +34,19 @@ def test_timed_calls_do_not_page_fault_their_temporaries():
     # log_softmax paid ~4000 faults a call, 3.5x its time; torch AdamW's --quick step 2x), which a
     # user's process (glibc's threshold rises to 32 MiB) does not pay. The baselines allocate more
     # than allo's kernels, so their ratios were inflated.
+    # And glibc's heap takes ~10 calls to settle (longer once torch's intra-op pool has run an op, as in
+    # every benchmark: the timed calls after 5 warm-up calls faulted 512 times each when other tests had
+    # run before, 2026-11-28): the harness warms up until two rounds in a row fault nothing.
+    torch.log_softmax(torch.randn(64, 4096), -1)
     x = torch.randn(256, 4096)  # log_softmax's output is a 4 MB temporary: 1024 pages
     fn = _faulting(lambda: torch.log_softmax(x, -1))
-    # glibc's heap takes a few calls to settle (and the kernel may still take pages back now and
-    # then): the median call is what the harness reports
-    H.time_fn(fn, device="cpu", warmup=5, repeats=9)
-    assert sorted(fn.faults[-9:])[4] < 100, fn.faults
+    H.time_fn(fn, device="cpu", warmup=2, repeats=9)
+    # (the kernel may still take a page back now and then)
+    assert sum(f >= 100 for f in fn.faults[-9:]) <= 1, fn.faults
     H.peak_bytes(fn, device="cpu")  # measuring in between changes nothing for the next timing
     fn.faults.clear()
-    H.time_fn(fn, device="cpu", warmup=5, repeats=9)
-    assert sorted(fn.faults[-9:])[4] < 100, fn.faults
+    H.time_fn(fn, device="cpu", warmup=2, repeats=9)
+    assert sum(f >= 100 for f in fn.faults[-9:]) <= 1, fn.faults
 
 
 @linux_only

@@ -36,6 +36,8 @@ class FakeClock:
 def clock(monkeypatch):
     c = FakeClock()
     monkeypatch.setattr(H, "time", types.SimpleNamespace(perf_counter=c.perf_counter, strftime=c.strftime))
+    # no page faults: the CPU warm-up is exactly `warmup` rounds (tests/test_benchmarks_audit.py has the real ones)
+    monkeypatch.setattr(H, "_thread_page_faults", lambda: 0)
     return c
 
 
