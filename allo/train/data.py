@@ -185,15 +185,19 @@ def encode_text_pair(tokenizer, prompt: str, response: str, *, max_length: int |
     ``cuts``: gets "prompt" and/or "response" when they were truncated."""
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if weights is not None and len(weights) != len(r_ids):
-        raise _bad(where, "token_weights" if fld != "keep_probs" else fld,
-                   f"has {len(weights)} values but the response has {len(r_ids)} tokens (one value per token, "
-                   "end-of-sequence excluded)")
     eos = tokenizer.eos_token_id
-    if not r_ids or r_ids[-1] != eos:
+    # a response may end with end-of-sequence already (a chat template's suffix, or the text itself):
+    # the weights never count it, as for a response it is appended to
+    ends_with_eos = bool(r_ids) and r_ids[-1] == eos
+    counted = len(r_ids) - ends_with_eos
+    if weights is not None and len(weights) != counted:
+        raise _bad(where, "token_weights" if fld != "keep_probs" else fld,
+                   f"has {len(weights)} values but the response has {counted} tokens (one value per token, "
+                   "end-of-sequence excluded)")
+    if not ends_with_eos:
         r_ids = r_ids + [eos]
-        if weights is not None:
-            weights = list(weights) + [0.0]  # the end-of-sequence token is never forgotten
+    if weights is not None:
+        weights = list(weights) + [0.0]  # the end-of-sequence token is never forgotten
     if max_prompt_length is not None and len(p_ids) > max_prompt_length:
         p_ids = p_ids[len(p_ids) - max_prompt_length:]
         if cuts is not None:

@@ -71,6 +71,11 @@ class StageData:
     weights: list | None = None
 
 
+# logged metrics that are means over the stage's loss units (weighted tokens for the forgetting stage);
+# the others (forget/weighted_tokens, rewards/*, logps/*, improve/*) are means over responses or pairs
+_PER_LOSS_UNIT = frozenset({"loss", "forget/log_ratio"})
+
+
 def _loss_units(kind, examples, weights, idx):
     """What the stage's loss averages over, for these examples: pairs, or weighted tokens."""
     if kind == "forget":
@@ -367,9 +372,11 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
                     if units == 0:  # nothing to forget here: keep the graph, add nothing
                         loss = loss.nan_to_num(0.0) * 0.0
                     (loss * scale).backward()
-                frac = units / max(units_total, 1) * world
+                # each logged value is the global batch's: the loss-unit means weighted by this micro-batch's
+                # units, the per-response means by its responses (the same thing for pairs)
+                rows = len(idx) / max(len(gidx), 1) * world
                 for key, v in {"loss": loss.detach(), **metrics}.items():
-                    sums[key] = sums.get(key, 0.0) + float(v) * frac
+                    sums[key] = sums.get(key, 0.0) + float(v) * (scale if key in _PER_LOSS_UNIT else rows)
             if dense and sharded:  # the global norm: clip_grad_norm_ combines the DTensor shards' norms
                 grad_norm = _full(torch.nn.utils.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)) \
                     if cfg.max_grad_norm > 0 else None
