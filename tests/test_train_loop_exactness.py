@@ -444,3 +444,23 @@ def test_report_table_columns_hold_their_own_metric():
         "| improve | 0.7500 | 1.0000 | 0.3750 | 0.5000 | 0.1250 | 0.2500 |",
         "| warmup | 0.5000 | - | - | - | - | - |",
     ]
+
+
+def test_options_that_change_results_are_compared_on_a_rerun():
+    """A rerun into an output folder compares every option that changes what a stage makes with the saved
+    ones (allo/train/run_config.py): one left out of the comparison (the seed, say) would reuse stages
+    made with another value, silently."""
+    from allo.train import run_config
+
+    cfg = TrainConfig(use_cpu=True)
+    current = cfg.to_dict()
+    changing = ("seed", "beta", "learning_rate", "forget_learning_rate", "improve_learning_rate", "forget_ratio",
+                "improve_ratio", "exclude_ratio", "eps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "max_steps", "num_train_epochs", "warmup_ratio", "warmup_steps", "lr_scheduler_type", "max_length")
+    for name in changing:
+        assert name in current, name
+        old = current[name]
+        other = (not old) if isinstance(old, bool) else ("linear" if old == "cosine" else
+                                                         "cosine" if isinstance(old, str) else old + 1)
+        diff = run_config.differences({"options": {**current, name: other}}, cfg, {})
+        assert list(diff) == [name], (name, diff)
