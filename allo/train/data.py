@@ -10,7 +10,8 @@ Rows:
              the whole conversation);
 * negatives: ``prompt`` and ``response`` (or ``rejected``), optionally ``token_weights`` (one number
              per response token, as the model's tokenizer splits it, without the end-of-sequence
-             token, also where the response ends with one, as a chat template renders it) or ``keep_probs`` (a token-level reward model's probability of keeping each token);
+             token, also where the response ends with one, as a chat template renders it) or
+             ``keep_probs`` (a token-level reward model's probability of keeping each token);
 * problems:  ``prompt`` and ``answer`` (for ``prepare`` on your own model).
 
 Truncation policy (TRL's): the prompt keeps its LAST ``max_prompt_length`` tokens (the question usually
