@@ -51,9 +51,9 @@ from typing import Callable, Iterable
 import torch
 
 try:
-    import resource  # page-fault counts of the timing thread (Linux, macOS)
-except ImportError:  # Windows
-    resource = None
+    from resource import RUSAGE_THREAD, getrusage  # page faults of the timing thread (Linux)
+except ImportError:  # other systems: no count, the warm-up is the given number of calls
+    RUSAGE_THREAD = None
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # running `python benchmarks/bench_x.py` from a checkout
@@ -174,8 +174,7 @@ def flush_l2(device) -> None:
 
 def _thread_page_faults() -> int:
     """Minor page faults of the calling thread so far (0 where the OS does not say)."""
-    who = getattr(resource, "RUSAGE_THREAD", None) if resource is not None else None
-    return resource.getrusage(who).ru_minflt if who is not None else 0
+    return getrusage(RUSAGE_THREAD).ru_minflt if RUSAGE_THREAD is not None else 0
 
 
 def time_fn(fn: Callable[[], object], *, device, warmup: int = 3, repeats: int = 10) -> dict:

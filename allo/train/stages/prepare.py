@@ -112,7 +112,8 @@ def _no_pairs_message(cfg, stats: dict) -> str:
     seen = f" (sample accuracy {acc:.2f})" if isinstance(acc, (int, float)) else ""
     if cfg.model_name_or_path is None:
         fix = (f"the built-in model was SFT-trained for --sft_steps {cfg.sft_steps}: raise --sft_steps (default "
-               "600) if its samples are all wrong, or --num_samples (now " f"{cfg.num_samples}) for more samples a problem")
+               f"{type(cfg).sft_steps}) if its samples are all wrong, or --num_samples (now {cfg.num_samples}) for "
+               "more samples a problem")
     else:
         fix = (f"sample more (--num_samples, now {cfg.num_samples}) or start from a model that solves some but not "
                "all of the problems")
