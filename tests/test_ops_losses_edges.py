@@ -340,3 +340,61 @@ def test_top_fraction_mask_matches_brute_force():
                 k = max(1, int(len(inside) * fraction + 1e-9)) if inside else 0
                 best = sorted(inside, key=lambda t: (-float(scores[row, t]), t))[:k]
                 assert got[row].nonzero().flatten().tolist() == sorted(best), (dtype, fraction, row)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("hidden_shape", [(0, 8), (3, 0, 8)])
+def test_fused_linear_without_tokens_gives_a_zero_weight_gradient(dtype, hidden_shape):
+    # a micro-batch whose every label was cut (or sequences of one token) has no token to score: the
+    # weight gradient is zero, as the unfused computation's, not the unwritten buffer of the backward
+    for _ in range(3):  # freed NaN blocks of the gradient's size, for the allocator to hand back
+        torch.full((13 * 8,), NAN, dtype=dtype)
+    hidden = torch.randn(*hidden_shape, dtype=dtype, requires_grad=True)
+    weight = torch.randn(13, 8, dtype=dtype, requires_grad=True)
+    labels = torch.zeros(hidden_shape[:-1], dtype=torch.long)
+    fused_linear_token_logprobs(hidden, weight, labels, vocab_chunk_size=5).sum().backward()
+    assert weight.grad.dtype == dtype and torch.equal(weight.grad, torch.zeros_like(weight))
+    assert hidden.grad.shape == hidden.shape
+    blocks = []
+    sink = lambda r0, g: blocks.append((r0, None if g is None else g.clone()))  # noqa: E731
+    weight.grad = None
+    fused_linear_token_logprobs(hidden, weight, labels, vocab_chunk_size=5, weight_grad_sink=sink).sum().backward()
+    assert weight.grad is None
+    assert [r0 for r0, _ in blocks] == [0, 5, 10]
+    for r0, g in blocks:  # every block handed on, zero, in the accumulation dtype
+        assert g is not None and g.shape == (min(13, r0 + 5) - r0, 8) and not g.any()
+        assert g.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def test_empty_vocabulary_is_refused_by_name():
+    with pytest.raises(ValueError, match="vocabulary is empty"):
+        fused_linear_token_logprobs(torch.randn(2, 4), torch.randn(0, 4), torch.zeros(2, dtype=torch.long))
+    for backend in (None, "reference"):
+        with pytest.raises(RuntimeError, match="vocabulary"):
+            token_logprobs(torch.randn(2, 0), torch.zeros(2, dtype=torch.long), backend=backend)
+
+
+@pytest.mark.parametrize("label", [-1, 9, 10**6])
+def test_reference_backend_refuses_labels_outside_the_vocabulary_like_the_kernels(label):
+    logits, labels = torch.randn(3, 9), torch.tensor([0, label, -100])
+    for backend in (None, "reference"):
+        with pytest.raises(RuntimeError, match=rf"labels\[1\] = {label} is outside the vocabulary \[0, 9\) "
+                                               r"and is not ignore_index \(-100\)"):
+            token_logprobs(logits, labels, backend=backend)
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_reference_backend_keeps_a_non_finite_ignored_row_out_of_the_gradient(value):
+    logits = torch.randn(4, 7, dtype=torch.float64)
+    logits[2, 3] = value
+    labels = torch.tensor([1, 6, -100, 0])
+    for backend in (None, "reference"):
+        x = logits.clone().requires_grad_(True)
+        logp = token_logprobs(x, labels, backend=backend)
+        upstream = torch.tensor([0.5, -2.0, 3.0, 1.25], dtype=torch.float64)
+        logp.backward(upstream)
+        assert torch.isfinite(logp).all() and logp[2] == 0
+        assert torch.equal(x.grad[2], torch.zeros(7, dtype=torch.float64)), backend
+        ref_logp, ref_grad = _reference(logits.masked_fill(labels.eq(-100).unsqueeze(-1), 0), labels, upstream)
+        torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(x.grad[[0, 1, 3]], ref_grad[[0, 1, 3]], rtol=1e-12, atol=1e-12)

@@ -201,6 +201,9 @@ class FusedLinearTokenLogprobs(torch.autograd.Function):
                     scratch.mm(logits, w, grad_hidden[t0:t1], accumulate=r0 > 0)
                 if need_weight:
                     grad_rows = scratch.mm(logits.t(), hidden[t0:t1], grad_rows, accumulate=t0 > 0, name="grad_rows")
+            if need_weight and n == 0:  # no tokens: the token loop never wrote this block
+                grad_rows = grad_rows.zero_() if direct else torch.zeros(r1 - r0, size, dtype=acc,
+                                                                        device=hidden.device)
             if sink is not None:
                 sink(r0, grad_rows)
             elif need_weight and not direct:
@@ -263,6 +266,8 @@ def fused_linear_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tens
             f"fused_linear_token_logprobs: lm_head_weight must be [V, H] with H = hidden.shape[-1] = "
             f"{hidden.shape[-1]}, got {tuple(lm_head_weight.shape)}"
         )
+    if lm_head_weight.shape[0] < 1:
+        raise ValueError("fused_linear_token_logprobs: lm_head_weight has no rows (the vocabulary is empty)")
     if hidden.device != lm_head_weight.device:
         raise ValueError(
             f"fused_linear_token_logprobs: hidden is on {hidden.device} but lm_head_weight on "
