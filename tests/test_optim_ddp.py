@@ -73,3 +73,61 @@ def _worker(rank, out_dir):
 
 def test_compact_grads_with_all_reduce_match_one_process_and_ddp_is_refused(tmp_path):
     mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD, start_method="spawn")
+
+
+class _Branches(nn.Module):
+    """Two branches; each rank's batch reaches only some of them (an MoE expert, a skipped head)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(4, 2), nn.Linear(4, 2, bias=False), nn.Linear(4, 2)
+
+    def forward(self, x, branches):
+        return sum(getattr(self, name)(x) for name in branches)
+
+
+def _branch_masks(model):
+    g = torch.Generator().manual_seed(3)
+    masks = {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in model.named_parameters()}
+    masks["a.bias"] = None  # fully selected: a dense gradient next to the compact ones
+    return masks
+
+
+def _branch_worker(rank, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        # rank 0 uses a only, rank 1 a and b; neither uses c. One process holding both halves of the batch
+        # sums the ranks' losses / WORLD: what averaging the ranks' gradients gives
+        uses = [("a",), ("a", "b")]
+        g = torch.Generator().manual_seed(4)
+        x = torch.randn(WORLD, 3, 4, generator=g)
+        for compact in (True, False):
+            ref = _Branches()
+            ref_opt = MaskedAdamW(ref.named_parameters(), lr=1e-2, masks=_branch_masks(ref), compact_grads=compact)
+            model = _Branches()
+            opt = MaskedAdamW(model.named_parameters(), lr=1e-2, masks=_branch_masks(model), compact_grads=compact)
+            for _ in range(2):
+                (sum(ref(x[r], uses[r]).pow(2).sum() for r in range(WORLD)) / WORLD).backward()
+                ref_opt.step()
+                ref_opt.zero_grad()
+                model(x[rank], uses[rank]).pow(2).sum().backward()
+                opt.all_reduce_grads()
+                opt.step()
+                opt.zero_grad()
+            for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m: f"compact={compact} {name}: {m}")
+            # nobody used c: it has no gradient after the reduction either (and its state never moved)
+            model(x[rank], uses[rank]).pow(2).sum().backward()
+            opt.all_reduce_grads()
+            assert model.c.weight.grad is None and model.c.weight not in opt._compact
+            assert opt.state[model.c.weight]["step"] == 0
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_grads_pairs_the_same_parameters_when_ranks_miss_different_gradients(tmp_path):
+    # rank 0 has no gradient for b: its buffer used to hold only a's, so a was averaged with b's gradient
+    mp.start_processes(_branch_worker, args=(str(tmp_path),), nprocs=WORLD, start_method="spawn")

@@ -283,3 +283,130 @@ def test_an_empty_dict_of_masks_warns_that_nothing_trains():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MaskedAdamW(model.named_parameters(), masks={"weight": None}, backend="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["transposed", "expanded"])
+def test_fully_selected_parameter_with_a_non_contiguous_gradient_matches_adamw(dtype, layout):
+    # the CPU path hands fully selected parameters to torch's fused AdamW kernel, which walks memory in
+    # order: a transposed .grad paired the wrong elements (torch's own AdamW(fused=True) does, in 2.14)
+    torch.manual_seed(0)
+    w0 = torch.randn(3, 5)
+    grads = [torch.randn(5, 3).t() if layout == "transposed" else torch.randn(5).expand(3, 5) for _ in range(3)]
+    assert not grads[0].is_contiguous()
+    out = {}
+    for name in ("torch", "cpu"):
+        p = torch.nn.Parameter(w0.clone())
+        opt = (torch.optim.AdamW([p], lr=0.1, foreach=False) if name == "torch"
+               else MaskedAdamW([p], lr=0.1, backend="cpu"))
+        for g in grads:
+            p.grad = g
+            opt.step()
+        out[name] = p.detach()
+    torch.testing.assert_close(out["cpu"], out["torch"], rtol=1e-6, atol=1e-6)
+    if dtype == torch.bfloat16:  # with a master copy: the same update, rounded once into the weight
+        p = torch.nn.Parameter(w0.to(dtype))
+        opt = MaskedAdamW([p], lr=0.1, backend="cpu")
+        ref = torch.nn.Parameter(w0.to(dtype).float())
+        ref_opt = torch.optim.AdamW([ref], lr=0.1, foreach=False)
+        for g in grads:
+            p.grad, ref.grad = g.to(dtype), g.to(dtype).float()
+            assert layout == "expanded" or not p.grad.is_contiguous()
+            opt.step()
+            ref_opt.step()
+        torch.testing.assert_close(opt.state[p]["master"].view(3, 5), ref.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_pickled_optimizer_keeps_counting_steps():
+    import pickle
+
+    model = torch.nn.Linear(4, 3)
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, masks={"weight": torch.rand(3, 4) < 0.5, "bias": None},
+                      backend="cpu")
+    _backward_linear(model)
+    opt.step()
+    opt.zero_grad()
+    model, opt = pickle.loads(pickle.dumps((model, opt)))
+    twin_model = torch.nn.Linear(4, 3)
+    twin_model.load_state_dict(model.state_dict())
+    twin = MaskedAdamW(twin_model.named_parameters(), lr=1e-2, backend="cpu")
+    twin.load_state_dict(opt.state_dict())
+    for _ in range(2):
+        for m, o in ((model, opt), (twin_model, twin)):
+            _backward_linear(m)
+            o.step()
+            o.zero_grad()
+    assert [float(opt.state[p]["step"]) for p in model.parameters()] == [3.0, 3.0]
+    assert [float(s["step"]) for s in opt.state_dict()["state"].values()] == [3.0, 3.0]
+    opt.set_masks({"weight": opt.state[model.weight]["indices"], "bias": torch.tensor([True, False, True])})
+    assert float(opt.state[model.weight]["step"]) == 3.0  # kept through the move into a new buffer
+    for p, q in zip(model.parameters(), twin_model.parameters()):  # bias correction of step 2 and 3
+        assert torch.equal(p, q)
+
+
+def _backward_linear(model, seed=5):
+    torch.manual_seed(seed)
+    model(torch.randn(2, model.in_features)).pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("key, value", [("maximize", True), ("amsgrad", True), ("capturable", True),
+                                        ("differentiable", True), ("foreach", "yes"),
+                                        ("masks", [torch.tensor([0])]), ("mask", torch.tensor([True] * 3))])
+def test_param_group_options_it_would_ignore_are_refused(key, value):
+    model = torch.nn.Linear(4, 3)
+    opt = MaskedAdamW([model.weight], backend="cpu")
+    with pytest.raises(ValueError, match=f"param group: (a ')?{key}"):
+        opt.add_param_group({"params": [model.bias], key: value})
+    assert len(opt.param_groups) == 1 and model.bias not in opt.state
+    with pytest.raises(ValueError, match=f"param group: (a ')?{key}"):  # groups given to the constructor too
+        MaskedAdamW([{"params": [model.weight]}, {"params": [model.bias], key: value}], backend="cpu")
+    # torch.optim.AdamW's own values for them (copied param groups) are accepted
+    MaskedAdamW([{"params": [model.weight], "amsgrad": False, "maximize": False, "foreach": None, "fused": None,
+                  "capturable": False, "differentiable": False}], backend="cpu")
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_state_removed_by_hand_is_saved_with_its_selection(compact):
+    model = torch.nn.Linear(4, 3)
+    masks = {"weight": torch.rand(3, 4) < 0.5, "bias": None}
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, masks=masks, compact_grads=compact, backend="cpu")
+    _backward_linear(model)
+    opt.step()
+    opt.zero_grad()
+    opt.state.clear()  # starts afresh at the next step, for the same selection
+    saved = opt.state_dict()
+    assert len(opt.state) == 0  # saving made no state in the optimizer itself
+    twin_model = torch.nn.Linear(4, 3)
+    twin_model.load_state_dict(model.state_dict())
+    twin = MaskedAdamW(twin_model.named_parameters(), lr=1e-2, compact_grads=compact, backend="cpu")
+    twin.load_state_dict(saved)
+    assert twin.selected_count() == opt.selected_count() == int(masks["weight"].sum()) + 3
+    for m, o in ((model, opt), (twin_model, twin)):
+        _backward_linear(m, seed=6)
+        o.step()
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_parameter_unfrozen_after_building_gets_compact_gradients():
+    def run(unfreeze_later):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(6, 6, bias=False)
+        lin.weight.requires_grad_(not unfreeze_later)
+        mask = torch.zeros(6, 6, dtype=torch.bool)
+        mask[0] = True
+        opt = MaskedAdamW(lin.named_parameters(), lr=1e-2, masks={"weight": mask}, compact_grads=True, backend="cpu")
+        lin.weight.requires_grad_(True)
+        norms = []
+        for step in range(2):
+            torch.manual_seed(1 + step)
+            lin(torch.randn(2, 6)).pow(2).sum().backward()
+            norms.append(float(opt.clip_grad_norm_(1e9)))
+            assert lin.weight.grad is None  # taken into the compact gradient (from the second backward on, by the hook)
+            opt.step()
+            opt.zero_grad()
+        return norms, lin.weight.detach().clone()
+
+    (norms, weight), (ref_norms, ref_weight) = run(True), run(False)
+    assert norms == ref_norms  # the selected row's norm, not the whole gradient's
+    assert torch.equal(weight, ref_weight)

@@ -109,16 +109,8 @@ class MaskedAdamW(Optimizer):
                  differentiable: bool = False, fused: bool | None = None):
         # torch.optim.AdamW's other arguments, accepted at the values that mean what this optimizer does
         # (code that spells out torch's defaults keeps working); anything else is refused by name
-        for arg, value, why in (("amsgrad", amsgrad, "AMSGrad's running maximum is not implemented"),
-                                ("maximize", maximize, "negate the loss instead"),
-                                ("capturable", capturable, "CUDA-graph capture of the step is not supported"),
-                                ("differentiable", differentiable, "the step is not differentiable")):
-            if value is not False:
-                raise ValueError(f"MaskedAdamW({arg}={value!r}) is not supported ({why}); leave {arg} at False")
-        for arg, value in (("foreach", foreach), ("fused", fused)):
-            if value not in (None, True, False):
-                raise ValueError(f"MaskedAdamW({arg}={value!r}): expected None, True or False (it is ignored: the "
-                                 "kernels are chosen by backend=)")
+        _check_torch_adamw_options(dict(amsgrad=amsgrad, maximize=maximize, capturable=capturable,
+                                        differentiable=differentiable, foreach=foreach, fused=fused), "MaskedAdamW")
         if isinstance(lr, torch.Tensor):
             if lr.numel() != 1:
                 raise ValueError(f"MaskedAdamW(lr=...): Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
@@ -143,6 +135,7 @@ class MaskedAdamW(Optimizer):
         # the end of backward
         self._pending: dict[torch.Tensor, torch.Tensor] = {}
         self._hooks: list = []
+        self._unhooked: list = []  # compact-grad mode: frozen (requires_grad=False) parameters, not hooked
         self._stepped_without_state: set = set()
         # bf16/fp16 parameters with a master copy -> the weight's version counter when master and weight
         # last agreed: a later in-place change of the weight shows as a new version (see _sync_changed_masters)
@@ -189,6 +182,14 @@ class MaskedAdamW(Optimizer):
         return self._label(i, self._names()[i] if i >= 0 else None)
 
     def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):  # (torch's own check names anything else)
+            # torch.optim.AdamW honours these per group; here a group saying maximize=True would be minimised
+            _check_torch_adamw_options({k: v for k, v in param_group.items() if k in _TORCH_ADAMW_OPTIONS},
+                                       "MaskedAdamW param group")
+            for key in ("mask", "masks", "indices"):
+                if key in param_group:
+                    raise ValueError(f"MaskedAdamW param group: a '{key}' key is not read (the group would train "
+                                     "every element); give masks with masks= or set_masks(...) instead")
         super().add_param_group(param_group)
         if hasattr(self, "_plan_version"):
             self._plan_version += 1
@@ -394,14 +395,30 @@ class MaskedAdamW(Optimizer):
         if not self.compact_grads:
             return
         for p in self._params():
-            if p.requires_grad and self._selection.get(p) != DENSE:
-                self._hooks.append(p.register_post_accumulate_grad_hook(_CompactHook(self)))
+            if self._selection.get(p) != DENSE:
+                if p.requires_grad:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(_CompactHook(self)))
+                else:  # no hook can be put on it now (torch refuses); see _hook_unfrozen
+                    self._unhooked.append(p)
+
+    def _hook_unfrozen(self) -> None:
+        """Parameters frozen when the hooks were registered and trainable since (``requires_grad_()``
+        after building the optimizer): hook them now, and take the full gradient a backward may already
+        have left them into the compact gradients, so that clipping and the step see only the selected
+        elements (and the full gradient is freed)."""
+        unfrozen = [p for p in self._unhooked if p.requires_grad]
+        if not unfrozen:
+            return
+        self._unhooked = [p for p in self._unhooked if not p.requires_grad]
+        for p in unfrozen:
+            self._hooks.append(p.register_post_accumulate_grad_hook(_CompactHook(self)))
+            self._compact_hook(p)
 
     def remove_hooks(self) -> None:
         """Detach the compact-grad hooks from the parameters (also done when the optimizer is freed)."""
         for h in self._hooks:
             h.remove()
-        self._hooks = []
+        self._hooks, self._unhooked = [], []
 
     def __del__(self):
         if getattr(self, "_hooks", None):
@@ -413,15 +430,17 @@ class MaskedAdamW(Optimizer):
         # hooks (registered on the copy's parameters in __setstate__), the numpy view of the step
         # counts and the step plans (they hold the original's tensor addresses)
         state = self.__dict__.copy()
-        for key in ("_hooks", "_step_np", "_plans"):
+        for key in ("_hooks", "_unhooked", "_step_np", "_plans"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         if "_step_buf" in state:  # a whole optimizer (copy or pickle), not torch's load_state_dict
-            self._step_np = self._step_buf.numpy()
-            self._plans, self._hooks = {}, []
+            # pickle restores the step counts' views and their buffer as separate storages (deepcopy
+            # keeps them shared): views of a new buffer, values kept
+            self._rebuild_step_buffer()
+            self._plans, self._hooks, self._unhooked = {}, [], []
             self._plan_version += 1
             self._register_hooks()
 
@@ -534,6 +553,8 @@ class MaskedAdamW(Optimizer):
         result is the norm a single process would compute over the whole gradients. Gradients of
         plain (replicated) parameters are counted once.
         """
+        if self._unhooked:
+            self._hook_unfrozen()
         if self._group is None:
             grads = self._grad_tensors()
             if not grads:
@@ -596,18 +617,44 @@ class MaskedAdamW(Optimizer):
 
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("all_reduce_grads needs torch.distributed to be initialized (init_process_group)")
+        if self._unhooked:
+            self._hook_unfrozen()
         world = dist.get_world_size(group)
-        buckets = defaultdict(list)
-        for g in self._grad_tensors(sharded=False):
-            buckets[(g.device, g.dtype)].append(g)
-        for gs in buckets.values():
-            flat = torch.cat([g.reshape(-1) for g in gs])
+        # Every trained plain parameter takes part on every rank, in the optimizer's order, zeros standing
+        # in where this rank has no gradient (a branch or expert its batch did not reach), as DDP does:
+        # otherwise the ranks' flat buffers would pair different parameters' gradients (or differ in
+        # size). Each bucket ends with a flag per parameter (1: this rank has its gradient); a parameter
+        # no rank has a gradient for keeps none.
+        buckets = defaultdict(list)  # (device, dtype) -> [(param, its gradient or None, shape)]
+        for p in self._params():
+            sel = self._selection.get(p)
+            if sharding.is_sharded(p) or not p.requires_grad or (isinstance(sel, str) and sel == EMPTY):
+                continue
+            if self.compact_grads and isinstance(sel, torch.Tensor):  # fp32, one per selected element
+                g, dtype, shape = self._compact.get(p), torch.float32, (sel.numel(),)
+            else:
+                g, dtype, shape = p.grad, p.dtype, tuple(p.shape)
+            buckets[(p.device, dtype)].append((p, g, shape))
+        for (device, dtype), entries in buckets.items():
+            parts = [g.reshape(-1).to(dtype) if g is not None else torch.zeros(math.prod(shape), dtype=dtype,
+                                                                               device=device)
+                     for _, g, shape in entries]
+            parts.append(torch.tensor([g is not None for _, g, _ in entries], dtype=dtype, device=device))
+            flat = torch.cat(parts)
             dist.all_reduce(flat, group=group)
             flat.div_(world)
-            offset = 0
-            for g in gs:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            missing = any(g is None for _, g, _ in entries)  # only then the flags are read (a host sync)
+            offset, present = 0, (flat[-len(entries):] > 0).tolist() if missing else [True] * len(entries)
+            for (p, g, shape), anywhere in zip(entries, present):
+                value = flat[offset:offset + math.prod(shape)].view(shape)
+                offset += value.numel()
+                if g is not None:
+                    g.copy_(value)
+                elif anywhere:
+                    if self.compact_grads and isinstance(self._selection.get(p), torch.Tensor):
+                        self._compact[p] = value.clone()
+                    else:
+                        p.grad = value.clone()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -626,6 +673,8 @@ class MaskedAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._unhooked:
+            self._hook_unfrozen()
         if self._compact and _several_processes():  # DDP needs them; one process never pays the check
             for p in self._compact:
                 if p.grad is not None:
@@ -833,6 +882,14 @@ class MaskedAdamW(Optimizer):
         # saved or kept state dict does not change with later steps
         sd["state"] = {pid: {**st, "step": st["step"].clone()} if isinstance(st.get("step"), torch.Tensor) else st
                        for pid, st in sd["state"].items()}
+        # a selected parameter whose state was removed by hand (opt.state.clear(), or del opt.state[p])
+        # starts afresh at the next step; its fresh state is saved, so that the selection travels too (a
+        # missing entry loads as nothing selected)
+        ids = [pid for g in sd["param_groups"] for pid in g["params"]]
+        for pid, param in zip(ids, self._params()):
+            sel = self._selection.get(param)
+            if pid not in sd["state"] and sel is not None and not (isinstance(sel, str) and sel == EMPTY):
+                sd["state"][pid] = self._make_state(param, sel, self._label_of(param))
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -999,6 +1056,27 @@ def _master_from_weight(p: torch.Tensor, indices: torch.Tensor | None) -> torch.
     return flat.index_select(0, indices.long()).to(torch.float32)
 
 
+# torch.optim.AdamW's options that MaskedAdamW accepts only at the values that mean what it does: code
+# that spells out torch's defaults (or copies an AdamW's param groups) keeps working; anything else is
+# refused by name
+_TORCH_ADAMW_UNSUPPORTED = {"amsgrad": "AMSGrad's running maximum is not implemented",
+                            "maximize": "negate the loss instead",
+                            "capturable": "CUDA-graph capture of the step is not supported",
+                            "differentiable": "the step is not differentiable"}
+_TORCH_ADAMW_OPTIONS = (*_TORCH_ADAMW_UNSUPPORTED, "foreach", "fused")
+
+
+def _check_torch_adamw_options(options: dict, where: str) -> None:
+    for arg, value in options.items():
+        if arg in _TORCH_ADAMW_UNSUPPORTED:
+            if value is not False:
+                raise ValueError(f"{where}: {arg}={value!r} is not supported ({_TORCH_ADAMW_UNSUPPORTED[arg]}); "
+                                 f"leave {arg} at False")
+        elif value not in (None, True, False):
+            raise ValueError(f"{where}: {arg}={value!r}: expected None, True or False (it is ignored: the kernels "
+                             "are chosen by backend=)")
+
+
 def _sync_master(param: torch.Tensor, state: dict) -> None:
     """Elements of ``param`` (bf16/fp16) that differ from their master copy rounded to the weight's dtype
     were changed outside the optimizer: their master entries take the weight's value. The others keep
@@ -1015,6 +1093,10 @@ def _fused_dense(rows: list, device: torch.device, *, lr, beta1, beta2, eps, wei
     params, grads, avgs, sqs, steps = [], [], [], [], []
     masters = []
     for p, grad, state, step in rows:
+        # torch's fused kernel walks each tensor's memory in order: a gradient laid out otherwise (a
+        # transposed or expanded .grad) would pair with the wrong elements (torch 2.14's own AdamW(fused=True)
+        # does so on the CPU)
+        grad = grad.contiguous()
         master = state.get("master")
         if master is not None:
             params.append(master)
