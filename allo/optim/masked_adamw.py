@@ -609,6 +609,8 @@ class MaskedAdamW(Optimizer):
     def all_reduce_grads(self, group=None) -> None:
         """Average the gradients the next step will use across the ranks of ``group`` (one flat
         all-reduce per device and dtype). Use instead of DDP's gradient sync in compact-grad mode.
+        Every rank must call it. As in DDP, a parameter that has no gradient on a rank (a branch its
+        batch did not reach) counts as zeros there, and gets the average if any rank had a gradient.
 
         Sharded (FSDP2) parameters are left out: FSDP2 already reduce-scattered (averaged) their
         gradients in backward, and each rank holds a different block, so for a fully sharded model
