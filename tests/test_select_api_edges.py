@@ -257,3 +257,37 @@ def test_every_backend_names_the_tensor_holding_a_nan_score(backend):
     with pytest.raises(NonFiniteScoresError, match=r"scores\['b'\].*flat index 1") as err:
         select_top(scores, 0.5, backend=backend)
     assert (err.value.name, err.value.index) == ("b", 1)
+
+
+@pytest.mark.parametrize("mode", ["sum_of_magnitudes", "accumulated"])
+def test_sparse_embedding_gradients_score_like_dense_ones(mode):
+    # nn.Embedding(sparse=True) hands an uncoalesced gradient (a row per lookup): each backward's
+    # magnitude is that of the row's summed gradient, as with the dense gradient
+    scores = {}
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(5, 3, sparse=sparse)
+        acc = GradientScoreAccumulator(emb, mode=mode)
+        for tokens, signs in (([1, 1, 3], [1.0, -1.0, 2.0]), ([3, 4, 3], [-1.0, 0.5, -2.0])):
+            out = emb(torch.tensor(tokens))
+            (out * torch.tensor(signs).unsqueeze(1) * torch.arange(1.0, 4.0)).sum().backward()
+        scores[sparse] = acc.scores()["weight"]
+        assert acc.num_backward == 2
+    assert scores[True].layout == torch.strided and torch.equal(scores[True], scores[False])
+    assert scores[False][1].eq(0).all() and scores[False][3].ne(0).all()  # +1 and -1 lookups of row 1 cancel
+
+
+def test_weight_delta_scores_follow_the_models_parameter_order_whichever_side_it_is_on():
+    # equal scores are taken in the scores' order; a state dict read from a safetensors file lists its
+    # names sorted, so ties would be broken differently by the argument order of a symmetric |a - b|
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    sorted_sd = {n: t.detach() + 0.5 for n, t in sorted(model.state_dict().items())}  # every delta ties
+    assert list(sorted_sd) != [n for n, _ in model.named_parameters()]
+    first, second = weight_delta_scores(model, sorted_sd), weight_delta_scores(sorted_sd, model)
+    assert list(first) == list(second) == [n for n, _ in model.named_parameters()]
+    a, b = select(first, 0.1), select(second, 0.1)
+    assert all(torch.equal(a.indices[n], b.indices[n]) for n in a.indices)
+    assert a.indices["0.weight"].tolist() == [0, 1, 2, 3]  # the first parameter's first elements
+    # two state dicts: the first one's order, as documented
+    assert list(weight_delta_scores(sorted_sd, dict(model.state_dict()))) == list(sorted_sd)

@@ -29,26 +29,46 @@ def _shard(t, rank):
     return t.tensor_split(WORLD, dim=0)[rank].contiguous()
 
 
-MODES = ("partition", "shards")
+MODES = ("partition", "shards", "mixed_dtypes", "empty_rank")
 CASES = ((0.3, 0.05), (0.1, 0.0), (1.0, 0.5))
+
+
+def _whole(mode):
+    """The scores of all ranks together, for a mode: the ranks of "mixed_dtypes" hold bf16 and fp32 tensors
+    (alone, each would search 16-bit or 32-bit keys, in a different number of passes); in "empty_rank"
+    rank 1 holds nothing and rank 0 only bf16 scores."""
+    scores = _scores()
+    if mode in ("mixed_dtypes", "empty_rank"):
+        half = list(scores)[:len(scores) // WORLD] if mode == "mixed_dtypes" else list(scores)
+        scores = {n: s.bfloat16() if n in half else s for n, s in scores.items()}
+    return scores
+
+
+def _local(mode, rank):
+    scores = _whole(mode)
+    names = list(scores)
+    if mode == "shards":
+        return {n: _shard(s, rank) for n, s in scores.items()}
+    if mode == "empty_rank":
+        return scores if rank == 0 else {}
+    return {n: scores[n] for n in names[rank * len(names) // WORLD:(rank + 1) * len(names) // WORLD]}
 
 
 def _worker(rank, out_dir):
     # a file rendezvous: a free TCP port picked beforehand can be taken by another process meanwhile
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
+    import faulthandler
+
+    faulthandler.dump_traceback_later(120, exit=True)  # ranks whose collectives do not pair up would hang
     try:
-        scores = _scores()
-        names = list(scores)
         results = {}
         for mode in MODES:
-            if mode == "partition":
-                local = {n: scores[n] for n in names[rank * len(names) // WORLD:(rank + 1) * len(names) // WORLD]}
-            else:
-                local = {n: _shard(s, rank) for n, s in scores.items()}
+            local = _local(mode, rank)
             for ratio, exclude in CASES:
                 results[mode, ratio, exclude] = select_top(local, ratio, exclude_ratio=exclude, backend="cpu")
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        faulthandler.cancel_dump_traceback_later()
         dist.destroy_process_group()
 
 
@@ -58,10 +78,10 @@ def test_ranks_together_equal_single_process(tmp_path):
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for mode in MODES:
         for ratio, exclude in CASES:
-            expect = select_top(_scores(), ratio, exclude_ratio=exclude, backend="cpu")
+            expect = select_top(_whole(mode), ratio, exclude_ratio=exclude, backend="cpu")
             got_parts = [p[mode, ratio, exclude] for p in parts]
             for name, mask in expect.items():
-                if mode == "partition":
+                if mode != "shards":
                     got = next(p[name] for p in got_parts if name in p)
                 else:
                     got = torch.cat([p[name] for p in got_parts], dim=0)

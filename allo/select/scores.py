@@ -138,7 +138,9 @@ def weight_delta_scores(a, b, include=None, exclude=None) -> dict[str, AbsDiff]:
     """Lazy ``|theta_a - theta_b|`` per parameter (the ALLO importance score after warm-up).
 
     ``a`` and ``b`` are ``nn.Module`` s (their ``named_parameters``) or state dicts; for two models
-    sharded alike (FSDP2) each ``AbsDiff`` covers this rank's rows (the local shards). Tied weights are
+    sharded alike (FSDP2) each ``AbsDiff`` covers this rank's rows (the local shards). The result is in
+    the parameter order of the module among ``a`` and ``b`` (``a`` 's when both are modules), else in
+    ``a`` 's order: the order in which selection takes equal scores. Tied weights are
     left out, as ``named_parameters`` does: a state-dict name whose tensor is the tensor of an earlier
     name, when the other side ties it to that same name too or does not list it at all (a module, or a
     state dict saved without the duplicates). Names present in
@@ -158,6 +160,12 @@ def weight_delta_scores(a, b, include=None, exclude=None) -> dict[str, AbsDiff]:
     ta = {n: t for n, t in ta.items() if n not in tied}
     tb = {n: t for n, t in tb.items() if n not in tied}
     names = [n for n in ta if keep(n)]
+    if isinstance(b, torch.nn.Module) and not isinstance(a, torch.nn.Module):
+        # the scores' order is the tie order (select takes equal scores in the mapping's order): a
+        # model's parameter order, whichever side it is on, not a state dict's (a safetensors file's
+        # keys come back sorted by name)
+        order = {n: i for i, n in enumerate(tb)}
+        names.sort(key=lambda n: order.get(n, len(order)))
     missing = [n for n in names if n not in tb]
     extra = [n for n in tb if keep(n) and n not in ta]
     if missing or extra:
@@ -238,6 +246,8 @@ class GradientScoreAccumulator:
 
     def _fold(self, name, g):
         buf = self._buffer(name, g.shape, g.device)
+        if g.is_sparse:  # nn.Embedding(sparse=True): a repeated row's entries summed first (|sum|, not sum of |.|)
+            g = g.coalesce()
         if self.mode == "accumulated":
             buf.add_(g.to(self.dtype))
         else:

@@ -571,6 +571,31 @@ def key_domain(sources: dict):
     return True, torch.float32
 
 
+def agreed_domain(sources: dict, device: torch.device, group, what: str):
+    """(key32, dtype, device) for the search, the same on every rank of ``group``: ranks holding
+    different tensors (a partition of the model, or none at all) must run the same passes over the
+    same kind of keys, or their histograms' all-reduces would pair different passes (and hang). One
+    all-reduce of what each rank holds: 16-bit keys only when every rank's scores share one 16-bit
+    dtype; a rank without scores searches on the device kind the others hold theirs on."""
+    key32, dtype = key_domain(sources)
+    if group is None:
+        return key32, dtype, device
+    held = [0] * 5  # fp32 (or |a - b|), bf16, fp16, on an accelerator, on the CPU
+    for s in sources.values():
+        held[{torch.bfloat16: 1, torch.float16: 2}.get(s.dtype, 0)] = 1
+        held[4 if s.device.type == "cpu" else 3] = 1
+    every = _all_reduce(torch.tensor(held, dtype=torch.int64), group).tolist()
+    if every[3] and every[4]:
+        raise ValueError(f"{what}: under torch.distributed some ranks hold their scores on the CPU and others on "
+                         "a GPU; the ranks' searches must run alike: put every rank's scores on the same kind "
+                         "of device")
+    sixteen = [dt for dt, i in ((torch.bfloat16, 1), (torch.float16, 2)) if every[i]]
+    key32 = bool(every[0]) or len(sixteen) != 1
+    if not sources and every[3]:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return key32, (torch.float32 if key32 else sixteen[0]), device
+
+
 def band_masks(scores, ratio, exclude_ratio=0.0, *, backend=None, group=None, emit=None, what="select_top",
                histogram=None):
     """Element-granularity band masks (see the module docstring). ``emit`` streams them out.
@@ -578,8 +603,9 @@ def band_masks(scores, ratio, exclude_ratio=0.0, *, backend=None, group=None, em
     ratio, exclude_ratio = check_ratios(ratio, exclude_ratio, what)
     sources = normalize_scores(scores, what)
     device = next(iter(sources.values())).device if sources else torch.device("cpu")
-    backend = resolve_backend(backend, device, what=what)
     group = _dist_group(group)
+    key32, dtype, device = agreed_domain(sources, device, group, what)
+    backend = resolve_backend(backend, device, what=what)
     if backend == "reference":
         if group is not None:
             raise ValueError(f"{what}: backend 'reference' works in a single process only; use 'cpu' or 'triton' "
@@ -592,7 +618,6 @@ def band_masks(scores, ratio, exclude_ratio=0.0, *, backend=None, group=None, em
         for name, m in masks.items():
             emit(name, m)
         return None
-    key32, dtype = key_domain(sources)
     if backend == "triton":
         histogram = histogram_variant(histogram)  # a bad value fails before any pass
     early = {}
