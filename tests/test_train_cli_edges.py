@@ -170,6 +170,14 @@ def test_the_command_may_come_anywhere_and_max_grad_norm_0_means_no_clipping():
     assert parse(["--max_grad_norm", "0"])[1].max_grad_norm == 0
 
 
+def test_a_bare_boolean_flag_before_the_command_takes_no_value_from_it():
+    command, cfg = parse(["--bf16", "warmup", "--max_steps", "2"])
+    assert command == "warmup" and cfg.bf16 is True
+    command, cfg = parse(["--disable_tqdm", "eval"])
+    assert command == "eval" and cfg.disable_tqdm is True
+    assert parse(["--bf16", "false", "eval"])[1].bf16 is False  # a value is still a value
+
+
 def test_lr_schedulers_offered_are_transformers_own():
     from transformers.trainer_utils import SchedulerType
 

@@ -122,8 +122,26 @@ def _yaml_value(parser, path: str, f: dataclasses.Field, value):
     parser.error(f"{path}: key '{f.name}': expected {_EXPECTED.get(tp, tp.__name__)}, got {value!r}")
 
 
+def _bare_bools_before_commands(parser, argv: list[str]) -> list[str]:
+    """``--bf16 warmup`` read as ``--bf16=true warmup``: a boolean flag takes an optional value, so
+    argparse would take the COMMAND (which may come anywhere) for it and refuse it as no boolean."""
+    out = list(argv)
+    for i, tok in enumerate(out[:-1]):
+        if not tok.startswith("--") or "=" in tok or out[i + 1] not in COMMANDS:
+            continue
+        # the flag as argparse would match it: exactly, else as the unique prefix of one option
+        action = parser._option_string_actions.get(tok)
+        if action is None:
+            matches = {a for s, a in parser._option_string_actions.items() if s.startswith(tok)}
+            action = matches.pop() if len(matches) == 1 else None
+        if action is not None and action.type is _bool:
+            out[i] = f"{tok}=true"
+    return out
+
+
 def parse(argv=None) -> tuple[str, TrainConfig]:
     parser = build_parser()
+    argv = _bare_bools_before_commands(parser, sys.argv[1:] if argv is None else list(argv))
     args, extras = parser.parse_known_args(argv)
     command = _command(parser, extras)
     if args.config:
