@@ -290,3 +290,18 @@ def test_json_items_are_numbered_from_1_like_jsonl_lines(tmp_path):
         D.load_pairs(str(as_json), tok)
     with pytest.raises(D.BadRowError, match=r"p\.jsonl:2: field 'chosen'"):
         D.load_pairs(str(as_jsonl), tok)
+
+
+def test_a_tilde_in_a_yaml_path_option_is_expanded_where_it_is_used(tiny, tmp_path, monkeypatch):  # noqa: F811
+    # the shell expands ~ on the command line, not in a --config file: validate() does it, for every stage
+    home = tmp_path / "home"
+    home.mkdir()
+    os.symlink(tiny / "sft", home / "sft")
+    shutil.copy(tiny / "train.jsonl", home / "train.jsonl")
+    monkeypatch.setenv("HOME", str(home))
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("model_name_or_path: ~/sft\ntrain_file: ~/train.jsonl\noutput_dir: ~/out\n")
+    _, cfg = parse(["--config", str(yaml_file)])
+    assert (cfg.model_name_or_path, cfg.train_file, cfg.output_dir) == (
+        str(home / "sft"), str(home / "train.jsonl"), str(home / "out"))
+    pipeline.check_data_files(cfg)  # found, where before it was "no such file"

@@ -40,6 +40,10 @@ _AT_LEAST = {"per_device_eval_batch_size": 1, "generation_batch_size": 1, "score
              "num_sft_problems": 1, "num_train_problems": 1, "num_eval_problems": 1, "num_samples": 1,
              "max_pairs_per_problem": 1, "max_new_tokens": 1}
 
+# options that name a local file or folder (a hub or dataset name is left as it is: it does not start with ~)
+_PATH_OPTIONS = ("model_name_or_path", "warmup_model_path", "dataset_name", "train_file", "eval_file", "negatives_file",
+                 "problems_file", "eval_problems_file", "output_dir", "reuse_from", "resume_from_checkpoint")
+
 
 class RunError(ValueError):
     """The options or the output folder cannot make a run; the message names the option and how to fix it
@@ -195,6 +199,12 @@ class TrainConfig:
     max_new_tokens: int = _f(40, "longest sampled / generated response")
 
     def validate(self) -> "TrainConfig":
+        # `~` expanded once, here: a YAML --config value reaches us unexpanded by the shell, and the checks
+        # below expanded it while the stages did not (./~/out written; a model or data file "not found")
+        for name in _PATH_OPTIONS:
+            v = getattr(self, name)
+            if isinstance(v, str) and v.startswith("~"):
+                setattr(self, name, os.path.expanduser(v))
         if self.model_name_or_path is not None:
             problem = model_source_problem(self.model_name_or_path)
             problem = problem or (None if self.trust_remote_code else remote_code_problem(self.model_name_or_path))
