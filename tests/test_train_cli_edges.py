@@ -153,6 +153,16 @@ def test_a_resumed_stage_says_which_checkpoint_it_picked_up(tiny, tmp_path, caps
     (["--logging_dir", "x", "--max_steps", "2"], "unrecognized arguments: --logging_dir x"),
     (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
     (["foo"], "invalid command 'foo'; choose from run, prepare"),
+    # found before any stage, not after warm-up and select (forget's optimizer: "an empty parameter list")
+    (["--exclude_ratio", "0.03"], "--forget_ratio is 0.03; expected more than --exclude_ratio (0.03)"),
+    (["--improve_ratio", "0"], "--improve_ratio is 0.0; expected more than --exclude_ratio (0.0)"),
+    # not in transformers' generate after prepare's SFT training
+    (["--temperature", "0"], "--temperature is 0.0; expected > 0"),
+    (["--temperature=-1"], "--temperature is -1.0; expected > 0"),
+    (["--top_p", "1.5"], "--top_p is 1.5; expected a fraction in (0, 1]"),
+    (["--top_p", "0"], "--top_p is 0.0; expected a fraction in (0, 1]"),
+    # not in the forget stage, after warm-up and select
+    (["--token_weight_source", "data"], "--token_weight_source data reads token_weights from a --negatives_file"),
 ])
 def test_bad_options_are_one_error_line_after_a_one_line_usage_hint(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -168,6 +178,23 @@ def test_the_command_may_come_anywhere_and_max_grad_norm_0_means_no_clipping():
     assert parse(["--max_steps", "3", "warmup"])[0] == "warmup"
     assert parse(["eval", "--max_steps=2"])[0] == "eval"
     assert parse(["--max_grad_norm", "0"])[1].max_grad_norm == 0
+
+
+def test_ratios_a_stage_does_not_use_may_select_nothing():
+    assert parse(["--skip_forget", "--forget_ratio", "0"])[1].forget_ratio == 0
+    assert parse(["--selection", "none", "--improve_ratio", "0"])[1].improve_ratio == 0
+
+
+def test_a_ratio_that_selects_no_element_of_the_model_stops_select_by_name():
+    from allo.train.config import TrainConfig
+    from allo.train.stages.select import _check_band
+
+    shapes = {"a": (4, 5), "b": (10,)}  # 30 elements: round(0.03 x 30) = 1, round(0.01 x 30) = 0
+    _check_band(TrainConfig(forget_ratio=0.03, exclude_ratio=0.01), shapes)
+    with pytest.raises(RunError, match=r"--forget_ratio 0.01 with --exclude_ratio 0.0 selects no element of the "
+                                       r"model's 30 .*raise --forget_ratio or lower --exclude_ratio"):
+        _check_band(TrainConfig(forget_ratio=0.01), shapes)
+    _check_band(TrainConfig(forget_ratio=0.01, skip_forget=True), shapes)  # no forget stage: nothing to train
 
 
 def test_a_bare_boolean_flag_before_the_command_takes_no_value_from_it():

@@ -238,8 +238,24 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"--{name} is {v}; expected a fraction in [0, 1]")
-        if self.exclude_ratio > min(self.forget_ratio, self.improve_ratio) and self.selection != "none":
-            raise ValueError(f"--exclude_ratio ({self.exclude_ratio}) must not exceed --forget_ratio and --improve_ratio")
+        if self.selection != "none":
+            # a stage selects round(ratio*N) - round(exclude_ratio*N) elements: none at all when the ratio is not
+            # above --exclude_ratio, and its optimizer would fail ("an empty parameter list") after warm-up and select
+            for name in ("forget_ratio", "improve_ratio") if not self.skip_forget else ("improve_ratio",):
+                if not getattr(self, name) > self.exclude_ratio:
+                    raise ValueError(f"--{name} is {getattr(self, name)}; expected more than --exclude_ratio "
+                                     f"({self.exclude_ratio}): the {name.split('_')[0]} stage would train no element "
+                                     "(lower --exclude_ratio or raise the ratio; --selection none trains every element)")
+        if not self.temperature > 0:  # here, not in transformers' generate after the SFT training
+            raise ValueError(f"--temperature is {self.temperature}; expected > 0 (prepare samples its responses)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p is {self.top_p}; expected a fraction in (0, 1] (1: no nucleus cut)")
+        if self.token_weight_source in ("data", "reward_model_probs") and self.negatives_file is None \
+                and not self.skip_forget:
+            field_name = "token_weights" if self.token_weight_source == "data" else "keep_probs"
+            raise ValueError(f"--token_weight_source {self.token_weight_source} reads {field_name} from a "
+                             "--negatives_file; give one whose rows carry them, or use --token_weight_source auto "
+                             "or implicit_reward")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:

@@ -3,6 +3,7 @@ exact forget and improve masks (allo.select), written as selection files."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -11,7 +12,7 @@ from allo._dtensor import row_block
 
 from .. import data as D
 from .. import model as models
-from ..config import TrainConfig
+from ..config import RunError, TrainConfig
 from ..fsdp import fsdp2_shards, sharded_scorer
 from ..logps import TokenLogprobs
 from .common import Context, load_pairs, mark_done, sft_model_path, warmup_model_path
@@ -158,6 +159,7 @@ def stage_select(ctx: Context) -> dict:
         else:
             (scores, shapes), blocks = _scores(ctx), None
         scores = _ranked(cfg, scores, shapes, blocks)
+        _check_band(cfg, shapes)
         for stage, ratio in (("forget", cfg.forget_ratio), ("improve", cfg.improve_ratio)):
             kw = dict(exclude_ratio=cfg.exclude_ratio, metadata={"stage": stage, "selection": cfg.selection},
                       score_source=cfg.score_source)
@@ -170,6 +172,22 @@ def stage_select(ctx: Context) -> dict:
         ctx.log(f"select: {info}")
     mark_done(ctx, sdir, info)
     return info
+
+
+def _check_band(cfg: TrainConfig, shapes: dict) -> None:
+    """A stage that trains must select an element: round(ratio*N) - round(exclude_ratio*N) can be 0 for a
+    small model even where validate() saw ratio > exclude_ratio, and the stage's optimizer would then fail
+    on an empty parameter list after this stage (every rank finds the same: the shapes are the whole model's)."""
+    from allo.select.topk import band_count
+
+    n = sum(math.prod(shape) for shape in shapes.values())
+    for stage, ratio in (("forget", cfg.forget_ratio), ("improve", cfg.improve_ratio)):
+        if stage == "forget" and cfg.skip_forget:
+            continue
+        if band_count(ratio, n) - band_count(cfg.exclude_ratio, n) <= 0:
+            raise RunError(f"select: --{stage}_ratio {ratio} with --exclude_ratio {cfg.exclude_ratio} selects no "
+                           f"element of the model's {n} (round(ratio x {n}) - round(exclude_ratio x {n}) is 0), so "
+                           f"the {stage} stage would train nothing; raise --{stage}_ratio or lower --exclude_ratio")
 
 
 def _write_selection(ctx: Context, sdir: str, stage: str, sel, info: dict) -> None:
