@@ -289,7 +289,7 @@ def test_report_tables_have_as_many_cells_in_every_line():
 @pytest.mark.parametrize("flag, text, says", [
     ("--eval_file", '[{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}]',
      "--eval_file {path}: row 2: field 'rejected': missing"),
-    ("--negatives_file", '{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n', "--negatives_file {path}:2: field 'rejected': missing"),
+    ("--negatives_file", '{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n', "--negatives_file {path}:2: field 'response': missing"),
     ("--eval_problems_file", '{"prompt": "a", "answer": ""}\n', "--eval_problems_file {path}:1: field 'answer'"),
     ("--eval_file", None, "--eval_file {path}: no such file"),
 ])
@@ -332,3 +332,39 @@ def test_a_tilde_in_a_yaml_path_option_is_expanded_where_it_is_used(tiny, tmp_pa
     assert (cfg.model_name_or_path, cfg.train_file, cfg.output_dir) == (
         str(home / "sft"), str(home / "train.jsonl"), str(home / "out"))
     pipeline.check_data_files(cfg)  # found, where before it was "no such file"
+
+
+_CHAT = {"prompt": [{"role": "user", "content": "1+1?"}], "rejected": [{"role": "assistant", "content": "3"}]}
+
+
+@pytest.mark.parametrize("name, content, kind, says", [
+    ("latin1.jsonl", b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n', "pairs",
+     r"latin1\.jsonl:1: not UTF-8 text: byte 0xe9 at column 16; save the file as UTF-8"),
+    ("latin1.json", b'[{"prompt": "a", "chosen": "a", "rejected": "b"},\n {"prompt": "caf\xe9"}]', "pairs",
+     r"latin1\.json:2: not UTF-8 text: byte 0xe9 at column 17"),
+    ("null.jsonl", json.dumps({**_CHAT, "chosen": [{"role": "assistant", "content": None}]}).encode(), "pairs",
+     r"null\.jsonl:1: field 'chosen': message 1: 'content' is null; expected a string"),
+    ("int.jsonl", json.dumps({**_CHAT, "chosen": [{"role": "assistant", "content": 5}]}).encode(), "pairs",
+     r"int\.jsonl:1: field 'chosen': message 1: 'content' is int; expected a string"),
+    ("neg.jsonl", b'{"prompt": "a", "answer": "b"}\n', "negatives", r"neg\.jsonl:1: field 'response': missing"),
+])
+def test_bad_bytes_and_chat_contents_are_named_rows_not_tracebacks(tmp_path, name, content, kind, says):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(D.BadRowError, match=says):
+        D.check_source(str(path), kind)
+
+
+def test_a_byte_order_mark_is_read_and_a_folder_named_like_a_data_file_is_said_to_be_one(tmp_path):
+    row = {"prompt": "a", "chosen": "b", "rejected": "c"}
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(row).encode() + b"\n")
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([row]).encode())
+    for name in ("bom.jsonl", "bom.json"):
+        assert D.read_rows(str(tmp_path / name))[0][1] == row
+    (tmp_path / "x.jsonl").mkdir()
+    with pytest.raises(D.DataError, match=r"x\.jsonl: is a directory; expected a \.jsonl, \.json or \.parquet file"):
+        D.check_source(str(tmp_path / "x.jsonl"), "pairs")
+    # a line that is not UTF-8 is a bad row like any other: --skip_bad_rows skips and counts it
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_bytes(json.dumps(row).encode() + b'\n{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    assert D.check_source(str(mixed), "pairs", skip_bad_rows=True).skipped == 1

@@ -91,21 +91,35 @@ def read_rows(source: str, *, split: str = "train", config: str | None = None) -
         low = source.lower()
         if low.endswith(".jsonl"):
             rows = []
-            with open(source, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
+            with open(source, "rb") as f:
+                # line by line from bytes: a line that is not UTF-8 is named like one that is not JSON; a
+                # byte-order mark (some Windows editors write one) is not part of the first line
+                for n, raw in enumerate(f, 1):
+                    try:
+                        line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                    except UnicodeDecodeError as e:
+                        rows.append((f"{source}:{n}", _Unparsable(_not_utf8(e))))
+                        continue
                     if not line.strip():
                         continue
                     try:
                         rows.append((f"{source}:{n}", json.loads(line)))
                     except json.JSONDecodeError as e:
-                        rows.append((f"{source}:{n}", _Unparsable(str(e))))
+                        rows.append((f"{source}:{n}", _Unparsable(f"not valid JSON ({e})")))
             return rows
         if low.endswith(".json"):
-            with open(source, encoding="utf-8") as f:
-                try:
-                    obj = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise BadRowError(f"{source}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+            with open(source, "rb") as f:
+                content = f.read()
+            try:
+                text = content.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                line = content[:e.start].count(b"\n") + 1
+                line_start = content.rfind(b"\n", 0, e.start) + 1
+                raise BadRowError(f"{source}:{line}: {_not_utf8(e, line_start)}") from None
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise BadRowError(f"{source}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
             if isinstance(obj, dict) and isinstance(obj.get("data"), list):
                 obj = obj["data"]
             if not isinstance(obj, list):
@@ -117,6 +131,8 @@ def read_rows(source: str, *, split: str = "train", config: str | None = None) -
             return [(f"{source}: row {i}", r) for i, r in enumerate(pq.read_table(source).to_pylist(), 1)]
         raise BadRowError(f"{source}: unknown file type; use .jsonl, .json or .parquet")
     if _names_a_file(source):
+        if os.path.isdir(source):  # (a folder named like a data file: "no such file" would mislead)
+            raise DataError(f"{source}: is a directory; expected a .jsonl, .json or .parquet file")
         # a path, not a dataset name: asking the hub for it would only say it cannot be reached
         raise FileNotFoundError(f"{source}: no such file")
     try:
@@ -135,6 +151,11 @@ def read_rows(source: str, *, split: str = "train", config: str | None = None) -
                         "--dataset_test_split none for none), the configuration with --dataset_config") from e
     name = f"{source}:{config}" if config else source
     return [(f"{name}[{split}] row {i}", r) for i, r in enumerate(ds, 1)]
+
+
+def _not_utf8(e: UnicodeDecodeError, line_start: int = 0) -> str:
+    return (f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at column {e.start - line_start + 1}; save the file "
+            "as UTF-8")
 
 
 class _Unparsable:
@@ -159,6 +180,11 @@ def _text_field(row, where, fld, *, messages_ok=True):
             raise _bad(where, fld, "empty string")
         return v
     if messages_ok and _is_messages(v) and v:
+        for i, m in enumerate(v, 1):
+            # the chat template would render null as nothing (an empty response trained) and 5 as "5"
+            if not isinstance(m["content"], str):
+                got = "null" if m["content"] is None else type(m["content"]).__name__
+                raise _bad(where, fld, f"message {i}: 'content' is {got}; expected a string")
         return v
     raise _bad(where, fld, f"expected a string{' or a list of {role, content} messages' if messages_ok else ''}, got {type(v).__name__}")
 
@@ -226,7 +252,7 @@ def _load(source, parse, *, skip_bad_rows, split="train", config=None, rep=None)
     for where, row in read_rows(source, split=split, config=config):
         try:
             if isinstance(row, _Unparsable):
-                raise BadRowError(f"{where}: not valid JSON ({row.why})")
+                raise BadRowError(f"{where}: {row.why}")
             if not isinstance(row, dict):
                 raise BadRowError(f"{where}: expected an object with named fields, got {type(row).__name__}")
             out.append(parse(row, where, rep))
@@ -280,7 +306,9 @@ def _pair_texts(row, where):
 def _negative_texts(row, where):
     """A negative row's (prompt, the response's field name, response)."""
     prompt = _text_field(row, where, "prompt")
-    fld = "response" if "response" in row else "rejected"
+    # `response` is the negatives' field (`rejected` is read where it is missing): a row with neither is
+    # missing `response`, the name the user is told to give
+    fld = "rejected" if "response" not in row and "rejected" in row else "response"
     return prompt, fld, _text_field(row, where, fld)
 
 
