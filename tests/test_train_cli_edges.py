@@ -368,3 +368,43 @@ def test_a_byte_order_mark_is_read_and_a_folder_named_like_a_data_file_is_said_t
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_bytes(json.dumps(row).encode() + b'\n{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
     assert D.check_source(str(mixed), "pairs", skip_bad_rows=True).skipped == 1
+
+
+@pytest.mark.parametrize("case, says", [
+    # a row eval would fail to tokenize: found before the first stage, not after all the training
+    ("eval_too_long", "--eval_file {path}:2: field 'chosen': nothing of the response is left after truncating to "
+                      "max_length=64"),
+    # fewer pairs than one batch: before the warm-up's reference pass, with both numbers and the options
+    ("five_pairs", "warmup: the training pairs of --train_file: 5 examples are fewer than one global batch of 16 "
+                   "(--per_device_train_batch_size 16 x --gradient_accumulation_steps 1 x 1 process)"),
+])
+def test_rows_are_tokenized_and_counted_before_any_stage_runs(tiny, tmp_path, capsys, case, says):  # noqa: F811
+    rows = (tiny / "train.jsonl").read_text().splitlines()
+    path = tmp_path / "data.jsonl"
+    train, evalf, extra = tiny / "train.jsonl", tiny / "eval.jsonl", ["--max_length", "64"]
+    if case == "eval_too_long":
+        path.write_text(rows[0] + "\n" + json.dumps({"prompt": "x" * 100, "chosen": "a", "rejected": "b"}) + "\n")
+        evalf = path
+    else:
+        path.write_text("\n".join(rows[:5]) + "\n")
+        train, extra = path, ["warmup"]
+    out = tmp_path / "out"
+    assert _exit_code(["--model_name_or_path", str(tiny / "sft"), "--train_file", str(train), "--eval_file",
+                       str(evalf), "--output_dir", str(out), "--disable_tqdm", "--report_to", "none", *extra]) == 2
+    err = capsys.readouterr().err
+    assert says.format(path=path) in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_auto_token_weights_are_decided_from_the_rows_the_loader_keeps(tmp_path):
+    from allo.train.config import TrainConfig
+    from allo.train.stages.common import negatives_weight_field
+
+    negs = tmp_path / "negs.jsonl"
+    # the first row is bad (no prompt): with --skip_bad_rows its lack of token_weights must not decide
+    negs.write_text(json.dumps({"response": "a"}) + "\n"
+                    + json.dumps({"prompt": "q", "response": "a", "token_weights": [1.0]}) + "\n")
+    assert negatives_weight_field(TrainConfig(negatives_file=str(negs), skip_bad_rows=True)) == "token_weights"
+    negs.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
+    assert negatives_weight_field(TrainConfig(negatives_file=str(negs))) is None
+    assert negatives_weight_field(TrainConfig(negatives_file=str(negs), token_weight_source="data")) == "token_weights"

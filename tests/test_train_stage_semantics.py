@@ -193,7 +193,8 @@ def test_reward_model_keep_probs_become_weights_1_below_one_half(data, tmp_path,
         probs.append(ps)
     _write_jsonl(tmp_path / "negs.jsonl", rows)
     ctx = make_context(_cfg(data, tmp_path / "out", negatives_file=str(tmp_path / "negs.jsonl"),
-                            token_weight_source="reward_model_probs", raw_reward_probs=raw, stages="forget"))
+                            token_weight_source="reward_model_probs", raw_reward_probs=raw, stages="forget",
+                            per_device_train_batch_size=3))  # (3 negatives: a forget stage needs a batch of them)
     negs = load_negatives(ctx, "keep_probs")
     weights = _token_weights(ctx, str(tmp_path / "out" / "forget"), negs, None)
     for w, ps in zip(weights, probs):

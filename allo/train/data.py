@@ -367,6 +367,11 @@ def _names_a_file(source: str) -> bool:
 _ROW_CHECKS = {"pairs": _pair_texts, "negatives": _negative_texts, "problems": _problem}
 
 
+def check_row(row: dict, where: str, kind: str) -> None:
+    """A row's fields checked as its loader will (``kind``: pairs, negatives or problems); raises BadRowError."""
+    _ROW_CHECKS[kind](row, where)
+
+
 def check_source(source: str, kind: str, *, skip_bad_rows: bool = False) -> LoadReport | None:
     """Read a local data file whole and check every row's fields as its loader will (``kind``: pairs,
     negatives or problems), without tokenizing: the errors the stage would raise, before any stage

@@ -268,6 +268,20 @@ def _load_checkpoint_state(accelerator, ckpt, opt, sched, sharded: bool) -> None
                               weights_only=False))
 
 
+def check_global_batch(n: int, cfg, world: int, what: str) -> None:
+    """A RunError unless ``n`` examples fill one global batch. Every step takes a whole global batch
+    (an epoch's incomplete last one is dropped, so that the data position is the step number and the
+    loss is a mean over the same number of examples at every step): fewer examples make no step. The
+    stages call it after loading their data, before their reference pass."""
+    from .config import RunError
+
+    bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    if n < bs * accum * world:
+        raise RunError(f"{what}: {n} examples are fewer than one global batch of {bs * accum * world} "
+                       f"(--per_device_train_batch_size {bs} x --gradient_accumulation_steps {accum} x {world} "
+                       f"process{'es' if world > 1 else ''}); lower them so that the product is at most {n}")
+
+
 def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: StageData, lr: float,
                 masks: dict | None, dense: bool, masks_file: str | None = None, desc: str = "train",
                 scorer=None, on_step_end: Callable[[int], None] | None = None) -> dict:
@@ -288,10 +302,8 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
     bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     global_bs = bs * accum * world
     n = len(data.examples)
+    check_global_batch(n, cfg, world, desc)
     steps_per_epoch = n // global_bs
-    if steps_per_epoch == 0:
-        raise ValueError(f"{desc}: {n} examples are fewer than one global batch ({bs} per device x {accum} "
-                         f"accumulation x {world} processes); lower --per_device_train_batch_size")
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
     device = accelerator.device

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -42,17 +43,61 @@ _DATA_KINDS = {"train_file": "pairs", "eval_file": "pairs", "negatives_file": "n
 def check_data_files(cfg: TrainConfig) -> None:
     """Every data file given is read and its rows checked (fields, not tokens) before any stage runs: a
     missing or malformed file is found now, not when its stage starts after minutes of training."""
-    from .data import DataError, check_source
+    from .data import check_source
 
     for name, kind in _DATA_KINDS.items():
         path = getattr(cfg, name)
         if path is None:
             continue
-        try:
+        with _naming(name, path):
             check_source(path, kind, skip_bad_rows=cfg.skip_bad_rows)
-        except (DataError, FileNotFoundError) as e:  # the same error, saying which option gave the file
-            msg = str(e)
-            raise type(e)(f"--{name} {msg}" if msg.startswith(path) else f"--{name} {path}: {msg}") from None
+
+
+@contextlib.contextmanager
+def _naming(option: str, path: str):
+    """A data error re-raised as the same error, saying which option gave the file."""
+    from .data import DataError
+
+    try:
+        yield
+    except (DataError, FileNotFoundError) as e:
+        msg = str(e)
+        raise type(e)(f"--{option} {msg}" if msg.startswith(path) else f"--{option} {path}: {msg}") from None
+
+
+def check_tokenized_data(ctx: Context, stages) -> None:
+    """The data files' rows tokenized as the stages will (once the tokenizer is there, before any stage
+    runs): a row that truncation leaves without a response, or token_weights of the wrong length, stop
+    the run now, not in its stage (eval's after all the training). Then the pairs and negatives of the
+    trained ``stages`` must fill a global batch (loop.check_global_batch). Local files only: a dataset
+    (and the built-in task's data, made by prepare) is checked by each stage before its reference pass."""
+    from . import data as D
+    from .loop import check_global_batch
+    from .stages.common import negatives_weight_field, trained_stages
+
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    limits = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                  max_completion_length=cfg.max_completion_length, skip_bad_rows=cfg.skip_bad_rows)
+    counts = {}
+    for name in ("train_file", "eval_file"):
+        path = getattr(cfg, name)
+        if path is not None:
+            with _naming(name, path):
+                pairs, _ = D.load_pairs(path, tok, **limits)
+            if name == "train_file":
+                counts["training pairs"] = ("train_file", len(pairs))
+                # the negatives by default: every distinct rejected response (stages.common.load_negatives)
+                counts["negatives"] = ("train_file", len({(tuple(p["prompt_ids"]), tuple(p["rejected_ids"]))
+                                                          for p in pairs}))
+    if cfg.negatives_file is not None:
+        with _naming("negatives_file", cfg.negatives_file):
+            negs, _ = D.load_negatives(cfg.negatives_file, tok, weight_field=negatives_weight_field(cfg), **limits)
+        counts["negatives"] = ("negatives_file", len(negs))
+    for stage in trained_stages(cfg, stages):
+        what = "negatives" if stage == "forget" else "training pairs"
+        if what in counts:
+            option, n = counts[what]
+            check_global_batch(n, cfg, ctx.accelerator.num_processes, f"{stage}: the {what} of --{option}")
 
 
 def _load_tokenizer(cfg: TrainConfig):
@@ -110,6 +155,7 @@ def make_context(config, accelerator=None, *, stage: str | None = None) -> Conte
         accelerator = Accelerator(cpu=cfg.use_cpu, mixed_precision="bf16" if cfg.bf16 else "no")
     tokenizer = _load_tokenizer(cfg)
     ctx = Context(cfg, accelerator, tokenizer)
+    check_tokenized_data(ctx, cfg.stage_list() if stage is None else [stage])
     _prepare_output_dir(ctx, stage)
     return ctx
 

@@ -160,12 +160,45 @@ def load_negatives(ctx: Context, weight_field):
     return negs
 
 
-def negatives_have(ctx: Context, field: str) -> bool:
-    src = ctx.cfg.negatives_file
-    if src is None:
-        return False
-    rows = D.read_rows(src)
-    return bool(rows) and isinstance(rows[0][1], dict) and field in rows[0][1]
+def negatives_weight_field(cfg: TrainConfig) -> str | None:
+    """The per-token field the forget stage reads from --negatives_file (see --token_weight_source):
+    auto takes token_weights when a usable row carries them. Usable: a row the loader keeps (fields
+    checked), not the file's first row, which --skip_bad_rows may skip (then every row's weights were
+    ignored, silently)."""
+    source = cfg.token_weight_source
+    if source == "data":
+        return "token_weights"
+    if source == "reward_model_probs":
+        return "keep_probs"
+    if source != "auto" or cfg.negatives_file is None:
+        return None
+    for where, row in D.read_rows(cfg.negatives_file):
+        if not isinstance(row, dict):
+            continue
+        try:
+            D.check_row(row, where, "negatives")
+        except D.BadRowError:
+            continue
+        if "token_weights" in row:
+            return "token_weights"
+    return None
+
+
+# the stages that train, with what they train on
+_TRAINED_ON = {"warmup": "training pairs", "improve": "training pairs", "forget": "negatives"}
+
+
+def trained_stages(cfg: TrainConfig, stages) -> list[str]:
+    """Of ``stages``, those that train (a stage given --warmup_model_path or --skip_forget does not)."""
+    return [s for s in stages if s in _TRAINED_ON and not (s == "warmup" and cfg.warmup_model_path is not None)
+            and not (s == "forget" and cfg.skip_forget)]
+
+
+def check_batches(ctx: Context, stage: str, n: int) -> None:
+    """The stage's examples fill a global batch (see loop.check_global_batch): said before its reference pass."""
+    from ..loop import check_global_batch
+
+    check_global_batch(n, ctx.cfg, ctx.accelerator.num_processes, f"{stage}: the {_TRAINED_ON[stage]}")
 
 
 def scorer_batch(ctx):

@@ -12,8 +12,9 @@ from ..fsdp import load_weights, sharded_logps
 from ..logps import TokenLogprobs, compute_logps, load_cache, save_cache
 from ..loop import StageData
 from ..model import save_model
-from .common import (Context, cache_is_current, cached_reference, inputs_key, load_negatives, main_decides, mark_done,
-                     negatives_have, parked_on_cpu, scorer_batch, seed_all, sft_model_path, warmup_model_path)
+from .common import (Context, cache_is_current, cached_reference, check_batches, inputs_key, load_negatives,
+                     main_decides, mark_done, negatives_weight_field, parked_on_cpu, scorer_batch, seed_all,
+                     sft_model_path, warmup_model_path)
 from .masked import masked_stage_start
 
 
@@ -87,12 +88,8 @@ def stage_forget(ctx: Context, *, on_step_end=None) -> dict:
         mark_done(ctx, sdir, {"skipped": True})
         return {}
     seed_all(cfg.seed)
-    field = None
-    if cfg.token_weight_source == "data" or (cfg.token_weight_source == "auto" and negatives_have(ctx, "token_weights")):
-        field = "token_weights"
-    elif cfg.token_weight_source == "reward_model_probs":
-        field = "keep_probs"
-    negs = load_negatives(ctx, field)
+    negs = load_negatives(ctx, negatives_weight_field(cfg))
+    check_batches(ctx, "forget", len(negs))
     desc = "forget (token-weighted NPO)"
     model, scorer, masks, mask_file = masked_stage_start(ctx, "forget", sft_model_path(ctx), desc)
     ref = cached_reference(ctx, sdir, model, {"response": negs}, scorer=scorer, model_path=sft_model_path(ctx))

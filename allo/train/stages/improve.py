@@ -8,8 +8,8 @@ import os
 from .. import loop
 from ..loop import StageData
 from ..model import save_model
-from .common import (Context, cached_reference, done_info, load_pairs, mark_done, pair_views, require, seed_all,
-                     sft_model_path)
+from .common import (Context, cached_reference, check_batches, done_info, load_pairs, mark_done, pair_views, require,
+                     seed_all, sft_model_path)
 from .masked import masked_stage_start
 
 
@@ -18,6 +18,7 @@ def stage_improve(ctx: Context, *, on_step_end=None) -> dict:
     os.makedirs(sdir, exist_ok=True)
     seed_all(cfg.seed)
     pairs = load_pairs(ctx, "train")
+    check_batches(ctx, "improve", len(pairs))
     fdir = ctx.dir("forget")
     if cfg.skip_forget:
         start = sft_model_path(ctx)

@@ -10,7 +10,7 @@ from .. import model as models
 from ..fsdp import fsdp2_shards, sharded_scorer
 from ..loop import StageData, prepare_trainable
 from ..model import save_model
-from .common import Context, cached_reference, load_pairs, mark_done, pair_views, seed_all, sft_model_path
+from .common import Context, cached_reference, check_batches, load_pairs, mark_done, pair_views, seed_all, sft_model_path
 
 
 def stage_warmup(ctx: Context, *, on_step_end=None) -> dict:
@@ -18,6 +18,7 @@ def stage_warmup(ctx: Context, *, on_step_end=None) -> dict:
     os.makedirs(sdir, exist_ok=True)
     seed_all(cfg.seed)
     pairs = load_pairs(ctx, "train")
+    check_batches(ctx, "warmup", len(pairs))
     # FSDP2: only the main process reads the weights (its model stays whole on its CPU, for saving);
     # the sharded module computes the reference and trains. Elsewhere accelerate wraps the model
     sharded = fsdp2_shards(ctx.accelerator)
