@@ -408,3 +408,20 @@ def test_auto_token_weights_are_decided_from_the_rows_the_loader_keeps(tmp_path)
     negs.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
     assert negatives_weight_field(TrainConfig(negatives_file=str(negs))) is None
     assert negatives_weight_field(TrainConfig(negatives_file=str(negs), token_weight_source="data")) == "token_weights"
+
+
+def test_a_stage_that_cannot_run_with_these_options_says_so_before_it_starts(tiny, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    base = ["--model_name_or_path", str(tiny / "sft"), "--train_file", str(tiny / "train.jsonl"), "--output_dir",
+            str(out), "--disable_tqdm", "--report_to", "none", "--per_device_train_batch_size", "4"]
+    assert _exit_code(["prepare", *base]) == 2
+    err = capsys.readouterr().err
+    assert "allo-train: error: `prepare` with --model_name_or_path needs --problems_file" in err
+    assert "Traceback" not in err and not out.exists()
+    # the masks of a 'top' selection, then forget asked to train a 'random' one
+    (out / "select").mkdir(parents=True)
+    (out / "select" / "DONE").write_text(json.dumps({"selection": "top"}))
+    assert _exit_code(["forget", *base, "--selection", "random"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a 'top' selection but --selection is 'random'; run `allo-train select`" in err
+    assert "Traceback" not in err and not (out / "forget").exists()

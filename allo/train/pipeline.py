@@ -14,6 +14,7 @@ import time
 
 from .config import STAGES, RunError, TrainConfig
 from .stages import STAGE_FUNCS, Context, finished_at, is_done
+from .stages.prepare import PREPARE_NEEDS_PROBLEMS
 
 
 def _config(config) -> TrainConfig:
@@ -185,6 +186,9 @@ def run_stage(stage: str, config, *, accelerator=None, on_step_end=None, context
     """Run one stage (even if it was completed before; its folder is reused). Returns its output."""
     if stage not in STAGE_FUNCS:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    if context is None:
+        config = _config(config)
+        _stage_problem(stage, config)  # before the output folder is touched (--overwrite_output_dir)
     ctx = context or make_context(config, accelerator, stage=stage)
     fn = STAGE_FUNCS[stage]
     t = time.time()
@@ -194,6 +198,18 @@ def run_stage(stage: str, config, *, accelerator=None, on_step_end=None, context
         out = fn(ctx)
     ctx.log(f"{stage}: done in {time.time() - t:.1f} s")
     return out
+
+
+def _stage_problem(stage: str, cfg: TrainConfig) -> None:
+    """A RunError when ``stage``, run on its own, cannot run with these options (found before it starts)."""
+    from .stages.masked import selection_problem
+
+    if stage == "prepare" and cfg.model_name_or_path is not None and not cfg.problems_file:
+        raise RunError(PREPARE_NEEDS_PROBLEMS)
+    if stage in ("forget", "improve"):
+        problem = selection_problem(cfg)
+        if problem:
+            raise RunError(problem)
 
 
 def _latest_change(folder: str) -> float:

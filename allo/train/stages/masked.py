@@ -3,22 +3,37 @@ masks (or, sharded, this rank's selected indices) read from the select stage's f
 
 from __future__ import annotations
 
+import os
+
 from allo._dtensor import flat_range
 
 from .. import model as models
+from ..config import RunError, TrainConfig
 from ..fsdp import masked_stage_shards, sharded_scorer
 from ..loop import prepare_trainable
-from .common import Context, done_info, require
+from .common import Context, done_info, is_done, require
+
+
+def selection_problem(cfg: TrainConfig) -> str | None:
+    """Why the masks of ``cfg.output_dir``'s select stage cannot serve ``cfg`` (another --selection), or None
+    (also where there is no complete select stage: the stage says to run it when it needs it)."""
+    sdir = os.path.join(cfg.output_dir, "select")
+    if cfg.selection == "none" or not is_done(sdir):
+        return None
+    held = done_info(sdir).get("selection")
+    if held != cfg.selection:
+        return (f"{sdir} holds a '{held}' selection but --selection is '{cfg.selection}'; run `allo-train select` "
+                f"with --selection {cfg.selection} first, use another --output_dir, or delete that folder")
+    return None
 
 
 def _mask_file(ctx: Context, stage: str) -> str | None:
     if ctx.cfg.selection == "none":
         return None
     path = require(ctx, "select", f"{stage}_mask.safetensors")
-    info = done_info(ctx.dir("select"))
-    if info.get("selection") != ctx.cfg.selection:
-        raise ValueError(f"{ctx.dir('select')} holds a '{info.get('selection')}' selection but --selection is "
-                         f"'{ctx.cfg.selection}'; use another --output_dir or delete that folder")
+    problem = selection_problem(ctx.cfg)
+    if problem:
+        raise RunError(problem)
     return path
 
 

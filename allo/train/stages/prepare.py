@@ -17,6 +17,10 @@ from ..tasks import ANSWER_PATTERN, is_correct
 from .common import Context, from_main, mark_done, seed_all
 
 
+PREPARE_NEEDS_PROBLEMS = ("`prepare` with --model_name_or_path needs --problems_file (prompt, answer rows) to sample "
+                          "and judge, or give preference pairs directly with --train_file (then `allo-train run` "
+                          "skips prepare)")
+
 
 def build_pairs(problems: list[dict], samples: list[list[str]], *, max_pairs: int, seed: int,
                 pattern: str = ANSWER_PATTERN):
@@ -67,8 +71,7 @@ def _sampling_plan(ctx: Context, sdir: str, info: dict, *, load: bool):
         eval_rows = [{"prompt": p.prompt, "answer": p.answer} for p in evalp]
         return model, path, train_rows, eval_rows
     if not cfg.problems_file:
-        raise ValueError("`prepare` with --model_name_or_path needs --problems_file (prompt, answer rows), "
-                         "or give preference pairs directly with --train_file")
+        raise RunError(PREPARE_NEEDS_PROBLEMS)
     model = None
     if load:
         model = models.load_model(cfg.model_name_or_path, dtype=ctx.weights_dtype,
