@@ -425,3 +425,20 @@ def test_a_stage_that_cannot_run_with_these_options_says_so_before_it_starts(tin
     err = capsys.readouterr().err
     assert "holds a 'top' selection but --selection is 'random'; run `allo-train select`" in err
     assert "Traceback" not in err and not (out / "forget").exists()
+
+
+def test_a_tokenizer_without_an_end_of_sequence_token_is_refused_when_loaded(tiny, tmp_path, capsys):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny / "sft", folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.eos_token = None
+    tok.pad_token = "<pad>"
+    tok.save_pretrained(folder)
+    out = tmp_path / "out"
+    assert _exit_code(["warmup", "--model_name_or_path", str(folder), "--train_file", str(tiny / "train.jsonl"),
+                       "--output_dir", str(out), "--disable_tqdm", "--report_to", "none"]) == 2
+    err = capsys.readouterr().err
+    assert f"--model_name_or_path {folder}: its tokenizer has no end-of-sequence token" in err, err
+    assert "Traceback" not in err and not out.exists()

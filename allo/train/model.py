@@ -158,6 +158,13 @@ def load_tokenizer(path: str | None, options: LoadOptions = LoadOptions()):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, **options.config_kwargs())
+    if tok.eos_token_id is None:
+        # every response ends with it (and padding falls back to it): without one a stage fails mid-run
+        from .config import RunError
+
+        raise RunError(f"--model_name_or_path {path}: its tokenizer has no end-of-sequence token (eos_token); set "
+                       "the one the model was trained with and save it into the folder (tokenizer.eos_token = "
+                       "'...'; tokenizer.save_pretrained(folder))")
     if tok.pad_token is None:  # Llama-style tokenizers ship without one; padding is masked anyway
         tok.pad_token = tok.eos_token
     return tok
