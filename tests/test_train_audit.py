@@ -101,6 +101,19 @@ def test_a_stage_run_again_recomputes_what_its_changed_inputs_make(tiny, tmp_pat
     assert again == fresh
 
 
+def test_cached_results_are_keyed_by_the_dtype_the_models_run_in_not_by_the_attention_kernel():
+    # `allo-train eval --dtype bfloat16` on a run evaluated in float32 reused the float32 results (and a stage's
+    # reference log-probs, token weights likewise)
+    from allo.train.config import TrainConfig
+    from allo.train.stages.common import Context, inputs_key
+
+    def key(**kw):
+        return inputs_key(Context(TrainConfig(**kw), None, None), models=["m"], examples=[[{"ids": [1, 2]}]], beta=0.1)
+
+    assert key(dtype="bfloat16") != key() != key(bf16=True)
+    assert key(attn_implementation="eager") == key() == key(per_device_eval_batch_size=3)
+
+
 def test_data_source_errors_name_the_file_and_how_to_fix(tmp_path, capsys):
     from allo.train import data as D
     from allo.train.cli import main

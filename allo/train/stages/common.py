@@ -217,10 +217,11 @@ def _model_key(path: str | None):
 
 def inputs_key(ctx: Context, *, models=(), examples=(), **values) -> str:
     """A digest of what a cached result is computed from: ``models`` (paths, see _model_key), lists of
-    tokenized ``examples`` (their token ids) and other JSON ``values``; bf16 changes every number.
+    tokenized ``examples`` (their token ids) and other JSON ``values``; --bf16 and --dtype (what the models
+    are loaded in) change every number, --attn_implementation and the batch sizes only how fast they come.
     Caches written under another key are computed again: a stage run again after its inputs changed
     (another data file, a retrained starting model) must not reuse them."""
-    h = hashlib.sha256(json.dumps([[_model_key(m) for m in models], values, ctx.cfg.bf16],
+    h = hashlib.sha256(json.dumps([[_model_key(m) for m in models], values, ctx.cfg.bf16, ctx.cfg.dtype],
                                   sort_keys=True, default=str).encode())
     for group in examples:
         for e in group:
