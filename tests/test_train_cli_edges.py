@@ -123,6 +123,23 @@ def test_overwrite_interrupted_part_way_leaves_the_saved_options_to_refuse_with(
     assert os.listdir(out) == []
 
 
+def test_one_stage_with_overwrite_removes_that_stage_and_the_later_ones_only(tmp_path, tiny, capsys):  # noqa: F811
+    # `allo-train select --overwrite_output_dir` removed the warmup stage select starts from, then failed
+    out = tmp_path / "run"
+    cfg = _cfg(tiny, out)
+    for stage in ("warmup", "select", "forget", "eval"):
+        (out / stage).mkdir(parents=True)
+        (out / stage / "DONE").write_text("{}")
+    (out / "report.md").write_text("old")
+    run_config.write(cfg, run_config.input_identities(cfg))
+    saved = (out / "allo_config.json").read_text()
+    pipeline.make_context(_cfg(tiny, out, overwrite_output_dir=True, improve_ratio=0.2), stage="select")
+    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["allo_config.json", "warmup"]
+    # the options the kept warm-up was made with stay saved (a later `run` compares with them)
+    assert (out / "allo_config.json").read_text() == saved
+    assert "the stages before `select` and allo_config.json are kept" in capsys.readouterr().out
+
+
 def test_a_resumed_stage_says_which_checkpoint_it_picked_up(tiny, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "run"
     kw = dict(stages="warmup", max_steps=3, save_steps=2)

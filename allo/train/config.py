@@ -91,9 +91,10 @@ class TrainConfig:
                          "in allo_config.json there, and a later run into it with other options is refused (see "
                          "--overwrite_output_dir)")
     overwrite_output_dir: bool = _f(False, "start over in an --output_dir that holds an earlier run: its outputs are "
-                                    "removed first (without this flag, a run whose options or data differ from "
-                                    "the saved ones is refused, and one with the same options skips completed "
-                                    "stages)")
+                                    "removed first; `allo-train STAGE` removes that stage's and the later stages' "
+                                    "only (and the reports), keeping the earlier stages it starts from (without this "
+                                    "flag, a run whose options or data differ from the saved ones is refused, and "
+                                    "one with the same options skips completed stages)")
     max_length: int = _f(1024, "longest prompt + response in tokens (TRL's default); the response loses its end "
                          "(see allo.train.data; the data's log line counts what was cut)")
     max_prompt_length: int | None = _f(None, "the prompt keeps its last this-many tokens (default: all)")

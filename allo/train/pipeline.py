@@ -129,7 +129,7 @@ def _prepare_output_dir(ctx: Context, stage: str | None) -> None:
     if ctx.main:
         try:
             if cfg.overwrite_output_dir:
-                run_config.remove_outputs(cfg.output_dir, log=ctx.log)
+                run_config.remove_outputs(cfg.output_dir, log=ctx.log, from_stage=stage)
             os.makedirs(cfg.output_dir, exist_ok=True)
             if saved is None:
                 run_config.write(cfg, inputs)

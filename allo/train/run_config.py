@@ -137,7 +137,7 @@ def check(cfg: TrainConfig, *, explicit_stage: str | None = None, log=print) -> 
     the saved options in anything that changes results (``run``, not ``--overwrite_output_dir``).
     Reads only: every process may call it."""
     inputs = input_identities(cfg)
-    if cfg.overwrite_output_dir:
+    if cfg.overwrite_output_dir and explicit_stage is None:  # (one stage keeps the stages before it: see remove_outputs)
         return None, inputs
     saved = read_saved(cfg.output_dir)
     if saved is None:
@@ -195,16 +195,19 @@ def write(cfg: TrainConfig, inputs: dict) -> None:
         json.dump(record, f, indent=1, default=str)
 
 
-def remove_outputs(output_dir: str, log=print) -> None:
+def remove_outputs(output_dir: str, log=print, *, from_stage: str | None = None) -> None:
     """Remove what allo-train wrote in ``output_dir`` (the stage folders, reports, plots and
-    allo_config.json; other files are left). Each is first renamed into one trash folder inside
+    allo_config.json; other files are left). ``from_stage`` (one stage run on purpose): only that stage's
+    folder, the later stages' and the reports; the earlier stages it starts from stay, and so does
+    allo_config.json, the options they were made with. Each is first renamed into one trash folder inside
     ``output_dir`` (a rename is atomic), allo_config.json last: a crash part-way leaves the saved
     options with what is left, so a later run still compares against them (and a run with the new
     options is still refused) and never takes the rest for a complete run of other options. The trash
     folder is removed last (and an earlier one left by a crash, on the next overwrite)."""
     if not os.path.isdir(output_dir):
         return
-    present = [n for n in OUTPUTS + (CONFIG_FILE,) if os.path.lexists(os.path.join(output_dir, n))]
+    names = OUTPUTS + (CONFIG_FILE,) if from_stage is None else STAGES[STAGES.index(from_stage):] + OUTPUTS[len(STAGES):]
+    present = [n for n in names if os.path.lexists(os.path.join(output_dir, n))]
     leftovers = [n for n in os.listdir(output_dir) if n.startswith(_TRASH)]
     if not present and not leftovers:
         return
@@ -212,6 +215,8 @@ def remove_outputs(output_dir: str, log=print) -> None:
     os.mkdir(trash)
     for name in present:  # CONFIG_FILE is last in OUTPUTS + (CONFIG_FILE,)
         os.rename(os.path.join(output_dir, name), os.path.join(trash, name))
-    log(f"--overwrite_output_dir: removed the earlier run's outputs in {output_dir} ({', '.join(present) or 'none'})")
+    kept = "" if from_stage is None else f"; the stages before `{from_stage}` and {CONFIG_FILE} are kept"
+    log(f"--overwrite_output_dir: removed the earlier run's outputs in {output_dir} ({', '.join(present) or 'none'}"
+        f"{kept})")
     for name in leftovers + [os.path.basename(trash)]:
         shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)  # links inside are removed, not followed
