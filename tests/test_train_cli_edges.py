@@ -97,6 +97,19 @@ def test_options_no_completed_stage_used_may_differ(tmp_path, tiny):  # noqa: F8
     assert run_config.check(_cfg(tiny, out, task="compare"), log=logs.append)[0] is None
 
 
+def test_generation_batch_size_is_compared_where_prepare_sampled(tmp_path):
+    # prepare's samples depend on how the prompts are batched: a built-in run's completed prepare was made with it
+    from allo.train.config import TrainConfig
+
+    out = tmp_path / "run"
+    (out / "prepare").mkdir(parents=True)
+    (out / "prepare" / "DONE").write_text("{}")
+    cfg = TrainConfig(output_dir=str(out))
+    run_config.write(cfg, run_config.input_identities(cfg))
+    with pytest.raises(RunError, match=r"--generation_batch_size: 256 -> 4"):
+        run_config.check(TrainConfig(output_dir=str(out), generation_batch_size=4), log=lambda m: None)
+
+
 def test_overwrite_interrupted_part_way_leaves_the_saved_options_to_refuse_with(tmp_path, tiny, monkeypatch):  # noqa: F811
     out = tmp_path / "run"
     cfg = _cfg(tiny, out)

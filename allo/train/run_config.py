@@ -32,16 +32,17 @@ from .config import STAGES, RunError, TrainConfig
 CONFIG_FILE = "allo_config.json"
 # options that change where, how fast or how verbosely a run goes, or which stages it goes through,
 # not what its stages compute: a run may change them and still use the completed stages
+# (generation_batch_size is compared: prepare's sampled responses depend on how the prompts are batched,
+# each generate call drawing its batch's random numbers together)
 NOT_COMPARED = ("output_dir", "overwrite_output_dir", "report_to", "run_name", "disable_tqdm", "logging_steps",
-                "save_steps", "save_total_limit", "resume_from_checkpoint", "stages", "generation_batch_size",
-                "per_device_eval_batch_size", "gradient_checkpointing", "use_cpu", "attn_implementation",
+                "save_steps", "save_total_limit", "resume_from_checkpoint", "stages", "per_device_eval_batch_size", "gradient_checkpointing", "use_cpu", "attn_implementation",
                 "trust_remote_code")
 # the stages that use an option (any other option: every stage). A difference matters to the stages
 # from the first of them on (they take its output), and not at all when none of them runs (the built-in
 # task's options when the pairs come from --train_file, say)
 _BUILTIN = ("sft_steps", "sft_learning_rate", "model_hidden_size", "model_num_layers", "num_sft_problems",
             "num_train_problems", "num_eval_problems", "num_samples", "max_pairs_per_problem", "temperature",
-            "top_p", "task", "problems_file")
+            "top_p", "task", "problems_file", "generation_batch_size")
 USED_BY = {**dict.fromkeys(("eval_file", "eval_problems_file", "dataset_test_split", "eval_models"), ("eval",)),
            **dict.fromkeys(("max_new_tokens", "answer_pattern"), ("prepare", "eval")),
            **dict.fromkeys(_BUILTIN, ("prepare",)),
