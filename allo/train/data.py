@@ -340,6 +340,18 @@ def load_negatives(source, tokenizer, *, max_length=None, max_prompt_length=None
     return _load(source, parse, skip_bad_rows=skip_bad_rows, split=split, rep=LoadReport(source, **limits))
 
 
+def rejected_negatives(pairs) -> list[dict]:
+    """The forgetting stage's negatives when no --negatives_file is given: every distinct (prompt,
+    rejected response) of the training pairs, in order."""
+    seen, out = set(), []
+    for p in pairs:
+        key = (tuple(p["prompt_ids"]), tuple(p["rejected_ids"]))
+        if key not in seen:
+            seen.add(key)
+            out.append({"prompt_ids": p["prompt_ids"], "response_ids": p["rejected_ids"]})
+    return out
+
+
 def load_problems(source, *, skip_bad_rows=False, split="train"):
     """Problems with checkable answers: dicts with prompt (str) and answer (an int when it is a whole
     number, else the text, e.g. "B" or "yes"; see --answer_pattern for how responses are judged)."""

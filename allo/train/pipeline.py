@@ -87,9 +87,8 @@ def check_tokenized_data(ctx: Context, stages) -> None:
                 pairs, _ = D.load_pairs(path, tok, **limits)
             if name == "train_file":
                 counts["training pairs"] = ("train_file", len(pairs))
-                # the negatives by default: every distinct rejected response (stages.common.load_negatives)
-                counts["negatives"] = ("train_file", len({(tuple(p["prompt_ids"]), tuple(p["rejected_ids"]))
-                                                          for p in pairs}))
+                # the negatives by default (stages.common.load_negatives)
+                counts["negatives"] = ("train_file", len(D.rejected_negatives(pairs)))
     if cfg.negatives_file is not None:
         with _naming("negatives_file", cfg.negatives_file):
             negs, _ = D.load_negatives(cfg.negatives_file, tok, weight_field=negatives_weight_field(cfg), **limits)

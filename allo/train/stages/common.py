@@ -142,14 +142,7 @@ def load_negatives(ctx: Context, weight_field):
     if src is None and uses_builtin_data(cfg):
         src = require(ctx, "prepare", "negatives.jsonl")
     if src is None:
-        # every distinct rejected response of the training pairs
-        pairs = load_pairs(ctx, "train")
-        seen, out = set(), []
-        for p in pairs:
-            key = (tuple(p["prompt_ids"]), tuple(p["rejected_ids"]))
-            if key not in seen:
-                seen.add(key)
-                out.append({"prompt_ids": p["prompt_ids"], "response_ids": p["rejected_ids"]})
+        out = D.rejected_negatives(load_pairs(ctx, "train"))
         if weight_field is not None:
             raise ValueError(f"--token_weight_source needs {weight_field} in a --negatives_file")
         return out
