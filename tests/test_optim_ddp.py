@@ -47,7 +47,9 @@ def _worker(rank, out_dir):
         torch.set_num_threads(1)
         hp = dict(lr=1e-2, compact_grads=True)
         ref = _model()
-        ref = _run(ref, ref, MaskedAdamW(ref.named_parameters(), masks=_masks(ref), **hp), slice(None), reduce=False)
+        # the whole batch in every process: one process's run, on purpose (local_grads)
+        ref = _run(ref, ref, MaskedAdamW(ref.named_parameters(), masks=_masks(ref), local_grads=True, **hp),
+                   slice(None), reduce=False)
         rows = slice(4 * rank, 4 * rank + 4)
 
         plain = _model()
@@ -105,7 +107,8 @@ def _branch_worker(rank, out_dir):
         x = torch.randn(WORLD, 3, 4, generator=g)
         for compact in (True, False):
             ref = _Branches()
-            ref_opt = MaskedAdamW(ref.named_parameters(), lr=1e-2, masks=_branch_masks(ref), compact_grads=compact)
+            ref_opt = MaskedAdamW(ref.named_parameters(), lr=1e-2, masks=_branch_masks(ref), compact_grads=compact,
+                                  local_grads=True)
             model = _Branches()
             opt = MaskedAdamW(model.named_parameters(), lr=1e-2, masks=_branch_masks(model), compact_grads=compact)
             for _ in range(2):
@@ -123,9 +126,48 @@ def _branch_worker(rank, out_dir):
             opt.all_reduce_grads()
             assert model.c.weight.grad is None and model.c.weight not in opt._compact
             assert opt.state[model.c.weight]["step"] == 0
+        _unreduced_compact_grads_are_refused(rank, x, uses)
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _unreduced_compact_grads_are_refused(rank, x, uses):
+    """A step on compact gradients no all_reduce_grads averaged raises on every rank: forgotten, or left to
+    DDP with find_unused_parameters=True (transformers.Trainer's setting on several processes), which finds
+    no gradient where the hook took it and leaves each rank its own, silently."""
+    model = _Branches()
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, masks=_branch_masks(model), compact_grads=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    for wrap in (None, "ddp"):
+        forward = model if wrap is None else DistributedDataParallel(model, find_unused_parameters=True)
+        forward(x[rank], uses[rank]).pow(2).sum().backward()
+        try:
+            opt.step()
+            raise AssertionError(f"{wrap}: stepped on unreduced compact gradients")
+        except RuntimeError as e:
+            assert "not averaged across the 2 processes" in str(e) and "all_reduce_grads()" in str(e), e
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # nothing stepped
+        opt.zero_grad()
+        del forward
+        gc.collect()
+    # reduced, the step goes; reduced then zero_grad (a skipped step), the next one must reduce again
+    model(x[rank], uses[rank]).pow(2).sum().backward()
+    opt.all_reduce_grads()
+    opt.step()
+    opt.all_reduce_grads()
+    opt.zero_grad()
+    model(x[rank], uses[rank]).pow(2).sum().backward()
+    try:
+        opt.step()
+        raise AssertionError("stepped on gradients reduced before the last zero_grad")
+    except RuntimeError:
+        opt.zero_grad()
+    # per-rank training on purpose
+    local = MaskedAdamW(model.named_parameters(), lr=1e-2, masks=_branch_masks(model), compact_grads=True,
+                        local_grads=True)
+    model(x[rank], uses[rank]).pow(2).sum().backward()
+    local.step()
 
 
 def test_all_reduce_grads_pairs_the_same_parameters_when_ranks_miss_different_gradients(tmp_path):

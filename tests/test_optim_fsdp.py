@@ -90,7 +90,7 @@ def _worker(rank, out_dir):
 
         # the yardstick: one process, whole parameters, the whole batch
         ref = _model()
-        ref_opt = MaskedAdamW(ref.named_parameters(), masks=masks, **HP)
+        ref_opt = MaskedAdamW(ref.named_parameters(), masks=masks, local_grads=True, **HP)
         ref_norms = _train(ref, ref_opt, slice(None), STEPS, sharded=False)
 
         # uninterrupted sharded run

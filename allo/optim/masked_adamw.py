@@ -56,13 +56,17 @@ class MaskedAdamW(Optimizer):
         so ``torch.nn.utils.clip_grad_norm_`` and loss scalers cannot see these gradients) and
         average across ranks with :meth:`all_reduce_grads` before :meth:`step`: the hooks gather
         each rank's own gradient before ``DistributedDataParallel`` could average it, so do not wrap
-        the model in DDP (``step`` raises when DDP has written a dense gradient back; a forgotten
-        ``all_reduce_grads`` without DDP cannot be told from per-rank training and is not caught).
+        the model in DDP. With several processes ``step`` raises unless :meth:`all_reduce_grads` ran
+        since the last step (DDP cannot average compact gradients: it writes a dense one back, or, with
+        ``find_unused_parameters=True``, as ``transformers.Trainer`` sets on several processes, it finds
+        no gradient and leaves each rank its own, silently).
         FSDP2 shards need neither: their hooks see reduce-scattered gradients. The norm it measures is then that of the
         gradients the step uses (selected elements); in dense mode it is every ``param.grad``'s, as
         torch's, so with partial masks the same ``max_norm`` clips more in dense mode than in compact
         mode. ``transformers.Trainer`` clips with torch's function, which would see only the fully
         selected parameters' gradients: set ``max_grad_norm=0`` there and clip with this method.
+    local_grads: compact-grad mode under several processes, each rank steps on its own gradients on
+        purpose (no :meth:`all_reduce_grads`; ``step`` would raise otherwise).
     backend: ``None``/``"auto"`` (Triton on CUDA, fused C loop on CPU), ``"triton"``, ``"cpu"`` or
         ``"reference"`` (plain PyTorch); the environment variable ``ALLO_BACKEND`` sets the default.
     amsgrad, maximize, capturable, differentiable, foreach, fused: ``torch.optim.AdamW``'s, accepted so that
@@ -104,7 +108,8 @@ class MaskedAdamW(Optimizer):
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, masks=None,
-                 decay_unselected: bool = False, compact_grads: bool = False, backend: str | None = None,
+                 decay_unselected: bool = False, compact_grads: bool = False, local_grads: bool = False,
+                 backend: str | None = None,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None):
         # torch.optim.AdamW's other arguments, accepted at the values that mean what this optimizer does
@@ -142,6 +147,8 @@ class MaskedAdamW(Optimizer):
         self._weight_versions: dict[torch.Tensor, int] = {}
         self._versions_total = None  # their sum (None: to be computed)
         self.compact_grads = compact_grads
+        self.local_grads = local_grads
+        self._reduced = False  # all_reduce_grads ran since the last step (see step)
         self.backend = backend
         self._group = None  # process group of the FSDP2 mesh when parameters are sharded
         # Every state["step"] is a 0-dim view into one CPU buffer, so a step advances all counts with
@@ -657,10 +664,12 @@ class MaskedAdamW(Optimizer):
                         self._compact[p] = value.clone()
                     else:
                         p.grad = value.clone()
+        self._reduced = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._pending.clear()
+        self._reduced = False
         if set_to_none:
             self._compact.clear()
         else:
@@ -681,6 +690,8 @@ class MaskedAdamW(Optimizer):
             for p in self._compact:
                 if p.grad is not None:
                     self._raise_dense_grad_after_compact(p)
+            if not (self._reduced or self.local_grads) and not all(sharding.is_sharded(p) for p in self._compact):
+                self._raise_unreduced_compact_grads()
         if self._weight_versions:
             self._sync_changed_masters()
         for i, group in enumerate(self.param_groups):
@@ -694,6 +705,7 @@ class MaskedAdamW(Optimizer):
         self._compact.clear()
         self._pending.clear()
         self._stepped_without_state.clear()
+        self._reduced = False
         return loss
 
     def _restored_state(self, param: torch.Tensor) -> dict | None:
@@ -719,6 +731,18 @@ class MaskedAdamW(Optimizer):
             f"parameter {self._label_of(param)} is now {p.dtype} on {p.device}, but its optimizer state was made "
             f"for a {was} parameter on {state['exp_avg'].device} (model.to(...) after building the optimizer?); "
             "build MaskedAdamW after moving or casting the model, or load a state dict saved for it"
+        )
+
+    def _raise_unreduced_compact_grads(self) -> None:
+        import torch.distributed as dist
+
+        raise RuntimeError(
+            f"compact gradients were not averaged across the {dist.get_world_size()} processes: call "
+            "opt.all_reduce_grads() after the backward passes and before step(). DistributedDataParallel cannot "
+            "average them (with find_unused_parameters=True, which transformers.Trainer sets on several "
+            "processes, it finds no gradient and leaves each rank its own): do not wrap the model in DDP in compact "
+            "mode, or use compact_grads=False there. To step each rank on its own gradients on purpose, build the "
+            "optimizer with local_grads=True"
         )
 
     def _raise_dense_grad_after_compact(self, p: torch.Tensor) -> None:
