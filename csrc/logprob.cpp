@@ -26,10 +26,11 @@
 // log-sum-exp with one exp per element). Backward recomputes softmax from the saved lse, so only
 // lse (4 bytes per token) is kept between the two.
 //
-// Vectorisation: the hot loops work on 16-float vectors (GCC vector extensions) and are compiled
-// three times (AVX-512, AVX2, baseline; chosen by CPU feature, not model) with GCC's target_clones; the loader picks the best one
-// for the running CPU. The exponential is a branch-free polynomial (relative error about 1e-7, below
-// fp32 rounding of the sums) because libm's expf does not vectorise without -ffast-math.
+// Vectorisation: the hot loops (logprob_simd.h) work on GCC vector extensions and are compiled three
+// times, as 16-, 8- and 4-float vectors for AVX-512, AVX2 + FMA and the SSE2 baseline; the first call
+// picks the best one the running CPU has (by feature, not model). The exponential is a branch-free
+// polynomial (relative error about 1e-7, below fp32 rounding of the sums) because libm's expf does not
+// vectorise without -ffast-math.
 #include <torch/extension.h>
 #include "masks.h"
 #include "step_plan.h"
@@ -39,8 +40,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #if defined(__linux__)
@@ -112,108 +115,89 @@ RowIndexer make_row_indexer(const at::Tensor& logits) {
 namespace {
 
 constexpr int64_t kBlock = 2048;  // 8 KiB of fp32: converted blocks stay in L1
-constexpr int kLanes = 16;
 
+// The vector loops (csrc/logprob_simd.h), once per instruction set; simd() picks one for the running CPU
+// at first use (ALLO_LOGPROB_SIMD=avx512|avx2|sse2 forces one, for tests and comparisons).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define ALLO_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define ALLO_SIMD_VARIANTS 1
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace simd_avx512 {
+#define ALLO_LANES 16
+#include "logprob_simd.h"
+#undef ALLO_LANES
+}  // namespace simd_avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace simd_avx2 {
+#define ALLO_LANES 8
+#include "logprob_simd.h"
+#undef ALLO_LANES
+}  // namespace simd_avx2
+#pragma GCC pop_options
+namespace simd_sse2 {  // the x86-64 baseline every such CPU has
+#define ALLO_LANES 4
+#include "logprob_simd.h"
+#undef ALLO_LANES
+}  // namespace simd_sse2
 #else
-#define ALLO_SIMD_CLONES
+namespace simd_generic {  // other compilers and architectures: 16-float vectors, as the compiler lowers them
+#define ALLO_LANES 16
+#include "logprob_simd.h"
+#undef ALLO_LANES
+}  // namespace simd_generic
 #endif
 
-// The hot loops use GCC/Clang vector extensions: a 16-float vector is one AVX-512 register, two AVX2
-// registers or four SSE registers, depending on the clone being compiled. Plain scalar loops do not
-// vectorise here: without -ffast-math the compiler keeps the branches of clamps and maxima.
-typedef float vfloat __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
-typedef uint32_t vuint __attribute__((vector_size(64)));
-typedef uint16_t vhalfbits __attribute__((vector_size(32)));
+struct SimdKernels {
+  const char* name;
+  float (*block_max)(const float*, int64_t);
+  float (*block_sum_exp)(const float*, int64_t, float);
+  void (*block_grad)(const float*, float*, int64_t, float, float);
+  void (*to_float)(const c10::BFloat16*, float*, int64_t);
+  void (*from_float)(const float*, c10::BFloat16*, int64_t);
+};
+#define ALLO_SIMD_KERNELS(ns, label) \
+  SimdKernels { label, ns::block_max, ns::block_sum_exp, ns::block_grad, ns::to_float, ns::from_float }
 
-__attribute__((always_inline)) inline vfloat load(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-__attribute__((always_inline)) inline void store(float* p, const vfloat& v) { std::memcpy(p, &v, sizeof(v)); }
-__attribute__((always_inline)) inline vfloat splat(float x) { return vfloat{} + x; }
-
-// exp(x) for the arguments softmax produces (x <= 0, or slightly above from rounding); 0 below -87.
-// Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6 Taylor polynomial.
-__attribute__((always_inline)) inline vfloat exp_v(vfloat x) {
-  const vfloat big = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vint underflow = x < -87.0f;
-  vfloat xc = underflow ? splat(-87.0f) : x;
-  xc = xc > 88.0f ? splat(88.0f) : xc;
-  const vfloat n = (xc * 1.44269504088896341f + big) - big;
-  vfloat r = xc - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
-  vfloat p = splat(1.3888889e-3f);
-  p = p * r + 8.3333333e-3f;
-  p = p * r + 4.1666667e-2f;
-  p = p * r + 1.6666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const vint e = (__builtin_convertvector(n, vint) + 127) << 23;
-  const vfloat y = p * (vfloat)e;
-  return underflow ? splat(0.0f) : y;
-}
-
-// The block's maximum when it holds no NaN. With a NaN it may return NaN (a NaN in the last vector
-// or the tail) or a value below the true maximum (a lane's NaN replaces what it held before), and
-// forward_rows copes with both (see there): checking for NaNs here cost ~10% of forward's time.
-ALLO_SIMD_CLONES float block_max(const float* x, int64_t n) {
-  vfloat acc = splat(-std::numeric_limits<float>::infinity());
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const vfloat v = load(x + i);
-    acc = acc > v ? acc : v;
+SimdKernels choose_simd() {
+  const char* forced = std::getenv("ALLO_LOGPROB_SIMD");
+  const std::string want = forced == nullptr || *forced == '\0' ? "auto" : forced;
+#ifdef ALLO_SIMD_VARIANTS
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (want == "avx512" || (want == "auto" && avx512)) {
+    TORCH_CHECK(avx512, "ALLO_LOGPROB_SIMD=avx512, but this CPU has no AVX-512; unset it or use avx2 or sse2");
+    return ALLO_SIMD_KERNELS(simd_avx512, "avx512");
   }
-  float m = -std::numeric_limits<float>::infinity();
-  for (int j = 0; j < kLanes; ++j) m = m > acc[j] ? m : acc[j];
-  for (; i < n; ++i) m = m > x[i] ? m : x[i];
-  return m;
-}
-
-ALLO_SIMD_CLONES float block_sum_exp(const float* x, int64_t n, float shift) {
-  vfloat acc = splat(0.0f);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) acc += exp_v(load(x + i) - shift);
-  float s = 0.0f;
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-  for (; i < n; ++i) s += exp_v(splat(x[i] - shift))[0];
-  return s;
-}
-
-// out[i] = -g * exp(x[i] - lse); out may be x itself (each element is read before it is written).
-ALLO_SIMD_CLONES void block_grad(const float* x, float* out, int64_t n, float lse, float g) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) store(out + i, exp_v(load(x + i) - lse) * -g);
-  for (; i < n; ++i) out[i] = -g * exp_v(splat(x[i] - lse))[0];
-}
-
-ALLO_SIMD_CLONES void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    vhalfbits h;
-    std::memcpy(&h, src + i, sizeof(h));
-    const vuint bits = __builtin_convertvector(h, vuint) << 16;
-    store(dst + i, (vfloat)bits);
+  if (want == "avx2" || (want == "auto" && avx2)) {
+    TORCH_CHECK(avx2, "ALLO_LOGPROB_SIMD=avx2, but this CPU has no AVX2 and FMA; unset it or use sse2");
+    return ALLO_SIMD_KERNELS(simd_avx2, "avx2");
   }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  TORCH_CHECK(want == "auto" || want == "sse2", "ALLO_LOGPROB_SIMD=", want,
+              ": expected auto, avx512, avx2 or sse2");
+  return ALLO_SIMD_KERNELS(simd_sse2, "sse2");
+#else
+  TORCH_CHECK(want == "auto" || want == "generic", "ALLO_LOGPROB_SIMD=", want,
+              ": this build has one variant of the vector loops (generic); unset it");
+  return ALLO_SIMD_KERNELS(simd_generic, "generic");
+#endif
 }
-ALLO_SIMD_CLONES void from_float(const float* src, c10::BFloat16* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const vfloat v = load(src + i);
-    const vuint u = (vuint)v;
-    // round to nearest even, as c10::BFloat16 does; NaN stays a (quiet) NaN
-    vuint r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    r = (v != v) ? vuint{} + 0x7FC0u : r;
-    const vhalfbits h = __builtin_convertvector(r, vhalfbits);
-    std::memcpy(dst + i, &h, sizeof(h));
-  }
-  for (; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
+
+const SimdKernels& simd() {
+  static const SimdKernels kernels = choose_simd();
+  return kernels;
 }
+
+inline float block_max(const float* x, int64_t n) { return simd().block_max(x, n); }
+inline float block_sum_exp(const float* x, int64_t n, float shift) { return simd().block_sum_exp(x, n, shift); }
+inline void block_grad(const float* x, float* out, int64_t n, float lse, float g) {
+  simd().block_grad(x, out, n, lse, g);
+}
+inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) { simd().to_float(src, dst, n); }
+inline void from_float(const float* src, c10::BFloat16* dst, int64_t n) { simd().from_float(src, dst, n); }
+
 // fp16 logits are rare on CPUs: c10's scalar conversions are enough.
 void to_float(const c10::Half* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
@@ -423,6 +407,8 @@ void token_logprob_bwd_inplace_cpu(const at::Tensor& grad, at::Tensor& logits, c
 }
 
 }  // namespace
+
+std::string logprob_simd() { return simd().name; }
 }  // namespace allo
 
 TORCH_LIBRARY(allo, m) {
@@ -444,6 +430,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "allo's compiled kernels; the ops are registered as torch.ops.allo.*";
   m.def("empty_masks", &allo::empty_masks, "uninitialized contiguous bool masks of the tensors' shapes, one call",
         pybind11::arg("like"));
+  m.def("logprob_simd", &allo::logprob_simd,
+        "which vector loops the CPU log-prob kernels run (avx512, avx2, sse2 or generic; env ALLO_LOGPROB_SIMD)");
   m.def("plan_gradients", &allo::plan_gradients,
         "a replayed MaskedAdamW step's per-parameter checks and gradients (allo/optim/step_plan.py), one call",
         pybind11::arg("params"), pybind11::arg("states"), pybind11::arg("state_tensors"),

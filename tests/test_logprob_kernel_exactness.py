@@ -176,3 +176,77 @@ def test_low_precision_gradients_are_the_float64_gradient_rounded_to_nearest(dty
     same = (x.grad == want).double().mean().item()
     assert same >= 0.99, same
     torch.testing.assert_close(x.grad.double(), want.double(), rtol=torch.finfo(dtype).eps, atol=1e-30)
+
+
+_VARIANT_CHECK = r"""
+import sys, torch
+import allo._C
+from allo.ops import token_logprobs
+sys.path.insert(0, sys.argv[1])
+from test_logprob_kernel_exactness import TOL, _inputs, reference
+print(allo._C.logprob_simd())
+gen = torch.Generator().manual_seed(5)
+for dtype in (torch.float32, torch.bfloat16):
+    for vocab in (1, 3, 5, 8, 17, 2047, 2 * 2048 + 51):  # tails of every vector width, and block edges
+        logits, labels, upstream = _inputs(gen, (4,), vocab, dtype, ignored=[2])
+        if vocab >= 3:  # a masked logit, not the label's
+            logits[0, (int(labels[0]) + 1) % vocab] = float("-inf")
+        leaf = logits.clone().requires_grad_(True)
+        logp = token_logprobs(leaf, labels)
+        logp.backward(upstream)
+        ref_logp, ref_grad = reference(logits, labels, upstream)
+        torch.testing.assert_close(logp.double(), ref_logp, **TOL[dtype])
+        torch.testing.assert_close(leaf.grad.double(), ref_grad, **TOL[dtype])
+        assert leaf.grad[2].eq(0).all()
+    nan_row = torch.randn(2, 2 * 2048 + 51).to(dtype)
+    nan_row[0, 2048 + 7] = float("nan")
+    out = token_logprobs(nan_row, torch.tensor([0, 1]))
+    assert out[0].isnan() and out[1].isfinite()
+"""
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.mark.parametrize("variant", ["sse2", "avx2", "avx512"])
+def test_every_vector_width_matches_the_float64_reference(variant):
+    # the kernels' vector loops are compiled once per instruction set (16, 8 and 4 floats) and the first
+    # call picks one: each width this CPU can run, forced in a fresh process, against float64
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    import allo._C
+
+    if allo._C.logprob_simd() == "generic" or platform.machine() != "x86_64":
+        pytest.skip("one generic variant in this build (not GCC on x86-64)")
+    need = {"sse2": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx512f"}}[variant]
+    env = {**os.environ, "ALLO_LOGPROB_SIMD": variant}
+    tests = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, "-c", _VARIANT_CHECK, tests], env=env, capture_output=True, text=True,
+                         timeout=300)
+    if not need <= _cpu_flags():
+        assert run.returncode != 0 and f"ALLO_LOGPROB_SIMD={variant}, but this CPU has no" in run.stderr
+        pytest.skip(f"this CPU has no {variant}: refused by name, as checked")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[0] == variant
+
+
+def test_an_unknown_vector_width_is_refused_by_name():
+    import os
+    import subprocess
+    import sys
+
+    import allo._C
+
+    code = "import torch, allo._C; allo._C.logprob_simd()"
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ALLO_LOGPROB_SIMD": "avx3"},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "ALLO_LOGPROB_SIMD=avx3: expected" in run.stderr
+    assert allo._C.logprob_simd() in ("avx512", "avx2", "sse2", "generic")
