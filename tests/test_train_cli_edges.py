@@ -455,6 +455,14 @@ def test_a_stage_that_cannot_run_with_these_options_says_so_before_it_starts(tin
     err = capsys.readouterr().err
     assert "holds a 'top' selection but --selection is 'random'; run `allo-train select`" in err
     assert "Traceback" not in err and not (out / "forget").exists()
+    # a forget stage skipped by an earlier run, then improve asked to start from its (missing) model
+    (out / "select" / "DONE").write_text(json.dumps({"selection": "random"}))
+    (out / "forget" / "model").mkdir(parents=True)
+    (out / "forget" / "DONE").write_text(json.dumps({"skipped": True}))
+    assert _exit_code(["improve", *base, "--selection", "random"]) == 2
+    err = capsys.readouterr().err
+    assert "was skipped (--skip_forget) but --skip_forget is not set now: run `allo-train forget` first" in err, err
+    assert "Traceback" not in err and not (out / "improve" / "DONE").exists()
 
 
 def test_a_tokenizer_without_an_end_of_sequence_token_is_refused_when_loaded(tiny, tmp_path, capsys):  # noqa: F811

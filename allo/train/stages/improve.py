@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from .. import loop
+from ..config import RunError
 from ..loop import StageData
 from ..model import save_model
 from .common import (Context, cached_reference, check_batches, done_info, load_pairs, mark_done, pair_views, require,
@@ -25,8 +26,8 @@ def stage_improve(ctx: Context, *, on_step_end=None) -> dict:
     else:
         start = require(ctx, "forget", "model")
         if done_info(fdir).get("skipped"):
-            raise ValueError(f"{fdir} was skipped (--skip_forget) but --skip_forget is not set now; use another "
-                             "--output_dir or delete that folder")
+            raise RunError(f"{fdir} was skipped (--skip_forget) but --skip_forget is not set now: run `allo-train "
+                           "forget` first, pass --skip_forget, or use another --output_dir")
     desc = f"improve ({'key tokens' if cfg.key_tokens else 'DPO'})"
     model, scorer, masks, mask_file = masked_stage_start(ctx, "improve", start, desc)
     ref = cached_reference(ctx, sdir, model, pair_views(pairs), scorer=scorer, model_path=start)
