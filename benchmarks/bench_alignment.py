@@ -75,7 +75,9 @@ def _add_arguments(parser):
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds per method (default 3; --quick: {QUICK_SEEDS})")
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (default arithmetic,compare; "
                         "--quick: arithmetic)")
-    parser.add_argument("--methods", default=None, help="comma-separated subset of: " + ", ".join(METHODS))
+    # argparse %-formats help text: the "%" of "DPO top 10%" is written "%%"
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset of: " + ", ".join(METHODS).replace("%", "%%"))
     parser.add_argument("--lr", type=float, default=DEFAULT_LR,
                         help=f"learning rate of every DPO-style stage, ALLO's improve stage included (default {DEFAULT_LR})")
     parser.add_argument("--forget_lr", type=float, default=DEFAULT_FORGET_LR,

@@ -208,3 +208,24 @@ def test_interleaved_timing_alternates_the_order_every_round():
     assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert set(out) == {"a", "b"} and all(r["repeats"] == 4 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
                                           for r in out.values())
+
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+SCRIPTS = sorted(f for f in os.listdir(BENCH_DIR) if f.endswith(".py") and not f.startswith("_"))
+
+
+def _run_script(script, *args, timeout=120):
+    """``python benchmarks/SCRIPT ARGS...`` in a subprocess, as a user runs it."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(BENCH_DIR)}
+    return subprocess.run([sys.executable, os.path.join(BENCH_DIR, script), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_prints_its_help(script):
+    # argparse %-formats help strings: bench_alignment's "DPO top 10%" made its --help crash
+    r = _run_script(script, "--help")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("usage:"), r.stdout[:500]
