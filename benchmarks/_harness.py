@@ -133,11 +133,28 @@ def parse_args(description: str, add_arguments: Callable[[argparse.ArgumentParse
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args()
+    if args.json is not None:
+        # checked now, not when report() writes it after the whole run (which a bad path then threw away)
+        problem = json_path_problem(args.json)
+        if problem:
+            parser.error(f"--json {args.json}: {problem}")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
     return args
+
+
+def json_path_problem(path: str) -> str | None:
+    """Why :func:`write_json` could not write ``path``, or None: what a ``--json FILE`` is checked for up front."""
+    if os.path.isdir(path):
+        return "is a directory; give a file name (e.g. DIR/results.json)"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist; create it first"
+    if not os.access(folder, os.W_OK | os.X_OK):  # the file is written next to it as FILE.tmp, then renamed
+        return f"cannot write in the folder {folder}"
+    return None
 
 
 def synchronize(device):
@@ -514,9 +531,17 @@ def _strict(v):
 def write_json(path: str, obj) -> None:
     """Strict JSON (non-finite floats -> null), written atomically: a crash never leaves half a file."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_strict(obj), f, indent=1, default=str, allow_nan=False)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(_strict(obj), f, indent=1, default=str, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        # no stray FILE.tmp left beside the file that could not be written (e.g. when FILE is a directory)
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _fmt_extra(v):

@@ -258,3 +258,24 @@ def test_parse_args_quick_json_repeats_warmup(monkeypatch, argv, quick):
     monkeypatch.setattr(sys, "argv", ["bench_x.py"])
     args = H.parse_args("x")
     assert (args.quick, args.json, args.repeats, args.warmup) == (False, None, None, None)
+
+
+@pytest.mark.parametrize("where, says", [("missing/out.json", "does not exist"), ("a_dir", "is a directory")])
+def test_parse_args_refuses_a_json_path_that_cannot_be_written(monkeypatch, tmp_path, capsys, where, says):
+    # found before the run, not by report() after it (which lost the whole run to a raw traceback)
+    (tmp_path / "a_dir").mkdir()
+    monkeypatch.setattr(sys, "argv", ["bench_x.py", "--device", "cpu", "--json", str(tmp_path / where)])
+    with pytest.raises(SystemExit) as exc:
+        H.parse_args("x")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--json {tmp_path / where}: " in err and says in err, err
+    assert os.listdir(tmp_path) == ["a_dir"]
+
+
+def test_write_json_leaves_no_tmp_file_when_the_write_fails(tmp_path):
+    target = tmp_path / "a_dir"
+    target.mkdir()
+    with pytest.raises(OSError):
+        H.write_json(str(target), [{"a": 1}])
+    assert sorted(os.listdir(tmp_path)) == ["a_dir"] and os.listdir(target) == []
