@@ -122,13 +122,38 @@ def _timed_in_own_arena(loop: Callable[[], object]) -> None:
         raise failure[0]
 
 
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``minimum`` (a 0 or negative count fails later, far from
+    its cause: no timings for a median, or a size silently replaced by the default)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}: give an integer >= {minimum}")
+        return value
+    return parse
+
+
+def ratio(text: str) -> float:
+    """An argparse ``type``: a fraction of the elements selected, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a fraction of the elements: give a ratio in (0, 1]")
+    return value
+
+
 def parse_args(description: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (under 60 s on a 2-core CPU)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list of objects to FILE")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per measurement")
-    parser.add_argument("--warmup", type=int, default=None,
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--repeats", type=int_at_least(1), default=None, help="timed repetitions per measurement")
+    parser.add_argument("--warmup", type=int_at_least(0), default=None,
                         help="untimed calls before timing (on CUDA, then more until CUDA_WARMUP_MS have passed)")
     if add_arguments is not None:
         add_arguments(parser)
@@ -140,8 +165,17 @@ def parse_args(description: str, add_arguments: Callable[[argparse.ArgumentParse
             parser.error(f"--json {args.json}: {problem}")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch sees no CUDA device")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device}: not a device name; give cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):  # timing and peak memory are measured on these two only
+        parser.error(f"--device {args.device}: the benchmarks run on cpu or cuda, not {device.type}")
+    # by type, not the string: "cuda:0" is a CUDA device too
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}, but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return args
 
 

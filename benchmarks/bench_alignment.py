@@ -72,7 +72,7 @@ QUICK_METHODS = ("DPO all", "DPO top 10%", "ALLO", "ALLO -key tokens", "ALLO -se
 
 
 def _add_arguments(parser):
-    parser.add_argument("--seeds", type=int, default=None, help=f"seeds per method (default 3; --quick: {QUICK_SEEDS})")
+    parser.add_argument("--seeds", type=_harness.int_at_least(1), default=None, help=f"seeds per method (default 3; --quick: {QUICK_SEEDS})")
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (default arithmetic,compare; "
                         "--quick: arithmetic)")
     # argparse %-formats help text: the "%" of "DPO top 10%" is written "%%"
@@ -86,7 +86,7 @@ def _add_arguments(parser):
                         help="where the table and chart go")
     parser.add_argument("--runs_dir", default=None, help="where the runs go (default: a temporary folder, deleted at the end)")
     parser.add_argument("--keep_runs", action="store_true", help="keep every run's output folder")
-    parser.add_argument("--jobs", type=int, default=None, help="tasks run in parallel processes (default: one per task)")
+    parser.add_argument("--jobs", type=_harness.int_at_least(1), default=None, help="tasks run in parallel processes (default: one per task)")
 
 
 def _run(config: dict) -> tuple[dict, float]:
@@ -117,8 +117,6 @@ def main():
     args = _harness.parse_args(__doc__.splitlines()[0], _add_arguments)
     import tempfile
 
-    if args.seeds is not None and args.seeds < 1:
-        raise SystemExit(f"--seeds {args.seeds}: give at least 1 seed per method")
     seeds = list(range(1, 1 + (args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 3))))
     tasks = (args.tasks or ("arithmetic" if args.quick else "arithmetic,compare")).split(",")
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else \

@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from _harness import exit_if_mismatched, measure, mismatch, parse_args, report
+from _harness import exit_if_mismatched, int_at_least, measure, mismatch, parse_args, report
 
 from allo.ops import extension_info, fused_linear_token_logprobs, token_logprobs
 
@@ -39,9 +39,13 @@ SIZES = {
 
 
 def _add_arguments(parser):
-    parser.add_argument("--tokens", type=int, help="override the number of tokens")
-    parser.add_argument("--vocab", type=int, help="override the vocabulary size")
+    parser.add_argument("--tokens", type=int_at_least(1), help="override the number of tokens")
+    parser.add_argument("--vocab", type=int_at_least(1), help="override the vocabulary size")
     parser.add_argument("--skip-fused", action="store_true", help="only the token-level cases")
+
+
+def _override(given, default):
+    return default if given is None else given  # not `given or default`: a given 0 is refused, not replaced
 
 
 def _liger():
@@ -121,7 +125,7 @@ def _check(case, name, got, want, dtype):
 
 def bench_tokens(args, device, liger, warmup, repeats):
     n, v, dtype = SIZES[(device.type, args.quick)]["token"]
-    n, v = args.tokens or n, args.vocab or v
+    n, v = _override(args.tokens, n), _override(args.vocab, v)
     dtype_name = str(dtype).replace("torch.", "")
     logits = (torch.randn(n, v, device=device) * 2).to(dtype).requires_grad_(True)
     labels = torch.randint(0, v, (n,), device=device)
@@ -177,8 +181,7 @@ def bench_tokens(args, device, liger, warmup, repeats):
 
 def bench_fused(args, device, liger, warmup, repeats):
     n, hsize, v, dtype = SIZES[(device.type, args.quick)]["fused"]
-    n = args.tokens or n
-    v = args.vocab or v
+    n, v = _override(args.tokens, n), _override(args.vocab, v)
     dtype_name = str(dtype).replace("torch.", "")
     hidden = (torch.randn(n, hsize, device=device)).to(dtype).requires_grad_(True)
     weight = (torch.randn(v, hsize, device=device) / hsize**0.5).to(dtype).requires_grad_(True)

@@ -46,6 +46,7 @@ heads), the embedding left out.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Mapping
@@ -54,8 +55,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _harness import (copy_bandwidth, exit_if_mismatched, floor_row, measure, mismatch, parse_args,  # noqa: E402
-                      report, with_setting)
+from _harness import (copy_bandwidth, exit_if_mismatched, floor_row, int_at_least, measure, mismatch,  # noqa: E402
+                      parse_args, ratio, report, with_setting)
+
+# allo's impls: name -> band_masks' histogram, on the CPU and on CUDA; each also times NAME-plan (and on
+# CUDA NAME-write). CUDA_EARLIER_FORMS: the default GPU search's earlier forms, timed on CUDA
+CPU_VARIANTS = {"allo": None}
+CUDA_VARIANTS = {"allo-blocked": "blocked", "allo-blocked-radix": "blocked-radix", "allo-atomic": "atomic"}
+CUDA_EARLIER_FORMS = ("allo-blocked-synced", "allo-blocked-host-windows", "allo-blocked-empty-like",
+                      "allo-blocked-torch-glue")
+# every name --skip takes (some are timed on one device only)
+IMPL_NAMES = ("topk-concat", "kthvalue", "authors", *CPU_VARIANTS, *(f"{v}-plan" for v in CPU_VARIANTS),
+              *(f"{v}{part}" for v in CUDA_VARIANTS for part in ("", "-plan", "-write")), *CUDA_EARLIER_FORMS)
+
+
+def skip_names(text: str) -> set[str]:
+    """--skip's argparse ``type``: a set of impl names (a misspelt one would silently time everything)."""
+    names = set(filter(None, (name.strip() for name in text.split(","))))
+    unknown = sorted(names - set(IMPL_NAMES))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown impl(s) {unknown}; choose from {', '.join(IMPL_NAMES)}")
+    return names
 
 
 def llama1b_shapes():
@@ -168,10 +188,10 @@ def check_plan(boundaries, k, thr, above, ties, *, key32, dtype) -> str | None:
 
 def main():
     def extra(p):
-        p.add_argument("--ratio", type=float, default=0.1)
-        p.add_argument("--numel", type=int, default=None, help="total score elements (CPU default 50M)")
+        p.add_argument("--ratio", type=ratio, default=0.1, help="fraction of the scores selected, in (0, 1]")
+        p.add_argument("--numel", type=int_at_least(1), default=None, help="total score elements (CPU default 50M)")
         p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-        p.add_argument("--skip", default="", help="comma-separated impls to skip")
+        p.add_argument("--skip", type=skip_names, default=set(), help="comma-separated impls to skip")
 
     args = parse_args(__doc__.splitlines()[0], extra)
     from allo.select.topk import band_count, band_masks, key_domain, plan, write_masks
@@ -187,11 +207,13 @@ def main():
     scores = make_scores(shapes, dtype, device)
     n = sum(s.numel() for s in scores.values())
     k = band_count(args.ratio, n)  # allo's count (round half up of the ratio as written)
+    if k == 0:
+        raise SystemExit(f"--ratio {args.ratio} selects none of the {n} scores: give a larger --ratio or --numel")
     backend = "triton" if cuda else "cpu"
     case = f"{label} {n / 1e6:.0f}M {str(dtype).split('.')[-1]} x{len(shapes)} r={args.ratio}"
     warmup = args.warmup if args.warmup is not None else 1
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
-    skip = set(filter(None, args.skip.split(",")))
+    skip = args.skip
     key32, kdt = key_domain(scores)
     impls = {
         "topk-concat": lambda: topk_concat(scores, k),
@@ -199,8 +221,7 @@ def main():
         "authors": lambda: authors(scores, k, args.ratio),
     }
     out_bytes = {"topk-concat": n, "kthvalue": n, "authors": n}
-    variants = {"allo": None} if not cuda else {"allo-blocked": "blocked", "allo-blocked-radix": "blocked-radix",
-                                                "allo-atomic": "atomic"}
+    variants = CUDA_VARIANTS if cuda else CPU_VARIANTS
     thr, above, ties = exact_threshold(scores, k)
     checked = {}  # impl -> None (exact) or what is wrong, for every allo impl that is timed
     for label, variant in variants.items():

@@ -44,6 +44,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
+# the llama_config names (--model)
+MODELS = ("small-llama", "llama-3.2-1b-shape", "tiny-llama", "tied-large-vocab")
+
+
 def llama_config(name):
     from transformers import LlamaConfig
 
@@ -179,8 +183,10 @@ class AlloImprove:
 
 def main():
     def extra(p):
-        p.add_argument("--ratio", type=float, default=0.1, help="improve-mask ratio")
-        p.add_argument("--model", default=None, help="small-llama (CPU default) | llama-3.2-1b-shape (GPU default) | tiny-llama")
+        p.add_argument("--ratio", type=H.ratio, default=0.1, help="improve-mask ratio, in (0, 1]")
+        p.add_argument("--model", default=None, choices=MODELS,
+                       help="small-llama (CPU default) | llama-3.2-1b-shape (GPU default) | tiny-llama | "
+                            "tied-large-vocab (--config tied-large-vocab's default on the CPU)")
         p.add_argument("--config", default="default", choices=("default", "tied-large-vocab"),
                        help="tied-large-vocab: the GPU step's structure on the CPU (vocab 128256, tied "
                             "embeddings, bf16 autocast, gradient checkpointing) with a small trunk")

@@ -280,7 +280,7 @@ def _interleaved_with_fused(case, params, grads, start, masks, *, device, warmup
 
 
 def _arguments(parser):
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=H.int_at_least(1), default=None,
                         help="CPU threads for torch and the C kernel (default: torch's). On a shared, "
                              "oversubscribed CPU, multi-threaded torch ops stall on descheduled threads; "
                              "--threads 1 gives steadier comparisons")

@@ -229,3 +229,45 @@ def test_every_script_prints_its_help(script):
     r = _run_script(script, "--help")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("usage:"), r.stdout[:500]
+
+
+@pytest.mark.parametrize("script, args, says", [
+    # 0 repeats left nothing to take a median of: bench_logprob blamed allo ("wrong result(s) ... StatisticsError")
+    ("bench_logprob", ["--repeats", "0"], "--repeats: 0 is below 1"),
+    ("bench_logprob", ["--warmup", "-1"], "--warmup: -1 is below 0"),
+    ("bench_logprob", ["--device", "gpu"], "--device gpu: not a device name"),
+    ("bench_logprob", ["--device", "meta"], "--device meta: the benchmarks run on cpu or cuda"),
+    # `args.tokens or n`: a given 0 was silently replaced by the default size
+    ("bench_logprob", ["--tokens", "0"], "--tokens: 0 is below 1"),
+    ("bench_logprob", ["--vocab", "0"], "--vocab: 0 is below 1"),
+    ("bench_select", ["--ratio", "1.5"], "--ratio: 1.5 is not a fraction"),
+    ("bench_select", ["--ratio", "0"], "--ratio: 0 is not a fraction"),
+    ("bench_select", ["--ratio", "-0.1"], "--ratio: -0.1 is not a fraction"),
+    ("bench_select", ["--numel", "0"], "--numel: 0 is below 1"),
+    ("bench_select", ["--skip", "kthvalue,topk"], "--skip: unknown impl(s) ['topk']; choose from topk-concat"),
+    ("bench_step", ["--model", "tiny"], "--model: invalid choice: 'tiny'"),
+    ("bench_step", ["--ratio", "2"], "--ratio: 2 is not a fraction"),
+    ("bench_update", ["--threads", "0"], "--threads: 0 is below 1"),
+    ("bench_alignment", ["--jobs", "0"], "--jobs: 0 is below 1"),
+    ("bench_alignment", ["--seeds", "0"], "--seeds: 0 is below 1"),
+])
+def test_bad_arguments_are_refused_by_the_parser_before_the_run(monkeypatch, capsys, script, args, says):
+    import importlib
+
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--quick", "--device", "cpu", *args])
+    with pytest.raises(SystemExit) as exc:
+        module.main()
+    assert exc.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_bench_select_skip_takes_every_impl_name_and_refuses_a_ratio_that_selects_nothing(monkeypatch):
+    import bench_select as B
+
+    assert B.skip_names("kthvalue, allo-plan,,allo-blocked-write") == {"kthvalue", "allo-plan", "allo-blocked-write"}
+    assert B.skip_names("") == set()
+    # round half up of 1e-9 x ~1M scores is 0: said at once, not "selected index k out of range" from topk
+    monkeypatch.setattr(sys, "argv", ["bench_select.py", "--device", "cpu", "--numel", "1", "--ratio", "1e-9"])
+    with pytest.raises(SystemExit, match=r"--ratio 1e-09 selects none of the \d+ scores"):
+        B.main()

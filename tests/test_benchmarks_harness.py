@@ -279,3 +279,25 @@ def test_write_json_leaves_no_tmp_file_when_the_write_fails(tmp_path):
     with pytest.raises(OSError):
         H.write_json(str(target), [{"a": 1}])
     assert sorted(os.listdir(tmp_path)) == ["a_dir"] and os.listdir(target) == []
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_parse_args_refuses_any_cuda_device_without_a_gpu(monkeypatch, capsys, device):
+    # compared by type: "cuda:0" once went past the check (it compared the string with "cuda")
+    monkeypatch.setattr(H.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["bench_x.py", "--device", device])
+    with pytest.raises(SystemExit) as exc:
+        H.parse_args("x")
+    assert exc.value.code == 2
+    assert f"--device {device}, but torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_argument_types_refuse_counts_and_ratios_out_of_range():
+    import argparse
+
+    assert H.int_at_least(1)("3") == 3 and H.int_at_least(0)("0") == 0
+    for parse, text in ((H.int_at_least(1), "0"), (H.int_at_least(0), "-1"), (H.int_at_least(1), "2.5"),
+                        (H.ratio, "0"), (H.ratio, "1.01"), (H.ratio, "nan"), (H.ratio, "x")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+    assert H.ratio("1") == 1.0 and H.ratio("1e-3") == 1e-3
