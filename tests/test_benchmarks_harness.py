@@ -58,17 +58,32 @@ def test_median_of_an_even_count_and_p20_p80_exclude_the_warmup(clock):
     assert fn.calls == 6
     assert out["repeats"] == 4
     assert out["median_ms"] == pytest.approx(2.5, rel=1e-9)  # mean of the middle two, not the upper one
-    # p20/p80: sorted times [1, 2, 3, 4], element int(f * n) (clamped): 1 and 4
-    assert out["p20_ms"] == pytest.approx(1.0, rel=1e-9)
-    assert out["p80_ms"] == pytest.approx(4.0, rel=1e-9)
+    # p20/p80 interpolated linearly in the sorted times [1, 2, 3, 4]: at positions 0.2 x 3 = 0.6 and 0.8 x 3 = 2.4
+    assert out["p20_ms"] == pytest.approx(1.6, rel=1e-9)
+    assert out["p80_ms"] == pytest.approx(3.4, rel=1e-9)
 
 
 def test_p20_p80_of_ten_repeats(clock):
     times = [10.0, 1.0, 9.0, 2.0, 8.0, 3.0, 7.0, 4.0, 6.0, 5.0]
     out = H.time_fn(timed(clock, [500.0] + times), device="cpu", warmup=1, repeats=10)
     assert out["median_ms"] == pytest.approx(5.5, rel=1e-9)
-    assert out["p20_ms"] == pytest.approx(3.0, rel=1e-9)  # sorted[2]
-    assert out["p80_ms"] == pytest.approx(9.0, rel=1e-9)  # sorted[8]
+    assert out["p20_ms"] == pytest.approx(2.8, rel=1e-9)  # sorted[1.8]: 2 + 0.8 x (3 - 2)
+    assert out["p80_ms"] == pytest.approx(8.2, rel=1e-9)  # sorted[7.2]: 8 + 0.2 x (9 - 8)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 20])
+def test_p20_p80_are_the_standard_inclusive_quantiles(clock, n):
+    # element int(f * n) read high: of 5 repeats its p80 was the slowest one
+    import random
+    import statistics
+
+    rng = random.Random(n)
+    times = [rng.uniform(1.0, 9.0) for _ in range(n)]
+    out = H.time_fn(timed(clock, [0.0] + times), device="cpu", warmup=1, repeats=n)
+    want = statistics.quantiles(times, n=5, method="inclusive") if n > 1 else [times[0]] * 4
+    assert (out["p20_ms"], out["p80_ms"]) == (pytest.approx(want[0], rel=1e-9), pytest.approx(want[3], rel=1e-9))
+    if n == 5:
+        assert out["p80_ms"] < max(times) and out["p20_ms"] > min(times)
 
 
 def test_interleaved_times_go_to_their_own_function(clock):
@@ -188,7 +203,7 @@ def test_measure_row_has_timing_peak_and_extra_fields(memory, clock):
     row = H.measure("case A", "allo", call, device="cpu", warmup=1, repeats=3, max_rel_err=1e-6, note="x")
     assert clocked.calls == 6
     assert row == {"case": "case A", "impl": "allo", "device": "cpu", "median_ms": pytest.approx(2.0),
-                   "p20_ms": pytest.approx(1.0), "p80_ms": pytest.approx(3.0), "repeats": 3,
+                   "p20_ms": pytest.approx(1.4), "p80_ms": pytest.approx(2.6), "repeats": 3,
                    "peak_bytes": 1000 * 1024, "max_rel_err": 1e-6, "note": "x"}
     no_memory = H.measure("case A", "allo", lambda: None, device="cpu", warmup=0, repeats=1, memory=False, k=1)
     assert "peak_bytes" not in no_memory and no_memory["k"] == 1 and no_memory["repeats"] == 1
