@@ -536,9 +536,9 @@ def report(rows: Iterable[dict], *, baseline: str, json_path: str | None = None,
     table = []
     for r in rows:
         table.append([
-            r["case"], r["impl"], f"{r['median_ms']:.3f}", f"{r.get('p20_ms', 0):.3f}-{r.get('p80_ms', 0):.3f}",
+            r["case"], r["impl"], f"{r['median_ms']:.3f}", _fmt_spread(r.get("p20_ms"), r.get("p80_ms")),
             _fmt_bytes(r.get("peak_bytes")),
-            *[_fmt_extra(r.get(c)) for c in extra_columns],
+            *[_fmt_extra(c, r.get(c)) for c in extra_columns],
             "-" if r["speedup_vs_baseline"] is None else f"{r['speedup_vs_baseline']:.2f}",
             "-" if r["mem_ratio_vs_baseline"] is None else f"{r['mem_ratio_vs_baseline']:.3f}",
         ])
@@ -586,9 +586,20 @@ def write_json(path: str, obj) -> None:
         raise
 
 
-def _fmt_extra(v):
+# extra columns that hold bytes (besides any named *_bytes): bench_select's "extra" (peak minus the output),
+# bench_update's "state" (optimizer state)
+BYTE_COLUMNS = frozenset({"extra", "state"})
+
+
+def _fmt_extra(key, v):
+    # bytes by the column's name, not by size: a count (bench_update's unselected_changed) is not bytes
+    if v is not None and not isinstance(v, bool) and (key in BYTE_COLUMNS or key.endswith("_bytes")):
+        return _fmt_bytes(v)
     if isinstance(v, float):
         return f"{v:.4g}"
-    if isinstance(v, int) and v > 10_000:
-        return _fmt_bytes(v)
     return "-" if v is None else str(v)
+
+
+def _fmt_spread(p20, p80):
+    # rows with no spread (bench_alignment's summaries: one median over seeds) show none, not 0.000-0.000
+    return "-" if p20 is None or p80 is None else f"{p20:.3f}-{p80:.3f}"

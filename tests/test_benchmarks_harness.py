@@ -316,3 +316,14 @@ def test_argument_types_refuse_counts_and_ratios_out_of_range():
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
     assert H.ratio("1") == 1.0 and H.ratio("1e-3") == 1e-3
+
+
+def test_report_formats_bytes_by_column_name_and_shows_no_made_up_spread(clock, capsys):
+    # a count above 10,000 read as bytes ("12.35 KB"), and a row without p20/p80 (bench_alignment's summaries)
+    # showed a spread of 0.000-0.000
+    rows = [{"case": "c", "impl": "a", "median_ms": 2.0, "unselected_changed": 12345, "state": 12345,
+             "resident_bytes": 2_000_000, "extra": 500, "exact": True}]
+    H.report(rows, baseline="a", extra_columns=["unselected_changed", "state", "resident_bytes", "extra", "exact"])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.split()[:2] == ["c", "a"])
+    assert line.split()[2:] == ["2.000", "-", "-", "12345", "12.35", "KB", "2.00", "MB", "500", "B", "True", "1.00",
+                                "-"]
