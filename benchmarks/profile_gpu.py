@@ -480,18 +480,36 @@ def profile_step_memory():
         print(f"  {size / 1e6:10.1f} MB  {where}")
 
 
+PARTS = ("matmul", "update", "select", "step-memory")
+SWEPT_PARTS = ("select", "update")  # the parts that have launch-configuration sweeps
+
+
+def _part_names(allowed):
+    """An argparse ``type``: comma-separated names out of ``allowed`` (a misspelt one would run nothing)."""
+    def parse(text):
+        names = set(filter(None, (name.strip() for name in text.split(","))))
+        unknown = sorted(names - set(allowed))
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown part(s) {unknown}; choose from {', '.join(allowed)}")
+        return names
+    return parse
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="select,update,matmul")
+    ap.add_argument("--only", type=_part_names(PARTS), default="select,update,matmul",
+                    help=f"comma-separated parts to run, of: {', '.join(PARTS)}")
     ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--sweep-parts", default="select,update", help="the parts whose sweeps run (without --no-sweep)")
+    ap.add_argument("--sweep-parts", type=_part_names(SWEPT_PARTS), default="select,update",
+                    help="the parts whose sweeps run (without --no-sweep)")
     ap.add_argument("--trace-dir", default=None, help="write Chrome traces of the timelines here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_gpu.py: needs a CUDA GPU")
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
-    parts = set(args.only.split(","))
-    swept = set() if args.no_sweep else set(args.sweep_parts.split(","))
+    parts = args.only
+    swept = set() if args.no_sweep else args.sweep_parts
+    failed = []
     for name, fn in (("matmul", profile_matmul), ("update", lambda: profile_update("update" in swept, args.trace_dir)),
                      ("select", lambda: profile_select("select" in swept, args.trace_dir)), ("step-memory", profile_step_memory)):
         if name in parts:
@@ -499,7 +517,10 @@ def main():
                 fn()
             except Exception:
                 traceback.print_exc()
+                failed.append(name)
             torch.cuda.empty_cache()
+    if failed:  # after every part ran: gpu_check.sh records the step as FAILED, not ok
+        sys.exit(f"profile_gpu.py: part(s) failed: {', '.join(failed)} (tracebacks above)")
 
 
 if __name__ == "__main__":

@@ -271,3 +271,39 @@ def test_bench_select_skip_takes_every_impl_name_and_refuses_a_ratio_that_select
     monkeypatch.setattr(sys, "argv", ["bench_select.py", "--device", "cpu", "--numel", "1", "--ratio", "1e-9"])
     with pytest.raises(SystemExit, match=r"--ratio 1e-09 selects none of the \d+ scores"):
         B.main()
+
+
+def test_profile_gpu_refuses_unknown_parts(monkeypatch, capsys):
+    import profile_gpu
+
+    monkeypatch.setattr(sys, "argv", ["profile_gpu.py", "--only", "select,updates"])
+    with pytest.raises(SystemExit) as exc:
+        profile_gpu.main()
+    assert exc.value.code == 2
+    assert "--only: unknown part(s) ['updates']; choose from matmul, update, select, step-memory" in \
+        capsys.readouterr().err
+
+
+def test_profile_gpu_exits_1_when_a_part_fails_after_running_the_others(monkeypatch, capsys):
+    # it printed each failing part's traceback and exited 0: gpu_check.sh recorded "ok profile_gpu"
+    import profile_gpu
+
+    ran = []
+
+    def fails(*args):
+        ran.append("select")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(profile_gpu, "profile_select", fails)
+    monkeypatch.setattr(profile_gpu, "profile_update", lambda *args: ran.append("update"))
+    monkeypatch.setattr(sys, "argv", ["profile_gpu.py", "--only", "select,update", "--no-sweep"])
+    with pytest.raises(SystemExit) as exc:
+        profile_gpu.main()
+    assert exc.value.code == "profile_gpu.py: part(s) failed: select (tracebacks above)"
+    assert ran == ["update", "select"]
+    assert "RuntimeError: boom" in capsys.readouterr().err
+    monkeypatch.setattr(profile_gpu, "profile_select", lambda *args: ran.append("select"))
+    profile_gpu.main()  # every part ran: no exit
