@@ -14,7 +14,8 @@ Environment variables:
                      otherwise torch compiles for every architecture it knows.
 
 When torch cannot be imported at build time (pip's build isolation), no extension is built here and
-``allo`` compiles ``csrc/`` with ninja the first time it is needed (see ``allo/ops/_extension.py``).
+``allo`` compiles ``csrc/`` with ninja the first time it is needed (see ``allo/ops/_extension.py``);
+with ``ALLO_BUILD_CUDA=1`` the build fails instead (build with ``--no-build-isolation``).
 """
 
 import os
@@ -47,16 +48,21 @@ def _toolkit_problem(cuda_home):
 
 
 def _extensions():
-    try:
-        import torch
-        from torch.utils import cpp_extension
-    except ImportError:
-        print("allo setup: torch is not importable at build time; csrc/ will be compiled on first use", file=sys.stderr)
-        return [], {}
-
+    # read first: without torch, ALLO_BUILD_CUDA=1 must still fail (it built nothing and succeeded)
     mode = os.environ.get("ALLO_BUILD_CUDA", "auto").strip().lower()
     if mode not in ("auto", "1", "0"):
         raise SystemExit(f"allo setup: ALLO_BUILD_CUDA must be auto, 1 or 0, not {mode!r}")
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:
+        if mode == "1":
+            raise SystemExit(
+                f"allo setup: ALLO_BUILD_CUDA=1 but torch is not importable at build time ({exc}), so no kernels "
+                "can be built: install torch first and build with pip's --no-build-isolation (pip install "
+                "--no-build-isolation -e .; build isolation hides the installed torch)")
+        print("allo setup: torch is not importable at build time; csrc/ will be compiled on first use", file=sys.stderr)
+        return [], {}
 
     problem = None
     if torch.version.cuda is None:

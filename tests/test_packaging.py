@@ -91,3 +91,27 @@ def test_a_build_linking_libstdcxx_statically_fails_with_the_fix(tmp_path):
     assert runs["plain"].returncode == 0, runs["plain"].stderr[-2000:]
     assert runs["static"].returncode != 0
     assert "does not load libstdc++ dynamically" in runs["static"].stderr and "CXX=/usr/bin/g++" in runs["static"].stderr
+
+
+def _setup_without_torch(mode):
+    """``setup.py --version`` with torch's import failing, as under pip's build isolation."""
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; "
+            "runpy.run_path('setup.py', run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if k != "ALLO_BUILD_CUDA"}
+    if mode is not None:
+        env["ALLO_BUILD_CUDA"] = mode
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_allo_build_cuda_1_fails_when_torch_is_not_importable_at_build_time():
+    # "fail unless the CUDA kernels are built": it succeeded, building no extension at all
+    r = _setup_without_torch("1")
+    assert r.returncode != 0
+    assert "ALLO_BUILD_CUDA=1 but torch is not importable at build time" in r.stderr
+    assert "--no-build-isolation" in r.stderr
+    bad = _setup_without_torch("yes")  # checked before torch is looked for
+    assert bad.returncode != 0 and "ALLO_BUILD_CUDA must be auto, 1 or 0, not 'yes'" in bad.stderr
+    for mode in (None, "auto", "0"):  # the C++ kernels are then compiled on first use
+        ok = _setup_without_torch(mode)
+        assert ok.returncode == 0, (mode, ok.stderr[-2000:])
+        assert "torch is not importable at build time" in ok.stderr
