@@ -11,12 +11,16 @@
 # summary always prints. Results: $OUT/summary.txt and $OUT/gpu_check.tar.gz (every log and every
 # bench JSON), both refreshed after each step, so a killed run still returns what it finished.
 #
+# Exit status: 0 when every step that ran passed, 1 when a step FAILED or TIMED OUT (after the summary and
+# archive are written; steps skipped for the budget do not count), 2 when torch sees no CUDA GPU (it stops
+# at once, unless QUICK=1).
+#
 # Environment: PYTHON (default python3, a CUDA build of torch), TORCH_CUDA_ARCH_LIST (default 9.0),
-# ALLO_BUILD_CUDA (default 1: fail unless the CUDA kernels build), QUICK=1 (benches with --quick: a
-# plumbing check of this script on a CPU machine), GPU_CHECK_BUDGET_S. A follow-up run on a short lease can
-# narrow it: GPU_CHECK_TRITON_TESTS, GPU_CHECK_EXTENSION_TESTS (test files), GPU_CHECK_BENCHES (bench
-# names), GPU_CHECK_PROFILE=0 or GPU_CHECK_PROFILE_ONLY (profile_gpu.py's --only), GPU_CHECK_TRAIN=0 (no
-# allo-train run), GPU_CHECK_REST (pytest node ids instead of the rest of the suite);
+# ALLO_BUILD_CUDA (default 1: fail unless the CUDA kernels build; auto with QUICK=1 and no GPU), QUICK=1
+# (benches with --quick: a plumbing check of this script on a CPU machine), GPU_CHECK_BUDGET_S.
+# A follow-up run on a short lease can narrow it: GPU_CHECK_TRITON_TESTS, GPU_CHECK_EXTENSION_TESTS (test
+# files), GPU_CHECK_BENCHES (bench names), GPU_CHECK_PROFILE=0 or GPU_CHECK_PROFILE_ONLY (profile_gpu.py's
+# --only), GPU_CHECK_TRAIN=0 (no allo-train run), GPU_CHECK_REST (pytest node ids instead of the rest of the suite);
 # GPU_CHECK_SWEEP=1 adds the launch-configuration sweeps to the profile (=update: only MaskedAdamW's).
 set -u
 cd "$(dirname "$0")/.."
@@ -27,6 +31,7 @@ py=${PYTHON:-python3}
 budget=${GPU_CHECK_BUDGET_S:-450}
 quick=()
 [ "${QUICK:-0}" = 1 ] && quick=(--quick)
+build_cuda_given=${ALLO_BUILD_CUDA:-}
 export ALLO_BUILD_CUDA=${ALLO_BUILD_CUDA:-1} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-8} PYTHONUNBUFFERED=1
 # The system compilers: the device image's CXX is a wrapper that links libstdc++ statically, which
@@ -71,10 +76,12 @@ step() {  # step NAME LIMIT_S COMMAND...: run under the budget, log to $work/NAM
 {
   date -u +%Y-%m-%dT%H:%MZ
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1
-  "$py" - <<'PY' 2>&1
-import importlib, torch
+  "$py" - "$work/gpu_visible" <<'PY' 2>&1
+import importlib, sys, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU VISIBLE")
+if torch.cuda.is_available():  # the file says so to the script (no second torch import)
+    open(sys.argv[1], "w").close()
 for name in ("triton", "transformers", "accelerate"):
     try:
         print(name, importlib.import_module(name).__version__)
@@ -85,6 +92,47 @@ PY
 } >"$work/environment.txt"
 cat "$work/environment.txt"
 pack
+
+summarize() {  # the summary (environment, steps, failed tests, bench tables) and the archive, as the last output
+  {
+    echo "=== environment"
+    cat "$work/environment.txt"
+    echo "=== steps (budget ${budget}s, used ${SECONDS}s; logs and JSON in $out/gpu_check.tar.gz)"
+    sed 's/^/  /' "$steps"
+    if [ -s "${ALLO_TEST_FAILURES:-}" ]; then
+      echo "=== failed tests (tracebacks: test_failures.txt in the archive)"
+      grep '^=== ' "$ALLO_TEST_FAILURES" | sed 's/^=== /  /'
+    fi
+    for bench in "$work"/bench_*.json; do
+      [ -e "$bench" ] || continue
+      "$py" - "$bench" <<'PY' || true
+import json, os, sys
+rows = json.load(open(sys.argv[1]))
+print(f"=== {os.path.basename(sys.argv[1])}")
+for r in rows:
+    speed, mem = r.get("speedup_vs_baseline"), r.get("peak_bytes")
+    print(f"  {r['case'][:40]:40s} {r['impl'][:22]:22s} {r['median_ms']:9.3f} ms"
+          f" {'-' if mem is None else f'{mem / 1e6:9.1f} MB'} x{'-' if speed is None else f'{speed:.2f}'}")
+PY
+    done
+  } >"$work/summary.txt" 2>&1
+  cp "$work/summary.txt" "$out/summary.txt"
+  tar -czf "$out/gpu_check.tar.gz" -C "$work" .
+  cat "$out/summary.txt"
+}
+
+if [ ! -e "$work/gpu_visible" ]; then
+  if [ "${QUICK:-0}" != 1 ]; then
+    # on a CPU every step would run on (the GPU tests in Triton's interpreter, the benches at full size on
+    # the CPU) and read as a GPU check
+    echo "NO GPU         torch sees no CUDA GPU (environment above): stopped; QUICK=1 runs the CPU plumbing check" >>"$steps"
+    summarize
+    echo "gpu_check.sh: torch sees no CUDA GPU (PYTHON=$py); run it on a GPU machine, or with QUICK=1 for the CPU plumbing check" >&2
+    exit 2
+  fi
+  # QUICK=1 on a CPU: the plumbing check builds the C++ kernels (ALLO_BUILD_CUDA=1 would fail the build)
+  export ALLO_BUILD_CUDA=${build_cuda_given:-auto}
+fi
 
 pytest_args=(-q -rs -p no:cacheprovider)
 # every failure's traceback as it happens (tests/conftest.py): a step cut by the budget never prints
@@ -158,28 +206,10 @@ elif [ $built = 1 ]; then
 fi
 wait
 
-{
-  echo "=== environment"
-  cat "$work/environment.txt"
-  echo "=== steps (budget ${budget}s, used ${SECONDS}s; logs and JSON in $out/gpu_check.tar.gz)"
-  sed 's/^/  /' "$steps"
-  if [ -s "$ALLO_TEST_FAILURES" ]; then
-    echo "=== failed tests (tracebacks: test_failures.txt in the archive)"
-    grep '^=== ' "$ALLO_TEST_FAILURES" | sed 's/^=== /  /'
-  fi
-  for bench in "$work"/bench_*.json; do
-    [ -e "$bench" ] || continue
-    "$py" - "$bench" <<'PY' || true
-import json, os, sys
-rows = json.load(open(sys.argv[1]))
-print(f"=== {os.path.basename(sys.argv[1])}")
-for r in rows:
-    speed, mem = r.get("speedup_vs_baseline"), r.get("peak_bytes")
-    print(f"  {r['case'][:40]:40s} {r['impl'][:22]:22s} {r['median_ms']:9.3f} ms"
-          f" {'-' if mem is None else f'{mem / 1e6:9.1f} MB'} x{'-' if speed is None else f'{speed:.2f}'}")
-PY
-  done
-} >"$work/summary.txt" 2>&1
-cp "$work/summary.txt" "$out/summary.txt"
-tar -czf "$out/gpu_check.tar.gz" -C "$work" .
-cat "$out/summary.txt"
+summarize
+# the summary alone said a step failed: the exit status says it too
+failed=$(grep -cE '^(FAILED|TIMEOUT) ' "$steps")
+if [ "$failed" -gt 0 ]; then
+  echo "gpu_check.sh: $failed step(s) FAILED or TIMED OUT (see the steps above)" >&2
+  exit 1
+fi

@@ -307,3 +307,53 @@ def test_profile_gpu_exits_1_when_a_part_fails_after_running_the_others(monkeypa
     assert "RuntimeError: boom" in capsys.readouterr().err
     monkeypatch.setattr(profile_gpu, "profile_select", lambda *args: ran.append("select"))
     profile_gpu.main()  # every part ran: no exit
+
+
+def _gpu_check(tmp_path, **env):
+    """benchmarks/gpu_check.sh with OUT and its work folder under ``tmp_path``, narrowed to quick steps that
+    fail: a missing test file, a build that fails at once (PYTHON is a wrapper that fails ``setup.py``: a real
+    build would compile for minutes, in the checkout), no benches or profile. Returns (result, summary.txt)."""
+    import subprocess
+
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/bash\nif [ \"$1\" = setup.py ]; then echo \"fake build, ALLO_BUILD_CUDA=$ALLO_BUILD_CUDA\";"
+                    f" exit 1; fi\nexec {sys.executable} \"$@\"\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    run_env = {**os.environ, "OUT": str(out), "TMPDIR": str(tmp_path), "PYTHON": str(fake),
+               "GPU_CHECK_BUDGET_S": "200", "GPU_CHECK_TRITON_TESTS": "tests/no_such_test_file.py",
+               "GPU_CHECK_BENCHES": "bench_logprob", "GPU_CHECK_PROFILE": "0", **env}
+    for name in ("QUICK", "ALLO_BUILD_CUDA"):  # the script's defaults unless given
+        if name not in env:
+            run_env.pop(name, None)
+    r = subprocess.run(["bash", os.path.join(BENCH_DIR, "gpu_check.sh")], capture_output=True, text=True,
+                       env=run_env, timeout=300)
+    return r, (out / "summary.txt").read_text()
+
+
+needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="what gpu_check.sh does without a GPU")
+
+
+@needs_no_gpu
+def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
+    # it ran on: "ok pytest Triton GPU tests" (in Triton's interpreter), full-size benches on the CPU, exit 0
+    r, summary = _gpu_check(tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "torch sees no CUDA GPU" in r.stderr and "QUICK=1" in r.stderr
+    assert "NO GPU VISIBLE" in summary
+    steps = summary.split("=== steps")[1].splitlines()[1:]
+    assert [line.split()[:5] for line in steps] == [["NO", "GPU", "torch", "sees", "no"]], summary  # no step ran
+    assert (tmp_path / "out" / "gpu_check.tar.gz").exists()
+
+
+@needs_no_gpu
+def test_gpu_check_exits_1_when_a_step_failed_and_quick_on_a_cpu_builds_without_cuda(tmp_path):
+    # the failures showed in the summary only: the script exited 0
+    r, summary = _gpu_check(tmp_path, QUICK="1")
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "fake build, ALLO_BUILD_CUDA=auto" in r.stdout  # QUICK=1 without a GPU: the C++ kernels alone
+    assert "2 step(s) FAILED or TIMED OUT" in r.stderr
+    steps = [line.split() for line in summary.splitlines() if line.startswith("  ") and "s  " in line]
+    assert {(s[0], " ".join(s[2:5])) for s in steps} >= {("FAILED", "pytest Triton GPU"),
+                                                         ("FAILED", "build allo._C with")}, summary
+    assert "SKIPPED        bench_logprob (allo._C did not build)" in summary
