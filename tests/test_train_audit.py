@@ -497,3 +497,73 @@ def test_use_cpu_reaches_the_accelerator(tiny, tmp_path, monkeypatch, use_cpu): 
     with pytest.raises(_Interrupt):
         pipeline.make_context(_cfg(tiny, tmp_path / "out", use_cpu=use_cpu))
     assert seen["cpu"] is use_cpu
+
+
+class _FakeAcc:
+    is_main_process = True
+    num_processes = 1
+    process_index = 0
+
+    def wait_for_everyone(self):
+        pass
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL at a chosen point (nothing after it runs)."""
+
+
+class _FakeModel:
+    def __init__(self, tag):
+        self.tag = tag
+
+    def save_pretrained(self, folder, safe_serialization=True):
+        import os
+
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "model.safetensors"), "w") as f:
+            f.write(self.tag)
+
+
+def test_save_model_killed_while_replacing_never_leaves_no_model(tmp_path, monkeypatch):
+    # killed right after a folder is deleted: the old code deleted the old model before renaming the new
+    # one in (a kill there left no model); now the old one is renamed aside and deleted after
+    from allo.train import model as M
+
+    path = str(tmp_path / "model")
+    M.save_model(_FakeModel("old"), None, path)
+    real = shutil.rmtree
+
+    def rmtree_then_die(p, *a, **k):
+        existed = __import__("os").path.exists(p)
+        real(p, *a, **k)
+        if existed and not p.endswith(".tmp"):
+            raise _Killed
+
+    monkeypatch.setattr(M.shutil, "rmtree", rmtree_then_die)
+    with pytest.raises(_Killed):
+        M.save_model(_FakeModel("new"), None, path)
+    assert (tmp_path / "model" / "model.safetensors").read_text() == "new"
+    monkeypatch.setattr(M.shutil, "rmtree", real)
+    M.save_model(_FakeModel("newer"), None, path)  # the next save clears what the kill left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_stage_run_again_drops_its_done_before_rewriting_its_folder(tmp_path, monkeypatch):
+    # a kill while a re-run stage replaces its outputs must not leave them under the old DONE
+    from allo.train.config import TrainConfig
+    from allo.train.stages import Context
+
+    sdir = tmp_path / "select"
+    sdir.mkdir()
+    (sdir / "DONE").write_text("{}")
+    seen = []
+
+    def stage(ctx):
+        seen.append((sdir / "DONE").exists())
+        raise _Killed
+
+    monkeypatch.setitem(pipeline.STAGE_FUNCS, "select", stage)
+    ctx = Context(TrainConfig(output_dir=str(tmp_path)), _FakeAcc(), None)
+    with pytest.raises(_Killed):
+        pipeline.run_stage("select", None, context=ctx)
+    assert seen == [False] and not (sdir / "DONE").exists()

@@ -14,6 +14,7 @@ import time
 
 from .config import STAGES, RunError, TrainConfig
 from .stages import STAGE_FUNCS, Context, finished_at, is_done
+from .stages.common import DONE
 from .stages.prepare import PREPARE_NEEDS_PROBLEMS
 
 
@@ -190,6 +191,13 @@ def run_stage(stage: str, config, *, accelerator=None, on_step_end=None, context
         _stage_problem(stage, config)  # before the output folder is touched (--overwrite_output_dir)
     ctx = context or make_context(config, accelerator, stage=stage)
     fn = STAGE_FUNCS[stage]
+    # the stage's old DONE goes before anything in its folder is rewritten: a kill while its model or
+    # caches are replaced must not leave them under a DONE that says they are complete (a later run
+    # would skip the stage, or keep the later stages made from its old outputs)
+    if ctx.main:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(ctx.dir(stage), DONE))
+    ctx.accelerator.wait_for_everyone()
     t = time.time()
     if stage in ("warmup", "forget", "improve"):
         out = fn(ctx, on_step_end=None if on_step_end is None else (lambda step: on_step_end(stage, step)))
