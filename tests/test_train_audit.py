@@ -567,3 +567,78 @@ def test_a_stage_run_again_drops_its_done_before_rewriting_its_folder(tmp_path, 
     with pytest.raises(_Killed):
         pipeline.run_stage("select", None, context=ctx)
     assert seen == [False] and not (sdir / "DONE").exists()
+
+
+def _fake_checkpoint(folder, step, stage="forget"):
+    import json
+    import os
+
+    d = os.path.join(folder, "checkpoints", f"checkpoint-{step}")
+    os.makedirs(d)
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.pth"):
+        open(os.path.join(d, name), "w").close()
+    with open(os.path.join(d, "trainer_state.json"), "w") as f:
+        json.dump({"global_step": step, "world_size": 1, "stage": stage}, f)
+    return d
+
+
+def test_a_checkpoint_killed_while_deleted_is_never_resumed(tmp_path, monkeypatch):
+    # a stage starting fresh deletes the old checkpoints; a kill part-way (model gone, trainer_state.json
+    # left) must not leave a folder that --resume_from_checkpoint true takes for the latest checkpoint
+    import os
+    from types import SimpleNamespace
+
+    from allo.train import loop
+
+    sdir = str(tmp_path / "forget")
+    ckpt = _fake_checkpoint(sdir, 2)
+
+    def rmtree_part_way(p, *a, **k):
+        for root, _, files in os.walk(p):
+            if "model.safetensors" in files:
+                os.remove(os.path.join(root, "model.safetensors"))
+        raise _Killed
+
+    monkeypatch.setattr(loop.shutil, "rmtree", rmtree_part_way)
+    with pytest.raises(_Killed):
+        loop._checkpoint_to_resume(_FakeAcc(), SimpleNamespace(resume_from_checkpoint=None), sdir, None)
+    assert loop.latest_checkpoint(sdir) is None
+    monkeypatch.undo()
+    # an incomplete checkpoint given anyway is named as one (not as a missing model or a sharding mismatch)
+    os.makedirs(ckpt)
+    with open(os.path.join(ckpt, "trainer_state.json"), "w") as f:
+        f.write('{"global_step": 2, "world_size": 1, "stage": "forget"}')
+    with pytest.raises(Exception, match="incomplete checkpoint.*model.safetensors"):
+        loop._checkpoint_to_resume(_FakeAcc(), SimpleNamespace(resume_from_checkpoint=ckpt), sdir, None)
+
+
+def test_checkpoint_pruning_killed_part_way_leaves_no_checkpoint_named_folder(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from allo.train import loop
+
+    sdir = str(tmp_path / "warmup")
+    acc = _FakeAcc()
+    acc.unwrap_model = lambda m: m
+    state = SimpleNamespace(state_dict=lambda: {})
+    model = SimpleNamespace(model=_FakeModel("w"))
+    for step in (1, 2):
+        loop._save_checkpoint(acc, sdir, step, model, None, state, state, None, 2)
+    real = shutil.rmtree
+
+    def rmtree_part_way(p, *a, **k):
+        if "checkpoint-1" in p:
+            import os
+
+            os.remove(os.path.join(p, "model.safetensors"))
+            raise _Killed
+        real(p, *a, **k)
+
+    monkeypatch.setattr(loop.shutil, "rmtree", rmtree_part_way)
+    with pytest.raises(_Killed):
+        loop._save_checkpoint(acc, sdir, 3, model, None, state, state, None, 2)
+    names = sorted(p.name for p in (tmp_path / "warmup" / "checkpoints").iterdir() if p.name.startswith("checkpoint"))
+    assert names == ["checkpoint-2", "checkpoint-3"]
+    monkeypatch.undo()
+    loop._save_checkpoint(acc, sdir, 4, model, None, state, state, None, 2)  # clears the kill's leftovers
+    assert sorted(p.name for p in (tmp_path / "warmup" / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-4"]

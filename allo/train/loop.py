@@ -47,6 +47,7 @@ import os
 import random
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -126,6 +127,36 @@ def latest_checkpoint(stage_dir) -> str | None:
     return found[-1] if found else None
 
 
+# a checkpoint folder (or a stage's checkpoints folder) being deleted is first renamed to this prefix, which
+# latest_checkpoint and the pruning never match: a kill part-way through the deletion leaves a folder no
+# resume takes for a checkpoint (a half-deleted checkpoint-N still holds trainer_state.json)
+_TRASH = ".removing-"
+
+
+def _remove_folder(path: str) -> None:
+    """Delete the folder ``path``: renamed to a trash name beside it (atomic), then removed."""
+    parent, name = os.path.split(os.path.normpath(path))
+    trash = os.path.join(parent, f"{_TRASH}{name}-{uuid.uuid4().hex[:8]}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_trash(folder: str) -> None:
+    """What a kill left of earlier deletions in ``folder`` (see _remove_folder)."""
+    for p in glob.glob(os.path.join(glob.escape(folder), _TRASH + "*")):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _incomplete(ckpt: str) -> list[str]:
+    """The files a checkpoint folder lacks (its trainer_state.json is there): empty when complete."""
+    names = os.listdir(ckpt)
+    wanted = {"model.safetensors": lambda n: n.startswith("model") and n.endswith(".safetensors"),
+              "optimizer.pt": lambda n: n.startswith("optimizer") and n.endswith(".pt"),
+              "scheduler.pt": lambda n: n == "scheduler.pt",
+              "rng_state_<rank>.pth": lambda n: n.startswith("rng_state_") and n.endswith(".pth")}
+    return [w for w, ok in wanted.items() if not any(ok(n) for n in names)]
+
+
 def checkpoint_stage(ckpt: str) -> str | None:
     """The stage that wrote checkpoint folder ``ckpt`` (its trainer_state.json says; checkpoints
     written before it did are named by the folder they sit in: ``<stage>/checkpoints/checkpoint-N``),
@@ -196,12 +227,13 @@ def _save_checkpoint(accelerator, stage_dir, step, model, tokenizer, opt, sched,
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"global_step": step, "world_size": accelerator.num_processes,
                        "stage": _stage_name(stage_dir)}, f)
+        _remove_trash(root)
         if os.path.exists(final):  # left by an abandoned run (os.replace cannot replace a folder with files)
-            shutil.rmtree(final)
+            _remove_folder(final)
         os.replace(tmp, final)
         old = sorted(glob.glob(os.path.join(root, "checkpoint-*[0-9]")), key=lambda p: int(p.rsplit("-", 1)[1]))
         for p in old[:-total_limit] if total_limit > 0 else []:
-            shutil.rmtree(p, ignore_errors=True)
+            _remove_folder(p)
     accelerator.wait_for_everyone()
 
 
@@ -222,10 +254,19 @@ def _checkpoint_to_resume(accelerator, cfg, stage_dir: str, masks_file: str | No
         if accelerator.is_main_process and os.path.isdir(old) and os.listdir(old):
             print(f"[allo-train] {stage}: starting fresh; removing the checkpoints of an earlier run in {old} "
                   "(--resume_from_checkpoint true continues from them instead)", flush=True)
-            shutil.rmtree(old)
+            _remove_folder(old)
+        if accelerator.is_main_process:
+            _remove_trash(stage_dir)
         accelerator.wait_for_everyone()
         return None
     owner = checkpoint_stage(ckpt)
+    missing = _incomplete(ckpt)
+    if missing:
+        from .config import RunError
+
+        raise RunError(f"--resume_from_checkpoint {ckpt}: an incomplete checkpoint (no {', '.join(missing)}; "
+                       "left by a kill while it was deleted?); delete that folder to resume from the one before "
+                       "it, or start the stage without --resume_from_checkpoint")
     if owner is not None and owner != stage:
         raise ValueError(f"--resume_from_checkpoint {ckpt} is a checkpoint of the `{owner}` stage, not of `{stage}`; "
                          f"give one under {os.path.join(stage_dir, 'checkpoints')}, or 'true' for its latest")
