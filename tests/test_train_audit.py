@@ -642,3 +642,22 @@ def test_checkpoint_pruning_killed_part_way_leaves_no_checkpoint_named_folder(tm
     monkeypatch.undo()
     loop._save_checkpoint(acc, sdir, 4, model, None, state, state, None, 2)  # clears the kill's leftovers
     assert sorted(p.name for p in (tmp_path / "warmup" / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_a_checkpoint_cut_short_by_a_kill_does_not_hold_results(tmp_path):
+    # killed during a stage's first checkpoint write (only checkpoint-1.tmp): nothing there would be reused,
+    # so a run with other options is not refused; a complete checkpoint still holds the stage's results
+    import dataclasses
+
+    from allo.train import run_config
+    from allo.train.config import RunError, TrainConfig
+
+    cfg = TrainConfig(output_dir=str(tmp_path))
+    run_config.write(cfg, run_config.input_identities(cfg))
+    (tmp_path / "warmup" / "checkpoints" / "checkpoint-1.tmp").mkdir(parents=True)
+    other = dataclasses.replace(cfg, learning_rate=cfg.learning_rate * 2)
+    assert run_config.stages_holding_results(str(tmp_path)) == set()
+    run_config.check(other, log=lambda m: None)
+    _fake_checkpoint(str(tmp_path / "warmup"), 1, stage="warmup")
+    with pytest.raises(RunError, match="learning_rate"):
+        run_config.check(other, log=lambda m: None)

@@ -176,12 +176,14 @@ def _affected(cfg: TrainConfig, option: str) -> set[str]:
 
 
 def stages_holding_results(output_dir: str) -> set[str]:
-    """The stages in ``output_dir`` that completed (DONE) or saved a checkpoint: what a run would reuse."""
+    """The stages in ``output_dir`` that completed (DONE) or saved a complete checkpoint: what a run would
+    reuse (a checkpoint-N.tmp that a kill cut short, or a checkpoint being deleted, is no result)."""
+    from .loop import latest_checkpoint
+
     out = set()
     for stage in STAGES:
         d = os.path.join(output_dir, stage)
-        ckpts = os.path.join(d, "checkpoints")
-        if os.path.exists(os.path.join(d, "DONE")) or (os.path.isdir(ckpts) and os.listdir(ckpts)):
+        if os.path.exists(os.path.join(d, "DONE")) or latest_checkpoint(d) is not None:
             out.add(stage)
     return out
 
