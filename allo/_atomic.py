@@ -1,5 +1,7 @@
 """Files written atomically: a crash or an error while writing leaves the old file (or none), never
-half of a new one, and no temporary file behind.
+half of a new one. An error removes its temporary file at once; a kill (SIGKILL, power loss) cannot, and
+the next successful write of the same path removes what such kills left (temporary files of that path
+older than that write: one writer per path at a time, as allo's writers are, the main process's).
 
 Every writer of a result that a later run reads (selections, caches, reports, metrics) goes through
 :func:`atomic_path`; folders (model and checkpoint directories) are renamed into place by their
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import time
 import uuid
 
 
@@ -31,7 +35,8 @@ def atomic_path(path: str, suffix: str = "", *, what: str = "atomic_path"):
                                 "first (os.makedirs)")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{what}: cannot write {path}: it is a folder; give a file path")
-    tmp = os.path.join(folder, f"{base}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
+    tmp = os.path.join(folder, f"{base}.{uuid.uuid4().hex[:_HEX]}.tmp{suffix}")
+    started = time.time()
     try:
         yield tmp
         if os.path.isfile(tmp):
@@ -42,6 +47,22 @@ def atomic_path(path: str, suffix: str = "", *, what: str = "atomic_path"):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _remove_stale(folder, base, started)
+
+
+_HEX = 12  # the random part of a temporary name
+
+
+def _remove_stale(folder: str, base: str, before: float) -> None:
+    """Temporary files of ``base`` (exactly as atomic_path names them) last changed before ``before``: a
+    kill left them (a mask file's can be gigabytes). Newer ones may be another writer's, still at work."""
+    pattern = re.compile(re.escape(base) + r"\.[0-9a-f]{%d}\.tmp.*\Z" % _HEX, re.S)
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if pattern.match(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime < before:
+                        os.unlink(entry.path)
 
 
 def _umask() -> int:

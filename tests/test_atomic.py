@@ -99,3 +99,26 @@ def test_a_missing_folder_is_named_before_anything_is_written(tmp_path):
         with atomic_path(str(tmp_path)):
             ran.append(1)
     assert not ran and os.listdir(tmp_path) == ["file"]
+
+
+def test_the_next_write_removes_what_a_killed_write_left(tmp_path):
+    # a SIGKILL mid-write leaves <path>.<hex>.tmp (no finally runs); the next write of that path removes
+    # it, and nothing else: another path's temporary file, a look-alike name, or a newer one (a writer at work)
+    import time
+
+    target = tmp_path / "masks.safetensors"
+    old = time.time() - 3600
+    left = [tmp_path / "masks.safetensors.0123456789ab.tmp", tmp_path / "masks.safetensors.0123456789ab.tmp.png"]
+    kept = [tmp_path / "other.safetensors.0123456789ab.tmp", tmp_path / "masks.safetensors.notmine.tmp",
+            tmp_path / "masks.safetensors.bak"]
+    for p in left + kept:
+        p.write_text("x")
+        os.utime(p, (old, old))
+    newer = tmp_path / "masks.safetensors.ba9876543210.tmp"
+    newer.write_text("x")
+    os.utime(newer, (time.time() + 60, time.time() + 60))  # changed after this write started
+    with atomic_path(str(target)) as tmp, open(tmp, "w") as f:
+        f.write("new")
+    assert target.read_text() == "new"
+    assert not any(p.exists() for p in left)
+    assert all(p.exists() for p in kept + [newer])
