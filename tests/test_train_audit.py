@@ -7,6 +7,7 @@ import shutil
 import sys
 
 import pytest
+from types import SimpleNamespace
 import torch
 
 from allo.train import pipeline
@@ -661,3 +662,25 @@ def test_a_checkpoint_cut_short_by_a_kill_does_not_hold_results(tmp_path):
     _fake_checkpoint(str(tmp_path / "warmup"), 1, stage="warmup")
     with pytest.raises(RunError, match="learning_rate"):
         run_config.check(other, log=lambda m: None)
+
+
+def test_a_checkpoint_trained_from_other_inputs_is_not_resumed(tmp_path):
+    # an upstream stage ran again (new starting model): the stage's reference cache is recomputed under a
+    # new key, and its checkpoint of the old run must not be resumed on top of it
+    import json
+
+    from allo.train import loop
+    from allo.train.config import RunError
+
+    sdir = str(tmp_path / "improve")
+    acc = _FakeAcc()
+    acc.unwrap_model = lambda m: m
+    state = SimpleNamespace(state_dict=lambda: {})
+    loop._save_checkpoint(acc, sdir, 2, SimpleNamespace(model=_FakeModel("w")), None, state, state, None, 2,
+                          inputs={"reference_logps": "old-key"})
+    ckpt = loop.latest_checkpoint(sdir)
+    assert json.load(open(f"{ckpt}/trainer_state.json"))["inputs"] == {"reference_logps": "old-key"}
+    cfg = SimpleNamespace(resume_from_checkpoint="true")
+    assert loop._checkpoint_to_resume(acc, cfg, sdir, None, {"reference_logps": "old-key"}) == ckpt
+    with pytest.raises(RunError, match="reference_logps changed.*without --resume_from_checkpoint"):
+        loop._checkpoint_to_resume(acc, cfg, sdir, None, {"reference_logps": "new-key"})

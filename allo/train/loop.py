@@ -195,12 +195,13 @@ def _optimizer_file(accelerator, sharded: bool) -> str:
 
 
 def _save_checkpoint(accelerator, stage_dir, step, model, tokenizer, opt, sched, masks_file, total_limit,
-                     whole_model=None):
+                     whole_model=None, inputs: dict | None = None):
     """checkpoint-<step>/: HF model (safetensors), optimizer (compact state), scheduler, masks, RNG
     of every rank, trainer_state.json (data position = step). Built under a temporary name and
     renamed, so a kill mid-save never leaves a half checkpoint. ``whole_model``: FSDP2, the main
     process's whole HF model, into which the trained shards are gathered and which is saved (the other
-    ranks pass their meta-device model); optimizer state: one file per rank."""
+    ranks pass their meta-device model); optimizer state: one file per rank. ``inputs``: the keys of
+    what the stage trains from (see train_stage), recorded so that a resume can tell they changed."""
     root = os.path.join(stage_dir, "checkpoints")
     final = os.path.join(root, f"checkpoint-{step}")
     tmp = final + ".tmp"
@@ -226,7 +227,7 @@ def _save_checkpoint(accelerator, stage_dir, step, model, tokenizer, opt, sched,
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"global_step": step, "world_size": accelerator.num_processes,
-                       "stage": _stage_name(stage_dir)}, f)
+                       "stage": _stage_name(stage_dir), "inputs": inputs}, f)
         _remove_trash(root)
         if os.path.exists(final):  # left by an abandoned run (os.replace cannot replace a folder with files)
             _remove_folder(final)
@@ -237,12 +238,15 @@ def _save_checkpoint(accelerator, stage_dir, step, model, tokenizer, opt, sched,
     accelerator.wait_for_everyone()
 
 
-def _checkpoint_to_resume(accelerator, cfg, stage_dir: str, masks_file: str | None) -> str | None:
+def _checkpoint_to_resume(accelerator, cfg, stage_dir: str, masks_file: str | None,
+                          inputs: dict | None = None) -> str | None:
     """The checkpoint this stage resumes from (None: it starts fresh). A checkpoint folder given by
     name must be this stage's, and one of a masked stage must hold the selection it trains now
     (MaskedAdamW's state carries its masks: a changed selection would be replaced by the old one).
     Starting fresh removes the checkpoints an abandoned run left here: a later 'true' would resume
-    from them, mixing two runs."""
+    from them, mixing two runs. A checkpoint whose recorded ``inputs`` (see train_stage) differ from
+    this run's is refused for the same reason: it was trained from another starting model or data (an
+    earlier stage ran again since)."""
     stage = _stage_name(stage_dir)
     mode = resume_mode(cfg.resume_from_checkpoint)
     ckpt = latest_checkpoint(stage_dir) if mode == "latest" else mode
@@ -270,6 +274,16 @@ def _checkpoint_to_resume(accelerator, cfg, stage_dir: str, masks_file: str | No
     if owner is not None and owner != stage:
         raise ValueError(f"--resume_from_checkpoint {ckpt} is a checkpoint of the `{owner}` stage, not of `{stage}`; "
                          f"give one under {os.path.join(stage_dir, 'checkpoints')}, or 'true' for its latest")
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        saved = json.load(f).get("inputs")
+    changed = [k for k in (inputs or {}) if isinstance(saved, dict) and saved.get(k) != inputs[k]]
+    if changed:  # (a checkpoint written before they were recorded cannot tell: it is taken as it is)
+        from .config import RunError
+
+        raise RunError(f"--resume_from_checkpoint {ckpt}: trained from other inputs than this run's `{stage}` "
+                       f"({', '.join(changed)} changed since: its starting model or data differ, say after an "
+                       "earlier stage ran again); resuming would mix two runs. Run the stage without "
+                       "--resume_from_checkpoint (it starts afresh and removes these checkpoints)")
     saved_masks = os.path.join(ckpt, "masks.safetensors")
     if masks_file and os.path.exists(saved_masks) and not filecmp.cmp(saved_masks, masks_file, shallow=False):
         raise ValueError(f"--resume_from_checkpoint {ckpt}: its selection differs from {masks_file} (the select stage "
@@ -325,7 +339,7 @@ def check_global_batch(n: int, cfg, world: int, what: str) -> None:
 
 def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: StageData, lr: float,
                 masks: dict | None, dense: bool, masks_file: str | None = None, desc: str = "train",
-                scorer=None, on_step_end: Callable[[int], None] | None = None) -> dict:
+                scorer=None, on_step_end: Callable[[int], None] | None = None, inputs: dict | None = None) -> dict:
     """Train ``model`` in place; returns the last logged metrics. ``dense``: full-parameter torch
     AdamW; else MaskedAdamW with ``masks`` (None: every element) in compact-gradient mode.
     ``scorer``: under FSDP2 (``fsdp2_shards`` for the dense stage, ``masked_stage_shards`` for the
@@ -335,6 +349,8 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
     each rank's part of the selection (the global flat indices of the selected elements in its
     rows, ``Selection.load_indices``), for every parameter that requires grad.
     ``on_step_end(step)`` is called after each optimizer step (tests use it to interrupt a run).
+    ``inputs``: {name: key} of what the stage trains from (its reference and token-weight caches' keys,
+    which cover its starting model and examples), written into each checkpoint and compared on resume.
     """
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -354,7 +370,7 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
                          "accelerator, model, prepare=...)" if sharded else
                          f"{desc}: scorer= is the FSDP2 sharded module; other setups train `model` itself")
     start = 0
-    ckpt = _checkpoint_to_resume(accelerator, cfg, stage_dir, masks_file)
+    ckpt = _checkpoint_to_resume(accelerator, cfg, stage_dir, masks_file, inputs)
     if ckpt is not None:  # weights first: into the plain model, before DDP or FSDP2 take it over
         start = _load_checkpoint_weights(accelerator, ckpt, model, load=not sharded or accelerator.is_main_process)
         if accelerator.is_main_process:
@@ -464,7 +480,7 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
             bar.update(1)
             if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done < total:
                 _save_checkpoint(accelerator, stage_dir, done, scorer, tokenizer, opt, sched, masks_file,
-                                 cfg.save_total_limit, whole_model=model if sharded else None)
+                                 cfg.save_total_limit, whole_model=model if sharded else None, inputs=inputs)
             if on_step_end is not None:
                 on_step_end(done)
     finally:

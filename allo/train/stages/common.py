@@ -273,6 +273,13 @@ def cached_reference(ctx: Context, stage_dir: str, model, named_examples: dict, 
     return load_cache(path)
 
 
+def checkpoint_inputs(stage_dir: str, *names: str) -> dict:
+    """{cache: key} of the caches a stage trains from (``<name>.safetensors`` in ``stage_dir``, written by
+    then): their keys cover the starting model, the examples and the options they depend on, so a
+    checkpoint recording them tells a resume whether it was trained from the same inputs."""
+    return {n: cache_key(os.path.join(stage_dir, f"{n}.safetensors")) for n in names}
+
+
 @contextlib.contextmanager
 def parked_on_cpu(model):
     """``model`` moved to the CPU for the duration, back to its device after (the same parameter

@@ -12,7 +12,7 @@ from ..fsdp import load_weights, sharded_logps
 from ..logps import TokenLogprobs, compute_logps, load_cache, save_cache
 from ..loop import StageData
 from ..model import save_model
-from .common import (Context, cache_is_current, cached_reference, check_batches, inputs_key, load_negatives,
+from .common import (Context, cache_is_current, cached_reference, check_batches, checkpoint_inputs, inputs_key, load_negatives,
                      main_decides, mark_done, negatives_weight_field, parked_on_cpu, scorer_batch, seed_all,
                      sft_model_path, warmup_model_path)
 from .masked import masked_stage_start
@@ -28,6 +28,13 @@ def _eos_free_mask(ctx: Context, examples, lengths) -> torch.Tensor:
     return mask
 
 
+def _weight_source(cfg, negs) -> str:
+    """Where the forgetting weights come from: --token_weight_source, auto resolved."""
+    if cfg.token_weight_source == "auto":
+        return "data" if negs and "weights" in negs[0] else "implicit_reward"
+    return cfg.token_weight_source
+
+
 def _token_weights(ctx: Context, sdir: str, negs, ref, model=None, scorer=None) -> list[torch.Tensor]:
     """Per-token forgetting weights of every negative (see --token_weight_source). ``scorer``: FSDP2,
     the stage's sharded module holding the weights of ``model`` (the main process's whole model)."""
@@ -36,9 +43,7 @@ def _token_weights(ctx: Context, sdir: str, negs, ref, model=None, scorer=None) 
     from allo.losses.token_weights import token_weights_from_implicit_reward, token_weights_from_probs
 
     cfg = ctx.cfg
-    source = cfg.token_weight_source
-    if source == "auto":
-        source = "data" if negs and "weights" in negs[0] else "implicit_reward"
+    source = _weight_source(cfg, negs)
     lengths = [len(e["response_ids"]) for e in negs]
     mask = _eos_free_mask(ctx, negs, lengths)
     if source in ("data", "reward_model_probs"):
@@ -96,7 +101,9 @@ def stage_forget(ctx: Context, *, on_step_end=None) -> dict:
     weights = _token_weights(ctx, sdir, negs, ref, model=model, scorer=scorer)
     last = loop.train_stage(accelerator=ctx.accelerator, cfg=cfg, stage_dir=sdir, model=model, tokenizer=ctx.tokenizer,
                        data=StageData("forget", negs, ref, weights), lr=cfg.forget_learning_rate, masks=masks,
-                       dense=False, masks_file=mask_file, desc=desc, scorer=scorer, on_step_end=on_step_end)
+                       dense=False, masks_file=mask_file, desc=desc, scorer=scorer, on_step_end=on_step_end,
+                       inputs=checkpoint_inputs(sdir, "reference_logps", *(["token_weights"] if _weight_source(
+                           cfg, negs) == "implicit_reward" else [])))
     if ctx.main:
         save_model(model, ctx.tokenizer, os.path.join(sdir, "model"))
     mark_done(ctx, sdir, {"last_metrics": last})

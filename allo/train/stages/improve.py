@@ -9,7 +9,7 @@ from .. import loop
 from ..config import RunError
 from ..loop import StageData
 from ..model import save_model
-from .common import (Context, cached_reference, check_batches, done_info, load_pairs, mark_done, pair_views, require,
+from .common import (Context, cached_reference, check_batches, checkpoint_inputs, done_info, load_pairs, mark_done, pair_views, require,
                      seed_all, sft_model_path)
 from .masked import masked_stage_start
 
@@ -34,7 +34,8 @@ def stage_improve(ctx: Context, *, on_step_end=None) -> dict:
     kind = "improve" if cfg.key_tokens else "dpo"
     last = loop.train_stage(accelerator=ctx.accelerator, cfg=cfg, stage_dir=sdir, model=model, tokenizer=ctx.tokenizer,
                        data=StageData(kind, pairs, ref), lr=cfg.improve_learning_rate, masks=masks, dense=False,
-                       masks_file=mask_file, desc=desc, scorer=scorer, on_step_end=on_step_end)
+                       masks_file=mask_file, desc=desc, scorer=scorer, on_step_end=on_step_end,
+                       inputs=checkpoint_inputs(sdir, "reference_logps"))
     if ctx.main:
         save_model(model, ctx.tokenizer, os.path.join(sdir, "model"))
     mark_done(ctx, sdir, {"last_metrics": last, "started_from": start})

@@ -10,7 +10,8 @@ from .. import model as models
 from ..fsdp import fsdp2_shards, sharded_scorer
 from ..loop import StageData, prepare_trainable
 from ..model import save_model
-from .common import Context, cached_reference, check_batches, load_pairs, mark_done, pair_views, seed_all, sft_model_path
+from .common import (Context, cached_reference, check_batches, checkpoint_inputs, load_pairs, mark_done, pair_views,
+                     seed_all, sft_model_path)
 
 
 def stage_warmup(ctx: Context, *, on_step_end=None) -> dict:
@@ -30,7 +31,8 @@ def stage_warmup(ctx: Context, *, on_step_end=None) -> dict:
     ref = cached_reference(ctx, sdir, model, pair_views(pairs), scorer=scorer, model_path=sft_model_path(ctx))
     last = loop.train_stage(accelerator=ctx.accelerator, cfg=cfg, stage_dir=sdir, model=model, tokenizer=ctx.tokenizer,
                        data=StageData("dpo", pairs, ref), lr=cfg.learning_rate, masks=None, dense=True,
-                       desc="warmup (DPO, all parameters)", scorer=scorer, on_step_end=on_step_end)
+                       desc="warmup (DPO, all parameters)", scorer=scorer, on_step_end=on_step_end,
+                       inputs=checkpoint_inputs(sdir, "reference_logps"))
     if ctx.main:
         save_model(model, ctx.tokenizer, os.path.join(sdir, "model"))
     mark_done(ctx, sdir, {"last_metrics": last})
