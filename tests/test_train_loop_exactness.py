@@ -464,3 +464,23 @@ def test_options_that_change_results_are_compared_on_a_rerun():
                                                          "cosine" if isinstance(old, str) else old + 1)
         diff = run_config.differences({"options": {**current, name: other}}, cfg, {})
         assert list(diff) == [name], (name, diff)
+
+
+def test_resume_logs_the_same_rows_when_logging_steps_does_not_divide_the_checkpoint(tok, init_state, pairs,
+                                                                                      tmp_path):
+    """Checkpoint at step 2, a row every 3 steps: the row at step 3 averages steps 1-3 in a resumed run
+    too (the unlogged window is saved with the checkpoint), not step 3 alone."""
+    kw = dict(max_steps=6, save_steps=2, logging_steps=3)
+    _train(tok, init_state, tmp_path / "full" / "warmup", pairs, _cfg(tmp_path / "full", **kw), dense=True)
+
+    def stop(step):
+        if step == 2:
+            raise _Stop
+
+    cut = tmp_path / "cut" / "warmup"
+    with pytest.raises(_Stop):
+        _train(tok, init_state, cut, pairs, _cfg(tmp_path / "cut", **kw), dense=True, on_step_end=stop)
+    _train(tok, init_state, cut, pairs, _cfg(tmp_path / "cut", resume_from_checkpoint="true", **kw), dense=True)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
+    assert [r["step"] for r in _rows(cut)] == [3, 6]
+    assert strip(_rows(cut)) == strip(_rows(tmp_path / "full" / "warmup"))

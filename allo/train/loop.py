@@ -195,13 +195,15 @@ def _optimizer_file(accelerator, sharded: bool) -> str:
 
 
 def _save_checkpoint(accelerator, stage_dir, step, model, tokenizer, opt, sched, masks_file, total_limit,
-                     whole_model=None, inputs: dict | None = None):
+                     whole_model=None, inputs: dict | None = None, window: dict | None = None):
     """checkpoint-<step>/: HF model (safetensors), optimizer (compact state), scheduler, masks, RNG
     of every rank, trainer_state.json (data position = step). Built under a temporary name and
     renamed, so a kill mid-save never leaves a half checkpoint. ``whole_model``: FSDP2, the main
     process's whole HF model, into which the trained shards are gathered and which is saved (the other
     ranks pass their meta-device model); optimizer state: one file per rank. ``inputs``: the keys of
-    what the stage trains from (see train_stage), recorded so that a resume can tell they changed."""
+    what the stage trains from (see train_stage), recorded so that a resume can tell they changed.
+    ``window``: the sums of the logging window not yet logged (each rank's own, saved with its RNG state),
+    so that a resumed run logs the same rows when --logging_steps does not divide ``step``."""
     root = os.path.join(stage_dir, "checkpoints")
     final = os.path.join(root, f"checkpoint-{step}")
     tmp = final + ".tmp"
@@ -210,7 +212,8 @@ def _save_checkpoint(accelerator, stage_dir, step, model, tokenizer, opt, sched,
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pth"))
+    torch.save({**_rng_state(), "logging_window": dict(window or {})},
+               os.path.join(tmp, f"rng_state_{accelerator.process_index}.pth"))
     if sharded:
         gather_into(whole_model, model)  # every rank takes part; the main process's model gets the weights
         torch.save(opt.state_dict(), os.path.join(tmp, _optimizer_file(accelerator, sharded)))
@@ -309,7 +312,9 @@ def _load_checkpoint_weights(accelerator, ckpt, model, *, load: bool = True) -> 
     return state["global_step"]
 
 
-def _load_checkpoint_state(accelerator, ckpt, opt, sched, sharded: bool) -> None:
+def _load_checkpoint_state(accelerator, ckpt, opt, sched, sharded: bool) -> dict:
+    """Optimizer, scheduler and RNG state restored; returns this rank's unlogged logging window (empty
+    for a checkpoint written before it was saved)."""
     path = os.path.join(ckpt, _optimizer_file(accelerator, sharded))
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: {ckpt} was written {'without' if sharded else 'with'} FSDP2 "
@@ -319,8 +324,10 @@ def _load_checkpoint_state(accelerator, ckpt, opt, sched, sharded: bool) -> None
     # optimizers move their state to each parameter's device; RNG states are CPU tensors anyway
     opt.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
     sched.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), map_location="cpu", weights_only=False))
-    _set_rng_state(torch.load(os.path.join(ckpt, f"rng_state_{accelerator.process_index}.pth"), map_location="cpu",
-                              weights_only=False))
+    rng = torch.load(os.path.join(ckpt, f"rng_state_{accelerator.process_index}.pth"), map_location="cpu",
+                     weights_only=False)
+    _set_rng_state(rng)
+    return dict(rng.get("logging_window") or {})
 
 
 def check_global_batch(n: int, cfg, world: int, what: str) -> None:
@@ -412,14 +419,15 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
             scorer.route_head_grads(opt)
     sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=cfg.num_warmup_steps(total),
                           num_training_steps=total)
+    window = {}
     if ckpt is not None:
-        _load_checkpoint_state(accelerator, ckpt, opt, sched, sharded)
+        window = _load_checkpoint_state(accelerator, ckpt, opt, sched, sharded)
     sink = MetricsSink(stage_dir, cfg.report_to, enabled=accelerator.is_main_process,
                        resume_step=start if ckpt is not None else None, config=cfg.to_dict())
 
     bar = tqdm(total=total, initial=start, desc=desc, disable=cfg.disable_tqdm or not accelerator.is_local_main_process,
                dynamic_ncols=True)
-    last, t0, acc_metrics = {}, time.time(), {}
+    last, t0, acc_metrics = {}, time.time(), window
     try:
         for step in range(start, total):
             epoch, k = divmod(step, steps_per_epoch)
@@ -480,7 +488,8 @@ def train_stage(*, accelerator, cfg, stage_dir: str, model, tokenizer, data: Sta
             bar.update(1)
             if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done < total:
                 _save_checkpoint(accelerator, stage_dir, done, scorer, tokenizer, opt, sched, masks_file,
-                                 cfg.save_total_limit, whole_model=model if sharded else None, inputs=inputs)
+                                 cfg.save_total_limit, whole_model=model if sharded else None, inputs=inputs,
+                                 window=acc_metrics)
             if on_step_end is not None:
                 on_step_end(done)
     finally:
