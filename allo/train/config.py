@@ -112,8 +112,9 @@ class TrainConfig:
     generation_batch_size: int = _f(256, "sequences per device per generate call: prepare's samples (prompts x "
                                     "--num_samples) and eval's greedy answers. Lower it if generation runs out of "
                                     "memory: its KV cache is about batch x tokens x layers x 2 x hidden x bytes "
-                                    "(256 x 300 tokens of a 7B Llama in bf16: 38 GB). prepare's samples depend on it (each call draws "
-                                    "its batch's random numbers together): a run compares it with the saved one")
+                                    "(256 x 300 tokens of a 7B Llama in bf16: 38 GB). prepare's samples depend on "
+                                    "it (each call draws its batch's random numbers together): a run compares it "
+                                    "with the saved one")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     num_train_epochs: float = _f(1.0, "epochs per training stage (released scripts: 1)")
     max_steps: int = _f(-1, "if > 0: optimizer steps per training stage, overriding --num_train_epochs")

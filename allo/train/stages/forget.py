@@ -12,9 +12,9 @@ from ..fsdp import load_weights, sharded_logps
 from ..logps import TokenLogprobs, compute_logps, load_cache, save_cache
 from ..loop import StageData
 from ..model import save_model
-from .common import (Context, cache_is_current, cached_reference, check_batches, checkpoint_inputs, inputs_key, load_negatives,
-                     main_decides, mark_done, negatives_weight_field, parked_on_cpu, scorer_batch, seed_all,
-                     sft_model_path, warmup_model_path)
+from .common import (Context, cache_is_current, cached_reference, check_batches, checkpoint_inputs, inputs_key,
+                     load_negatives, main_decides, mark_done, negatives_weight_field, parked_on_cpu, scorer_batch,
+                     seed_all, sft_model_path, warmup_model_path)
 from .masked import masked_stage_start
 
 
@@ -99,11 +99,13 @@ def stage_forget(ctx: Context, *, on_step_end=None) -> dict:
     model, scorer, masks, mask_file = masked_stage_start(ctx, "forget", sft_model_path(ctx), desc)
     ref = cached_reference(ctx, sdir, model, {"response": negs}, scorer=scorer, model_path=sft_model_path(ctx))
     weights = _token_weights(ctx, sdir, negs, ref, model=model, scorer=scorer)
+    # what a checkpoint of this stage was trained from: the reference, and the token weights when they are
+    # computed here (from the warm-up model); weights from the data file are covered by the reference's key
+    caches = ["reference_logps"] + (["token_weights"] if _weight_source(cfg, negs) == "implicit_reward" else [])
     last = loop.train_stage(accelerator=ctx.accelerator, cfg=cfg, stage_dir=sdir, model=model, tokenizer=ctx.tokenizer,
                        data=StageData("forget", negs, ref, weights), lr=cfg.forget_learning_rate, masks=masks,
                        dense=False, masks_file=mask_file, desc=desc, scorer=scorer, on_step_end=on_step_end,
-                       inputs=checkpoint_inputs(sdir, "reference_logps", *(["token_weights"] if _weight_source(
-                           cfg, negs) == "implicit_reward" else [])))
+                       inputs=checkpoint_inputs(sdir, *caches))
     if ctx.main:
         save_model(model, ctx.tokenizer, os.path.join(sdir, "model"))
     mark_done(ctx, sdir, {"last_metrics": last})

@@ -9,8 +9,8 @@ from .. import loop
 from ..config import RunError
 from ..loop import StageData
 from ..model import save_model
-from .common import (Context, cached_reference, check_batches, checkpoint_inputs, done_info, load_pairs, mark_done, pair_views, require,
-                     seed_all, sft_model_path)
+from .common import (Context, cached_reference, check_batches, checkpoint_inputs, done_info, load_pairs, mark_done,
+                     pair_views, require, seed_all, sft_model_path)
 from .masked import masked_stage_start
 
 
