@@ -142,6 +142,42 @@ def _worker(rank, out_dir):
         except ValueError as e:
             assert "this rank holds rows" in str(e), e
 
+        # a rank's state dict into an optimizer over the whole model: its indices are this rank's rows'
+        try:
+            plain = _model()
+            MaskedAdamW(plain.named_parameters(), **HP).load_state_dict(
+                torch.load(os.path.join(out_dir, f"optim{rank}.pt"), weights_only=False))
+            raise AssertionError("a rank's sharded optimizer state loaded into a whole model")
+        except ValueError as e:
+            assert "saved by one rank of a sharded (FSDP2) run" in str(e), e
+        # a rank with nothing selected in its rows saves no state there: its rows still travel, and another
+        # rank's optimizer refuses them (it loaded as 'nothing selected', dropping its own selection)
+        weight0 = dict(b.named_parameters())["0.weight"]
+        only = MaskedAdamW([("0.weight", weight0)], masks={"0.weight": masks["0.weight"]}, **HP)
+        assert (only.selected_count() == 0) == (rank == 1) and (len(only.state_dict()["state"]) == 0) == (rank == 1)
+        torch.save(only.state_dict(), os.path.join(out_dir, f"only{rank}.pt"))
+        only.remove_hooks()
+        dist.barrier()
+        try:
+            MaskedAdamW([("0.weight", weight0)], **HP).load_state_dict(
+                torch.load(os.path.join(out_dir, f"only{1 - rank}.pt"), weights_only=False))
+            raise AssertionError("the other rank's (stateless) optimizer state loaded")
+        except ValueError as e:
+            assert "this rank holds rows" in str(e), e
+
+        # the infinity norm with a parameter this rank holds no rows of (4.bias on rank 1), dense mode
+        opt_b.remove_hooks()  # (its compact-grad hooks would take the gradients first)
+        x, y = _batch()
+        dense = MaskedAdamW(b.named_parameters(), lr=0.05)
+        ((b(x[rows]) - y[rows]) ** 2).mean().backward()
+        norm = float(dense.clip_grad_norm_(1e9, norm_type=float("inf")))
+        ref = _model()
+        ref.load_state_dict({n: q.full_tensor() for n, q in b.named_parameters()})  # b's trained weights
+        ((ref(x) - y) ** 2).mean().backward()
+        expect = float(torch.nn.utils.get_total_norm([q.grad for q in ref.parameters()], float("inf")))
+        assert abs(norm - expect) <= 1e-6 * expect, (norm, expect)
+        dense.zero_grad()
+
         # layouts other than FSDP2's are refused, naming the parameter
         rep = nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Replicate()]))
         try:

@@ -588,6 +588,7 @@ class MaskedAdamW(Optimizer):
         device = device.device if device is not None else torch.device(self._mesh_device_type())
 
         def norm(gs):
+            gs = [g for g in gs if g.numel()]  # a rank may hold 0 rows of a parameter (inf norm refuses empties)
             if not gs:
                 return torch.zeros((), dtype=torch.float32, device=device)
             return torch.nn.utils.get_total_norm(gs, norm_type, False, foreach).float().to(device)
@@ -912,6 +913,11 @@ class MaskedAdamW(Optimizer):
         # starts afresh at the next step; its fresh state is saved, so that the selection travels too (a
         # missing entry loads as nothing selected)
         ids = [pid for g in sd["param_groups"] for pid in g["params"]]
+        # which rows of each sharded parameter this rank held, with state or without (a rank with no selected
+        # element there saves none): loading into another rank, another world size or a whole model is refused
+        rows = {pid: list(sharding.row_block(p)) for pid, p in zip(ids, self._params()) if sharding.is_sharded(p)}
+        if rows:
+            sd["shard_rows"] = rows
         for pid, param in zip(ids, self._params()):
             sel = self._selection.get(param)
             if pid not in sd["state"] and sel is not None and not (isinstance(sel, str) and sel == EMPTY):
@@ -947,7 +953,8 @@ class MaskedAdamW(Optimizer):
                 f"this optimizer of {[len(g['params']) for g in groups]}; build the optimizer with the parameters "
                 "(and groups) it was saved with"
             )
-        loaded = self._loaded_states(state_dict["state"], [pid for g in saved_groups for pid in g["params"]])
+        loaded = self._loaded_states(state_dict["state"], [pid for g in saved_groups for pid in g["params"]],
+                                     state_dict.get("shard_rows"))
         self._check_gathered_grads([sel for sel, _ in loaded], "load_state_dict")
         # nothing below fails on a state dict that fits: torch's loader takes the groups (hyper-
         # parameters), without its hooks (run here around the whole load) and without the state
@@ -980,14 +987,29 @@ class MaskedAdamW(Optimizer):
         for hook in post.values():
             hook(self)
 
-    def _loaded_states(self, saved_state: dict, ids: list) -> list[tuple]:
+    def _loaded_states(self, saved_state: dict, ids: list, shard_rows: dict | None = None) -> list[tuple]:
         """(selection, state or None) per parameter from a state dict's ``state`` (``ids``: the saved
-        parameter ids in the optimizer's order), checked against the parameters; changes nothing."""
+        parameter ids in the optimizer's order; ``shard_rows``: the saving rank's row blocks of its sharded
+        parameters), checked against the parameters; changes nothing."""
         loaded = []
         names = self._names()
         for i, (pid, param) in enumerate(zip(ids, self._params())):
             label = self._label(i, names[i])
             saved = saved_state.get(pid)
+            held = (shard_rows or {}).get(pid, saved.get("shard_rows") if saved else None)
+            if held is not None and not sharding.is_sharded(param):
+                raise ValueError(
+                    f"state_dict state for parameter {label} was saved by one rank of a sharded (FSDP2) run, for "
+                    f"its rows {tuple(held)} (first row, count), but this parameter is whole: its indices would "
+                    "be read as global ones. Load it into the same sharded model, one state dict per rank"
+                )
+            if sharding.is_sharded(param) and shard_rows is not None and \
+                    tuple(shard_rows.get(pid, ())) != sharding.row_block(param):
+                raise ValueError(
+                    f"state_dict state for parameter {label} was saved for rows {tuple(shard_rows.get(pid, ()))} of the "
+                    f"parameter (first row, count) but this rank holds rows {sharding.row_block(param)}; load each "
+                    "rank's own optimizer state, saved with the same number of processes"
+                )
             if not saved:
                 loaded.append((EMPTY, None))
                 continue

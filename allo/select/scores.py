@@ -204,6 +204,9 @@ class GradientScoreAccumulator:
     once whichever (and however many) of them it reached: the first gradient of a pass to arrive asks
     the autograd engine to count the pass when it ends. A backward run inside another one (reentrant
     checkpointing, ``torch.utils.checkpoint(use_reentrant=True)``) is part of the enclosing pass.
+    FSDP2 parameters are folded when FSDP2 hands over their reduced gradient: with gradient sync off
+    (``set_requires_gradient_sync(False)`` for accumulation) that is the synced pass only, so the
+    count is of reduce steps there (the scores are the same).
     ``dtype``: of the buffers and the scores, float32 (default), bfloat16 or float16 (what
     :func:`select` ranks).
     """
