@@ -565,35 +565,38 @@ def _write_masks_sequential(sources, hi, ex, key, *, key32, emit):
 
 def key_domain(sources: dict):
     """(key32, dtype): 16-bit keys only when every score has the same 16-bit dtype."""
-    dtypes = {torch.float32 if isinstance(s, AbsDiff) else s.dtype for s in sources.values()}
+    return _domain_of({s.dtype for s in sources.values()})  # (AbsDiff's dtype: float32)
+
+
+def _domain_of(dtypes: set):
     if len(dtypes) == 1 and torch.float32 not in dtypes:
-        return False, dtypes.pop()
+        return False, next(iter(dtypes))
     return True, torch.float32
+
+
+_HELD = (torch.float32, torch.bfloat16, torch.float16)  # agreed_domain's flags: the score dtypes, then devices
 
 
 def agreed_domain(sources: dict, device: torch.device, group, what: str):
     """(key32, dtype, device) for the search, the same on every rank of ``group``: ranks holding
     different tensors (a partition of the model, or none at all) must run the same passes over the
     same kind of keys, or their histograms' all-reduces would pair different passes (and hang). One
-    all-reduce of what each rank holds: 16-bit keys only when every rank's scores share one 16-bit
-    dtype; a rank without scores searches on the device kind the others hold theirs on."""
-    key32, dtype = key_domain(sources)
+    all-reduce of what each rank holds: :func:`key_domain`'s rule over every rank's dtypes; a rank
+    without scores searches on the device kind the others hold theirs on."""
     if group is None:
-        return key32, dtype, device
-    held = [0] * 5  # fp32 (or |a - b|), bf16, fp16, on an accelerator, on the CPU
+        return (*key_domain(sources), device)
+    held = [0] * (len(_HELD) + 2)  # the dtypes, then: on an accelerator, on the CPU
     for s in sources.values():
-        held[{torch.bfloat16: 1, torch.float16: 2}.get(s.dtype, 0)] = 1
-        held[4 if s.device.type == "cpu" else 3] = 1
+        held[_HELD.index(s.dtype)] = 1
+        held[-1 if s.device.type == "cpu" else -2] = 1
     every = _all_reduce(torch.tensor(held, dtype=torch.int64), group).tolist()
-    if every[3] and every[4]:
+    if every[-1] and every[-2]:
         raise ValueError(f"{what}: under torch.distributed some ranks hold their scores on the CPU and others on "
                          "a GPU; the ranks' searches must run alike: put every rank's scores on the same kind "
                          "of device")
-    sixteen = [dt for dt, i in ((torch.bfloat16, 1), (torch.float16, 2)) if every[i]]
-    key32 = bool(every[0]) or len(sixteen) != 1
-    if not sources and every[3]:
+    if not sources and every[-2]:
         device = torch.device("cuda", torch.cuda.current_device())
-    return key32, (torch.float32 if key32 else sixteen[0]), device
+    return (*_domain_of({dt for dt, flag in zip(_HELD, every) if flag}), device)
 
 
 def band_masks(scores, ratio, exclude_ratio=0.0, *, backend=None, group=None, emit=None, what="select_top",

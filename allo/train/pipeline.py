@@ -75,11 +75,10 @@ def check_tokenized_data(ctx: Context, stages) -> None:
     (and the built-in task's data, made by prepare) is checked by each stage before its reference pass."""
     from . import data as D
     from .loop import check_global_batch
-    from .stages.common import negatives_weight_field, trained_stages
+    from .stages.common import negatives_weight_field, row_limits, trained_stages
 
     cfg, tok = ctx.cfg, ctx.tokenizer
-    limits = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                  max_completion_length=cfg.max_completion_length, skip_bad_rows=cfg.skip_bad_rows)
+    limits = row_limits(cfg)
     counts = {}
     for name in ("train_file", "eval_file"):
         path = getattr(cfg, name)

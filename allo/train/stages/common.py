@@ -124,14 +124,19 @@ def require(ctx: Context, stage: str, name: str) -> str:
     return path
 
 
+def row_limits(cfg: TrainConfig) -> dict:
+    """The options every loader of pairs or negatives tokenizes and filters rows with (allo.train.data)."""
+    return dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                max_completion_length=cfg.max_completion_length, skip_bad_rows=cfg.skip_bad_rows)
+
+
 def load_pairs(ctx: Context, split: str):
     src = _pairs_source(ctx, split)
     if src is None:
         return None
     ds_split = ctx.cfg.dataset_train_split if split == "train" else ctx.cfg.dataset_test_split
-    pairs, rep = D.load_pairs(src, ctx.tokenizer, max_length=ctx.cfg.max_length, max_prompt_length=ctx.cfg.max_prompt_length,
-                              max_completion_length=ctx.cfg.max_completion_length, skip_bad_rows=ctx.cfg.skip_bad_rows,
-                              split=ds_split, config=ctx.cfg.dataset_config if src == ctx.cfg.dataset_name else None)
+    pairs, rep = D.load_pairs(src, ctx.tokenizer, **row_limits(ctx.cfg), split=ds_split,
+                              config=ctx.cfg.dataset_config if src == ctx.cfg.dataset_name else None)
     ctx.log(str(rep))
     return pairs
 
@@ -146,9 +151,7 @@ def load_negatives(ctx: Context, weight_field):
         if weight_field is not None:
             raise ValueError(f"--token_weight_source needs {weight_field} in a --negatives_file")
         return out
-    negs, rep = D.load_negatives(src, ctx.tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                                 max_completion_length=cfg.max_completion_length,
-                                 skip_bad_rows=cfg.skip_bad_rows, weight_field=weight_field)
+    negs, rep = D.load_negatives(src, ctx.tokenizer, **row_limits(cfg), weight_field=weight_field)
     ctx.log(str(rep))
     return negs
 
