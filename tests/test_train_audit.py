@@ -684,3 +684,26 @@ def test_a_checkpoint_trained_from_other_inputs_is_not_resumed(tmp_path):
     assert loop._checkpoint_to_resume(acc, cfg, sdir, None, {"reference_logps": "old-key"}) == ckpt
     with pytest.raises(RunError, match="reference_logps changed.*without --resume_from_checkpoint"):
         loop._checkpoint_to_resume(acc, cfg, sdir, None, {"reference_logps": "new-key"})
+
+
+def test_resume_reads_a_checkpoint_whose_model_save_pretrained_sharded(tiny, tmp_path):  # noqa: F811
+    # save_pretrained splits a model larger than its max_shard_size (50 GB in transformers 5) into
+    # model-0000k-of-0000n.safetensors files and an index: the resume read model.safetensors alone
+    from safetensors.torch import load_file, save_file
+
+    kw = dict(stages="warmup", max_steps=6, save_steps=2)
+    pipeline.run(_cfg(tiny, tmp_path / "full", **kw))
+    cut = tmp_path / "cut"
+    with pytest.raises(_Interrupt):
+        pipeline.run(_cfg(tiny, cut, **kw), on_step_end=_interrupt_at("warmup", 5))
+    ckpt = cut / "warmup" / "checkpoints" / "checkpoint-4"
+    weights = load_file(str(ckpt / "model.safetensors"))
+    names = sorted(weights)
+    shards = {f"model-0000{i + 1}-of-00002.safetensors": names[i::2] for i in range(2)}
+    for file, part in shards.items():
+        save_file({n: weights[n] for n in part}, str(ckpt / file), metadata={"format": "pt"})
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: file for file, part in shards.items() for n in part}}))
+    (ckpt / "model.safetensors").unlink()
+    pipeline.run(_cfg(tiny, cut, resume_from_checkpoint="true", **kw))
+    _same_weights(_weights(tmp_path / "full", "warmup"), _weights(cut, "warmup"))

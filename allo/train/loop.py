@@ -298,9 +298,7 @@ def _load_checkpoint_weights(accelerator, ckpt, model, *, load: bool = True) -> 
     """Load the checkpoint's weights into the plain HF ``model`` (before it is wrapped or sharded);
     returns the step to resume from. ``load=False``: only the step (FSDP2, not the main process:
     its shards come from the main process's model)."""
-    from safetensors.torch import load_file
-
-    from .model import load_full_weights
+    from .model import load_full_weights, read_folder_weights
 
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         state = json.load(f)
@@ -308,7 +306,8 @@ def _load_checkpoint_weights(accelerator, ckpt, model, *, load: bool = True) -> 
         raise ValueError(f"{ckpt} was written by {state['world_size']} processes; resume with the same number "
                          f"(now {accelerator.num_processes}) so the data order is the same")
     if load:
-        load_full_weights(model, load_file(os.path.join(ckpt, "model.safetensors")), source=f"{ckpt}/model.safetensors")
+        weights, source = read_folder_weights(ckpt)  # (sharded when save_pretrained split a large model)
+        load_full_weights(model, weights, source=source)
     return state["global_step"]
 
 

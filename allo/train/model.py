@@ -259,6 +259,25 @@ def generate(model, tokenizer, prompts: list[str], *, num_return_sequences: int 
     return out
 
 
+def read_folder_weights(path: str) -> tuple[dict, str]:
+    """Every tensor of the HF model folder ``path``, read into memory, and the file(s) they came from
+    (for errors): its ``model.safetensors``, or the shards its ``model.safetensors.index.json`` names
+    (``save_pretrained`` shards a model larger than its ``max_shard_size``)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        return load_file(os.path.join(path, "model.safetensors")), os.path.join(path, "model.safetensors")
+    with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    weights = {}
+    for file in files:
+        weights.update(load_file(os.path.join(path, file)))
+    return weights, f"{path}/{{{','.join(files)}}}"
+
+
 def load_full_weights(model, weights: dict, *, source: str) -> None:
     """Load a full state dict into ``model`` (plain, unsharded) with a clear error if it does not fit.
     Tied weights are saved once (under the other name); anything else missing is the wrong file."""
