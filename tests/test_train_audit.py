@@ -707,3 +707,20 @@ def test_resume_reads_a_checkpoint_whose_model_save_pretrained_sharded(tiny, tmp
     (ckpt / "model.safetensors").unlink()
     pipeline.run(_cfg(tiny, cut, resume_from_checkpoint="true", **kw))
     _same_weights(_weights(tmp_path / "full", "warmup"), _weights(cut, "warmup"))
+
+
+def test_a_stage_linked_from_reuse_from_is_never_written_when_it_runs_again(tiny, tmp_path):  # noqa: F811
+    # a linked stage runs again when it is stale (here: warm-up, trained in this run, finished after the
+    # linked selection) or is run by name: it must get its own folder, not overwrite the other run's
+    shared = tmp_path / "shared"
+    pipeline.run(_cfg(tiny, shared, stages="warmup,select", max_steps=2))
+    before = {p.name: p.read_bytes() for p in (shared / "select").iterdir() if p.is_file()}
+    out = tmp_path / "out"
+    pipeline.run(_cfg(tiny, out, stages="warmup,select", max_steps=3, reuse_from=str(shared), reuse_stages="select"))
+    assert not (out / "select").is_symlink() and (out / "select" / "DONE").exists()
+    pipeline.run(_cfg(tiny, tmp_path / "named", stages="warmup,select", max_steps=2, reuse_from=str(shared),
+                      reuse_stages="warmup,select"))
+    assert (tmp_path / "named" / "select").is_symlink()
+    pipeline.run_stage("select", _cfg(tiny, tmp_path / "named", stages="warmup,select", max_steps=2))
+    assert not (tmp_path / "named" / "select").is_symlink() and (tmp_path / "named" / "select" / "DONE").exists()
+    assert {p.name: p.read_bytes() for p in (shared / "select").iterdir() if p.is_file()} == before

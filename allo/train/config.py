@@ -182,7 +182,8 @@ class TrainConfig:
     # --- pipeline
     stages: str = _f("all", "comma-separated stages `run` goes through (default all: prepare,warmup,select,forget,improve,eval)")
     reuse_from: str | None = _f(None, "another run's output_dir: its completed --reuse_stages are linked, not redone "
-                                "(same SFT model and data for every method of a comparison)")
+                                "(same SFT model and data for every method of a comparison); a linked stage that runs again here "
+                                "(run by name, or stale) gets a folder of its own: the other run is never written")
     reuse_stages: str = _f("prepare,warmup", "stages linked from --reuse_from")
     eval_models: str = _f("all", "comma-separated models the eval stage scores: sft, warmup, forget, improve "
                           "(default all: every one that exists; a comparison scores only the model it needs)")

@@ -194,6 +194,12 @@ def run_stage(stage: str, config, *, accelerator=None, on_step_end=None, context
     # caches are replaced must not leave them under a DONE that says they are complete (a later run
     # would skip the stage, or keep the later stages made from its old outputs)
     if ctx.main:
+        if os.path.islink(ctx.dir(stage)):
+            # linked from --reuse_from: that run's folder is left as it is, this run's stage gets its own
+            # (it runs here because it was asked for by name or is stale: an earlier stage finished after it)
+            ctx.log(f"{stage}: linked from {os.readlink(ctx.dir(stage))}; running it here, in a folder of its own "
+                    "(the linked run's is left as it is)")
+            os.unlink(ctx.dir(stage))
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(ctx.dir(stage), DONE))
     ctx.accelerator.wait_for_everyone()
