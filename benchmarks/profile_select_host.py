@@ -57,10 +57,10 @@ def clear_caches():
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scale", type=int, default=32, help="divide every dimension by this")
-    p.add_argument("--ratio", type=float, default=0.1)
+    p.add_argument("--scale", type=H.int_at_least(1), default=32, help="divide every dimension by this")
+    p.add_argument("--ratio", type=H.ratio, default=0.1)
     p.add_argument("--seed", type=int, default=1, help="scores' seed (1: the threshold cuts a tensor's ties)")
-    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--repeats", type=H.int_at_least(1), default=50)
     p.add_argument("--profile", action="store_true", help="also print cProfile's top entries of write_masks")
     args = p.parse_args()
 

@@ -87,9 +87,9 @@ def show(title, alive, top=12):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="llama-3.2-1b-shape", help="a bench_step.llama_config name")
-    p.add_argument("--pairs", type=int, default=1)
-    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--config", default="llama-3.2-1b-shape", choices=B.MODELS, help="a bench_step.llama_config name")
+    p.add_argument("--pairs", type=H.int_at_least(1), default=1)
+    p.add_argument("--seq", type=H.int_at_least(2), default=64)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (as on the GPU)")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (as on the GPU)")
     p.add_argument("--before", action="store_true", help="without the session-4 memory fixes")

@@ -262,6 +262,20 @@ def test_bad_arguments_are_refused_by_the_parser_before_the_run(monkeypatch, cap
     assert says in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script, args, says", [
+    # were taken as given and failed later, far from their cause (--scale 0: ZeroDivisionError in the shapes)
+    ("profile_select_host.py", ["--scale", "0"], "--scale: 0 is below 1"),
+    ("profile_select_host.py", ["--ratio", "1.5"], "--ratio: 1.5 is not a fraction"),
+    ("profile_select_host.py", ["--repeats", "0"], "--repeats: 0 is below 1"),
+    ("profile_step_memory_cpu.py", ["--pairs", "0"], "--pairs: 0 is below 1"),
+    ("profile_step_memory_cpu.py", ["--seq", "1"], "--seq: 1 is below 2"),
+    ("profile_step_memory_cpu.py", ["--config", "tiny"], "--config: invalid choice: 'tiny'"),
+])
+def test_the_profile_scripts_refuse_bad_arguments_in_the_parser(script, args, says):
+    r = _run_script(script, *args)
+    assert r.returncode == 2 and says in r.stderr, r.stderr[-2000:]
+
+
 def test_bench_select_skip_takes_every_impl_name_and_refuses_a_ratio_that_selects_nothing(monkeypatch):
     import bench_select as B
 
