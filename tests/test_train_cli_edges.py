@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from allo.train import pipeline, run_config
+from allo.train import folders, pipeline, run_config
 from allo.train import data as D
 from allo.train.cli import build_parser, main, parse
 from allo.train.config import LR_SCHEDULERS, RunError
@@ -68,7 +68,7 @@ def test_a_rerun_with_other_options_or_data_is_refused_and_overwrite_starts_over
     assert "removed the earlier run's outputs" in capsys.readouterr().out
     assert json.loads((out / "allo_config.json").read_text())["options"]["learning_rate"] == 2e-2
     assert (out / "notes.txt").read_text() == "mine"  # not allo-train's: left alone
-    assert not [n for n in os.listdir(out) if n.startswith(".allo_removing")]
+    assert not [n for n in os.listdir(out) if n.startswith(folders.TRASH_PREFIX)]
     pipeline.run(_cfg(tiny, out, learning_rate=2e-2, **kw))  # and now the same options again: skipped
 
 

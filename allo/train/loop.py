@@ -47,13 +47,13 @@ import os
 import random
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+from . import folders
 from .data import collate, pair_examples
 from .fsdp import fsdp2_shards, gather_into, load_weights, masked_stage_shards
 from .logps import TokenLogprobs, pad_like, response_mask
@@ -125,26 +125,6 @@ def latest_checkpoint(stage_dir) -> str | None:
                    key=lambda p: int(p.rsplit("-", 1)[1]) if p.rsplit("-", 1)[1].isdigit() else -1)
     found = [p for p in found if p.rsplit("-", 1)[1].isdigit() and os.path.exists(os.path.join(p, "trainer_state.json"))]
     return found[-1] if found else None
-
-
-# a checkpoint folder (or a stage's checkpoints folder) being deleted is first renamed to this prefix, which
-# latest_checkpoint and the pruning never match: a kill part-way through the deletion leaves a folder no
-# resume takes for a checkpoint (a half-deleted checkpoint-N still holds trainer_state.json)
-_TRASH = ".removing-"
-
-
-def _remove_folder(path: str) -> None:
-    """Delete the folder ``path``: renamed to a trash name beside it (atomic), then removed."""
-    parent, name = os.path.split(os.path.normpath(path))
-    trash = os.path.join(parent, f"{_TRASH}{name}-{uuid.uuid4().hex[:8]}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _remove_trash(folder: str) -> None:
-    """What a kill left of earlier deletions in ``folder`` (see _remove_folder)."""
-    for p in glob.glob(os.path.join(glob.escape(folder), _TRASH + "*")):
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def _incomplete(ckpt: str) -> list[str]:
@@ -231,13 +211,11 @@ def _save_checkpoint(accelerator, stage_dir, step, model, tokenizer, opt, sched,
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"global_step": step, "world_size": accelerator.num_processes,
                        "stage": _stage_name(stage_dir), "inputs": inputs}, f)
-        _remove_trash(root)
-        if os.path.exists(final):  # left by an abandoned run (os.replace cannot replace a folder with files)
-            _remove_folder(final)
-        os.replace(tmp, final)
+        folders.remove_leftovers(root)
+        folders.replace(tmp, final)  # (a checkpoint-<step> there was left by an abandoned run)
         old = sorted(glob.glob(os.path.join(root, "checkpoint-*[0-9]")), key=lambda p: int(p.rsplit("-", 1)[1]))
         for p in old[:-total_limit] if total_limit > 0 else []:
-            _remove_folder(p)
+            folders.remove(p)
     accelerator.wait_for_everyone()
 
 
@@ -261,9 +239,9 @@ def _checkpoint_to_resume(accelerator, cfg, stage_dir: str, masks_file: str | No
         if accelerator.is_main_process and os.path.isdir(old) and os.listdir(old):
             print(f"[allo-train] {stage}: starting fresh; removing the checkpoints of an earlier run in {old} "
                   "(--resume_from_checkpoint true continues from them instead)", flush=True)
-            _remove_folder(old)
+            folders.remove(old)
         if accelerator.is_main_process:
-            _remove_trash(stage_dir)
+            folders.remove_leftovers(stage_dir)
         accelerator.wait_for_everyone()
         return None
     owner = checkpoint_stage(ckpt)

@@ -171,22 +171,20 @@ def load_tokenizer(path: str | None, options: LoadOptions = LoadOptions()):
 
 
 def save_model(model, tokenizer, path: str) -> None:
-    """HF folder (config.json, model.safetensors, tokenizer) written to a temporary folder then
-    renamed into place: the old folder is renamed aside first (``<path>.removing``) and deleted only
-    after the new one is in, so a crash leaves the old folder whole or the new one, never a
-    half-deleted one (only between the two renames is ``path`` briefly absent; the stage's DONE was
-    removed when it started, so that never passes for a complete stage). Leftovers of a crash are
-    removed by the next save."""
-    tmp, trash = path + ".tmp", path + ".removing"
+    """HF folder (config.json, model.safetensors, tokenizer) written to a temporary folder then put in
+    place by :func:`folders.replace`: a crash leaves the old folder whole or the new one, never a
+    half-deleted one (only between two renames is ``path`` briefly absent; the stage's DONE was removed
+    when it started, so that never passes for a complete stage). Leftovers of a crash are removed by the
+    next save."""
+    from . import folders
+
+    tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    folders.remove_leftovers(os.path.dirname(os.path.abspath(path)))
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    shutil.rmtree(trash, ignore_errors=True)
-    if os.path.exists(path):
-        os.replace(path, trash)  # (os.replace cannot replace a folder that has files)
-    os.replace(tmp, path)
-    shutil.rmtree(trash, ignore_errors=True)
+    folders.replace(tmp, path)
 
 
 def sft_train(model, tokenizer, problems, *, steps: int, lr: float, batch_size: int, seed: int, progress=True):

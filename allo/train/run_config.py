@@ -22,11 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 
 from allo._atomic import atomic_path
 
+from . import folders
 from .config import STAGES, RunError, TrainConfig
 
 CONFIG_FILE = "allo_config.json"
@@ -58,7 +57,6 @@ DATA_FILES = ("train_file", "eval_file", "negatives_file", "problems_file", "eva
 MODEL_PATHS = ("model_name_or_path",)
 # what allo-train writes directly in --output_dir (what --overwrite_output_dir removes)
 OUTPUTS = STAGES + ("report.md", "training_curves.png", "eval_metrics.png")
-_TRASH = ".allo_removing-"
 
 
 def _file_identity(path: str) -> dict:
@@ -202,24 +200,18 @@ def remove_outputs(output_dir: str, log=print, *, from_stage: str | None = None)
     """Remove what allo-train wrote in ``output_dir`` (the stage folders, reports, plots and
     allo_config.json; other files are left). ``from_stage`` (one stage run on purpose): only that stage's
     folder, the later stages' and the reports; the earlier stages it starts from stay, and so does
-    allo_config.json, the options they were made with. Each is first renamed into one trash folder inside
-    ``output_dir`` (a rename is atomic), allo_config.json last: a crash part-way leaves the saved
+    allo_config.json, the options they were made with. Each is first moved aside under a trash name
+    (:mod:`.folders`; a rename is atomic), allo_config.json last: a crash part-way leaves the saved
     options with what is left, so a later run still compares against them (and a run with the new
-    options is still refused) and never takes the rest for a complete run of other options. The trash
-    folder is removed last (and an earlier one left by a crash, on the next overwrite)."""
+    options is still refused) and never takes the rest for a complete run of other options. What was
+    moved aside is deleted last (and what a crash left, on the next overwrite)."""
     if not os.path.isdir(output_dir):
         return
     names = OUTPUTS + (CONFIG_FILE,) if from_stage is None else STAGES[STAGES.index(from_stage):] + OUTPUTS[len(STAGES):]
     present = [n for n in names if os.path.lexists(os.path.join(output_dir, n))]
-    leftovers = [n for n in os.listdir(output_dir) if n.startswith(_TRASH)]
-    if not present and not leftovers:
-        return
-    trash = os.path.join(output_dir, f"{_TRASH}{uuid.uuid4().hex[:12]}")
-    os.mkdir(trash)
     for name in present:  # CONFIG_FILE is last in OUTPUTS + (CONFIG_FILE,)
-        os.rename(os.path.join(output_dir, name), os.path.join(trash, name))
-    kept = "" if from_stage is None else f"; the stages before `{from_stage}` and {CONFIG_FILE} are kept"
-    log(f"--overwrite_output_dir: removed the earlier run's outputs in {output_dir} ({', '.join(present) or 'none'}"
-        f"{kept})")
-    for name in leftovers + [os.path.basename(trash)]:
-        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)  # links inside are removed, not followed
+        folders.move_aside(os.path.join(output_dir, name))
+    if present:
+        kept = "" if from_stage is None else f"; the stages before `{from_stage}` and {CONFIG_FILE} are kept"
+        log(f"--overwrite_output_dir: removed the earlier run's outputs in {output_dir} ({', '.join(present)}{kept})")
+    folders.remove_leftovers(output_dir)  # (a stage linked from --reuse_from: the link, not the other run's folder)
