@@ -4,8 +4,8 @@ the next successful write of the same path removes what such kills left (tempora
 older than that write: one writer per path at a time, as allo's writers are, the main process's).
 
 Every writer of a result that a later run reads (selections, caches, reports, metrics) goes through
-:func:`atomic_path`; folders (model and checkpoint directories) are renamed into place by their
-writers in :mod:`allo.train`.
+:func:`atomic_path`; folders (model and checkpoint directories) are replaced and deleted by
+:mod:`allo.train.folders`.
 """
 
 from __future__ import annotations
