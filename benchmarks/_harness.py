@@ -177,6 +177,10 @@ def parse_args(description: str, add_arguments: Callable[[argparse.ArgumentParse
         parser.error(f"--device {args.device}, but torch sees no CUDA device")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         parser.error(f"--device {args.device}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "cuda" and device.index is not None:
+        # the timing events, synchronize() and the memory counters read the current device: made the one asked
+        # for (cuda:1 timed and measured cuda:0 before, where nothing ran)
+        torch.cuda.set_device(device)
     return args
 
 
@@ -481,7 +485,7 @@ def environment() -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
     if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu"] = torch.cuda.get_device_name()  # the current device (--device cuda:N made it so)
         env["cuda"] = torch.version.cuda
     try:
         import triton

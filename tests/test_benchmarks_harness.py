@@ -307,6 +307,19 @@ def test_parse_args_refuses_any_cuda_device_without_a_gpu(monkeypatch, capsys, d
     assert f"--device {device}, but torch sees no CUDA device" in capsys.readouterr().err
 
 
+def test_parse_args_makes_the_cuda_device_asked_for_the_current_one(monkeypatch):
+    # the CUDA timing events, synchronize() and memory counters read the current device: --device cuda:1
+    # ran the benchmark on cuda:1 and timed and measured cuda:0
+    chosen = []
+    monkeypatch.setattr(H.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(H.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(H.torch.cuda, "set_device", chosen.append)
+    for device in ("cuda:1", "cuda", "cpu"):
+        monkeypatch.setattr(sys, "argv", ["bench_x.py", "--device", device])
+        assert H.parse_args("x").device == device
+    assert chosen == [H.torch.device("cuda:1")]
+
+
 def test_argument_types_refuse_counts_and_ratios_out_of_range():
     import argparse
 
