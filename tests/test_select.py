@@ -53,6 +53,29 @@ def test_threshold_agrees_with_topk_and_kthvalue(dtype):
         assert rest.numel() == 0 or rest.max().item() <= t
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plan_boundary_is_the_kth_largest_score(dtype):
+    # plan's boundary is the k-th largest score itself (torch.topk's last value), with take = k - #(scores
+    # above it) of its n_eq ties; not an equivalent cut "all of a higher key, 0 ties of the next key"
+    from allo.select.topk import key_domain, plan, value_of_boundary
+
+    scores = {**_tied_scores(dtype, n_tensors=9, max_len=80), "r": torch.randn(301).to(dtype)}
+    allv = torch.cat([s.reshape(-1).double() for s in scores.values()])
+    key32, kdt = key_domain(scores)
+    for ratio, ex in ((0.1, 0.0), (0.37, 0.05), (0.5, 0.5), (0.9, 0.2), (1.0, 0.01)):
+        bounds, n = plan(scores, (ratio, ex), key32=key32, dtype=kdt, backend="cpu")
+        assert n == allv.numel()
+        for bd, r in zip(bounds, (ratio, ex)):
+            k = band_count(r, n)
+            assert bd.k == k
+            if k == 0:
+                assert bd.key is None and value_of_boundary(bd, key32, kdt) is None
+                continue
+            thr = torch.topk(allv, k).values[-1].item()
+            assert value_of_boundary(bd, key32, kdt) == thr == topk_threshold(scores, r), (ratio, ex, r)
+            assert (bd.n_eq, bd.take) == (int((allv == thr).sum()), k - int((allv > thr).sum())), (ratio, ex, r)
+
+
 def test_negative_zero_equals_positive_zero():
     # +0.0 first in tensor order, -0.0 later: a value comparison ties them, and ties go by tensor order
     scores = {"a": torch.tensor([0.0, 1.0, -0.0]), "b": torch.tensor([-0.0, 0.0, -1.0]), "c": torch.tensor([-0.0])}

@@ -81,7 +81,7 @@ def test_save_refuses_indices_that_load_would_call_damaged(tmp_path, idx, proble
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("idx", [[7], [-1]])
+@pytest.mark.parametrize("idx", [[7], [-1], [0, 4]])  # [0, 4]: one past the last of the 4 elements
 def test_masks_of_out_of_range_indices_name_the_tensor(idx):
     sel = Selection({"w": torch.tensor(idx)}, {"w": (2, 2)})
     with pytest.raises(ValueError, match=r"Selection\.masks: the indices of 'w' fall outside its 4 elements"):
@@ -210,6 +210,13 @@ def test_accumulator_dtype_must_be_a_score_dtype(dtype):
         GradientScoreAccumulator(_net(), dtype=dtype)
 
 
+@pytest.mark.parametrize("mode", ["sum", "magnitude", "Accumulated"])
+def test_accumulator_mode_must_be_known(mode):
+    # an unknown mode is refused, not run as one of the two (which would silently pick the score)
+    with pytest.raises(ValueError, match=r"GradientScoreAccumulator\(mode='.*'\): expected one of"):
+        GradientScoreAccumulator(_net(), mode=mode)
+
+
 # ---- non-finite scores ----
 
 def test_row_granularity_reports_nan_as_non_finite_scores():
@@ -240,6 +247,22 @@ def test_include_exclude_of_a_wrong_type_name_the_argument(kw):
 def test_patterns_of_the_right_types_still_work():
     keep = name_filter(include=[re.compile(r"^0\."), r"bias"], exclude=(r"^0\.bias",))
     assert [n for n, _ in _net().named_parameters() if keep(n)] == ["0.weight", "2.bias"]
+    # a name matching any one of several exclude patterns is left out (not only one matching all of them)
+    keep = name_filter(exclude=[r"^0\.", r"bias$"])
+    assert [n for n, _ in _net().named_parameters() if keep(n)] == ["2.weight"]
+    assert list(weight_delta_scores(_net(), _net(), exclude=[r"^2\.", r"weight$"])) == ["0.bias"]
+
+
+def test_scores_on_two_devices_are_refused():
+    # checked when the scores are taken in, whatever the backend (meta stands in for a second device)
+    from allo.select.scores import normalize_scores
+
+    scores = {"a": torch.rand(3), "b": torch.rand(2, device="meta")}
+    with pytest.raises(ValueError, match=r"scores\['b'\] is on meta but earlier scores are on cpu"):
+        normalize_scores(scores)
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError, match="put every score on one device"):
+            select_top(scores, 0.5, backend=backend)
 
 
 def test_select_refuses_metadata_it_records_itself():

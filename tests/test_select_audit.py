@@ -109,16 +109,26 @@ def _write(path, tensors, **meta):
     save_file(tensors, str(path), metadata={k: v for k, v in base.items() if v is not None})
 
 
-@pytest.mark.parametrize("case", ["no names", "names without shapes", "unsorted", "repeated", "float", "2-d"])
+_MALFORMED = {  # case -> what load says (each case's own check: the rest of its file is valid)
+    "no names": "names/shapes/metadata fields are missing", "names without shapes": "names/shapes/metadata fields",
+    "unsorted": "are not strictly increasing", "repeated": "are not strictly increasing",
+    "float": r"are a F32 tensor of shape \[2\], not a 1-D int32/int64", "2-d": r"shape \[1, 2\], not a 1-D int32/int64",
+    "other version": "has format version '2'", "no version": "has format version None",
+}
+
+
+@pytest.mark.parametrize("case", list(_MALFORMED))
 def test_malformed_selection_file_is_a_clear_error(tmp_path, case):
     path = tmp_path / "m.safetensors"
     idx = {"unsorted": [4, 1], "repeated": [1, 1]}.get(case, [1, 4])
     t = torch.tensor(idx, dtype=torch.float32 if case == "float" else torch.int32)
-    _write(path, {"indices/w": t.view(1, -1) if case == "2-d" else t},
-           names=None if case == "no names" else json.dumps(["w"]),
-           shapes=json.dumps({"v": [3, 3]}) if case == "names without shapes" else None)
-    with pytest.raises(ValueError, match=r"m\.safetensors"):
+    meta = {"no names": {"names": None}, "names without shapes": {"shapes": json.dumps({"v": [3, 3]})},
+            "other version": {"version": "2"}, "no version": {"version": None}}.get(case, {})
+    _write(path, {"indices/w": t.view(1, -1) if case == "2-d" else t}, **meta)
+    with pytest.raises(ValueError, match=r"m\.safetensors.*" + _MALFORMED[case]):
         Selection.load(str(path))
+    _write(path, {"indices/w": torch.tensor([1, 4], dtype=torch.int32)})  # the same file, well formed, loads
+    assert Selection.load(str(path)).indices["w"].tolist() == [1, 4]
 
 
 # ---- weight_delta_scores from state dicts of tied models; patterns that match nothing ----

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from allo.select import select_top
+from allo.select import select, select_shards, select_top
 
 WORLD = 2
 
@@ -66,6 +66,18 @@ def _worker(rank, out_dir):
             local = _local(mode, rank)
             for ratio, exclude in CASES:
                 results[mode, ratio, exclude] = select_top(local, ratio, exclude_ratio=exclude, backend="cpu")
+        # select_shards: each rank's dim-0 block of every tensor; rank dst gets the whole tensors' Selection
+        shapes = {n: tuple(s.shape) for n, s in _whole("shards").items()}
+        mine = _local("shards", rank)
+        for granularity, dst in (("element", 0), ("row", 1)):
+            sel = select_shards(mine, 0.3, shapes=shapes, exclude_ratio=0.05, granularity=granularity,
+                                metadata={"made_up": 1}, backend="cpu", dst=dst)
+            results["select_shards", granularity] = None if sel is None else (sel.indices, sel.shapes, sel.metadata)
+        try:  # shapes= that the ranks' rows do not add up to: every rank refuses (none waits in a collective)
+            select_shards(mine, 0.3, shapes={**shapes, "lm_head.weight": (18, 3)}, backend="cpu")
+            results["rows missing"] = None
+        except ValueError as e:
+            results["rows missing"] = str(e)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         faulthandler.cancel_dump_traceback_later()
@@ -88,6 +100,17 @@ def test_ranks_together_equal_single_process(tmp_path):
                 assert torch.equal(got, mask), (mode, ratio, exclude, name)
             total = sum(int(m.sum()) for p in got_parts for m in p.values())
             assert total == sum(int(m.sum()) for m in expect.values())
+    for granularity, dst in (("element", 0), ("row", 1)):
+        want = select(_whole("shards"), 0.3, exclude_ratio=0.05, granularity=granularity, metadata={"made_up": 1},
+                      backend="cpu")
+        assert parts[1 - dst]["select_shards", granularity] is None
+        indices, shapes, metadata = parts[dst]["select_shards", granularity]
+        assert shapes == want.shapes and metadata == want.metadata and list(indices) == want.names
+        for name in want.names:
+            assert torch.equal(indices[name], want.indices[name]), (granularity, name)
+        assert 0 < want.num_selected() < want.num_total()
+    for p in parts:
+        assert "'lm_head.weight' hold 17 rows together, the tensor 18" in p["rows missing"]
 
 
 def test_histograms_of_cpu_scores_reduce_through_the_gpu_under_nccl(monkeypatch):

@@ -78,6 +78,23 @@ def test_row_scores_are_signed_sums(dtype):
         _assert_same(sel.masks, ref, ("select", ratio, ex))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rows_of_16bit_scores_are_ranked_by_their_float32_sums(dtype):
+    # long rows of 16-bit scores in [1, 2): their sums need more bits than the scores' dtype has (a sum
+    # rounded to bf16/fp16 ties or reorders rows that differ); each sum is exact in float32 and float64
+    from allo.select import row_scores
+
+    shapes = {"w": (41, 96), "t": (13, 4, 24), "b": (29,)}
+    scores = {n: (1 + torch.rand(shape)).to(dtype) for n, shape in shapes.items()}
+    rows = {n: _rows64(s) for n, s in scores.items()}
+    got = row_scores(scores)
+    for n in shapes:
+        assert got[n].dtype == torch.float32 and torch.equal(got[n], rows[n]), n
+    for ratio, ex in ((0.3, 0.0), (0.6, 0.25)):
+        ref = _row_mask_ref(rows, shapes, ratio, ex)
+        _assert_same(select_top(scores, ratio, exclude_ratio=ex, granularity="row", backend="cpu"), ref, (ratio, ex))
+
+
 def test_row_scores_of_weight_deltas_are_sums_of_magnitudes():
     # a weight delta's row score is the sum of |a - b| over the row (computed lazily, chunk by chunk)
     shapes = {"w": (19, 6), "h": (11,), "x": (5, 2, 3)}
@@ -156,6 +173,10 @@ def test_partial_reads_of_a_saved_selection(tmp_path):
                     got = Selection.load_indices(path, {n: (start, stop)})[n]
                     want = idx[(idx >= start) & (idx < stop)]
                     assert got.dtype == torch.int64 and torch.equal(got, want), (n, start, stop)
+    # a range that is reversed, or reaches outside the tensor, is an error (not an empty or clipped read)
+    for bad in ((5, 3), (-1, 4), (0, 41)):
+        with pytest.raises(ValueError, match=r"range \[-?\d+, \d+\) of 'b' is not inside its 40 elements"):
+            Selection.load_indices(path, {"b": bad})
     # a model whose shapes differ is refused by every reader
     model = {"a": torch.zeros(9, 7), "b": torch.zeros(41), "c": torch.zeros(3, 2)}
     for read in (lambda: Selection.load(path, model=model), lambda: Selection.load_counts(path, model=model),

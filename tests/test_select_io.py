@@ -51,6 +51,16 @@ def test_save_load_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
 
 
+def test_to_keeps_the_selection():
+    scores = {"a": torch.rand(7, 9), "b": torch.rand(13)}
+    sel = select(scores, 0.3, metadata={"stage": "forget"}, backend="cpu")
+    moved = sel.to("cpu")
+    assert moved is not sel and moved.shapes == sel.shapes and moved.metadata == sel.metadata
+    assert moved.metadata["stage"] == "forget" and moved.metadata["ratio"] == 0.3
+    for n in sel.names:
+        assert torch.equal(moved.indices[n], sel.indices[n]) and torch.equal(moved.masks[n], sel.masks[n])
+
+
 def test_load_mismatch_errors(tmp_path):
     m = Tiny()
     sel = select({n: p.detach().abs() for n, p in m.named_parameters()}, 0.1, backend="cpu")
@@ -121,6 +131,53 @@ def test_gradient_score_accumulator(mode):
     model(batches[0]).sum().backward()  # hooks removed: grads accumulate normally again
     assert model.layers[0].weight.grad is not None
     assert select_top(scores, 0.1, backend="cpu")["head.weight"].shape == (5, 8)
+
+
+def _batch_grads(model, batches):
+    grads = []
+    for ids in batches:
+        model.zero_grad()
+        model(ids).pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("mode", ["accumulated", "sum_of_magnitudes"])
+def test_scores_read_mid_way_are_copies_and_accumulation_goes_on(mode):
+    # scores() between backward passes: the values so far, which later passes leave alone; the buffers
+    # keep accumulating signed gradients (mode "accumulated": |g1 + g2 + g3|, not ||g1| + g2 + g3|)
+    model = Tiny()
+    batches = [torch.randint(0, 11, (3, 4)) for _ in range(3)]
+    grads = _batch_grads(model, batches)
+    acc = GradientScoreAccumulator(model, mode=mode)
+    model(batches[0]).pow(2).mean().backward()
+    first = acc.scores()
+    kept = {n: s.clone() for n, s in first.items()}
+    for ids in batches[1:]:
+        model(ids).pow(2).mean().backward()
+    final = acc.scores()
+    acc.remove()
+    for n in final:
+        assert torch.equal(first[n], kept[n]), n
+        combine = (lambda gs: sum(gs).abs()) if mode == "accumulated" else (lambda gs: sum(g.abs() for g in gs))
+        torch.testing.assert_close(first[n], combine([grads[0][n]]), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(final[n], combine([g[n] for g in grads]), rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_parameters_are_not_tracked():
+    model = Tiny()
+    model.embed.weight.requires_grad_(False)
+    model.norm.bias.requires_grad_(False)
+    batches = [torch.randint(0, 11, (3, 4)) for _ in range(2)]
+    grads = _batch_grads(model, batches)
+    with GradientScoreAccumulator(model) as acc:
+        for ids in batches:
+            model(ids).pow(2).mean().backward()
+    scores = acc.scores()
+    assert set(scores) == {n for n, p in model.named_parameters() if p.requires_grad} == set(grads[0])
+    for n in scores:
+        torch.testing.assert_close(scores[n], (grads[0][n] + grads[1][n]).abs(), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("mode", ["accumulated", "sum_of_magnitudes"])
