@@ -84,6 +84,54 @@ def test_load_state_dict_runs_hooks_around_the_loaded_state():
         assert torch.equal(fresh.state[p]["indices"], opt.state[p]["indices"])
 
 
+@pytest.mark.parametrize("how", ["set_masks", "load_state_dict"])
+def test_a_selection_emptied_between_backward_and_step_drops_its_compact_gradient(how):
+    """Emptying a selection after backward is allowed in compact-grad mode (nothing is left to update); the
+    compact gradient gathered for the old selection goes with it: clip_grad_norm_ must not count it."""
+    model = _model()
+    masks = _masks(model)
+    opt = MaskedAdamW(model.named_parameters(), lr=0.05, masks=masks, compact_grads=True)
+    emptied = model[0].weight
+    saved = MaskedAdamW(model.named_parameters(), lr=0.05, masks={**masks, "0.weight": False}).state_dict()
+    _backward(model)
+    assert opt.compact_grad(emptied) is not None
+    kept = [opt.compact_grad(p).double() for n, p in model.named_parameters() if n != "0.weight"]
+    if how == "set_masks":
+        opt.set_masks({**masks, "0.weight": False})
+    else:
+        opt.load_state_dict(saved)
+    assert opt.compact_grad(emptied) is None
+    before = emptied.detach().clone()
+    norm = opt.clip_grad_norm_(1e9)
+    torch.testing.assert_close(norm.double(), torch.cat(kept).norm(), rtol=1e-6, atol=0)
+    opt.step()
+    assert torch.equal(emptied.detach(), before)
+
+
+@pytest.mark.parametrize("saved_as", ["dense", "partial"])
+def test_load_state_dict_that_changes_a_selection_moves_the_compact_grad_hooks(saved_as):
+    """Compact-grad mode: a checkpoint that makes a partially selected parameter fully selected (or the
+    reverse) must leave the hooks as set_masks would: a fully selected parameter keeps its .grad (a hook
+    left on it freed the gradient, and the parameter silently stopped training), a partial one gets a
+    compact gradient."""
+    model = _model()
+    masks = _masks(model)
+    w = model[0].weight
+    other = {**masks, "0.weight": None if saved_as == "dense" else masks["0.weight"]}
+    here = {**masks, "0.weight": masks["0.weight"] if saved_as == "dense" else None}
+    saved = MaskedAdamW(model.named_parameters(), lr=0.05, masks=other).state_dict()
+    opt = MaskedAdamW(model.named_parameters(), lr=0.05, masks=here, compact_grads=True)
+    opt.load_state_dict(saved)
+    _backward(model)
+    if saved_as == "dense":
+        assert w.grad is not None and opt.compact_grad(w) is None
+        before = w.detach().clone()
+        opt.step()
+        assert bool((w.detach() != before).all())  # every element trained
+    else:
+        assert w.grad is None and opt.compact_grad(w).numel() == int(masks["0.weight"].sum())
+
+
 def test_failed_load_state_dict_leaves_the_optimizer_as_it_was():
     model = _model()
     opt = MaskedAdamW(model.named_parameters(), lr=0.05, masks=_masks(model))
@@ -149,6 +197,35 @@ def test_load_state_dict_refuses_indices_the_kernels_cannot_take(change):
     indices = {"unsorted": mask, "repeated": torch.tensor([1, 2, 2, 6]), "float": mask.float()}[change]
     saved["state"][pid]["indices"] = indices.to(torch.int32 if change != "float" else torch.float32)
     with pytest.raises(ValueError, match=r"params\[0\].*sorted, unique"):
+        MaskedAdamW([p]).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("bad", [64, -1])
+def test_load_state_dict_refuses_indices_outside_the_parameter(bad):
+    """An index one past the end (or negative) would make the kernels write outside the weight."""
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = MaskedAdamW([p], masks=[torch.tensor([1, 2, 3, 6])])
+    saved = copy.deepcopy(opt.state_dict())
+    pid = next(iter(saved["state"]))
+    indices = [1, 2, 3, bad] if bad > 0 else [bad, 2, 3, 6]
+    saved["state"][pid]["indices"] = torch.tensor(indices, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"params\[0\].*do not index a tensor of 64"):
+        MaskedAdamW([p]).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "master"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_load_state_dict_refuses_state_tensors_that_are_not_fp32(key, dtype):
+    """The kernels read the moments and the master copy as fp32 through their addresses: a checkpoint cast to
+    another dtype (same number of entries) must be refused, not read as fp32 bytes."""
+    p = torch.nn.Parameter(torch.randn(7, 9).bfloat16())
+    opt = MaskedAdamW([p], masks=[torch.tensor([0, 4, 5, 30, 62])])
+    p.grad = torch.randn(7, 9).bfloat16()
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    pid = next(iter(saved["state"]))
+    saved["state"][pid][key] = saved["state"][pid][key].to(dtype)
+    with pytest.raises(ValueError, match=f"'{key}'.*not fp32"):
         MaskedAdamW([p]).load_state_dict(saved)
 
 

@@ -146,6 +146,21 @@ def test_decay_unselected_decays_an_empty_mask_only_on_steps_it_got_a_gradient()
     assert torch.equal(frozen.detach(), start * decay), "decayed on a step without a gradient"
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_forgets_that_an_empty_mask_got_a_gradient(set_to_none):
+    # a step skipped with opt.zero_grad() (either form): the gradient that reached the empty-mask parameter
+    # went with it, so the next step, in whose batch it had none, must not decay it
+    frozen = torch.nn.Parameter(torch.randn(5, 9))
+    w = torch.nn.Parameter(torch.randn(6, 7))
+    opt = MaskedAdamW([frozen, w], masks=[False, _mask(w.shape, 0.4)], compact_grads=True, decay_unselected=True, **HP)
+    start = frozen.detach().clone()
+    torch.autograd.backward([frozen, w], [_grad(frozen.shape), _grad(w.shape)])
+    opt.zero_grad(set_to_none=set_to_none)
+    torch.autograd.backward([w], [_grad(w.shape)])
+    opt.step()
+    assert torch.equal(frozen.detach(), start), "decayed for a gradient zero_grad discarded"
+
+
 # ------------------------------------------------------------------------------------------ clipping
 
 def test_clip_grad_norm_spans_every_param_group():

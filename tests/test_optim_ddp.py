@@ -57,6 +57,16 @@ def _worker(rank, out_dir):
         for (name, p), q in zip(plain.named_parameters(), ref.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
+        # a parameter frozen when the optimizer was built and trainable since (no hook yet at the first
+        # backward): all_reduce_grads must average its gradient too, not leave the step this rank's own
+        late = _model()
+        late[0].weight.requires_grad_(False)
+        opt = MaskedAdamW(late.named_parameters(), masks=_masks(late), **hp)
+        late[0].weight.requires_grad_(True)
+        _run(late, late, opt, rows, reduce=True)
+        for (name, p), q in zip(late.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"unfrozen later, {name}: {m}")
+
         wrapped = _model()
         opt = MaskedAdamW(wrapped.named_parameters(), masks=_masks(wrapped), **hp)
         ddp = DistributedDataParallel(wrapped)
@@ -155,6 +165,14 @@ def _unreduced_compact_grads_are_refused(rank, x, uses):
     model(x[rank], uses[rank]).pow(2).sum().backward()
     opt.all_reduce_grads()
     opt.step()
+    # a step consumes the reduction: the next backward's gradients must be reduced again
+    model(x[rank], uses[rank]).pow(2).sum().backward()
+    try:
+        opt.step()
+        raise AssertionError("stepped on gradients reduced before the last step")
+    except RuntimeError as e:
+        assert "not averaged across the 2 processes" in str(e), e
+    opt.zero_grad()
     opt.all_reduce_grads()
     opt.zero_grad()
     model(x[rank], uses[rank]).pow(2).sum().backward()

@@ -379,6 +379,22 @@ def test_clip_grad_norm_uses_the_norm_type_and_never_scales_up(norm_type, compac
     torch.testing.assert_close(got, expect / 4, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+@pytest.mark.parametrize("compact", [False, True])
+def test_clip_grad_norm_error_if_nonfinite_raises_before_scaling(bad, compact):
+    """error_if_nonfinite=True: a non-finite total norm raises (as torch's clip_grad_norm_ does) and leaves
+    the gradients as they were; False (the default) returns the non-finite norm."""
+    model, masks = _clip_model()
+    opt = MaskedAdamW(model.named_parameters(), masks=masks, compact_grads=compact)
+    model(torch.randn(6, 13)).pow(2).sum().backward()
+    opt._grad_tensors()[0].view(-1)[0] = bad  # a selected element of 0.weight's gradient
+    before = [g.clone() for g in opt._grad_tensors()]
+    with pytest.raises(RuntimeError, match="non-finite"):
+        opt.clip_grad_norm_(1.0, error_if_nonfinite=True)
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(before, opt._grad_tensors()))
+    assert not torch.isfinite(opt.clip_grad_norm_(1.0))
+
+
 # ------------------------------------------------------------------------------------ selections and grads
 
 def _other_selection_of_the_same_size(idx, numel):
@@ -415,6 +431,29 @@ def test_a_new_selection_of_the_same_size_replaces_the_old_one():
     opt.load_state_dict(saved_first)
     assert torch.equal(opt.state[p]["indices"].long(), first) and int(opt.state[p]["step"]) == 2
     assert torch.equal(opt.state[p]["exp_avg"], saved_first["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed", "expanded"])
+def test_partially_selected_parameter_with_a_non_contiguous_gradient(backend, layout):
+    """A .grad laid out otherwise than the weight (transposed, expanded) must pair each selected weight with
+    its own gradient element: the kernels address the gradient by the weight's flat indices."""
+    device = device_for(backend)
+    p = torch.nn.Parameter(torch.randn(19, 23).to(device))
+    idx = torch.randperm(p.numel())[:97].sort().values
+    opt = MaskedAdamW([p], lr=1e-2, masks=[idx.to(device)], backend=backend)
+    ref = _Reference(p, idx)
+    start = p.detach().cpu().clone()
+    for _ in range(3):
+        g = _grad((23, 19)).t() if layout == "transposed" else _grad((1, 23)).expand(19, 23)
+        p.grad = g.to(device)
+        assert not p.grad.is_contiguous()
+        ref.update(g, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
+        opt.step()
+    _assert_selected_close(p, opt.state[p], ref, layout)
+    rest = torch.ones(p.numel(), dtype=torch.bool)
+    rest[idx] = False
+    assert torch.equal(p.detach().cpu().reshape(-1)[rest], start.reshape(-1)[rest])
 
 
 @pytest.mark.parametrize("backend", ["cpu", TRITON])

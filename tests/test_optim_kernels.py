@@ -90,6 +90,37 @@ def test_launch_hints_alignment_only_when_every_address_is_aligned(misplaced, mo
     assert seen[-1] is False
 
 
+@needs_triton
+def test_a_new_index_tensor_at_a_freed_ones_id_gets_its_own_block_table():
+    """The Triton block table is cached by the index tensor's id(), held weakly: a new selection whose Python
+    object takes a freed one's id (CPython reuses it at once) must not get the old one's run starts (the
+    kernel would update the old selection's elements instead of its own)."""
+    n, k = 301, 40
+    dev = device_for("triton")
+
+    def updated(idx):
+        weight, grad = torch.randn(n).to(dev), torch.randn(n).to(dev)
+        before = weight.clone()
+        scalars = (0.1, 0.999, 0.001, 1e-2, 1.0, 1.0, 1e-8)
+        masked_adamw_triton([(weight, grad, idx, torch.zeros(k, device=dev), torch.zeros(k, device=dev), None, False,
+                              scalars)])
+        return (weight != before).nonzero().squeeze(1).cpu()
+
+    for _ in range(10):
+        run = torch.arange(8, 8 + k, dtype=torch.int32, device=dev)  # one run from a multiple of 8: read by its start
+        assert torch.equal(updated(run), run.long().cpu())
+        scattered = torch.randperm(n)[:k].sort().values.int().to(dev)
+        freed = id(run)
+        del run
+        idx = torch.empty(k, dtype=torch.int32, device=dev)
+        if id(idx) == freed:
+            break
+    else:
+        pytest.skip("no Python object reused a freed tensor's id here")
+    idx.copy_(scattered)
+    assert torch.equal(updated(idx), idx.long().cpu())
+
+
 @pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 # (index dtype, compact grads); None = every element selected (dense), which never uses compact grads

@@ -112,6 +112,26 @@ def test_no_plan_where_the_general_path_is_needed():
     assert not opt._plans
 
 
+def test_changing_the_backend_retires_the_plan(monkeypatch):
+    """opt.backend set between steps: the next step runs on the new backend, not the plan's launches."""
+    from allo.optim import masked_adamw
+
+    calls = []
+    real = masked_adamw.masked_adamw_step_reference
+    monkeypatch.setattr(masked_adamw, "masked_adamw_step_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _model("cpu")
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, masks=_masks(), backend="cpu")
+    for i in range(3):
+        if i == 2:
+            assert opt._plans and not calls  # the cpu backend's plan exists
+            opt.backend = "reference"
+        _loss(model, torch.randn(4, 13)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert len(calls) == 5  # every parameter with state (4 partial, 1 full) stepped on the reference backend
+    assert not opt._plans
+
+
 def test_switching_decay_unselected_on_retires_the_plan():
     model = _model("cpu")
     ref = copy.deepcopy(model)

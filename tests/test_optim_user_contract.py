@@ -91,6 +91,28 @@ def test_master_copy_keeps_its_precision_where_the_weight_did_not_change(backend
     assert torch.equal(after[keep], master.reshape(-1)[keep])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_master_copy_follows_weights_changed_in_place_after_load_state_dict(backend):
+    """Resume: the optimizer's state dict is loaded (its master copies then are the truth), then the weights
+    are changed in place (model.load_state_dict of other weights, an init): the next step starts from them."""
+    model = _bf16_linear(device=device_for(backend))
+    masks = {"weight": _some(model.weight.shape).to(model.weight.device), "bias": None}
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-6, weight_decay=0.0, masks=masks, backend=backend)
+    _backward(model)
+    opt.step()
+    saved = opt.state_dict()
+    resumed = MaskedAdamW(model.named_parameters(), lr=1e-6, weight_decay=0.0, backend=backend)
+    resumed.load_state_dict(saved)
+    new = torch.full_like(model.weight, 5.0)
+    model.load_state_dict({"weight": new, "bias": model.bias.detach().clone()})
+    _backward(model, seed=4)
+    resumed.step()
+    # as in test_master_copy_follows_weights_changed_in_place: lr 1e-6 leaves 5 within a bf16 step
+    assert bool(((model.weight.detach().float() - 5.0).abs() <= 2.0 ** -5).all()), model.weight
+    assert torch.equal(resumed.state[model.weight]["master"].to(torch.bfloat16),
+                       new.reshape(-1)[masks["weight"].reshape(-1)])
+
+
 def test_writes_through_data_need_sync_master_copies():
     """param.data writes are not recorded by torch: the step does not see them (documented), and
     sync_master_copies() takes them in."""
@@ -256,6 +278,16 @@ def test_integer_mask_of_the_parameters_shape_suggests_bool():
         MaskedAdamW(model.named_parameters(), masks={"weight": (torch.rand(3, 4) < 0.5).long()}, backend="cpu")
 
 
+def test_bool_mask_of_another_shape_with_as_many_elements_is_refused():
+    """A transposed bool mask has the weight's element count but would select other elements of the weight."""
+    weight = torch.nn.Parameter(torch.randn(5, 7))
+    mask = torch.rand(7, 5) < 0.5
+    with pytest.raises(ValueError, match=r"shape \(7, 5\).*shape \(5, 7\)"):
+        MaskedAdamW([("w", weight)], masks={"w": mask}, backend="cpu")
+    with pytest.raises(ValueError, match="shape"):
+        MaskedAdamW([("w", weight)], masks={"w": mask.reshape(-1)}, backend="cpu")
+
+
 def test_torch_adamw_arguments_at_their_defaults_are_accepted():
     model = torch.nn.Linear(4, 3)
     MaskedAdamW(model.parameters(), 1e-3, (0.9, 0.999), 1e-8, 1e-2, False, maximize=False, foreach=None,
@@ -273,6 +305,21 @@ def test_learning_rate_checks_match_torch():
     with pytest.raises(TypeError, match="lr='1e-3'"):
         MaskedAdamW(model.parameters(), lr="1e-3")
     MaskedAdamW(model.parameters(), lr=torch.tensor(1e-3), backend="cpu")
+
+
+@pytest.mark.parametrize("bad", [dict(lr=-1e-3), dict(lr=torch.tensor(-1e-3)), dict(eps=-1e-8),
+                                 dict(betas=(0.9, 1.0)), dict(betas=(-0.1, 0.999)), dict(betas=(1.0, 0.999)),
+                                 dict(betas=(0.9, -0.5)), dict(weight_decay=-0.01)])
+def test_out_of_range_hyperparameters_are_refused_as_torch_refuses_them(bad):
+    """A negative lr/eps/weight_decay or a beta outside [0, 1) is refused at construction, as torch.optim.AdamW
+    refuses it (beta2 = 1 would make the bias correction 1 - beta2**t zero: a division by zero at every step)."""
+    model = torch.nn.Linear(4, 3)
+    with pytest.raises(ValueError):
+        torch.optim.AdamW(model.parameters(), **bad)
+    with pytest.raises(ValueError, match="Invalid"):
+        MaskedAdamW(model.parameters(), backend="cpu", **bad)
+    # the edges torch accepts are accepted
+    MaskedAdamW(model.parameters(), lr=0.0, eps=0.0, betas=(0.0, 0.0), weight_decay=0.0, backend="cpu")
 
 
 def test_an_empty_dict_of_masks_warns_that_nothing_trains():
