@@ -151,6 +151,110 @@ def test_bad_inputs_raise_with_names():
         token_logprobs(logits, torch.zeros(3))
 
 
+def test_labels_of_the_wrong_kind_or_device_are_refused_and_strided_labels_are_read():
+    # bool labels would silently become 0/1 and labels on another device would reach the kernels (or the
+    # fake kernels): both are refused by name. Labels that are a view (labels[:, 1:], as a causal LM's
+    # shift makes them) are used as given, not refused by the kernels' contiguity check.
+    # kills: the bool and the device checks dropped, labels passed on without .contiguous()
+    logits = torch.randn(2, 6, 11)
+    with pytest.raises(TypeError, match="integer"):
+        token_logprobs(logits[:, 0], torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="labels are on meta but logits on cpu"):
+        token_logprobs(logits, torch.zeros(2, 6, dtype=torch.long, device="meta"))
+    ids = torch.randint(0, 11, (2, 7))
+    ids[0, 3] = -100
+    labels = ids[:, 1:]
+    assert not labels.is_contiguous()
+    upstream = torch.randn(2, 6)
+    x = logits.clone().requires_grad_(True)
+    logp = token_logprobs(x, labels)
+    logp.backward(upstream)
+    want_logp, want_grad = reference_logprobs_and_grad(logits, labels, upstream)
+    torch.testing.assert_close(logp.double(), want_logp, rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(x.grad.double(), want_grad, **tolerances(torch.float32))
+
+
+def test_bf16_gradient_ties_round_to_even():
+    # A row whose only finite logit is at column j (probability exactly 1) and whose label has logit -inf
+    # (probability 0) has the gradient -g at j and +g at the label: with g exactly halfway between two
+    # bf16 values, the rounding mode decides the result. Ties must go to even, as in torch's own
+    # fp32 -> bf16 conversion (the vector loops round bf16 by hand). kills: ties rounded away from zero
+    V = 2 * 2048 + 37  # columns in the vectors' bodies and in a block's tail
+    ties = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8) * 2**-3, 3 * (1 + 2**-8), -(1 + 5 * 2**-8) * 4]
+    cols = [(0, 5), (17, 3000), (2047, 2048), (4096 + 35, 100), (4096 + 36, 4096 + 1)]
+    logits = torch.full((len(cols), V), float("-inf"))
+    labels = torch.empty(len(cols), dtype=torch.long)
+    for r, (j, y) in enumerate(cols):
+        logits[r, j] = 3.0
+        labels[r] = y
+    logits = logits.bfloat16()
+    upstream = torch.tensor(ties)
+    for inplace in (False, True):
+        x = logits.clone().requires_grad_(True)
+        work = x * 1 if inplace else x
+        token_logprobs(work, labels, inplace_backward=inplace).backward(upstream)
+        want = reference_logprobs_and_grad(logits, labels, upstream)[1].to(torch.bfloat16)
+        assert torch.equal(x.grad, want), (inplace, (x.grad != want).nonzero().tolist())
+
+
+def test_logits_whose_last_dimension_is_strided_are_copied_not_refused():
+    # token_logprobs takes any logits; only the kernels need the vocabulary dimension contiguous, so logits
+    # with a strided last dimension (a transpose, every other column) are made contiguous first.
+    # kills: that copy dropped (the kernels then refuse them)
+    base = torch.randn(11, 3, 4)
+    logits = base.transpose(0, 2)  # [4, 3, 11], stride 12 on the vocabulary
+    assert logits.stride(-1) != 1
+    labels = torch.randint(0, 11, (4, 3))
+    labels[2, 1] = -100
+    upstream = torch.randn(4, 3)
+    x = logits.clone().requires_grad_(True)  # clone keeps the strides
+    assert x.stride(-1) != 1
+    logp = token_logprobs(x, labels)
+    logp.backward(upstream)
+    want_logp, want_grad = reference_logprobs_and_grad(logits, labels, upstream)
+    torch.testing.assert_close(logp.double(), want_logp, rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(x.grad.double(), want_grad, **tolerances(torch.float32))
+
+
+def test_more_leading_dimensions_than_the_kernels_index():
+    # the kernels index at most 8 leading dimensions: more are flattened first, with the same result and
+    # the same in-place backward. kills: the flattening at another bound, inplace_backward dropped there
+    shape = (2, 1, 3, 1, 2, 1, 1, 1, 2)  # 9 leading dimensions, one more than the kernels index
+    logits = torch.randn(*shape, 13)
+    labels = torch.randint(0, 13, shape)
+    labels.view(-1)[3] = -100
+    upstream = torch.randn(shape)
+    x = logits.clone().requires_grad_(True)
+    work = x * 1
+    logp = token_logprobs(work, labels, inplace_backward=True)
+    assert logp.shape == shape
+    logp.backward(upstream)
+    want_logp, want_grad = reference_logprobs_and_grad(logits, labels, upstream)
+    torch.testing.assert_close(logp.double(), want_logp, rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(x.grad.double(), want_grad, **tolerances(torch.float32))
+    torch.testing.assert_close(work.detach(), x.grad, rtol=0, atol=0)  # written into work's own buffer
+
+
+def test_reference_backend_returns_fp32_for_low_precision_logits():
+    # backend="reference" keeps the documented contract: fp32 log-probs from bf16/fp16 logits, computed in
+    # fp32. kills: log_softmax in the logits' own dtype (bf16 log-probs, ~1e-2 off)
+    for dtype in (torch.bfloat16, torch.float16):
+        logits, labels, upstream = _inputs((3, 5), 301, dtype, "cpu")
+        got = token_logprobs(logits, labels, backend="reference")
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), reference_logprobs_and_grad(logits, labels, upstream)[0],
+                                   rtol=1e-5, atol=5e-5)
+
+
+def test_autograd_refuses_a_first_slice_of_the_vocabulary():
+    # a slice that starts at column 0 but is not the whole row (vocab_size > V): its lse is the slice's,
+    # and a gradient from it would be silently wrong. kills: only vocab_start checked
+    logits = torch.randn(3, 10, requires_grad=True)
+    with pytest.raises(RuntimeError, match="whole rows only"):
+        ops().token_logprob_fwd(logits[:, :7], torch.tensor([2, 3, 4]), -100, False, 0, 10)
+    ops().token_logprob_fwd(logits, torch.tensor([2, 3, 4]), -100, False, 0, 10)  # the whole row: fine
+
+
 def _check_vocab_slices(dtype, device, vocab, cuts):
     """bwd_inplace over vocabulary slices [cuts[i], cuts[i+1]) equals the columns of the whole rows'
     float64 gradient, labels inside and outside each slice, ignored rows included."""

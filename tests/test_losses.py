@@ -202,3 +202,85 @@ def test_token_logprobs_is_reexported_and_differentiable():
     torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0])
     lp.sum().backward()
     assert logits.grad is not None
+
+
+def test_ipo_pair_with_an_empty_response_averages_it_as_zero():
+    # ipo divides each response's sums by its own token count, at least 1: a response with no scored
+    # token (all prompt or padding after truncation) contributes 0, not 0 / 0 = NaN to the whole batch.
+    # kills: the count without clamp(min=1) on either side
+    pc, pr, rc, rr, cm, rm = (t.detach().clone() for t in _pair())
+    pc, pr, rc, rr = (torch.cat([t, torch.full_like(t, -0.75)]) for t in (pc, pr, rc, rr))
+    cm = torch.cat([cm, torch.zeros_like(cm)])  # pair 2: empty chosen response
+    rm = torch.cat([rm, torch.tensor([[True, False, False]])])
+    for empty_side in ("chosen", "rejected"):
+        masks = (cm, rm) if empty_side == "chosen" else (rm.flip(0), cm.flip(0))
+        args = (pc, pr, rc, rr) if empty_side == "chosen" else (pr.flip(0), pc.flip(0), rr.flip(0), rc.flip(0))
+        x = args[0].clone().requires_grad_(True)
+        loss, metrics = dpo_loss(x, *args[1:], *masks, beta=0.1, loss_type="ipo")
+        # pair 1 (pair 2 after the flip): h = 0.75 as in test_dpo_hinge_and_ipo_by_hand; the other pair:
+        # the empty side 0, the non-empty one token of -0.75 - (-0.75) = 0; h = 0
+        h = 0.75 if empty_side == "chosen" else -0.75
+        assert loss.item() == pytest.approx(((h - 5.0) ** 2 + (0 - 5.0) ** 2) / 2, rel=1e-6), empty_side
+        assert all(torch.isfinite(v) for v in metrics.values()), empty_side
+        loss.backward()
+        assert torch.isfinite(x.grad).all(), empty_side
+
+
+@pytest.mark.parametrize("beta", [0.0, -0.1, float("nan")])
+def test_every_loss_refuses_a_beta_that_is_not_positive(beta):
+    # beta = 0 makes every loss a constant (log 2 for DPO) with zero gradient: training would silently do
+    # nothing; a negative beta trains the other way. kills: the checks dropped, or `beta < 0`
+    args = _pair()
+    for loss_type in ("sigmoid", "ipo", "hinge", "robust"):
+        with pytest.raises(ValueError, match="beta must be > 0"):
+            dpo_loss(*args, beta=beta, loss_type=loss_type)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        improve_loss(*args, beta=beta)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        forget_loss(args[0], args[2], args[4].float(), beta=beta)
+
+
+def test_losses_refuse_mismatched_batches_and_non_2d_inputs():
+    # one chosen response against three rejected ones would broadcast into three "pairs" without a word;
+    # [B, T, 1] inputs would sum over the wrong dimension. kills: the batch-size and the 2-D checks dropped
+    pc, pr, rc, rr, cm, rm = (t.detach() for t in _pair())
+    three = [t.expand(3, -1) for t in (pr, rr, rm)]
+    for loss in (dpo_loss, improve_loss):
+        with pytest.raises(ValueError, match="1 chosen but 3 rejected"):
+            loss(pc, three[0], rc, three[1], cm, three[2])
+        with pytest.raises(ValueError, match=r"\[batch, tokens\]"):
+            loss(*(t.unsqueeze(-1) for t in (pc, pr, rc, rr, cm, rm)))
+    with pytest.raises(ValueError, match=r"\[batch, tokens\]"):
+        forget_loss(pr.unsqueeze(-1), rr.unsqueeze(-1), rm.float().unsqueeze(-1))
+    with pytest.raises(ValueError, match="same"):
+        top_fraction_mask(torch.zeros(2, 3, 4), torch.ones(2, 3, 4, dtype=torch.bool), 0.5)
+    with pytest.raises(ValueError, match="must share a"):  # [1, T] would broadcast against [B, T]
+        token_weights_from_implicit_reward(torch.zeros(2, 3), torch.zeros(1, 3), torch.ones(2, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("e", [-0.1, 0.5, 0.7])
+def test_label_smoothing_outside_its_range_is_refused(e):
+    # TRL's label smoothing is a probability of flipped labels in [0, 0.5): a negative one would push the
+    # two responses apart harder than DPO itself, 0.5 divides robust DPO by 0. kills: `0 <=` dropped
+    for loss_type in ("sigmoid", "robust"):
+        with pytest.raises(ValueError, match=r"expected a probability in \[0, 0.5\)"):
+            dpo_loss(*_pair(), loss_type=loss_type, label_smoothing=e)
+
+
+def test_forget_loss_refuses_an_unknown_normalisation():
+    # a typo ("batches", "per_sequence") must not silently select one of the two normalisations
+    policy, ref, weights = torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match="normalize must be 'batch' or 'sequence'"):
+        forget_loss(policy, ref, weights, normalize="batches")
+
+
+def test_raw_token_weights_carry_no_gradient_to_the_reward_model():
+    # mode="raw" passes p_t through as the weight: the forgetting loss must not train the token-level
+    # reward model that produced it (its probabilities are inputs, as in the released scripts).
+    # kills: the raw weights without .detach()
+    p = torch.tensor([[0.2, 0.5, 0.7]], requires_grad=True)
+    w = token_weights_from_probs(p, mode="raw")
+    assert not w.requires_grad
+    policy = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    forget_loss(policy, torch.full((1, 3), -1.2), w)[0].backward()
+    assert p.grad is None and policy.grad is not None

@@ -101,6 +101,22 @@ def test_compute_logps_are_the_response_tokens_log_probs_in_example_order(tok):
         torch.testing.assert_close(g.double(), w, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_scoring_leaves_the_model_in_the_mode_it_was_in(tok, training):
+    """The output-layer check on the first forward runs in eval mode, compute_logps scores in eval mode:
+    both give the mode back (a model left in eval trains without dropout; one switched to train scores
+    the reference with dropout). kills: either restore dropped or forced"""
+    model = build_tiny_model(tok, hidden_size=16, num_layers=1, seed=1)
+    scorer = TokenLogprobs(model).train(training)
+    ids = torch.tensor([_ids(tok, "Q: 2?\nA: 2.")])
+    scorer(ids, torch.ones_like(ids), ids)
+    assert model.training == training and scorer._head_checked
+    examples = [D.encode_text_pair(tok, "Q: 3?\nA: ", "3.")]
+    compute_logps(scorer, examples, pad_id=tok.pad_token_id, batch_size=1, device=torch.device("cpu"),
+                  autocast=contextlib.nullcontext)
+    assert scorer.training == training and model.training == training
+
+
 # --------------------------------------------------------------------------------- chat messages
 # a template whose assistant turn has a suffix before the end-of-sequence token, and whose prompt
 # part (the generation prompt) is written only when asked for
