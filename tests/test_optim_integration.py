@@ -1,6 +1,7 @@
 """MaskedAdamW as the optimizer of transformers.Trainer and through accelerate.Accelerator.prepare."""
 
 import copy
+import types
 
 import pytest
 import torch
@@ -102,3 +103,62 @@ def test_accelerate_prepare_with_gradient_accumulation(compact):
     _check_sparse_update(before, model, masks)
     for (name, a), b in zip(model.named_parameters(), manual.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_compact_grad_clipping_clips_what_the_step_uses_before_every_trainer_step(tmp_path):
+    # Trainer's own clipping (torch's function over param.grad) cannot see compact gradients; the callback
+    # clips them by their global norm right before each optimizer step
+    from allo.optim import CompactGradClipping
+
+    model = _tiny_llama()
+    masks = _masks(model)
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, masks=masks, compact_grads=True)
+    events, real_clip, real_step = [], opt.clip_grad_norm_, opt.step
+
+    def clip(max_norm, norm_type=2.0, **kw):
+        before = real_clip(max_norm, norm_type, **kw)
+        after = real_clip(float("inf"))  # (inf: measures, scales by 1)
+        events.append(("clip", max_norm, float(before), float(after)))
+        return before
+
+    def step(self, *a, **kw):
+        events.append(("step",))
+        return real_step(*a, **kw)
+
+    # (bound: the LR scheduler wraps opt.step and needs a method)
+    opt.clip_grad_norm_, opt.step = clip, types.MethodType(step, opt)
+    sched = transformers.get_constant_schedule(opt)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 12))]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                                          gradient_accumulation_steps=2, use_cpu=True, report_to=[],
+                                          save_strategy="no", disable_tqdm=True, max_grad_norm=0.0)
+    clipping = CompactGradClipping(max_norm=1e-3)
+    transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched),
+                         callbacks=[clipping]).train()
+    assert [e[0] for e in events] == ["clip", "step"] * 3, events
+    for _, max_norm, before, after in events[::2]:
+        assert max_norm == 1e-3 and before > 1e-2  # (so it did clip)
+        assert after == pytest.approx(1e-3, rel=1e-3)
+    assert clipping.last_norm == events[-2][2]
+
+
+def test_compact_grad_clipping_refuses_a_trainer_that_clips_too_and_a_dense_optimizer(tmp_path):
+    from allo.optim import CompactGradClipping
+
+    with pytest.raises(ValueError, match="max_norm must be a positive finite number"):
+        CompactGradClipping(max_norm=0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (4, 12))]
+    for compact, max_grad_norm, says in ((True, 1.0, "max_grad_norm is 1.0, so Trainer also clips"),
+                                         (False, 0.0, "compact_grads=True \\(got MaskedAdamW with compact_grads=False")):
+        model = _tiny_llama()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = MaskedAdamW(model.named_parameters(), lr=1e-2, masks=_masks(model), compact_grads=compact)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                                              use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+                                              max_grad_norm=max_grad_norm)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                       optimizers=(opt, transformers.get_constant_schedule(opt)),
+                                       callbacks=[CompactGradClipping(max_norm=1.0)])
+        with pytest.raises(ValueError, match=says):
+            trainer.train()
+        assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())  # before any step

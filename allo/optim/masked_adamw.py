@@ -64,7 +64,8 @@ class MaskedAdamW(Optimizer):
         gradients the step uses (selected elements); in dense mode it is every ``param.grad``'s, as
         torch's, so with partial masks the same ``max_norm`` clips more in dense mode than in compact
         mode. ``transformers.Trainer`` clips with torch's function, which would see only the fully
-        selected parameters' gradients: set ``max_grad_norm=0`` there and clip with this method.
+        selected parameters' gradients: set ``max_grad_norm=0`` there and pass
+        ``callbacks=[allo.optim.CompactGradClipping(max_norm)]``, which calls this method before each step.
     local_grads: compact-grad mode under several processes, each rank steps on its own gradients on
         purpose (no :meth:`all_reduce_grads`; ``step`` would raise otherwise).
     backend: ``None``/``"auto"`` (Triton on CUDA, fused C loop on CPU), ``"triton"``, ``"cpu"`` or
