@@ -151,6 +151,73 @@ def test_cpu_kernel_is_exact_across_its_work_chunks():
         assert torch.isnan(weight[unselected].float()).all()
 
 
+def test_cpu_kernel_selections_of_whole_chunks_and_empty_ones_next_to_others():
+    # the threads map a chunk number to its tensor by counting each tensor's chunks (ceil(k / 32768)): a
+    # selection of exactly one or two whole chunks, or of none, must not shift the tensors after it
+    chunk = 32768
+    hp = dict(lr=2e-2, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.05)
+    cases = [(torch.float32, chunk + 999, chunk), (torch.float32, 41, 0), (torch.bfloat16, 2 * chunk + 3, 2 * chunk),
+             (torch.float32, 5003, 1711)]
+    rows, refs = [], []
+    for step, (dtype, n, k) in enumerate(cases, start=3):
+        sel = torch.randperm(n)[:k].sort().values
+        indices = sel.int() if dtype == torch.float32 else sel
+        weight = torch.randn(n).to(dtype)
+        unselected = torch.ones(n, dtype=torch.bool)
+        unselected[sel] = False
+        weight[unselected] = math.nan
+        grad = _grad(n, dtype)
+        m, v = torch.randn(k) * 0.1, torch.rand(k) * 0.01
+        master = weight[sel].float() + torch.randn(k) * 1e-3 if dtype != torch.float32 else None
+        ref_p = (weight[sel] if master is None else master).double()
+        ref_m, ref_v = m.double(), v.double()
+        _adamw64(ref_p, grad[sel].double(), ref_m, ref_v, step=step, **hp)
+        rows.append(_kernel_row(weight, grad, indices, m, v, master, step=step, lr=hp["lr"], beta1=hp["beta1"],
+                                beta2=hp["beta2"], eps=hp["eps"], wd=hp["weight_decay"]))
+        refs.append((sel, unselected, ref_p, ref_m, ref_v))
+    _cpu_kernel.masked_adamw_cpu(*_cpu_kernel.pack(rows))
+    for i, (row, (sel, unselected, ref_p, ref_m, ref_v)) in enumerate(zip(rows, refs)):
+        weight, _, _, m, v, master = row[:6]
+        torch.testing.assert_close(m, ref_m.float(), rtol=5e-6, atol=3e-7, msg=f"tensor {i}")
+        torch.testing.assert_close(v, ref_v.float(), rtol=1e-6, atol=5e-9, msg=f"tensor {i}")
+        got = weight[sel] if master is None else master
+        torch.testing.assert_close(got, ref_p.float(), rtol=5e-6, atol=3e-7, msg=f"tensor {i}")
+        assert torch.isnan(weight[unselected].float()).all()
+
+
+def test_cpu_kernel_on_several_threads_is_bit_identical_to_one_thread():
+    # the threads take chunks from a shared counter and the call returns after joining them: every chunk
+    # is applied exactly once and finished before the call returns, whatever the thread count
+    chunk = 32768
+    sizes = [(torch.float32, 9 * chunk + 123), (torch.bfloat16, 4 * chunk + 7), (torch.float32, 3 * chunk - 5)]
+    inputs = []
+    for dtype, n in sizes:
+        k = n * 3 // 4
+        idx = torch.randperm(n)[:k].sort().values
+        inputs.append((torch.randn(n).to(dtype), _grad(n, dtype), idx.int() if dtype == torch.float32 else idx,
+                       torch.randn(k) * 0.1, torch.rand(k) * 0.01))
+
+    def run(threads):
+        rows = []
+        for weight, grad, idx, m, v in inputs:
+            w = weight.clone()
+            master = w[idx.long()].float() if w.dtype != torch.float32 else None
+            rows.append(_kernel_row(w, grad, idx, m.clone(), v.clone(), master, step=4, lr=1e-2, beta1=0.9,
+                                    beta2=0.99, eps=1e-8, wd=0.1))
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            _cpu_kernel.masked_adamw_cpu(*_cpu_kernel.pack(rows))
+        finally:
+            torch.set_num_threads(before)
+        return [torch.cat([r[0].float(), r[3], r[4]] + ([] if r[5] is None else [r[5]])) for r in rows]
+
+    expected = run(1)
+    for _ in range(4):
+        for got, want in zip(run(4), expected):
+            assert torch.equal(got, want), int((got != want).sum())
+
+
 def _run_kernel(impl, rows):
     if impl == "triton":
         from allo_kernels.masked_adamw import masked_adamw_triton

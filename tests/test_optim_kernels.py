@@ -208,3 +208,47 @@ def test_cpu_backend_without_a_compiler_is_an_error_not_a_fallback(tmp_path, mon
     with pytest.raises(RuntimeError, match="no-such-cc"):
         _cpu_kernel.load()
 
+
+
+def _probe(tmp_path, monkeypatch, source, flags, optional_flags=()):
+    """Build a one-function C library ``csrc/cpu/allo_probe.c`` through allo._native from a scratch
+    source folder and cache, and call it."""
+    import ctypes
+
+    from allo import _native
+
+    src = tmp_path / "src"
+    (src / "cpu").mkdir(parents=True, exist_ok=True)
+    (src / "cpu" / "allo_probe.c").write_text(source)
+    monkeypatch.setenv("ALLO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_native, "csrc_dir", lambda: str(src))
+    monkeypatch.setattr(_native, "_loaded", {})
+    lib = _native.load_c_library("allo_probe", flags=list(flags), optional_flags=list(optional_flags), what="probe",
+                                 signatures={"allo_probe": ([], ctypes.c_int)})
+    return lib.allo_probe()
+
+
+def test_c_library_cache_is_keyed_by_source_and_flags(tmp_path, monkeypatch):
+    # a changed source (a new allo version) or changed flags must build a new library, never reuse the old one
+    source = "int allo_probe(void) { return VALUE; }\n"
+    assert _probe(tmp_path, monkeypatch, source, ["-O1", "-DVALUE=17"]) == 17
+    assert _probe(tmp_path, monkeypatch, source, ["-O1", "-DVALUE=17"]) == 17  # reused from the cache
+    assert _probe(tmp_path, monkeypatch, source, ["-O1", "-DVALUE=23"]) == 23
+    assert _probe(tmp_path, monkeypatch, source.replace("VALUE;", "VALUE + 100;"), ["-O1", "-DVALUE=17"]) == 117
+    assert _probe(tmp_path, monkeypatch, source, ["-O1"], optional_flags=["-DVALUE=5"]) == 5
+    assert _probe(tmp_path, monkeypatch, source, ["-O1"], optional_flags=["-DVALUE=6"]) == 6
+    assert len(list((tmp_path / "cache").glob("allo_probe_*.so"))) == 5
+
+
+def test_c_library_that_fails_to_compile_is_an_error(tmp_path, monkeypatch):
+    # with and without optional flags to drop: the error says what to do, and nothing is cached
+    for optional in ([], ["-fopenmp"]):
+        with pytest.raises(RuntimeError, match="(?s)failed.*backend='reference'"):
+            _probe(tmp_path, monkeypatch, "int allo_probe(void) { return }\n", ["-O1"], optional)
+        assert not list((tmp_path / "cache").glob("*.so"))
+
+
+def test_c_library_optional_flag_rejected_builds_without_it_and_warns(tmp_path, monkeypatch):
+    source = "int allo_probe(void) { return 41; }\n"
+    with pytest.warns(RuntimeWarning, match="-fno-such-allo-option"):
+        assert _probe(tmp_path, monkeypatch, source, ["-O1"], ["-fno-such-allo-option"]) == 41
