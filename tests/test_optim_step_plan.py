@@ -265,15 +265,16 @@ def test_checks_of_compact_gradients_agree():
     assert _both(plan, opt._compact) is not None
 
 
-def test_native_checks_raise_as_python_does_on_a_state_without_moments():
+@pytest.mark.parametrize("moment", ["exp_avg", "exp_avg_sq"])
+def test_native_checks_raise_as_python_does_on_a_state_without_moments(moment):
     if _native() is None:
         pytest.skip("allo._C is not built")
     model, opt, plan = _planned()
-    del opt.state[model[0].weight]["exp_avg"]
+    del opt.state[model[0].weight][moment]
     for native in (True, False):
         step_plan.NATIVE_CHECKS = native
         try:
-            with pytest.raises(KeyError, match="exp_avg"):
+            with pytest.raises(KeyError, match=moment):
                 plan.gradients({})
         finally:
             step_plan.NATIVE_CHECKS = True
