@@ -165,6 +165,21 @@ def test_weight_delta_scores_lazy_matches_materialized():
         _assert_same(select_top(lazy, ratio, backend="cpu"), reference_band_masks(dense, ratio))
 
 
+
+def test_weight_delta_scores_of_models_in_different_dtypes():
+    # a bf16/fp16 fine-tune against its fp32 base (and every other pairing): each side is read in its own
+    # dtype and the delta taken in float32
+    a, b = {}, {}
+    for i, (da, db) in enumerate((da, db) for da in DTYPES for db in DTYPES if da != db):
+        n = 211 + 37 * i
+        base = torch.randn(n)
+        a[f"{i}.w"] = base.to(da)
+        b[f"{i}.w"] = (base + torch.randn(n) * torch.rand(n) * 0.3).to(db)
+    lazy = weight_delta_scores(a, b)
+    dense = {n: (a[n].float() - b[n].float()).abs() for n in a}
+    for ratio in (0.07, 0.5):
+        _assert_same(select_top(lazy, ratio, backend="cpu"), reference_band_masks(dense, ratio))
+
 def test_weight_delta_scores_modules_and_filters():
     m1, m2 = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)), \
         torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
