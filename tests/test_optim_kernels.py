@@ -209,7 +209,6 @@ def test_cpu_backend_without_a_compiler_is_an_error_not_a_fallback(tmp_path, mon
         _cpu_kernel.load()
 
 
-
 def _probe(tmp_path, monkeypatch, source, flags, optional_flags=()):
     """Build a one-function C library ``csrc/cpu/allo_probe.c`` through allo._native from a scratch
     source folder and cache, and call it."""
