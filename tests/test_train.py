@@ -21,7 +21,7 @@ from allo.train import model as models
 from allo.train.cli import build_parser, parse
 from allo.train.config import STAGES
 from allo.train.stages import build_pairs
-from allo.train.tasks import ANSWER_PREFIX, extract_answer, is_correct, make_problems
+from allo.train.tasks import ANSWER_PREFIX, answer_pattern_problem, extract_answer, is_correct, make_problems
 from allo.train.tokenizer import ASSET, build_tokenizer, load_builtin_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,6 +219,148 @@ def test_chat_messages_use_the_chat_template(tmp_path):
     (p,), _ = D.load_pairs(str(path), tok)
     assert tok.decode(p["prompt_ids"]) == "Q: 1?\nA: "
     assert p["chosen_ids"] == tok("1.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_truncation_limits_met_exactly_cut_nothing_and_a_prompt_that_fills_max_length_is_refused(tmp_path):
+    """A prompt of exactly --max_prompt_length tokens, a prompt + response of exactly --max_length and a
+    response of exactly --max_completion_length tokens lose nothing and are not counted as cut; a prompt
+    that leaves no room for one response token (exactly --max_length long) is a bad row, not a row trained
+    with an empty response."""
+    tok = load_builtin_tokenizer()  # one token per character
+    prompt, response = "Q: 4321?\nA: ", "It is 1."
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    r_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    P, R = len(p_ids), len(r_ids)
+    cuts = set()
+    ex = D.encode_text_pair(tok, prompt, response, max_length=P + R, max_prompt_length=P, max_completion_length=R,
+                            weights=[0.5] * (R - 1), cuts=cuts)
+    assert (ex["prompt_ids"], ex["response_ids"], ex["weights"], cuts) == (p_ids, r_ids, [0.5] * (R - 1) + [0.0], set())
+    # one token fewer of each limit: the prompt loses its first token, the response its last
+    cuts = set()
+    ex = D.encode_text_pair(tok, prompt, response, max_prompt_length=P - 1, max_completion_length=R - 1, cuts=cuts)
+    assert (ex["prompt_ids"], ex["response_ids"], cuts) == (p_ids[1:], r_ids[:-1], {"prompt", "response"})
+    ex = D.encode_text_pair(tok, prompt, response, max_length=P + 1)
+    assert (ex["prompt_ids"], ex["response_ids"]) == (p_ids, r_ids[:1])
+    with pytest.raises(D.BadRowError, match=r"f.jsonl:3: field 'chosen': nothing of the response is left .*"
+                                            rf"max_length={P} \(the prompt alone has {P} tokens\)"):
+        D.encode_text_pair(tok, prompt, response, max_length=P, where="f.jsonl:3", fld="chosen")
+    path = tmp_path / "pairs.jsonl"
+    _write_jsonl(path, [{"prompt": prompt, "chosen": response, "rejected": "No."}])
+    _, rep = D.load_pairs(str(path), tok, max_length=P + R, max_prompt_length=P, max_completion_length=R)
+    assert (rep.rows, rep.cut_prompts, rep.cut_responses) == (1, 0, 0) and str(rep) == f"{path}: 1 rows"
+
+
+def test_a_source_without_a_usable_row_is_an_error_not_an_empty_run(tmp_path):
+    tok = load_builtin_tokenizer()
+    empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
+    empty.write_text("\n\n")
+    _write_jsonl(bad, [{"prompt": "Q: 1?\nA: ", "chosen": "1."}, "[1, 2]"])
+    with pytest.raises(D.BadRowError, match=r"empty.jsonl: no usable rows"):
+        D.load_pairs(str(empty), tok)
+    with pytest.raises(D.BadRowError, match=r"bad.jsonl: no usable rows \(.*2 skipped"):
+        D.load_pairs(str(bad), tok, skip_bad_rows=True)
+    with pytest.raises(D.BadRowError, match=r"empty.jsonl: no usable rows"):
+        D.load_negatives(str(empty), tok)
+    with pytest.raises(D.BadRowError, match=r"empty.jsonl: no usable rows"):
+        D.check_source(str(empty), "problems")
+
+
+@pytest.mark.parametrize("row, says", [
+    ({"prompt": "Q: 1?\nA: ", "chosen": "", "rejected": "2."}, r"field 'chosen': empty string"),
+    ({"prompt": [{"role": "user", "content": "1?"}], "chosen": [], "rejected": [{"role": "assistant", "content": "2."}]},
+     r"field 'chosen': expected a string or a list of \{role, content\} messages, got list"),
+    # TRL's implicit prompt needs a conversation longer than its last message
+    ({"chosen": [{"role": "assistant", "content": "1."}], "rejected": [{"role": "assistant", "content": "2."}]},
+     r"field 'prompt': missing"),
+    (5, r"expected an object with named fields, got int"),
+    ([{"prompt": "Q: 1?\nA: ", "chosen": "1.", "rejected": "2."}], r"expected an object with named fields, got list"),
+])
+def test_rows_that_would_train_on_nothing_are_bad_rows(tmp_path, row, says):
+    """An empty response or message list, a one-message conversation without a prompt, a row that is no
+    object: each is a bad row named by file and line (counted with --skip_bad_rows), never a pair with an
+    empty side, nor a traceback."""
+    tok = load_builtin_tokenizer()
+    good = {"prompt": "Q: 1?\nA: ", "chosen": "1.", "rejected": "2."}
+    path = tmp_path / "pairs.jsonl"
+    _write_jsonl(path, [good, row])
+    with pytest.raises(D.BadRowError, match=r"pairs.jsonl:2: " + says):
+        D.load_pairs(str(path), tok)
+    with pytest.raises(D.BadRowError, match=r"pairs.jsonl:2: " + says):
+        D.check_source(str(path), "pairs")
+    pairs, rep = D.load_pairs(str(path), tok, skip_bad_rows=True)
+    assert len(pairs) == 1 and (rep.rows, rep.skipped) == (1, 1)
+
+
+def test_a_chat_template_that_renders_the_prompt_otherwise_in_the_conversation_is_a_bad_row(tmp_path):
+    tok = load_builtin_tokenizer()
+    # the generation prompt says "A: ", the conversation "Answer: ": the response would start mid-prompt
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+                         "{% else %}Answer: {{ m['content'] }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}A: {% endif %}")
+    path = tmp_path / "chat.jsonl"
+    user = [{"role": "user", "content": "1?"}]
+    _write_jsonl(path, [{"prompt": user, "chosen": [{"role": "assistant", "content": "1."}],
+                         "rejected": [{"role": "assistant", "content": "2."}]}])
+    with pytest.raises(D.BadRowError, match=r"chat.jsonl:1: field 'chosen': the chat template renders the prompt "
+                                            "differently"):
+        D.load_pairs(str(path), tok)
+
+
+def test_negatives_read_response_over_rejected_and_refuse_boolean_weights(tmp_path):
+    tok = load_builtin_tokenizer()
+    path = tmp_path / "negs.jsonl"
+    _write_jsonl(path, [{"prompt": "Q: 1?\nA: ", "response": "3.", "rejected": "no, 4."},
+                        {"prompt": "Q: 2?\nA: ", "rejected": "5."}])
+    negs, _ = D.load_negatives(str(path), tok)
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # noqa: E731
+    assert [n["response_ids"] for n in negs] == [ids("3."), ids("5.")]
+    # true/false are no weights (JSON booleans are Python ints: they would pass as 1 and 0)
+    _write_jsonl(path, [{"prompt": "Q: 1?\nA: ", "response": "ab", "token_weights": [True, 0.5]}])
+    with pytest.raises(D.BadRowError, match=r"negs.jsonl:1: field 'token_weights': expected a list of numbers"):
+        D.load_negatives(str(path), tok, weight_field="token_weights")
+
+
+def test_rejected_negatives_are_the_distinct_prompt_and_rejected_pairs_in_order():
+    a, b, c = [1, 2], [3], [4, 5, 6]
+    pairs = [{"prompt_ids": a, "chosen_ids": [7], "rejected_ids": c},
+             {"prompt_ids": b, "chosen_ids": [8], "rejected_ids": c},   # the same wrong response to another prompt
+             {"prompt_ids": a, "chosen_ids": [9], "rejected_ids": c},   # a repeat: once
+             {"prompt_ids": a, "chosen_ids": [7], "rejected_ids": b}]
+    assert D.rejected_negatives(pairs) == [{"prompt_ids": a, "response_ids": c}, {"prompt_ids": b, "response_ids": c},
+                                           {"prompt_ids": a, "response_ids": b}]
+
+
+def test_a_json_file_may_hold_its_rows_under_data(tmp_path):
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "e", "rejected": "f"}]
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps({"data": rows, "version": 1}))
+    assert D.read_rows(str(path)) == [(f"{path}: row 1", rows[0]), (f"{path}: row 2", rows[1])]
+    path.write_text(json.dumps({"rows": rows}))
+    with pytest.raises(D.BadRowError, match=r"expected a JSON list of objects .* got dict"):
+        D.read_rows(str(path))
+
+
+def test_text_answers_ignore_a_final_period_and_a_response_without_an_answer_is_wrong():
+    said = r"[Aa]nswer: (.+)"
+    assert is_correct("So the answer: Paris.", "paris", said) and is_correct("answer: yes", "Yes.", said)
+    assert not is_correct("answer: Paris.", "Rome", said)
+    # no match is never correct, whatever the problem's answer reads like
+    for answer in ("None", "none", "nan"):
+        assert extract_answer("no marker here", said) is None and not is_correct("no marker here", answer, said)
+    assert answer_pattern_problem(r"(\d+) and (\d+)") and answer_pattern_problem("(") and not answer_pattern_problem(said)
+
+
+def test_problems_are_drawn_distinct_until_the_task_has_none_left(monkeypatch):
+    from allo.train import tasks
+
+    # a task of 5 problems: 5 distinct ones are found among the repeats; a 6th does not exist
+    monkeypatch.setitem(tasks.TASKS, "five", lambda rng: tasks.Problem(f"Q: {rng.randint(1, 5)}?\nA: ", 0, "0."))
+    got = make_problems("five", 5, 0)
+    assert sorted(p.prompt for p in got) == [f"Q: {i}?\nA: " for i in range(1, 6)]
+    assert {p.prompt for p in make_problems("five", 3, 0, exclude={"Q: 1?\nA: ", "Q: 2?\nA: "})} == \
+        {f"Q: {i}?\nA: " for i in (3, 4, 5)}
+    with pytest.raises(ValueError, match="fewer than 6 distinct problems"):
+        make_problems("five", 6, 0)
 
 
 def test_cli_help_documents_every_flag_and_yaml_config(tmp_path):

@@ -2,6 +2,7 @@
 options refused at parse time, a run without held-out data, unknown TRL flags, clean errors before any
 stage, data files checked up front. Reuses test_train's tiny model and files."""
 
+import dataclasses
 import json
 import os
 import re
@@ -12,7 +13,8 @@ import pytest
 from allo.train import folders, pipeline, run_config
 from allo.train import data as D
 from allo.train.cli import build_parser, main, parse
-from allo.train.config import LR_SCHEDULERS, RunError
+from allo.train import TrainConfig
+from allo.train.config import LR_SCHEDULERS, STAGES, RunError
 from test_train import _cfg, tiny  # noqa: F401  (tiny: the module's fixture)
 
 
@@ -110,6 +112,131 @@ def test_generation_batch_size_is_compared_where_prepare_sampled(tmp_path):
         run_config.check(TrainConfig(output_dir=str(out), generation_batch_size=4), log=lambda m: None)
 
 
+def _other(v):
+    return (not v) if isinstance(v, bool) else "x" if v is None else v + "x" if isinstance(v, str) else v + 1
+
+
+def test_every_option_but_the_documented_few_is_compared_on_a_rerun():
+    """Each option, changed alone, is a difference (its value, or for data files and the starting model their
+    identity), except exactly the options that change where, how fast or how verbosely a run goes: a new
+    option left out of the comparison by mistake (a data limit such as --max_prompt_length, --skip_bad_rows,
+    --dtype) would let a run reuse stages made with another value, silently."""
+    not_compared = {"output_dir", "overwrite_output_dir", "report_to", "run_name", "disable_tqdm", "logging_steps",
+                    "save_steps", "save_total_limit", "resume_from_checkpoint", "stages", "per_device_eval_batch_size",
+                    "gradient_checkpointing", "use_cpu", "attn_implementation", "trust_remote_code"}
+    assert set(run_config.NOT_COMPARED) == not_compared
+    cfg = TrainConfig()
+    current = cfg.to_dict()
+    inputs = run_config.input_identities(cfg)
+    for name, old in current.items():
+        diff = run_config.differences({"options": {**current, name: _other(old)}, "inputs": inputs}, cfg, inputs)
+        assert list(diff) == ([] if name in not_compared or name in run_config.DATA_FILES + run_config.MODEL_PATHS
+                              else [name]), name
+
+
+def test_a_data_file_of_the_same_size_with_other_content_is_other_data(tmp_path):
+    a = tmp_path / "train.jsonl"
+    a.write_text('{"prompt": "1?", "chosen": "2.", "rejected": "3."}\n')
+    cfg = TrainConfig(train_file=str(a))
+    old = run_config.input_identities(cfg)
+    a.write_text('{"prompt": "1?", "chosen": "2.", "rejected": "4."}\n')  # one digit: the same size
+    diff = run_config.differences({"options": cfg.to_dict(), "inputs": old}, cfg, run_config.input_identities(cfg))
+    assert list(diff) == ["train_file"]
+
+
+_ALL = set(STAGES)
+_FROM = {s: set(STAGES[STAGES.index(s):]) for s in STAGES}
+
+
+@pytest.mark.parametrize("option, pairs_from, want", [
+    # the stages an option changes: from the first that uses it on, through eval
+    ("eval_file", "file", {"eval"}),
+    ("eval_problems_file", "file", {"eval"}),
+    ("improve_learning_rate", "file", _FROM["improve"]),
+    ("eps", "file", _FROM["improve"]),
+    ("negatives_file", "file", _FROM["forget"]),
+    ("token_weight_source", "file", _FROM["forget"]),
+    ("skip_forget", "file", _FROM["forget"]),
+    ("improve_ratio", "file", _FROM["select"]),
+    ("score_source", "file", _FROM["select"]),
+    ("learning_rate", "file", _FROM["warmup"]),
+    ("beta", "file", _FROM["warmup"]),
+    ("max_length", "file", _FROM["warmup"]),         # prepare does not run for pairs from a file
+    ("max_length", "builtin", _ALL),
+    ("seed", "builtin", _ALL),
+    ("answer_pattern", "file", {"eval"}),
+    ("answer_pattern", "builtin", _ALL),
+    ("temperature", "file", set()),                  # the built-in task's options: nothing, for pairs from a file
+    ("temperature", "builtin", _ALL),
+    ("temperature", "file+problems", _ALL),          # prepare samples the --problems_file's
+    ("learning_rate", "reused", set()),              # the warm-up linked from --reuse_from was made by that run
+    ("max_length", "reused", _FROM["select"]),
+])
+def test_an_option_changes_the_stages_from_the_first_that_uses_it_on(tmp_path, option, pairs_from, want):
+    kw = {"file": dict(train_file="t.jsonl"), "builtin": {},
+          "file+problems": dict(model_name_or_path="m", train_file="t.jsonl", problems_file="p.jsonl"),
+          "reused": dict(reuse_from=str(tmp_path), reuse_stages="prepare, warmup")}[pairs_from]
+    assert run_config._affected(TrainConfig(**kw), option) == want
+
+
+def test_a_stale_completed_stage_is_refused_for_the_option_that_made_it(tmp_path):
+    """A completed forget stage, then a run with other negatives: refused (forget would be reused as it is);
+    with other held-out pairs only: eval has not completed, so the new value replaces the saved one."""
+    negs = tmp_path / "negs.jsonl"
+    negs.write_text('{"prompt": "1?", "response": "3."}\n')
+    cfg = TrainConfig(output_dir=str(tmp_path / "out"), train_file="t.jsonl", negatives_file=str(negs))
+    for stage in ("warmup", "select", "forget"):
+        os.makedirs(tmp_path / "out" / stage)
+        (tmp_path / "out" / stage / "DONE").write_text("{}")
+    run_config.write(cfg, run_config.input_identities(cfg))
+    negs.write_text('{"prompt": "1?", "response": "4."}\n')
+    with pytest.raises(RunError, match=r"--negatives_file: .*negs.jsonl"):
+        run_config.check(cfg, log=lambda m: None)
+    negs.write_text('{"prompt": "1?", "response": "3."}\n')
+    for change in (dict(skip_forget=True), dict(forget_ratio=0.05), dict(max_prompt_length=8)):
+        with pytest.raises(RunError, match="--" + next(iter(change))):
+            run_config.check(dataclasses.replace(cfg, **change), log=lambda m: None)
+    logs = []
+    assert run_config.check(dataclasses.replace(cfg, eval_file="e.jsonl"),
+                            log=logs.append)[0] is None
+    assert "--eval_file: None -> 'e.jsonl'" in logs[0] and "replace the saved ones" in logs[0]
+
+
+def test_one_stage_run_on_purpose_keeps_comparing_with_the_saved_options(tmp_path):
+    """`allo-train STAGE` with other options is not refused but says so, and keeps the saved record (with
+    --overwrite_output_dir too: the earlier stages it starts from were made with the saved options, which a
+    later `allo-train run` must keep comparing with)."""
+    out = tmp_path / "out"
+    cfg = TrainConfig(output_dir=str(out), train_file="t.jsonl")
+    for stage in ("warmup", "select"):
+        os.makedirs(out / stage)
+        (out / stage / "DONE").write_text("{}")
+    run_config.write(cfg, run_config.input_identities(cfg))
+    for overwrite in (False, True):
+        other = dataclasses.replace(cfg, learning_rate=cfg.learning_rate * 2, overwrite_output_dir=overwrite)
+        logs = []
+        saved, _ = run_config.check(other, explicit_stage="select", log=logs.append)
+        assert saved is not None and saved["options"]["learning_rate"] == cfg.learning_rate, overwrite
+        assert len(logs) == 1 and "select: runs with options that differ" in logs[0] and "--learning_rate" in logs[0]
+    with pytest.raises(RunError, match="--learning_rate"):
+        run_config.check(dataclasses.replace(cfg, learning_rate=cfg.learning_rate * 2), log=lambda m: None)
+    assert run_config.check(dataclasses.replace(cfg, learning_rate=1.0, overwrite_output_dir=True))[0] is None
+
+
+def test_a_local_starting_model_is_known_by_its_weight_files(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"x" * 8)
+    cfg = TrainConfig(model_name_or_path=str(model))
+    old = run_config.input_identities(cfg)
+    assert old["model_name_or_path"]["weights"][0][:2] == ["model.safetensors", 8]
+    (model / "model.safetensors").write_bytes(b"x" * 9)  # trained again in place
+    diff = run_config.differences({"options": cfg.to_dict(), "inputs": old}, cfg, run_config.input_identities(cfg))
+    assert list(diff) == ["model_name_or_path"]
+    assert run_config.input_identities(TrainConfig(model_name_or_path="org/name"))["model_name_or_path"] == "org/name"
+
+
 def test_overwrite_interrupted_part_way_leaves_the_saved_options_to_refuse_with(tmp_path, tiny, monkeypatch):  # noqa: F811
     out = tmp_path / "run"
     cfg = _cfg(tiny, out)
@@ -202,6 +329,84 @@ def test_bad_options_are_one_error_line_after_a_one_line_usage_hint(argv, messag
     lines = err.strip().splitlines()
     assert len(lines) == 2 and "allo-train --help" in lines[0], err
     assert lines[1].startswith("allo-train: error: ") and message in lines[1], err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(max_prompt_length=0), r"--max_prompt_length is 0; expected a positive number of tokens"),
+    (dict(per_device_train_batch_size=0), r"--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1"),
+    (dict(gradient_accumulation_steps=0), r"--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1"),
+    (dict(warmup_steps=2.5), r"--warmup_steps is 2.5; expected a whole number of steps"),
+    (dict(warmup_steps=-1), r"--warmup_steps is -1; expected a whole number of steps"),
+    (dict(token_weight_source="reward_model_probs"), r"--token_weight_source reward_model_probs reads keep_probs from a "
+                                                     r"--negatives_file"),
+    (dict(dataset_config="main"), r"--dataset_config 'main' needs --dataset_name"),
+    (dict(eval_models="sft,wamrup"), r"--eval_models names unknown model\(s\) \['wamrup'\]"),
+    (dict(stages="warmup,slect"), r"--stages names unknown stage\(s\) \['slect'\]"),
+    (dict(eps=1.5), r"--eps is 1.5; expected a fraction in \[0, 1\]"),
+    (dict(implicit_token_fraction=-0.1), r"--implicit_token_fraction is -0.1; expected a fraction in \[0, 1\]"),
+    (dict(warmup_ratio=1.5), r"--warmup_ratio is 1.5; expected a fraction in \[0, 1\]"),
+    (dict(max_new_tokens=0), r"--max_new_tokens is 0; expected >= 1"),
+    (dict(forget_learning_rate=-1e-5), r"--forget_learning_rate is -1e-05; expected >= 0"),
+    (dict(sft_learning_rate=float("nan")), r"--sft_learning_rate is nan; expected >= 0"),
+])
+def test_option_values_that_cannot_make_a_run_are_refused(flags, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**flags).validate()
+
+
+@pytest.mark.parametrize("flags", [
+    dict(top_p=1.0), dict(max_length=1, max_prompt_length=1, max_completion_length=1), dict(warmup_steps=0.5),
+    dict(warmup_steps=3.0), dict(eps=0.0, implicit_token_fraction=1.0, warmup_ratio=1.0, improve_ratio=1.0),
+    dict(token_weight_source="reward_model_probs", skip_forget=True), dict(per_device_train_batch_size=1),
+])
+def test_option_values_at_the_edge_of_their_range_are_accepted(flags):
+    TrainConfig(**flags).validate()
+
+
+@pytest.mark.parametrize("flags, total, want", [
+    (dict(warmup_ratio=0.25), 10, 2),           # the ratio rounds down (no warm-up step of learning rate 0)
+    (dict(warmup_ratio=0.1), 9, 0),
+    (dict(warmup_steps=0.25), 10, 3),           # a fraction rounds up, as transformers does
+    (dict(warmup_steps=1), 10, 1),              # a whole number of steps, not a fraction of 1 (all of them)
+    (dict(warmup_steps=3, warmup_ratio=0.5), 10, 3),  # overrides --warmup_ratio
+])
+def test_num_warmup_steps(flags, total, want):
+    assert TrainConfig(**flags).num_warmup_steps(total) == want
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("learning_rate: true\n", r"c.yaml: key 'learning_rate': expected a float, got True"),
+    ("max_steps: true\n", r"c.yaml: key 'max_steps': expected an int, got True"),
+    ("seed: null\n", r"c.yaml: key 'seed': expected an int, got None"),          # (None reached the run)
+    ("dataset_train_split: null\n", r"c.yaml: key 'dataset_train_split': expected a string, got None"),
+    ("bf16: 1.5\n", r"c.yaml: key 'bf16': expected true or false, got 1.5"),
+])
+def test_yaml_values_a_flag_could_not_give_are_refused_naming_the_key(tmp_path, capsys, yaml_text, message):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml_text)
+    with pytest.raises(SystemExit):
+        parse(["--config", str(cfg_file)])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_yaml_booleans_and_numbers_and_flags_over_them(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("skip_bad_rows: on\nbf16: false\ndisable_tqdm: '1'\nmax_prompt_length: 7\nwarmup_steps: 2\n"
+                        "model_name_or_path: null\nrun_name: 12\n")
+    _, cfg = parse(["--config", str(cfg_file), "--bf16", "--max_prompt_length", "9"])
+    assert (cfg.skip_bad_rows, cfg.bf16, cfg.disable_tqdm) == (True, True, True)
+    assert (cfg.max_prompt_length, cfg.warmup_steps, cfg.model_name_or_path, cfg.run_name) == (9, 2.0, None, "12")
+    assert isinstance(cfg.warmup_steps, float)
+    _, cfg = parse(["--config", str(cfg_file), "--skip_bad_rows", "off"])
+    assert (cfg.skip_bad_rows, cfg.bf16, cfg.max_prompt_length) == (False, False, 7)
+
+
+def test_a_flag_value_that_is_a_command_name_is_its_value_not_the_command():
+    # --run_name eval: the run's name, and the command stays `run`; an unknown flag's value is no command either
+    command, cfg = parse(["--run_name", "eval"])
+    assert command == "run" and cfg.run_name == "eval"
+    with pytest.raises(SystemExit):
+        parse(["--eval_strategy", "eval"])
 
 
 def test_the_command_may_come_anywhere_and_max_grad_norm_0_means_no_clipping():
@@ -438,6 +643,31 @@ def test_auto_token_weights_are_decided_from_the_rows_the_loader_keeps(tmp_path)
     negs.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
     assert negatives_weight_field(TrainConfig(negatives_file=str(negs))) is None
     assert negatives_weight_field(TrainConfig(negatives_file=str(negs), token_weight_source="data")) == "token_weights"
+
+
+def test_every_loader_gets_the_runs_row_limits():
+    from allo.train.stages.common import row_limits
+
+    cfg = TrainConfig(max_length=17, max_prompt_length=5, max_completion_length=9, skip_bad_rows=True)
+    assert row_limits(cfg) == dict(max_length=17, max_prompt_length=5, max_completion_length=9, skip_bad_rows=True)
+    assert row_limits(TrainConfig())["skip_bad_rows"] is False
+
+
+def test_auto_token_weights_when_any_usable_row_carries_them(tmp_path):
+    from allo.train.stages.common import negatives_weight_field
+
+    negs = tmp_path / "negs.jsonl"
+    negs.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n"
+                    + json.dumps({"prompt": "q", "response": "b", "token_weights": [1.0]}) + "\n")
+    assert negatives_weight_field(TrainConfig(negatives_file=str(negs))) == "token_weights"
+    assert negatives_weight_field(TrainConfig(negatives_file=str(negs), token_weight_source="implicit_reward")) is None
+    assert negatives_weight_field(TrainConfig(negatives_file=str(negs), token_weight_source="reward_model_probs")) \
+        == "keep_probs"
+    assert negatives_weight_field(TrainConfig()) is None  # no file: the warm-up model's implicit weights
+    # a bad row's token_weights decide nothing (with --skip_bad_rows it is skipped, its weights with it)
+    negs.write_text(json.dumps({"response": "a", "token_weights": [1.0]}) + "\n"
+                    + json.dumps({"prompt": "q", "response": "b"}) + "\n")
+    assert negatives_weight_field(TrainConfig(negatives_file=str(negs), skip_bad_rows=True)) is None
 
 
 def test_a_stage_that_cannot_run_with_these_options_says_so_before_it_starts(tiny, tmp_path, capsys):  # noqa: F811

@@ -10,7 +10,7 @@ import types
 import pytest
 
 from allo.train import TrainConfig, pipeline
-from allo.train.reporting import MetricsSink, parse_report_to, report_problem
+from allo.train.reporting import MetricsSink, parse_report_to, report_problem, report_results
 from test_train import _cfg, tiny  # noqa: F401 (fixture)
 
 
@@ -142,3 +142,32 @@ def test_each_trained_stage_and_the_eval_are_one_run_each(tiny, tmp_path, wandb,
     evaluated = {m: json.load(open(out / "eval" / f"{m}.json")) for m in ("sft", "forget")}
     assert wandb.runs[-1].rows[0][1] == {f"{m}/{k}": v for m, res in evaluated.items() for k, v in res.items()}
     assert "forget/eval_rewards/accuracies" in wandb.runs[-1].rows[0][1]
+
+
+def _lines(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_a_stage_run_again_starts_its_metrics_afresh_and_only_the_main_process_writes(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.6}\n')
+    other = MetricsSink(str(tmp_path), "jsonl", enabled=False)  # another process: nothing removed or written
+    other.log({"step": 1, "loss": 9.0})
+    other.close()
+    assert [r["loss"] for r in _lines(path)] == [0.7, 0.6]
+    sink = MetricsSink(str(tmp_path), "jsonl", enabled=True)  # not resumed: the old rows are no rows of this run
+    sink.log({"step": 1, "loss": 0.5})
+    sink.close()
+    assert _lines(path) == [{"step": 1, "loss": 0.5}]
+    sink = MetricsSink(str(tmp_path), "jsonl", enabled=True, resume_step=1)
+    sink.log({"step": 2, "loss": 0.25})
+    sink.close()
+    assert _lines(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
+
+
+def test_eval_results_are_one_row_keyed_by_model_and_metric(tmp_path):
+    results = {"sft": {"eval_loss": 0.75, "eval_rewards/accuracies": 0.5, "note": "text"},
+               "improve": {"eval_loss": 0.25, "eval_answer_accuracy": 1}}
+    report_results(str(tmp_path), "jsonl", results)
+    assert _lines(tmp_path / "metrics.jsonl") == [{"step": 0, "sft/eval_loss": 0.75, "sft/eval_rewards/accuracies": 0.5,
+                                                   "improve/eval_loss": 0.25, "improve/eval_answer_accuracy": 1}]
