@@ -107,61 +107,13 @@ def test_cpu_kernel_rounds_low_precision_weights_to_nearest_even_as_torch(dtype)
             assert torch.isnan(weight[rest].float()).all()
 
 
-def test_cpu_kernel_is_exact_across_its_work_chunks():
-    # the C loop cuts each tensor's selection into chunks of 32768 elements that threads take in turn;
-    # selections of several chunks (every element of each chunk, the last ones included) in every loop of
-    # the kernel: fp32 with int32 indices (runs and scattered), fp32 dense, bf16 with int64 indices
-    chunk = 32768
-    hp = dict(lr=3e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
-    cases = []
-    n = 2 * chunk + 4099
-    idx = torch.cat([torch.arange(chunk - 300, chunk + 301),  # a run across the first chunk boundary
-                     torch.randperm(n - chunk - 400)[:chunk + 1001].sort().values + chunk + 400])
-    cases.append((torch.float32, n, idx.int()))
-    cases.append((torch.float32, chunk + 77, None))
-    n = 3 * chunk + 5
-    cases.append((torch.bfloat16, n, torch.randperm(n)[:2 * chunk + 333].sort().values))
+def _assert_cpu_kernel_matches_float64(cases, hp, first_step):
+    """One call of the C loop over ``cases`` ((dtype, n, indices or None for dense), one tensor each, the
+    unselected weights poisoned with NaN, step counts from ``first_step`` on) against float64 AdamW."""
     rows, refs = [], []
-    for step, (dtype, n, indices) in enumerate(cases, start=2):
+    for step, (dtype, n, indices) in enumerate(cases, start=first_step):
         k = n if indices is None else indices.numel()
         sel = torch.arange(n) if indices is None else indices.long()
-        weight = torch.randn(n).to(dtype)
-        unselected = torch.ones(n, dtype=torch.bool)
-        unselected[sel] = False
-        weight[unselected] = math.nan
-        grad = _grad(n, dtype)
-        m0, v0 = torch.randn(k) * 0.1, torch.rand(k) * 0.01
-        m, v = m0.clone(), v0.clone()
-        master = weight[sel].float() + torch.randn(k) * 1e-3 if dtype != torch.float32 else None
-        ref_p = (weight[sel] if master is None else master).double()
-        ref_m, ref_v = m0.double(), v0.double()
-        _adamw64(ref_p, grad[sel].double(), ref_m, ref_v, step=step, **hp)
-        rows.append(_kernel_row(weight, grad, indices, m, v, master, step=step, lr=hp["lr"], beta1=hp["beta1"],
-                                beta2=hp["beta2"], eps=hp["eps"], wd=hp["weight_decay"]))
-        refs.append((sel, unselected, ref_p, ref_m, ref_v))
-    _cpu_kernel.masked_adamw_cpu(*_cpu_kernel.pack(rows))
-    for row, (sel, unselected, ref_p, ref_m, ref_v) in zip(rows, refs):
-        weight, _, _, m, v, master = row[:6]
-        torch.testing.assert_close(m, ref_m.float(), rtol=5e-6, atol=3e-7)
-        torch.testing.assert_close(v, ref_v.float(), rtol=1e-6, atol=5e-9)
-        got = weight[sel] if master is None else master
-        torch.testing.assert_close(got, ref_p.float(), rtol=5e-6, atol=3e-7)
-        if master is not None:
-            assert torch.equal(weight[sel], master.to(weight.dtype))
-        assert torch.isnan(weight[unselected].float()).all()
-
-
-def test_cpu_kernel_selections_of_whole_chunks_and_empty_ones_next_to_others():
-    # the threads map a chunk number to its tensor by counting each tensor's chunks (ceil(k / 32768)): a
-    # selection of exactly one or two whole chunks, or of none, must not shift the tensors after it
-    chunk = 32768
-    hp = dict(lr=2e-2, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.05)
-    cases = [(torch.float32, chunk + 999, chunk), (torch.float32, 41, 0), (torch.bfloat16, 2 * chunk + 3, 2 * chunk),
-             (torch.float32, 5003, 1711)]
-    rows, refs = [], []
-    for step, (dtype, n, k) in enumerate(cases, start=3):
-        sel = torch.randperm(n)[:k].sort().values
-        indices = sel.int() if dtype == torch.float32 else sel
         weight = torch.randn(n).to(dtype)
         unselected = torch.ones(n, dtype=torch.bool)
         unselected[sel] = False
@@ -182,7 +134,39 @@ def test_cpu_kernel_selections_of_whole_chunks_and_empty_ones_next_to_others():
         torch.testing.assert_close(v, ref_v.float(), rtol=1e-6, atol=5e-9, msg=f"tensor {i}")
         got = weight[sel] if master is None else master
         torch.testing.assert_close(got, ref_p.float(), rtol=5e-6, atol=3e-7, msg=f"tensor {i}")
+        if master is not None:
+            assert torch.equal(weight[sel], master.to(weight.dtype))
         assert torch.isnan(weight[unselected].float()).all()
+
+
+def test_cpu_kernel_is_exact_across_its_work_chunks():
+    # the C loop cuts each tensor's selection into chunks of 32768 elements that threads take in turn;
+    # selections of several chunks (every element of each chunk, the last ones included) in every loop of
+    # the kernel: fp32 with int32 indices (runs and scattered), fp32 dense, bf16 with int64 indices
+    chunk = 32768
+    hp = dict(lr=3e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+    cases = []
+    n = 2 * chunk + 4099
+    idx = torch.cat([torch.arange(chunk - 300, chunk + 301),  # a run across the first chunk boundary
+                     torch.randperm(n - chunk - 400)[:chunk + 1001].sort().values + chunk + 400])
+    cases.append((torch.float32, n, idx.int()))
+    cases.append((torch.float32, chunk + 77, None))
+    n = 3 * chunk + 5
+    cases.append((torch.bfloat16, n, torch.randperm(n)[:2 * chunk + 333].sort().values))
+    _assert_cpu_kernel_matches_float64(cases, hp, first_step=2)
+
+
+def test_cpu_kernel_selections_of_whole_chunks_and_empty_ones_next_to_others():
+    # the threads map a chunk number to its tensor by counting each tensor's chunks (ceil(k / 32768)): a
+    # selection of exactly one or two whole chunks, or of none, must not shift the tensors after it
+    chunk = 32768
+    hp = dict(lr=2e-2, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.05)
+    cases = [(torch.float32, chunk + 999, chunk), (torch.float32, 41, 0), (torch.bfloat16, 2 * chunk + 3, 2 * chunk),
+             (torch.float32, 5003, 1711)]
+    for i, (dtype, n, k) in enumerate(cases):
+        sel = torch.randperm(n)[:k].sort().values
+        cases[i] = (dtype, n, sel.int() if dtype == torch.float32 else sel)
+    _assert_cpu_kernel_matches_float64(cases, hp, first_step=3)
 
 
 def test_cpu_kernel_on_several_threads_is_bit_identical_to_one_thread():

@@ -146,6 +146,12 @@ def test_data_source_errors_name_the_file_and_how_to_fix(tmp_path, capsys):
     ("learning_rate: abc\n", r"c.yaml: key 'learning_rate': expected a float, got 'abc'"),
     ("bf16: maybe\n", r"c.yaml: key 'bf16': expected true or false, got 'maybe'"),
     ("logging_steps: 0\n", r"--logging_steps is 0; expected >= 1"),
+    # YAML values a flag could not give
+    ("learning_rate: true\n", r"c.yaml: key 'learning_rate': expected a float, got True"),
+    ("max_steps: true\n", r"c.yaml: key 'max_steps': expected an int, got True"),
+    ("seed: null\n", r"c.yaml: key 'seed': expected an int, got None"),          # (None reached the run)
+    ("dataset_train_split: null\n", r"c.yaml: key 'dataset_train_split': expected a string, got None"),
+    ("bf16: 1.5\n", r"c.yaml: key 'bf16': expected true or false, got 1.5"),
 ])
 def test_config_values_of_the_wrong_type_name_the_file_and_key(tmp_path, capsys, yaml_text, message):
     from allo.train.cli import parse

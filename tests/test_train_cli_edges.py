@@ -374,21 +374,6 @@ def test_num_warmup_steps(flags, total, want):
     assert TrainConfig(**flags).num_warmup_steps(total) == want
 
 
-@pytest.mark.parametrize("yaml_text, message", [
-    ("learning_rate: true\n", r"c.yaml: key 'learning_rate': expected a float, got True"),
-    ("max_steps: true\n", r"c.yaml: key 'max_steps': expected an int, got True"),
-    ("seed: null\n", r"c.yaml: key 'seed': expected an int, got None"),          # (None reached the run)
-    ("dataset_train_split: null\n", r"c.yaml: key 'dataset_train_split': expected a string, got None"),
-    ("bf16: 1.5\n", r"c.yaml: key 'bf16': expected true or false, got 1.5"),
-])
-def test_yaml_values_a_flag_could_not_give_are_refused_naming_the_key(tmp_path, capsys, yaml_text, message):
-    cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(yaml_text)
-    with pytest.raises(SystemExit):
-        parse(["--config", str(cfg_file)])
-    assert re.search(message, capsys.readouterr().err)
-
-
 def test_yaml_booleans_and_numbers_and_flags_over_them(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("skip_bad_rows: on\nbf16: false\ndisable_tqdm: '1'\nmax_prompt_length: 7\nwarmup_steps: 2\n"

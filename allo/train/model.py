@@ -86,6 +86,19 @@ def local_folder(name_or_path: str) -> str | None:
         return None
 
 
+def _weight_map(path: str) -> dict[str, str] | None:
+    """Weight name -> safetensors file of the model folder ``path``, from its
+    ``model.safetensors.index.json`` (``save_pretrained`` shards a model larger than its
+    ``max_shard_size``); None when there is no index (the weights are in ``model.safetensors``, if any)."""
+    import json
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        return None
+    with open(index) as f:
+        return json.load(f)["weight_map"]
+
+
 def mapped_weights(path: str, model) -> dict[str, torch.Tensor] | None:
     """The weights of the model folder ``path`` by ``model``'s parameter names, as tensors that map the
     folder's safetensors files (read from disk on use, held as page cache, which the OS may drop: no
@@ -98,17 +111,10 @@ def mapped_weights(path: str, model) -> dict[str, torch.Tensor] | None:
     model stored in bf16, as most are: 4 bytes of memory per parameter, 32 GB for an 8B model); on this
     CPU, 82M parameters with the SFT model in bf16, the selection's peak process memory went from 388 MB to
     82 MB (its masks)."""
-    import json
-
     from safetensors import safe_open
 
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            file_of = json.load(f)["weight_map"]
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        file_of = None
-    else:
+    file_of = _weight_map(path)
+    if file_of is None and not os.path.isfile(os.path.join(path, "model.safetensors")):
         return None
     wanted = dict(model.named_parameters())
     by_file: dict[str, list[str]] = {}
@@ -259,21 +265,15 @@ def generate(model, tokenizer, prompts: list[str], *, num_return_sequences: int 
 
 def read_folder_weights(path: str) -> tuple[dict, str]:
     """Every tensor of the HF model folder ``path``, read into memory, and the file(s) they came from
-    (for errors): its ``model.safetensors``, or the shards its ``model.safetensors.index.json`` names
-    (``save_pretrained`` shards a model larger than its ``max_shard_size``)."""
-    import json
-
+    (for errors): its ``model.safetensors``, or the shards its index names (see :func:`_weight_map`)."""
     from safetensors.torch import load_file
 
-    index = os.path.join(path, "model.safetensors.index.json")
-    if not os.path.isfile(index):
-        return load_file(os.path.join(path, "model.safetensors")), os.path.join(path, "model.safetensors")
-    with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
+    file_of = _weight_map(path)
+    files = ["model.safetensors"] if file_of is None else sorted(set(file_of.values()))
     weights = {}
     for file in files:
         weights.update(load_file(os.path.join(path, file)))
-    return weights, f"{path}/{{{','.join(files)}}}"
+    return weights, os.path.join(path, files[0]) if len(files) == 1 else f"{path}/{{{','.join(files)}}}"
 
 
 def load_full_weights(model, weights: dict, *, source: str) -> None:
