@@ -67,6 +67,19 @@ def device_for(backend):
     return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps its state in process-wide singletons: a Trainer or Accelerator test would see the
+    previous one's (its device, its gradient accumulation). Reset before and after the test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A different but reproducible seed per test: failures can be replayed from the test id.

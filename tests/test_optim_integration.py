@@ -12,15 +12,7 @@ accelerate = pytest.importorskip("accelerate")
 from allo.optim import MaskedAdamW  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # (tests/conftest.py)
 
 
 def _tiny_llama():
@@ -131,15 +123,32 @@ def test_compact_grad_clipping_clips_what_the_step_uses_before_every_trainer_ste
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 12))]
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
                                           gradient_accumulation_steps=2, use_cpu=True, report_to=[],
-                                          save_strategy="no", disable_tqdm=True, max_grad_norm=0.0)
-    clipping = CompactGradClipping(max_norm=1e-3)
-    transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched),
-                         callbacks=[clipping]).train()
+                                          save_strategy="no", disable_tqdm=True, max_grad_norm=0.0,
+                                          logging_steps=1)
+
+    class Reporter(transformers.TrainerCallback):  # stands in for a reporting integration (TensorBoard, W&B)
+        def __init__(self):
+            self.grad_norms = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "grad_norm" in logs:
+                self.grad_norms.append(logs["grad_norm"])
+
+    clipping, reporter = CompactGradClipping(max_norm=1e-3), Reporter()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched),
+                                   callbacks=[reporter])
+    trainer.callback_handler.callbacks.insert(0, clipping)  # first: what the README says, for integrations
+    trainer.train()
     assert [e[0] for e in events] == ["clip", "step"] * 3, events
     for _, max_norm, before, after in events[::2]:
         assert max_norm == 1e-3 and before > 1e-2  # (so it did clip)
         assert after == pytest.approx(1e-3, rel=1e-3)
     assert clipping.last_norm == events[-2][2]
+    # the logged grad_norm is each step's compact norm (Trainer's own saw no gradients: 0.0), in the logs
+    # the callbacks after it get and in the trainer state's history
+    norms = [before for _, _, before, _ in events[::2]]
+    assert reporter.grad_norms == norms
+    assert [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h] == norms
 
 
 def test_compact_grad_clipping_refuses_a_trainer_that_clips_too_and_a_dense_optimizer(tmp_path):

@@ -19,7 +19,7 @@ def test_the_readme_python_examples_run(tmp_path, monkeypatch):
     from allo.train.model import build_tiny_model
     from allo.train.tokenizer import load_builtin_tokenizer
 
-    blocks = _python_blocks()
+    blocks = [b for b in _python_blocks() if "DPOTrainer" not in b]  # (the TRL recipe: the test below)
     assert len(blocks) == 3, "a Python block was added to or removed from the README: update this test"
     monkeypatch.chdir(tmp_path)  # the examples write files
     tok = load_builtin_tokenizer()
@@ -51,3 +51,38 @@ def test_the_readme_python_examples_run(tmp_path, monkeypatch):
     excluded = {n for n in selection.masks if re.search("embed|norm", n)}
     assert excluded and ns["sel"].masks.keys() == selection.masks.keys() - excluded
     assert os.path.getsize(tmp_path / "neurons.safetensors") > 0 and os.path.getsize(tmp_path / "neurons.png") > 0
+
+
+def test_the_readme_trl_recipe_runs(tmp_path, monkeypatch, fresh_accelerate_state):
+    import copy
+
+    import pytest
+
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from allo.train.model import build_tiny_model
+    from allo.train.tokenizer import load_builtin_tokenizer
+
+    (block,) = [b for b in _python_blocks() if "DPOTrainer" in b]
+    monkeypatch.chdir(tmp_path)  # DPOConfig's output_dir
+    tok = load_builtin_tokenizer()
+    sft_model = build_tiny_model(tok, hidden_size=32, num_layers=1, seed=0)
+    dpo_model = copy.deepcopy(sft_model)
+    with torch.no_grad():
+        for p in dpo_model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    policy = copy.deepcopy(sft_model)
+    pairs = datasets.Dataset.from_list([{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a - b)}
+                                        for a in range(4) for b in range(4)])
+    ns = dict(sft_model=sft_model, dpo_model=dpo_model, policy=policy, pairs=pairs, tok=tok)
+    # what this machine needs besides the block's options (DPOConfig defaults to bf16 on a GPU), and a short run
+    real_config = trl.DPOConfig
+    monkeypatch.setattr(trl, "DPOConfig", lambda **kw: real_config(
+        **{"use_cpu": True, "report_to": [], "max_steps": 2, "disable_tqdm": True, **kw}))
+    exec(block, ns)
+    masks = ns["masks"]
+    for (n, p), (_, p0) in zip(policy.named_parameters(), sft_model.named_parameters()):
+        changed = p.detach() != p0.detach()
+        assert not (changed & ~masks[n]).any() if n in masks else not changed.any(), n
+    assert any((p.detach() != p0.detach()).any() for p, p0 in zip(policy.parameters(), sft_model.parameters()))
+    assert ns["trainer"].state.global_step > 0

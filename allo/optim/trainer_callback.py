@@ -37,8 +37,13 @@ class CompactGradClipping(TrainerCallback):
     """Clip a compact-gradient :class:`MaskedAdamW`'s gradients to total norm ``max_norm`` before every
     optimizer step of a ``transformers.Trainer`` (see the module docstring). The Trainer must not clip
     itself: ``TrainingArguments(max_grad_norm=0)``, else training stops at its start with a ValueError.
-    ``last_norm``: the norm before clipping at the latest step (Trainer logs its own ``grad_norm``, which
-    does not see compact gradients)."""
+    ``last_norm``: the norm before clipping at the latest step.
+
+    Trainer computes the ``grad_norm`` it logs from ``param.grad``, which compact gradients leave empty
+    (0.0); this callback writes ``last_norm`` over it in the logs it is given and in
+    ``state.log_history`` (the console, ``trainer_state.json``). Reporting integrations (TensorBoard,
+    W&B, ...) run before the callbacks given to Trainer, so to give them the compact norm too, build the
+    Trainer without it and put it first: ``trainer.callback_handler.callbacks.insert(0, callback)``."""
 
     def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0):
         if not (isinstance(max_norm, (int, float)) and max_norm > 0 and math.isfinite(max_norm)):
@@ -58,3 +63,12 @@ class CompactGradClipping(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         total = _masked_adamw(optimizer).clip_grad_norm_(self.max_norm, self.norm_type)
         self.last_norm = float(total)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Trainer logs the grad_norm of the latest step, as last_norm is; its own value saw no gradients
+        if logs is None or "grad_norm" not in logs or self.last_norm is None:
+            return
+        logs["grad_norm"] = self.last_norm
+        if state.log_history and state.log_history[-1].get("step") == state.global_step \
+                and "grad_norm" in state.log_history[-1]:
+            state.log_history[-1]["grad_norm"] = self.last_norm
