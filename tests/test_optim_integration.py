@@ -63,6 +63,41 @@ def test_trainer_with_masked_adamw_and_scheduler(tmp_path, compact):
 
 
 @pytest.mark.parametrize("compact", [False, True])
+def test_trainer_resumed_from_its_checkpoint_ends_bit_for_bit_like_the_uninterrupted_run(tmp_path, compact):
+    # Trainer saves optimizer.state_dict() (masks, compact moments, step counts) in each checkpoint and
+    # loads it back on resume_from_checkpoint; the data order and the scheduler resume too
+    from accelerate.state import AcceleratorState, GradientState
+    from allo.optim import CompactGradClipping
+
+    base = _tiny_llama()
+    masks = _masks(base)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (16, 12))]
+
+    def run(out, resume=None):
+        AcceleratorState._reset_state(True)  # (two Trainers in one test)
+        GradientState._reset_state()
+        model = copy.deepcopy(base)
+        opt = MaskedAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.01, masks=masks, compact_grads=compact)
+        sched = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=1, num_training_steps=6)
+        args = transformers.TrainingArguments(output_dir=str(out), max_steps=6, per_device_train_batch_size=2,
+                                              gradient_accumulation_steps=2, use_cpu=True, report_to=[],
+                                              save_strategy="steps", save_steps=3, disable_tqdm=True, seed=0,
+                                              max_grad_norm=0.0 if compact else 1.0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched),
+                                       callbacks=[CompactGradClipping(1.0)] if compact else None)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, opt
+
+    full, full_opt = run(tmp_path / "full")
+    resumed, resumed_opt = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-3"))
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    for p, q in zip(full_opt.state.values(), resumed_opt.state.values()):
+        assert torch.equal(p["exp_avg"], q["exp_avg"]) and torch.equal(p["exp_avg_sq"], q["exp_avg_sq"])
+    assert resumed_opt.selected_count() == sum(int(m.sum()) for m in masks.values())
+
+
+@pytest.mark.parametrize("compact", [False, True])
 def test_accelerate_prepare_with_gradient_accumulation(compact):
     from accelerate import Accelerator
 
