@@ -104,7 +104,7 @@ def test_training_and_gradient_score_batches_go_to_the_models_device(batches_for
     monkeypatch.setattr(select_stage, "load_pairs", lambda ctx, split: pairs)
     accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0,
                                   autocast=torch.enable_grad)
-    ctx = SimpleNamespace(cfg=cfg, accelerator=accelerator, tokenizer=tok)
+    ctx = SimpleNamespace(cfg=cfg, accelerator=accelerator, tokenizer=tok, loaded={})
     scores = select_stage._gradient_scores(ctx, TokenLogprobs(model), model, sharded=False)
     assert seen and scores
 

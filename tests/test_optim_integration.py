@@ -97,6 +97,69 @@ def test_trainer_resumed_from_its_checkpoint_ends_bit_for_bit_like_the_uninterru
     assert resumed_opt.selected_count() == sum(int(m.sum()) for m in masks.values())
 
 
+_TRAINER_WORKER = """
+import os, sys, torch, transformers
+from allo.optim import MaskedAdamW
+compact, out, batch = sys.argv[1] == "1", sys.argv[2], int(sys.argv[3])
+torch.manual_seed(0)
+model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    num_key_value_heads=1, max_position_embeddings=32))
+g = torch.Generator().manual_seed(1)
+masks = {n: torch.rand(p.shape, generator=g) < 0.2 for n, p in model.named_parameters() if n.endswith("proj.weight")}
+data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (16, 12), generator=g)]
+before = {n: p.detach().clone() for n, p in model.named_parameters()}
+opt = MaskedAdamW(model.named_parameters(), lr=1e-2, masks=masks, compact_grads=compact)
+args = transformers.TrainingArguments(output_dir=out, max_steps=3, per_device_train_batch_size=batch, use_cpu=True,
+                                      report_to=[], save_strategy="no", disable_tqdm=True, max_grad_norm=0.0, seed=0)
+trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                               optimizers=(opt, transformers.get_constant_schedule(opt)))
+trainer.train()
+torch.save({"weights": dict(model.named_parameters()), "before": before, "masks": masks,
+            "processes": trainer.accelerator.num_processes}, os.path.join(out, f"rank{os.environ.get('RANK', 0)}.pt"))
+"""
+
+
+def test_trainer_on_two_processes_with_masked_adamw_matches_one_process_and_refuses_compact_grads(tmp_path):
+    # what a multi-GPU user runs (Trainer wraps the model in DDP), on 2 CPU processes (gloo): with dense
+    # gradients DDP averages them and every rank steps alike; compact gradients under DDP stop at the
+    # first step with the fix in the message (README: use compact_grads=False there)
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(_TRAINER_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+
+    def launch(compact, out):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                               "127.0.0.1", "--master_port", str(port), str(script), str(int(compact)), str(out), "2"],
+                              env=env, capture_output=True, text=True, timeout=400)
+
+    two = launch(False, tmp_path / "two")
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(script), "0", str(tmp_path / "one"), "4"], env=env, capture_output=True,
+                         text=True, timeout=400)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    r0, r1, single = (torch.load(tmp_path / d / f, weights_only=False)
+                      for d, f in (("two", "rank0.pt"), ("two", "rank1.pt"), ("one", "rank0.pt")))
+    assert (r0["processes"], single["processes"]) == (2, 1)
+    for name, w in r0["weights"].items():
+        assert torch.equal(w, r1["weights"][name]), name  # the ranks stepped alike
+        torch.testing.assert_close(w, single["weights"][name], rtol=1e-5, atol=1e-6, msg=name)
+    _check_sparse_update(r0["before"], types.SimpleNamespace(named_parameters=r0["weights"].items), r0["masks"])
+
+    compact = launch(True, tmp_path / "compact")
+    assert compact.returncode != 0
+    assert "compact gradients were not averaged across the 2 processes" in compact.stderr
+    assert "compact_grads=False" in compact.stderr
+
+
 @pytest.mark.parametrize("compact", [False, True])
 def test_accelerate_prepare_with_gradient_accumulation(compact):
     from accelerate import Accelerator

@@ -424,8 +424,21 @@ def test_every_stage_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     spy = _SpyModels(context=lambda: len(parked))
     monkeypatch.setattr(forget_stage, "parked_on_cpu", spy_parked)
     monkeypatch.setattr(forget_stage, "models", spy)
+    # each data file is tokenized once in a run: the up-front check and warmup, select, forget, improve and
+    # eval share it (stages.common.tokenized)
+    import allo.train.data as D
+
+    tokenized = []
+    real_load_pairs = D.load_pairs
+
+    def counted_load_pairs(src, *a, **kw):
+        tokenized.append(os.path.basename(src))
+        return real_load_pairs(src, *a, **kw)
+
+    monkeypatch.setattr(D, "load_pairs", counted_load_pairs)
     res = pipeline.run(_cfg(tiny, tmp_path / "run"))
     out = tmp_path / "run"
+    assert sorted(tokenized) == ["eval.jsonl", "train.jsonl"], tokenized
     loads = [(os.path.basename(os.path.dirname(path)), depth) for path, _, _, depth in spy.calls]
     assert (out / "forget" / "token_weights.safetensors").exists() and ("warmup", 1) in loads, loads
     for stage in ("warmup", "select", "forget", "improve", "eval"):
@@ -469,6 +482,26 @@ def test_every_stage_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     saved = Selection.load(mask_file).indices
     assert scorer is None and start_masks.keys() == saved.keys()
     assert all(m.dtype == torch.int64 and torch.equal(m, saved[n]) for n, m in start_masks.items())
+
+
+def test_a_data_file_that_changed_during_the_run_is_tokenized_again(tiny, tmp_path):
+    # (prepare writes the built-in task's pairs again when it runs again; a user may edit a file)
+    import allo.train.data as D
+    from allo.train.pipeline import make_context
+    from allo.train.stages.common import tokenized
+
+    path = tmp_path / "pairs.jsonl"
+    _write_jsonl(path, [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}])
+    ctx = make_context(_cfg(tiny, tmp_path / "out"))
+    first, _ = tokenized(ctx, D.load_pairs, str(path), max_length=64)
+    again, _ = tokenized(ctx, D.load_pairs, str(path), max_length=64)
+    assert again == first and again is not first and again[0] is first[0]  # from the run's cache, a new list
+    shorter, _ = tokenized(ctx, D.load_pairs, str(path), max_length=64, max_completion_length=1)
+    assert len(shorter[0]["chosen_ids"]) == 1 != len(first[0]["chosen_ids"])  # other options: tokenized again
+    _write_jsonl(path, [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "2+2=", "chosen": "4",
+                                                                            "rejected": "5"}])
+    changed, _ = tokenized(ctx, D.load_pairs, str(path), max_length=64)
+    assert len(changed) == 2
 
 
 def test_ablation_switches_and_gradient_scores(tiny, tmp_path):

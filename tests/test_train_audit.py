@@ -320,7 +320,7 @@ def test_dataset_config_picks_a_configuration_of_the_dataset(tiny, tmp_path):  #
     for config, n in (("hard", 5), ("easy", 3)):
         cfg = TrainConfig(dataset_name=str(ds), dataset_config=config, dataset_test_split="none")
         cfg.validate()
-        ctx = types.SimpleNamespace(cfg=cfg, tokenizer=tok, log=logged.append)
+        ctx = types.SimpleNamespace(cfg=cfg, tokenizer=tok, log=logged.append, loaded={})
         assert len(common.load_pairs(ctx, "train")) == n, config
     # a configuration the dataset does not have: named in the error, with the flag to choose another
     with pytest.raises(D.DataError, match=r"configuration 'medium'.*--dataset_config"):

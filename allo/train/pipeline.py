@@ -75,23 +75,24 @@ def check_tokenized_data(ctx: Context, stages) -> None:
     (and the built-in task's data, made by prepare) is checked by each stage before its reference pass."""
     from . import data as D
     from .loop import check_global_batch
-    from .stages.common import negatives_weight_field, row_limits, trained_stages
+    from .stages.common import negatives_weight_field, row_limits, tokenized, trained_stages
 
-    cfg, tok = ctx.cfg, ctx.tokenizer
+    cfg = ctx.cfg
     limits = row_limits(cfg)
     counts = {}
     for name in ("train_file", "eval_file"):
         path = getattr(cfg, name)
         if path is not None:
             with _naming(name, path):
-                pairs, _ = D.load_pairs(path, tok, **limits)
+                pairs, _ = tokenized(ctx, D.load_pairs, path, **limits)  # (the stages reuse it)
             if name == "train_file":
                 counts["training pairs"] = ("train_file", len(pairs))
                 # the negatives by default (stages.common.load_negatives)
                 counts["negatives"] = ("train_file", len(D.rejected_negatives(pairs)))
     if cfg.negatives_file is not None:
         with _naming("negatives_file", cfg.negatives_file):
-            negs, _ = D.load_negatives(cfg.negatives_file, tok, weight_field=negatives_weight_field(cfg), **limits)
+            negs, _ = tokenized(ctx, D.load_negatives, cfg.negatives_file, weight_field=negatives_weight_field(cfg),
+                                **limits)
         counts["negatives"] = ("negatives_file", len(negs))
     for stage in trained_stages(cfg, stages):
         what = "negatives" if stage == "forget" else "training pairs"
