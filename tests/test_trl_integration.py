@@ -28,8 +28,8 @@ def _tiny_llama(tok):
 
 
 def _pairs():
-    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a in range(8) for b in range(4)]
-    return datasets.Dataset.from_list(rows)
+    return datasets.Dataset.from_list([{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}
+                                       for a in range(8) for b in range(4)])
 
 
 @pytest.mark.parametrize("compact", [False, True])

@@ -135,13 +135,13 @@ def row_limits(cfg: TrainConfig) -> dict:
 def tokenized(ctx: Context, loader, src: str, **kw):
     """``loader(src, ctx.tokenizer, **kw)`` (``D.load_pairs`` or ``D.load_negatives``) once per run: the
     up-front check and the stages that read a file (warmup, select, forget, improve: the training pairs)
-    share one tokenization (about a millisecond a row, per read). A local file that changed since (size or
-    modification time: prepare writes the built-in task's data) is read again. Returns a new list of the
-    same example dicts, which nothing modifies."""
+    share one tokenization (about a millisecond a row, per read). A local file that changed since (inode,
+    size or modification time: prepare writes the built-in task's data) is read again. Returns a new list
+    of the same example dicts, which nothing modifies."""
     stamp = None
     if os.path.isfile(src):
         st = os.stat(src)
-        stamp = (st.st_size, st.st_mtime_ns)
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)  # (a file replaced by another: a new inode)
         kw_key = {k: v for k, v in kw.items() if k not in ("split", "config")}  # (a file has neither)
     else:
         kw_key = kw
