@@ -926,9 +926,11 @@ class MaskedAdamW(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a :meth:`state_dict`: masks, compact state and hyper-parameters. Tensors keep their
-        saved dtypes (torch's loader would cast fp32 moments to a bf16 parameter's dtype, which would
-        break bit-for-bit resume), and move to each parameter's device. As in torch, pre-hooks
+        """Load a :meth:`state_dict`: masks, compact state and hyper-parameters. The masks are the saved
+        ones (a resumed run continues its own selection): those given to the constructor or to
+        :meth:`set_masks` before are replaced; call :meth:`set_masks` after loading to change them.
+        Tensors keep their saved dtypes (torch's loader would cast fp32 moments to a bf16 parameter's
+        dtype, which would break bit-for-bit resume), and move to each parameter's device. As in torch, pre-hooks
         (:meth:`register_load_state_dict_pre_hook`) may rewrite the state dict first, post-hooks run
         once the state is loaded, and a state dict that does not fit changes nothing. Compact
         gradients gathered since the last step are kept where the selection stays the same, and so is
