@@ -468,6 +468,8 @@ def test_every_stage_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     # forget and improve masks hold the configured fractions
     sel = json.load(open(out / "select" / "DONE"))
     assert sel["improve_selected"] == round(0.1 * sel["total_elements"])
+    # what a later run compares with (run_config.check): the options and inputs the stage was made with
+    assert sel["made_with"]["options"]["improve_ratio"] == 0.1 and sel["made_with"]["inputs"]["train_file"]["sha256"]
     assert sel["forget_selected"] == round(0.03 * sel["total_elements"])
 
     # run again: every stage is complete and skipped, same results

@@ -223,6 +223,31 @@ def test_one_stage_run_on_purpose_keeps_comparing_with_the_saved_options(tmp_pat
     assert run_config.check(dataclasses.replace(cfg, learning_rate=1.0, overwrite_output_dir=True))[0] is None
 
 
+def test_a_stage_made_by_a_one_stage_run_with_other_options_is_compared_by_what_it_recorded(tmp_path):
+    """`allo-train select --improve_ratio 0.05` in a run saved with 0.1 records 0.05 in select's DONE: a later
+    `allo-train run` with the saved 0.1 would reuse that selection (and train forget and improve on it), so
+    it is refused, naming select; a run with 0.05 finds nothing completed with another value, and its
+    options replace the saved ones. A DONE without a record stands for the saved options."""
+    out = tmp_path / "out"
+    cfg = TrainConfig(output_dir=str(out), train_file="t.jsonl", improve_ratio=0.1)
+    inputs = run_config.input_identities(cfg)
+    other = dataclasses.replace(cfg, improve_ratio=0.05)
+    for stage, made in (("warmup", cfg), ("select", other)):
+        os.makedirs(out / stage)
+        (out / stage / "DONE").write_text(json.dumps({"made_with": run_config.made_with(made, inputs)}))
+    run_config.write(cfg, inputs)
+    with pytest.raises(RunError, match=r"--improve_ratio: 0.05 -> 0.1 \(select made with the old value\)"):
+        run_config.check(cfg, log=lambda m: None)
+    run_config.check(dataclasses.replace(cfg, stages="warmup"), log=lambda m: None)  # (select not in this run)
+    logs = []
+    assert run_config.check(other, log=logs.append)[0] is None
+    assert "--improve_ratio: 0.1 -> 0.05" in logs[0] and "replace the saved ones" in logs[0]
+    (out / "select" / "DONE").write_text("{}")
+    run_config.check(cfg, log=lambda m: None)
+    with pytest.raises(RunError, match=r"--improve_ratio: 0.1 -> 0.05 \(select made with the old value\)"):
+        run_config.check(other, log=lambda m: None)
+
+
 def test_a_local_starting_model_is_known_by_its_weight_files(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
@@ -573,6 +598,19 @@ def test_bad_bytes_and_chat_contents_are_named_rows_not_tracebacks(tmp_path, nam
     path.write_bytes(content)
     with pytest.raises(D.BadRowError, match=says):
         D.check_source(str(path), kind)
+
+
+def test_a_parquet_file_without_pyarrow_is_a_named_error_not_a_traceback(tmp_path, monkeypatch, capsys):
+    # pyarrow comes with `datasets` (allo[data]), not with allo: a base install reading Parquet
+    import sys
+
+    (tmp_path / "pairs.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # (import then raises ImportError)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(D.DataError, match=r"pairs\.parquet: reading Parquet needs pyarrow: `pip install pyarrow`"):
+        D.read_rows(str(tmp_path / "pairs.parquet"))
+    assert _exit_code(["--train_file", str(tmp_path / "pairs.parquet"), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "--train_file" in capsys.readouterr().err
 
 
 def test_a_byte_order_mark_is_read_and_a_folder_named_like_a_data_file_is_said_to_be_one(tmp_path):

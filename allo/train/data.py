@@ -126,8 +126,11 @@ def read_rows(source: str, *, split: str = "train", config: str | None = None) -
                 raise BadRowError(f"{source}: expected a JSON list of objects (or {{\"data\": [...]}}), got {type(obj).__name__}")
             return [(f"{source}: row {i}", r) for i, r in enumerate(obj, 1)]
         if low.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
+            try:
+                import pyarrow.parquet as pq  # lazily: comes with `datasets` (allo[data]), not with allo itself
+            except ImportError as e:
+                raise DataError(f"{source}: reading Parquet needs pyarrow: `pip install pyarrow` (or allo[data]), "
+                                "or give a .jsonl/.json file") from e
             return [(f"{source}: row {i}", r) for i, r in enumerate(pq.read_table(source).to_pylist(), 1)]
         raise BadRowError(f"{source}: unknown file type; use .jsonl, .json or .parquet")
     if _names_a_file(source):

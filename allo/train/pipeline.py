@@ -125,6 +125,7 @@ def _prepare_output_dir(ctx: Context, stage: str | None) -> None:
 
     cfg = ctx.cfg
     saved, inputs = run_config.check(cfg, explicit_stage=stage, log=ctx.log)
+    ctx.inputs = inputs
     ctx.accelerator.wait_for_everyone()
     if ctx.main:
         try:

@@ -14,7 +14,9 @@ replace the saved ones; when only stages outside ``--stages`` were, the run goes
 
 ``allo-train <stage>`` (one stage, run on purpose, e.g. again with other options) is not refused: it
 writes the file only if there is none, and says in the log which of its options differ from the saved
-ones (``allo-train run`` keeps comparing with the saved ones).
+ones. What a stage was made with is what it recorded in its DONE (``made_with``: the options and
+inputs of the run that completed it), else the saved ones: so a later ``allo-train run`` that would
+reuse a stage made by such a one-stage run with other options is refused too, naming the stage.
 """
 
 from __future__ import annotations
@@ -143,9 +145,19 @@ def check(cfg: TrainConfig, *, explicit_stage: str | None = None, log=print) -> 
         return None, inputs
     diff = differences(saved, cfg, inputs)
     holding = stages_holding_results(cfg.output_dir)
-    made_with_old = {k: holding & _affected(cfg, k) for k in diff}  # completed stages made with the old value
+    # completed stages made with another value than this run's, per option: by the options and inputs each
+    # stage recorded in its DONE (a stage run on purpose with other options, or a run whose options
+    # replaced none of the saved ones), else the saved ones
+    made_with_old, texts = {}, dict(diff)
+    for stage in holding:
+        recorded = _made_with(cfg.output_dir, stage)
+        for k, text in (diff.items() if recorded is None else differences(recorded, cfg, inputs).items()):
+            if stage in _affected(cfg, k):
+                made_with_old.setdefault(k, set()).add(stage)
+                texts[k] = texts.get(k, text)
     this_run = set(cfg.stage_list()) if explicit_stage is None else set()
-    refused = [text for k, text in diff.items() if made_with_old[k] & this_run]
+    refused = [f"{texts[k]} ({', '.join(s for s in STAGES if s in stages)} made with the old value)"
+               for k, stages in made_with_old.items() if stages & this_run]
     if diff and not any(made_with_old.values()):
         log(f"{CONFIG_FILE}: this run's options differ from the saved ones only where no completed stage used them "
             "(" + "; ".join(diff.values()) + "): they replace the saved ones")
@@ -159,8 +171,25 @@ def check(cfg: TrainConfig, *, explicit_stage: str | None = None, log=print) -> 
         who = explicit_stage or f"stages {','.join(cfg.stage_list())}"
         log(f"{who}: runs with options that differ from the run saved in {CONFIG_FILE} ("
             + "; ".join(diff.values()) + "), which completed stages outside this run were made with; "
-            "`allo-train run` keeps comparing with the saved ones")
+            "its stages record what they are made with, and a later `allo-train run` that would reuse them "
+            "compares with that")
     return saved, inputs
+
+
+def made_with(cfg: TrainConfig, inputs: dict) -> dict:
+    """What a stage records in its DONE: the options and inputs it was made with (see :func:`check`)."""
+    return {"options": cfg.to_dict(), "inputs": inputs}
+
+
+def _made_with(output_dir: str, stage: str) -> dict | None:
+    """The options and inputs ``stage``'s DONE recorded, or None (an older DONE, a checkpoint, or a DONE
+    that cannot be read: then the saved options stand for them)."""
+    try:
+        with open(os.path.join(output_dir, stage, "DONE"), encoding="utf-8") as f:
+            record = json.load(f).get("made_with")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _affected(cfg: TrainConfig, option: str) -> set[str]:

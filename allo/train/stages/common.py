@@ -30,6 +30,9 @@ class Context:
     tokenizer: object
     # the data tokenized so far in this run (see tokenized): every stage reads the same files
     loaded: dict = field(default_factory=dict, repr=False)
+    # this run's data files and starting model by content (run_config.input_identities): each stage's
+    # DONE records them with the options, what later runs compare with
+    inputs: dict = field(default_factory=dict, repr=False)
 
     def dir(self, stage: str) -> str:
         return os.path.join(self.cfg.output_dir, stage)
@@ -74,7 +77,10 @@ def finished_at(stage_dir: str) -> float | None:
 def mark_done(ctx: Context, stage_dir: str, info: dict) -> None:
     ctx.accelerator.wait_for_everyone()
     if ctx.main:
-        D.write_json(os.path.join(stage_dir, DONE), {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info})
+        from ..run_config import made_with
+
+        D.write_json(os.path.join(stage_dir, DONE), {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info,
+                                                     "made_with": made_with(ctx.cfg, ctx.inputs)})
     ctx.accelerator.wait_for_everyone()
 
 
