@@ -10,6 +10,9 @@ response sequences, random token ids):
 * ``dense_dpo_fused``: the same with ``AdamW(fused=True)`` (transformers 5's Trainer picks the fused
   AdamW by default where torch has one): the baseline stays the default AdamW, as in the GPU runs
   recorded so far, and this row shows how much of the gap the optimizer alone is;
+* ``trl_dpo``: TRL's ``DPOTrainer`` (``training_step`` on the same batch, then its clip and the optimizer
+  Trainer makes): the DPO that many users run today; left out, with a line saying so, where TRL
+  cannot be imported (``pip install trl``);
 * ``allo_improve``: what ``allo-train``'s improve stage runs: reference log-probs cached (no second
   model), ``MaskedAdamW`` on a ``--ratio`` mask in compact-gradient mode, the fused
   hidden-states x lm_head log-prob path, ``allo.losses.improve_loss`` on key tokens.
@@ -34,6 +37,7 @@ chunks' logits at its peak): so the real earlier step peaked higher still.
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import sys
 
@@ -113,7 +117,7 @@ class DenseDPO:
         lp = torch.log_softmax(logits, -1).gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return (lp * (lab != -100)).sum(-1)
 
-    def step(self):
+    def backward(self):
         ids, attn, labels = self.batch
         n = ids.shape[0] // 2
         with self.autocast():
@@ -122,12 +126,62 @@ class DenseDPO:
             pol = self._logps(self.policy, ids, attn, labels)
         loss = -F.logsigmoid(self.beta * ((pol[:n] - ref[:n]) - (pol[n:] - ref[n:]))).mean()
         loss.backward()
+
+    def step(self):
+        self.backward()
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
     def resident(self):
         return resident_bytes([self.policy, self.ref], self.opt)
+
+
+class TrlDPO:
+    """TRL's ``DPOTrainer`` (what many users run today): its ``training_step`` on the same batch (policy and
+    resident reference forwards through TRL's fused log-prob head, sigmoid loss), then the step its
+    inner loop takes: clip to 1.0, the optimizer Trainer makes by default (AdamW, fused on CUDA), zero.
+    Needs ``trl`` (a dev dependency: ``pip install trl``)."""
+
+    def __init__(self, model, batch, *, beta, autocast_bf16, checkpointing, device):
+        import tempfile
+
+        import datasets
+        import trl
+
+        from allo.train.tokenizer import load_builtin_tokenizer
+
+        self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        self._out = tempfile.TemporaryDirectory(prefix="bench_step_trl_")  # (Trainer's output_dir; removed with it)
+        # (TRL needs a dataset and a tokenizer to start; the timed steps take the batch below)
+        rows = datasets.Dataset.from_list([{"prompt": "1+1=", "chosen": "2", "rejected": "3"}] * 2)
+        args = trl.DPOConfig(output_dir=self._out.name, beta=beta, report_to=[],
+                             per_device_train_batch_size=batch[0].shape[0] // 2, bf16=autocast_bf16,
+                             use_cpu=device.type == "cpu", gradient_checkpointing=checkpointing,
+                             gradient_checkpointing_kwargs={"use_reentrant": False}, learning_rate=1e-6,
+                             max_grad_norm=1.0, save_strategy="no", disable_tqdm=True)
+        self.trainer = trl.DPOTrainer(model=model, ref_model=self.ref, args=args, train_dataset=rows,
+                                      processing_class=load_builtin_tokenizer())
+        self.trainer.create_optimizer()
+        self.trainer.current_gradient_accumulation_steps = 1  # (Trainer's loop sets it per batch; one batch a step)
+        self.model = self.trainer.model
+        self.model.train()
+        ids, attn, labels = batch
+        # TRL's collated batch: chosen rows then rejected rows, completion_mask over the response tokens
+        self.inputs = {"input_ids": ids, "attention_mask": attn, "completion_mask": (labels != -100).long()}
+
+    def backward(self):
+        self.trainer.training_step(self.model, dict(self.inputs))  # (it deletes its inputs dict when done)
+
+    def step(self):
+        t = self.trainer
+        self.backward()
+        t.accelerator.clip_grad_norm_(self.model.parameters(), 1.0)
+        t.optimizer.step()
+        t.optimizer.zero_grad(set_to_none=True)
+
+    def resident(self):
+        return resident_bytes([self.model, self.ref], self.trainer.optimizer)
 
 
 class AlloImprove:
@@ -219,12 +273,21 @@ def main():
     cfg = llama_config(name)
     case = f"{name} {2 * pairs}x{seq}" + (" bf16-autocast+ckpt" if gpu_like else " fp32")
     rows = []
-    for impl in ("dense_dpo", "dense_dpo_fused", "allo_improve") + (("allo_improve_before",) if args.before else ()):
+    try:
+        importlib.import_module("trl")  # (it needs `datasets` too, which the GPU machines lack)
+        trl_impl = ("trl_dpo",)
+    except ImportError as e:
+        trl_impl = ()
+        print(f"bench_step: trl_dpo not run: TRL cannot be imported ({e}); `pip install trl` adds that row")
+    impls = ("dense_dpo", "dense_dpo_fused") + trl_impl + ("allo_improve",)
+    for impl in impls + (("allo_improve_before",) if args.before else ()):
         torch.manual_seed(0)
         with torch.device(device):
             model = LlamaForCausalLM(cfg).float()
         batch = make_batch(cfg.vocab_size, pairs, seq, device)
-        if impl.startswith("dense_dpo"):
+        if impl == "trl_dpo":
+            runner = TrlDPO(model, batch, beta=0.1, autocast_bf16=gpu_like, checkpointing=checkpointing, device=device)
+        elif impl.startswith("dense_dpo"):
             runner = DenseDPO(model, batch, beta=0.1, autocast=autocast, checkpointing=checkpointing,
                               fused=impl == "dense_dpo_fused")
         else:

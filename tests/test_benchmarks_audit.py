@@ -371,3 +371,36 @@ def test_gpu_check_exits_1_when_a_step_failed_and_quick_on_a_cpu_builds_without_
     assert {(s[0], " ".join(s[2:5])) for s in steps} >= {("FAILED", "pytest Triton GPU"),
                                                          ("FAILED", "build allo._C with")}, summary
     assert "SKIPPED        bench_logprob (allo._C did not build)" in summary
+
+
+def test_bench_step_trl_row_computes_the_dense_rows_dpo_gradient(fresh_accelerate_state):
+    # the trl_dpo row feeds TRL the batch as its collator would (chosen rows, then rejected ones, the
+    # response marked by completion_mask): its DPO gradient must be the plain dense loop's on that batch
+    pytest.importorskip("trl")
+    import contextlib
+
+    import bench_step as B
+    from transformers import LlamaForCausalLM
+
+    cfg = B.llama_config("tiny-llama")
+    batch = B.make_batch(cfg.vocab_size, 2, 24, torch.device("cpu"))
+    grads = []
+    for make in (lambda m: B.DenseDPO(m, batch, beta=0.1, autocast=contextlib.nullcontext, checkpointing=False),
+                 lambda m: B.TrlDPO(m, batch, beta=0.1, autocast_bf16=False, checkpointing=False,
+                                    device=torch.device("cpu"))):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).float()
+        with torch.no_grad():  # policy != reference, so the gradient is not the symmetric one of step 0
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 1e-2)
+        runner = make(model)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in runner.ref.parameters():
+                p.add_(torch.randn_like(p) * 1e-2)
+        runner.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    dense, trl_grads = grads
+    for name, g in dense.items():
+        torch.testing.assert_close(trl_grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
+    assert any(g.abs().max() > 0 for g in dense.values())
