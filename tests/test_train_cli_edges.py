@@ -236,7 +236,7 @@ def test_a_stage_made_by_a_one_stage_run_with_other_options_is_compared_by_what_
         os.makedirs(out / stage)
         (out / stage / "DONE").write_text(json.dumps({"made_with": run_config.made_with(made, inputs)}))
     run_config.write(cfg, inputs)
-    with pytest.raises(RunError, match=r"--improve_ratio: 0.05 -> 0.1 \(select made with the old value\)"):
+    with pytest.raises(RunError, match=r"--improve_ratio: 0.05 -> 0.1 \(made with another value: select\)"):
         run_config.check(cfg, log=lambda m: None)
     run_config.check(dataclasses.replace(cfg, stages="warmup"), log=lambda m: None)  # (select not in this run)
     logs = []
@@ -244,7 +244,7 @@ def test_a_stage_made_by_a_one_stage_run_with_other_options_is_compared_by_what_
     assert "--improve_ratio: 0.1 -> 0.05" in logs[0] and "replace the saved ones" in logs[0]
     (out / "select" / "DONE").write_text("{}")
     run_config.check(cfg, log=lambda m: None)
-    with pytest.raises(RunError, match=r"--improve_ratio: 0.1 -> 0.05 \(select made with the old value\)"):
+    with pytest.raises(RunError, match=r"--improve_ratio: 0.1 -> 0.05 \(made with another value: select\)"):
         run_config.check(other, log=lambda m: None)
 
 

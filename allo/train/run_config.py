@@ -156,7 +156,7 @@ def check(cfg: TrainConfig, *, explicit_stage: str | None = None, log=print) -> 
                 made_with_old.setdefault(k, set()).add(stage)
                 texts[k] = texts.get(k, text)
     this_run = set(cfg.stage_list()) if explicit_stage is None else set()
-    refused = [f"{texts[k]} ({', '.join(s for s in STAGES if s in stages)} made with the old value)"
+    refused = [f"{texts[k]} (made with another value: {', '.join(s for s in STAGES if s in stages)})"
                for k, stages in made_with_old.items() if stages & this_run]
     if diff and not any(made_with_old.values()):
         log(f"{CONFIG_FILE}: this run's options differ from the saved ones only where no completed stage used them "
