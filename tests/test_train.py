@@ -486,8 +486,9 @@ def test_every_stage_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     assert all(m.dtype == torch.int64 and torch.equal(m, saved[n]) for n, m in start_masks.items())
 
 
-def test_a_data_file_that_changed_during_the_run_is_tokenized_again(tiny, tmp_path):
-    # (prepare writes the built-in task's pairs again when it runs again; a user may edit a file)
+def test_a_file_the_run_writes_is_tokenized_again_when_it_changed_and_its_data_files_are_read_once(tiny, tmp_path):
+    # (prepare writes the built-in task's pairs again when it runs again; a user may edit a --train_file
+    # during the run: the stages still read what the first read found, which their DONE records)
     import allo.train.data as D
     from allo.train.pipeline import make_context
     from allo.train.stages.common import tokenized
@@ -504,6 +505,16 @@ def test_a_data_file_that_changed_during_the_run_is_tokenized_again(tiny, tmp_pa
                                                                             "rejected": "5"}])
     changed, _ = tokenized(ctx, D.load_pairs, str(path), max_length=64)
     assert len(changed) == 2
+    train = ctx.cfg.train_file
+    first, _ = tokenized(ctx, D.load_pairs, train, max_length=64)
+    with open(train, "a") as f:  # (restored below: the module's fixture)
+        f.write('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n')
+    try:
+        again, _ = tokenized(ctx, D.load_pairs, train, max_length=64)
+    finally:
+        with open(train, "r+") as f:
+            f.truncate(f.read().rindex('{"prompt": "1+1="'))
+    assert again == first
 
 
 def test_ablation_switches_and_gradient_scores(tiny, tmp_path):

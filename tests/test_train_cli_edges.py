@@ -224,28 +224,80 @@ def test_one_stage_run_on_purpose_keeps_comparing_with_the_saved_options(tmp_pat
 
 
 def test_a_stage_made_by_a_one_stage_run_with_other_options_is_compared_by_what_it_recorded(tmp_path):
-    """`allo-train select --improve_ratio 0.05` in a run saved with 0.1 records 0.05 in select's DONE: a later
-    `allo-train run` with the saved 0.1 would reuse that selection (and train forget and improve on it), so
-    it is refused, naming select; a run with 0.05 finds nothing completed with another value, and its
-    options replace the saved ones. A DONE without a record stands for the saved options."""
+    """A run with --improve_ratio 0.1, then `allo-train select --improve_ratio 0.05`: select's DONE records
+    0.05 and is newer than forget's and improve's. A later `allo-train run` with the saved 0.1 would reuse
+    that selection (and train forget and improve on it), so it is refused, naming select; a run with 0.05
+    makes forget and improve again (stale: select finished after them), so nothing it reuses was made with
+    another value and its options replace the saved ones. A DONE without a record stands for the saved
+    options."""
     out = tmp_path / "out"
     cfg = TrainConfig(output_dir=str(out), train_file="t.jsonl", improve_ratio=0.1)
     inputs = run_config.input_identities(cfg)
     other = dataclasses.replace(cfg, improve_ratio=0.05)
-    for stage, made in (("warmup", cfg), ("select", other)):
+    made = {"warmup": cfg, "select": other, "forget": cfg, "improve": cfg}
+    for when, stage in enumerate(("warmup", "forget", "improve", "select")):  # select: made last
         os.makedirs(out / stage)
-        (out / stage / "DONE").write_text(json.dumps({"made_with": run_config.made_with(made, inputs)}))
+        (out / stage / "DONE").write_text(json.dumps({"made_with": run_config.made_with(made[stage], inputs)}))
+        os.utime(out / stage / "DONE", (1e9 + when, 1e9 + when))
     run_config.write(cfg, inputs)
+
+    def check(c, **kw):
+        stale = {s for s, what, _ in pipeline.stage_plan(c) if what == "stale"}
+        return run_config.check(c, remade=stale, **kw)
+
+    assert [(s, w) for s, w, _ in pipeline.stage_plan(cfg)] == [
+        ("prepare", "not needed"), ("warmup", "reuse"), ("select", "reuse"), ("forget", "stale"),
+        ("improve", "stale"), ("eval", "run")]
     with pytest.raises(RunError, match=r"--improve_ratio: 0.05 -> 0.1 \(made with another value: select\)"):
-        run_config.check(cfg, log=lambda m: None)
-    run_config.check(dataclasses.replace(cfg, stages="warmup"), log=lambda m: None)  # (select not in this run)
+        check(cfg, log=lambda m: None)
+    check(dataclasses.replace(cfg, stages="warmup"), log=lambda m: None)  # (select not in this run)
     logs = []
-    assert run_config.check(other, log=logs.append)[0] is None
+    assert check(other, log=logs.append)[0] is None
     assert "--improve_ratio: 0.1 -> 0.05" in logs[0] and "replace the saved ones" in logs[0]
-    (out / "select" / "DONE").write_text("{}")
-    run_config.check(cfg, log=lambda m: None)
-    with pytest.raises(RunError, match=r"--improve_ratio: 0.1 -> 0.05 \(made with another value: select\)"):
+    # without the stale stages made again (before stage_plan), forget and improve counted as reused
+    with pytest.raises(RunError, match=r"made with another value: forget, improve"):
         run_config.check(other, log=lambda m: None)
+    (out / "select" / "DONE").write_text("{}")
+    check(cfg, log=lambda m: None)
+    with pytest.raises(RunError, match=r"--improve_ratio: 0.1 -> 0.05 \(made with another value: select\)"):
+        check(other, log=lambda m: None)
+
+
+def test_after_a_stage_run_again_with_other_options_a_run_with_them_remakes_the_later_stages(tiny, tmp_path):  # noqa: F811
+    """README: `allo-train warmup` with other options, then `allo-train run` with them runs the later stages
+    again (they are stale); with the saved options the run is refused, naming warmup (it would reuse a
+    warm-up made with the other learning rate)."""
+    out = tmp_path / "run"
+    kw = dict(max_steps=1, stages="warmup,select,forget,improve")
+    pipeline.run(_cfg(tiny, out, **kw))
+    pipeline.run_stage("warmup", _cfg(tiny, out, learning_rate=2e-2, **kw))
+    with pytest.raises(RunError, match=r"--learning_rate: 0.02 -> 0.01 \(made with another value: warmup\)"):
+        pipeline.run(_cfg(tiny, out, **kw))
+    warmed = os.path.getmtime(out / "warmup" / "DONE")
+    pipeline.run(_cfg(tiny, out, learning_rate=2e-2, **kw))
+    for stage in ("select", "forget", "improve"):
+        done = json.load(open(out / stage / "DONE"))
+        assert os.path.getmtime(out / stage / "DONE") > warmed and done["made_with"]["options"]["learning_rate"] == 2e-2
+    assert json.load(open(out / run_config.CONFIG_FILE))["options"]["learning_rate"] == 2e-2
+    pipeline.run(_cfg(tiny, out, learning_rate=2e-2, **kw))  # and again: every stage reused
+
+
+def test_python_api_values_that_json_saves_as_strings_compare_equal_on_a_rerun(tmp_path):
+    import pathlib
+
+    import numpy as np
+
+    cfg = TrainConfig(output_dir=str(tmp_path / "out"), train_file="t.jsonl", max_steps=np.int64(3),
+                      warmup_model_path=None, run_name=None)
+    cfg = dataclasses.replace(cfg, output_dir=pathlib.Path(tmp_path / "out"))  # (not compared: no difference)
+    os.makedirs(tmp_path / "out" / "warmup")
+    inputs = run_config.input_identities(cfg)
+    (tmp_path / "out" / "warmup" / "DONE").write_text(json.dumps({"made_with": run_config.made_with(cfg, inputs)},
+                                                                default=str))
+    run_config.write(cfg, inputs)
+    run_config.check(cfg, log=lambda m: None)  # the identical rerun: not refused
+    with pytest.raises(RunError, match="--max_steps: '3' -> 4"):
+        run_config.check(dataclasses.replace(cfg, max_steps=4), log=lambda m: None)
 
 
 def test_a_local_starting_model_is_known_by_its_weight_files(tmp_path):

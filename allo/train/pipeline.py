@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import time
 
@@ -124,7 +125,9 @@ def _prepare_output_dir(ctx: Context, stage: str | None) -> None:
     from . import run_config
 
     cfg = ctx.cfg
-    saved, inputs = run_config.check(cfg, explicit_stage=stage, log=ctx.log)
+    # stages a run will make again from the start (stale) are not reused: what they were made with is moot
+    stale = set() if stage is not None else {s for s, what, _ in stage_plan(cfg) if what == "stale"}
+    saved, inputs = run_config.check(cfg, explicit_stage=stage, log=ctx.log, remade=stale)
     ctx.inputs = inputs
     ctx.accelerator.wait_for_everyone()
     if ctx.main:
@@ -231,6 +234,46 @@ def _latest_change(folder: str) -> float:
     return max((e.stat().st_mtime for e in os.scandir(folder) if e.is_file()), default=0.0)
 
 
+def stage_plan(cfg: TrainConfig) -> list[tuple[str, str, str | None]]:
+    """What :func:`run` does with each stage of ``--stages``, in order, decided from the output folder
+    before anything runs: ``(stage, what, why)``, ``what`` one of ``"not needed"`` (prepare, when the pairs
+    are given), ``"external"`` (warmup from ``--warmup_model_path``), ``"reuse"`` (complete, and nothing
+    before it finished after it), ``"stale"`` (complete, but ``why`` finished after it, or runs before it
+    in this run: it runs again from the start, as make would) or ``"run"`` (not complete). A stage that
+    ``--reuse_from`` links counts with the linked run's folder."""
+    from .stages import uses_builtin_data
+
+    reused = {s.strip() for s in cfg.reuse_stages.split(",") if s.strip()} if cfg.reuse_from else set()
+    plan, upstream = [], None  # (finish time, what): the latest-finished stage before this one
+    for stage in cfg.stage_list():
+        if stage == "prepare" and not uses_builtin_data(cfg) and not cfg.problems_file:
+            plan.append((stage, "not needed", None))
+            continue
+        if stage == "warmup" and cfg.warmup_model_path is not None:
+            # trained elsewhere: it counts as finished when its files last changed, so the stages after it
+            # run again (as make would) when it is replaced by a newer model
+            changed = _latest_change(os.path.expanduser(cfg.warmup_model_path))
+            if upstream is None or changed > upstream[0]:
+                upstream = (changed, "the model of --warmup_model_path")
+            plan.append((stage, "external", None))
+            continue
+        folder = os.path.join(cfg.output_dir, stage)
+        if stage in reused and not os.path.lexists(folder):
+            folder = os.path.join(cfg.reuse_from, stage)  # (linked when the run starts)
+        finished = finished_at(folder)
+        if finished is None:
+            plan.append((stage, "run", None))
+        elif upstream is not None and upstream[0] > finished:
+            plan.append((stage, "stale", upstream[1]))
+        else:
+            plan.append((stage, "reuse", None))
+            if upstream is None or finished > upstream[0]:
+                upstream = (finished, stage)
+            continue
+        upstream = (math.inf, stage)  # it runs here: it will finish after every stage before it
+    return plan
+
+
 def run(config, *, accelerator=None, on_step_end=None) -> dict:
     """Every stage of ``config.stages`` in order, skipping those already complete (their folder has
     DONE) unless an earlier stage completed after them (then they run again, from the start); returns
@@ -240,31 +283,23 @@ def run(config, *, accelerator=None, on_step_end=None) -> dict:
     _link_reused(ctx)
     ctx.accelerator.wait_for_everyone()
     cfg = ctx.cfg
-    from .stages import done_info, uses_builtin_data
+    from .stages import done_info
 
     t0 = time.time()
     results = {}
     owner = _checkpoint_owner(cfg)
-    upstream = None  # (finish time, stage): the latest-finished stage before this one
-    for stage in cfg.stage_list():
-        if stage == "prepare" and not uses_builtin_data(cfg) and not cfg.problems_file:
+    for stage, what, why in stage_plan(cfg):
+        if what == "not needed":
             continue  # preference pairs are given: nothing to prepare
-        if stage == "warmup" and cfg.warmup_model_path is not None:
-            # trained elsewhere: it counts as finished when its files last changed, so the stages after it
-            # run again (as make would) when it is replaced by a newer model
+        if what == "external":
             ctx.log(f"warmup: --warmup_model_path {cfg.warmup_model_path} is the warm-up model: not trained here")
-            changed = _latest_change(os.path.expanduser(cfg.warmup_model_path))
-            if upstream is None or changed > upstream[0]:
-                upstream = (changed, "the model of --warmup_model_path")
             continue
-        finished = finished_at(ctx.dir(stage))
-        stale = finished is not None and upstream is not None and upstream[0] > finished
-        if stale:
+        if what == "stale":
             # an earlier stage was run again after this one (e.g. `allo-train warmup` with other
             # options): this stage's outputs come from the old inputs, so it runs again, as make
             # would, from the start (its checkpoints are the old run's too)
-            ctx.log(f"{stage}: complete, but {upstream[1]} finished after it: running it again")
-        if finished is not None and not stale:
+            ctx.log(f"{stage}: complete, but {why} finished after it: running it again")
+        if what == "reuse":
             ctx.log(f"{stage}: already complete, skipped"
                     + (f" (--resume_from_checkpoint {cfg.resume_from_checkpoint} is its checkpoint: not used)"
                        if owner == stage else ""))
@@ -272,13 +307,10 @@ def run(config, *, accelerator=None, on_step_end=None) -> dict:
                 results = done_info(ctx.dir(stage)).get("results", {})
         else:
             # a checkpoint folder given by name resumes its own stage; the others start as without it
-            stage_ctx = ctx if owner in (None, stage) and not stale else \
+            stage_ctx = ctx if owner in (None, stage) and what != "stale" else \
                 dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, resume_from_checkpoint=None))
             out = run_stage(stage, cfg, context=stage_ctx, on_step_end=on_step_end)
             if stage == "eval":
                 results = out
-            finished = finished_at(ctx.dir(stage))
-        if finished is not None and (upstream is None or finished > upstream[0]):
-            upstream = (finished, stage)
     ctx.log(f"finished in {time.time() - t0:.1f} s; outputs in {cfg.output_dir}")
     return results

@@ -110,7 +110,9 @@ def _describe(v) -> str:
 
 def differences(saved: dict, cfg: TrainConfig, inputs: dict) -> dict[str, str]:
     """{option: "--option: old -> new"} for every compared option and input that differs from ``saved``."""
-    old_opts, new_opts = saved.get("options", {}), cfg.to_dict()
+    # (this run's values as the JSON file holds them: a Python-API value such as numpy's int64 or a
+    # pathlib.Path is saved as its string, and must compare equal to itself on a rerun)
+    old_opts, new_opts = saved.get("options", {}), json.loads(json.dumps(cfg.to_dict(), default=str))
     diff = {k: f"--{k}: {old_opts.get(k)!r} -> {new_opts[k]!r}" for k in new_opts
             if k not in NOT_COMPARED + DATA_FILES + MODEL_PATHS and k in old_opts and old_opts[k] != new_opts[k]}
     old_inputs = saved.get("inputs", {})
@@ -133,10 +135,12 @@ def read_saved(output_dir: str) -> dict | None:
     return saved if isinstance(saved, dict) else {}
 
 
-def check(cfg: TrainConfig, *, explicit_stage: str | None = None, log=print) -> tuple[dict | None, dict]:
+def check(cfg: TrainConfig, *, explicit_stage: str | None = None, log=print,
+          remade=frozenset()) -> tuple[dict | None, dict]:
     """(the saved record or None, this run's input identities). Raises RunError when ``cfg`` differs from
     the saved options in anything that changes results (``run``, not ``--overwrite_output_dir``).
-    Reads only: every process may call it."""
+    ``remade``: completed stages this run makes again from the start (stale ones, see
+    ``pipeline.stage_plan``): what they were made with does not matter. Reads only: every process may call it."""
     inputs = input_identities(cfg)
     if cfg.overwrite_output_dir and explicit_stage is None:  # (one stage keeps the stages before it: see remove_outputs)
         return None, inputs
@@ -149,7 +153,7 @@ def check(cfg: TrainConfig, *, explicit_stage: str | None = None, log=print) -> 
     # stage recorded in its DONE (a stage run on purpose with other options, or a run whose options
     # replaced none of the saved ones), else the saved ones
     made_with_old, texts = {}, dict(diff)
-    for stage in holding:
+    for stage in holding - set(remade):
         recorded = _made_with(cfg.output_dir, stage)
         for k, text in (diff.items() if recorded is None else differences(recorded, cfg, inputs).items()):
             if stage in _affected(cfg, k):

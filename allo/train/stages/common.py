@@ -141,16 +141,19 @@ def row_limits(cfg: TrainConfig) -> dict:
 def tokenized(ctx: Context, loader, src: str, **kw):
     """``loader(src, ctx.tokenizer, **kw)`` (``D.load_pairs`` or ``D.load_negatives``) once per run: the
     up-front check and the stages that read a file (warmup, select, forget, improve: the training pairs)
-    share one tokenization (about a millisecond a row, per read). A local file that changed since (inode,
-    size or modification time: prepare writes the built-in task's data) is read again. Returns a new list
-    of the same example dicts, which nothing modifies."""
-    stamp = None
+    share one tokenization (about a millisecond a row, per read). The run's own data files (--train_file,
+    ...) are what they were at its first read for the whole run, as the stages' DONE records them
+    (run_config); a file the run writes (prepare's pairs of the built-in task) is read again when it
+    changed (inode, size or modification time). Returns a new list of the same example dicts, which
+    nothing modifies."""
+    from ..run_config import DATA_FILES
+
+    stamp, kw_key = None, kw
     if os.path.isfile(src):
-        st = os.stat(src)
-        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)  # (a file replaced by another: a new inode)
         kw_key = {k: v for k, v in kw.items() if k not in ("split", "config")}  # (a file has neither)
-    else:
-        kw_key = kw
+        if src not in {getattr(ctx.cfg, name) for name in DATA_FILES}:
+            st = os.stat(src)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)  # (a file replaced by another: a new inode)
     key = (loader.__name__, src, stamp, tuple(sorted(kw_key.items())))
     hit = ctx.loaded.get(key)
     if hit is None:
