@@ -169,8 +169,9 @@ def check(cfg: TrainConfig, *, explicit_stage: str | None = None, log=print,
     if refused:
         raise RunError(f"--output_dir {cfg.output_dir} holds a run made with other options or data "
                        f"({os.path.join(cfg.output_dir, CONFIG_FILE)}); its completed stages would be reused as they "
-                       "are. Differences (saved -> now): " + "; ".join(refused) + ". Pass --overwrite_output_dir to "
-                       "start over in that folder, or use another --output_dir")
+                       "are. Differences (made with -> now): " + "; ".join(refused) + ". Pass --overwrite_output_dir to "
+                       "start over in that folder (`allo-train STAGE --overwrite_output_dir`: from that stage on, "
+                       "the stages before it kept), or use another --output_dir")
     if diff:
         who = explicit_stage or f"stages {','.join(cfg.stage_list())}"
         log(f"{who}: runs with options that differ from the run saved in {CONFIG_FILE} ("
