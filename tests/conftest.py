@@ -67,17 +67,21 @@ def device_for(backend):
     return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps its state in process-wide singletons: a Trainer or Accelerator test would see the
-    previous one's (its device, its gradient accumulation). Reset before and after the test."""
+def reset_accelerate_state():
+    """accelerate keeps its state in process-wide singletons: a Trainer or Accelerator would see the
+    previous one's (its device, its gradient accumulation)."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's state reset before and after the test (see reset_accelerate_state)."""
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 @pytest.fixture(autouse=True)

@@ -66,16 +66,15 @@ def test_trainer_with_masked_adamw_and_scheduler(tmp_path, compact):
 def test_trainer_resumed_from_its_checkpoint_ends_bit_for_bit_like_the_uninterrupted_run(tmp_path, compact):
     # Trainer saves optimizer.state_dict() (masks, compact moments, step counts) in each checkpoint and
     # loads it back on resume_from_checkpoint; the data order and the scheduler resume too
-    from accelerate.state import AcceleratorState, GradientState
     from allo.optim import CompactGradClipping
+    from conftest import reset_accelerate_state
 
     base = _tiny_llama()
     masks = _masks(base)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (16, 12))]
 
     def run(out, resume=None):
-        AcceleratorState._reset_state(True)  # (two Trainers in one test)
-        GradientState._reset_state()
+        reset_accelerate_state()  # (two Trainers in one test)
         model = copy.deepcopy(base)
         opt = MaskedAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.01, masks=masks, compact_grads=compact)
         sched = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=1, num_training_steps=6)

@@ -154,8 +154,8 @@ def check(cfg: TrainConfig, *, explicit_stage: str | None = None, log=print,
     # replaced none of the saved ones), else the saved ones
     made_with_old, texts = {}, dict(diff)
     for stage in holding - set(remade):
-        recorded = _made_with(cfg.output_dir, stage)
-        for k, text in (diff.items() if recorded is None else differences(recorded, cfg, inputs).items()):
+        made = _made_with(cfg.output_dir, stage)
+        for k, text in (diff if made is None else differences(made, cfg, inputs)).items():
             if stage in _affected(cfg, k):
                 made_with_old.setdefault(k, set()).add(stage)
                 texts[k] = texts.get(k, text)
@@ -189,9 +189,10 @@ def made_with(cfg: TrainConfig, inputs: dict) -> dict:
 def _made_with(output_dir: str, stage: str) -> dict | None:
     """The options and inputs ``stage``'s DONE recorded, or None (an older DONE, a checkpoint, or a DONE
     that cannot be read: then the saved options stand for them)."""
+    from .stages.common import done_info
+
     try:
-        with open(os.path.join(output_dir, stage, "DONE"), encoding="utf-8") as f:
-            record = json.load(f).get("made_with")
+        record = done_info(os.path.join(output_dir, stage)).get("made_with")
     except (OSError, ValueError, AttributeError):
         return None
     return record if isinstance(record, dict) else None
@@ -223,8 +224,7 @@ def stages_holding_results(output_dir: str) -> set[str]:
 def write(cfg: TrainConfig, inputs: dict) -> None:
     from .. import __version__ as version
 
-    record = {"allo_version": version, "options": cfg.to_dict(), "inputs": inputs,
-              "not_compared": list(NOT_COMPARED)}
+    record = {"allo_version": version, **made_with(cfg, inputs), "not_compared": list(NOT_COMPARED)}
     with atomic_path(os.path.join(cfg.output_dir, CONFIG_FILE), what="allo-train") as tmp, \
             open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1, default=str)
